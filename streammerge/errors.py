@@ -1,0 +1,49 @@
+"""Project exceptions. The CLI turns each into one line on stderr and its exit code."""
+from __future__ import annotations
+
+
+class StreammergeError(Exception):
+    """Base class; `exit_code` is what the CLI exits with."""
+
+    exit_code = 1
+
+
+class UsageError(StreammergeError):
+    """The recipe or command line is wrong (unknown method, parameter out of range...)."""
+
+    exit_code = 2
+
+
+class InputError(StreammergeError):
+    """An input file or folder is missing, malformed or incompatible with the base."""
+
+    exit_code = 3
+
+
+class ResourceError(StreammergeError):
+    """Disk, memory or another resource ran out or is insufficient for the plan."""
+
+    exit_code = 4
+
+
+class ResumeError(StreammergeError):
+    """The output folder holds a merge of a different recipe/inputs, or something else."""
+
+    exit_code = 5
+
+
+class Interrupted(StreammergeError):
+    """SIGINT/SIGTERM: the merge stopped at a clean point and can be resumed."""
+
+    exit_code = 130
+
+
+class NonFiniteError(InputError):
+    """NaN or Inf met in an input tensor or produced by a computation."""
+
+
+def collect(problems: list[str], error: type[StreammergeError], what: str) -> None:
+    """Raise `error` listing every problem at once (one line each), if there are any."""
+    if problems:
+        head = f"{what}: {len(problems)} problem(s)"
+        raise error(head + "\n  " + "\n  ".join(problems))

@@ -1,0 +1,144 @@
+"""Files that appear under their final name only complete and durable.
+
+Every output file is written to a temporary name in the same folder, fsynced, renamed over
+the final name, and the folder is fsynced: after a crash a final name is either absent or whole.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+from typing import BinaryIO
+
+import torch
+
+from ..errors import InputError, ResourceError
+from .safetensors_format import DTYPE_NAMES, build_header
+
+TMP_SUFFIX = ".streammerge-tmp"
+
+
+def temp_name(final_path: str) -> str:
+    folder, name = os.path.split(final_path)
+    return os.path.join(folder, f".{name}{TMP_SUFFIX}")
+
+
+def fsync_folder(folder: str) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def os_error(exc: OSError, path: str) -> Exception:
+    """Map an OSError while writing `path` to the project error with the right exit code."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return ResourceError(f"{path}: no space left on the device ({exc.strerror})")
+    return ResourceError(f"{path}: cannot write ({exc.strerror})")
+
+
+def write_bytes_atomic(final_path: str, data: bytes) -> None:
+    tmp = temp_name(final_path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final_path)
+        fsync_folder(os.path.dirname(final_path) or ".")
+    except OSError as exc:
+        _remove_quietly(tmp)
+        raise os_error(exc, final_path) from None
+
+
+def copy_atomic(src: str, final_path: str) -> None:
+    try:
+        with open(src, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise InputError(f"{src}: cannot read ({exc.strerror})") from None
+    write_bytes_atomic(final_path, data)
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+class ShardWriter:
+    """Streams one safetensors shard: header first (layout known up front), then each tensor.
+
+    Only the tensor being written is in memory. `commit()` makes the shard appear under its
+    final name; `abort()` (or an exception inside `with`) removes the temporary file.
+    """
+
+    def __init__(self, final_path: str, layout: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None = None):
+        self.final_path = final_path
+        self.tmp_path = temp_name(final_path)
+        self.layout = layout
+        self._next = 0
+        self._sha = hashlib.sha256()
+        self._file: BinaryIO | None = None
+        header, _ = build_header(layout, metadata)
+        try:
+            self._file = open(self.tmp_path, "wb")
+            self._put(header)
+        except OSError as exc:
+            self.abort()
+            raise os_error(exc, final_path) from None
+
+    def _put(self, data: bytes | memoryview) -> None:
+        assert self._file is not None
+        self._file.write(data)
+        self._sha.update(data)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        expected_name, dtype, shape = self.layout[self._next]
+        if name != expected_name:
+            raise AssertionError(f"shard layout expects {expected_name!r}, got {name!r}")
+        if tuple(tensor.shape) != tuple(shape) or DTYPE_NAMES[tensor.dtype] != dtype:
+            raise AssertionError(f"{name}: got {tuple(tensor.shape)} {tensor.dtype}, layout says {shape} {dtype}")
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        try:
+            self._put(memoryview(data))
+        except OSError as exc:
+            self.abort()
+            raise os_error(exc, self.final_path) from None
+        self._next += 1
+
+    def commit(self) -> tuple[str, int]:
+        """Finish the shard; returns (sha256 hex, size in bytes)."""
+        if self._next != len(self.layout):
+            raise AssertionError(f"{self.final_path}: {len(self.layout) - self._next} tensors not written")
+        assert self._file is not None
+        try:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            size = self._file.tell()
+            self._file.close()
+            self._file = None
+            os.replace(self.tmp_path, self.final_path)
+            fsync_folder(os.path.dirname(self.final_path) or ".")
+        except OSError as exc:
+            self.abort()
+            raise os_error(exc, self.final_path) from None
+        return self._sha.hexdigest(), size
+
+    def abort(self) -> None:
+        if self._file is not None:
+            try:
+                self._file.close()
+            except OSError:
+                pass
+            self._file = None
+        _remove_quietly(self.tmp_path)
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()

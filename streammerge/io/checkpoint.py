@@ -1,0 +1,163 @@
+"""A Hugging Face model folder read lazily: tensor names in file order, one tensor at a time.
+
+    ckpt = Checkpoint.open("./base")
+    for name in ckpt.names(): t = ckpt.get(name)   # float32 copy; nothing else stays resident
+
+Tensors are memory-mapped; after each copy the mapped pages are released from this process
+(madvise DONTNEED), so page cache from inputs never counts as our resident memory.
+"""
+from __future__ import annotations
+
+import json
+import mmap
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import InputError
+from .safetensors_format import DTYPES, Header, TensorInfo, read_header
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+_PAGE = mmap.PAGESIZE
+MAX_JSON_BYTES = 64 * 1024 * 1024
+
+
+def load_json(path: str) -> object:
+    """json.load with duplicate keys refused and every failure an InputError naming the file."""
+
+    def no_duplicates(pairs: list) -> dict:
+        counts = Counter(k for k, _ in pairs)
+        dups = [k for k, c in counts.items() if c > 1]
+        if dups:
+            raise InputError(f"{path}: key {dups[0]!r} appears more than once")
+        return dict(pairs)
+
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_JSON_BYTES + 1)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read ({exc.strerror})") from None
+    if len(raw) > MAX_JSON_BYTES:
+        raise InputError(f"{path}: larger than {MAX_JSON_BYTES} bytes; not a JSON file for a model folder")
+    try:
+        return json.loads(raw.decode("utf-8"), object_pairs_hook=no_duplicates)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise InputError(f"{path}: not valid JSON ({exc})") from None
+
+
+
+@dataclass
+class Checkpoint:
+    """One model folder: its shard files (in order) and every tensor's location."""
+
+    folder: str
+    files: list[str]
+    headers: dict[str, Header]
+    locations: dict[str, tuple[str, TensorInfo]]  # name -> (file, info), in file/offset order
+    _maps: dict[str, mmap.mmap] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def open(cls, folder: str) -> "Checkpoint":
+        folder = os.path.abspath(folder)
+        if not os.path.isdir(folder):
+            raise InputError(f"{folder}: not a folder")
+        index_path = os.path.join(folder, INDEX_NAME)
+        single_path = os.path.join(folder, SINGLE_NAME)
+        if os.path.exists(index_path):
+            index = load_json(index_path)
+            weight_map = index.get("weight_map") if isinstance(index, dict) else None
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise InputError(f"{index_path}: no 'weight_map' object of tensor name -> file name")
+            names = sorted(set(weight_map.values()))
+            for n in names:
+                if os.path.basename(n) != n:
+                    raise InputError(f"{index_path}: shard name {n!r} is not a plain file name")
+            files = [os.path.join(folder, n) for n in names]
+            missing = [f for f in files if not os.path.isfile(f)]
+            if missing:
+                raise InputError(f"{index_path}: names shard {os.path.basename(missing[0])!r}, which is missing")
+        elif os.path.exists(single_path):
+            weight_map, files = None, [single_path]
+        else:
+            raise InputError(f"{folder}: no {SINGLE_NAME} or {INDEX_NAME}")
+        headers = {f: read_header(f) for f in files}
+        locations: dict[str, tuple[str, TensorInfo]] = {}
+        for f in files:
+            for name, info in headers[f].tensors.items():
+                if name in locations:
+                    raise InputError(f"{f}: tensor {name!r} also in {locations[name][0]}")
+                if weight_map is not None and weight_map.get(name) != os.path.basename(f):
+                    raise InputError(f"{f}: tensor {name!r} is not listed for this file in {INDEX_NAME}")
+                locations[name] = (f, info)
+        if weight_map is not None:
+            absent = [n for n in weight_map if n not in locations]
+            if absent:
+                raise InputError(f"{index_path}: tensor {absent[0]!r} is listed but not in {weight_map[absent[0]]}")
+        if not locations:
+            raise InputError(f"{folder}: holds no tensors")
+        return cls(folder, files, headers, locations)
+
+    def names(self) -> list[str]:
+        return list(self.locations)
+
+    def info(self, name: str) -> TensorInfo:
+        return self.locations[name][1]
+
+    def file_of(self, name: str) -> str:
+        return self.locations[name][0]
+
+    def get(self, name: str, dtype: torch.dtype | None = torch.float32, device: str | torch.device = "cpu") -> torch.Tensor:
+        """A fresh copy of tensor `name` in `dtype` on `device` (None keeps the stored dtype)."""
+        path, info = self.locations[name]
+        raw = self._read(path, info)
+        out = raw.to(device=device, dtype=dtype or raw.dtype, copy=True)
+        del raw
+        self._release(path, info)
+        return out
+
+    def _read(self, path: str, info: TensorInfo) -> torch.Tensor:
+        dtype = DTYPES[info.dtype]
+        if info.nbytes == 0:
+            return torch.empty(info.shape, dtype=dtype)
+        mm = self._maps.get(path)
+        if mm is None:
+            try:
+                with open(path, "rb") as f:
+                    # ACCESS_COPY gives a writable (private) view that torch accepts without a
+                    # warning; nothing writes to it, so no anonymous pages are created.
+                    mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            except (OSError, ValueError) as exc:
+                raise InputError(f"{path}: cannot map ({exc})") from None
+            self._maps[path] = mm
+        if info.offset + info.nbytes > len(mm):
+            raise InputError(f"{path}: tensor {info.name!r} lies past the end of the file (changed during the merge?)")
+        try:
+            flat = torch.frombuffer(mm, dtype=torch.uint8, count=info.nbytes, offset=info.offset)
+            return flat.view(dtype).reshape(info.shape)
+        except (RuntimeError, OSError) as exc:
+            raise InputError(f"{path}: tensor {info.name!r}: cannot read ({exc})") from None
+
+    def _release(self, path: str, info: TensorInfo) -> None:
+        mm = self._maps.get(path)
+        if mm is None or info.nbytes == 0:
+            return
+        start = info.offset - info.offset % _PAGE
+        try:
+            mm.madvise(mmap.MADV_DONTNEED, start, min(len(mm) - start, info.offset + info.nbytes - start))
+        except (OSError, ValueError, AttributeError):
+            pass  # an optimisation only
+
+    def close(self) -> None:
+        for mm in self._maps.values():
+            try:
+                mm.close()
+            except BufferError:
+                pass  # a tensor view is still alive; the map goes when it does
+        self._maps.clear()
+
+    def total_bytes(self) -> int:
+        return sum(os.path.getsize(f) for f in self.files)
+

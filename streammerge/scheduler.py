@@ -1,0 +1,352 @@
+"""The streaming loop: validate → plan shards → (statistics passes) → per shard: compute each
+tensor, stream it to the shard file, commit, journal → copy config/tokenizer → index last.
+
+Tensors are taken in the base model's file and offset order so that reads are sequential.
+Resume works per shard: a shard is either finished (durable, in the journal) or redone whole,
+and every tensor's result depends only on the inputs and its name, so a resumed output is
+byte-identical to an uninterrupted one.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import signal
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from .errors import InputError, Interrupted, NonFiniteError, ResumeError, collect
+from .io.atomic import TMP_SUFFIX, ShardWriter, copy_atomic, write_bytes_atomic
+from .io.checkpoint import INDEX_NAME, Checkpoint, load_json
+from .io.journal import Journal, journal_path
+from .io.safetensors_format import DTYPE_NAMES, DTYPES, FLOAT_DTYPES, itemsize
+from .methods import Method, TensorTask
+from .recipe import Recipe, parse_dtype
+
+log = logging.getLogger(__name__)
+
+COPIED_FILES = (
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
+    "chat_template.jinja", "chat_template.json",
+)
+
+
+@dataclass(frozen=True)
+class OutputTensor:
+    name: str
+    dtype: str  # safetensors dtype name
+    shape: tuple[int, ...]
+    merged: bool  # False: copied from the base (non-float tensors)
+
+    @property
+    def nbytes(self) -> int:
+        n = itemsize(self.dtype)
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass(frozen=True)
+class Shard:
+    filename: str
+    tensors: tuple[OutputTensor, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError("--device cuda: no CUDA device is available")
+    return torch.device(device)
+
+
+def open_inputs(recipe: Recipe) -> tuple[Checkpoint, list[Checkpoint]]:
+    problems, experts = [], []
+    base = Checkpoint.open(recipe.base)
+    for e in recipe.experts:
+        try:
+            experts.append(Checkpoint.open(e.path))
+        except InputError as exc:
+            problems.append(str(exc))
+    collect(problems, InputError, "inputs")
+    return base, experts
+
+
+def check_compatible(base: Checkpoint, experts: list[Checkpoint]) -> None:
+    """Every expert has the base's tensors, shapes, and castable dtypes; all problems at once."""
+    problems = []
+    base_names = base.locations
+    for ck in experts:
+        names = ck.locations
+        for n in base_names:
+            if n not in names:
+                problems.append(f"{ck.folder}: tensor {n!r} is missing (it is in the base)")
+                continue
+            b, e = base.info(n), ck.info(n)
+            if b.shape != e.shape:
+                problems.append(f"{ck.file_of(n)}: tensor {n!r} has shape {list(e.shape)}, the base {list(b.shape)}")
+            elif (b.dtype in FLOAT_DTYPES) != (e.dtype in FLOAT_DTYPES) or (b.dtype not in FLOAT_DTYPES and b.dtype != e.dtype):
+                problems.append(f"{ck.file_of(n)}: tensor {n!r} has dtype {e.dtype}, not castable to the base's {b.dtype}")
+        for n in names:
+            if n not in base_names:
+                problems.append(f"{ck.file_of(n)}: tensor {n!r} is not in the base")
+    collect(problems, InputError, "experts do not match the base")
+
+
+def plan_shards(base: Checkpoint, out_dtype: torch.dtype | None, shard_size: int) -> list[Shard]:
+    """Output layout in base order; a shard holds ≤ shard_size bytes (one bigger tensor alone)."""
+    tensors = []
+    for name in base.names():
+        info = base.info(name)
+        merged = info.dtype in FLOAT_DTYPES
+        dtype = DTYPE_NAMES[out_dtype] if (merged and out_dtype is not None) else info.dtype
+        tensors.append(OutputTensor(name, dtype, info.shape, merged))
+    groups: list[list[OutputTensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if groups[-1] and size + t.nbytes > shard_size:
+            groups.append([])
+            size = 0
+        groups[-1].append(t)
+        size += t.nbytes
+    n = len(groups)
+    return [Shard(f"model-{i + 1:05d}-of-{n:05d}.safetensors", tuple(g)) for i, g in enumerate(groups)]
+
+
+def inputs_fingerprint(ckpts: list[Checkpoint]) -> dict:
+    """File sizes and header digests of every input file."""
+    doc = {}
+    for ck in ckpts:
+        for f in ck.files:
+            doc[f] = {"size": os.path.getsize(f), "header_sha256": hashlib.sha256(ck.headers[f].raw).hexdigest()}
+    return doc
+
+
+def _file_state(ckpts: list[Checkpoint]) -> dict[str, tuple[int, int]]:
+    state = {}
+    for ck in ckpts:
+        for f in ck.files:
+            st = os.stat(f)
+            state[f] = (st.st_size, st.st_mtime_ns)
+    return state
+
+
+class LazyExperts:
+    """experts[i]: expert i's tensor `name`, loaded from its map in the compute dtype."""
+
+    def __init__(self, ckpts: list[Checkpoint], name: str, dtype: torch.dtype, device: torch.device, check_finite: bool):
+        self.ckpts, self.name, self.dtype, self.device, self.check_finite = ckpts, name, dtype, device, check_finite
+
+    def __len__(self) -> int:
+        return len(self.ckpts)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        t = self.ckpts[i].get(self.name, self.dtype, self.device)
+        if self.check_finite and not bool(torch.isfinite(t).all()):
+            raise NonFiniteError(
+                f"{self.ckpts[i].file_of(self.name)}: tensor {self.name!r} contains NaN or Inf "
+                "(pass --allow-nonfinite to merge it anyway)"
+            )
+        return t
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM behaves like Ctrl-C: the current shard is abandoned cleanly, the merge resumable."""
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@dataclass
+class MergeReport:
+    out: str
+    shards: int
+    shards_resumed: int
+    bytes_written: int
+    seconds: float
+    device: str
+
+
+class Merger:
+    """One merge run of a validated recipe."""
+
+    def __init__(self, recipe: Recipe, device: str = "auto", restart: bool = False, quiet: bool = False):
+        self.recipe = recipe
+        self.method, self.params = recipe.validate()
+        self.device = resolve_device(device)
+        self.restart = restart
+        self.quiet = quiet
+        self.compute_dtype = parse_dtype(recipe.compute_dtype, "compute_dtype")
+        self.out_dtype = parse_dtype(recipe.dtype, "dtype")
+        self.base, self.experts = open_inputs(recipe)
+        check_compatible(self.base, self.experts)
+        self.shards = plan_shards(self.base, self.out_dtype, recipe.shard_size)
+        self.weights = tuple(e.weight for e in recipe.experts)
+        self.densities = tuple(e.density for e in recipe.experts)
+        self._check_config()
+
+    def _check_config(self) -> None:
+        for name in ("config.json", "generation_config.json"):
+            path = os.path.join(self.base.folder, name)
+            if os.path.exists(path) and not isinstance(load_json(path), dict):
+                raise InputError(f"{path}: not a JSON object")
+
+    # -- fingerprint and resume ------------------------------------------------------------
+    def _fingerprint(self) -> tuple[str, dict, dict]:
+        recipe_doc = self.recipe.fingerprint_doc() | {"device_type": self.device.type}
+        inputs = inputs_fingerprint([self.base, *self.experts])
+        blob = json.dumps({"recipe": recipe_doc, "inputs": inputs}, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest(), recipe_doc, inputs
+
+    def _prepare_output(self) -> Journal:
+        out = self.recipe.out
+        os.makedirs(out, exist_ok=True)
+        fingerprint, recipe_doc, inputs = self._fingerprint()
+        jpath = journal_path(out)
+        names = [s.filename for s in self.shards]
+        if os.path.exists(jpath):
+            old = Journal.load(jpath)
+            if old.fingerprint != fingerprint or old.shards != names:
+                if not self.restart:
+                    raise ResumeError(
+                        f"{out}: holds a merge of a different recipe or different inputs; "
+                        "pass --restart to discard it and start over"
+                    )
+                self._clear_output(old)
+            else:
+                for tmp in os.listdir(out):
+                    if tmp.endswith(TMP_SUFFIX):
+                        os.remove(os.path.join(out, tmp))
+                old.finished = {
+                    n: v for n, v in old.finished.items()
+                    if os.path.isfile(os.path.join(out, n)) and os.path.getsize(os.path.join(out, n)) == v["size"]
+                }
+                return old
+        else:
+            foreign = [f for f in os.listdir(out) if not f.endswith(TMP_SUFFIX)]
+            if foreign:
+                raise ResumeError(f"{out}: not empty and not a streammerge output ({foreign[0]!r} ...); choose another folder")
+        journal = Journal(jpath, fingerprint, recipe_doc, inputs, names)
+        journal.save()
+        return journal
+
+    def _clear_output(self, old: Journal) -> None:
+        out = self.recipe.out
+        ours = set(old.shards) | {INDEX_NAME, *COPIED_FILES}
+        for f in os.listdir(out):
+            if f in ours or f.endswith(TMP_SUFFIX):
+                os.remove(os.path.join(out, f))
+        os.remove(old.path)
+        log.info("--restart: removed the previous merge in %s", out)
+
+    # -- passes ------------------------------------------------------------------------------
+    def _experts_for(self, name: str) -> LazyExperts:
+        return LazyExperts(self.experts, name, self.compute_dtype, self.device, not self.recipe.allow_nonfinite)
+
+    def _load_base(self, name: str) -> torch.Tensor:
+        t = self.base.get(name, self.compute_dtype, self.device)
+        if not self.recipe.allow_nonfinite and not bool(torch.isfinite(t).all()):
+            raise NonFiniteError(f"{self.base.file_of(name)}: tensor {name!r} contains NaN or Inf (pass --allow-nonfinite to merge it anyway)")
+        return t
+
+    def _model_pass(self, label: str):
+        merged = [t.name for s in self.shards for t in s.tensors if t.merged]
+
+        def run() -> Iterator[tuple[str, torch.Tensor, LazyExperts]]:
+            for name in tqdm(merged, desc=label, unit="tensor", disable=self.quiet, leave=False):
+                yield name, self._load_base(name), self._experts_for(name)
+
+        return run
+
+    def _merge_tensor(self, t: OutputTensor, statistics) -> torch.Tensor:
+        if not t.merged:
+            return self.base.get(t.name, dtype=None)
+        task = TensorTask(
+            t.name, self._load_base(t.name), self._experts_for(t.name), self.weights, self.densities,
+            statistics, self.recipe.seed,
+        )
+        result = self.method.merge(task, self.params)
+        if not self.recipe.allow_nonfinite and not bool(torch.isfinite(result).all()):
+            raise NonFiniteError(f"merged tensor {t.name!r} has NaN or Inf although its inputs are finite (a bug: please report)")
+        return result.to(device="cpu", dtype=DTYPES[t.dtype])
+
+    def run(self) -> MergeReport:
+        started = time.monotonic()
+        journal = self._prepare_output()
+        out = self.recipe.out
+        if journal.complete and os.path.exists(os.path.join(out, INDEX_NAME)):
+            log.info("%s: already complete", out)
+            return MergeReport(out, len(self.shards), len(self.shards), 0, 0.0, self.device.type)
+        todo = [s for s in self.shards if s.filename not in journal.finished]
+        total = sum(s.nbytes for s in self.shards)
+        if self.method.statistics is not None and journal.statistics is None and todo:
+            densities = [d if d is not None else getattr(self.params, "density", 1.0) for d in self.densities]
+            journal.statistics = self.method.statistics(self._model_pass("statistics"), len(self.experts), self.params, densities)
+            journal.save()
+        initial_state = _file_state([self.base, *self.experts])
+        written = 0
+        with sigterm_as_interrupt(), tqdm(
+            total=total, initial=total - sum(s.nbytes for s in todo), unit="B", unit_scale=True,
+            desc=f"merging ({self.method.name}, {self.device.type})", disable=self.quiet, smoothing=0.1,
+        ) as bar:
+            try:
+                for shard in todo:
+                    if _file_state([self.base, *self.experts]) != initial_state:
+                        raise InputError("an input file changed during the merge; the finished shards are kept, rerun to resume")
+                    layout = [(t.name, t.dtype, t.shape) for t in shard.tensors]
+                    with ShardWriter(os.path.join(out, shard.filename), layout, {"format": "pt"}) as writer:
+                        for t in shard.tensors:
+                            writer.write(t.name, self._merge_tensor(t, journal.statistics))
+                            bar.update(t.nbytes)
+                        sha, size = writer.commit()
+                    journal.finished[shard.filename] = {"sha256": sha, "size": size}
+                    journal.save()
+                    written += size
+            except KeyboardInterrupt:
+                raise Interrupted(f"interrupted; {len(journal.finished)}/{len(self.shards)} shards are done — rerun the same command to resume") from None
+        self._finish(journal)
+        return MergeReport(out, len(self.shards), len(self.shards) - len(todo), written, time.monotonic() - started, self.device.type)
+
+    def _finish(self, journal: Journal) -> None:
+        out = self.recipe.out
+        for name in COPIED_FILES:
+            src = os.path.join(self.base.folder, name)
+            if os.path.isfile(src):
+                copy_atomic(src, os.path.join(out, name))
+        if self.out_dtype is not None and os.path.isfile(os.path.join(out, "config.json")):
+            config = load_json(os.path.join(out, "config.json"))
+            config["torch_dtype"] = str(self.out_dtype).removeprefix("torch.")
+            write_bytes_atomic(os.path.join(out, "config.json"), (json.dumps(config, indent=2) + "\n").encode())
+        journal.complete = True
+        journal.save()
+        index = {
+            "metadata": {"total_size": sum(s.nbytes for s in self.shards), "merged_by": "streammerge"},
+            "weight_map": {t.name: s.filename for s in self.shards for t in s.tensors},
+        }
+        write_bytes_atomic(os.path.join(out, INDEX_NAME), (json.dumps(index, indent=2) + "\n").encode())
+
+    def close(self) -> None:
+        for ck in [self.base, *self.experts]:
+            ck.close()
