@@ -51,6 +51,12 @@ class Recipe:
     seed: int = 0
     allow_nonfinite: bool = False
 
+    def __post_init__(self) -> None:
+        # Accept human sizes and lists from Python callers; the value stays immutable.
+        object.__setattr__(self, "shard_size", parse_size(self.shard_size))
+        object.__setattr__(self, "experts", tuple(Expert(e) if isinstance(e, str) else e for e in self.experts))
+        object.__setattr__(self, "parameters", dict(self.parameters))
+
     def resolve(self) -> tuple[Method, Any]:
         """The method and its validated parameters dataclass (raises UsageError)."""
         method, implied = get_method(self.method)
@@ -76,8 +82,6 @@ class Recipe:
                 parse_dtype(name, what)
             except UsageError as exc:
                 problems.append(str(exc))
-        if self.shard_size <= 0:
-            problems.append("shard_size must be positive")
         out = os.path.realpath(self.out)
         for src in [self.base] + [e.path for e in self.experts]:
             src_real = os.path.realpath(src)
@@ -131,7 +135,6 @@ def from_mapping(doc: Any, where: str, overrides: dict[str, Any] | None = None) 
         raise UsageError(f"{where}: no output folder (give 'out' in the recipe or --out)")
     if not fields_.get("base"):
         raise UsageError(f"{where}: no base model")
-    fields_["shard_size"] = parse_size(fields_.get("shard_size", DEFAULT_SHARD_SIZE))
     return Recipe(**fields_)
 
 

@@ -107,7 +107,7 @@ def build_params(params_type: type, values: dict[str, Any], where: str) -> Any:
 
 
 def _load_all() -> None:
-    from . import dare, linear, task_arithmetic, ties  # noqa: F401  (registration)
+    from . import dare, linear, orthomerge, task_arithmetic, ties  # noqa: F401  (registration)
 
 
 def check_range(name: str, value: float, low: float, high: float, low_open: bool = False, high_open: bool = False) -> None:

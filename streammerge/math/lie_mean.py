@@ -1,0 +1,75 @@
+"""Merging rotations: in the Lie algebra so(n) (OrthoMerge) and the paper's ablations.
+
+OrthoMerge's magnitude-corrected mean (paper eq. 7–8), norms over the whole weight matrix:
+    Q* = (1/N) · (Σ‖Q_i‖_F / ‖Σ Q_i‖_F) · Σ Q_i        so ‖Q*‖_F = mean_i ‖Q_i‖_F.
+Generalised with per-expert weights w_i and the authors' variants:
+    Q* = scale · m · D / ‖D‖_F
+    D = Σ w_i Q_i (direction "sum") or Σ w_i Q_i/‖Q_i‖ ("uniform");
+    m = Σ w_i‖Q_i‖ / Σ w_i ("mean"), or the median / max of ‖Q_i‖.
+‖D‖ = 0 (all generators zero, or cancelling exactly) gives Q* = 0, never NaN.
+For equal-norm, mutually orthogonal generators this is ΣQ_i/√N; for identical ones, Q_i.
+"""
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+
+import torch
+
+from .cayley import cayley
+
+TINY = 1e-30
+
+
+@dataclass
+class LieAccumulator:
+    """Streams generators one at a time; holds Σ w_i Q_i (or its uniform variant) and the norms."""
+
+    direction: str = "sum"  # or "uniform"
+    total: torch.Tensor | None = None
+    plain_total: torch.Tensor | None = None  # Σ w_i Q_i, for the "average_q" ablation
+    norms: list[float] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)
+
+    def add(self, q: torch.Tensor, weight: float = 1.0) -> None:
+        norm = float(torch.linalg.matrix_norm(q)) if q.numel() else 0.0
+        self.norms.append(norm)
+        self.weights.append(weight)
+        term = q * weight if self.direction == "sum" else q * (weight / norm if norm > TINY else 0.0)
+        self.total = term.clone() if self.total is None else self.total.add_(term)
+        self.plain_total = q * weight if self.plain_total is None else self.plain_total.add_(q, alpha=weight)
+
+    def magnitude(self, kind: str) -> float:
+        if kind == "mean":
+            s = sum(self.weights)
+            return sum(w * n for w, n in zip(self.weights, self.norms)) / s if s else 0.0
+        if kind == "median":
+            return float(statistics.median(self.norms))
+        if kind == "max":
+            return max(self.norms)
+        raise ValueError(f"unknown magnitude {kind!r}")
+
+    def magnitude_corrected(self, magnitude: str = "mean", scale: float = 1.0) -> torch.Tensor:
+        assert self.total is not None, "no generator added"
+        d_norm = float(torch.linalg.matrix_norm(self.total)) if self.total.numel() else 0.0
+        if d_norm <= TINY:
+            return torch.zeros_like(self.total)
+        return self.total * (scale * self.magnitude(magnitude) / d_norm)
+
+    def simple_average(self, scale: float = 1.0) -> torch.Tensor:
+        """The "Simple Average Q" ablation: Σ w_i Q_i / Σ w_i."""
+        assert self.plain_total is not None
+        s = sum(self.weights)
+        return self.plain_total * (scale / s if s else 0.0)
+
+
+def magnitude_corrected_mean(qs: list[torch.Tensor], weights: list[float] | None = None, magnitude: str = "mean", direction: str = "sum", scale: float = 1.0) -> torch.Tensor:
+    """All-at-once form of LieAccumulator, for tests and small uses."""
+    acc = LieAccumulator(direction)
+    for i, q in enumerate(qs):
+        acc.add(q, 1.0 if weights is None else weights[i])
+    return acc.magnitude_corrected(magnitude, scale)
+
+
+def merged_rotation(q_star: torch.Tensor) -> torch.Tensor:
+    return cayley(q_star)

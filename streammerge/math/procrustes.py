@@ -1,0 +1,166 @@
+"""Orthogonal Procrustes for weight matrices, well-defined where the textbook one is not.
+
+Convention (torch layout; the rotation acts on the INPUT side, as in OFT and OrthoMerge):
+a Linear weight W is [out, in]; a rotation R is [in, in]; rotating W gives `W @ R.T`
+(the paper's R·W₀ with its W₀ = our Wᵀ). Procrustes finds R minimising ‖B − A Rᵀ‖_F for base
+A and target B, i.e. maximising tr(Rᵀ M) with M = Bᵀ A (paper eq. 4: R = U Vᵀ, M = U Σ Vᵀ).
+
+The rules that make R — and so its Cayley generator — well-defined (notes §2):
+1. Subspace. R is the identity off S = span(strong base directions) ⊕ span(target-row
+   directions the base does not use at all). "Strong": right singular vectors of A with
+   σ_j > `base_rtol`·σ_max. In a weak direction the column of M = BᵀA is σ_j·(σ_j e_j + noise):
+   once σ_j is below the size of the update, the polar factor there is decided by the update's
+   noise and yields large random rotations (SmolLM2 o_proj: condition numbers to 5e4, one
+   generator of norm 55 where the median was 0.09); there the update stays in the residual.
+   Directions outside the base's row space (wide layers: in − out of them) are added from the
+   targets, so the fit stays optimal there. With P an orthonormal basis of S (k = dim S; for a
+   wide layer k ≤ 2·out) the problem is exactly the k×k one M_s = Pᵀ M P, R_s = polar(M_s),
+   R = P R_s Pᵀ + (I − P Pᵀ). All experts of one weight share one P, so generators add in k×k.
+2. Null completion. Singular values of M_s below `null_rtol`·σ_max count as zero. On those
+   blocks U_n, V_n every completion is optimal; we take the one nearest the identity,
+   Z = polar(U_nᵀ V_n), so an unchanged direction gets no rotation.
+3. Reflections. If det R_s = −1 the best rotation flips one direction (Kabsch): a null-block
+   direction when there is one (no loss), else the least-weighted singular pair.
+4. Angles. The inverse Cayley is singular at angle π. Invariant planes rotated by more than
+   `max_angle` are reset to the identity (the residual keeps what they carried).
+An expert equal to the base gets exactly the identity (generator 0); callers short-circuit it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .cayley import inverse_cayley
+
+RANK_RTOL = 1e-10  # numerical rank when building the subspace basis (float64)
+
+
+@dataclass(frozen=True)
+class Subspace:
+    """P [in, k] orthonormal, and A P [out, k] for the base A."""
+
+    p: torch.Tensor
+    ap: torch.Tensor
+
+    @property
+    def k(self) -> int:
+        return self.p.shape[1]
+
+    @property
+    def full(self) -> bool:
+        return self.p.shape[1] == self.p.shape[0]
+
+
+class SubspaceBuilder:
+    """Grows P: the base's strong directions, then target-row directions outside its row space."""
+
+    def __init__(self, a: torch.Tensor, base_rtol: float = 1e-2, dtype: torch.dtype = torch.float64):
+        self.a = a.to(dtype)
+        _, s, vh = torch.linalg.svd(self.a, full_matrices=False)
+        top = float(s[0]) if s.numel() else 0.0
+        self.scale = top
+        self.strong = vh[s > base_rtol * top].T if top > 0 else vh[:0].T
+        # `known`: everything the base uses at all, then what targets added; P never re-adds it
+        self.known = vh[s > RANK_RTOL * top].T if top > 0 else vh[:0].T
+        self.added = self.known[:, :0]
+
+    @property
+    def full(self) -> bool:
+        return self.known.shape[1] >= self.known.shape[0]
+
+    def add(self, rows: torch.Tensor) -> None:
+        if self.full:
+            return
+        rows = rows.to(self.known.dtype)
+        rest = rows - (rows @ self.known) @ self.known.T
+        _, s, vh = torch.linalg.svd(rest, full_matrices=False)
+        scale = max(self.scale, float(torch.linalg.matrix_norm(rows, ord=2)))
+        new = vh[s > RANK_RTOL * scale].T
+        if new.shape[1]:
+            new = new - self.known @ (self.known.T @ new)  # once more: Gram-Schmidt loses a little
+            q, _ = torch.linalg.qr(new)
+            q = q[:, : self.known.shape[0] - self.known.shape[1]]
+            self.known = torch.cat([self.known, q], dim=1)
+            self.added = torch.cat([self.added, q], dim=1)
+
+    def build(self) -> Subspace:
+        p = torch.cat([self.strong, self.added], dim=1).contiguous()
+        return Subspace(p, (self.a @ p).contiguous())
+
+
+def _polar(m: torch.Tensor) -> torch.Tensor:
+    u, _, vh = torch.linalg.svd(m)
+    return u @ vh
+
+
+@dataclass(frozen=True)
+class SubspaceRotation:
+    """R = P R_s Pᵀ + (I − P Pᵀ) and its generator Q_s; `clipped_planes` counts rule-4 resets."""
+
+    r_s: torch.Tensor
+    q_s: torch.Tensor
+    clipped_planes: int = 0
+
+
+def procrustes(target: torch.Tensor, sub: Subspace, null_rtol: float = 1e-6, max_angle: float = 0.5 * math.pi) -> SubspaceRotation:
+    """The rotation (rules 1–4) best taking base A to `target` B [out, in]; S must contain B's rows."""
+    k = sub.k
+    if k == 0:
+        z = sub.p.new_zeros(0, 0)
+        return SubspaceRotation(z, z)
+    m = (target.to(sub.p.dtype) @ sub.p).T @ sub.ap  # M_s = Pᵀ Bᵀ A P
+    u, s, vh = torch.linalg.svd(m)
+    r = int((s > null_rtol * s[0]).sum()) if s[0] > 0 else 0
+    v = vh.T
+    rot = u[:, :r] @ vh[:r]
+    if r < k:
+        x, _, yh = torch.linalg.svd(u[:, r:].T @ v[:, r:])
+        null_part = u[:, r:] @ (x @ yh) @ v[:, r:].T
+        if torch.linalg.det(rot + null_part) < 0:
+            x = x.clone()
+            x[:, -1] = -x[:, -1]  # flip the completion direction that costs least (Kabsch)
+            null_part = u[:, r:] @ (x @ yh) @ v[:, r:].T
+        rot = rot + null_part
+    elif torch.linalg.det(rot) < 0:
+        rot = rot - 2.0 * torch.outer(u[:, r - 1], v[:, r - 1])
+    return generator_of(rot, max_angle)
+
+
+def generator_of(rot: torch.Tensor, max_angle: float = 0.5 * math.pi) -> SubspaceRotation:
+    """Inverse Cayley of rotation `rot`, after resetting planes rotated by more than `max_angle`."""
+    bound = math.tan(max_angle / 2)
+    try:
+        q = inverse_cayley(rot)
+        if float(torch.linalg.matrix_norm(q)) <= bound:  # ‖Q‖₂ ≤ ‖Q‖_F: every angle within bound
+            return SubspaceRotation(rot, q)
+    except ValueError:
+        pass
+    # The symmetric part's eigenvalues are cos θ of the invariant planes (R is normal, so its
+    # eigenspaces are R-invariant); set R to the identity on planes with θ > max_angle.
+    evals, evecs = torch.linalg.eigh(0.5 * (rot + rot.T))
+    wild = evals < math.cos(max_angle)
+    w = evecs[:, wild]
+    fixed = _polar(rot - rot @ w @ w.T + w @ w.T)  # polar: clean the round-off of the split
+    return SubspaceRotation(fixed, inverse_cayley(fixed), int(wild.sum()) // 2)
+
+
+def identity_rotation(sub: Subspace) -> SubspaceRotation:
+    eye = torch.eye(sub.k, dtype=sub.p.dtype, device=sub.p.device)
+    return SubspaceRotation(eye, torch.zeros_like(eye))
+
+
+def rotate_base(a: torch.Tensor, sub: Subspace, r_s: torch.Tensor) -> torch.Tensor:
+    """A Rᵀ for R = P R_s Pᵀ + (I − P Pᵀ), computed as A + (A P)(R_sᵀ − I) Pᵀ in A's dtype."""
+    if sub.k == 0:
+        return a.clone()
+    eye = torch.eye(sub.k, dtype=r_s.dtype, device=r_s.device)
+    return a + ((sub.ap @ (r_s.T - eye)) @ sub.p.T).to(a.dtype)
+
+
+def full_rotation(sub: Subspace, r_s: torch.Tensor) -> torch.Tensor:
+    """The [in, in] matrix R (tests and small layers)."""
+    n = sub.p.shape[0]
+    eye = torch.eye(sub.k, dtype=r_s.dtype, device=r_s.device)
+    return torch.eye(n, dtype=r_s.dtype, device=r_s.device) + sub.p @ (r_s - eye) @ sub.p.T

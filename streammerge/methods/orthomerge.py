@@ -1,0 +1,185 @@
+"""orthomerge: merging on the orthogonal group with orthogonal–residual decoupling
+(Yang, Shi & Liu 2026, Algorithm 2), for full fine-tunes and merged-LoRA experts.
+
+Per 2-D weight W₀ [out, in] (rotations act on the input side, see math/procrustes.py):
+  target  "global":   W_i^target = W_i                                   (eq. 9)
+          "conflict": keep row j of τ_i = W_i − W₀ only where cos(τ_i[j], τ_mean[j]) < 0,
+                      W_i^target = W₀ + τ_i^conf                         (eq. 10–11)
+  R_i     = Procrustes(W_i^target, W₀), in the base's used subspace       (eq. 12)
+  Q_i     = inverse Cayley(R_i);  Q* = magnitude-corrected mean           (eq. 5, 7–8)
+  ρ_i     = W_i − W₀ R_iᵀ, merged by a Euclidean method (default TA, λ = 1/N)  (eq. 13)
+  W       = W₀ R*ᵀ + merge(ρ)                                             (eq. 14)
+1-D tensors (norms, biases), >2-D tensors and names matching `exclude` get the residual merge
+only (their ρ_i is τ_i). Streaming: τ_mean is a running sum (pass 1); pass 2 holds one expert
+plus the k×k rotations R_i (k ≤ min(out, in)) that the residual pass (3) needs.
+
+`rotation_merge` selects the paper's Table 4 ablations: "average_r" (Σ w_i R_i/Σ w_i, not
+orthogonal), "product_r" (R_N···R_1), "average_q" (Σ w_i Q_i/Σ w_i, no magnitude correction).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..errors import UsageError
+from ..math.cayley import cayley
+from ..math.lie_mean import LieAccumulator
+from ..math.procrustes import Subspace, SubspaceBuilder, identity_rotation, procrustes, rotate_base
+from . import Method, TensorTask, build_params, check_range, get_method, register
+
+log = logging.getLogger(__name__)
+
+ROTATION_MERGES = ("magnitude_corrected", "average_q", "average_r", "product_r")
+
+
+@dataclass(frozen=True)
+class OrthoMergeParams:
+    target: str = "conflict"  # "global" (OrthoMerge-G) or "conflict" (OrthoMerge-C)
+    residual_method: str = "task_arithmetic"
+    residual: dict[str, Any] = field(default_factory=dict)  # its parameters; TA's lambda defaults to 1/N
+    rotation_merge: str = "magnitude_corrected"
+    magnitude: str = "mean"  # merged ‖Q*‖: mean, median or max of ‖Q_i‖
+    direction: str = "sum"  # Σ w_i Q_i ("sum", norm-weighted) or Σ w_i Q_i/‖Q_i‖ ("uniform")
+    scale: float = 1.0  # multiplies Q*: separates the method from its scale in benchmarks
+    exclude: tuple[str, ...] = ()  # regexes of 2-D tensor names merged without rotation
+    base_rtol: float = 1e-2  # base directions with σ below this × σ_max get no rotation (procrustes rule 1)
+    null_rtol: float = 1e-6  # cross-product singular values below this × σ_max: identity completion (rule 2)
+    max_angle_deg: float = 90.0  # invariant planes rotated further are reset (residual keeps them)
+    precision: str = "float64"  # dtype of the SVDs and k×k solves
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+        object.__setattr__(self, "residual", dict(self.residual))
+        if self.target not in ("global", "conflict"):
+            raise ValueError(f"target = {self.target!r} must be 'global' or 'conflict'")
+        if self.rotation_merge not in ROTATION_MERGES:
+            raise ValueError(f"rotation_merge = {self.rotation_merge!r} must be one of {', '.join(ROTATION_MERGES)}")
+        if self.magnitude not in ("mean", "median", "max"):
+            raise ValueError(f"magnitude = {self.magnitude!r} must be mean, median or max")
+        if self.direction not in ("sum", "uniform"):
+            raise ValueError(f"direction = {self.direction!r} must be 'sum' or 'uniform'")
+        if self.precision not in ("float32", "float64"):
+            raise ValueError(f"precision = {self.precision!r} must be float32 or float64")
+        check_range("scale", self.scale, 0.0, float("inf"))
+        check_range("base_rtol", self.base_rtol, 0.0, 1.0, high_open=True)
+        check_range("null_rtol", self.null_rtol, 0.0, 1.0, high_open=True)
+        check_range("max_angle_deg", self.max_angle_deg, 0.0, 180.0, low_open=True, high_open=True)
+        for pattern in self.exclude:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"exclude pattern {pattern!r}: {exc}") from None
+        residual_method(self, 2)  # validates the residual method and its parameters now
+
+
+def residual_method(params: OrthoMergeParams, n_experts: int) -> tuple[Method, Any]:
+    if params.residual_method == "orthomerge":
+        raise ValueError("residual_method cannot be orthomerge")
+    try:
+        method, implied = get_method(params.residual_method)
+    except UsageError as exc:
+        raise ValueError(str(exc)) from None
+    if method.statistics is not None and params.residual.get("scope") == "model":
+        raise ValueError("residual ties with scope=model is not supported; use scope=tensor")
+    values = {**implied, **params.residual}
+    if method.name == "task_arithmetic" and "lambda" not in values and "lambda_" not in values:
+        values["lambda"] = 1.0 / n_experts  # the authors' default
+    try:
+        return method, build_params(method.params_type, values, f"residual method {method.name}")
+    except UsageError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def rotates(name: str, shape: torch.Size, params: OrthoMergeParams) -> bool:
+    return len(shape) == 2 and min(shape) > 0 and not any(re.search(p, name) for p in params.exclude)
+
+
+class _Residuals:
+    """Pseudo-experts W₀ + ρ_i = W_i − (W₀R_iᵀ − W₀), loaded lazily like real experts."""
+
+    def __init__(self, task: TensorTask, basis: Subspace, rotations: list[torch.Tensor]):
+        self.task, self.basis, self.rotations = task, basis, rotations
+
+    def __len__(self) -> int:
+        return len(self.rotations)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        w = self.task.experts[i]
+        return w.sub_(rotate_base(self.task.base, self.basis, self.rotations[i]).sub_(self.task.base))
+
+
+def conflict_rows(tau: torch.Tensor, tau_mean: torch.Tensor) -> torch.Tensor:
+    """Rows j with cos(τ[j], τ_mean[j]) < 0; a zero row has cosine 0 and is not a conflict."""
+    return (tau * tau_mean).sum(dim=1) < 0
+
+
+def merge(task: TensorTask, params: OrthoMergeParams) -> torch.Tensor:
+    n = len(task.weights)
+    res_method, res_params = residual_method(params, n)
+    if not rotates(task.name, task.base.shape, params):
+        return res_method.merge(task, res_params)
+    a = task.base
+    tau_mean = None
+    if params.target == "conflict":
+        tau_mean = torch.zeros_like(a)
+        for i in range(n):
+            tau_mean.add_(task.task_vector(i))
+        tau_mean.div_(n)
+
+    def target_delta(i: int) -> torch.Tensor:
+        """W_i^target − W₀: τ_i, or its conflicting rows only."""
+        tau = task.task_vector(i)
+        return tau.mul_(conflict_rows(tau, tau_mean).unsqueeze(1)) if tau_mean is not None else tau
+
+    builder = SubspaceBuilder(a, params.base_rtol, getattr(torch, params.precision))
+    for i in range(n if not builder.full else 0):  # S = span(rows of W₀ and of every target)
+        builder.add(target_delta(i))
+    basis = builder.build()
+    del builder
+    rotations: list[torch.Tensor] = []
+    acc = LieAccumulator(params.direction)
+    max_angle = math.radians(params.max_angle_deg)
+    for i in range(n):
+        delta = target_delta(i)
+        if not bool(delta.any()):
+            rot = identity_rotation(basis)  # target == base: exactly no rotation
+        else:
+            rot = procrustes(delta.add_(a), basis, params.null_rtol, max_angle)
+            if rot.clipped_planes:
+                log.info("%s: expert %d: %d plane(s) rotated beyond %.0f° left to the residual", task.name, i + 1, rot.clipped_planes, params.max_angle_deg)
+        del delta
+        rotations.append(rot.r_s)
+        acc.add(rot.q_s, task.weights[i])
+    r_star = merged_rotation(acc, rotations, task.weights, params)
+    merged_residual = res_method.merge(
+        TensorTask(task.name, a, _Residuals(task, basis, rotations), task.weights, task.densities, None, task.seed), res_params
+    )
+    return rotate_base(a, basis, r_star).add_(merged_residual.sub_(a))
+
+
+def merged_rotation(acc: LieAccumulator, rotations: list[torch.Tensor], weights: tuple[float, ...], params: OrthoMergeParams) -> torch.Tensor:
+    """R*_s in the base subspace, by the chosen rule."""
+    if params.rotation_merge == "magnitude_corrected":
+        return cayley(acc.magnitude_corrected(params.magnitude, params.scale))
+    if params.rotation_merge == "average_q":
+        return cayley(acc.simple_average(params.scale))
+    if params.rotation_merge == "average_r":
+        total = sum(w * r for w, r in zip(weights, rotations))
+        return total / sum(weights)
+    product = torch.eye(rotations[0].shape[0], dtype=rotations[0].dtype, device=rotations[0].device)
+    for r in rotations:  # R_N ··· R_1: expert 1 acts first
+        product = r @ product
+    return product
+
+
+def working_set(params: OrthoMergeParams, n: int) -> float:
+    # base, τ_mean, one expert, target/residual, result, rotated base; + N k×k rotations (float64)
+    return 7 + 2 * n
+
+
+register(Method("orthomerge", OrthoMergeParams, merge, working_set=working_set, doc=__doc__ or ""))

@@ -1,0 +1,56 @@
+"""Shared fixtures: toy models made by tools/make_toy_models.py (deterministic, no download)."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def _load_tool(name: str):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tools", f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+toy = _load_tool("make_toy_models")
+
+
+def make_toy(folder: str, *args: str) -> str:
+    if not os.path.exists(os.path.join(folder, "base", "model.safetensors.index.json")):
+        assert toy.main([folder, *args]) == 0
+    return folder
+
+
+def load_all(folder: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a model folder, in memory (the reference side of the tests only)."""
+    out = {}
+    for f in sorted(os.listdir(folder)):
+        if f.endswith(".safetensors"):
+            with safe_open(os.path.join(folder, f), "pt") as sf:
+                for k in sf.keys():
+                    out[k] = sf.get_tensor(k)
+    return out
+
+
+@pytest.fixture(scope="session")
+def toy_untied(tmp_path_factory) -> str:
+    """3 full-delta experts, untied embeddings, q/k/v biases, several shards."""
+    return make_toy(str(tmp_path_factory.mktemp("toy_untied")), "--preset", "tiny", "--experts", "3", "--bias", "--shard-size", "60KB")
+
+
+@pytest.fixture(scope="session")
+def toy_tied(tmp_path_factory) -> str:
+    """3 low-rank experts, tied embeddings (no lm_head), several shards."""
+    return make_toy(str(tmp_path_factory.mktemp("toy_tied")), "--preset", "tiny", "--experts", "3", "--tied", "--kind", "lowrank", "--shard-size", "50KB")
+
+
+def experts_of(folder: str, n: int = 3) -> list[str]:
+    return [os.path.join(folder, f"expert-{i}") for i in range(1, n + 1)]

@@ -1,0 +1,187 @@
+"""OrthoMerge with orthogonal–residual decoupling: against the paper's formulas and its traps."""
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+from streammerge import Expert, Recipe, merge
+from streammerge.math.cayley import cayley, inverse_cayley
+from streammerge.methods import TensorTask, build_params
+from streammerge.methods.orthomerge import OrthoMergeParams
+from streammerge.methods.orthomerge import merge as orthomerge
+from tests.conftest import experts_of, load_all
+
+
+class Experts(list):
+    """In-memory ExpertTensors: a fresh copy per access, as the lazy loader gives."""
+
+    def __getitem__(self, i):
+        return super().__getitem__(i).clone()
+
+
+def run(base, experts, weights=None, **params):
+    p = build_params(OrthoMergeParams, params, "test")
+    task = TensorTask("layer.weight", base.clone(), Experts(experts), tuple(weights or [1.0] * len(experts)))
+    return orthomerge(task, p)
+
+
+def paper_reference(a: torch.Tensor, ws: list[torch.Tensor], target: str) -> torch.Tensor:
+    """Algorithm 2 literally, in float64 and torch layout (W = W₀ Rᵀ), TA on residuals, λ = 1/N."""
+    a = a.double()
+    ws = [w.double() for w in ws]
+    taus = [w - a for w in ws]
+    mean = sum(taus) / len(ws)
+    qs, rs = [], []
+    for tau, w in zip(taus, ws):
+        if target == "conflict":
+            keep = torch.nn.functional.cosine_similarity(tau, mean, dim=1) < 0
+            t = a + tau * keep.unsqueeze(1)
+        else:
+            t = w
+        u, _, vh = torch.linalg.svd(t.T @ a)
+        r = u @ vh
+        rs.append(r)
+        qs.append(inverse_cayley(r) if not torch.equal(t, a) else torch.zeros_like(r))
+    total = sum(qs)
+    c = sum(float(torch.linalg.matrix_norm(q)) for q in qs) / max(float(torch.linalg.matrix_norm(total)), 1e-300)
+    r_star = cayley(c * total / len(qs))
+    residual = sum(w - a @ r.T for w, r in zip(ws, rs)) / len(ws)
+    return a @ r_star.T + residual
+
+
+@pytest.mark.parametrize("target", ["global", "conflict"])
+@pytest.mark.parametrize("shape", [(24, 24), (40, 16)])  # square and tall: Procrustes fully determined
+def test_equals_paper_algorithm_where_it_is_determined(target, shape):
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(shape, generator=g, dtype=torch.float64) / math.sqrt(shape[1])
+    ws = [a + 0.05 * torch.randn(shape, generator=g, dtype=torch.float64) / math.sqrt(shape[1]) for _ in range(3)]
+    got = run(a.float(), [w.float() for w in ws], target=target, base_rtol=1e-12)  # trust every direction, as the paper
+    want = paper_reference(a.float(), [w.float() for w in ws], target)
+    torch.testing.assert_close(got.double(), want, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("target", ["global", "conflict"])
+@pytest.mark.parametrize("shape", [(16, 16), (4, 16), (16, 4)])
+def test_merging_copies_of_one_expert_returns_it(target, shape):
+    g = torch.Generator().manual_seed(2)
+    a = torch.randn(shape, generator=g)
+    w = a + 0.1 * torch.randn(shape, generator=g)
+    got = run(a, [w, w, w, w], target=target)
+    torch.testing.assert_close(got, w, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("target", ["global", "conflict"])
+def test_result_does_not_depend_on_expert_order(target):
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(12, 20, generator=g)
+    ws = [a + 0.1 * torch.randn(12, 20, generator=g) for _ in range(4)]
+    one = run(a, ws, target=target)
+    other = run(a, ws[::-1], target=target)
+    torch.testing.assert_close(one, other, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(8, 32), (32, 32), (32, 8), (32,)])
+def test_unchanged_experts_leave_the_base_exactly_untouched(shape):
+    a = torch.randn(shape, generator=torch.Generator().manual_seed(4))
+    for target in ("global", "conflict"):
+        assert torch.equal(run(a, [a, a, a], target=target), a)
+
+
+def generator_norms(a: torch.Tensor, w: torch.Tensor, base_rtol: float = 1e-2) -> float:
+    from streammerge.math.procrustes import SubspaceBuilder, procrustes
+
+    b = SubspaceBuilder(a, base_rtol)
+    b.add(w - a)
+    return float(torch.linalg.matrix_norm(procrustes(w, b.build()).q_s))
+
+
+def test_wide_gqa_layers_get_generators_as_small_as_square_ones():
+    """k_proj/v_proj/down_proj are wide: the textbook rotation is arbitrary on in − out dims."""
+    g = torch.Generator().manual_seed(5)
+    hidden, kv = 64, 16
+    skew = torch.randn(hidden, hidden, generator=g, dtype=torch.float64)
+    true_q = 0.02 * (skew - skew.T) / math.sqrt(hidden)
+    r = cayley(true_q)
+    orthonormal, _ = torch.linalg.qr(torch.randn(hidden, hidden, generator=g, dtype=torch.float64))
+    scales = torch.linspace(1.0, 0.2, hidden, dtype=torch.float64)  # well-conditioned, as most layers
+    square = (orthonormal * scales) @ torch.linalg.qr(torch.randn(hidden, hidden, generator=g, dtype=torch.float64))[0].T / 8
+    wide = square[:kv] * 1.0
+    q_square = generator_norms(square, square @ r.T)
+    q_wide = generator_norms(wide, wide @ r.T)
+    assert q_square == pytest.approx(float(torch.linalg.matrix_norm(true_q)), rel=1e-6)
+    assert 0 < q_wide <= q_square  # only the part of the rotation the wide layer sees
+    # the textbook full-space solution on the same wide layer: huge or reflected generators
+    u, _, vh = torch.linalg.svd((wide @ r.T).T @ wide)
+    naive = u @ vh
+    naive_bad = torch.linalg.det(naive) < 0
+    if not naive_bad:
+        naive_bad = float(torch.linalg.matrix_norm(inverse_cayley(naive))) > 100 * q_square
+    assert naive_bad
+    assert generator_norms(wide, wide.clone()) < 1e-8
+
+
+def test_ill_conditioned_base_keeps_generators_sane():
+    """A base with condition number 1e6 (real o_proj reach 5e4): noise on the weak directions
+    must not become a large rotation, and nothing is NaN."""
+    g = torch.Generator().manual_seed(6)
+    n = 48
+    u, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    s = torch.logspace(0, -6, n, dtype=torch.float64)
+    a = (u * s) @ v.T
+    noise = 1e-4 * torch.randn(n, n, generator=g, dtype=torch.float64)
+    experts = [a + noise * (i + 1) for i in range(3)]
+    got = run(a.float(), [e.float() for e in experts], target="global")
+    assert torch.isfinite(got).all()
+    norms = [generator_norms(a, e) for e in experts]
+    assert max(norms) < 0.05, norms
+    # trusting every base direction (base_rtol → 0) lets the update's noise pick rotations
+    trusting = [generator_norms(a, e, base_rtol=1e-12) for e in experts]
+    assert min(trusting) > 10 * max(norms), (trusting, norms)
+    # without the rule (every singular direction trusted) the same inputs rotate wildly
+    m = experts[0].T @ a
+    uu, _, vvh = torch.linalg.svd(m)
+    naive = uu @ vvh
+    bad = torch.linalg.det(naive) < 0 or float(torch.linalg.matrix_norm(inverse_cayley(naive))) > 10 * max(norms)
+    assert bad
+    # a single expert is still reproduced exactly: what the rotation leaves, the residual keeps
+    torch.testing.assert_close(run(a, [experts[0]], target="global"), experts[0], atol=1e-9, rtol=0)
+
+
+def test_ablations_and_scale_behave_as_defined():
+    g = torch.Generator().manual_seed(7)
+    a = torch.randn(16, 16, generator=g, dtype=torch.float64)
+    ws = [a @ cayley(0.05 * (lambda x: x - x.T)(torch.randn(16, 16, generator=g, dtype=torch.float64))).T for _ in range(3)]
+    base_kw = dict(target="global", residual={"lambda": 0.0}, precision="float64")
+    zero = run(a, ws, scale=0.0, **base_kw)
+    torch.testing.assert_close(zero, a)  # scale 0: no rotation, and no residual
+    for mode in ("average_q", "average_r", "product_r", "magnitude_corrected"):
+        out = run(a, ws, rotation_merge=mode, **base_kw)
+        assert torch.isfinite(out).all()
+    prod = run(a, ws, rotation_merge="product_r", **base_kw)
+    corrected = run(a, ws, rotation_merge="magnitude_corrected", **base_kw)
+    averaged = run(a, ws, rotation_merge="average_q", **base_kw)
+    # pure rotations: product composes all three; the corrected mean moves further than the plain mean
+    assert float((prod - a).norm()) > float((corrected - a).norm()) > float((averaged - a).norm())
+    # orthogonal merges keep singular values; average_r does not
+    sv = torch.linalg.svdvals(a)
+    torch.testing.assert_close(torch.linalg.svdvals(corrected), sv)
+    assert not torch.allclose(torch.linalg.svdvals(run(a, ws, rotation_merge="average_r", **base_kw)), sv)
+
+
+def test_streamed_orthomerge_on_a_model_keeps_norms_residual_only_and_excludes(toy_untied, tmp_path):
+    out = str(tmp_path / "om")
+    recipe = Recipe("orthomerge", os.path.join(toy_untied, "base"), tuple(Expert(p) for p in experts_of(toy_untied)), out,
+                    {"target": "global", "exclude": ["embed_tokens", "lm_head"]}, shard_size="40KB")
+    merge(recipe, device="cpu")
+    got = load_all(out)
+    base = {k: v.float() for k, v in load_all(os.path.join(toy_untied, "base")).items()}
+    experts = [{k: v.float() for k, v in load_all(p).items()} for p in experts_of(toy_untied)]
+    for name in ("model.layers.0.input_layernorm.weight", "model.layers.1.self_attn.q_proj.bias", "model.embed_tokens.weight"):
+        want = base[name] + sum(e[name] - base[name] for e in experts) / 3  # residual only: TA λ = 1/N
+        torch.testing.assert_close(got[name].float(), want.to(torch.bfloat16).float(), atol=1e-6, rtol=2**-7)
+    name = "model.layers.0.self_attn.o_proj.weight"
+    assert not torch.equal(got[name], (base[name] + sum(e[name] - base[name] for e in experts) / 3).to(torch.bfloat16))
