@@ -36,6 +36,7 @@ class Expert:
     path: str
     weight: float = 1.0
     density: float | None = None  # per-expert keep rate for ties/dare (mergekit's `density`)
+    peft_version: str | None = None  # OFT adapters without `peft_version` in their config
 
 
 @dataclass(frozen=True)
@@ -111,10 +112,11 @@ def _expert(entry: Any, where: str) -> Expert:
         return Expert(entry)
     if not isinstance(entry, dict):
         raise UsageError(f"{where}: each expert is a path or a mapping with 'path'")
-    known = {"path", "weight", "density"}
+    known = {"path", "weight", "density", "peft_version"}
     if set(entry) - known or "path" not in entry:
-        raise UsageError(f"{where}: expert entry {entry!r} needs 'path' and may have 'weight', 'density'")
-    return Expert(str(entry["path"]), float(entry.get("weight", 1.0)), _opt_float(entry.get("density")))
+        raise UsageError(f"{where}: expert entry {entry!r} needs 'path' and may have 'weight', 'density', 'peft_version'")
+    version = entry.get("peft_version")
+    return Expert(str(entry["path"]), float(entry.get("weight", 1.0)), _opt_float(entry.get("density")), None if version is None else str(version))
 
 
 def _opt_float(v: Any) -> float | None:

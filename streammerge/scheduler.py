@@ -24,6 +24,8 @@ from tqdm import tqdm
 from .errors import InputError, Interrupted, NonFiniteError, ResumeError, collect
 from .io.atomic import TMP_SUFFIX, ShardWriter, copy_atomic, write_bytes_atomic
 from .io.checkpoint import INDEX_NAME, Checkpoint, load_json
+from .io.experts import ExpertSource, open_expert
+from .io.peft_oft import OftExpert
 from .io.journal import Journal, journal_path
 from .io.safetensors_format import DTYPE_NAMES, DTYPES, FLOAT_DTYPES, itemsize
 from .methods import Method, TensorTask
@@ -71,23 +73,27 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def open_inputs(recipe: Recipe) -> tuple[Checkpoint, list[Checkpoint]]:
+def open_inputs(recipe: Recipe) -> tuple[Checkpoint, list[ExpertSource]]:
     problems, experts = [], []
     base = Checkpoint.open(recipe.base)
     for e in recipe.experts:
         try:
-            experts.append(Checkpoint.open(e.path))
+            experts.append(open_expert(e.path, base, e.peft_version))
         except InputError as exc:
             problems.append(str(exc))
     collect(problems, InputError, "inputs")
     return base, experts
 
 
-def check_compatible(base: Checkpoint, experts: list[Checkpoint]) -> None:
-    """Every expert has the base's tensors, shapes, and castable dtypes; all problems at once."""
+def check_compatible(base: Checkpoint, experts: list[ExpertSource]) -> None:
+    """Every expert has the base's tensors, shapes, and castable dtypes (adapters: targets that
+    exist and fit); all problems at once."""
     problems = []
     base_names = base.locations
     for ck in experts:
+        if not isinstance(ck, Checkpoint):
+            problems += ck.problems_against(base)
+            continue
         names = ck.locations
         for n in base_names:
             if n not in names:
@@ -124,22 +130,57 @@ def plan_shards(base: Checkpoint, out_dtype: torch.dtype | None, shard_size: int
     return [Shard(f"model-{i + 1:05d}-of-{n:05d}.safetensors", tuple(g)) for i, g in enumerate(groups)]
 
 
-def inputs_fingerprint(ckpts: list[Checkpoint]) -> dict:
-    """File sizes and header digests of every input file."""
-    doc = {}
-    for ck in ckpts:
-        for f in ck.files:
-            doc[f] = {"size": os.path.getsize(f), "header_sha256": hashlib.sha256(ck.headers[f].raw).hexdigest()}
+def inputs_fingerprint(sources: list) -> dict:
+    """File sizes and header digests of every input file (adapters: their config digest too)."""
+    doc: dict = {}
+    for src in sources:
+        doc.update(src.fingerprint())
     return doc
 
 
-def _file_state(ckpts: list[Checkpoint]) -> dict[str, tuple[int, int]]:
+def _file_state(paths: list[str]) -> dict[str, tuple[int, int]]:
     state = {}
-    for ck in ckpts:
-        for f in ck.files:
+    for f in paths:
+        try:
             st = os.stat(f)
-            state[f] = (st.st_size, st.st_mtime_ns)
+        except OSError:
+            state[f] = (-1, -1)
+            continue
+        state[f] = (st.st_size, st.st_mtime_ns)
     return state
+
+
+class OftGenerators:
+    """For one tensor name, each OFT expert's stored generator blocks (None: not targeted)."""
+
+    def __init__(self, experts: list[OftExpert], name: str, dtype: torch.dtype, device: torch.device):
+        self.experts, self.name, self.dtype, self.device = experts, name, dtype, device
+        targeting = [e for e in experts if name in e.modules]
+        self.module = targeting[0].modules[name] if targeting else None
+        self.convention = experts[0].convention
+
+    def __len__(self) -> int:
+        return len(self.experts)
+
+    def __getitem__(self, i: int) -> torch.Tensor | None:
+        return self.experts[i].generator(self.name, self.dtype, self.device)
+
+    def row_scale(self, i: int) -> torch.Tensor | None:
+        return self.experts[i].row_scale(self.name, self.dtype, self.device)
+
+
+def check_oft_conventions(experts: list[OftExpert]) -> None:
+    """Generators can be merged only under one convention and one block geometry per module."""
+    problems = []
+    first = experts[0]
+    for e in experts[1:]:
+        if e.convention != first.convention:
+            problems.append(f"{e.files.path}: OFT convention {e.convention} differs from {first.files.path}'s {first.convention}")
+        for name, mod in e.modules.items():
+            other = next((x.modules[name] for x in experts if name in x.modules), None)
+            if other is not None and (other.blocks, other.block_size, other.embedding) != (mod.blocks, mod.block_size, mod.embedding):
+                problems.append(f"{e.files.path}: module {name!r} has {mod.blocks} blocks of {mod.block_size}, another expert {other.blocks} of {other.block_size}")
+    collect(problems, InputError, "OFT adapters cannot be merged in the Lie algebra")
 
 
 class LazyExperts:
@@ -205,6 +246,9 @@ class Merger:
         self.shards = plan_shards(self.base, self.out_dtype, recipe.shard_size)
         self.weights = tuple(e.weight for e in recipe.experts)
         self.densities = tuple(e.density for e in recipe.experts)
+        self.oft_path = self.method.name == "orthomerge" and all(isinstance(e, OftExpert) for e in self.experts)
+        if self.oft_path:
+            check_oft_conventions(self.experts)  # type: ignore[arg-type]
         self._check_config()
 
     def _check_config(self) -> None:
@@ -286,6 +330,7 @@ class Merger:
         task = TensorTask(
             t.name, self._load_base(t.name), self._experts_for(t.name), self.weights, self.densities,
             statistics, self.recipe.seed,
+            OftGenerators(self.experts, t.name, self.compute_dtype, self.device) if self.oft_path else None,  # type: ignore[arg-type]
         )
         result = self.method.merge(task, self.params)
         if not self.recipe.allow_nonfinite and not bool(torch.isfinite(result).all()):
@@ -305,7 +350,8 @@ class Merger:
             densities = [d if d is not None else getattr(self.params, "density", 1.0) for d in self.densities]
             journal.statistics = self.method.statistics(self._model_pass("statistics"), len(self.experts), self.params, densities)
             journal.save()
-        initial_state = _file_state([self.base, *self.experts])
+        input_paths = list(inputs_fingerprint([self.base, *self.experts]))
+        initial_state = _file_state(input_paths)
         written = 0
         with sigterm_as_interrupt(), tqdm(
             total=total, initial=total - sum(s.nbytes for s in todo), unit="B", unit_scale=True,
@@ -313,7 +359,7 @@ class Merger:
         ) as bar:
             try:
                 for shard in todo:
-                    if _file_state([self.base, *self.experts]) != initial_state:
+                    if _file_state(input_paths) != initial_state:
                         raise InputError("an input file changed during the merge; the finished shards are kept, rerun to resume")
                     layout = [(t.name, t.dtype, t.shape) for t in shard.tensors]
                     with ShardWriter(os.path.join(out, shard.filename), layout, {"format": "pt"}) as writer:

@@ -6,7 +6,9 @@
 writes OUT/base (config.json, sharded safetensors + index, a tiny word-level tokenizer) and
 OUT/expert-1 ... OUT/expert-N derived from it: `full` adds a dense delta to every float
 tensor, `lowrank` a rank-r delta to every 2-D weight (as a merged LoRA would) and a small
-dense one to 1-D tensors. Every tensor is drawn from a generator seeded by (seed, model, name),
+dense one to 1-D tensors; `lora` and `oft` write PEFT adapter folders (adapter_config.json +
+adapter_model.safetensors, PEFT ≥ 0.16 key layout) targeting the attention and MLP projections.
+Every tensor is drawn from a generator seeded by (seed, model, name),
 so the same flags always give byte-identical files. Tensors are written one at a time.
 """
 from __future__ import annotations
@@ -91,6 +93,45 @@ def expert_delta(name: str, base: torch.Tensor, seed: int, expert: int, kind: st
     return (b @ a) * (std * scale / math.sqrt(rank))
 
 
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def write_adapter(folder: str, layout, seed: int, expert: int, kind: str, args) -> None:
+    """A PEFT LoRA or OFT (≥ 0.16 packed) adapter with random, deterministic parameters."""
+    os.makedirs(folder, exist_ok=True)
+    shapes = {n: s for n, s in layout}
+    modules = [n[: -len(".weight")] for n, s in layout if len(s) == 2 and any(f".{t}.weight" in n for t in args.targets)]
+    tensors = []
+    for m in modules:
+        out_f, in_f = shapes[m + ".weight"]
+        g = generator(seed, kind, expert, m)
+        key = "base_model.model." + m
+        if kind == "lora":
+            a = torch.randn(args.rank, in_f, generator=g) / math.sqrt(in_f)
+            b = torch.randn(out_f, args.rank, generator=g) * args.scale
+            tensors += [(key + ".lora_A.weight", a), (key + ".lora_B.weight", b)]
+        else:
+            bs = args.oft_block_size
+            if in_f % bs:
+                raise SystemExit(f"--oft-block-size {bs} does not divide {m}'s input width {in_f}")
+            packed = torch.randn(in_f // bs, bs * (bs - 1) // 2, generator=g) * args.scale
+            tensors.append((key + ".oft_R.weight", packed))
+    config = {"peft_type": kind.upper(), "target_modules": list(args.targets), "base_model_name_or_path": None,
+              "task_type": "CAUSAL_LM", "inference_mode": True, "peft_version": "0.21.2", "bias": "none"}
+    if kind == "lora":
+        config |= {"r": args.rank, "lora_alpha": 2 * args.rank, "lora_dropout": 0.0, "fan_in_fan_out": False, "use_rslora": False, "use_dora": False}
+    else:
+        config |= {"r": 0, "oft_block_size": args.oft_block_size, "module_dropout": 0.0, "init_weights": True, "coft": False,
+                   "eps": 6e-5, "block_share": False, "use_cayley_neumann": not args.oft_exact, "num_cayley_neumann_terms": 5}
+    layout_out = [(k, "F32", tuple(t.shape)) for k, t in tensors]
+    with ShardWriter(os.path.join(folder, "adapter_model.safetensors"), layout_out, {"format": "pt"}) as w:
+        for k, t in tensors:
+            w.write(k, t.float().contiguous())
+        w.commit()
+    with open(os.path.join(folder, "adapter_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+
+
 def write_model(folder: str, tensors, dtype: torch.dtype, shard_size: int) -> None:
     """Write (name, shape, make()) triples as sharded safetensors + index, one tensor at a time."""
     os.makedirs(folder, exist_ok=True)
@@ -150,7 +191,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     ap.add_argument("--layers", type=int, help="override the preset's layer count")
     ap.add_argument("--experts", type=int, default=3)
-    ap.add_argument("--kind", choices=["full", "lowrank"], default="full")
+    ap.add_argument("--kind", choices=["full", "lowrank", "lora", "oft"], default="full", help="full/lowrank: dense expert models; lora/oft: PEFT adapters")
+    ap.add_argument("--targets", nargs="+", default=list(TARGETS), help="modules that lora/oft adapters target")
+    ap.add_argument("--oft-block-size", type=int, default=16)
+    ap.add_argument("--oft-exact", action="store_true", help="OFT adapters use the exact Cayley map (use_cayley_neumann false)")
     ap.add_argument("--rank", type=int, default=8, help="rank of lowrank deltas")
     ap.add_argument("--scale", type=float, default=0.05, help="delta size relative to each tensor's std")
     ap.add_argument("--tied", action="store_true", help="tie lm_head to embed_tokens (no lm_head tensor)")
@@ -174,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
             return b + expert_delta(n, b, args.seed, e, args.kind, args.scale, args.rank)
 
         d = os.path.join(args.out, f"expert-{e}")
+        if args.kind in ("lora", "oft"):
+            write_adapter(d, layout, args.seed, e, args.kind, args)
+            continue
         write_model(d, [(n, s, (lambda n=n, s=s: make(n, s))) for n, s in layout], args.torch_dtype, shard)
         write_config(d, args, preset)
     params = sum(math.prod(s) for _, s in layout)

@@ -83,6 +83,18 @@ class Checkpoint:
             weight_map, files = None, [single_path]
         else:
             raise InputError(f"{folder}: no {SINGLE_NAME} or {INDEX_NAME}")
+        return cls._from_files(folder, files, weight_map, index_path)
+
+    @classmethod
+    def open_file(cls, path: str) -> "Checkpoint":
+        """One safetensors file of any name (an adapter, say), read the same lazy way."""
+        path = os.path.abspath(path)
+        if not os.path.isfile(path):
+            raise InputError(f"{path}: no such file")
+        return cls._from_files(os.path.dirname(path), [path], None, "")
+
+    @classmethod
+    def _from_files(cls, folder: str, files: list[str], weight_map: dict | None, index_path: str) -> "Checkpoint":
         headers = {f: read_header(f) for f in files}
         locations: dict[str, tuple[str, TensorInfo]] = {}
         for f in files:
@@ -157,6 +169,12 @@ class Checkpoint:
             except BufferError:
                 pass  # a tensor view is still alive; the map goes when it does
         self._maps.clear()
+
+    def fingerprint(self) -> dict:
+        """Per input file: size and the digest of its header."""
+        import hashlib
+
+        return {f: {"size": os.path.getsize(f), "header_sha256": hashlib.sha256(self.headers[f].raw).hexdigest()} for f in self.files}
 
     def total_bytes(self) -> int:
         return sum(os.path.getsize(f) for f in self.files)

@@ -32,7 +32,7 @@ class LieAccumulator:
     weights: list[float] = field(default_factory=list)
 
     def add(self, q: torch.Tensor, weight: float = 1.0) -> None:
-        norm = float(torch.linalg.matrix_norm(q)) if q.numel() else 0.0
+        norm = float(torch.linalg.vector_norm(q))  # Frobenius over the whole matrix (all blocks)
         self.norms.append(norm)
         self.weights.append(weight)
         term = q * weight if self.direction == "sum" else q * (weight / norm if norm > TINY else 0.0)
@@ -51,7 +51,7 @@ class LieAccumulator:
 
     def magnitude_corrected(self, magnitude: str = "mean", scale: float = 1.0) -> torch.Tensor:
         assert self.total is not None, "no generator added"
-        d_norm = float(torch.linalg.matrix_norm(self.total)) if self.total.numel() else 0.0
+        d_norm = float(torch.linalg.vector_norm(self.total))
         if d_norm <= TINY:
             return torch.zeros_like(self.total)
         return self.total * (scale * self.magnitude(magnitude) / d_norm)

@@ -38,6 +38,7 @@ class TensorTask:
     densities: tuple[float | None, ...] = ()  # per-expert override, None: the method's own
     statistics: Any = None  # what the method's `statistics` returned, if it has one
     seed: int = 0
+    generators: Any = None  # OFT experts only: per-expert generator blocks (scheduler.OftGenerators)
 
     def task_vector(self, i: int) -> torch.Tensor:
         """τ_i = W_i − W_0, in the compute dtype."""

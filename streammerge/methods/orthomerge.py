@@ -123,6 +123,8 @@ def merge(task: TensorTask, params: OrthoMergeParams) -> torch.Tensor:
     res_method, res_params = residual_method(params, n)
     if not rotates(task.name, task.base.shape, params):
         return res_method.merge(task, res_params)
+    if task.generators is not None:
+        return merge_oft(task, params)
     a = task.base
     tau_mean = None
     if params.target == "conflict":
@@ -162,6 +164,41 @@ def merge(task: TensorTask, params: OrthoMergeParams) -> torch.Tensor:
     return rotate_base(a, basis, r_star).add_(merged_residual.sub_(a))
 
 
+def merge_oft(task: TensorTask, params: OrthoMergeParams) -> torch.Tensor:
+    """OFT experts (section 3.2): merge the stored generators directly, per block-diagonal
+    matrix, and map back with the adapters' own convention (PEFT's sign and Cayley flag)."""
+    from ..io.peft_oft import apply_rotation
+
+    gens = task.generators
+    if gens.module is None:  # no expert adapts this tensor
+        return task.base.clone()
+    zeros = None
+    acc = LieAccumulator(params.direction)
+    rotations = []
+    scales = []
+    for i in range(len(gens)):
+        q = gens[i]
+        if q is None:
+            zeros = torch.zeros(gens.module.blocks, gens.module.block_size, gens.module.block_size, dtype=task.base.dtype, device=task.base.device) if zeros is None else zeros
+            q = zeros
+        acc.add(q, task.weights[i])
+        if params.rotation_merge in ("average_r", "product_r"):
+            rotations.append(gens.convention.rotation(q))
+        s = gens.row_scale(i)
+        scales.append(torch.ones(task.base.shape[0], 1, dtype=task.base.dtype, device=task.base.device) if s is None else s)
+    if params.rotation_merge == "magnitude_corrected":
+        r_blocks = gens.convention.rotation(acc.magnitude_corrected(params.magnitude, params.scale))
+    elif params.rotation_merge == "average_q":
+        r_blocks = gens.convention.rotation(acc.simple_average(params.scale))
+    else:
+        r_blocks = merged_rotation(acc, rotations, task.weights, params)
+    row_scale = None
+    if gens.convention.fmt == "full_scaled":
+        # PEFT 0.14–0.15 also scales output rows (oft_s): not a rotation; averaged (weighted).
+        row_scale = sum(w * s for w, s in zip(task.weights, scales)) / sum(task.weights)
+    return apply_rotation(task.base, r_blocks, gens.module, gens.convention, row_scale)
+
+
 def merged_rotation(acc: LieAccumulator, rotations: list[torch.Tensor], weights: tuple[float, ...], params: OrthoMergeParams) -> torch.Tensor:
     """R*_s in the base subspace, by the chosen rule."""
     if params.rotation_merge == "magnitude_corrected":
@@ -171,8 +208,8 @@ def merged_rotation(acc: LieAccumulator, rotations: list[torch.Tensor], weights:
     if params.rotation_merge == "average_r":
         total = sum(w * r for w, r in zip(weights, rotations))
         return total / sum(weights)
-    product = torch.eye(rotations[0].shape[0], dtype=rotations[0].dtype, device=rotations[0].device)
-    for r in rotations:  # R_N ··· R_1: expert 1 acts first
+    product = torch.eye(rotations[0].shape[-1], dtype=rotations[0].dtype, device=rotations[0].device).expand_as(rotations[0])
+    for r in rotations:  # R_N ··· R_1: expert 1 acts first (batched over OFT blocks)
         product = r @ product
     return product
 
