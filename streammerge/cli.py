@@ -46,6 +46,12 @@ def main() -> None:
 @click.option("--drop-rate", type=float, help="dare: probability of dropping an entry (default 0.5).")
 @click.option("--ties-scope", type=click.Choice(["tensor", "model"]), help="ties: take the top-k per tensor or over each expert's whole model (default tensor).")
 @click.option("--ties-merge", type=click.Choice(["mean", "sum"]), help="ties/dare_ties: disjoint mean or sum (default mean).")
+@click.option("--target", type=click.Choice(["global", "conflict"]), help="orthomerge: Procrustes target, the expert (global) or its conflicting rows (conflict, default).")
+@click.option("--residual-method", help="orthomerge: Euclidean method for the residuals (default task_arithmetic with lambda 1/N).")
+@click.option("--residual-param", "residual_params", multiple=True, help="orthomerge: a residual-method parameter as KEY=VALUE (repeatable).")
+@click.option("--rotation-merge", type=click.Choice(["magnitude_corrected", "average_q", "average_r", "product_r"]), help="orthomerge: how rotations are merged (the paper's ablations).")
+@click.option("--exclude", "exclude", multiple=True, help="orthomerge: regex of 2-D tensor names merged without rotation (repeatable), e.g. embed_tokens.")
+@click.option("--output-format", type=click.Choice(["dense", "adapter"]), default="dense", show_default=True, help="adapter: orthomerge of PEFT OFT adapters written as one merged PEFT adapter.")
 @click.option("--param", "params", multiple=True, help="Any method parameter as KEY=VALUE (repeatable).")
 @click.option("--shard-size", help="Largest output shard, e.g. 5GB, 500MiB (default 5GB).")
 @click.option("--dtype", help="Output dtype (default: the base model's).")
@@ -55,7 +61,7 @@ def main() -> None:
 @click.option("--allow-nonfinite", is_flag=True, default=None, help="Merge tensors holding NaN/Inf instead of stopping.")
 @click.option("--restart", is_flag=True, help="Discard a previous merge in --out made from a different recipe or inputs.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or log lines.")
-def merge(recipe_path, base, experts, weights, method, out, density, lambda_, drop_rate, ties_scope, ties_merge, params, shard_size, dtype, compute_dtype, device, seed, allow_nonfinite, restart, quiet) -> None:
+def merge(recipe_path, base, experts, weights, method, out, density, lambda_, drop_rate, ties_scope, ties_merge, target, residual_method, residual_params, rotation_merge, exclude, output_format, params, shard_size, dtype, compute_dtype, device, seed, allow_nonfinite, restart, quiet) -> None:
     """Merge EXPERTs into BASE with METHOD and write a Hugging Face model folder to OUT.
 
     Re-running the same command after a crash or Ctrl-C resumes where it stopped.
@@ -64,7 +70,11 @@ def merge(recipe_path, base, experts, weights, method, out, density, lambda_, dr
     if weights and len(weights) != len(experts):
         raise click.UsageError("give one --weight per --expert, or none")
     parameters = dict(_parse_param(p) for p in params)
-    for key, value in (("density", density), ("lambda", lambda_), ("drop_rate", drop_rate), ("scope", ties_scope), ("merge", ties_merge)):
+    for key, value in (
+        ("density", density), ("lambda", lambda_), ("drop_rate", drop_rate), ("scope", ties_scope), ("merge", ties_merge),
+        ("target", target), ("residual_method", residual_method), ("rotation_merge", rotation_merge),
+        ("residual", dict(_parse_param(p) for p in residual_params) or None), ("exclude", list(exclude) or None),
+    ):
         if value is not None:
             parameters[key] = value
     overrides: dict[str, Any] = {
@@ -82,6 +92,13 @@ def merge(recipe_path, base, experts, weights, method, out, density, lambda_, dr
             if not method:
                 raise click.UsageError("give --method (or --recipe)")
             recipe = from_mapping({"method": method, "parameters": parameters}, "command line", overrides)
+        if output_format == "adapter":
+            from .adapter_output import merge_to_adapter
+
+            merge_to_adapter(recipe)
+            if not quiet:
+                click.echo(f"merged adapter written to {recipe.out}", err=True)
+            return
         from .scheduler import Merger
 
         merger = Merger(recipe, device=device, restart=restart, quiet=quiet)

@@ -183,3 +183,26 @@ def test_mixed_oft_conventions_and_bad_block_sizes_are_refused(f32_toy, tmp_path
     (bad / "adapter_config.json").write_text(json.dumps({"peft_type": "OFT"}))
     with pytest.raises(InputError, match="block size must divide"):
         merge(Recipe("linear", base, (Expert(str(bad)),), str(tmp_path / "o2"), {}), device="cpu")
+
+
+@pytest.mark.parametrize("neumann", [True, False])
+def test_merged_oft_adapter_loads_in_peft_and_equals_dense_orthomerge(neumann, f32_toy, tmp_path):
+    from streammerge.adapter_output import merge_to_adapter
+
+    base = os.path.join(f32_toy, "base")
+    folders = []
+    for i in range(3):
+        torch.manual_seed(20 + i)
+        cfg = peft.OFTConfig(oft_block_size=16, r=0, target_modules=["q_proj", "down_proj", "embed_tokens"], init_weights=False, use_cayley_neumann=neumann)
+        model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        peft.get_peft_model(model, cfg).save_pretrained(str(tmp_path / f"e{i}"))
+        folders.append(str(tmp_path / f"e{i}"))
+    recipe = Recipe("orthomerge", base, tuple(Expert(f) for f in folders), str(tmp_path / "adapter"), {}, dtype="float32")
+    merge_to_adapter(recipe)
+    model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    loaded = peft.PeftModel.from_pretrained(model, str(tmp_path / "adapter")).merge_and_unload()
+    dense = str(tmp_path / "dense")
+    merge(Recipe("orthomerge", base, tuple(Expert(f) for f in folders), dense, {}, dtype="float32"), device="cpu")
+    state = loaded.state_dict()
+    for k, v in load_all(dense).items():
+        torch.testing.assert_close(state[k], v, atol=2e-6, rtol=1e-5, msg=k)

@@ -164,6 +164,20 @@ def merge(task: TensorTask, params: OrthoMergeParams) -> torch.Tensor:
     return rotate_base(a, basis, r_star).add_(merged_residual.sub_(a))
 
 
+def merged_generator(gens, weights: tuple[float, ...], params: OrthoMergeParams, dtype: torch.dtype, device) -> torch.Tensor:
+    """Q* blocks [r, b, b] from the experts' stored generators (a missing one counts as zero)."""
+    if params.rotation_merge not in ("magnitude_corrected", "average_q"):
+        raise ValueError(f"rotation_merge {params.rotation_merge!r} has no generator; it needs dense output")
+    acc = LieAccumulator(params.direction)
+    shape = (gens.module.blocks, gens.module.block_size, gens.module.block_size)
+    for i in range(len(gens)):
+        q = gens[i]
+        acc.add(torch.zeros(shape, dtype=dtype, device=device) if q is None else q, weights[i])
+    if params.rotation_merge == "average_q":
+        return acc.simple_average(params.scale)
+    return acc.magnitude_corrected(params.magnitude, params.scale)
+
+
 def merge_oft(task: TensorTask, params: OrthoMergeParams) -> torch.Tensor:
     """OFT experts (section 3.2): merge the stored generators directly, per block-diagonal
     matrix, and map back with the adapters' own convention (PEFT's sign and Cayley flag)."""
@@ -172,30 +186,19 @@ def merge_oft(task: TensorTask, params: OrthoMergeParams) -> torch.Tensor:
     gens = task.generators
     if gens.module is None:  # no expert adapts this tensor
         return task.base.clone()
-    zeros = None
-    acc = LieAccumulator(params.direction)
-    rotations = []
-    scales = []
-    for i in range(len(gens)):
-        q = gens[i]
-        if q is None:
-            zeros = torch.zeros(gens.module.blocks, gens.module.block_size, gens.module.block_size, dtype=task.base.dtype, device=task.base.device) if zeros is None else zeros
-            q = zeros
-        acc.add(q, task.weights[i])
-        if params.rotation_merge in ("average_r", "product_r"):
-            rotations.append(gens.convention.rotation(q))
-        s = gens.row_scale(i)
-        scales.append(torch.ones(task.base.shape[0], 1, dtype=task.base.dtype, device=task.base.device) if s is None else s)
-    if params.rotation_merge == "magnitude_corrected":
-        r_blocks = gens.convention.rotation(acc.magnitude_corrected(params.magnitude, params.scale))
-    elif params.rotation_merge == "average_q":
-        r_blocks = gens.convention.rotation(acc.simple_average(params.scale))
+    dtype, device = task.base.dtype, task.base.device
+    if params.rotation_merge in ("average_r", "product_r"):
+        shape = (gens.module.blocks, gens.module.block_size, gens.module.block_size)
+        rotations = [gens.convention.rotation(torch.zeros(shape, dtype=dtype, device=device) if gens[i] is None else gens[i]) for i in range(len(gens))]
+        r_blocks = merged_rotation(LieAccumulator(), rotations, task.weights, params)
     else:
-        r_blocks = merged_rotation(acc, rotations, task.weights, params)
+        r_blocks = gens.convention.rotation(merged_generator(gens, task.weights, params, dtype, device))
     row_scale = None
     if gens.convention.fmt == "full_scaled":
         # PEFT 0.14–0.15 also scales output rows (oft_s): not a rotation; averaged (weighted).
-        row_scale = sum(w * s for w, s in zip(task.weights, scales)) / sum(task.weights)
+        ones = torch.ones(task.base.shape[0], 1, dtype=dtype, device=device)
+        scales = [gens.row_scale(i) for i in range(len(gens))]
+        row_scale = sum(w * (ones if s is None else s) for w, s in zip(task.weights, scales)) / sum(task.weights)
     return apply_rotation(task.base, r_blocks, gens.module, gens.convention, row_scale)
 
 

@@ -1,0 +1,62 @@
+"""OrthoMerge of PEFT OFT adapters written as one merged PEFT adapter (not a dense model).
+
+The merged generator Q* of every adapted module is packed in PEFT ≥ 0.16's layout
+(`oft_R.weight` [r, b(b−1)/2]) and written with the first expert's adapter_config.json
+(`block_share` off), so `peft.PeftModel.from_pretrained(base, OUT)` loads it and applies it
+with the experts' own Cayley flag. Adapters are small: this runs in memory, files atomically.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from .errors import InputError, ResumeError, UsageError
+from .io.atomic import ShardWriter, write_bytes_atomic
+from .io.peft_adapter import CONFIG_NAME, PREFIX, WEIGHTS_NAME
+from .io.peft_oft import OftExpert
+from .math.skew import pack_skew
+from .methods.orthomerge import merged_generator
+from .recipe import Recipe
+from .scheduler import OftGenerators, check_oft_conventions, open_inputs
+
+
+def merge_to_adapter(recipe: Recipe) -> str:
+    method, params = recipe.validate()
+    if method.name != "orthomerge":
+        raise UsageError("--output-format adapter needs method orthomerge")
+    base, experts = open_inputs(recipe)
+    try:
+        problems = [p for e in experts for p in (e.problems_against(base) if isinstance(e, OftExpert) else [f"{e.folder}: not an OFT adapter"])]
+        if problems:
+            raise InputError("adapter output needs OFT adapters:\n  " + "\n  ".join(problems))
+        check_oft_conventions(experts)  # type: ignore[arg-type]
+        if experts[0].convention.fmt != "packed":
+            raise InputError(f"{experts[0].files.path}: adapters of PEFT < 0.16 cannot be written back; use dense output")
+        out = recipe.out
+        os.makedirs(out, exist_ok=True)
+        foreign = [f for f in os.listdir(out) if f not in (WEIGHTS_NAME, CONFIG_NAME, "streammerge.json")]
+        if foreign:
+            raise ResumeError(f"{out}: not empty and not a streammerge adapter output ({foreign[0]!r} ...)")
+        names = [n for n in base.names() if any(n in e.modules for e in experts)]  # type: ignore[union-attr]
+        weights = tuple(e.weight for e in recipe.experts)
+        tensors = []
+        for name in names:
+            gens = OftGenerators(experts, name, getattr(torch, params.precision), torch.device("cpu"))  # type: ignore[arg-type]
+            q_star = merged_generator(gens, weights, params, gens.dtype, gens.device)
+            suffix = "oft_embedding_R.weight" if gens.module.embedding else "oft_R.weight"
+            tensors.append((PREFIX + name[: -len(".weight")] + "." + suffix, pack_skew(q_star).to(torch.float32).contiguous()))
+        layout = [(k, "F32", tuple(t.shape)) for k, t in tensors]
+        with ShardWriter(os.path.join(out, WEIGHTS_NAME), layout, {"format": "pt"}) as w:
+            for k, t in tensors:
+                w.write(k, t)
+            w.commit()
+        config = dict(experts[0].files.config) | {"block_share": False, "base_model_name_or_path": os.path.abspath(recipe.base)}  # type: ignore[union-attr]
+        write_bytes_atomic(os.path.join(out, CONFIG_NAME), (json.dumps(config, indent=2) + "\n").encode())
+        write_bytes_atomic(os.path.join(out, "streammerge.json"), (recipe.to_json() + "\n").encode())
+        return out
+    finally:
+        base.close()
+        for e in experts:
+            e.close()
