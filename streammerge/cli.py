@@ -109,6 +109,9 @@ def merge(recipe_path, base, experts, weights, method, out, density, lambda_, dr
     except StreammergeError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("error: interrupted before the merge started; nothing was written", err=True)
+        sys.exit(130)
     if not quiet:
         resumed = f", {report.shards_resumed} resumed" if report.shards_resumed else ""
         click.echo(

@@ -44,6 +44,7 @@ class NonFiniteError(InputError):
 
 def collect(problems: list[str], error: type[StreammergeError], what: str) -> None:
     """Raise `error` listing every problem at once (one line each), if there are any."""
+    if len(problems) == 1:
+        raise error(problems[0])
     if problems:
-        head = f"{what}: {len(problems)} problem(s)"
-        raise error(head + "\n  " + "\n  ".join(problems))
+        raise error(f"{what}: {len(problems)} problems\n  " + "\n  ".join(problems))

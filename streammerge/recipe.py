@@ -88,6 +88,8 @@ class Recipe:
             src_real = os.path.realpath(src)
             if out == src_real or out.startswith(src_real + os.sep):
                 problems.append(f"output folder {self.out} is (inside) input folder {src}")
+        if resolved is not None and getattr(resolved[1], "normalize", False) and self.experts and sum(e.weight for e in self.experts) == 0:
+            problems.append("linear: the expert weights sum to zero, so they cannot be normalised")
         collect(problems, UsageError, "recipe")
         assert resolved is not None
         return resolved

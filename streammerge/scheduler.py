@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from .errors import InputError, Interrupted, NonFiniteError, ResumeError, collect
-from .io.atomic import TMP_SUFFIX, ShardWriter, copy_atomic, write_bytes_atomic
+from .io.atomic import TMP_SUFFIX, ShardWriter, copy_atomic, os_error, write_bytes_atomic
 from .io.checkpoint import INDEX_NAME, Checkpoint, load_json
 from .io.experts import ExpertSource, open_expert
 from .io.peft_oft import OftExpert
@@ -266,7 +266,14 @@ class Merger:
 
     def _prepare_output(self) -> Journal:
         out = self.recipe.out
-        os.makedirs(out, exist_ok=True)
+        try:
+            os.makedirs(out, exist_ok=True)
+            probe = os.path.join(out, ".streammerge-probe" + TMP_SUFFIX)
+            with open(probe, "wb"):
+                pass
+            os.remove(probe)
+        except OSError as exc:
+            raise os_error(exc, out) from None
         fingerprint, recipe_doc, inputs = self._fingerprint()
         jpath = journal_path(out)
         names = [s.filename for s in self.shards]
@@ -338,6 +345,14 @@ class Merger:
         return result.to(device="cpu", dtype=DTYPES[t.dtype])
 
     def run(self) -> MergeReport:
+        """Merge (or resume); SIGINT/SIGTERM anywhere leave a resumable state and raise Interrupted."""
+        with sigterm_as_interrupt():
+            try:
+                return self._run()
+            except KeyboardInterrupt:
+                raise Interrupted("interrupted; the finished shards are kept — rerun the same command to resume") from None
+
+    def _run(self) -> MergeReport:
         started = time.monotonic()
         journal = self._prepare_output()
         out = self.recipe.out
@@ -353,25 +368,23 @@ class Merger:
         input_paths = list(inputs_fingerprint([self.base, *self.experts]))
         initial_state = _file_state(input_paths)
         written = 0
-        with sigterm_as_interrupt(), tqdm(
+        with tqdm(
             total=total, initial=total - sum(s.nbytes for s in todo), unit="B", unit_scale=True,
             desc=f"merging ({self.method.name}, {self.device.type})", disable=self.quiet, smoothing=0.1,
         ) as bar:
-            try:
-                for shard in todo:
-                    if _file_state(input_paths) != initial_state:
-                        raise InputError("an input file changed during the merge; the finished shards are kept, rerun to resume")
-                    layout = [(t.name, t.dtype, t.shape) for t in shard.tensors]
-                    with ShardWriter(os.path.join(out, shard.filename), layout, {"format": "pt"}) as writer:
-                        for t in shard.tensors:
-                            writer.write(t.name, self._merge_tensor(t, journal.statistics))
-                            bar.update(t.nbytes)
-                        sha, size = writer.commit()
-                    journal.finished[shard.filename] = {"sha256": sha, "size": size}
-                    journal.save()
-                    written += size
-            except KeyboardInterrupt:
-                raise Interrupted(f"interrupted; {len(journal.finished)}/{len(self.shards)} shards are done — rerun the same command to resume") from None
+            for shard in todo:
+                if _file_state(input_paths) != initial_state:
+                    changed = next(p for p in input_paths if _file_state([p]) != {p: initial_state[p]})
+                    raise InputError(f"{changed}: changed during the merge; the shards merged from the old contents no longer match — rerun with --restart")
+                layout = [(t.name, t.dtype, t.shape) for t in shard.tensors]
+                with ShardWriter(os.path.join(out, shard.filename), layout, {"format": "pt"}) as writer:
+                    for t in shard.tensors:
+                        writer.write(t.name, self._merge_tensor(t, journal.statistics))
+                        bar.update(t.nbytes)
+                    sha, size = writer.commit()
+                journal.finished[shard.filename] = {"sha256": sha, "size": size}
+                journal.save()
+                written += size
         self._finish(journal)
         return MergeReport(out, len(self.shards), len(self.shards) - len(todo), written, time.monotonic() - started, self.device.type)
 

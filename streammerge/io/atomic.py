@@ -35,7 +35,7 @@ def os_error(exc: OSError, path: str) -> Exception:
     """Map an OSError while writing `path` to the project error with the right exit code."""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         return ResourceError(f"{path}: no space left on the device ({exc.strerror})")
-    return ResourceError(f"{path}: cannot write ({exc.strerror})")
+    return ResourceError(f"{path}: cannot write ({exc.strerror or exc})")
 
 
 def write_bytes_atomic(final_path: str, data: bytes) -> None:

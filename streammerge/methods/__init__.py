@@ -100,7 +100,8 @@ def build_params(params_type: type, values: dict[str, Any], where: str) -> Any:
     known = {f.name for f in fields(params_type)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise UsageError(f"{where}: unknown parameter(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        shown = sorted(k.rstrip("_") for k in known)
+        raise UsageError(f"{where}: unknown parameter(s) {', '.join(unknown)} (known: {', '.join(shown)})")
     try:
         return params_type(**values)
     except (TypeError, ValueError) as exc:
