@@ -1,12 +1,15 @@
-"""Command line: `streammerge merge ...` builds a Recipe and calls the API.
+"""Command line: `streammerge merge|plan|verify|methods`. `merge` and `plan` take the same
+arguments, build a Recipe and call the library.
 
 Exit codes: 0 done; 1 internal error; 2 usage error (bad flag, recipe or parameter);
 3 bad input (missing, malformed or incompatible files, NaN/Inf); 4 resource exhausted (disk
-full, unwritable output); 5 output folder holds another merge or other files; 130 interrupted
-(SIGINT/SIGTERM) — rerun the same command to resume.
+full, unwritable output, a budget too small); 5 output folder holds another merge or other
+files; 130 interrupted (SIGINT/SIGTERM) — rerun the same command to resume.
 """
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import sys
 from typing import Any
@@ -15,8 +18,8 @@ import click
 
 from .errors import StreammergeError
 from .methods import method_names
-from .recipe import Expert, from_mapping, load_recipe_file
-from .units import format_size
+from .recipe import Expert, Recipe, from_mapping, load_recipe_file
+from .units import format_size, parse_size
 
 
 def _parse_param(text: str) -> tuple[str, Any]:
@@ -28,45 +31,44 @@ def _parse_param(text: str) -> tuple[str, Any]:
     return key.strip().replace("-", "_"), yaml.safe_load(value)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="streammerge")
-def main() -> None:
-    """Merge fine-tuned models out of core, one tensor at a time."""
+_RECIPE_OPTIONS = [
+    click.option("--recipe", "recipe_path", type=click.Path(dir_okay=False), help="YAML recipe (ours or mergekit's); flags given beside it override it."),
+    click.option("--base", help="Base model folder (model.safetensors or sharded with an index)."),
+    click.option("--expert", "experts", multiple=True, help="Expert: a model folder or a PEFT LoRA/OFT adapter folder; repeat for each."),
+    click.option("--weight", "weights", multiple=True, type=float, help="Per-expert weight, in --expert order (default 1 each)."),
+    click.option("--method", help=f"Merge method: {', '.join(method_names())}."),
+    click.option("--out", help="Output folder (created; rerunning the same command resumes into it)."),
+    click.option("--density", type=float, help="ties: fraction of each task vector kept (default 0.2)."),
+    click.option("--lambda", "lambda_", type=float, help="Scale of the merged task vector (default 1.0)."),
+    click.option("--drop-rate", type=float, help="dare: probability of dropping an entry (default 0.5)."),
+    click.option("--ties-scope", type=click.Choice(["tensor", "model"]), help="ties: top-k per tensor or over each expert's whole model (default tensor)."),
+    click.option("--ties-merge", type=click.Choice(["mean", "sum"]), help="ties/dare_ties: disjoint mean or sum (default mean)."),
+    click.option("--target", type=click.Choice(["global", "conflict"]), help="orthomerge: Procrustes target, the expert (global) or its conflicting rows (conflict, default)."),
+    click.option("--residual-method", help="orthomerge: Euclidean method for the residuals (default task_arithmetic with lambda 1/N)."),
+    click.option("--residual-param", "residual_params", multiple=True, help="orthomerge: a residual-method parameter as KEY=VALUE (repeatable)."),
+    click.option("--rotation-merge", type=click.Choice(["magnitude_corrected", "average_q", "average_r", "product_r"]), help="orthomerge: how rotations are merged (the paper's ablations)."),
+    click.option("--exclude", "exclude", multiple=True, help="orthomerge: regex of 2-D tensor names merged without rotation (repeatable), e.g. embed_tokens."),
+    click.option("--param", "params", multiple=True, help="Any method parameter as KEY=VALUE (repeatable)."),
+    click.option("--shard-size", help="Largest output shard, e.g. 5GB, 500MiB (default 5GB)."),
+    click.option("--dtype", help="Output dtype (default: the base model's)."),
+    click.option("--compute-dtype", help="Dtype the arithmetic is done in (default float32)."),
+    click.option("--seed", type=int, help="Seed for random methods (dare); each tensor draws from (seed, its name)."),
+    click.option("--allow-nonfinite", is_flag=True, default=None, help="Merge tensors holding NaN/Inf instead of stopping."),
+    click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="Compute device; auto picks CUDA when available. Tensors that do not fit --max-gpu-memory run on the CPU."),
+    click.option("--max-ram", help="Budget for this process's anonymous memory, e.g. 8GB (default: 90% of the available RAM)."),
+    click.option("--max-gpu-memory", help="Budget for GPU memory, e.g. 20GB (default: 90% of the GPU's free memory)."),
+]
 
 
-@main.command()
-@click.option("--recipe", "recipe_path", type=click.Path(dir_okay=False), help="YAML recipe (ours or mergekit's); flags given beside it override it.")
-@click.option("--base", help="Base model folder (model.safetensors or sharded with an index).")
-@click.option("--expert", "experts", multiple=True, help="Expert model folder; repeat for each expert.")
-@click.option("--weight", "weights", multiple=True, type=float, help="Per-expert weight, in --expert order (default 1 each).")
-@click.option("--method", help=f"Merge method: {', '.join(method_names())}.")
-@click.option("--out", help="Output folder (created; rerunning the same command resumes into it).")
-@click.option("--density", type=float, help="ties: fraction of each task vector kept (default 0.2).")
-@click.option("--lambda", "lambda_", type=float, help="Scale of the merged task vector (default 1.0).")
-@click.option("--drop-rate", type=float, help="dare: probability of dropping an entry (default 0.5).")
-@click.option("--ties-scope", type=click.Choice(["tensor", "model"]), help="ties: take the top-k per tensor or over each expert's whole model (default tensor).")
-@click.option("--ties-merge", type=click.Choice(["mean", "sum"]), help="ties/dare_ties: disjoint mean or sum (default mean).")
-@click.option("--target", type=click.Choice(["global", "conflict"]), help="orthomerge: Procrustes target, the expert (global) or its conflicting rows (conflict, default).")
-@click.option("--residual-method", help="orthomerge: Euclidean method for the residuals (default task_arithmetic with lambda 1/N).")
-@click.option("--residual-param", "residual_params", multiple=True, help="orthomerge: a residual-method parameter as KEY=VALUE (repeatable).")
-@click.option("--rotation-merge", type=click.Choice(["magnitude_corrected", "average_q", "average_r", "product_r"]), help="orthomerge: how rotations are merged (the paper's ablations).")
-@click.option("--exclude", "exclude", multiple=True, help="orthomerge: regex of 2-D tensor names merged without rotation (repeatable), e.g. embed_tokens.")
-@click.option("--output-format", type=click.Choice(["dense", "adapter"]), default="dense", show_default=True, help="adapter: orthomerge of PEFT OFT adapters written as one merged PEFT adapter.")
-@click.option("--param", "params", multiple=True, help="Any method parameter as KEY=VALUE (repeatable).")
-@click.option("--shard-size", help="Largest output shard, e.g. 5GB, 500MiB (default 5GB).")
-@click.option("--dtype", help="Output dtype (default: the base model's).")
-@click.option("--compute-dtype", help="Dtype the arithmetic is done in (default float32).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="Compute device; auto picks CUDA when available.")
-@click.option("--seed", type=int, help="Seed for random methods (dare); each tensor draws from (seed, its name).")
-@click.option("--allow-nonfinite", is_flag=True, default=None, help="Merge tensors holding NaN/Inf instead of stopping.")
-@click.option("--restart", is_flag=True, help="Discard a previous merge in --out made from a different recipe or inputs.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bars or log lines.")
-def merge(recipe_path, base, experts, weights, method, out, density, lambda_, drop_rate, ties_scope, ties_merge, target, residual_method, residual_params, rotation_merge, exclude, output_format, params, shard_size, dtype, compute_dtype, device, seed, allow_nonfinite, restart, quiet) -> None:
-    """Merge EXPERTs into BASE with METHOD and write a Hugging Face model folder to OUT.
+def recipe_options(f):
+    for option in reversed(_RECIPE_OPTIONS):
+        f = option(f)
+    return f
 
-    Re-running the same command after a crash or Ctrl-C resumes where it stopped.
-    """
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
+
+def build_recipe(recipe_path, base, experts, weights, method, out, density, lambda_, drop_rate, ties_scope, ties_merge,
+                 target, residual_method, residual_params, rotation_merge, exclude, params, shard_size, dtype,
+                 compute_dtype, seed, allow_nonfinite, **_: Any) -> Recipe:
     if weights and len(weights) != len(experts):
         raise click.UsageError("give one --weight per --expert, or none")
     parameters = dict(_parse_param(p) for p in params)
@@ -83,42 +85,120 @@ def merge(recipe_path, base, experts, weights, method, out, density, lambda_, dr
     }
     if experts:
         overrides["experts"] = tuple(Expert(p, weights[i] if weights else 1.0) for i, p in enumerate(experts))
-    try:
-        if recipe_path:
-            recipe = load_recipe_file(recipe_path, overrides)
-            if parameters:
-                recipe = type(recipe)(**{**recipe.__dict__, "parameters": {**recipe.parameters, **parameters}})
-        else:
-            if not method:
-                raise click.UsageError("give --method (or --recipe)")
-            recipe = from_mapping({"method": method, "parameters": parameters}, "command line", overrides)
-        if output_format == "adapter":
-            from .adapter_output import merge_to_adapter
+    if recipe_path:
+        recipe = load_recipe_file(recipe_path, overrides)
+        if parameters:
+            recipe = Recipe(**{**recipe.__dict__, "parameters": {**recipe.parameters, **parameters}})
+        return recipe
+    if not method:
+        raise click.UsageError("give --method (or --recipe)")
+    return from_mapping({"method": method, "parameters": parameters}, "command line", overrides)
 
-            merge_to_adapter(recipe)
-            if not quiet:
-                click.echo(f"merged adapter written to {recipe.out}", err=True)
-            return
-        from .scheduler import Merger
 
-        merger = Merger(recipe, device=device, restart=restart, quiet=quiet)
+def _budgets(kw: dict) -> dict[str, int | None]:
+    return {
+        "max_ram": parse_size(kw["max_ram"]) if kw.get("max_ram") else None,
+        "max_gpu_memory": parse_size(kw["max_gpu_memory"]) if kw.get("max_gpu_memory") else None,
+    }
+
+
+def reports_errors(f):
+    """Turn project errors into one line on stderr and their exit code."""
+
+    @functools.wraps(f)
+    def wrapper(*args, **kwargs):
         try:
-            report = merger.run()
-        finally:
-            merger.close()
-    except StreammergeError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        click.echo("error: interrupted before the merge started; nothing was written", err=True)
-        sys.exit(130)
+            return f(*args, **kwargs)
+        except StreammergeError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("error: interrupted before the merge started; nothing was written", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="streammerge")
+def main() -> None:
+    """Merge fine-tuned models out of core, one tensor at a time."""
+
+
+@main.command()
+@recipe_options
+@click.option("--output-format", type=click.Choice(["dense", "adapter"]), default="dense", show_default=True, help="adapter: orthomerge of PEFT OFT adapters written as one merged PEFT adapter.")
+@click.option("--restart", is_flag=True, help="Discard a previous merge in --out made from a different recipe or inputs.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars or log lines.")
+@click.option("--memory-report", type=click.Path(dir_okay=False), help="Write planned and measured peak memory and read throughput to this JSON file.")
+@reports_errors
+def merge(output_format, restart, quiet, memory_report, **kw) -> None:
+    """Merge EXPERTs into BASE with METHOD and write a Hugging Face model folder to OUT.
+
+    Re-running the same command after a crash or Ctrl-C resumes where it stopped.
+    """
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
+    recipe = build_recipe(**kw)
+    if output_format == "adapter":
+        from .adapter_output import merge_to_adapter
+
+        merge_to_adapter(recipe)
+        if not quiet:
+            click.echo(f"merged adapter written to {recipe.out}", err=True)
+        return
+    from .scheduler import Merger
+
+    merger = Merger(recipe, device=kw["device"], restart=restart, quiet=quiet, **_budgets(kw))
+    try:
+        report = merger.run()
+    finally:
+        merger.close()
+    if memory_report:
+        with open(memory_report, "w") as f:
+            json.dump({
+                "planned_peak_ram": report.planned_peak_ram, "measured_peak_ram": report.measured_peak_ram,
+                "baseline_ram": merger.plan.baseline, "ram_budget": merger.plan.ram_budget,
+                "seconds": report.seconds, "bytes_read_ahead": report.bytes_read_ahead,
+                "read_throughput": report.read_throughput, "bytes_written": report.bytes_written,
+            }, f, indent=2)
     if not quiet:
         resumed = f", {report.shards_resumed} resumed" if report.shards_resumed else ""
         click.echo(
             f"merged into {report.out}: {report.shards} shard(s){resumed}, "
-            f"{format_size(report.bytes_written)} written in {report.seconds:.1f} s on {report.device}",
+            f"{format_size(report.bytes_written)} written in {report.seconds:.1f} s on {report.device}; "
+            f"peak RAM {format_size(report.measured_peak_ram)} (planned {format_size(report.planned_peak_ram)})",
             err=True,
         )
+
+
+@main.command()
+@recipe_options
+@click.option("--per-tensor", is_flag=True, help="One line per tensor instead of per tensor kind.")
+@reports_errors
+def plan(per_tensor, **kw) -> None:
+    """Print the memory plan of a merge (same arguments as merge) without merging.
+
+    Exits 4 when the merge would not fit the RAM budget or the disk.
+    """
+    from .scheduler import Merger
+
+    recipe = build_recipe(**kw)
+    merger = Merger(recipe, device=kw["device"], quiet=True, **_budgets(kw))
+    try:
+        click.echo(merger.plan.table(groups=not per_tensor))
+        merger.plan.check()
+    finally:
+        merger.close()
+
+
+@main.command()
+@click.argument("out", type=click.Path(file_okay=False))
+@reports_errors
+def verify(out) -> None:
+    """Check a finished merge in OUT: index, shard files, headers, every base tensor, checksums."""
+    from .verify import verify_output
+
+    click.echo(verify_output(out))
 
 
 @main.command("methods")
@@ -126,13 +206,11 @@ def list_methods() -> None:
     """List the merge methods and their parameters with defaults."""
     import dataclasses
 
-    from .methods import REGISTRY, ALIASES, get_method
+    from .methods import get_method
 
     for name in method_names():
         m, implied = get_method(name)
-        fields = ", ".join(
-            f"{f.name.rstrip('_')}={implied.get(f.name, f.default)!r}" for f in dataclasses.fields(m.params_type)
-        )
+        fields = ", ".join(f"{f.name.rstrip('_')}={implied.get(f.name, f.default if f.default is not dataclasses.MISSING else f.default_factory())!r}" for f in dataclasses.fields(m.params_type))
         click.echo(f"{name:18s} {fields}")
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import signal
 import time
@@ -28,8 +29,12 @@ from .io.experts import ExpertSource, open_expert
 from .io.peft_oft import OftExpert
 from .io.journal import Journal, journal_path
 from .io.safetensors_format import DTYPE_NAMES, DTYPES, FLOAT_DTYPES, itemsize
+from .memwatch import PeakSampler, rss_anon
 from .methods import Method, TensorTask
+from .plan import Plan, TensorPlan, default_gpu_budget, default_ram_budget, free_disk, place
+from .prefetch import ReadAhead
 from .recipe import Recipe, parse_dtype
+from .units import format_size
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +188,13 @@ def check_oft_conventions(experts: list[OftExpert]) -> None:
     collect(problems, InputError, "OFT adapters cannot be merged in the Lie algebra")
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN/Inf, without a mask the size of t: max and min propagate NaN and reach ±Inf."""
+    if t.numel() == 0 or not t.is_floating_point():
+        return True
+    return math.isfinite(float(t.max())) and math.isfinite(float(t.min()))
+
+
 class LazyExperts:
     """experts[i]: expert i's tensor `name`, loaded from its map in the compute dtype."""
 
@@ -194,7 +206,7 @@ class LazyExperts:
 
     def __getitem__(self, i: int) -> torch.Tensor:
         t = self.ckpts[i].get(self.name, self.dtype, self.device)
-        if self.check_finite and not bool(torch.isfinite(t).all()):
+        if self.check_finite and not all_finite(t):
             raise NonFiniteError(
                 f"{self.ckpts[i].file_of(self.name)}: tensor {self.name!r} contains NaN or Inf "
                 "(pass --allow-nonfinite to merge it anyway)"
@@ -228,12 +240,17 @@ class MergeReport:
     bytes_written: int
     seconds: float
     device: str
+    planned_peak_ram: int = 0
+    measured_peak_ram: int = 0  # anonymous memory, sampled
+    bytes_read_ahead: int = 0
+    read_throughput: float = 0.0  # bytes/s of the read-ahead thread
 
 
 class Merger:
     """One merge run of a validated recipe."""
 
-    def __init__(self, recipe: Recipe, device: str = "auto", restart: bool = False, quiet: bool = False):
+    def __init__(self, recipe: Recipe, device: str = "auto", restart: bool = False, quiet: bool = False,
+                 max_ram: int | None = None, max_gpu_memory: int | None = None):
         self.recipe = recipe
         self.method, self.params = recipe.validate()
         self.device = resolve_device(device)
@@ -250,6 +267,32 @@ class Merger:
         if self.oft_path:
             check_oft_conventions(self.experts)  # type: ignore[arg-type]
         self._check_config()
+        self.plan = self.make_plan(max_ram, max_gpu_memory)
+        self._placement = {t.name: t for t in self.plan.tensors}
+
+    def make_plan(self, max_ram: int | None, max_gpu_memory: int | None) -> Plan:
+        """Device and peak memory of every tensor under the budgets (see plan.py)."""
+        use_gpu = self.device.type == "cuda"
+        gpu_budget = (max_gpu_memory or default_gpu_budget()) if use_gpu else None
+        ram_budget = max_ram or default_ram_budget()
+        itemsize = torch.empty((), dtype=self.compute_dtype).element_size()
+        n = len(self.experts)
+        tensors = []
+        for shard in self.shards:
+            for t in shard.tensors:
+                base_bytes = self.base.info(t.name).nbytes
+                read = base_bytes + sum(e.info(t.name).nbytes for e in self.experts if isinstance(e, Checkpoint))
+                if not t.merged:
+                    tensors.append(TensorPlan(t.name, t.shape, "copy", 0, 2 * base_bytes, base_bytes, t.nbytes))
+                    continue
+                need = self.method.memory(t.name, t.shape, n, self.params, itemsize)
+                numel = math.prod(t.shape)
+                device, gpu_bytes, host_bytes, note = place(need, numel, itemsize, use_gpu, gpu_budget)
+                tensors.append(TensorPlan(t.name, t.shape, device, gpu_bytes, host_bytes, read, t.nbytes, note))
+        plan = Plan(tensors, rss_anon(), ram_budget, gpu_budget, free_disk(self.recipe.out), sum(s.nbytes for s in self.shards),
+                    self.method.statistics_passes(self.params))
+        plan.spilled = [t for t in tensors if t.note]
+        return plan
 
     def _check_config(self) -> None:
         for name in ("config.json", "generation_config.json"):
@@ -313,12 +356,16 @@ class Merger:
         log.info("--restart: removed the previous merge in %s", out)
 
     # -- passes ------------------------------------------------------------------------------
+    def _device_of(self, name: str) -> torch.device:
+        placed = self._placement.get(name)
+        return torch.device(placed.device) if placed is not None and placed.device in ("cuda", "cpu") else torch.device("cpu")
+
     def _experts_for(self, name: str) -> LazyExperts:
-        return LazyExperts(self.experts, name, self.compute_dtype, self.device, not self.recipe.allow_nonfinite)
+        return LazyExperts(self.experts, name, self.compute_dtype, self._device_of(name), not self.recipe.allow_nonfinite)
 
     def _load_base(self, name: str) -> torch.Tensor:
-        t = self.base.get(name, self.compute_dtype, self.device)
-        if not self.recipe.allow_nonfinite and not bool(torch.isfinite(t).all()):
+        t = self.base.get(name, self.compute_dtype, self._device_of(name))
+        if not self.recipe.allow_nonfinite and not all_finite(t):
             raise NonFiniteError(f"{self.base.file_of(name)}: tensor {name!r} contains NaN or Inf (pass --allow-nonfinite to merge it anyway)")
         return t
 
@@ -334,13 +381,16 @@ class Merger:
     def _merge_tensor(self, t: OutputTensor, statistics) -> torch.Tensor:
         if not t.merged:
             return self.base.get(t.name, dtype=None)
+        device = self._device_of(t.name)
+        placed = self._placement[t.name]
         task = TensorTask(
             t.name, self._load_base(t.name), self._experts_for(t.name), self.weights, self.densities,
             statistics, self.recipe.seed,
-            OftGenerators(self.experts, t.name, self.compute_dtype, self.device) if self.oft_path else None,  # type: ignore[arg-type]
+            OftGenerators(self.experts, t.name, self.compute_dtype, device) if self.oft_path else None,  # type: ignore[arg-type]
+            torch.device("cpu") if device.type == "cuda" and "state" in placed.note else None,
         )
         result = self.method.merge(task, self.params)
-        if not self.recipe.allow_nonfinite and not bool(torch.isfinite(result).all()):
+        if not self.recipe.allow_nonfinite and not all_finite(result):
             raise NonFiniteError(f"merged tensor {t.name!r} has NaN or Inf although its inputs are finite (a bug: please report)")
         return result.to(device="cpu", dtype=DTYPES[t.dtype])
 
@@ -348,7 +398,13 @@ class Merger:
         """Merge (or resume); SIGINT/SIGTERM anywhere leave a resumable state and raise Interrupted."""
         with sigterm_as_interrupt():
             try:
-                return self._run()
+                with PeakSampler() as sampler:
+                    report = self._run()
+                report.planned_peak_ram = self.plan.peak_host
+                report.measured_peak_ram = sampler.peak
+                if not self.quiet:
+                    log.info("peak RAM (anonymous): measured %s, planned %s", format_size(sampler.peak), format_size(self.plan.peak_host))
+                return report
             except KeyboardInterrupt:
                 raise Interrupted("interrupted; the finished shards are kept — rerun the same command to resume") from None
 
@@ -361,6 +417,11 @@ class Merger:
             return MergeReport(out, len(self.shards), len(self.shards), 0, 0.0, self.device.type)
         todo = [s for s in self.shards if s.filename not in journal.finished]
         total = sum(s.nbytes for s in self.shards)
+        self.plan.disk_needed = sum(s.nbytes for s in todo)
+        self.plan.disk_free = free_disk(out)
+        self.plan.check()
+        for t in self.plan.spilled:
+            log.info("%s: %s", t.name, t.note)
         if self.method.statistics is not None and journal.statistics is None and todo:
             densities = [d if d is not None else getattr(self.params, "density", 1.0) for d in self.densities]
             journal.statistics = self.method.statistics(self._model_pass("statistics"), len(self.experts), self.params, densities)
@@ -368,25 +429,50 @@ class Merger:
         input_paths = list(inputs_fingerprint([self.base, *self.experts]))
         initial_state = _file_state(input_paths)
         written = 0
-        with tqdm(
-            total=total, initial=total - sum(s.nbytes for s in todo), unit="B", unit_scale=True,
-            desc=f"merging ({self.method.name}, {self.device.type})", disable=self.quiet, smoothing=0.1,
-        ) as bar:
-            for shard in todo:
-                if _file_state(input_paths) != initial_state:
-                    changed = next(p for p in input_paths if _file_state([p]) != {p: initial_state[p]})
-                    raise InputError(f"{changed}: changed during the merge; the shards merged from the old contents no longer match — rerun with --restart")
-                layout = [(t.name, t.dtype, t.shape) for t in shard.tensors]
-                with ShardWriter(os.path.join(out, shard.filename), layout, {"format": "pt"}) as writer:
-                    for t in shard.tensors:
-                        writer.write(t.name, self._merge_tensor(t, journal.statistics))
-                        bar.update(t.nbytes)
-                    sha, size = writer.commit()
-                journal.finished[shard.filename] = {"sha256": sha, "size": size}
-                journal.save()
-                written += size
+        read_ahead = ReadAhead(self._input_ranges(todo)).start()
+        try:
+            with tqdm(
+                total=total, initial=total - sum(s.nbytes for s in todo), unit="B", unit_scale=True,
+                desc=f"merging ({self.method.name}, {self.device.type})", disable=self.quiet, smoothing=0.1,
+            ) as bar:
+                written = self._merge_shards(todo, journal, bar, read_ahead, input_paths, initial_state)
+        finally:
+            read_ahead.stop()
         self._finish(journal)
-        return MergeReport(out, len(self.shards), len(self.shards) - len(todo), written, time.monotonic() - started, self.device.type)
+        report = MergeReport(out, len(self.shards), len(self.shards) - len(todo), written, time.monotonic() - started, self.device.type)
+        report.bytes_read_ahead, report.read_throughput = read_ahead.read, read_ahead.throughput()
+        return report
+
+    def _input_ranges(self, shards: list[Shard]) -> list[tuple[str, int, int]]:
+        """(file, offset, length) of every input tensor the remaining shards read, in order."""
+        ranges = []
+        for shard in shards:
+            for t in shard.tensors:
+                for src in (self.base, *self.experts):
+                    if isinstance(src, Checkpoint):
+                        info = src.info(t.name)
+                        ranges.append((src.file_of(t.name), info.offset, info.nbytes))
+        return ranges
+
+    def _merge_shards(self, todo, journal, bar, read_ahead, input_paths, initial_state) -> int:
+        out = self.recipe.out
+        written = 0
+        for shard in todo:
+            if _file_state(input_paths) != initial_state:
+                changed = next(p for p in input_paths if _file_state([p]) != {p: initial_state[p]})
+                raise InputError(f"{changed}: changed during the merge; the shards merged from the old contents no longer match — rerun with --restart")
+            layout = [(t.name, t.dtype, t.shape) for t in shard.tensors]
+            with ShardWriter(os.path.join(out, shard.filename), layout, {"format": "pt"}) as writer:
+                for t in shard.tensors:
+                    writer.write(t.name, self._merge_tensor(t, journal.statistics))
+                    read_ahead.advance(self._placement[t.name].read_bytes)
+                    bar.update(t.nbytes)
+                    bar.set_postfix_str(f"read {read_ahead.throughput() / 1e6:.0f} MB/s", refresh=False)
+                sha, size = writer.commit()
+            journal.finished[shard.filename] = {"sha256": sha, "size": size}
+            journal.save()
+            written += size
+        return written
 
     def _finish(self, journal: Journal) -> None:
         out = self.recipe.out

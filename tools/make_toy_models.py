@@ -31,6 +31,7 @@ PRESETS = {
     # name: hidden, intermediate, layers, heads, kv_heads, vocab
     "tiny": (64, 160, 2, 4, 2, 256),
     "small": (256, 704, 4, 8, 2, 2048),
+    "deep": (512, 1408, 48, 8, 2, 4096),  # many mid-sized tensors: inputs much larger than any working set
     "0.5b": (1024, 4096, 28, 16, 4, 32000),
     "1.5b": (2048, 5632, 28, 16, 4, 32000),
 }

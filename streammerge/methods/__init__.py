@@ -5,8 +5,8 @@ the base tensor (compute dtype, on the compute device) and `experts`, a lazy seq
 `experts[i]` loads expert i's tensor from its memory map. A method streams simply by
 indexing experts one at a time, as many passes as it needs (task arithmetic: one; TIES: sign
 election then disjoint mean; conflict-aware OrthoMerge: τ_mean then Procrustes), so at most
-one expert tensor plus the method's accumulators is alive. `working_set` states that count
-for the planner. A method that needs statistics over each expert's whole model (TIES at
+one expert tensor plus the method's accumulators is alive. `memory` states the peak bytes
+for the planner (plan.py). A method that needs statistics over each expert's whole model (TIES at
 model scope) declares `statistics`, run by the scheduler as passes over the model before
 merging; its JSON-able result is journalled so a resumed merge does not recompute it.
 """
@@ -39,6 +39,7 @@ class TensorTask:
     statistics: Any = None  # what the method's `statistics` returned, if it has one
     seed: int = 0
     generators: Any = None  # OFT experts only: per-expert generator blocks (scheduler.OftGenerators)
+    state_device: Any = None  # where per-expert state goes (the plan may keep it in host RAM)
 
     def task_vector(self, i: int) -> torch.Tensor:
         """τ_i = W_i − W_0, in the compute dtype."""
@@ -52,6 +53,19 @@ class TensorTask:
         return g
 
 
+def elementwise_memory(buffers: float) -> Callable[..., Any]:
+    """Peak of a method that holds `buffers` compute-dtype copies of the tensor (measured)."""
+    from ..plan import Need
+
+    def memory(name: str, shape: tuple[int, ...], n_experts: int, params: Any, itemsize: int) -> Need:
+        numel = 1
+        for d in shape:
+            numel *= d
+        return Need(int(buffers * numel * itemsize))
+
+    return memory
+
+
 # One pass over the whole model: yields (name, base, experts) for each mergeable tensor.
 ModelPass = Callable[[], Iterator[tuple[str, torch.Tensor, ExpertTensors]]]
 
@@ -61,7 +75,7 @@ class Method:
     name: str
     params_type: type
     merge: Callable[[TensorTask, Any], torch.Tensor]
-    working_set: Callable[[Any, int], float]  # (params, n_experts) -> tensor-sized fp buffers alive at peak
+    memory: Callable[[str, tuple[int, ...], int, Any, int], Any]  # (name, shape, n_experts, params, itemsize) -> plan.Need
     statistics: Callable[[ModelPass, int, Any, list[float]], Any] | None = None  # (pass, n_experts, params, densities)
     statistics_passes: Callable[[Any], int] = field(default=lambda params: 0)
     doc: str = ""

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import ALIASES, Method, TensorTask, check_range, register
+from . import ALIASES, Method, TensorTask, check_range, elementwise_memory, register
 from .ties import disjoint_merge
 
 
@@ -57,6 +57,6 @@ def merge(task: TensorTask, params: DareParams) -> torch.Tensor:
     return task.base + params.lambda_ * merged
 
 
-register(Method("dare", DareParams, merge, working_set=lambda p, n: 7 if p.combine == "ties" else 5, doc=__doc__ or ""))
+register(Method("dare", DareParams, merge, memory=lambda name, shape, n, p, item: elementwise_memory(9.8 if p.combine == "ties" else 4.25)(name, shape, n, p, item), doc=__doc__ or ""))
 ALIASES["dare_linear"] = ("dare", {"combine": "task_arithmetic"})
 ALIASES["dare_ties"] = ("dare", {"combine": "ties"})

@@ -110,7 +110,8 @@ class _Residuals:
 
     def __getitem__(self, i: int) -> torch.Tensor:
         w = self.task.experts[i]
-        return w.sub_(rotate_base(self.task.base, self.basis, self.rotations[i]).sub_(self.task.base))
+        r_s = self.rotations[i].to(self.basis.p.device)  # state may have been kept in host RAM
+        return w.sub_(rotate_base(self.task.base, self.basis, r_s).sub_(self.task.base))
 
 
 def conflict_rows(tau: torch.Tensor, tau_mean: torch.Tensor) -> torch.Tensor:
@@ -155,9 +156,9 @@ def merge(task: TensorTask, params: OrthoMergeParams) -> torch.Tensor:
             if rot.clipped_planes:
                 log.info("%s: expert %d: %d plane(s) rotated beyond %.0f° left to the residual", task.name, i + 1, rot.clipped_planes, params.max_angle_deg)
         del delta
-        rotations.append(rot.r_s)
         acc.add(rot.q_s, task.weights[i])
-    r_star = merged_rotation(acc, rotations, task.weights, params)
+        rotations.append(rot.r_s if task.state_device is None else rot.r_s.to(task.state_device))
+    r_star = merged_rotation(acc, [r.to(basis.p.device) for r in rotations] if params.rotation_merge in ("average_r", "product_r") else rotations, task.weights, params)
     merged_residual = res_method.merge(
         TensorTask(task.name, a, _Residuals(task, basis, rotations), task.weights, task.densities, None, task.seed), res_params
     )
@@ -217,9 +218,26 @@ def merged_rotation(acc: LieAccumulator, rotations: list[torch.Tensor], weights:
     return product
 
 
-def working_set(params: OrthoMergeParams, n: int) -> float:
-    # base, τ_mean, one expert, target/residual, result, rotated base; + N k×k rotations (float64)
-    return 7 + 2 * n
+# Peak-memory coefficients, fitted to measured peaks (bench/results/memory-calibration.txt).
+_C_COMPUTE, _C_OUT_IN, _C_SIDES, _C_SQUARE = 4.0, 0.5, 1.0, 14.0
 
 
-register(Method("orthomerge", OrthoMergeParams, merge, working_set=working_set, doc=__doc__ or ""))
+def memory(name: str, shape: tuple[int, ...], n: int, params: OrthoMergeParams, itemsize: int):
+    """Working set: compute-dtype copies of the weight, float64 copies of it and of W₀P/P, and
+    k×k solves; per-expert state: the N rotations R_i (k×k). k, the subspace dimension, is
+    min(in, min(out, in) + N·out) for full-rank updates — exact for the global target, an upper
+    bound for the conflict target (only conflicting rows add directions)."""
+    from ..plan import Need
+
+    res_method, res_params = residual_method(params, max(n, 1))
+    if not rotates(name, shape, params):
+        return res_method.memory(name, shape, n, res_params, itemsize)
+    out, inn = shape
+    f = 8 if params.precision == "float64" else 4
+    k = min(inn, min(out, inn) + n * out)
+    numel = out * inn
+    work = _C_COMPUTE * numel * itemsize + _C_OUT_IN * numel * f + _C_SIDES * (out + inn) * k * f + _C_SQUARE * k * k * f
+    return Need(int(work), n * k * k * f)
+
+
+register(Method("orthomerge", OrthoMergeParams, merge, memory=memory, doc=__doc__ or ""))

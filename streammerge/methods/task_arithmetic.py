@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import Method, TensorTask, check_range, register
+from . import Method, TensorTask, check_range, elementwise_memory, register
 
 
 @dataclass(frozen=True)
@@ -27,4 +27,4 @@ def merge(task: TensorTask, params: TaskArithmeticParams) -> torch.Tensor:
     return task.base + params.lambda_ * merged_task_vector(task)
 
 
-register(Method("task_arithmetic", TaskArithmeticParams, merge, working_set=lambda p, n: 4, doc=__doc__ or ""))
+register(Method("task_arithmetic", TaskArithmeticParams, merge, memory=elementwise_memory(3.0), doc=__doc__ or ""))

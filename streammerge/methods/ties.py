@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import Method, ModelPass, TensorTask, check_range, register
+from . import Method, ModelPass, TensorTask, check_range, elementwise_memory, register
 
 
 @dataclass(frozen=True)
@@ -144,7 +144,7 @@ def statistics(model_pass: ModelPass, n_experts: int, params: TiesParams, densit
 register(
     Method(
         "ties", TiesParams, merge,
-        working_set=lambda p, n: 6,
+        memory=lambda name, shape, n, p, item: elementwise_memory(8.0 if p.scope == "tensor" else 9.3)(name, shape, n, p, item),
         statistics=statistics,
         statistics_passes=lambda p: 2 if p.scope == "model" else 0,
         doc=__doc__ or "",

@@ -1,0 +1,149 @@
+"""The memory plan: for every output tensor, where it is computed and the peak bytes it needs.
+
+Each method states its peak as `memory(shape, n_experts, params, itemsize)` → `Need`
+(measured and fitted per method: see bench/results/memory-calibration.txt). The plan puts a
+tensor on the GPU when its working set fits `--max-gpu-memory` (moving per-expert state such as
+OrthoMerge's rotations to host RAM when only that does not fit), else on the CPU ("spill"), and
+refuses before any work when the host peak — the process's anonymous memory at start plus the
+largest tensor's host need — exceeds `--max-ram`, naming the smallest budget that would do.
+Page cache from memory-mapped inputs is reclaimable and not counted (memwatch.py).
+"""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from dataclasses import dataclass, field
+
+import psutil
+import torch
+
+from .errors import ResourceError
+from .units import format_size
+
+RAM_MARGIN = 0.10  # default budgets leave this fraction of the free memory alone
+PREFETCH_BUFFER = 16 * 1024 * 1024  # the read-ahead thread's reusable buffer (anonymous)
+
+
+@dataclass(frozen=True)
+class Need:
+    """Peak bytes of one tensor's merge: working set on the compute device, and per-expert
+    state that may live on the host instead (bytes, not counting the working set)."""
+
+    work: int
+    state: int = 0
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    name: str
+    shape: tuple[int, ...]
+    device: str  # "cuda", "cpu", or "copy" (not merged: copied from the base)
+    gpu_bytes: int
+    host_bytes: int
+    read_bytes: int
+    write_bytes: int
+    note: str = ""
+
+
+@dataclass
+class Plan:
+    tensors: list[TensorPlan]
+    baseline: int  # anonymous memory of this process before merging
+    ram_budget: int
+    gpu_budget: int | None
+    disk_free: int
+    disk_needed: int
+    extra_passes: int = 0  # statistics passes (re-read every input once each)
+    spilled: list[TensorPlan] = field(default_factory=list)
+
+    @property
+    def peak_host(self) -> int:
+        return self.baseline + PREFETCH_BUFFER + max((t.host_bytes for t in self.tensors), default=0)
+
+    @property
+    def peak_gpu(self) -> int:
+        return max((t.gpu_bytes for t in self.tensors), default=0)
+
+    @property
+    def read_total(self) -> int:
+        merged = sum(t.read_bytes for t in self.tensors)
+        return merged * (1 + self.extra_passes)
+
+    @property
+    def write_total(self) -> int:
+        return sum(t.write_bytes for t in self.tensors)
+
+    def check(self) -> None:
+        """Refuse before any work what cannot fit in RAM or on disk."""
+        if self.peak_host > self.ram_budget:
+            worst = max(self.tensors, key=lambda t: t.host_bytes)
+            raise ResourceError(
+                f"the merge needs {format_size(self.peak_host)} of RAM (tensor {worst.name!r} {list(worst.shape)} on {worst.device}: "
+                f"{format_size(worst.host_bytes)}, plus {format_size(self.baseline + PREFETCH_BUFFER)} for the process); "
+                f"--max-ram is {format_size(self.ram_budget)}: give at least --max-ram {math.ceil(self.peak_host / 1e6)}MB"
+            )
+        if self.disk_needed > self.disk_free:
+            raise ResourceError(f"the output needs {format_size(self.disk_needed)} more disk space, {format_size(self.disk_free)} is free")
+
+    def table(self, groups: bool = True) -> str:
+        """Human-readable plan: one line per tensor kind (layer number folded), then totals."""
+        rows: dict[tuple, list[TensorPlan]] = {}
+        for t in self.tensors:
+            key = (_kind(t.name), t.shape, t.device, t.note) if groups else (t.name, t.shape, t.device, t.note)
+            rows.setdefault(key, []).append(t)
+        lines = [f"{'tensor':44s} {'count':>5s} {'shape':>16s} {'device':>6s} {'peak GPU':>10s} {'peak RAM':>10s} {'read':>10s} {'written':>10s}"]
+        for (kind, shape, device, note), ts in rows.items():
+            lines.append(
+                f"{kind[:44]:44s} {len(ts):5d} {'x'.join(map(str, shape)) or 'scalar':>16s} {device:>6s} "
+                f"{format_size(max(t.gpu_bytes for t in ts)):>10s} {format_size(max(t.host_bytes for t in ts)):>10s} "
+                f"{format_size(sum(t.read_bytes for t in ts)):>10s} {format_size(sum(t.write_bytes for t in ts)):>10s}"
+                + (f"  {note}" if note else "")
+            )
+        largest = max(self.tensors, key=lambda t: math.prod(t.shape))
+        lines += [
+            "",
+            f"largest tensor: {largest.name} {list(largest.shape)}",
+            f"peak RAM (anonymous): {format_size(self.peak_host)} of --max-ram {format_size(self.ram_budget)} "
+            f"(process {format_size(self.baseline)} + read buffer {format_size(PREFETCH_BUFFER)} + largest working set)",
+            f"peak GPU: {format_size(self.peak_gpu)}" + (f" of --max-gpu-memory {format_size(self.gpu_budget)}" if self.gpu_budget is not None else " (no GPU used)"),
+            f"tensors spilled to the CPU: {len(self.spilled)}",
+            f"read: {format_size(self.read_total)}" + (f" ({self.extra_passes} statistics pass(es) re-read the inputs)" if self.extra_passes else ""),
+            f"written: {format_size(self.write_total)}; disk needed {format_size(self.disk_needed)}, free {format_size(self.disk_free)}",
+        ]
+        return "\n".join(lines)
+
+
+def _kind(name: str) -> str:
+    parts = name.split(".")
+    return ".".join("N" if p.isdigit() else p for p in parts)
+
+
+def default_ram_budget() -> int:
+    return int(psutil.virtual_memory().available * (1 - RAM_MARGIN))
+
+
+def default_gpu_budget() -> int | None:
+    if not torch.cuda.is_available():
+        return None
+    free, _ = torch.cuda.mem_get_info()
+    return int(free * (1 - RAM_MARGIN))
+
+
+def free_disk(folder: str) -> int:
+    probe = os.path.abspath(folder)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    return shutil.disk_usage(probe).free
+
+
+def place(need: Need, numel: int, itemsize: int, use_gpu: bool, gpu_budget: int | None) -> tuple[str, int, int, str]:
+    """(device, gpu bytes, host bytes, note) for one merged tensor."""
+    if use_gpu and gpu_budget is not None:
+        transfer = numel * itemsize  # loads pass through host memory one tensor at a time
+        if need.work + need.state <= gpu_budget:
+            return "cuda", need.work + need.state, 2 * transfer, ""
+        if need.work <= gpu_budget:
+            return "cuda", need.work, 2 * transfer + need.state, f"per-expert state ({format_size(need.state)}) kept in RAM"
+        return "cpu", 0, need.work + need.state, f"spilled: needs {format_size(need.work)} on the GPU"
+    return "cpu", 0, need.work + need.state, ""

@@ -1,0 +1,76 @@
+"""Read-ahead: a background thread reads the byte ranges of the next tensors of every input
+file into the page cache while the current tensor is computed and the previous one written.
+
+It copies through one small reusable buffer, so it adds no tensor-sized memory; the page
+cache it fills is reclaimable. The compute thread then copies from memory, not from disk.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterable
+
+from .plan import PREFETCH_BUFFER
+
+
+class ReadAhead:
+    """`ReadAhead(ranges, window)`: ranges (path, offset, length) in consumption order; the
+    thread stays at most `window` bytes ahead of `advance(n)` calls from the consumer."""
+
+    def __init__(self, ranges: Iterable[tuple[str, int, int]], window: int = 512 * 1024 * 1024):
+        self.ranges = list(ranges)
+        self.window = window
+        self.consumed = 0
+        self.read = 0
+        self.seconds = 0.0
+        self._cond = threading.Condition()
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="read-ahead", daemon=True)
+
+    def start(self) -> "ReadAhead":
+        self._thread.start()
+        return self
+
+    def advance(self, nbytes: int) -> None:
+        with self._cond:
+            self.consumed += nbytes
+            self._cond.notify()
+
+    def throughput(self) -> float:
+        return self.read / self.seconds if self.seconds > 0 else 0.0
+
+    def _run(self) -> None:
+        buf = bytearray(PREFETCH_BUFFER)
+        view = memoryview(buf)
+        fds: dict[str, int] = {}
+        try:
+            for path, offset, length in self.ranges:
+                with self._cond:
+                    while not self._stop and self.read - self.consumed > self.window:
+                        self._cond.wait(0.1)
+                    if self._stop:
+                        return
+                fd = fds.get(path)
+                if fd is None:
+                    fd = fds[path] = os.open(path, os.O_RDONLY)
+                end = offset + length
+                started = time.perf_counter()
+                while offset < end:
+                    n = os.preadv(fd, [view[: min(len(buf), end - offset)]], offset)
+                    if n <= 0:
+                        break
+                    offset += n
+                self.seconds += time.perf_counter() - started
+                self.read += length
+        except OSError:
+            return  # read-ahead is an optimisation; the compute thread reports real errors
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+        self._thread.join(timeout=5)

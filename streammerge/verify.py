@@ -1,0 +1,71 @@
+"""`streammerge verify OUT`: is this a complete, intact merge?
+
+Checks the index against the shard files and their headers, that every tensor of the base is
+present with the right shape and dtype, every shard's sha256 against the merge record, and
+that no temporary file is left. All problems are reported together.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+
+from .errors import InputError, collect
+from .io.atomic import TMP_SUFFIX
+from .io.checkpoint import INDEX_NAME, Checkpoint, load_json
+from .io.journal import Journal, journal_path
+from .io.safetensors_format import DTYPE_NAMES, FLOAT_DTYPES
+from .recipe import parse_dtype
+from .units import format_size
+
+
+def sha256_of(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(16 * 1024 * 1024):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_output(out: str) -> str:
+    out = os.path.abspath(out)
+    if not os.path.isfile(journal_path(out)):
+        raise InputError(f"{out}: no streammerge.json: not a streammerge output")
+    journal = Journal.load(journal_path(out))
+    if not os.path.isfile(os.path.join(out, INDEX_NAME)):
+        raise InputError(f"{out}: no {INDEX_NAME}: the merge is not complete (rerun its command to resume)")
+    problems: list[str] = []
+    leftovers = [f for f in os.listdir(out) if f.endswith(TMP_SUFFIX)]
+    problems += [f"{out}/{f}: temporary file left behind" for f in leftovers]
+    if not journal.complete:
+        problems.append(f"{journal.path}: the record does not mark the merge complete")
+    merged = Checkpoint.open(out)  # index ↔ files ↔ headers (raises on any inconsistency)
+    index = load_json(os.path.join(out, INDEX_NAME))
+    data_bytes = sum(i.nbytes for _, i in merged.locations.values())
+    if index.get("metadata", {}).get("total_size") not in (None, data_bytes):
+        problems.append(f"{INDEX_NAME}: total_size {index['metadata']['total_size']} but the shards hold {data_bytes} bytes")
+    files = sorted(os.path.basename(f) for f in merged.files)
+    if files != sorted(journal.shards):
+        problems.append(f"shards {files} differ from the recorded {sorted(journal.shards)}")
+    base = Checkpoint.open(journal.recipe["base"])
+    out_dtype = parse_dtype(journal.recipe.get("dtype"), "dtype")
+    for name in base.names():
+        b = base.info(name)
+        if name not in merged.locations:
+            problems.append(f"tensor {name!r} of the base is missing")
+            continue
+        m = merged.info(name)
+        want = DTYPE_NAMES[out_dtype] if (out_dtype is not None and b.dtype in FLOAT_DTYPES) else b.dtype
+        if m.shape != b.shape or m.dtype != want:
+            problems.append(f"{merged.file_of(name)}: tensor {name!r} is {list(m.shape)} {m.dtype}, expected {list(b.shape)} {want}")
+    extra = set(merged.names()) - set(base.names())
+    problems += [f"{merged.file_of(n)}: tensor {n!r} is not in the base" for n in sorted(extra)]
+    for f in merged.files:
+        record = journal.finished.get(os.path.basename(f))
+        if record is None:
+            problems.append(f"{f}: not recorded as finished")
+        elif os.path.getsize(f) != record["size"] or sha256_of(f) != record["sha256"]:
+            problems.append(f"{f}: checksum differs from the one recorded when it was written")
+    merged.close()
+    base.close()
+    collect(problems, InputError, f"{out}: verification failed")
+    return f"{out}: OK — {len(merged.files)} shard(s), {len(merged.locations)} tensors, {format_size(data_bytes)}, checksums match"

@@ -1,0 +1,139 @@
+"""The memory plan against measurement: budgets honoured, estimates within ±25 % of the
+measured peak anonymous memory for every method, placement rules, disk refusal, verify."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from streammerge.cli import main
+from streammerge.errors import ResourceError
+from streammerge.io.atomic import ShardWriter
+from streammerge.plan import Need, Plan, TensorPlan, place
+from tests.conftest import experts_of, make_toy
+
+BIG = (4096, 2048)  # one tensor whose working set dominates, so the estimate is really tested
+
+
+@pytest.fixture(scope="module")
+def one_big_tensor(tmp_path_factory) -> str:
+    root = str(tmp_path_factory.mktemp("big"))
+    base = torch.randn(BIG, generator=torch.Generator().manual_seed(0)) / 45
+    for i, name in enumerate(["base", "expert-1", "expert-2", "expert-3"]):
+        folder = os.path.join(root, name)
+        os.makedirs(folder)
+        g = torch.Generator().manual_seed(i)
+        w = base if i == 0 else base + 0.002 * torch.randn(BIG, generator=g)
+        layout = [("big.weight", "BF16", BIG), ("norm.weight", "BF16", (BIG[1],))]
+        with ShardWriter(os.path.join(folder, "model-00001-of-00001.safetensors"), layout) as writer:
+            writer.write("big.weight", w.bfloat16())
+            writer.write("norm.weight", torch.ones(BIG[1]).bfloat16())
+            writer.commit()
+        json.dump({"weight_map": {n: "model-00001-of-00001.safetensors" for n, _, _ in layout}}, open(os.path.join(folder, "model.safetensors.index.json"), "w"))
+    return root
+
+
+def run_merge(folder: str, out: str, method: str, *extra: str) -> dict:
+    report = out + ".json"
+    cmd = [sys.executable, "-m", "streammerge.cli", "merge", "--quiet", "--device", "cpu", "--base", os.path.join(folder, "base")]
+    for e in experts_of(folder):
+        cmd += ["--expert", e]
+    subprocess.run(cmd + ["--method", method, "--out", out, "--memory-report", report, *extra], check=True)
+    return json.load(open(report))
+
+
+METHODS = [
+    ("linear", ()), ("task_arithmetic", ()), ("ties", ()), ("ties", ("--ties-scope", "model")),
+    ("dare", ()), ("dare", ("--param", "combine=ties")),
+    ("orthomerge", ("--target", "global")), ("orthomerge", ("--target", "conflict")),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method,extra", METHODS, ids=[m + "-" + "-".join(e).replace("--", "") for m, e in METHODS])
+def test_planned_peak_is_within_25_percent_of_measured(method, extra, one_big_tensor, tmp_path):
+    first = run_merge(one_big_tensor, str(tmp_path / "a"), method, *extra)
+    planned, measured = first["planned_peak_ram"], first["measured_peak_ram"]
+    assert abs(planned - measured) <= 0.25 * measured, (planned / 1e6, measured / 1e6)
+    # and a budget just above the plan is honoured
+    budget = int(planned * 1.1)
+    second = run_merge(one_big_tensor, str(tmp_path / "b"), method, *extra, "--max-ram", str(budget))
+    assert second["measured_peak_ram"] <= budget
+    print(f"{method} {' '.join(extra)}: planned {planned / 1e6:.0f} MB, measured {measured / 1e6:.0f} MB")
+
+
+@pytest.fixture(scope="module")
+def many_layers(tmp_path_factory) -> str:
+    """~1.1 GB of inputs (base + 3 experts) made of many mid-sized tensors."""
+    return make_toy(str(tmp_path_factory.mktemp("deep")), "--preset", "deep", "--experts", "3", "--shard-size", "200MB")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties"])
+def test_inputs_many_times_the_ram_budget_merge_under_it(method, many_layers, tmp_path):
+    inputs = sum(os.path.getsize(os.path.join(d, f)) for d in [os.path.join(many_layers, "base"), *experts_of(many_layers)] for f in os.listdir(d) if f.endswith(".safetensors"))
+    budget = 300_000_000
+    assert inputs >= 3 * budget
+    report = run_merge(many_layers, str(tmp_path / "out"), method, "--max-ram", str(budget))
+    assert report["measured_peak_ram"] <= budget
+    assert abs(report["planned_peak_ram"] - report["measured_peak_ram"]) <= 0.25 * report["measured_peak_ram"]
+    print(f"{method}: inputs {inputs / 1e9:.2f} GB, budget {budget / 1e6:.0f} MB, measured peak {report['measured_peak_ram'] / 1e6:.0f} MB")
+
+
+def test_too_small_budget_is_refused_before_any_work(toy_untied, tmp_path):
+    args = ["merge", "--quiet", "--device", "cpu", "--base", os.path.join(toy_untied, "base"), "--expert", experts_of(toy_untied)[0],
+            "--method", "ties", "--out", str(tmp_path / "o"), "--max-ram", "50MB"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 4 and "give at least --max-ram" in r.output
+    assert not os.path.exists(tmp_path / "o" / "model.safetensors.index.json")
+    assert not [f for f in os.listdir(tmp_path / "o") if f.startswith("model-")] if os.path.exists(tmp_path / "o") else True
+
+
+def test_placement_rules():
+    mb = 1_000_000
+    assert place(Need(100 * mb, 50 * mb), 10**6, 4, True, 200 * mb)[0] == "cuda"
+    device, gpu, host, note = place(Need(100 * mb, 150 * mb), 10**6, 4, True, 200 * mb)
+    assert device == "cuda" and gpu == 100 * mb and host >= 150 * mb and "kept in RAM" in note
+    device, gpu, host, note = place(Need(300 * mb, 0), 10**6, 4, True, 200 * mb)
+    assert device == "cpu" and gpu == 0 and host == 300 * mb and note.startswith("spilled")
+    assert place(Need(300 * mb), 10**6, 4, False, None)[0] == "cpu"
+
+
+def test_disk_that_cannot_hold_the_output_is_refused():
+    plan = Plan([TensorPlan("w", (10,), "cpu", 0, 40, 40, 40)], baseline=0, ram_budget=10**9, gpu_budget=None, disk_free=10, disk_needed=40)
+    with pytest.raises(ResourceError, match="more disk space"):
+        plan.check()
+
+
+def test_plan_command_prints_devices_peaks_and_totals(toy_untied):
+    r = CliRunner().invoke(main, ["plan", "--device", "cpu", "--base", os.path.join(toy_untied, "base"), "--expert", experts_of(toy_untied)[0],
+                                  "--method", "orthomerge", "--out", "/nonexistent/out"])
+    assert r.exit_code == 0, r.output
+    for text in ("model.layers.N.self_attn.q_proj.weight", "largest tensor: model.embed_tokens.weight", "peak RAM (anonymous)", "disk needed", "spilled to the CPU: 0"):
+        assert text in r.output
+    assert not os.path.exists("/nonexistent/out")
+
+
+def test_verify_accepts_a_merge_and_catches_damage(toy_untied, tmp_path):
+    out = str(tmp_path / "o")
+    args = ["merge", "--quiet", "--device", "cpu", "--base", os.path.join(toy_untied, "base"), "--method", "task_arithmetic", "--out", out, "--shard-size", "40KB"]
+    for e in experts_of(toy_untied):
+        args += ["--expert", e]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    r = CliRunner().invoke(main, ["verify", out])
+    assert r.exit_code == 0 and "checksums match" in r.output
+    shard = sorted(f for f in os.listdir(out) if f.startswith("model-"))[1]
+    data = bytearray(open(os.path.join(out, shard), "rb").read())
+    data[-3] ^= 0xFF  # one flipped byte in the data section: headers still parse
+    open(os.path.join(out, shard), "wb").write(bytes(data))
+    r = CliRunner().invoke(main, ["verify", out])
+    assert r.exit_code == 3 and "checksum differs" in r.output
+    open(os.path.join(out, ".x.streammerge-tmp"), "w").write("")
+    os.remove(os.path.join(out, "model.safetensors.index.json"))
+    r = CliRunner().invoke(main, ["verify", out])
+    assert r.exit_code == 3 and "not complete" in r.output
