@@ -56,9 +56,9 @@ def test_generator_of_a_half_turn_resets_that_plane_not_nan():
     r = torch.tensor([[-1.0, 0, 0, 0], [0, -1.0, 0, 0], [0, 0, c, -s], [0, 0, s, c]], dtype=torch.float64)
     rot = generator_of(r)
     assert rot.clipped_planes == 1
-    assert torch.isfinite(rot.q_s).all()
-    assert torch.allclose(rot.r_s[:2, :2], torch.eye(2, dtype=torch.float64), atol=1e-12)
-    assert torch.allclose(rot.r_s[2:, 2:], r[2:, 2:], atol=1e-12)
+    assert torch.isfinite(rot.dense_q()).all()
+    assert torch.allclose(rot.dense_r()[:2, :2], torch.eye(2, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(rot.dense_r()[2:, 2:], r[2:, 2:], atol=1e-12)
 
 
 @given(skew_matrices(n=(2, 8), dtype=torch.float64, max_norm=0.5), st.sampled_from([2, 3, 4, 5, 8]))
@@ -106,12 +106,12 @@ def test_procrustes_is_optimal_over_rotations(shape, seed, spread):
     a = torch.randn(shape, generator=g, dtype=torch.float64)
     b = a + spread * torch.randn(shape, generator=g, dtype=torch.float64)
     sub, rot = solve(a, b, null_rtol=1e-12)
-    r = full_rotation(sub, rot.r_s)
+    r = full_rotation(sub, rot)
     n = shape[1]
     assert torch.allclose(r.T @ r, torch.eye(n, dtype=torch.float64), atol=1e-9)
     assert float(torch.linalg.det(r)) > 0
     best = float(torch.linalg.matrix_norm(b - a @ r.T))
-    assert torch.allclose(rotate_base(a, sub, rot.r_s), a @ r.T, atol=1e-9)
+    assert torch.allclose(rotate_base(a, sub, rot), a @ r.T, atol=1e-9)
     m = b.T @ a  # no rotation fits better than the nuclear-norm bound, and random ones don't either
     lower = math.sqrt(max(0.0, float((b * b).sum() + (a * a).sum() - 2 * torch.linalg.matrix_norm(m, ord="nuc"))))
     if torch.linalg.det(torch.linalg.svd(m).U @ torch.linalg.svd(m).Vh) > 0 or torch.linalg.matrix_rank(m) < n:
@@ -126,8 +126,8 @@ def test_procrustes_is_optimal_over_rotations(shape, seed, spread):
 def test_procrustes_of_unchanged_target_is_identity(shape, seed):
     a = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     sub, rot = solve(a, a)
-    assert torch.allclose(rot.r_s, torch.eye(sub.k, dtype=torch.float64), atol=1e-8)
-    assert float(torch.linalg.matrix_norm(rot.q_s)) < 1e-7
+    assert torch.allclose(rot.dense_r(), torch.eye(sub.k, dtype=torch.float64), atol=1e-8)
+    assert float(torch.linalg.matrix_norm(rot.dense_q())) < 1e-7
 
 
 @given(matrices((2, 9), (2, 9)), skew_matrices(max_norm=2.0, dtype=torch.float64))
@@ -185,4 +185,22 @@ def test_lie_mean_does_not_depend_on_expert_order(qs, rnd):
 def test_identity_rotation_has_zero_generator():
     sub = SubspaceBuilder(torch.randn(3, 5, dtype=torch.float64)).build()
     rot = identity_rotation(sub)
-    assert torch.equal(rot.q_s, torch.zeros_like(rot.q_s))
+    assert torch.equal(rot.dense_q(), torch.zeros(sub.k, sub.k, dtype=torch.float64))
+    assert torch.equal(rotate_base(sub.ap @ sub.p.T, sub, rot), sub.ap @ sub.p.T)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.sampled_from([(3, 12), (2, 9), (5, 16), (1, 4)]), st.integers(0, 2**31 - 1), st.floats(0.01, 1.0))
+def test_wide_low_rank_path_equals_the_dense_k_by_k_solution(shape, seed, spread):
+    """Wide layers solve in a frame of width ≤ 2·out; the result must be the k×k one."""
+    from streammerge.math.procrustes import _complete_nearest_identity
+
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(shape, generator=g, dtype=torch.float64)
+    b = a + spread * torch.randn(shape, generator=g, dtype=torch.float64)
+    sub, rot = solve(a, b, null_rtol=1e-12)
+    assert rot.frame is not None and rot.frame.shape[1] <= 2 * shape[0]  # the cheap path ran
+    u, s, vh = torch.linalg.svd((b @ sub.p).T @ sub.ap)
+    r = int((s > 1e-12 * s[0]).sum())
+    dense = _complete_nearest_identity(u, vh.T, r)
+    assert torch.allclose(rot.dense_r(), dense, atol=1e-9)

@@ -95,7 +95,7 @@ def generator_norms(a: torch.Tensor, w: torch.Tensor, base_rtol: float = 1e-2) -
 
     b = SubspaceBuilder(a, base_rtol)
     b.add(w - a)
-    return float(torch.linalg.matrix_norm(procrustes(w, b.build()).q_s))
+    return float(torch.linalg.matrix_norm(procrustes(w, b.build()).dense_q()))
 
 
 def test_wide_gqa_layers_get_generators_as_small_as_square_ones():

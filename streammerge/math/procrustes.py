@@ -97,35 +97,87 @@ def _polar(m: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class SubspaceRotation:
-    """R = P R_s Pᵀ + (I − P Pᵀ) and its generator Q_s; `clipped_planes` counts rule-4 resets."""
+    """R_s = I + F (R_w − I) Fᵀ in the subspace's coordinates, F [k, w] an orthonormal frame
+    (None: F = I, R_s = R_w). Q_w is its Cayley generator in the frame; `clipped_planes`
+    counts rule-4 resets. A wide layer's rotation lives in a frame of width w ≤ 2·out."""
 
-    r_s: torch.Tensor
-    q_s: torch.Tensor
+    r_w: torch.Tensor
+    q_w: torch.Tensor
+    frame: torch.Tensor | None = None
     clipped_planes: int = 0
 
+    def _embed(self, m: torch.Tensor, identity: bool) -> torch.Tensor:
+        if self.frame is None:
+            return m
+        k = self.frame.shape[0]
+        eye_w = torch.eye(m.shape[0], dtype=m.dtype, device=m.device)
+        core = m - eye_w if identity else m
+        out = self.frame @ core @ self.frame.T
+        return out + torch.eye(k, dtype=m.dtype, device=m.device) if identity else out
 
-def procrustes(target: torch.Tensor, sub: Subspace, null_rtol: float = 1e-6, max_angle: float = 0.5 * math.pi) -> SubspaceRotation:
-    """The rotation (rules 1–4) best taking base A to `target` B [out, in]; S must contain B's rows."""
-    k = sub.k
-    if k == 0:
-        z = sub.p.new_zeros(0, 0)
-        return SubspaceRotation(z, z)
-    m = (target.to(sub.p.dtype) @ sub.p).T @ sub.ap  # M_s = Pᵀ Bᵀ A P
-    u, s, vh = torch.linalg.svd(m)
-    r = int((s > null_rtol * s[0]).sum()) if s[0] > 0 else 0
-    v = vh.T
-    rot = u[:, :r] @ vh[:r]
-    if r < k:
+    def dense_r(self) -> torch.Tensor:
+        """R_s [k, k]."""
+        return self._embed(self.r_w, identity=True)
+
+    def dense_q(self) -> torch.Tensor:
+        """Q_s [k, k] (zero outside the frame)."""
+        return self._embed(self.q_w, identity=False)
+
+    def to(self, device) -> "SubspaceRotation":
+        return SubspaceRotation(self.r_w.to(device), self.q_w.to(device), None if self.frame is None else self.frame.to(device), self.clipped_planes)
+
+
+def _complete_nearest_identity(u: torch.Tensor, v: torch.Tensor, r: int) -> torch.Tensor:
+    """Rotation [w, w] mapping v[:, :r] to u[:, :r] (columns orthonormal), completed on the
+    orthogonal complements nearest the identity (rule 2) and with det +1 (rule 3).
+    u, v [w, w] are complete orthonormal bases whose first r columns are the fixed pairs."""
+    rot = u[:, :r] @ v[:, :r].T
+    w = u.shape[0]
+    if r < w:
         x, _, yh = torch.linalg.svd(u[:, r:].T @ v[:, r:])
         null_part = u[:, r:] @ (x @ yh) @ v[:, r:].T
         if torch.linalg.det(rot + null_part) < 0:
             x = x.clone()
             x[:, -1] = -x[:, -1]  # flip the completion direction that costs least (Kabsch)
             null_part = u[:, r:] @ (x @ yh) @ v[:, r:].T
-        rot = rot + null_part
-    elif torch.linalg.det(rot) < 0:
+        return rot + null_part
+    if torch.linalg.det(rot) < 0:
         rot = rot - 2.0 * torch.outer(u[:, r - 1], v[:, r - 1])
-    return generator_of(rot, max_angle)
+    return rot
+
+
+def procrustes(target: torch.Tensor, sub: Subspace, null_rtol: float = 1e-6, max_angle: float = 0.5 * math.pi) -> SubspaceRotation:
+    """The rotation (rules 1–4) best taking base A to `target` B [out, in]; S must contain B's rows.
+
+    M_s = Xᵀ Y with X = B P, Y = A P [out, k] has rank ≤ out. When 2·out ≤ k (wide layers) its
+    SVD comes from two thin QRs and an out×out SVD, and the rotation lives in the frame
+    F = span(U_r, V_r) of width ≤ 2·out: off F, both U_r and V_r vanish and the nearest-identity
+    completion is the identity (so this equals the k×k computation at a fraction of its cost).
+    """
+    k = sub.k
+    if k == 0:
+        z = sub.p.new_zeros(0, 0)
+        return SubspaceRotation(z, z)
+    x = target.to(sub.p.dtype) @ sub.p
+    y = sub.ap
+    out = x.shape[0]
+    if 2 * out > k:
+        u, s, vh = torch.linalg.svd(x.T @ y)
+        r = int((s > null_rtol * s[0]).sum()) if s[0] > 0 else 0
+        return generator_of(_complete_nearest_identity(u, vh.T, r), max_angle)
+    qx, rx = torch.linalg.qr(x.T)  # [k, out], [out, out]
+    qy, ry = torch.linalg.qr(y.T)
+    uc, s, vch = torch.linalg.svd(rx @ ry.T)
+    r = int((s > null_rtol * s[0]).sum()) if s[0] > 0 else 0
+    ur, vr = qx @ uc[:, :r], qy @ vch[:r].T  # [k, r]: M_s = U_r Σ V_rᵀ
+    frame, _ = torch.linalg.qr(torch.cat([ur, vr], dim=1))  # [k, 2r] ⊇ span(U_r, V_r)
+    u_full, _ = torch.linalg.qr(frame.T @ ur, mode="complete")
+    v_full, _ = torch.linalg.qr(frame.T @ vr, mode="complete")
+    # QR fixes each column only up to sign: restore the pairing u_j ↔ v_j of the SVD
+    u_full[:, :r] = frame.T @ ur
+    v_full[:, :r] = frame.T @ vr
+    rot = generator_of(_complete_nearest_identity(u_full, v_full, r), max_angle)
+    return SubspaceRotation(rot.r_w, rot.q_w, frame, rot.clipped_planes)
 
 
 def generator_of(rot: torch.Tensor, max_angle: float = 0.5 * math.pi) -> SubspaceRotation:
@@ -143,24 +195,31 @@ def generator_of(rot: torch.Tensor, max_angle: float = 0.5 * math.pi) -> Subspac
     wild = evals < math.cos(max_angle)
     w = evecs[:, wild]
     fixed = _polar(rot - rot @ w @ w.T + w @ w.T)  # polar: clean the round-off of the split
-    return SubspaceRotation(fixed, inverse_cayley(fixed), int(wild.sum()) // 2)
+    return SubspaceRotation(fixed, inverse_cayley(fixed), None, int(wild.sum()) // 2)
 
 
 def identity_rotation(sub: Subspace) -> SubspaceRotation:
-    eye = torch.eye(sub.k, dtype=sub.p.dtype, device=sub.p.device)
-    return SubspaceRotation(eye, torch.zeros_like(eye))
+    z = sub.p.new_zeros(0, 0)
+    return SubspaceRotation(z, z, sub.p.new_zeros(sub.k, 0))
 
 
-def rotate_base(a: torch.Tensor, sub: Subspace, r_s: torch.Tensor) -> torch.Tensor:
-    """A Rᵀ for R = P R_s Pᵀ + (I − P Pᵀ), computed as A + (A P)(R_sᵀ − I) Pᵀ in A's dtype."""
+def rotate_base(a: torch.Tensor, sub: Subspace, rot: "SubspaceRotation | torch.Tensor") -> torch.Tensor:
+    """A Rᵀ for R = P R_s Pᵀ + (I − P Pᵀ): A + (A P)(R_sᵀ − I) Pᵀ, in A's dtype. `rot` is a
+    SubspaceRotation (its frame keeps this at O(out·in·w)) or a dense R_s [k, k]."""
     if sub.k == 0:
         return a.clone()
-    eye = torch.eye(sub.k, dtype=r_s.dtype, device=r_s.device)
-    return a + ((sub.ap @ (r_s.T - eye)) @ sub.p.T).to(a.dtype)
+    if isinstance(rot, SubspaceRotation):
+        if rot.frame is not None:
+            eye = torch.eye(rot.r_w.shape[0], dtype=rot.r_w.dtype, device=rot.r_w.device)
+            return a + (((sub.ap @ rot.frame) @ (rot.r_w.T - eye)) @ (sub.p @ rot.frame).T).to(a.dtype)
+        rot = rot.r_w
+    eye = torch.eye(sub.k, dtype=rot.dtype, device=rot.device)
+    return a + ((sub.ap @ (rot.T - eye)) @ sub.p.T).to(a.dtype)
 
 
-def full_rotation(sub: Subspace, r_s: torch.Tensor) -> torch.Tensor:
+def full_rotation(sub: Subspace, rot: "SubspaceRotation | torch.Tensor") -> torch.Tensor:
     """The [in, in] matrix R (tests and small layers)."""
+    r_s = rot.dense_r() if isinstance(rot, SubspaceRotation) else rot
     n = sub.p.shape[0]
     eye = torch.eye(sub.k, dtype=r_s.dtype, device=r_s.device)
     return torch.eye(n, dtype=r_s.dtype, device=r_s.device) + sub.p @ (r_s - eye) @ sub.p.T

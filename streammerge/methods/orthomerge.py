@@ -29,7 +29,7 @@ import torch
 from ..errors import UsageError
 from ..math.cayley import cayley
 from ..math.lie_mean import LieAccumulator
-from ..math.procrustes import Subspace, SubspaceBuilder, identity_rotation, procrustes, rotate_base
+from ..math.procrustes import Subspace, SubspaceBuilder, SubspaceRotation, identity_rotation, procrustes, rotate_base
 from . import Method, TensorTask, build_params, check_range, get_method, register
 
 log = logging.getLogger(__name__)
@@ -102,7 +102,7 @@ def rotates(name: str, shape: torch.Size, params: OrthoMergeParams) -> bool:
 class _Residuals:
     """Pseudo-experts W₀ + ρ_i = W_i − (W₀R_iᵀ − W₀), loaded lazily like real experts."""
 
-    def __init__(self, task: TensorTask, basis: Subspace, rotations: list[torch.Tensor]):
+    def __init__(self, task: TensorTask, basis: Subspace, rotations: list[SubspaceRotation]):
         self.task, self.basis, self.rotations = task, basis, rotations
 
     def __len__(self) -> int:
@@ -110,8 +110,8 @@ class _Residuals:
 
     def __getitem__(self, i: int) -> torch.Tensor:
         w = self.task.experts[i]
-        r_s = self.rotations[i].to(self.basis.p.device)  # state may have been kept in host RAM
-        return w.sub_(rotate_base(self.task.base, self.basis, r_s).sub_(self.task.base))
+        rot = self.rotations[i].to(self.basis.p.device)  # state may have been kept in host RAM
+        return w.sub_(rotate_base(self.task.base, self.basis, rot).sub_(self.task.base))
 
 
 def conflict_rows(tau: torch.Tensor, tau_mean: torch.Tensor) -> torch.Tensor:
@@ -144,7 +144,7 @@ def merge(task: TensorTask, params: OrthoMergeParams) -> torch.Tensor:
         builder.add(target_delta(i))
     basis = builder.build()
     del builder
-    rotations: list[torch.Tensor] = []
+    rotations: list[SubspaceRotation] = []
     acc = LieAccumulator(params.direction)
     max_angle = math.radians(params.max_angle_deg)
     for i in range(n):
@@ -156,9 +156,10 @@ def merge(task: TensorTask, params: OrthoMergeParams) -> torch.Tensor:
             if rot.clipped_planes:
                 log.info("%s: expert %d: %d plane(s) rotated beyond %.0f° left to the residual", task.name, i + 1, rot.clipped_planes, params.max_angle_deg)
         del delta
-        acc.add(rot.q_s, task.weights[i])
-        rotations.append(rot.r_s if task.state_device is None else rot.r_s.to(task.state_device))
-    r_star = merged_rotation(acc, [r.to(basis.p.device) for r in rotations] if params.rotation_merge in ("average_r", "product_r") else rotations, task.weights, params)
+        acc.add(rot.dense_q(), task.weights[i])
+        rotations.append(rot if task.state_device is None else rot.to(task.state_device))
+    dense = [r.to(basis.p.device).dense_r() for r in rotations] if params.rotation_merge in ("average_r", "product_r") else []
+    r_star = merged_rotation(acc, dense, task.weights, params)
     merged_residual = res_method.merge(
         TensorTask(task.name, a, _Residuals(task, basis, rotations), task.weights, task.densities, None, task.seed), res_params
     )
