@@ -24,11 +24,15 @@ BIG = (4096, 2048)  # one tensor whose working set dominates, so the estimate is
 def one_big_tensor(tmp_path_factory) -> str:
     root = str(tmp_path_factory.mktemp("big"))
     base = torch.randn(BIG, generator=torch.Generator().manual_seed(0)) / 45
+    common = torch.randn(BIG, generator=torch.Generator().manual_seed(99))
     for i, name in enumerate(["base", "expert-1", "expert-2", "expert-3"]):
         folder = os.path.join(root, name)
         os.makedirs(folder)
         g = torch.Generator().manual_seed(i)
-        w = base if i == 0 else base + 0.002 * torch.randn(BIG, generator=g)
+        # a shared update direction per row with a random sign per expert and row: each expert
+        # is in the minority (conflicts with τ_mean) on about a quarter of the rows
+        signs = torch.randint(0, 2, (BIG[0], 1), generator=g) * 2.0 - 1.0
+        w = base if i == 0 else base + 0.002 * (signs * common + 0.3 * torch.randn(BIG, generator=g))
         layout = [("big.weight", "BF16", BIG), ("norm.weight", "BF16", (BIG[1],))]
         with ShardWriter(os.path.join(folder, "model-00001-of-00001.safetensors"), layout) as writer:
             writer.write("big.weight", w.bfloat16())
