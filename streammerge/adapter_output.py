@@ -15,11 +15,11 @@ import torch
 from .errors import InputError, ResumeError, UsageError
 from .io.atomic import ShardWriter, write_bytes_atomic
 from .io.peft_adapter import CONFIG_NAME, PREFIX, WEIGHTS_NAME
-from .io.peft_oft import OftExpert
+from .io.peft_oft import OftExpert, OftGenerators, check_oft_conventions
 from .math.skew import pack_skew
 from .methods.orthomerge import merged_generator
 from .recipe import Recipe
-from .scheduler import OftGenerators, check_oft_conventions, open_inputs
+from .scheduler import open_inputs
 
 
 def merge_to_adapter(recipe: Recipe) -> str:

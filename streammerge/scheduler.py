@@ -22,11 +22,11 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from .errors import InputError, Interrupted, NonFiniteError, ResumeError, collect
+from .errors import InputError, Interrupted, NonFiniteError, ResourceError, ResumeError, collect
 from .io.atomic import TMP_SUFFIX, ShardWriter, copy_atomic, os_error, write_bytes_atomic
 from .io.checkpoint import INDEX_NAME, Checkpoint, load_json
 from .io.experts import ExpertSource, open_expert
-from .io.peft_oft import OftExpert
+from .io.peft_oft import OftExpert, OftGenerators, check_oft_conventions
 from .io.journal import Journal, journal_path
 from .io.safetensors_format import DTYPE_NAMES, DTYPES, FLOAT_DTYPES, itemsize
 from .memwatch import PeakSampler, rss_anon
@@ -74,7 +74,7 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError("--device cuda: no CUDA device is available")
+        raise ResourceError("--device cuda: no CUDA device is available (use --device cpu or auto)")
     return torch.device(device)
 
 
@@ -153,39 +153,6 @@ def _file_state(paths: list[str]) -> dict[str, tuple[int, int]]:
             continue
         state[f] = (st.st_size, st.st_mtime_ns)
     return state
-
-
-class OftGenerators:
-    """For one tensor name, each OFT expert's stored generator blocks (None: not targeted)."""
-
-    def __init__(self, experts: list[OftExpert], name: str, dtype: torch.dtype, device: torch.device):
-        self.experts, self.name, self.dtype, self.device = experts, name, dtype, device
-        targeting = [e for e in experts if name in e.modules]
-        self.module = targeting[0].modules[name] if targeting else None
-        self.convention = experts[0].convention
-
-    def __len__(self) -> int:
-        return len(self.experts)
-
-    def __getitem__(self, i: int) -> torch.Tensor | None:
-        return self.experts[i].generator(self.name, self.dtype, self.device)
-
-    def row_scale(self, i: int) -> torch.Tensor | None:
-        return self.experts[i].row_scale(self.name, self.dtype, self.device)
-
-
-def check_oft_conventions(experts: list[OftExpert]) -> None:
-    """Generators can be merged only under one convention and one block geometry per module."""
-    problems = []
-    first = experts[0]
-    for e in experts[1:]:
-        if e.convention != first.convention:
-            problems.append(f"{e.files.path}: OFT convention {e.convention} differs from {first.files.path}'s {first.convention}")
-        for name, mod in e.modules.items():
-            other = next((x.modules[name] for x in experts if name in x.modules), None)
-            if other is not None and (other.blocks, other.block_size, other.embedding) != (mod.blocks, mod.block_size, mod.embedding):
-                problems.append(f"{e.files.path}: module {name!r} has {mod.blocks} blocks of {mod.block_size}, another expert {other.blocks} of {other.block_size}")
-    collect(problems, InputError, "OFT adapters cannot be merged in the Lie algebra")
 
 
 def all_finite(t: torch.Tensor) -> bool:

@@ -204,3 +204,24 @@ def test_wide_low_rank_path_equals_the_dense_k_by_k_solution(shape, seed, spread
     r = int((s > 1e-12 * s[0]).sum())
     dense = _complete_nearest_identity(u, vh.T, r)
     assert torch.allclose(rot.dense_r(), dense, atol=1e-9)
+
+
+@settings(max_examples=40, deadline=None)
+@given(shapes, st.integers(0, 2**31 - 1), st.floats(0.01, 1.0))
+def test_procrustes_in_float32_is_orthogonal_near_optimal_and_identity_when_unchanged(shape, seed, spread):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(shape, generator=g)
+    b = a + spread * torch.randn(shape, generator=g)
+    builder = SubspaceBuilder(a, base_rtol=1e-6, dtype=torch.float32)
+    builder.add(b - a)
+    sub = builder.build()
+    rot = procrustes(b, sub, null_rtol=1e-6, max_angle=math.pi * 0.999)
+    r = full_rotation(sub, rot).double()
+    n = shape[1]
+    assert torch.allclose(r.T @ r, torch.eye(n, dtype=torch.float64), atol=1e-4)
+    m = b.double().T @ a.double()
+    best = float(torch.linalg.matrix_norm(b.double() - a.double() @ r.T))
+    reference = full_rotation(*solve(a.double(), b.double(), null_rtol=1e-12))
+    assert best <= float(torch.linalg.matrix_norm(b.double() - a.double() @ reference.T)) + 1e-4 * (1 + float(torch.linalg.matrix_norm(m)) ** 0.5)
+    same = SubspaceBuilder(a, base_rtol=1e-6, dtype=torch.float32).build()
+    assert float(torch.linalg.matrix_norm(procrustes(a, same).dense_q())) < 1e-3

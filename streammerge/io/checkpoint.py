@@ -176,6 +176,4 @@ class Checkpoint:
 
         return {f: {"size": os.path.getsize(f), "header_sha256": hashlib.sha256(self.headers[f].raw).hexdigest()} for f in self.files}
 
-    def total_bytes(self) -> int:
-        return sum(os.path.getsize(f) for f in self.files)
 

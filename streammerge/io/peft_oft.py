@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import InputError
+from ..errors import InputError, collect
 from ..math.cayley import peft_rotation
 from ..math.skew import block_size_from_packed, skew_part, unpack_skew
 from .checkpoint import Checkpoint
@@ -184,3 +184,36 @@ def apply_rotation(w: torch.Tensor, r_blocks: torch.Tensor, module: OftModule, c
     if row_scale is not None:
         out = out * row_scale.reshape(-1, 1)
     return out
+
+
+class OftGenerators:
+    """For one tensor name, each OFT expert's stored generator blocks (None: not targeted)."""
+
+    def __init__(self, experts: list[OftExpert], name: str, dtype: torch.dtype, device: torch.device):
+        self.experts, self.name, self.dtype, self.device = experts, name, dtype, device
+        targeting = [e for e in experts if name in e.modules]
+        self.module = targeting[0].modules[name] if targeting else None
+        self.convention = experts[0].convention
+
+    def __len__(self) -> int:
+        return len(self.experts)
+
+    def __getitem__(self, i: int) -> torch.Tensor | None:
+        return self.experts[i].generator(self.name, self.dtype, self.device)
+
+    def row_scale(self, i: int) -> torch.Tensor | None:
+        return self.experts[i].row_scale(self.name, self.dtype, self.device)
+
+
+def check_oft_conventions(experts: list[OftExpert]) -> None:
+    """Generators can be merged only under one convention and one block geometry per module."""
+    problems = []
+    first = experts[0]
+    for e in experts[1:]:
+        if e.convention != first.convention:
+            problems.append(f"{e.files.path}: OFT convention {e.convention} differs from {first.files.path}'s {first.convention}")
+        for name, mod in e.modules.items():
+            other = next((x.modules[name] for x in experts if name in x.modules), None)
+            if other is not None and (other.blocks, other.block_size, other.embedding) != (mod.blocks, mod.block_size, mod.embedding):
+                problems.append(f"{e.files.path}: module {name!r} has {mod.blocks} blocks of {mod.block_size}, another expert {other.blocks} of {other.block_size}")
+    collect(problems, InputError, "OFT adapters cannot be merged in the Lie algebra")
