@@ -131,8 +131,9 @@ def main() -> None:
 @click.option("--restart", is_flag=True, help="Discard a previous merge in --out made from a different recipe or inputs.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or log lines.")
 @click.option("--memory-report", type=click.Path(dir_okay=False), help="Write planned and measured peak memory and read throughput to this JSON file.")
+@click.option("--checkpoint-every", type=click.FloatRange(min=0), default=10.0, show_default=True, help="Seconds between making progress inside a shard durable, so a resume continues mid-shard.")
 @reports_errors
-def merge(output_format, restart, quiet, memory_report, **kw) -> None:
+def merge(output_format, restart, quiet, memory_report, checkpoint_every, **kw) -> None:
     """Merge EXPERTs into BASE with METHOD and write a Hugging Face model folder to OUT.
 
     Re-running the same command after a crash or Ctrl-C resumes where it stopped.
@@ -148,7 +149,7 @@ def merge(output_format, restart, quiet, memory_report, **kw) -> None:
         return
     from .scheduler import Merger
 
-    merger = Merger(recipe, device=kw["device"], restart=restart, quiet=quiet, **_budgets(kw))
+    merger = Merger(recipe, device=kw["device"], restart=restart, quiet=quiet, checkpoint_seconds=checkpoint_every, **_budgets(kw))
     try:
         report = merger.run()
     finally:

@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from .errors import InputError, Interrupted, NonFiniteError, ResourceError, ResumeError, collect
-from .io.atomic import TMP_SUFFIX, ShardWriter, copy_atomic, os_error, write_bytes_atomic
+from .io.atomic import TMP_SUFFIX, ShardWriter, copy_atomic, os_error, temp_name, write_bytes_atomic
 from .io.checkpoint import INDEX_NAME, Checkpoint, load_json
 from .io.experts import ExpertSource, open_expert
 from .io.peft_oft import OftExpert, OftGenerators, check_oft_conventions
@@ -217,12 +217,13 @@ class Merger:
     """One merge run of a validated recipe."""
 
     def __init__(self, recipe: Recipe, device: str = "auto", restart: bool = False, quiet: bool = False,
-                 max_ram: int | None = None, max_gpu_memory: int | None = None):
+                 max_ram: int | None = None, max_gpu_memory: int | None = None, checkpoint_seconds: float = 10.0):
         self.recipe = recipe
         self.method, self.params = recipe.validate()
         self.device = resolve_device(device)
         self.restart = restart
         self.quiet = quiet
+        self.checkpoint_seconds = checkpoint_seconds  # how often progress inside a shard is made durable
         self.compute_dtype = parse_dtype(recipe.compute_dtype, "compute_dtype")
         self.out_dtype = parse_dtype(recipe.dtype, "dtype")
         self.base, self.experts = open_inputs(recipe)
@@ -297,8 +298,9 @@ class Merger:
                     )
                 self._clear_output(old)
             else:
+                keep = os.path.basename(temp_name(os.path.join(out, old.partial["shard"]))) if old.partial else None
                 for tmp in os.listdir(out):
-                    if tmp.endswith(TMP_SUFFIX):
+                    if tmp.endswith(TMP_SUFFIX) and tmp != keep:
                         os.remove(os.path.join(out, tmp))
                 old.finished = {
                     n: v for n, v in old.finished.items()
@@ -429,14 +431,28 @@ class Merger:
                 changed = next(p for p in input_paths if _file_state([p]) != {p: initial_state[p]})
                 raise InputError(f"{changed}: changed during the merge; the shards merged from the old contents no longer match — rerun with --restart")
             layout = [(t.name, t.dtype, t.shape) for t in shard.tensors]
-            with ShardWriter(os.path.join(out, shard.filename), layout, {"format": "pt"}) as writer:
-                for t in shard.tensors:
+            partial = journal.partial if journal.partial and journal.partial["shard"] == shard.filename else None
+            resume = (partial["tensors"], partial["offset"]) if partial else None
+            with ShardWriter(os.path.join(out, shard.filename), layout, {"format": "pt"}, resume=resume) as writer:
+                writer.keep_on_error = True  # what a checkpoint made durable survives an interrupt
+                done = writer.tensors_written
+                if done:
+                    log.info("%s: resuming after %d of its %d tensors", shard.filename, done, len(shard.tensors))
+                    bar.update(sum(t.nbytes for t in shard.tensors[:done]))
+                    read_ahead.advance(sum(self._placement[t.name].read_bytes for t in shard.tensors[:done]))
+                last_checkpoint = time.monotonic()
+                for t in shard.tensors[done:]:
                     writer.write(t.name, self._merge_tensor(t, journal.statistics))
                     read_ahead.advance(self._placement[t.name].read_bytes)
                     bar.update(t.nbytes)
                     bar.set_postfix_str(f"read {read_ahead.throughput() / 1e6:.0f} MB/s", refresh=False)
+                    if time.monotonic() - last_checkpoint >= self.checkpoint_seconds and writer.tensors_written < len(layout):
+                        journal.partial = {"shard": shard.filename, "tensors": writer.tensors_written, "offset": writer.checkpoint()}
+                        journal.save()
+                        last_checkpoint = time.monotonic()
                 sha, size = writer.commit()
             journal.finished[shard.filename] = {"sha256": sha, "size": size}
+            journal.partial = None
             journal.save()
             written += size
         return written

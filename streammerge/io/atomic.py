@@ -72,10 +72,17 @@ class ShardWriter:
     """Streams one safetensors shard: header first (layout known up front), then each tensor.
 
     Only the tensor being written is in memory. `commit()` makes the shard appear under its
-    final name; `abort()` (or an exception inside `with`) removes the temporary file.
+    final name; `abort()` removes the temporary file. Leaving a `with` block by an exception
+    keeps the temporary file when `keep_on_error` (a resumable, checkpointed shard) and
+    removes it otherwise.
     """
 
-    def __init__(self, final_path: str, layout: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None = None):
+    keep_on_error = False
+
+    def __init__(self, final_path: str, layout: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None = None,
+                 resume: tuple[int, int] | None = None):
+        """`resume=(tensors, offset)`: continue a temporary file whose first `tensors` tensors
+        (`offset` bytes, header included) were made durable by `checkpoint()`."""
         self.final_path = final_path
         self.tmp_path = temp_name(final_path)
         self.layout = layout
@@ -84,11 +91,51 @@ class ShardWriter:
         self._file: BinaryIO | None = None
         header, _ = build_header(layout, metadata)
         try:
+            if resume is not None and self._continue(header, *resume):
+                return
             self._file = open(self.tmp_path, "wb")
             self._put(header)
         except OSError as exc:
             self.abort()
             raise os_error(exc, final_path) from None
+
+    def _continue(self, header: bytes, tensors: int, offset: int) -> bool:
+        """Reopen the temporary file at `offset` if its header is ours; rehash its prefix."""
+        if not os.path.isfile(self.tmp_path) or os.path.getsize(self.tmp_path) < offset or not 0 <= tensors <= len(self.layout):
+            return False
+        f = open(self.tmp_path, "r+b")
+        if f.read(len(header)) != header:
+            f.close()
+            return False
+        f.seek(0)
+        remaining = offset
+        while remaining:
+            chunk = f.read(min(remaining, 16 * 1024 * 1024))
+            if not chunk:
+                f.close()
+                return False
+            self._sha.update(chunk)
+            remaining -= len(chunk)
+        f.truncate(offset)
+        f.seek(offset)
+        self._file = f
+        self._next = tensors
+        return True
+
+    @property
+    def tensors_written(self) -> int:
+        return self._next
+
+    def checkpoint(self) -> int:
+        """Make everything written so far durable; returns the byte offset it reaches."""
+        assert self._file is not None
+        try:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            return self._file.tell()
+        except OSError as exc:
+            self.abort()
+            raise os_error(exc, self.final_path) from None
 
     def _put(self, data: bytes | memoryview) -> None:
         assert self._file is not None
@@ -141,4 +188,11 @@ class ShardWriter:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
-            self.abort()
+            if self.keep_on_error and self._file is not None:
+                try:
+                    self._file.close()
+                except OSError:
+                    pass
+                self._file = None
+            else:
+                self.abort()

@@ -29,6 +29,9 @@ class Journal:
     finished: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {sha256, size}
     statistics: Any = None
     complete: bool = False
+    # progress inside the shard being written: {"shard", "tensors", "offset"} of its temporary
+    # file, which is fsynced up to `offset` before this is saved
+    partial: dict[str, Any] | None = None
 
     def save(self) -> None:
         doc = {
@@ -41,6 +44,7 @@ class Journal:
             "shards": self.shards,
             "finished": self.finished,
             "statistics": self.statistics,
+            "partial": self.partial,
         }
         write_bytes_atomic(self.path, (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode())
 
@@ -53,7 +57,7 @@ class Journal:
                 raise ValueError("not a streammerge record of this format")
             return cls(
                 path, doc["fingerprint"], doc["recipe"], doc["inputs"], list(doc["shards"]),
-                dict(doc["finished"]), doc.get("statistics"), bool(doc.get("complete")),
+                dict(doc["finished"]), doc.get("statistics"), bool(doc.get("complete")), doc.get("partial"),
             )
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ResumeError(f"{path}: unreadable merge record ({exc}); pass --restart to start over") from None
