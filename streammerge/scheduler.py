@@ -17,6 +17,7 @@ import signal
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -306,14 +307,27 @@ class Merger:
                     n: v for n, v in old.finished.items()
                     if os.path.isfile(os.path.join(out, n)) and os.path.getsize(os.path.join(out, n)) == v["size"]
                 }
+                self._reuse_placement(old.placement)
                 return old
         else:
             foreign = [f for f in os.listdir(out) if not f.endswith(TMP_SUFFIX)]
             if foreign:
                 raise ResumeError(f"{out}: not empty and not a streammerge output ({foreign[0]!r} ...); choose another folder")
         journal = Journal(jpath, fingerprint, recipe_doc, inputs, names)
+        journal.placement = {t.name: t.device for t in self.plan.tensors if t.device != "copy"}
         journal.save()
         return journal
+
+    def _reuse_placement(self, recorded: dict[str, str]) -> None:
+        """A resumed merge computes every tensor where the first run did (byte-identical output)."""
+        for name, device in recorded.items():
+            placed = self._placement.get(name)
+            if placed is None or placed.device == device:
+                continue
+            if device == "cuda" and not torch.cuda.is_available():
+                raise ResourceError(f"{self.recipe.out}: this merge started on a GPU; resume it where CUDA is available (or pass --restart)")
+            log.info("%s: computed on %s as in the first run (the plan now says %s)", name, device, placed.device)
+            self._placement[name] = dataclasses.replace(placed, device=device)
 
     def _clear_output(self, old: Journal) -> None:
         out = self.recipe.out

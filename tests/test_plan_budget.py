@@ -141,3 +141,25 @@ def test_verify_accepts_a_merge_and_catches_damage(toy_untied, tmp_path):
     os.remove(os.path.join(out, "model.safetensors.index.json"))
     r = CliRunner().invoke(main, ["verify", out])
     assert r.exit_code == 3 and "not complete" in r.output
+
+
+def test_resume_computes_each_tensor_where_the_first_run_did(toy_untied, tmp_path):
+    import dataclasses
+
+    from streammerge.recipe import Expert, Recipe
+    from streammerge.scheduler import Merger
+
+    recipe = Recipe("task_arithmetic", os.path.join(toy_untied, "base"), tuple(Expert(e) for e in experts_of(toy_untied)), str(tmp_path / "o"))
+    m = Merger(recipe, device="cpu", quiet=True)
+    m.run()
+    record = json.load(open(tmp_path / "o" / "streammerge.json"))
+    assert record["placement"] and set(record["placement"].values()) == {"cpu"}
+    name = next(iter(record["placement"]))
+    m._placement[name] = dataclasses.replace(m._placement[name], device="cuda")  # as if free GPU memory had grown
+    m._reuse_placement({name: "cpu"})
+    assert m._placement[name].device == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(ResourceError, match="started on a GPU"):
+            m._placement[name] = dataclasses.replace(m._placement[name], device="cpu")
+            m._reuse_placement({name: "cuda"})
+    m.close()

@@ -32,6 +32,9 @@ class Journal:
     # progress inside the shard being written: {"shard", "tensors", "offset"} of its temporary
     # file, which is fsynced up to `offset` before this is saved
     partial: dict[str, Any] | None = None
+    # device of each merged tensor on the first run, reused on resume: GPU and CPU results may
+    # differ in the last bits, and the free memory that decided placement may have changed
+    placement: dict[str, str] = field(default_factory=dict)
 
     def save(self) -> None:
         doc = {
@@ -45,6 +48,7 @@ class Journal:
             "finished": self.finished,
             "statistics": self.statistics,
             "partial": self.partial,
+            "placement": self.placement,
         }
         write_bytes_atomic(self.path, (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode())
 
@@ -58,6 +62,7 @@ class Journal:
             return cls(
                 path, doc["fingerprint"], doc["recipe"], doc["inputs"], list(doc["shards"]),
                 dict(doc["finished"]), doc.get("statistics"), bool(doc.get("complete")), doc.get("partial"),
+                dict(doc.get("placement") or {}),
             )
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ResumeError(f"{path}: unreadable merge record ({exc}); pass --restart to start over") from None
