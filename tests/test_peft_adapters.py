@@ -206,3 +206,27 @@ def test_merged_oft_adapter_loads_in_peft_and_equals_dense_orthomerge(neumann, f
     state = loaded.state_dict()
     for k, v in load_all(dense).items():
         torch.testing.assert_close(state[k], v, atol=2e-6, rtol=1e-5, msg=k)
+
+
+def test_peft_016_neumann_adapters_use_that_versions_coefficients(f32_toy, tmp_path):
+    """The same stored generator means a different rotation under PEFT 0.16–0.17's series."""
+    from safetensors import safe_open
+
+    base = os.path.join(f32_toy, "base")
+    cfg = peft.OFTConfig(oft_block_size=16, r=0, target_modules=["o_proj"], init_weights=False, use_cayley_neumann=True)
+    peft_adapter(base, str(tmp_path / "a"), cfg)
+    config = json.load(open(tmp_path / "a" / "adapter_config.json"))
+    config["peft_version"] = "0.16.0"
+    json.dump(config, open(tmp_path / "a" / "adapter_config.json", "w"))
+    ours = dense_from(base, str(tmp_path / "a"), str(tmp_path / "out"))
+    name = "model.layers.0.self_attn.o_proj"
+    with safe_open(str(tmp_path / "a" / "adapter_model.safetensors"), "pt") as sf:
+        packed = sf.get_tensor(f"base_model.model.{name}.oft_R.weight")
+    rows, cols = torch.triu_indices(16, 16, 1)
+    q = torch.zeros(packed.shape[0], 16, 16)
+    q[:, rows, cols] = packed
+    q = q - q.transpose(1, 2)
+    eye = torch.eye(16).expand_as(q)
+    r = eye + 2 * q + 2 * q @ q + 2 * q @ q @ q + 2 * q @ q @ q @ q  # 0.16–0.17: every power weight 2
+    w = load_all(base)[name + ".weight"]
+    torch.testing.assert_close(ours[name + ".weight"], w @ torch.block_diag(*r).T, atol=2e-6, rtol=1e-5)
