@@ -9,7 +9,9 @@ read throughput of the same input files, drops the cache again, then runs
 bytes read (planned), read-ahead throughput, raw read throughput, peak anonymous RSS
 (sampled) and peak RSS (time -v), the planner's estimate, and the machine. Results go to
 bench/results/scheduler-SIZE-METHOD.json and a line in bench/results/scheduler.md.
-orthomerge runs with its defaults: conflict target, residuals by TA with λ = 1/N.
+orthomerge runs with its defaults: conflict target, residuals by TA with λ = 1/N. The experts
+share a per-row direction with random signs (`--shared`, default 0.7), so each is in the
+minority — conflicting with the mean update — on about a quarter of the rows of every matrix.
 """
 from __future__ import annotations
 
@@ -72,12 +74,14 @@ def main() -> int:
     ap.add_argument("--sizes", nargs="+", default=["0.5b", "1.5b"])
     ap.add_argument("--methods", nargs="+", default=["task_arithmetic", "ties", "orthomerge"])
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--shared", type=float, default=0.7, help="experts' shared, sign-flipped direction (make_toy_models --shared): gives OrthoMerge-C conflicting rows")
     args = ap.parse_args()
     os.makedirs(RESULTS, exist_ok=True)
     for size in args.sizes:
-        folder = os.path.join(WORK, size)
+        folder = os.path.join(WORK, f"{size}-shared{args.shared}")
         if not os.path.exists(os.path.join(folder, "expert-3", "model.safetensors.index.json")):
-            subprocess.run([sys.executable, os.path.join(ROOT, "tools", "make_toy_models.py"), folder, "--preset", size, "--experts", "3", "--shard-size", "1GB"], check=True)
+            subprocess.run([sys.executable, os.path.join(ROOT, "tools", "make_toy_models.py"), folder, "--preset", size, "--experts", "3",
+                            "--shard-size", "1GB", "--shared", str(args.shared)], check=True)
         files = inputs(folder)
         for method in args.methods:
             out = os.path.join(WORK, f"out-{size}-{method}")
@@ -100,6 +104,7 @@ def main() -> int:
             record = {
                 "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 "machine": machine(), "size": size, "method": method, "command": " ".join(cmd),
+                "models": f"python tools/make_toy_models.py {folder} --preset {size} --experts 3 --shard-size 1GB --shared {args.shared}",
                 "page_cache_dropped": dropped,
                 "input_bytes": nbytes,
                 "raw_sequential_read_MBps": round(nbytes / seconds / 1e6, 1),

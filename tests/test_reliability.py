@@ -434,12 +434,12 @@ def test_input_changed_during_merge_is_detected(toy_untied, tmp_path, monkeypatc
 def test_sigint_and_sigterm_exit_130_resumable(sig, name, tmp_path):
     from tests.conftest import make_toy
 
-    folder = make_toy(str(tmp_path / "m"), "--preset", "small", "--layers", "6", "--experts", "3", "--shard-size", "1MB")
+    folder = make_toy(str(tmp_path / "m"), "--preset", "small", "--layers", "16", "--experts", "3", "--shard-size", "1MB")
     args = merge_args(folder, str(tmp_path / "out"))
     args[args.index("--shard-size") + 1] = "300KB"
     args += ["--ties-scope", "model"]
     journal = tmp_path / "out" / "streammerge.json"
-    for delay in (0.5, 1.0, 0.2, 1.5):
+    for delay in (0.3, 0.1, 0.6, 0.05, 1.0):
         proc = subprocess.Popen(cli(*args), stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 60
         while not journal.exists() and proc.poll() is None and time.monotonic() < deadline:

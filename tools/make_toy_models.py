@@ -83,11 +83,18 @@ def base_tensor(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
     return torch.randn(shape, generator=g) * std
 
 
-def expert_delta(name: str, base: torch.Tensor, seed: int, expert: int, kind: str, scale: float, rank: int) -> torch.Tensor:
+def expert_delta(name: str, base: torch.Tensor, seed: int, expert: int, kind: str, scale: float, rank: int, shared: float = 0.0) -> torch.Tensor:
     g = generator(seed, "expert", expert, name)
     std = float(base.std()) if base.numel() > 1 else 1.0
     if kind == "full" or base.dim() != 2:
-        return torch.randn(base.shape, generator=g) * std * scale
+        own = torch.randn(base.shape, generator=g) * std * scale
+        if not shared:
+            return own
+        # a direction shared by all experts, each taking it with its own sign per row: rows
+        # where an expert is in the minority conflict with the mean update, as real experts do
+        common = torch.randn(base.shape, generator=generator(seed, "shared", name)) * std * scale
+        signs = torch.randint(0, 2, base.shape[:1] + (1,) * (base.dim() - 1), generator=g) * 2.0 - 1.0
+        return shared * signs * common + (1 - shared) * own
     out_f, in_f = base.shape
     b = torch.randn(out_f, rank, generator=g)
     a = torch.randn(rank, in_f, generator=g)
@@ -198,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--oft-exact", action="store_true", help="OFT adapters use the exact Cayley map (use_cayley_neumann false)")
     ap.add_argument("--rank", type=int, default=8, help="rank of lowrank deltas")
     ap.add_argument("--scale", type=float, default=0.05, help="delta size relative to each tensor's std")
+    ap.add_argument("--shared", type=float, default=0.0, help="full experts: weight of a per-row direction shared by all experts with random signs (0: independent deltas, which almost never conflict)")
     ap.add_argument("--tied", action="store_true", help="tie lm_head to embed_tokens (no lm_head tensor)")
     ap.add_argument("--bias", action="store_true", help="give q/k/v projections biases")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
@@ -216,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     for e in range(1, args.experts + 1):
         def make(n, s, e=e):
             b = base_tensor(n, s, args.seed)
-            return b + expert_delta(n, b, args.seed, e, args.kind, args.scale, args.rank)
+            return b + expert_delta(n, b, args.seed, e, args.kind, args.scale, args.rank, args.shared)
 
         d = os.path.join(args.out, f"expert-{e}")
         if args.kind in ("lora", "oft"):

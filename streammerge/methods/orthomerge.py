@@ -139,6 +139,10 @@ def merge(task: TensorTask, params: OrthoMergeParams) -> torch.Tensor:
         tau = task.task_vector(i)
         return tau.mul_(conflict_rows(tau, tau_mean).unsqueeze(1)) if tau_mean is not None else tau
 
+    if not any(bool(target_delta(i).any()) for i in range(n)):
+        # every target is the base (no conflicting rows anywhere): every R_i and R* are exactly
+        # the identity and ρ_i = τ_i, so this is the residual merge alone — without the SVDs
+        return res_method.merge(task, res_params)
     builder = SubspaceBuilder(a, params.base_rtol, getattr(torch, params.precision))
     for i in range(n if not builder.full else 0):  # S = span(rows of W₀ and of every target)
         builder.add(target_delta(i))
