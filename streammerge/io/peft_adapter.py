@@ -70,6 +70,30 @@ class AdapterFiles:
         }
 
 
+class AdapterExpert:
+    """What LoRA and OFT experts share: the adapter's files, the base it applies to, the
+    modules it adapts (base weight name -> module), and the problems found while reading it."""
+
+    def __init__(self, folder: str, base: Checkpoint):
+        self.files = AdapterFiles.open(folder)
+        self.folder = self.files.folder
+        self.base = base
+        self.modules: dict = {}
+        self.problems: list[str] = []
+
+    def problems_against(self, base: Checkpoint) -> list[str]:
+        return list(self.problems)
+
+    def file_of(self, name: str) -> str:
+        return self.files.path if name in self.modules else self.base.file_of(name)
+
+    def fingerprint(self) -> dict:
+        return self.files.fingerprint()
+
+    def close(self) -> None:
+        self.files.tensors.close()
+
+
 def pattern_value(patterns: dict, module: str, default):
     """PEFT's rank_pattern/alpha_pattern lookup: the first key matching the module path's end."""
     for key, value in (patterns or {}).items():

@@ -13,7 +13,7 @@ import torch
 
 from ..errors import InputError
 from .checkpoint import Checkpoint
-from .peft_adapter import AdapterFiles, pattern_value
+from .peft_adapter import AdapterExpert, pattern_value
 
 SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
 
@@ -27,20 +27,17 @@ class LoraModule:
     magnitude_key: str | None
 
 
-class LoraExpert:
+class LoraExpert(AdapterExpert):
     kind = "lora"
 
     def __init__(self, folder: str, base: Checkpoint):
-        self.files = AdapterFiles.open(folder)
-        self.folder = self.files.folder
-        self.base = base
+        super().__init__(folder, base)
         cfg = self.files.config
-        self.problems: list[str] = []
         where = self.files.path
         if str(cfg.get("peft_type", "")).upper() != "LORA":
             raise InputError(f"{where}: adapter_config.json says peft_type {cfg.get('peft_type')!r}, not LORA")
         self.fan_in_fan_out = bool(cfg.get("fan_in_fan_out", False))
-        self.modules: dict[str, LoraModule] = {}
+        self.modules: dict[str, LoraModule] = {}  # base weight name -> module
         for module, keys in self.files.modules(SUFFIXES).items():
             weight = module + ".weight"
             emb = "lora_embedding_A" in keys
@@ -72,12 +69,6 @@ class LoraExpert:
         if not self.modules and not self.problems:
             self.problems.append(f"{where}: no LoRA modules found")
 
-    def problems_against(self, base: Checkpoint) -> list[str]:
-        return list(self.problems)
-
-    def file_of(self, name: str) -> str:
-        return self.files.path if name in self.modules else self.base.file_of(name)
-
     def delta(self, name: str, dtype: torch.dtype, device) -> torch.Tensor:
         m = self.modules[name]
         a = self.files.tensors.get(m.a_key, dtype, device)
@@ -96,9 +87,3 @@ class LoraExpert:
             norm = w.norm(dim=1).clamp_min(torch.finfo(dtype).tiny)
             w.mul_((mag / norm).unsqueeze(1))
         return w
-
-    def fingerprint(self) -> dict:
-        return self.files.fingerprint()
-
-    def close(self) -> None:
-        self.files.tensors.close()

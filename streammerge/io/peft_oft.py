@@ -20,7 +20,7 @@ from ..errors import InputError, collect
 from ..math.cayley import peft_rotation
 from ..math.skew import block_size_from_packed, skew_part, unpack_skew
 from .checkpoint import Checkpoint
-from .peft_adapter import AdapterFiles
+from .peft_adapter import AdapterExpert
 
 SUFFIXES = ("oft_R.weight", "oft_embedding_R.weight", "oft_r", "oft_s")
 
@@ -56,19 +56,16 @@ def _version_tuple(text: str | None) -> tuple[int, ...]:
         return ()
 
 
-class OftExpert:
+class OftExpert(AdapterExpert):
     kind = "oft"
 
     def __init__(self, folder: str, base: Checkpoint, peft_version: str | None = None):
-        self.files = AdapterFiles.open(folder)
-        self.folder = self.files.folder
-        self.base = base
+        super().__init__(folder, base)
         cfg = self.files.config
         where = self.files.path
         if str(cfg.get("peft_type", "")).upper() != "OFT":
             raise InputError(f"{where}: adapter_config.json says peft_type {cfg.get('peft_type')!r}, not OFT")
-        self.problems: list[str] = []
-        self.modules: dict[str, OftModule] = {}
+        self.modules: dict[str, OftModule] = {}  # base weight name -> module
         keys = self.files.modules(SUFFIXES)
         formats = set()
         for module, found in keys.items():
@@ -131,12 +128,6 @@ class OftExpert:
         if not self.modules and not self.problems:
             self.problems.append(f"{where}: no OFT modules found")
 
-    def problems_against(self, base: Checkpoint) -> list[str]:
-        return list(self.problems)
-
-    def file_of(self, name: str) -> str:
-        return self.files.path if name in self.modules else self.base.file_of(name)
-
     def generator(self, name: str, dtype: torch.dtype = torch.float32, device="cpu") -> torch.Tensor | None:
         """Stored generator blocks [r, b, b] for `name` (PEFT's sign), or None if not targeted."""
         m = self.modules.get(name)
@@ -156,12 +147,6 @@ class OftExpert:
         if q is None:
             return w
         return apply_rotation(w, self.convention.rotation(q), self.modules[name], self.convention, self.row_scale(name, dtype, device))
-
-    def fingerprint(self) -> dict:
-        return self.files.fingerprint()
-
-    def close(self) -> None:
-        self.files.tensors.close()
 
 
 def apply_rotation(w: torch.Tensor, r_blocks: torch.Tensor, module: OftModule, convention: Convention, row_scale: torch.Tensor | None) -> torch.Tensor:
