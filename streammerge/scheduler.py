@@ -31,11 +31,10 @@ from .io.peft_oft import OftExpert, OftGenerators, check_oft_conventions
 from .io.journal import Journal, journal_path
 from .io.safetensors_format import DTYPE_NAMES, DTYPES, FLOAT_DTYPES, itemsize
 from .memwatch import PeakSampler, rss_anon
-from .methods import Method, TensorTask
+from .methods import TensorTask
 from .plan import Plan, TensorPlan, default_gpu_budget, default_ram_budget, free_disk, place
 from .prefetch import ReadAhead
 from .recipe import Recipe, parse_dtype
-from .units import format_size
 
 log = logging.getLogger(__name__)
 
@@ -385,8 +384,6 @@ class Merger:
                     report = self._run()
                 report.planned_peak_ram = self.plan.peak_host
                 report.measured_peak_ram = sampler.peak
-                if not self.quiet:
-                    log.info("peak RAM (anonymous): measured %s, planned %s", format_size(sampler.peak), format_size(self.plan.peak_host))
                 return report
             except KeyboardInterrupt:
                 raise Interrupted("interrupted; the finished shards are kept — rerun the same command to resume") from None

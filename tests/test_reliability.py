@@ -18,7 +18,6 @@ import time
 
 import pytest
 import torch
-import yaml
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
