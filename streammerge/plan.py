@@ -1,7 +1,8 @@
 """The memory plan: for every output tensor, where it is computed and the peak bytes it needs.
 
-Each method states its peak as `memory(shape, n_experts, params, itemsize)` → `Need`
-(measured and fitted per method: see bench/results/memory-calibration.txt). The plan puts a
+Each method states its peak as `memory(name, shape, n_experts, params, itemsize)` → `Need`
+(fitted to measured peaks per method; tests/test_plan_budget.py checks the fit,
+bench/results/memory-plan-vs-measured.md records it). The plan puts a
 tensor on the GPU when its working set fits `--max-gpu-memory` (moving per-expert state such as
 OrthoMerge's rotations to host RAM when only that does not fit), else on the CPU ("spill"), and
 refuses before any work when the host peak — the process's anonymous memory at start plus the

@@ -223,7 +223,7 @@ def merged_rotation(acc: LieAccumulator, rotations: list[torch.Tensor], weights:
     return product
 
 
-# Peak-memory coefficients, fitted to measured peaks (bench/results/memory-calibration.txt).
+# Peak-memory coefficients, fitted to measured peaks (bench/results/memory-plan-vs-measured.md).
 _C_COMPUTE, _C_OUT_IN, _C_SIDES, _C_SQUARE = 4.0, 0.5, 1.0, 14.0
 
 
