@@ -55,7 +55,7 @@ _RECIPE_OPTIONS = [
     click.option("--seed", type=int, help="Seed for random methods (dare); each tensor draws from (seed, its name)."),
     click.option("--allow-nonfinite", is_flag=True, default=None, help="Merge tensors holding NaN/Inf instead of stopping."),
     click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="Compute device; auto picks CUDA when available. Tensors that do not fit --max-gpu-memory run on the CPU."),
-    click.option("--max-ram", help="Budget for this process's anonymous memory, e.g. 8GB (default: 90% of the available RAM)."),
+    click.option("--max-ram", help="Budget for this process's anonymous memory, e.g. 8GB (default: 90% of the available RAM). Given explicitly, freed memory is also returned to the OS at once, which is slower on models of many mid-sized tensors."),
     click.option("--max-gpu-memory", help="Budget for GPU memory, e.g. 20GB (default: 90% of the GPU's free memory)."),
 ]
 

@@ -30,7 +30,7 @@ from .io.experts import ExpertSource, open_expert
 from .io.peft_oft import OftExpert, OftGenerators, check_oft_conventions
 from .io.journal import Journal, journal_path
 from .io.safetensors_format import DTYPE_NAMES, DTYPES, FLOAT_DTYPES, itemsize
-from .memwatch import PeakSampler, rss_anon
+from .memwatch import PeakSampler, return_freed_memory_to_os, rss_anon
 from .methods import TensorTask
 from .plan import Plan, TensorPlan, default_gpu_budget, default_ram_budget, free_disk, place
 from .prefetch import ReadAhead
@@ -219,6 +219,10 @@ class Merger:
     def __init__(self, recipe: Recipe, device: str = "auto", restart: bool = False, quiet: bool = False,
                  max_ram: int | None = None, max_gpu_memory: int | None = None, checkpoint_seconds: float = 10.0):
         self.recipe = recipe
+        if max_ram is not None:
+            # an explicit budget is a promise: keep allocator slack out of it (costs some speed
+            # on models made of many mid-sized tensors, so only when asked)
+            return_freed_memory_to_os()
         self.method, self.params = recipe.validate()
         self.device = resolve_device(device)
         self.restart = restart
