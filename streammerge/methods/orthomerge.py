@@ -139,13 +139,20 @@ def merge(task: TensorTask, params: OrthoMergeParams) -> torch.Tensor:
         tau = task.task_vector(i)
         return tau.mul_(conflict_rows(tau, tau_mean).unsqueeze(1)) if tau_mean is not None else tau
 
-    if not any(bool(target_delta(i).any()) for i in range(n)):
+    builder = None  # S = span(rows of W₀ and of every target); built on the first target ≠ base
+    for i in range(n):
+        delta = target_delta(i)
+        if not bool(delta.any()):
+            continue  # adds no direction
+        if builder is None:
+            builder = SubspaceBuilder(a, params.base_rtol, getattr(torch, params.precision))
+        if builder.full:
+            break
+        builder.add(delta)
+    if builder is None:
         # every target is the base (no conflicting rows anywhere): every R_i and R* are exactly
         # the identity and ρ_i = τ_i, so this is the residual merge alone — without the SVDs
         return res_method.merge(task, res_params)
-    builder = SubspaceBuilder(a, params.base_rtol, getattr(torch, params.precision))
-    for i in range(n if not builder.full else 0):  # S = span(rows of W₀ and of every target)
-        builder.add(target_delta(i))
     basis = builder.build()
     del builder
     rotations: list[SubspaceRotation] = []
