@@ -175,8 +175,9 @@ def merge(output_format, restart, quiet, memory_report, checkpoint_every, **kw) 
 @main.command()
 @recipe_options
 @click.option("--per-tensor", is_flag=True, help="One line per tensor instead of per tensor kind.")
+@click.option("--assume-gpu", help="Plan as if a CUDA device with this much memory were present, e.g. 24GB (no GPU needed to plan).")
 @reports_errors
-def plan(per_tensor, **kw) -> None:
+def plan(per_tensor, assume_gpu, **kw) -> None:
     """Print the memory plan of a merge (same arguments as merge) without merging.
 
     Exits 4 when the merge would not fit the RAM budget or the disk.
@@ -184,7 +185,7 @@ def plan(per_tensor, **kw) -> None:
     from .scheduler import Merger
 
     recipe = build_recipe(**kw)
-    merger = Merger(recipe, device=kw["device"], quiet=True, **_budgets(kw))
+    merger = Merger(recipe, device=kw["device"], quiet=True, assume_gpu=parse_size(assume_gpu) if assume_gpu else None, **_budgets(kw))
     try:
         click.echo(merger.plan.table(groups=not per_tensor))
         merger.plan.check()

@@ -42,6 +42,10 @@ class NonFiniteError(InputError):
     """NaN or Inf met in an input tensor or produced by a computation."""
 
 
+class NumericalError(InputError):
+    """A factorisation failed on a tensor even after every fallback (math/robust.py)."""
+
+
 def collect(problems: list[str], error: type[StreammergeError], what: str) -> None:
     """Raise `error` listing every problem at once (one line each), if there are any."""
     if len(problems) == 1:

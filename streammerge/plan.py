@@ -33,6 +33,7 @@ class Need:
 
     work: int
     state: int = 0
+    transfer: int = 1 << 62  # elements loaded at once (row-block methods: one block)
 
 
 @dataclass(frozen=True)
@@ -138,13 +139,14 @@ def free_disk(folder: str) -> int:
     return shutil.disk_usage(probe).free
 
 
-def place(need: Need, numel: int, itemsize: int, use_gpu: bool, gpu_budget: int | None) -> tuple[str, int, int, str]:
-    """(device, gpu bytes, host bytes, note) for one merged tensor."""
+def place(need: Need, numel: int, itemsize: int, use_gpu: bool, gpu_budget: int | None, out_bytes: int = 0) -> tuple[str, int, int, str]:
+    """(device, gpu bytes, host bytes, note) for one merged tensor; `out_bytes`: the result in
+    the output dtype, held in host memory while its shard is written."""
     if use_gpu and gpu_budget is not None:
-        transfer = numel * itemsize  # loads pass through host memory one tensor at a time
+        transfer = min(numel, need.transfer) * itemsize  # loads pass through host memory a block at a time
         if need.work + need.state <= gpu_budget:
-            return "cuda", need.work + need.state, 2 * transfer, ""
+            return "cuda", need.work + need.state, 2 * transfer + out_bytes, ""
         if need.work <= gpu_budget:
-            return "cuda", need.work, 2 * transfer + need.state, f"per-expert state ({format_size(need.state)}) kept in RAM"
-        return "cpu", 0, need.work + need.state, f"spilled: needs {format_size(need.work)} on the GPU"
-    return "cpu", 0, need.work + need.state, ""
+            return "cuda", need.work, 2 * transfer + need.state + out_bytes, f"per-expert state ({format_size(need.state)}) kept in RAM"
+        return "cpu", 0, need.work + need.state + out_bytes, f"spilled: needs {format_size(need.work)} on the GPU"
+    return "cpu", 0, need.work + need.state + out_bytes, ""

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from .errors import InputError, Interrupted, NonFiniteError, ResourceError, ResumeError, collect
+from .errors import InputError, Interrupted, NonFiniteError, ResourceError, ResumeError, UsageError, collect
 from .io.atomic import TMP_SUFFIX, ShardWriter, copy_atomic, os_error, temp_name, write_bytes_atomic
 from .io.checkpoint import INDEX_NAME, Checkpoint, load_json
 from .io.experts import ExpertSource, open_expert
@@ -156,29 +156,51 @@ def _file_state(paths: list[str]) -> dict[str, tuple[int, int]]:
 
 
 def all_finite(t: torch.Tensor) -> bool:
-    """No NaN/Inf, without a mask the size of t: max and min propagate NaN and reach ±Inf."""
+    """No NaN/Inf, in one pass and without a mask the size of t: a sum is finite unless an input
+    is NaN or ±Inf (or the sum overflows, which the exact check below then clears)."""
     if t.numel() == 0 or not t.is_floating_point():
         return True
-    return math.isfinite(float(t.max())) and math.isfinite(float(t.min()))
+    if math.isfinite(float(t.sum(dtype=torch.float32 if t.dtype != torch.float64 else None))):
+        return True
+    return bool(torch.isfinite(t).all())
 
 
 class LazyExperts:
-    """experts[i]: expert i's tensor `name`, loaded from its map in the compute dtype."""
+    """experts[i]: expert i's tensor `name`, loaded from its map in the compute dtype;
+    experts.rows(i, start, stop): its rows [start, stop) only."""
 
-    def __init__(self, ckpts: list[Checkpoint], name: str, dtype: torch.dtype, device: torch.device, check_finite: bool):
+    def __init__(self, ckpts: list, name: str, dtype: torch.dtype, device: torch.device, check_finite: bool):
         self.ckpts, self.name, self.dtype, self.device, self.check_finite = ckpts, name, dtype, device, check_finite
 
     def __len__(self) -> int:
         return len(self.ckpts)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        t = self.ckpts[i].get(self.name, self.dtype, self.device)
+        return self._checked(i, self.ckpts[i].get(self.name, self.dtype, self.device))
+
+    def rows(self, i: int, start: int, stop: int) -> torch.Tensor:
+        return self._checked(i, self.ckpts[i].get(self.name, self.dtype, self.device, rows=(start, stop)))
+
+    def _checked(self, i: int, t: torch.Tensor) -> torch.Tensor:
         if self.check_finite and not all_finite(t):
             raise NonFiniteError(
                 f"{self.ckpts[i].file_of(self.name)}: tensor {self.name!r} contains NaN or Inf "
                 "(pass --allow-nonfinite to merge it anyway)"
             )
         return t
+
+
+class ExpertRows:
+    """The experts of one row block, indexed like LazyExperts (statistics passes)."""
+
+    def __init__(self, experts: LazyExperts, rows: tuple[int, int] | None):
+        self.experts, self.r = experts, rows
+
+    def __len__(self) -> int:
+        return len(self.experts)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.experts[i] if self.r is None else self.experts.rows(i, *self.r)
 
 
 @contextmanager
@@ -217,14 +239,16 @@ class Merger:
     """One merge run of a validated recipe."""
 
     def __init__(self, recipe: Recipe, device: str = "auto", restart: bool = False, quiet: bool = False,
-                 max_ram: int | None = None, max_gpu_memory: int | None = None, checkpoint_seconds: float = 10.0):
+                 max_ram: int | None = None, max_gpu_memory: int | None = None, checkpoint_seconds: float = 10.0,
+                 assume_gpu: int | None = None):
         self.recipe = recipe
+        self.assume_gpu = assume_gpu  # plan only: as if a CUDA device with this much free memory were present
         if max_ram is not None:
             # an explicit budget is a promise: keep allocator slack out of it (costs some speed
             # on models made of many mid-sized tensors, so only when asked)
             return_freed_memory_to_os()
         self.method, self.params = recipe.validate()
-        self.device = resolve_device(device)
+        self.device = torch.device("cuda") if assume_gpu else resolve_device(device)
         self.restart = restart
         self.quiet = quiet
         self.checkpoint_seconds = checkpoint_seconds  # how often progress inside a shard is made durable
@@ -245,7 +269,10 @@ class Merger:
     def make_plan(self, max_ram: int | None, max_gpu_memory: int | None) -> Plan:
         """Device and peak memory of every tensor under the budgets (see plan.py)."""
         use_gpu = self.device.type == "cuda"
-        gpu_budget = (max_gpu_memory or default_gpu_budget()) if use_gpu else None
+        if self.assume_gpu:
+            gpu_budget = min(max_gpu_memory or self.assume_gpu, self.assume_gpu)
+        else:
+            gpu_budget = (max_gpu_memory or default_gpu_budget()) if use_gpu else None
         ram_budget = max_ram or default_ram_budget()
         itemsize = torch.empty((), dtype=self.compute_dtype).element_size()
         n = len(self.experts)
@@ -259,7 +286,7 @@ class Merger:
                     continue
                 need = self.method.memory(t.name, t.shape, n, self.params, itemsize)
                 numel = math.prod(t.shape)
-                device, gpu_bytes, host_bytes, note = place(need, numel, itemsize, use_gpu, gpu_budget)
+                device, gpu_bytes, host_bytes, note = place(need, numel, itemsize, use_gpu, gpu_budget, t.nbytes)
                 tensors.append(TensorPlan(t.name, t.shape, device, gpu_bytes, host_bytes, read, t.nbytes, note))
         plan = Plan(tensors, rss_anon(), ram_budget, gpu_budget, free_disk(self.recipe.out), sum(s.nbytes for s in self.shards),
                     self.method.statistics_passes(self.params))
@@ -349,33 +376,39 @@ class Merger:
     def _experts_for(self, name: str) -> LazyExperts:
         return LazyExperts(self.experts, name, self.compute_dtype, self._device_of(name), not self.recipe.allow_nonfinite)
 
-    def _load_base(self, name: str) -> torch.Tensor:
-        t = self.base.get(name, self.compute_dtype, self._device_of(name))
+    def _load_base(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        t = self.base.get(name, self.compute_dtype, self._device_of(name), rows)
         if not self.recipe.allow_nonfinite and not all_finite(t):
             raise NonFiniteError(f"{self.base.file_of(name)}: tensor {name!r} contains NaN or Inf (pass --allow-nonfinite to merge it anyway)")
         return t
 
-    def _model_pass(self, label: str):
-        merged = [t.name for s in self.shards for t in s.tensors if t.merged]
+    def _task(self, t: OutputTensor, statistics=None) -> TensorTask:
+        device = self._device_of(t.name)
+        placed = self._placement.get(t.name)
+        return TensorTask(
+            t.name, lambda rows: self._load_base(t.name, rows), self._experts_for(t.name), self.weights, self.densities,
+            statistics, self.recipe.seed,
+            OftGenerators(self.experts, t.name, self.compute_dtype, device) if self.oft_path else None,  # type: ignore[arg-type]
+            torch.device("cpu") if placed is not None and device.type == "cuda" and "state" in placed.note else None,
+            out_dtype=DTYPES[t.dtype], shape=t.shape, dtype=self.compute_dtype,
+        )
 
-        def run() -> Iterator[tuple[str, torch.Tensor, LazyExperts]]:
-            for name in tqdm(merged, desc=label, unit="tensor", disable=self.quiet, leave=False):
-                yield name, self._load_base(name), self._experts_for(name)
+    def _model_pass(self, label: str):
+        """A statistics pass: (name, base rows, experts' rows) for every row block of every merged tensor."""
+        merged = [t for s in self.shards for t in s.tensors if t.merged]
+
+        def run() -> Iterator[tuple[str, torch.Tensor, ExpertRows]]:
+            for t in tqdm(merged, desc=label, unit="tensor", disable=self.quiet, leave=False):
+                task = self._task(t)
+                for rows in task.row_blocks():
+                    yield t.name, task.base_rows(rows), ExpertRows(task.experts, rows)  # type: ignore[arg-type]
 
         return run
 
     def _merge_tensor(self, t: OutputTensor, statistics) -> torch.Tensor:
         if not t.merged:
             return self.base.get(t.name, dtype=None)
-        device = self._device_of(t.name)
-        placed = self._placement[t.name]
-        task = TensorTask(
-            t.name, self._load_base(t.name), self._experts_for(t.name), self.weights, self.densities,
-            statistics, self.recipe.seed,
-            OftGenerators(self.experts, t.name, self.compute_dtype, device) if self.oft_path else None,  # type: ignore[arg-type]
-            torch.device("cpu") if device.type == "cuda" and "state" in placed.note else None,
-        )
-        result = self.method.merge(task, self.params)
+        result = self.method.merge(self._task(t, statistics), self.params)
         if not self.recipe.allow_nonfinite and not all_finite(result):
             raise NonFiniteError(f"merged tensor {t.name!r} has NaN or Inf although its inputs are finite (a bug: please report)")
         return result.to(device="cpu", dtype=DTYPES[t.dtype])
@@ -393,6 +426,8 @@ class Merger:
                 raise Interrupted("interrupted; the finished shards are kept — rerun the same command to resume") from None
 
     def _run(self) -> MergeReport:
+        if self.assume_gpu:
+            raise UsageError("--assume-gpu plans only; merge on a machine that has the GPU")
         started = time.monotonic()
         journal = self._prepare_output()
         out = self.recipe.out

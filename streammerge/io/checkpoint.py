@@ -121,13 +121,21 @@ class Checkpoint:
     def file_of(self, name: str) -> str:
         return self.locations[name][0]
 
-    def get(self, name: str, dtype: torch.dtype | None = torch.float32, device: str | torch.device = "cpu") -> torch.Tensor:
-        """A fresh copy of tensor `name` in `dtype` on `device` (None keeps the stored dtype)."""
+    def get(self, name: str, dtype: torch.dtype | None = torch.float32, device: str | torch.device = "cpu",
+            rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """A fresh copy of tensor `name` (or of its rows [start, stop) along dim 0) in `dtype` on
+        `device` (None keeps the stored dtype)."""
         path, info = self.locations[name]
         raw = self._read(path, info)
+        if rows is not None:
+            raw = raw[rows[0]:rows[1]]
         out = raw.to(device=device, dtype=dtype or raw.dtype, copy=True)
+        if rows is None:
+            self._release(path, info, 0, info.nbytes)
+        else:
+            row_bytes = info.nbytes // max(1, info.shape[0])
+            self._release(path, info, rows[0] * row_bytes, (rows[1] - rows[0]) * row_bytes)
         del raw
-        self._release(path, info)
         return out
 
     def _read(self, path: str, info: TensorInfo) -> torch.Tensor:
@@ -152,13 +160,15 @@ class Checkpoint:
         except (RuntimeError, OSError) as exc:
             raise InputError(f"{path}: tensor {info.name!r}: cannot read ({exc})") from None
 
-    def _release(self, path: str, info: TensorInfo) -> None:
+    def _release(self, path: str, info: TensorInfo, skip: int, nbytes: int) -> None:
+        """Drop the mapped pages of bytes [skip, skip + nbytes) of the tensor from this process."""
         mm = self._maps.get(path)
-        if mm is None or info.nbytes == 0:
+        if mm is None or nbytes <= 0:
             return
-        start = info.offset - info.offset % _PAGE
+        begin = info.offset + skip
+        start = begin - begin % _PAGE
         try:
-            mm.madvise(mmap.MADV_DONTNEED, start, min(len(mm) - start, info.offset + info.nbytes - start))
+            mm.madvise(mmap.MADV_DONTNEED, start, min(len(mm) - start, begin + nbytes - start))
         except (OSError, ValueError, AttributeError):
             pass  # an optimisation only
 

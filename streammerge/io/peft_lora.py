@@ -69,21 +69,28 @@ class LoraExpert(AdapterExpert):
         if not self.modules and not self.problems:
             self.problems.append(f"{where}: no LoRA modules found")
 
-    def delta(self, name: str, dtype: torch.dtype, device) -> torch.Tensor:
+    def delta(self, name: str, dtype: torch.dtype, device, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """scale · B A for module `name` (rows [start, stop) of it only: B's rows, or A's columns
+        where the layout is transposed)."""
         m = self.modules[name]
         a = self.files.tensors.get(m.a_key, dtype, device)
         b = self.files.tensors.get(m.b_key, dtype, device)
-        d = (b @ a).T if (m.embedding or self.fan_in_fan_out) else b @ a
+        if m.embedding or self.fan_in_fan_out:
+            d = (b @ a).T if rows is None else a[:, rows[0]:rows[1]].T @ b.T
+        else:
+            d = b @ a if rows is None else b[rows[0]:rows[1]] @ a
         return d.mul_(m.scale)
 
-    def get(self, name: str, dtype: torch.dtype = torch.float32, device="cpu") -> torch.Tensor:
-        w = self.base.get(name, dtype, device)
+    def get(self, name: str, dtype: torch.dtype = torch.float32, device="cpu", rows: tuple[int, int] | None = None) -> torch.Tensor:
+        w = self.base.get(name, dtype, device, rows)
         if name not in self.modules:
             return w
-        w.add_(self.delta(name, dtype, device))
+        w.add_(self.delta(name, dtype, device, rows))
         m = self.modules[name]
-        if m.magnitude_key is not None:
+        if m.magnitude_key is not None:  # DoRA: per output row, so rows stay independent
             mag = self.files.tensors.get(m.magnitude_key, dtype, device)
+            if rows is not None:
+                mag = mag[rows[0]:rows[1]]
             norm = w.norm(dim=1).clamp_min(torch.finfo(dtype).tiny)
             w.mul_((mag / norm).unsqueeze(1))
         return w

@@ -141,12 +141,18 @@ class OftExpert(AdapterExpert):
         m = self.modules.get(name)
         return None if m is None or m.scale_key is None else self.files.tensors.get(m.scale_key, dtype, device)
 
-    def get(self, name: str, dtype: torch.dtype = torch.float32, device="cpu") -> torch.Tensor:
-        w = self.base.get(name, dtype, device)
+    def get(self, name: str, dtype: torch.dtype = torch.float32, device="cpu", rows: tuple[int, int] | None = None) -> torch.Tensor:
         q = self.generator(name, dtype, device)
         if q is None:
-            return w
-        return apply_rotation(w, self.convention.rotation(q), self.modules[name], self.convention, self.row_scale(name, dtype, device))
+            return self.base.get(name, dtype, device, rows)
+        if self.convention.fmt == "output_side":  # R_bdᵀ W mixes rows: rotate whole, then cut
+            w = apply_rotation(self.base.get(name, dtype, device), self.convention.rotation(q), self.modules[name], self.convention, self.row_scale(name, dtype, device))
+            return w if rows is None else w[rows[0]:rows[1]].clone()
+        scale = self.row_scale(name, dtype, device)
+        if rows is not None and scale is not None:
+            scale = scale.reshape(-1)[rows[0]:rows[1]]
+        w = self.base.get(name, dtype, device, rows)
+        return apply_rotation(w, self.convention.rotation(q), self.modules[name], self.convention, scale)
 
 
 def apply_rotation(w: torch.Tensor, r_blocks: torch.Tensor, module: OftModule, convention: Convention, row_scale: torch.Tensor | None) -> torch.Tensor:

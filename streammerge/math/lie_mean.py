@@ -36,8 +36,9 @@ class LieAccumulator:
         self.norms.append(norm)
         self.weights.append(weight)
         term = q * weight if self.direction == "sum" else q * (weight / norm if norm > TINY else 0.0)
-        self.total = term.clone() if self.total is None else self.total.add_(term)
-        self.plain_total = q * weight if self.plain_total is None else self.plain_total.add_(q, alpha=weight)
+        self.total = term if self.total is None else self.total.add_(term)
+        if self.direction != "sum":  # with "sum", total is Σ w_i Q_i already: no second k×k sum
+            self.plain_total = q * weight if self.plain_total is None else self.plain_total.add_(q, alpha=weight)
 
     def magnitude(self, kind: str) -> float:
         if kind == "mean":
@@ -58,9 +59,10 @@ class LieAccumulator:
 
     def simple_average(self, scale: float = 1.0) -> torch.Tensor:
         """The "Simple Average Q" ablation: Σ w_i Q_i / Σ w_i."""
-        assert self.plain_total is not None
+        plain = self.plain_total if self.plain_total is not None else self.total
+        assert plain is not None, "no generator added"
         s = sum(self.weights)
-        return self.plain_total * (scale / s if s else 0.0)
+        return plain * (scale / s if s else 0.0)
 
 
 def magnitude_corrected_mean(qs: list[torch.Tensor], weights: list[float] | None = None, magnitude: str = "mean", direction: str = "sum", scale: float = 1.0) -> torch.Tensor:

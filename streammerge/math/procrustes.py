@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from .cayley import inverse_cayley
+from .robust import polar, svd
 
 RANK_RTOL = 1e-10  # numerical rank when building the subspace basis (float64)
 
@@ -58,7 +59,7 @@ class SubspaceBuilder:
 
     def __init__(self, a: torch.Tensor, base_rtol: float = 1e-2, dtype: torch.dtype = torch.float64):
         self.a = a.to(dtype)
-        _, s, vh = torch.linalg.svd(self.a, full_matrices=False)
+        _, s, vh = svd(self.a, full_matrices=False)
         top = float(s[0]) if s.numel() else 0.0
         self.scale = top
         self.strong = vh[s > base_rtol * top].T if top > 0 else vh[:0].T
@@ -75,7 +76,7 @@ class SubspaceBuilder:
             return
         rows = rows.to(self.known.dtype)
         rest = rows - (rows @ self.known) @ self.known.T
-        _, s, vh = torch.linalg.svd(rest, full_matrices=False)
+        _, s, vh = svd(rest, full_matrices=False)
         scale = max(self.scale, float(torch.linalg.matrix_norm(rows, ord=2)))
         new = vh[s > RANK_RTOL * scale].T
         if new.shape[1]:
@@ -88,11 +89,6 @@ class SubspaceBuilder:
     def build(self) -> Subspace:
         p = torch.cat([self.strong, self.added], dim=1).contiguous()
         return Subspace(p, (self.a @ p).contiguous())
-
-
-def _polar(m: torch.Tensor) -> torch.Tensor:
-    u, _, vh = torch.linalg.svd(m)
-    return u @ vh
 
 
 @dataclass(frozen=True)
@@ -134,9 +130,10 @@ def _complete_nearest_identity(u: torch.Tensor, v: torch.Tensor, r: int) -> torc
     rot = u[:, :r] @ v[:, :r].T
     w = u.shape[0]
     if r < w:
-        x, _, yh = torch.linalg.svd(u[:, r:].T @ v[:, r:])
-        null_part = u[:, r:] @ (x @ yh) @ v[:, r:].T
+        c = u[:, r:].T @ v[:, r:]  # near-orthogonal where the pairs leave little out: see robust.py
+        null_part = u[:, r:] @ polar(c) @ v[:, r:].T
         if torch.linalg.det(rot + null_part) < 0:
+            x, _, yh = svd(c)
             x = x.clone()
             x[:, -1] = -x[:, -1]  # flip the completion direction that costs least (Kabsch)
             null_part = u[:, r:] @ (x @ yh) @ v[:, r:].T
@@ -162,12 +159,12 @@ def procrustes(target: torch.Tensor, sub: Subspace, null_rtol: float = 1e-6, max
     y = sub.ap
     out = x.shape[0]
     if 2 * out > k:
-        u, s, vh = torch.linalg.svd(x.T @ y)
+        u, s, vh = svd(x.T @ y)
         r = int((s > null_rtol * s[0]).sum()) if s[0] > 0 else 0
         return generator_of(_complete_nearest_identity(u, vh.T, r), max_angle)
     qx, rx = torch.linalg.qr(x.T)  # [k, out], [out, out]
     qy, ry = torch.linalg.qr(y.T)
-    uc, s, vch = torch.linalg.svd(rx @ ry.T)
+    uc, s, vch = svd(rx @ ry.T)
     r = int((s > null_rtol * s[0]).sum()) if s[0] > 0 else 0
     ur, vr = qx @ uc[:, :r], qy @ vch[:r].T  # [k, r]: M_s = U_r Σ V_rᵀ
     frame, _ = torch.linalg.qr(torch.cat([ur, vr], dim=1))  # [k, 2r] ⊇ span(U_r, V_r)
@@ -194,7 +191,7 @@ def generator_of(rot: torch.Tensor, max_angle: float = 0.5 * math.pi) -> Subspac
     evals, evecs = torch.linalg.eigh(0.5 * (rot + rot.T))
     wild = evals < math.cos(max_angle)
     w = evecs[:, wild]
-    fixed = _polar(rot - rot @ w @ w.T + w @ w.T)  # polar: clean the round-off of the split
+    fixed = polar(rot - rot @ w @ w.T + w @ w.T)  # polar: clean the round-off of the split
     return SubspaceRotation(fixed, inverse_cayley(fixed), None, int(wild.sum()) // 2)
 
 

@@ -13,6 +13,7 @@ merging; its JSON-able result is journalled so a resumed merge does not recomput
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
 from typing import Any, Protocol
@@ -22,28 +23,93 @@ import torch
 from ..errors import UsageError
 
 
+Rows = tuple[int, int]  # rows [start, stop) along dim 0: a row block
+
+# Row blocks: methods whose arithmetic is row-local (task arithmetic, linear, TIES, DARE) stream
+# a large tensor in blocks of at most this many elements, so their working set is a few blocks
+# plus the output, never several copies of a 128k-vocabulary embedding. Results do not depend
+# on the block size (every formula is elementwise, thresholds are exact, DARE's generator runs on
+# across blocks), so it is an engineering constant, not part of a recipe.
+BLOCK_ELEMENTS = 1 << 22
+
+
 class ExpertTensors(Protocol):
-    """Lazy per-expert tensors for one weight name; each access loads (and copies) anew."""
+    """Lazy per-expert tensors for one weight name; each access loads (and copies) anew.
+    Sources that can also load a row block define `rows(i, start, stop)`."""
 
     def __len__(self) -> int: ...
     def __getitem__(self, i: int) -> torch.Tensor: ...
 
 
-@dataclass
 class TensorTask:
-    name: str
-    base: torch.Tensor
-    experts: ExpertTensors
-    weights: tuple[float, ...]
-    densities: tuple[float | None, ...] = ()  # per-expert override, None: the method's own
-    statistics: Any = None  # what the method's `statistics` returned, if it has one
-    seed: int = 0
-    generators: Any = None  # OFT experts only: per-expert generator blocks (scheduler.OftGenerators)
-    state_device: Any = None  # where per-expert state goes (the plan may keep it in host RAM)
+    """One weight name to merge: the base (a tensor, or a loader `rows -> tensor` called with
+    None for the whole tensor), the lazy experts, and the recipe's per-expert values.
 
-    def task_vector(self, i: int) -> torch.Tensor:
-        """τ_i = W_i − W_0, in the compute dtype."""
-        return self.experts[i].sub_(self.base)
+    `base` is the whole base tensor, loaded on first use; `row_blocks()`, `base_rows(r)` and
+    `task_vector(i, r)` serve methods that stream in row blocks; `new_output()` is the result
+    tensor (host memory, the output dtype) that such methods fill block by block."""
+
+    def __init__(self, name: str, base, experts: ExpertTensors, weights: tuple[float, ...],
+                 densities: tuple[float | None, ...] = (), statistics: Any = None, seed: int = 0,
+                 generators: Any = None, state_device: Any = None, out_dtype: torch.dtype | None = None,
+                 shape: tuple[int, ...] | None = None, dtype: torch.dtype = torch.float32):
+        self.name = name
+        self.experts = experts
+        self.weights = weights
+        self.densities = densities  # per-expert override, None: the method's own
+        self.statistics = statistics  # what the method's `statistics` returned, if it has one
+        self.seed = seed
+        self.generators = generators  # OFT experts only: per-expert generator blocks (io.peft_oft.OftGenerators)
+        self.state_device = state_device  # where per-expert state goes (the plan may keep it in host RAM)
+        self.out_dtype = out_dtype  # dtype of new_output() (None: the compute dtype)
+        self._base_block: tuple[Rows, torch.Tensor] | None = None
+        if isinstance(base, torch.Tensor):
+            self._base, self._load_base, self.shape, self.dtype = base, None, tuple(base.shape), base.dtype
+        else:
+            assert shape is not None, "a base loader needs the shape"
+            self._base, self._load_base, self.shape, self.dtype = None, base, tuple(shape), dtype  # dtype: the compute dtype
+
+    @property
+    def base(self) -> torch.Tensor:
+        if self._base is None:
+            self._base = self._load_base(None)
+        return self._base
+
+    def base_rows(self, rows: Rows | None) -> torch.Tensor:
+        """The base's rows (read-only: callers never write into it). The last block loaded is
+        kept, since a method reads the same base block once per expert."""
+        if rows is None:
+            return self.base
+        if self._base is not None:
+            return self._base[rows[0]:rows[1]]
+        if self._base_block is None or self._base_block[0] != rows:
+            self._base_block = None  # free the previous block before loading the next
+            self._base_block = (rows, self._load_base(rows))
+        return self._base_block[1]
+
+    def expert_rows(self, i: int, rows: Rows | None) -> torch.Tensor:
+        if rows is None:
+            return self.experts[i]
+        return self.experts.rows(i, rows[0], rows[1])  # type: ignore[attr-defined]
+
+    def task_vector(self, i: int, rows: Rows | None = None) -> torch.Tensor:
+        """τ_i = W_i − W_0 (of rows `rows` only, if given), in the compute dtype."""
+        return self.expert_rows(i, rows).sub_(self.base_rows(rows))
+
+    def row_blocks(self, max_elements: int | None = None) -> list[Rows | None]:
+        """The row blocks a streaming method visits in order; [None] (the whole tensor at once)
+        for scalars, small tensors and experts that cannot load rows."""
+        max_elements = max_elements or BLOCK_ELEMENTS
+        numel = math.prod(self.shape)
+        if not self.shape or numel <= max_elements or not hasattr(self.experts, "rows"):
+            return [None]
+        row = max(1, numel // self.shape[0])
+        step = max(1, max_elements // row)
+        return [(s, min(s + step, self.shape[0])) for s in range(0, self.shape[0], step)]
+
+    def new_output(self, like: torch.Tensor) -> torch.Tensor:
+        """The result tensor, filled block by block with `out[r0:r1].copy_(block)`."""
+        return torch.empty(self.shape, dtype=self.out_dtype or like.dtype, device="cpu" if self.out_dtype else like.device)
 
     def rng(self, i: int) -> torch.Generator:
         """A CPU generator seeded by (seed, tensor name, expert index): reproducible anywhere."""
@@ -53,15 +119,31 @@ class TensorTask:
         return g
 
 
-def elementwise_memory(buffers: float) -> Callable[..., Any]:
-    """Peak of a method that holds `buffers` compute-dtype copies of the tensor (measured)."""
+def map_row_blocks(task: TensorTask, merge_block: Callable[[Rows | None], torch.Tensor]) -> torch.Tensor:
+    """The result of a row-local method: `merge_block(rows)` for each row block in order, gathered
+    into `task.new_output` (or returned as it is when the tensor is one block)."""
+    blocks = task.row_blocks()
+    if blocks == [None]:
+        return merge_block(None)
+    out = None
+    for rows in blocks:
+        block = merge_block(rows)
+        if out is None:
+            out = task.new_output(block)
+        out[rows[0]:rows[1]].copy_(block)  # type: ignore[index]
+        del block
+    return out  # type: ignore[return-value]
+
+
+def elementwise_memory_blocks(buffers: float, cached: float = 0.0) -> Callable[..., Any]:
+    """Peak of a row-block method: `buffers` compute-dtype blocks alive at once (the output is
+    counted by the planner), plus `cached` compute-dtype copies of the whole tensor."""
     from ..plan import Need
 
     def memory(name: str, shape: tuple[int, ...], n_experts: int, params: Any, itemsize: int) -> Need:
-        numel = 1
-        for d in shape:
-            numel *= d
-        return Need(int(buffers * numel * itemsize))
+        numel = math.prod(shape)
+        block = min(numel, BLOCK_ELEMENTS) if shape else numel
+        return Need(int(buffers * block * itemsize + cached * numel * itemsize), transfer=block)
 
     return memory
 

@@ -3,8 +3,10 @@
 and disjoint merge without magnitude trimming (`dare_ties`, as mergekit and the DARE paper).
 
 The drop mask is drawn on the CPU from a generator seeded by (seed, tensor name, expert), so
-a merge is reproducible on any device and a resumed merge is byte-identical. Unlike mergekit,
-survivors are rescaled by 1/(1−p) as in the paper, not to match the L1 norm.
+a merge is reproducible on any device and a resumed merge is byte-identical. Row blocks draw
+from the same generator in row order, which gives exactly the draws of the whole tensor at
+once (torch's CPU `rand` is sequential), so the block size never changes the result. Unlike
+mergekit, survivors are rescaled by 1/(1−p) as in the paper, not to match the L1 norm.
 """
 from __future__ import annotations
 
@@ -12,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from . import ALIASES, Method, TensorTask, check_range, elementwise_memory, register
-from .ties import disjoint_merge
+from . import ALIASES, Method, Rows, TensorTask, check_range, elementwise_memory_blocks, map_row_blocks, register
+from .ties import disjoint_merge_blocks
 
 
 @dataclass(frozen=True)
@@ -42,21 +44,43 @@ def drop_and_rescale(tau: torch.Tensor, p: float, rescale: bool, rng: torch.Gene
 
 
 def merge(task: TensorTask, params: DareParams) -> torch.Tensor:
-    def dropped(i: int) -> torch.Tensor:
+    n = len(task.weights)
+    rngs = [task.rng(i) for i in range(n)]  # one per expert, running on across the row blocks
+    drop = []
+    for i in range(n):
         p = params.drop_rate
         if task.densities and task.densities[i] is not None:
             p = 1.0 - float(task.densities[i])  # mergekit's per-model density is the keep rate
-        return drop_and_rescale(task.task_vector(i), p, params.rescale, task.rng(i)).mul_(task.weights[i])
+        drop.append(p)
+
+    def dropped(i: int, rows: Rows | None) -> torch.Tensor:
+        return drop_and_rescale(task.task_vector(i, rows), drop[i], params.rescale, rngs[i]).mul_(task.weights[i])
 
     if params.combine == "ties":
-        merged = disjoint_merge(task, dropped, params.merge)
-    else:
-        merged = torch.zeros_like(task.base)
-        for i in range(len(task.weights)):
-            merged.add_(dropped(i))
-    return task.base + params.lambda_ * merged
+        return disjoint_merge_blocks(task, lambda rows: [dropped(i, rows) for i in range(n)], params.merge, params.lambda_)
+
+    def block(rows: Rows | None) -> torch.Tensor:
+        merged = None
+        for i in range(n):
+            v = dropped(i, rows)
+            if merged is None:
+                merged = torch.zeros_like(v)
+            merged.add_(v)
+            del v
+        assert merged is not None, "no experts"
+        return task.base_rows(rows) + params.lambda_ * merged
+
+    return map_row_blocks(task, block)
 
 
-register(Method("dare", DareParams, merge, memory=lambda name, shape, n, p, item: elementwise_memory(9.8 if p.combine == "ties" else 4.25)(name, shape, n, p, item), doc=__doc__ or ""))
+def memory(name: str, shape: tuple[int, ...], n: int, params: DareParams, itemsize: int):
+    """Per row block: TA keeps the base block, the sum, one vector, its random draws and mask and
+    the result's temporaries (7 blocks, fitted to measured peaks); TIES all N vectors and the
+    sign election's temporaries."""
+    buffers = n + 6.0 if params.combine == "ties" else 7.0
+    return elementwise_memory_blocks(buffers)(name, shape, n, params, itemsize)
+
+
+register(Method("dare", DareParams, merge, memory=memory, doc=__doc__ or ""))
 ALIASES["dare_linear"] = ("dare", {"combine": "task_arithmetic"})
 ALIASES["dare_ties"] = ("dare", {"combine": "ties"})

@@ -1,11 +1,11 @@
-"""linear: the weighted average of the experts, Σ w_i W_i / Σ w_i (model soup)."""
+"""linear: the weighted average of the experts, Σ w_i W_i / Σ w_i (model soup), per row block."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
 
-from . import Method, TensorTask, elementwise_memory, register
+from . import Method, Rows, TensorTask, elementwise_memory_blocks, map_row_blocks, register
 
 
 @dataclass(frozen=True)
@@ -14,15 +14,22 @@ class LinearParams:
 
 
 def merge(task: TensorTask, params: LinearParams) -> torch.Tensor:
-    total = torch.zeros_like(task.base)
-    for i, w in enumerate(task.weights):
-        total.add_(task.experts[i], alpha=w)
-    if params.normalize:
-        s = sum(task.weights)
-        if s == 0:
-            raise ValueError("linear: the expert weights sum to zero")
-        total.div_(s)
-    return total
+    s = sum(task.weights)
+    if params.normalize and s == 0:
+        raise ValueError("linear: the expert weights sum to zero")
+
+    def block(rows: Rows | None) -> torch.Tensor:
+        total = None
+        for i, w in enumerate(task.weights):
+            w_i = task.expert_rows(i, rows)
+            if total is None:
+                total = torch.zeros_like(w_i)
+            total.add_(w_i, alpha=w)
+            del w_i
+        assert total is not None, "no experts"
+        return total.div_(s) if params.normalize else total
+
+    return map_row_blocks(task, block)
 
 
-register(Method("linear", LinearParams, merge, memory=elementwise_memory(3.0), doc=__doc__ or ""))
+register(Method("linear", LinearParams, merge, memory=elementwise_memory_blocks(3.0), doc=__doc__ or ""))

@@ -26,9 +26,10 @@ from typing import Any
 
 import torch
 
-from ..errors import UsageError
+from ..errors import NumericalError, UsageError
 from ..math.cayley import cayley
 from ..math.lie_mean import LieAccumulator
+from ..math.robust import LinalgFailure
 from ..math.procrustes import Subspace, SubspaceBuilder, SubspaceRotation, identity_rotation, procrustes, rotate_base
 from . import Method, TensorTask, build_params, check_range, get_method, register
 
@@ -120,9 +121,20 @@ def conflict_rows(tau: torch.Tensor, tau_mean: torch.Tensor) -> torch.Tensor:
 
 
 def merge(task: TensorTask, params: OrthoMergeParams) -> torch.Tensor:
+    try:
+        return _merge(task, params)
+    except (LinalgFailure, torch.linalg.LinAlgError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise NumericalError(
+            f"tensor {task.name!r}: OrthoMerge's linear algebra failed after every fallback ({first}); "
+            "the finished shards are kept — merge it without rotation with --exclude, or use --target conflict"
+        ) from None
+
+
+def _merge(task: TensorTask, params: OrthoMergeParams) -> torch.Tensor:
     n = len(task.weights)
     res_method, res_params = residual_method(params, n)
-    if not rotates(task.name, task.base.shape, params):
+    if not rotates(task.name, task.shape, params):
         return res_method.merge(task, res_params)
     if task.generators is not None:
         return merge_oft(task, params)
@@ -155,7 +167,12 @@ def merge(task: TensorTask, params: OrthoMergeParams) -> torch.Tensor:
         return res_method.merge(task, res_params)
     basis = builder.build()
     del builder
+    # With a task-arithmetic residual, ρ_i goes into a running sum as soon as R_i is known and
+    # R_i is dropped: no per-expert state. Other residual methods (and the R-space ablations)
+    # read every R_i again, so those are kept (the plan counts them as state).
+    running = res_method.name == "task_arithmetic" and params.rotation_merge not in ("average_r", "product_r")
     rotations: list[SubspaceRotation] = []
+    residual_sum = None
     acc = LieAccumulator(params.direction)
     max_angle = math.radians(params.max_angle_deg)
     for i in range(n):
@@ -168,12 +185,25 @@ def merge(task: TensorTask, params: OrthoMergeParams) -> torch.Tensor:
                 log.info("%s: expert %d: %d plane(s) rotated beyond %.0f° left to the residual", task.name, i + 1, rot.clipped_planes, params.max_angle_deg)
         del delta
         acc.add(rot.dense_q(), task.weights[i])
-        rotations.append(rot if task.state_device is None else rot.to(task.state_device))
+        if running:
+            # τ of the pseudo-expert W₀ + ρ_i, in the same operations as _Residuals + task arithmetic
+            term = task.experts[i].sub_(rotate_base(a, basis, rot).sub_(a)).sub_(a)
+            if residual_sum is None:
+                residual_sum = torch.zeros_like(a)
+            residual_sum.add_(term, alpha=task.weights[i])
+            del term
+        else:
+            rotations.append(rot if task.state_device is None else rot.to(task.state_device))
     dense = [r.to(basis.p.device).dense_r() for r in rotations] if params.rotation_merge in ("average_r", "product_r") else []
     r_star = merged_rotation(acc, dense, task.weights, params)
-    merged_residual = res_method.merge(
-        TensorTask(task.name, a, _Residuals(task, basis, rotations), task.weights, task.densities, None, task.seed), res_params
-    )
+    del acc
+    if running:
+        assert residual_sum is not None
+        merged_residual = a + residual_sum.mul_(res_params.lambda_)
+    else:
+        merged_residual = res_method.merge(
+            TensorTask(task.name, a, _Residuals(task, basis, rotations), task.weights, task.densities, None, task.seed), res_params
+        )
     return rotate_base(a, basis, r_star).add_(merged_residual.sub_(a))
 
 
@@ -249,7 +279,8 @@ def memory(name: str, shape: tuple[int, ...], n: int, params: OrthoMergeParams, 
     k = min(inn, min(out, inn) + n * out)
     numel = out * inn
     work = _C_COMPUTE * numel * itemsize + _C_OUT_IN * numel * f + _C_SIDES * (out + inn) * k * f + _C_SQUARE * k * k * f
-    return Need(int(work), n * k * k * f)
+    running = res_method.name == "task_arithmetic" and params.rotation_merge not in ("average_r", "product_r")
+    return Need(int(work), 0 if running else n * k * k * f)
 
 
 register(Method("orthomerge", OrthoMergeParams, merge, memory=memory, doc=__doc__ or ""))

@@ -1,11 +1,11 @@
-"""task_arithmetic: W_0 + λ Σ w_i τ_i (Ilharco et al., 2022), one pass, a running sum."""
+"""task_arithmetic: W_0 + λ Σ w_i τ_i (Ilharco et al., 2022), one pass, a running sum per row block."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
 
-from . import Method, TensorTask, check_range, elementwise_memory, register
+from . import Method, Rows, TensorTask, check_range, elementwise_memory_blocks, map_row_blocks, register
 
 
 @dataclass(frozen=True)
@@ -16,15 +16,25 @@ class TaskArithmeticParams:
         check_range("lambda", self.lambda_, 0.0, float("inf"))
 
 
-def merged_task_vector(task: TensorTask) -> torch.Tensor:
-    total = torch.zeros_like(task.base)
+def merged_task_vector(task: TensorTask, rows: Rows | None = None) -> torch.Tensor:
+    """Σ w_i τ_i over rows `rows` (all rows: None)."""
+    total = None
     for i, w in enumerate(task.weights):
-        total.add_(task.task_vector(i), alpha=w)
+        tau = task.task_vector(i, rows)
+        if total is None:
+            total = torch.zeros_like(tau)
+        total.add_(tau, alpha=w)
+        del tau
+    assert total is not None, "no experts"
     return total
 
 
 def merge(task: TensorTask, params: TaskArithmeticParams) -> torch.Tensor:
-    return task.base + params.lambda_ * merged_task_vector(task)
+    def block(rows: Rows | None) -> torch.Tensor:
+        total = merged_task_vector(task, rows)
+        return task.base_rows(rows) + total.mul_(params.lambda_)
+
+    return map_row_blocks(task, block)
 
 
-register(Method("task_arithmetic", TaskArithmeticParams, merge, memory=elementwise_memory(3.0), doc=__doc__ or ""))
+register(Method("task_arithmetic", TaskArithmeticParams, merge, memory=elementwise_memory_blocks(3.0), doc=__doc__ or ""))

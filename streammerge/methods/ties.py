@@ -4,20 +4,30 @@ Each task vector keeps its top `density` fraction by magnitude — per tensor (m
 the expert's whole flattened model (`scope="model"`, the paper, fusion-bench and the OrthoMerge
 authors). The sign of Σ w_i τ̂_i is elected per entry (entries summing to 0 take the tensor's
 majority sign, +1 on a tie); entries agreeing with it are averaged (`merge="mean"`, disjoint
-mean) or summed; the result is W_0 + λ · merged. Streams in two passes over the experts.
+mean) or summed; the result is W_0 + λ · merged.
 
-Model scope needs each expert's exact k-th largest |τ| over the model. It is found without
-holding the model by a two-pass radix select on the bits of float32 magnitudes (non-negative
-floats order like their int32 bit patterns): pass 1 histograms the high 16 bits, pass 2 the low
-16 bits inside the bin that holds the k-th value.
+Thresholds are exact k-th largest magnitudes found without a sort: a radix select on the bits
+of float32 magnitudes (non-negative floats order like their int32 bit patterns): one histogram
+of the high 16 bits, then one of the low 16 bits inside the bin that holds the k-th value.
+
+Streaming: when the N trimmed task vectors of a tensor fit `CACHE_BYTES`, each expert tensor is
+read once (threshold from it in memory, trimmed, kept). Larger tensors (a 128k-vocabulary
+embedding) go in row blocks: two histogram passes over the blocks, then the merge pass, so the
+working set is N blocks. The majority sign of a block-streamed tensor is known only at its end:
+entries whose elected sum is exactly 0 although some expert is non-zero get their value for
+both signs, and the minority one is dropped at the end (rare: an exact cancellation).
 """
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
 
-from . import Method, ModelPass, TensorTask, check_range, elementwise_memory, register
+from . import BLOCK_ELEMENTS, Method, ModelPass, Rows, TensorTask, check_range, register
+
+CACHE_BYTES = 1 << 30  # the N trimmed task vectors of one tensor are kept whole up to this size
 
 
 @dataclass(frozen=True)
@@ -46,46 +56,137 @@ def magnitude(tau: torch.Tensor) -> torch.Tensor:
     return tau.abs().to(torch.float32)
 
 
+def magnitude_bits(tau: torch.Tensor) -> torch.Tensor:
+    """|τ| in float32 as int32 bit patterns (≥ 0, ordered like the magnitudes), flattened."""
+    return magnitude(tau).view(torch.int32).reshape(-1)
+
+
+class RadixSelect:
+    """The exact k-th largest of a stream of non-negative float32 values, in two passes over it:
+    feed every chunk's `magnitude_bits` to `add_high`, then again to `add_low`, then `value()`."""
+
+    def __init__(self, k: int):
+        self.k = k
+        self.high = torch.zeros(1 << 16, dtype=torch.int64)
+        self.low = torch.zeros(1 << 16, dtype=torch.int64)
+        self.bin: int | None = None
+        self.rank = 0
+
+    def add_high(self, bits: torch.Tensor) -> None:
+        self.high += torch.bincount(bits >> 16, minlength=1 << 16).cpu()
+
+    def _choose_bin(self) -> None:
+        from_top = self.high.flip(0).cumsum(0)
+        j = int(torch.searchsorted(from_top, torch.tensor(self.k)))
+        self.bin = (1 << 16) - 1 - j
+        self.rank = self.k - (int(from_top[j]) - int(self.high[self.bin]))  # rank inside the bin, from its top
+
+    def add_low(self, bits: torch.Tensor) -> None:
+        if self.bin is None:
+            self._choose_bin()
+        in_bin = bits[(bits >> 16) == self.bin]
+        self.low += torch.bincount(in_bin & 0xFFFF, minlength=1 << 16).cpu()
+
+    def value(self) -> float:
+        from_top = self.low.flip(0).cumsum(0)
+        lo = (1 << 16) - 1 - int(torch.searchsorted(from_top, torch.tensor(self.rank)))
+        bits = torch.tensor([(self.bin << 16) | lo], dtype=torch.int32)  # type: ignore[operator]
+        return float(bits.view(torch.float32)[0])
+
+
+def kth_largest_magnitude(tau: torch.Tensor, k: int) -> float:
+    """The exact k-th largest |τ| of one in-memory tensor (no sort)."""
+    bits = magnitude_bits(tau)
+    select = RadixSelect(k)
+    select.add_high(bits)
+    select.add_low(bits)
+    return select.value()
+
+
 def tensor_threshold(tau: torch.Tensor, density: float) -> float:
     """The k-th largest |τ| of one tensor; entries with |τ| ≥ it are kept."""
-    mag = magnitude(tau).reshape(-1)
-    k = keep_count(mag.numel(), density)
-    return float(mag.kthvalue(mag.numel() - k + 1).values)
+    return kth_largest_magnitude(tau, keep_count(tau.numel(), density))
 
 
 def trim(tau: torch.Tensor, threshold: float) -> torch.Tensor:
     return tau.mul_(magnitude(tau) >= threshold)
 
 
-def elect_sign(total: torch.Tensor) -> torch.Tensor:
-    sign = torch.sign(total)
-    majority = 1.0 if float(sign.sum()) >= 0 else -1.0
-    return torch.where(sign == 0, torch.full_like(sign, majority), sign)
+class DisjointMerge:
+    """Sign election and disjoint mean/sum, block by block over one tensor.
+
+    `block(vectors, base)` returns W_0 + λ·merged for one row block given its N processed task
+    vectors, with entries of zero elected sum taking +1; `finish(out)` applies the tensor's
+    majority sign where it is −1 (only entries with an exact cancellation change)."""
+
+    def __init__(self, merge_kind: str, lambda_: float):
+        self.merge_kind, self.lambda_ = merge_kind, lambda_
+        self.balance = 0  # Σ sign(elected sum) over the tensor: its majority sign
+        self.offset = 0  # flat index of the current block's first entry
+        self.alternatives: list[tuple[torch.Tensor, torch.Tensor]] = []  # (flat index, value if −1)
+
+    def block(self, vectors: list[torch.Tensor], base: torch.Tensor) -> torch.Tensor:
+        total = torch.zeros_like(base)
+        for v in vectors:
+            total.add_(v)
+        sign = torch.sign(total)
+        self.balance += int((sign > 0).sum()) - int((sign < 0).sum())
+        undecided = sign == 0
+        nonzero = torch.zeros_like(undecided)
+        for v in vectors:
+            nonzero |= v != 0
+        undecided &= nonzero
+        sign.masked_fill_(sign == 0, 1.0)
+        total.zero_()
+        count = torch.zeros_like(base)
+        for v in vectors:
+            agree = (torch.sign(v) == sign) & (v != 0)
+            total.add_(v * agree)
+            count.add_(agree)
+        if self.merge_kind == "mean":
+            total.div_(count.clamp_(min=1))
+        if bool(undecided.any()):
+            self._alternative(vectors, base, undecided.reshape(-1).nonzero().squeeze(1))
+        self.offset += base.numel()
+        return base + self.lambda_ * total
+
+    def _alternative(self, vectors: list[torch.Tensor], base: torch.Tensor, idx: torch.Tensor) -> None:
+        """The merged value at `idx` had the elected sign been −1 (same arithmetic as `block`)."""
+        total = torch.zeros(idx.numel(), dtype=base.dtype, device=base.device)
+        count = torch.zeros_like(total)
+        for v in vectors:
+            vals = v.reshape(-1)[idx]
+            agree = (torch.sign(vals) == -1.0) & (vals != 0)
+            total.add_(vals * agree)
+            count.add_(agree)
+        if self.merge_kind == "mean":
+            total.div_(count.clamp_(min=1))
+        value = base.reshape(-1)[idx] + self.lambda_ * total
+        self.alternatives.append(((idx + self.offset).cpu(), value.cpu()))
+
+    def finish(self, out: torch.Tensor) -> torch.Tensor:
+        if self.balance < 0:
+            flat = out.view(-1)
+            for idx, value in self.alternatives:
+                flat[idx] = value.to(out.dtype)
+        return out
 
 
-def disjoint_merge(task: TensorTask, vectors, merge_kind: str) -> torch.Tensor:
-    """Sign election then disjoint mean/sum over `vectors(i)` (the processed task vectors)."""
-    n = len(task.weights)
-    total = torch.zeros_like(task.base)
-    for i in range(n):
-        total.add_(vectors(i))
-    sign = elect_sign(total)
-    total.zero_()
-    count = torch.zeros_like(task.base)
-    for i in range(n):
-        v = vectors(i)
-        agree = (torch.sign(v) == sign) & (v != 0)
-        total.add_(v * agree)
-        count.add_(agree)
-    if merge_kind == "mean":
-        total.div_(count.clamp_(min=1))
-    return total
-
-
-def thresholds_for(task: TensorTask, params: TiesParams) -> list[float]:
-    if params.scope == "model":
-        return list(task.statistics)
-    return [tensor_threshold(task.task_vector(i), _density(task, params, i)) for i in range(len(task.weights))]
+def disjoint_merge_blocks(task: TensorTask, vectors: Callable[[Rows | None], list[torch.Tensor]], merge_kind: str, lambda_: float) -> torch.Tensor:
+    """W_0 + λ · disjoint merge of `vectors(rows)` (the processed task vectors of a row block)."""
+    dm = DisjointMerge(merge_kind, lambda_)
+    out = None
+    for rows in task.row_blocks():
+        block = dm.block(vectors(rows), task.base_rows(rows))
+        if rows is None:
+            out = block
+            break
+        if out is None:
+            out = task.new_output(block)
+        out[rows[0]:rows[1]].copy_(block)
+        del block
+    assert out is not None
+    return dm.finish(out)
 
 
 def _density(task: TensorTask, params: TiesParams, i: int) -> float:
@@ -93,46 +194,68 @@ def _density(task: TensorTask, params: TiesParams, i: int) -> float:
     return float(d)
 
 
+def block_thresholds(task: TensorTask, densities: list[float]) -> list[float]:
+    """Each expert's exact per-tensor threshold, by two histogram passes over the row blocks."""
+    numel = math.prod(task.shape)
+    selects = [RadixSelect(keep_count(numel, d)) for d in densities]
+    for stage in ("add_high", "add_low"):
+        for rows in task.row_blocks():
+            for i, select in enumerate(selects):
+                getattr(select, stage)(magnitude_bits(task.task_vector(i, rows)))
+    return [s.value() for s in selects]
+
+
+def caches(task: TensorTask, n: int) -> bool:
+    itemsize = torch.empty((), dtype=task.dtype).element_size()
+    return len(task.row_blocks()) == 1 or n * math.prod(task.shape) * itemsize <= CACHE_BYTES
+
+
 def merge(task: TensorTask, params: TiesParams) -> torch.Tensor:
-    thresholds = thresholds_for(task, params)
+    n = len(task.weights)
+    densities = [_density(task, params, i) for i in range(n)]
+    if params.scope == "model":
+        thresholds: list[float] | None = list(task.statistics)
+    else:
+        thresholds = None
+    if caches(task, n):
+        kept = []  # each expert read once: threshold, trim and weight in memory
+        for i in range(n):
+            tau = task.task_vector(i)
+            threshold = thresholds[i] if thresholds is not None else tensor_threshold(tau, densities[i])
+            kept.append(trim(tau, threshold).mul_(task.weights[i]))
 
-    def trimmed(i: int) -> torch.Tensor:
-        return trim(task.task_vector(i), thresholds[i]).mul_(task.weights[i])
+        def vectors(rows: Rows | None) -> list[torch.Tensor]:
+            return kept if rows is None else [v[rows[0]:rows[1]] for v in kept]
+    else:
+        if thresholds is None:
+            thresholds = block_thresholds(task, densities)
+        final = thresholds
 
-    return task.base + params.lambda_ * disjoint_merge(task, trimmed, params.merge)
+        def vectors(rows: Rows | None) -> list[torch.Tensor]:
+            return [trim(task.task_vector(i, rows), final[i]).mul_(task.weights[i]) for i in range(n)]
+
+    return disjoint_merge_blocks(task, vectors, params.merge, params.lambda_)
 
 
 def model_thresholds(model_pass: ModelPass, n_experts: int, densities: list[float]) -> list[float]:
-    """Each expert's exact k-th largest |τ| over all of its tensors (radix select, two passes)."""
-    high = [torch.zeros(1 << 16, dtype=torch.int64) for _ in range(n_experts)]
+    """Each expert's exact k-th largest |τ| over all of its tensors (radix select, two passes
+    over the model, each a stream of row blocks)."""
     total = 0
-    for _, base, experts in model_pass():
+    blocks: Iterable = model_pass()
+    highs = [torch.zeros(1 << 16, dtype=torch.int64) for _ in range(n_experts)]
+    for _, base, experts in blocks:
         total += base.numel()
         for i in range(n_experts):
-            bits = magnitude(experts[i].sub_(base)).view(torch.int32).reshape(-1)
-            high[i] += torch.bincount(bits >> 16, minlength=1 << 16).cpu()
-    targets = []  # (high bits of the k-th value, its rank from the top inside that bin)
+            highs[i] += torch.bincount(magnitude_bits(experts[i].sub_(base)) >> 16, minlength=1 << 16).cpu()
+    selects = []
     for i in range(n_experts):
-        k = keep_count(total, densities[i])
-        from_top = high[i].flip(0).cumsum(0)
-        j = int(torch.searchsorted(from_top, torch.tensor(k)))
-        hi = (1 << 16) - 1 - j
-        above = int(from_top[j]) - int(high[i][hi])
-        targets.append((hi, k - above))
-    low = [torch.zeros(1 << 16, dtype=torch.int64) for _ in range(n_experts)]
+        s = RadixSelect(keep_count(total, densities[i]))
+        s.high = highs[i]
+        selects.append(s)
     for _, base, experts in model_pass():
         for i in range(n_experts):
-            bits = magnitude(experts[i].sub_(base)).view(torch.int32).reshape(-1)
-            in_bin = bits[(bits >> 16) == targets[i][0]]
-            low[i] += torch.bincount(in_bin & 0xFFFF, minlength=1 << 16).cpu()
-    result = []
-    for i in range(n_experts):
-        hi, rank = targets[i]
-        from_top = low[i].flip(0).cumsum(0)
-        lo = (1 << 16) - 1 - int(torch.searchsorted(from_top, torch.tensor(rank)))
-        bits = torch.tensor([(hi << 16) | lo], dtype=torch.int32)
-        result.append(float(bits.view(torch.float32)[0]))
-    return result
+            selects[i].add_low(magnitude_bits(experts[i].sub_(base)))
+    return [s.value() for s in selects]
 
 
 def statistics(model_pass: ModelPass, n_experts: int, params: TiesParams, densities: list[float] | None = None):
@@ -141,10 +264,26 @@ def statistics(model_pass: ModelPass, n_experts: int, params: TiesParams, densit
     return model_thresholds(model_pass, n_experts, densities or [params.density] * n_experts)
 
 
+def memory(name: str, shape: tuple[int, ...], n: int, params: TiesParams, itemsize: int):
+    """One block: the N trimmed vectors plus about 6 tensor-sized temporaries of the sign
+    election; cached: the N vectors and the base whole, temporaries per block; streamed: all
+    of it per block."""
+    from ..plan import Need
+
+    numel = 1
+    for d in shape:
+        numel *= d
+    block = min(numel, BLOCK_ELEMENTS)
+    if numel <= BLOCK_ELEMENTS:
+        return Need(int((n + 6) * numel * itemsize))
+    if n * numel * itemsize <= CACHE_BYTES:  # the N vectors and the whole base, blocks of temporaries
+        return Need(int((n + 1) * numel * itemsize + 6 * block * itemsize))
+    return Need(int((n + 7) * block * itemsize))
+
+
 register(
     Method(
-        "ties", TiesParams, merge,
-        memory=lambda name, shape, n, p, item: elementwise_memory(8.0 if p.scope == "tensor" else 9.3)(name, shape, n, p, item),
+        "ties", TiesParams, merge, memory=memory,
         statistics=statistics,
         statistics_passes=lambda p: 2 if p.scope == "model" else 0,
         doc=__doc__ or "",

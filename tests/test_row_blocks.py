@@ -1,0 +1,102 @@
+"""Row blocks change no result: every row-local method gives byte-identical shards whether a
+tensor is merged whole or streamed in small row blocks (TIES both with its N task vectors
+kept whole and streamed with histogram thresholds), for full-model and LoRA experts; the radix
+select equals a sort; the block-streamed sign election keeps the tensor's majority sign."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import pytest
+import torch
+
+from streammerge import Expert, Recipe, merge
+from streammerge import methods
+from streammerge.io.atomic import ShardWriter
+from streammerge.methods import ties
+from tests.conftest import experts_of, make_toy
+
+CASES = [
+    ("linear", {}), ("task_arithmetic", {"lambda": 0.7}),
+    ("ties", {"density": 0.3}), ("ties", {"density": 0.5, "merge": "sum"}), ("ties", {"density": 0.2, "scope": "model"}),
+    ("dare", {"drop_rate": 0.4}), ("dare", {"drop_rate": 0.3, "combine": "ties"}),
+    ("orthomerge", {"target": "conflict"}),  # its 1-D tensors and residual go through the same code
+]
+
+
+@pytest.fixture(scope="module")
+def toy_lora(tmp_path_factory) -> str:
+    return make_toy(str(tmp_path_factory.mktemp("toy_lora_blocks")), "--preset", "tiny", "--experts", "3", "--kind", "lora", "--shard-size", "60KB")
+
+
+def shard_digests(folder: str) -> dict[str, str]:
+    return {f: hashlib.sha256(open(os.path.join(folder, f), "rb").read()).hexdigest() for f in sorted(os.listdir(folder)) if f.endswith(".safetensors")}
+
+
+def run(folder: str, out: str, method: str, params: dict, weights=(1.0, 0.5, 1.0)) -> dict[str, str]:
+    experts = tuple(Expert(p, w) for p, w in zip(experts_of(folder), weights))
+    merge(Recipe(method, os.path.join(folder, "base"), experts, out, dict(params), shard_size="60KB", seed=3), device="cpu")
+    return shard_digests(out)
+
+
+@pytest.mark.parametrize("fixture", ["toy_untied", "toy_lora"])
+@pytest.mark.parametrize("method,params", CASES, ids=[f"{m}-{'-'.join(f'{k}={v}' for k, v in p.items())}" for m, p in CASES])
+def test_row_blocks_give_identical_shards(fixture, method, params, request, tmp_path, monkeypatch):
+    folder = request.getfixturevalue(fixture)
+    whole = run(folder, str(tmp_path / "whole"), method, params)
+    monkeypatch.setattr(methods, "BLOCK_ELEMENTS", 1000)  # tiny tensors: up to 17 blocks each
+    blocked = run(folder, str(tmp_path / "blocked"), method, params)
+    monkeypatch.setattr(ties, "CACHE_BYTES", 0)  # TIES: histogram passes over the blocks too
+    streamed = run(folder, str(tmp_path / "streamed"), method, params)
+    assert whole == blocked == streamed
+
+
+def write_model(folder: str, tensors: dict[str, torch.Tensor]) -> None:
+    os.makedirs(folder)
+    layout = [(n, "F32", tuple(t.shape)) for n, t in tensors.items()]
+    with ShardWriter(os.path.join(folder, "model.safetensors"), layout) as writer:
+        for n, t in tensors.items():
+            writer.write(n, t)
+        writer.commit()
+
+
+def test_streamed_sign_election_keeps_the_majority_sign(tmp_path, monkeypatch):
+    """Most entries elect −1, and some entries cancel exactly (+1 and −1): those take the
+    tensor's majority sign (−1), whole or in blocks."""
+    shape = (64, 50)
+    g = torch.Generator().manual_seed(0)
+    base = torch.zeros(shape)
+    e1 = -torch.rand(shape, generator=g) - 0.5
+    e2 = -torch.rand(shape, generator=g) - 0.5
+    cancel = torch.rand(shape, generator=g) < 0.1
+    e1[cancel], e2[cancel] = 1.0, -1.0
+    for name, w in (("base", base), ("expert-1", e1), ("expert-2", e2)):
+        write_model(str(tmp_path / name), {"w.weight": w})
+    out = {}
+    for label, block in (("whole", 10**9), ("blocked", 300)):
+        monkeypatch.setattr(methods, "BLOCK_ELEMENTS", block)
+        folder = str(tmp_path / label)
+        recipe = Recipe("ties", str(tmp_path / "base"), (Expert(str(tmp_path / "expert-1")), Expert(str(tmp_path / "expert-2"))), folder, {"density": 1.0})
+        merge(recipe, device="cpu")
+        from safetensors.torch import load_file
+        out[label] = load_file(os.path.join(folder, json.load(open(os.path.join(folder, "model.safetensors.index.json")))["weight_map"]["w.weight"]))["w.weight"]
+    assert torch.equal(out["whole"], out["blocked"])
+    assert torch.equal(out["whole"][cancel], torch.full((int(cancel.sum()),), -1.0))  # the −1 expert's value
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_radix_select_equals_a_sort(seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(5000, generator=g) * torch.rand(5000, generator=g) ** 4
+    x[::7] = 0.0
+    x[::11] = x[3]  # ties
+    for k in (1, 17, 2500, 4999, 5000):
+        expected = float(x.abs().sort(descending=True).values[k - 1])
+        assert ties.kth_largest_magnitude(x, k) == expected
+        select = ties.RadixSelect(k)  # streamed in uneven chunks
+        chunks = [x[:1234], x[1234:1235], x[1235:]]
+        for stage in ("add_high", "add_low"):
+            for c in chunks:
+                getattr(select, stage)(ties.magnitude_bits(c))
+        assert select.value() == expected
