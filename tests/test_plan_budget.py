@@ -61,7 +61,9 @@ METHODS = [
 @pytest.mark.slow
 @pytest.mark.parametrize("method,extra", METHODS, ids=[m + "-" + "-".join(e).replace("--", "") for m, e in METHODS])
 def test_planned_peak_is_within_25_percent_of_measured(method, extra, one_big_tensor, tmp_path):
-    first = run_merge(one_big_tensor, str(tmp_path / "a"), method, *extra)
+    # An explicit budget makes freed blocks go back to the OS at once (memwatch.py), so what is
+    # measured is the working set, not whatever glibc's arenas happen to keep.
+    first = run_merge(one_big_tensor, str(tmp_path / "a"), method, *extra, "--max-ram", "20GB")
     planned, measured = first["planned_peak_ram"], first["measured_peak_ram"]
     assert abs(planned - measured) <= 0.25 * measured, (planned / 1e6, measured / 1e6)
     # and a budget just above the plan is honoured

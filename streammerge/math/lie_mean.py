@@ -31,14 +31,25 @@ class LieAccumulator:
     norms: list[float] = field(default_factory=list)
     weights: list[float] = field(default_factory=list)
 
-    def add(self, q: torch.Tensor, weight: float = 1.0) -> None:
+    def add(self, q: torch.Tensor, weight: float = 1.0, frame: torch.Tensor | None = None) -> None:
+        """Add Q_i, or with `frame` F [k, w] (orthonormal columns) the generator F Q_i Fᵀ given
+        its w×w core q, without forming that k×k matrix (‖F Q Fᵀ‖_F = ‖Q‖_F)."""
         norm = float(torch.linalg.vector_norm(q))  # Frobenius over the whole matrix (all blocks)
         self.norms.append(norm)
         self.weights.append(weight)
-        term = q * weight if self.direction == "sum" else q * (weight / norm if norm > TINY else 0.0)
-        self.total = term if self.total is None else self.total.add_(term)
+        coef = weight if self.direction == "sum" else (weight / norm if norm > TINY else 0.0)
+        self.total = self._accumulate(self.total, q, coef, frame)
         if self.direction != "sum":  # with "sum", total is Σ w_i Q_i already: no second k×k sum
-            self.plain_total = q * weight if self.plain_total is None else self.plain_total.add_(q, alpha=weight)
+            self.plain_total = self._accumulate(self.plain_total, q, weight, frame)
+
+    @staticmethod
+    def _accumulate(total: torch.Tensor | None, q: torch.Tensor, coef: float, frame: torch.Tensor | None) -> torch.Tensor:
+        if frame is None:
+            term = q * coef
+            return term if total is None else total.add_(term)
+        if total is None:
+            total = q.new_zeros(frame.shape[0], frame.shape[0])
+        return total.addmm_(frame @ (q * coef), frame.T)
 
     def magnitude(self, kind: str) -> float:
         if kind == "mean":

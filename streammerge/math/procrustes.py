@@ -159,9 +159,7 @@ def procrustes(target: torch.Tensor, sub: Subspace, null_rtol: float = 1e-6, max
     y = sub.ap
     out = x.shape[0]
     if 2 * out > k:
-        u, s, vh = svd(x.T @ y)
-        r = int((s > null_rtol * s[0]).sum()) if s[0] > 0 else 0
-        return generator_of(_complete_nearest_identity(u, vh.T, r), max_angle)
+        return procrustes_from_cross(x.T @ y, null_rtol, max_angle)
     qx, rx = torch.linalg.qr(x.T)  # [k, out], [out, out]
     qy, ry = torch.linalg.qr(y.T)
     uc, s, vch = svd(rx @ ry.T)
@@ -175,6 +173,14 @@ def procrustes(target: torch.Tensor, sub: Subspace, null_rtol: float = 1e-6, max
     v_full[:, :r] = frame.T @ vr
     rot = generator_of(_complete_nearest_identity(u_full, v_full, r), max_angle)
     return SubspaceRotation(rot.r_w, rot.q_w, frame, rot.clipped_planes)
+
+
+def procrustes_from_cross(m_s: torch.Tensor, null_rtol: float = 1e-6, max_angle: float = 0.5 * math.pi) -> SubspaceRotation:
+    """The rotation (rules 2–4) maximising tr(R_sᵀ M_s) for the k×k cross product M_s = Xᵀ Y
+    (which callers may have summed over row blocks)."""
+    u, s, vh = svd(m_s)
+    r = int((s > null_rtol * s[0]).sum()) if s[0] > 0 else 0
+    return generator_of(_complete_nearest_identity(u, vh.T, r), max_angle)
 
 
 def generator_of(rot: torch.Tensor, max_angle: float = 0.5 * math.pi) -> SubspaceRotation:
@@ -210,8 +216,11 @@ def rotate_base(a: torch.Tensor, sub: Subspace, rot: "SubspaceRotation | torch.T
             eye = torch.eye(rot.r_w.shape[0], dtype=rot.r_w.dtype, device=rot.r_w.device)
             return a + (((sub.ap @ rot.frame) @ (rot.r_w.T - eye)) @ (sub.p @ rot.frame).T).to(a.dtype)
         rot = rot.r_w
-    eye = torch.eye(sub.k, dtype=rot.dtype, device=rot.device)
-    return a + ((sub.ap @ (rot.T - eye)) @ sub.p.T).to(a.dtype)
+    r_minus_i = rot.T.clone()
+    r_minus_i.diagonal().sub_(1.0)
+    update = (sub.ap @ r_minus_i) @ sub.p.T
+    del r_minus_i
+    return a + update.to(a.dtype)
 
 
 def full_rotation(sub: Subspace, rot: "SubspaceRotation | torch.Tensor") -> torch.Tensor:

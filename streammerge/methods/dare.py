@@ -75,9 +75,9 @@ def merge(task: TensorTask, params: DareParams) -> torch.Tensor:
 
 def memory(name: str, shape: tuple[int, ...], n: int, params: DareParams, itemsize: int):
     """Per row block: TA keeps the base block, the sum, one vector, its random draws and mask and
-    the result's temporaries (7 blocks, fitted to measured peaks); TIES all N vectors and the
+    the result (4.5 blocks, fitted to measured peaks); TIES all N vectors and the
     sign election's temporaries."""
-    buffers = n + 6.0 if params.combine == "ties" else 7.0
+    buffers = n + 6.0 if params.combine == "ties" else 4.5
     return elementwise_memory_blocks(buffers)(name, shape, n, params, itemsize)
 
 

@@ -27,10 +27,10 @@ from typing import Any
 import torch
 
 from ..errors import NumericalError, UsageError
-from ..math.cayley import cayley
+from ..math.cayley import cayley, cayley_consuming
 from ..math.lie_mean import LieAccumulator
 from ..math.robust import LinalgFailure
-from ..math.procrustes import Subspace, SubspaceBuilder, SubspaceRotation, identity_rotation, procrustes, rotate_base
+from ..math.procrustes import Subspace, SubspaceBuilder, SubspaceRotation, identity_rotation, procrustes, procrustes_from_cross, rotate_base
 from . import Method, TensorTask, build_params, check_range, get_method, register
 
 log = logging.getLogger(__name__)
@@ -115,6 +115,124 @@ class _Residuals:
         return w.sub_(rotate_base(self.task.base, self.basis, rot).sub_(self.task.base))
 
 
+class _ResidualRows:
+    """Pseudo-experts W₀ + ρ_i for a row-blocked tall weight: each row block computed from the
+    expert's and the base's rows and the dense R_i [k, k] (same operations as _Residuals)."""
+
+    def __init__(self, task: TensorTask, p: torch.Tensor, rotations: list[torch.Tensor]):
+        self.task, self.p, self.rotations = task, p, rotations
+
+    def __len__(self) -> int:
+        return len(self.rotations)
+
+    def rows(self, i: int, start: int, stop: int) -> torch.Tensor:
+        a = self.task.base_rows((start, stop))
+        w = self.task.expert_rows(i, (start, stop))
+        return w.sub_(_rotate_rows(a, self.p, self.rotations[i]).sub_(a))
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.rows(i, 0, self.task.shape[0])
+
+
+def _rotate_rows(a: torch.Tensor, p: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """Rows of W₀ Rᵀ from rows of W₀ (rotate_base with A P formed for these rows only)."""
+    return rotate_base(a, Subspace(p, a.to(p.dtype) @ p), rot)
+
+
+# Tall weights (out ≥ in) bigger than one row block are merged in row blocks: the base's
+# right singular vectors and values come from its Gram matrix AᵀA (float64 or `precision`,
+# summed over blocks), each cross product M_i = Pᵀ B_iᵀ A P is summed over blocks, and only
+# in×in matrices are held. Valid when the base has full column rank (then no target adds a
+# direction to S, rule 1); a base whose σ_min is below this fraction of σ_max goes whole.
+GRAM_RANK_RTOL = 1e-6
+
+
+def tall_in_blocks(task: TensorTask) -> bool:
+    return len(task.shape) == 2 and task.shape[0] >= task.shape[1] and len(task.row_blocks()) > 1
+
+
+def _merge_tall(task: TensorTask, params: OrthoMergeParams, res_method: Method, res_params: Any) -> torch.Tensor | None:
+    """OrthoMerge of a tall weight in row blocks; None if the base is rank-deficient (the caller
+    then merges it whole)."""
+    n = len(task.weights)
+    out_rows, inn = task.shape
+    prec = getattr(torch, params.precision)
+    blocks = task.row_blocks()
+    device = task.base_rows(blocks[0]).device
+    gram = torch.zeros(inn, inn, dtype=prec, device=device)
+    conflict = [torch.zeros(out_rows, dtype=torch.bool, device=device) for _ in range(n)] if params.target == "conflict" else None
+    for rows in blocks:  # pass 1: AᵀA, and (conflict) each expert's rows that oppose τ_mean
+        a = task.base_rows(rows).to(prec)
+        gram.addmm_(a.T, a)
+        del a
+        if conflict is not None:
+            taus = [task.task_vector(i, rows) for i in range(n)]
+            tau_mean = torch.zeros_like(taus[0])
+            for t in taus:
+                tau_mean.add_(t)
+            tau_mean.div_(n)
+            for i in range(n):
+                conflict[i][rows[0]:rows[1]] = conflict_rows(taus[i], tau_mean)  # type: ignore[index]
+            del taus, tau_mean
+    evals, evecs = torch.linalg.eigh(gram)
+    del gram
+    sigma = evals.clamp_(min=0).sqrt_()
+    top = float(sigma.max()) if sigma.numel() else 0.0
+    if top == 0.0 or float(sigma.min()) <= GRAM_RANK_RTOL * top:
+        log.info("%s: base not of full column rank: merged whole", task.name)
+        return None
+    p = evecs[:, sigma > params.base_rtol * top].contiguous()
+    del evecs
+    crosses = [torch.zeros(p.shape[1], p.shape[1], dtype=prec, device=device) for _ in range(n)]
+    changed = [False] * n
+    for rows in blocks:  # pass 2: M_i = Σ_blocks (B_i P)ᵀ (A P), B_i the target rows
+        a = task.base_rows(rows)
+        ap = a.to(prec) @ p
+        for i in range(n):
+            delta = task.task_vector(i, rows)
+            if conflict is not None:
+                delta.mul_(conflict[i][rows[0]:rows[1]].unsqueeze(1))  # type: ignore[index]
+            if bool(delta.any()):
+                changed[i] = True
+            crosses[i].addmm_((delta.add_(a).to(prec) @ p).T, ap)
+            del delta
+        del ap
+    if not any(changed):  # every target is the base: the residual merge alone (as whole)
+        return res_method.merge(task, res_params)
+    acc = LieAccumulator(params.direction)
+    max_angle = math.radians(params.max_angle_deg)
+    rotations = []
+    for i in range(n):
+        if changed[i]:
+            rot = procrustes_from_cross(crosses[i], params.null_rtol, max_angle)
+            if rot.clipped_planes:
+                log.info("%s: expert %d: %d plane(s) rotated beyond %.0f° left to the residual", task.name, i + 1, rot.clipped_planes, params.max_angle_deg)
+            r_w, q_w = rot.r_w, rot.q_w
+        else:
+            r_w = torch.eye(p.shape[1], dtype=prec, device=device)
+            q_w = torch.zeros_like(r_w)
+        crosses[i] = None  # type: ignore[call-overload]
+        acc.add(q_w, task.weights[i])
+        del q_w
+        rotations.append(r_w)
+    r_star = merged_rotation(acc, rotations, task.weights, params)
+    del acc
+    residual_task = TensorTask(task.name, lambda rows: task.base_rows(rows) if rows is not None else task.base,
+                               _ResidualRows(task, p, rotations), task.weights, task.densities, None, task.seed,
+                               out_dtype=task.dtype, shape=task.shape, dtype=task.dtype)
+    merged_residual = res_method.merge(residual_task, res_params)
+    del rotations, residual_task
+    result = None
+    for rows in blocks:  # W = W₀R*ᵀ + (merged residual − W₀), block by block
+        a = task.base_rows(rows)
+        block = _rotate_rows(a, p, r_star).add_(merged_residual[rows[0]:rows[1]].to(a.device).sub_(a))  # type: ignore[index]
+        if result is None:
+            result = task.new_output(block)
+        result[rows[0]:rows[1]].copy_(block)  # type: ignore[index]
+        del block
+    return result
+
+
 def conflict_rows(tau: torch.Tensor, tau_mean: torch.Tensor) -> torch.Tensor:
     """Rows j with cos(τ[j], τ_mean[j]) < 0; a zero row has cosine 0 and is not a conflict."""
     return (tau * tau_mean).sum(dim=1) < 0
@@ -138,6 +256,10 @@ def _merge(task: TensorTask, params: OrthoMergeParams) -> torch.Tensor:
         return res_method.merge(task, res_params)
     if task.generators is not None:
         return merge_oft(task, params)
+    if tall_in_blocks(task):
+        merged = _merge_tall(task, params, res_method, res_params)
+        if merged is not None:
+            return merged
     a = task.base
     tau_mean = None
     if params.target == "conflict":
@@ -184,7 +306,10 @@ def _merge(task: TensorTask, params: OrthoMergeParams) -> torch.Tensor:
             if rot.clipped_planes:
                 log.info("%s: expert %d: %d plane(s) rotated beyond %.0f° left to the residual", task.name, i + 1, rot.clipped_planes, params.max_angle_deg)
         del delta
-        acc.add(rot.dense_q(), task.weights[i])
+        if rot.frame is not None and rot.frame.shape[1] > 0:
+            acc.add(rot.q_w, task.weights[i], rot.frame)
+        else:
+            acc.add(rot.dense_q(), task.weights[i])
         if running:
             # τ of the pseudo-expert W₀ + ρ_i, in the same operations as _Residuals + task arithmetic
             term = task.experts[i].sub_(rotate_base(a, basis, rot).sub_(a)).sub_(a)
@@ -247,10 +372,10 @@ def merge_oft(task: TensorTask, params: OrthoMergeParams) -> torch.Tensor:
 
 def merged_rotation(acc: LieAccumulator, rotations: list[torch.Tensor], weights: tuple[float, ...], params: OrthoMergeParams) -> torch.Tensor:
     """R*_s in the base subspace, by the chosen rule."""
-    if params.rotation_merge == "magnitude_corrected":
-        return cayley(acc.magnitude_corrected(params.magnitude, params.scale))
-    if params.rotation_merge == "average_q":
-        return cayley(acc.simple_average(params.scale))
+    if params.rotation_merge in ("magnitude_corrected", "average_q"):
+        q = acc.magnitude_corrected(params.magnitude, params.scale) if params.rotation_merge == "magnitude_corrected" else acc.simple_average(params.scale)
+        acc.total = acc.plain_total = None  # q is a fresh tensor: the k×k sums can go
+        return cayley(q) if q.dim() != 2 else cayley_consuming(q)
     if params.rotation_merge == "average_r":
         total = sum(w * r for w, r in zip(weights, rotations))
         return total / sum(weights)
@@ -262,13 +387,24 @@ def merged_rotation(acc: LieAccumulator, rotations: list[torch.Tensor], weights:
 
 # Peak-memory coefficients, fitted to measured peaks (bench/results/memory-plan-vs-measured.md).
 _C_COMPUTE, _C_OUT_IN, _C_SIDES, _C_SQUARE = 4.0, 0.5, 1.0, 14.0
+_C_ACC, _C_FRAME = 5.0, 10.0  # wide layers: k×k sum, Cayley and rotation; w×w frame solves
+# tall layers in row blocks: block temporaries; k×k solves (two fewer for the conflict target,
+# whose smaller rotations rarely need the angle reset's eigh and polar)
+_C_TALL_BLOCKS, _C_TALL_SQUARE = 5.0, 9.0
 
 
 def memory(name: str, shape: tuple[int, ...], n: int, params: OrthoMergeParams, itemsize: int):
-    """Working set: compute-dtype copies of the weight, float64 copies of it and of W₀P/P, and
-    k×k solves; per-expert state: the N rotations R_i (k×k). k, the subspace dimension, is
-    min(in, min(out, in) + N·out) for full-rank updates — exact for the global target, an upper
-    bound for the conflict target (only conflicting rows add directions)."""
+    """Peak bytes of one weight. k = dim S = min(in, min(out, in) + N·out) for full-rank updates
+    (exact for the global target, an upper bound for the conflict target, where only conflicting
+    rows add directions). Three regimes, as `merge` takes them:
+    * tall, bigger than a row block: row blocks; held are the merged residual (compute dtype),
+      the residual method's own working set, in×in matrices (Gram, P, the N cross products then
+      rotations, the solves) and a few blocks;
+    * wide (2·out ≤ k: down_proj, GQA k/v): the weight's compute and `precision` copies, the
+      out×k and in×k factors, the k×k generator sum and merged rotation, w×w frame solves
+      (w = 2·out); the residual is a running sum (task arithmetic) or the N rotations are state;
+    * otherwise: whole, with k×k solves, the N rotations as state unless the residual is a sum."""
+    from . import BLOCK_ELEMENTS
     from ..plan import Need
 
     res_method, res_params = residual_method(params, max(n, 1))
@@ -276,11 +412,21 @@ def memory(name: str, shape: tuple[int, ...], n: int, params: OrthoMergeParams, 
         return res_method.memory(name, shape, n, res_params, itemsize)
     out, inn = shape
     f = 8 if params.precision == "float64" else 4
-    k = min(inn, min(out, inn) + n * out)
     numel = out * inn
-    work = _C_COMPUTE * numel * itemsize + _C_OUT_IN * numel * f + _C_SIDES * (out + inn) * k * f + _C_SQUARE * k * k * f
     running = res_method.name == "task_arithmetic" and params.rotation_merge not in ("average_r", "product_r")
-    return Need(int(work), 0 if running else n * k * k * f)
+    if out >= inn and numel > BLOCK_ELEMENTS:
+        block = BLOCK_ELEMENTS
+        residual = res_method.memory(name, shape, n, res_params, itemsize)
+        work = (numel * itemsize + residual.work + residual.state + _C_TALL_BLOCKS * block * max(f, itemsize)
+                + (_C_TALL_SQUARE - (2 if params.target == "conflict" else 0) + n) * inn * inn * f + n * out)
+        return Need(int(work), 0, transfer=block)
+    k = min(inn, min(out, inn) + n * out)
+    base = _C_COMPUTE * numel * itemsize + _C_OUT_IN * numel * f + _C_SIDES * (out + inn) * k * f
+    if 2 * out <= k:
+        w = 2 * out
+        state = 0 if running else n * (k * w + 2 * w * w) * f
+        return Need(int(base + _C_ACC * k * k * f + _C_FRAME * w * w * f), int(state))
+    return Need(int(base + _C_SQUARE * k * k * f), 0 if running else n * k * k * f)
 
 
 register(Method("orthomerge", OrthoMergeParams, merge, memory=memory, doc=__doc__ or ""))
