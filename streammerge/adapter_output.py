@@ -43,7 +43,7 @@ def merge_to_adapter(recipe: Recipe) -> str:
         weights = tuple(e.weight for e in recipe.experts)
         tensors = []
         for name in names:
-            gens = OftGenerators(experts, name, getattr(torch, params.precision), torch.device("cpu"))  # type: ignore[arg-type]
+            gens = OftGenerators(experts, name, torch.float64 if params.precision == 'auto' else getattr(torch, params.precision), torch.device("cpu"))  # type: ignore[arg-type]
             q_star = merged_generator(gens, weights, params, gens.dtype, gens.device)
             suffix = "oft_embedding_R.weight" if gens.module.embedding else "oft_R.weight"
             tensors.append((PREFIX + name[: -len(".weight")] + "." + suffix, pack_skew(q_star).to(torch.float32).contiguous()))

@@ -249,6 +249,8 @@ class Merger:
             return_freed_memory_to_os()
         self.method, self.params = recipe.validate()
         self.device = torch.device("cuda") if assume_gpu else resolve_device(device)
+        if self.device.type == "cuda" and getattr(self.params, "precision", None) == "auto":
+            self.params = dataclasses.replace(self.params, precision="float32")  # float64 is 32–64× slower on consumer GPUs
         self.restart = restart
         self.quiet = quiet
         self.checkpoint_seconds = checkpoint_seconds  # how often progress inside a shard is made durable
@@ -277,16 +279,20 @@ class Merger:
         itemsize = torch.empty((), dtype=self.compute_dtype).element_size()
         n = len(self.experts)
         tensors = []
+        previous_out = 0
         for shard in self.shards:
             for t in shard.tensors:
                 base_bytes = self.base.info(t.name).nbytes
                 read = base_bytes + sum(e.info(t.name).nbytes for e in self.experts if isinstance(e, Checkpoint))
                 if not t.merged:
-                    tensors.append(TensorPlan(t.name, t.shape, "copy", 0, 2 * base_bytes, base_bytes, t.nbytes))
+                    tensors.append(TensorPlan(t.name, t.shape, "copy", 0, 2 * base_bytes + previous_out, base_bytes, t.nbytes))
+                    previous_out = t.nbytes
                     continue
                 need = self.method.memory(t.name, t.shape, n, self.params, itemsize)
                 numel = math.prod(t.shape)
-                device, gpu_bytes, host_bytes, note = place(need, numel, itemsize, use_gpu, gpu_budget, t.nbytes)
+                # the result is held until written; the writer thread may still be writing the previous one
+                device, gpu_bytes, host_bytes, note = place(need, numel, itemsize, use_gpu, gpu_budget, t.nbytes + previous_out)
+                previous_out = t.nbytes
                 tensors.append(TensorPlan(t.name, t.shape, device, gpu_bytes, host_bytes, read, t.nbytes, note))
         plan = Plan(tensors, rss_anon(), ram_budget, gpu_budget, free_disk(self.recipe.out), sum(s.nbytes for s in self.shards),
                     self.method.statistics_passes(self.params))
@@ -373,12 +379,17 @@ class Merger:
         placed = self._placement.get(name)
         return torch.device(placed.device) if placed is not None and placed.device in ("cuda", "cpu") else torch.device("cpu")
 
+    @property
+    def _check_inputs(self) -> bool:
+        """Check every input as it is loaded (else: the result, then the inputs if it is not finite)."""
+        return not self.recipe.allow_nonfinite and not self.method.propagates_nonfinite
+
     def _experts_for(self, name: str) -> LazyExperts:
-        return LazyExperts(self.experts, name, self.compute_dtype, self._device_of(name), not self.recipe.allow_nonfinite)
+        return LazyExperts(self.experts, name, self.compute_dtype, self._device_of(name), self._check_inputs)
 
     def _load_base(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         t = self.base.get(name, self.compute_dtype, self._device_of(name), rows)
-        if not self.recipe.allow_nonfinite and not all_finite(t):
+        if self._check_inputs and not all_finite(t):
             raise NonFiniteError(f"{self.base.file_of(name)}: tensor {name!r} contains NaN or Inf (pass --allow-nonfinite to merge it anyway)")
         return t
 
@@ -410,6 +421,9 @@ class Merger:
             return self.base.get(t.name, dtype=None)
         result = self.method.merge(self._task(t, statistics), self.params)
         if not self.recipe.allow_nonfinite and not all_finite(result):
+            for src in (self.base, *self.experts):  # name the input that brought it
+                if not all_finite(src.get(t.name, self.compute_dtype)):
+                    raise NonFiniteError(f"{src.file_of(t.name)}: tensor {t.name!r} contains NaN or Inf (pass --allow-nonfinite to merge it anyway)")
             raise NonFiniteError(f"merged tensor {t.name!r} has NaN or Inf although its inputs are finite (a bug: please report)")
         return result.to(device="cpu", dtype=DTYPES[t.dtype])
 
@@ -483,7 +497,7 @@ class Merger:
             layout = [(t.name, t.dtype, t.shape) for t in shard.tensors]
             partial = journal.partial if journal.partial and journal.partial["shard"] == shard.filename else None
             resume = (partial["tensors"], partial["offset"]) if partial else None
-            with ShardWriter(os.path.join(out, shard.filename), layout, {"format": "pt"}, resume=resume) as writer:
+            with ShardWriter(os.path.join(out, shard.filename), layout, {"format": "pt"}, resume=resume, background=True) as writer:
                 writer.keep_on_error = True  # what a checkpoint made durable survives an interrupt
                 done = writer.tensors_written
                 if done:

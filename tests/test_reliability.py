@@ -483,3 +483,16 @@ def test_faults_table_matches_the_tests():
             names.add(param)
             assert param in CASES, row
     assert set(CASES) <= names, set(CASES) - names
+
+
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "orthomerge"])
+def test_nan_in_an_expert_is_named_by_every_method(method, toy_untied, tmp_path):
+    """Row-local methods check their results and look for the culprit only then: the error is
+    the same as where every input is checked as it is loaded."""
+    c = Case(toy_untied, str(tmp_path))
+    code, fragments = nan_in_expert(c)
+    c.method = method
+    result = CliRunner().invoke(main, c.args(), catch_exceptions=False)
+    assert result.exit_code == code, result.output
+    assert result.output.startswith("error: ") and "expert" in result.output and fragments[0] in result.output, result.output
+    assert final_outputs(c.out) == []

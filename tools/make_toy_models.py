@@ -34,6 +34,7 @@ PRESETS = {
     "deep": (512, 1408, 48, 8, 2, 4096),  # many mid-sized tensors: inputs much larger than any working set
     "0.5b": (1024, 4096, 28, 16, 4, 32000),
     "1.5b": (2048, 5632, 28, 16, 4, 32000),
+    "0.5b-128k": (768, 3072, 32, 12, 4, 128256),  # a Llama-3 vocabulary: embedding and lm_head dominate
 }
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import threading
 from typing import BinaryIO
 
 import torch
@@ -80,15 +81,20 @@ class ShardWriter:
     keep_on_error = False
 
     def __init__(self, final_path: str, layout: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None = None,
-                 resume: tuple[int, int] | None = None):
+                 resume: tuple[int, int] | None = None, background: bool = False):
         """`resume=(tensors, offset)`: continue a temporary file whose first `tensors` tensors
-        (`offset` bytes, header included) were made durable by `checkpoint()`."""
+        (`offset` bytes, header included) were made durable by `checkpoint()`. `background`:
+        hash and write each tensor on a thread while the caller computes the next (at most one
+        tensor waits; an error surfaces at the next call)."""
         self.final_path = final_path
         self.tmp_path = temp_name(final_path)
         self.layout = layout
         self._next = 0
         self._sha = hashlib.sha256()
         self._file: BinaryIO | None = None
+        self._pending: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._background = background
         header, _ = build_header(layout, metadata)
         try:
             if resume is not None and self._continue(header, *resume):
@@ -126,8 +132,19 @@ class ShardWriter:
     def tensors_written(self) -> int:
         return self._next
 
+    def _wait(self) -> None:
+        """Let the tensor being written in the background finish; re-raise its error here."""
+        if self._pending is not None:
+            self._pending.join()
+            self._pending = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            self.abort()
+            raise os_error(error, self.final_path) if isinstance(error, OSError) else error
+
     def checkpoint(self) -> int:
         """Make everything written so far durable; returns the byte offset it reaches."""
+        self._wait()
         assert self._file is not None
         try:
             self._file.flush()
@@ -149,15 +166,27 @@ class ShardWriter:
         if tuple(tensor.shape) != tuple(shape) or DTYPE_NAMES[tensor.dtype] != dtype:
             raise AssertionError(f"{name}: got {tuple(tensor.shape)} {tensor.dtype}, layout says {shape} {dtype}")
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        self._wait()
+        self._next += 1
+        if self._background:
+            def put() -> None:
+                try:
+                    self._put(memoryview(data))
+                except BaseException as exc:  # noqa: BLE001 (re-raised on the caller's thread)
+                    self._error = exc
+
+            self._pending = threading.Thread(target=put, name="shard-writer", daemon=True)
+            self._pending.start()
+            return
         try:
             self._put(memoryview(data))
         except OSError as exc:
             self.abort()
             raise os_error(exc, self.final_path) from None
-        self._next += 1
 
     def commit(self) -> tuple[str, int]:
         """Finish the shard; returns (sha256 hex, size in bytes)."""
+        self._wait()
         if self._next != len(self.layout):
             raise AssertionError(f"{self.final_path}: {len(self.layout) - self._next} tensors not written")
         assert self._file is not None
@@ -175,6 +204,9 @@ class ShardWriter:
         return self._sha.hexdigest(), size
 
     def abort(self) -> None:
+        if self._pending is not None:  # never close the file under the writing thread
+            self._pending.join()
+            self._pending = None
         if self._file is not None:
             try:
                 self._file.close()
@@ -188,6 +220,9 @@ class ShardWriter:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
+            if self._pending is not None:
+                self._pending.join()
+                self._pending = None
             if self.keep_on_error and self._file is not None:
                 try:
                     self._file.close()

@@ -161,6 +161,10 @@ class Method:
     statistics: Callable[[ModelPass, int, Any, list[float]], Any] | None = None  # (pass, n_experts, params, densities)
     statistics_passes: Callable[[Any], int] = field(default=lambda params: 0)
     doc: str = ""
+    # True where NaN/Inf in any input always reaches the result (sums, products, masks: NaN·0 is
+    # NaN): the scheduler then checks the result only, and looks for the culprit input if it is
+    # not finite — one pass over each result instead of one over every input.
+    propagates_nonfinite: bool = False
 
 
 REGISTRY: dict[str, Method] = {}

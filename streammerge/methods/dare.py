@@ -81,6 +81,6 @@ def memory(name: str, shape: tuple[int, ...], n: int, params: DareParams, itemsi
     return elementwise_memory_blocks(buffers)(name, shape, n, params, itemsize)
 
 
-register(Method("dare", DareParams, merge, memory=memory, doc=__doc__ or ""))
+register(Method("dare", DareParams, merge, memory=memory, doc=__doc__ or "", propagates_nonfinite=True))
 ALIASES["dare_linear"] = ("dare", {"combine": "task_arithmetic"})
 ALIASES["dare_ties"] = ("dare", {"combine": "ties"})

@@ -32,4 +32,4 @@ def merge(task: TensorTask, params: LinearParams) -> torch.Tensor:
     return map_row_blocks(task, block)
 
 
-register(Method("linear", LinearParams, merge, memory=elementwise_memory_blocks(3.0), doc=__doc__ or ""))
+register(Method("linear", LinearParams, merge, memory=elementwise_memory_blocks(3.0), doc=__doc__ or "", propagates_nonfinite=True))

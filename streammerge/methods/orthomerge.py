@@ -51,7 +51,7 @@ class OrthoMergeParams:
     base_rtol: float = 1e-2  # base directions with σ below this × σ_max get no rotation (procrustes rule 1)
     null_rtol: float = 1e-6  # cross-product singular values below this × σ_max: identity completion (rule 2)
     max_angle_deg: float = 90.0  # invariant planes rotated further are reset (residual keeps them)
-    precision: str = "float64"  # dtype of the SVDs and k×k solves
+    precision: str = "auto"  # dtype of the SVDs and k×k solves: float32, float64, or auto (linalg_dtype)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "exclude", tuple(self.exclude))
@@ -64,8 +64,8 @@ class OrthoMergeParams:
             raise ValueError(f"magnitude = {self.magnitude!r} must be mean, median or max")
         if self.direction not in ("sum", "uniform"):
             raise ValueError(f"direction = {self.direction!r} must be 'sum' or 'uniform'")
-        if self.precision not in ("float32", "float64"):
-            raise ValueError(f"precision = {self.precision!r} must be float32 or float64")
+        if self.precision not in ("auto", "float32", "float64"):
+            raise ValueError(f"precision = {self.precision!r} must be auto, float32 or float64")
         check_range("scale", self.scale, 0.0, float("inf"))
         check_range("base_rtol", self.base_rtol, 0.0, 1.0, high_open=True)
         check_range("null_rtol", self.null_rtol, 0.0, 1.0, high_open=True)
@@ -76,6 +76,25 @@ class OrthoMergeParams:
             except re.error as exc:
                 raise ValueError(f"exclude pattern {pattern!r}: {exc}") from None
         residual_method(self, 2)  # validates the residual method and its parameters now
+
+
+# precision "auto": float64 where the subspace is small enough for it to be cheap, float32 above
+# (an 8B down_proj has k = 14,336: float64 would need 17 GB, float32 9 GB; the update differs by
+# ~1e-4 relative, bench/results/orthomerge-precision.md). The scheduler turns auto into float32
+# on CUDA, where float64 runs at 1/32–1/64 of the speed on consumer GPUs.
+AUTO_FLOAT64_MAX_K = 4096
+
+
+def subspace_bound(shape: tuple[int, ...], n: int) -> int:
+    """k = dim S for full-rank updates: min(in, min(out, in) + N·out) (an upper bound for the conflict target)."""
+    out, inn = shape
+    return min(inn, min(out, inn) + n * out)
+
+
+def linalg_dtype(params: OrthoMergeParams, shape: tuple[int, ...], n: int) -> torch.dtype:
+    if params.precision != "auto":
+        return getattr(torch, params.precision)
+    return torch.float64 if subspace_bound(shape, n) <= AUTO_FLOAT64_MAX_K else torch.float32
 
 
 def residual_method(params: OrthoMergeParams, n_experts: int) -> tuple[Method, Any]:
@@ -103,7 +122,8 @@ def rotates(name: str, shape: torch.Size, params: OrthoMergeParams) -> bool:
 class _Residuals:
     """Pseudo-experts W₀ + ρ_i = W_i − (W₀R_iᵀ − W₀), loaded lazily like real experts."""
 
-    def __init__(self, task: TensorTask, basis: Subspace, rotations: list[SubspaceRotation]):
+    def __init__(self, task: TensorTask, basis: Subspace, rotations: list):
+        # rotations[i]: R_i, or the out×in difference W₀R_iᵀ − W₀ itself where that is smaller
         self.task, self.basis, self.rotations = task, basis, rotations
 
     def __len__(self) -> int:
@@ -111,8 +131,10 @@ class _Residuals:
 
     def __getitem__(self, i: int) -> torch.Tensor:
         w = self.task.experts[i]
-        rot = self.rotations[i].to(self.basis.p.device)  # state may have been kept in host RAM
-        return w.sub_(rotate_base(self.task.base, self.basis, rot).sub_(self.task.base))
+        kept = self.rotations[i].to(self.basis.p.device)  # state may have been kept in host RAM
+        if isinstance(kept, torch.Tensor):
+            return w.sub_(kept)
+        return w.sub_(rotate_base(self.task.base, self.basis, kept).sub_(self.task.base))
 
 
 class _ResidualRows:
@@ -156,7 +178,7 @@ def _merge_tall(task: TensorTask, params: OrthoMergeParams, res_method: Method, 
     then merges it whole)."""
     n = len(task.weights)
     out_rows, inn = task.shape
-    prec = getattr(torch, params.precision)
+    prec = linalg_dtype(params, task.shape, n)
     blocks = task.row_blocks()
     device = task.base_rows(blocks[0]).device
     gram = torch.zeros(inn, inn, dtype=prec, device=device)
@@ -233,6 +255,10 @@ def _merge_tall(task: TensorTask, params: OrthoMergeParams, res_method: Method, 
     return result
 
 
+def rotation_bytes(rot: SubspaceRotation) -> int:
+    return sum(t.numel() * t.element_size() for t in (rot.r_w, rot.q_w, rot.frame) if t is not None)
+
+
 def conflict_rows(tau: torch.Tensor, tau_mean: torch.Tensor) -> torch.Tensor:
     """Rows j with cos(τ[j], τ_mean[j]) < 0; a zero row has cosine 0 and is not a conflict."""
     return (tau * tau_mean).sum(dim=1) < 0
@@ -279,7 +305,7 @@ def _merge(task: TensorTask, params: OrthoMergeParams) -> torch.Tensor:
         if not bool(delta.any()):
             continue  # adds no direction
         if builder is None:
-            builder = SubspaceBuilder(a, params.base_rtol, getattr(torch, params.precision))
+            builder = SubspaceBuilder(a, params.base_rtol, linalg_dtype(params, task.shape, n))
         if builder.full:
             break
         builder.add(delta)
@@ -317,8 +343,11 @@ def _merge(task: TensorTask, params: OrthoMergeParams) -> torch.Tensor:
                 residual_sum = torch.zeros_like(a)
             residual_sum.add_(term, alpha=task.weights[i])
             del term
-        else:
+        elif params.rotation_merge in ("average_r", "product_r") or rotation_bytes(rot) <= a.numel() * a.element_size():
             rotations.append(rot if task.state_device is None else rot.to(task.state_device))
+        else:  # keep what the residual pass reads, W₀R_iᵀ − W₀, not the larger frame and w×w factors
+            moved = rotate_base(a, basis, rot).sub_(a)
+            rotations.append(moved if task.state_device is None else moved.to(task.state_device))
     dense = [r.to(basis.p.device).dense_r() for r in rotations] if params.rotation_merge in ("average_r", "product_r") else []
     r_star = merged_rotation(acc, dense, task.weights, params)
     del acc
@@ -411,7 +440,7 @@ def memory(name: str, shape: tuple[int, ...], n: int, params: OrthoMergeParams, 
     if not rotates(name, shape, params):
         return res_method.memory(name, shape, n, res_params, itemsize)
     out, inn = shape
-    f = 8 if params.precision == "float64" else 4
+    f = 8 if linalg_dtype(params, shape, n) == torch.float64 else 4
     numel = out * inn
     running = res_method.name == "task_arithmetic" and params.rotation_merge not in ("average_r", "product_r")
     if out >= inn and numel > BLOCK_ELEMENTS:
@@ -420,13 +449,15 @@ def memory(name: str, shape: tuple[int, ...], n: int, params: OrthoMergeParams, 
         work = (numel * itemsize + residual.work + residual.state + _C_TALL_BLOCKS * block * max(f, itemsize)
                 + (_C_TALL_SQUARE - (2 if params.target == "conflict" else 0) + n) * inn * inn * f + n * out)
         return Need(int(work), 0, transfer=block)
-    k = min(inn, min(out, inn) + n * out)
+    k = subspace_bound(shape, n)
     base = _C_COMPUTE * numel * itemsize + _C_OUT_IN * numel * f + _C_SIDES * (out + inn) * k * f
+    ablation = params.rotation_merge in ("average_r", "product_r")  # these keep every R_i
     if 2 * out <= k:
         w = 2 * out
-        state = 0 if running else n * (k * w + 2 * w * w) * f
-        return Need(int(base + _C_ACC * k * k * f + _C_FRAME * w * w * f), int(state))
-    return Need(int(base + _C_SQUARE * k * k * f), 0 if running else n * k * k * f)
+        per_expert = (k * w + 2 * w * w) * f if ablation else min((k * w + 2 * w * w) * f, numel * itemsize)
+        return Need(int(base + _C_ACC * k * k * f + _C_FRAME * w * w * f), 0 if running else int(n * per_expert))
+    per_expert = 2 * k * k * f if ablation else min(2 * k * k * f, numel * itemsize)
+    return Need(int(base + _C_SQUARE * k * k * f), 0 if running else int(n * per_expert))
 
 
 register(Method("orthomerge", OrthoMergeParams, merge, memory=memory, doc=__doc__ or ""))

@@ -37,4 +37,4 @@ def merge(task: TensorTask, params: TaskArithmeticParams) -> torch.Tensor:
     return map_row_blocks(task, block)
 
 
-register(Method("task_arithmetic", TaskArithmeticParams, merge, memory=elementwise_memory_blocks(3.0), doc=__doc__ or ""))
+register(Method("task_arithmetic", TaskArithmeticParams, merge, memory=elementwise_memory_blocks(3.0), doc=__doc__ or "", propagates_nonfinite=True))

@@ -278,7 +278,7 @@ def memory(name: str, shape: tuple[int, ...], n: int, params: TiesParams, itemsi
         return Need(int((n + 6) * numel * itemsize))
     if n * numel * itemsize <= CACHE_BYTES:  # the N vectors and the whole base, blocks of temporaries
         return Need(int((n + 1) * numel * itemsize + 6 * block * itemsize))
-    return Need(int((n + 7) * block * itemsize))
+    return Need(int((n + 7) * block * itemsize), transfer=block)
 
 
 register(
@@ -287,5 +287,6 @@ register(
         statistics=statistics,
         statistics_passes=lambda p: 2 if p.scope == "model" else 0,
         doc=__doc__ or "",
+        propagates_nonfinite=True,
     )
 )

@@ -1,0 +1,56 @@
+"""The laptop case, planned at full scale from header-only files (tools/make_shape_fixture.py):
+five Llama-3.1-8B-shaped experts fit 12 GB of RAM on the CPU alone, and 12 GB of RAM with a
+24 GB GPU (--max-gpu-memory 22GB), for every method. If a change makes any plan stop fitting,
+this fails. The 70B plan is printed for the record (bench/results/plan-8b-70b.md)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from streammerge import Expert, Recipe
+from streammerge.scheduler import Merger
+from streammerge.units import parse_size
+from tests.conftest import _load_tool
+
+fixture_tool = _load_tool("make_shape_fixture")
+
+RAM, GPU, CARD = parse_size("12GB"), parse_size("22GB"), parse_size("24GB")
+
+CASES = [
+    ("task_arithmetic", {}), ("linear", {}),
+    ("ties", {"density": 0.2}), ("ties", {"density": 0.2, "scope": "model"}),
+    ("dare_linear", {}), ("dare_ties", {}),
+    ("orthomerge", {"target": "global"}), ("orthomerge", {"target": "conflict"}),
+    ("orthomerge", {"target": "global", "residual_method": "ties"}), ("orthomerge", {"target": "conflict", "residual_method": "ties"}),
+]
+
+
+@pytest.fixture(scope="module")
+def llama8b(tmp_path_factory) -> str:
+    root = str(tmp_path_factory.mktemp("llama8b"))
+    assert fixture_tool.main([root, "--shape", "llama-3.1-8b", "--experts", "5"]) == 0
+    return root
+
+
+def plan_of(root: str, method: str, params: dict, **budgets):
+    experts = tuple(Expert(os.path.join(root, f"expert-{i}")) for i in range(1, 6))
+    recipe = Recipe(method, os.path.join(root, "base"), experts, os.path.join(root, "out"), dict(params))
+    merger = Merger(recipe, device="cpu", quiet=True, **budgets)
+    try:
+        return merger.plan
+    finally:
+        merger.close()
+
+
+@pytest.mark.parametrize("method,params", CASES, ids=[f"{m}-{'-'.join(f'{k}={v}' for k, v in p.items())}" for m, p in CASES])
+def test_five_8b_experts_fit_a_laptop(method, params, llama8b):
+    cpu = plan_of(llama8b, method, params, max_ram=RAM)
+    worst = max(cpu.tensors, key=lambda t: t.host_bytes)
+    assert cpu.peak_host <= RAM, f"CPU-only: {cpu.peak_host / 1e9:.2f} GB ({worst.name})"
+    gpu = plan_of(llama8b, method, params, max_ram=RAM, max_gpu_memory=GPU, assume_gpu=CARD)
+    worst = max(gpu.tensors, key=lambda t: t.host_bytes)
+    assert gpu.peak_host <= RAM, f"with a GPU: {gpu.peak_host / 1e9:.2f} GB of RAM ({worst.name})"
+    assert gpu.peak_gpu <= GPU
+    assert not gpu.spilled, [t.name for t in gpu.spilled][:3]  # everything computes on the GPU
+    print(f"{method} {params}: CPU {cpu.peak_host / 1e9:.2f} GB RAM; GPU {gpu.peak_gpu / 1e9:.2f} GB + {gpu.peak_host / 1e9:.2f} GB RAM")
