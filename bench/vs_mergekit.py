@@ -101,9 +101,10 @@ def load(folder: str) -> dict[str, torch.Tensor]:
 
 
 def bf16_steps(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """Largest |out − ref| in units of the bf16 spacing at ref."""
-    spacing = torch.where(ref == 0, torch.full_like(ref, 2.0 ** -133), ref.abs() * 2.0 ** -7)
-    spacing = 2.0 ** torch.floor(torch.log2(spacing))
+    """Largest |out − ref| in units of the bf16 spacing at ref (at values below 2⁻¹⁰ of the tensor's
+    largest, the spacing there: near-cancellations are not counted as huge relative errors)."""
+    floor = float(ref.abs().max()) * 2.0 ** -10 or 2.0 ** -126
+    spacing = 2.0 ** torch.floor(torch.log2(ref.abs().clamp(min=floor) * 2.0 ** -7))
     return float(((out.float() - ref).abs() / spacing).max())
 
 

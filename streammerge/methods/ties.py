@@ -27,7 +27,7 @@ import torch
 
 from . import BLOCK_ELEMENTS, Method, ModelPass, Rows, TensorTask, check_range, register
 
-CACHE_BYTES = 1 << 30  # the N trimmed task vectors of one tensor are kept whole up to this size
+CACHE_BYTES = 1 << 28  # the N trimmed task vectors of one tensor are kept whole up to this size
 
 
 @dataclass(frozen=True)
@@ -108,8 +108,17 @@ def tensor_threshold(tau: torch.Tensor, density: float) -> float:
     return kth_largest_magnitude(tau, keep_count(tau.numel(), density))
 
 
-def trim(tau: torch.Tensor, threshold: float) -> torch.Tensor:
-    return tau.mul_(magnitude(tau) >= threshold)
+def _bits_of(value: float) -> int:
+    return int(torch.tensor([value], dtype=torch.float32).view(torch.int32)[0])
+
+
+def trim(tau: torch.Tensor, threshold: float, bits: torch.Tensor | None = None) -> torch.Tensor:
+    """Zero the entries with |τ| below `threshold`, comparing float32 bit patterns (the order
+    of the magnitudes; a NaN, allowed by --allow-nonfinite, counts as the largest and is kept).
+    `bits`: τ's `magnitude_bits` if the caller has them already."""
+    if bits is None:
+        bits = magnitude_bits(tau)
+    return tau.mul_((bits >= _bits_of(threshold)).view(tau.shape))
 
 
 class DisjointMerge:
@@ -130,19 +139,18 @@ class DisjointMerge:
         for v in vectors:
             total.add_(v)
         sign = torch.sign(total)
-        self.balance += int((sign > 0).sum()) - int((sign < 0).sum())
+        self.balance += int(sign.sum(dtype=torch.float64))  # exact: a sum of ±1 and 0
         undecided = sign == 0
-        nonzero = torch.zeros_like(undecided)
-        for v in vectors:
-            nonzero |= v != 0
-        undecided &= nonzero
-        sign.masked_fill_(sign == 0, 1.0)
+        sign.masked_fill_(undecided, 1.0)
         total.zero_()
         count = torch.zeros_like(base)
         for v in vectors:
             agree = (torch.sign(v) == sign) & (v != 0)
             total.add_(v * agree)
             count.add_(agree)
+        # an elected sum of exactly 0 with some expert non-zero means experts of both signs, so
+        # there (and only there) some expert agreed with the provisional +1
+        undecided &= count > 0
         if self.merge_kind == "mean":
             total.div_(count.clamp_(min=1))
         if bool(undecided.any()):
@@ -221,8 +229,16 @@ def merge(task: TensorTask, params: TiesParams) -> torch.Tensor:
         kept = []  # each expert read once: threshold, trim and weight in memory
         for i in range(n):
             tau = task.task_vector(i)
-            threshold = thresholds[i] if thresholds is not None else tensor_threshold(tau, densities[i])
-            kept.append(trim(tau, threshold).mul_(task.weights[i]))
+            bits = magnitude_bits(tau)
+            if thresholds is not None:
+                threshold = thresholds[i]
+            else:
+                select = RadixSelect(keep_count(tau.numel(), densities[i]))
+                select.add_high(bits)
+                select.add_low(bits)
+                threshold = select.value()
+            kept.append(trim(tau, threshold, bits).mul_(task.weights[i]))
+            del bits
 
         def vectors(rows: Rows | None) -> list[torch.Tensor]:
             return kept if rows is None else [v[rows[0]:rows[1]] for v in kept]
