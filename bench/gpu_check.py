@@ -32,6 +32,8 @@ import time
 import torch
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import load_model as load  # noqa: E402
 sys.path.insert(0, ROOT)
 from streammerge import Expert, Recipe  # noqa: E402
 from streammerge.scheduler import Merger  # noqa: E402
@@ -51,15 +53,6 @@ def log(msg: str) -> None:
 def sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-
-
-def load(folder: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(os.listdir(folder)):
-        if f.endswith(".safetensors"):
-            out.update(load_file(os.path.join(folder, f)))
-    return out
 
 
 def run_merge(base: str, experts: list[str], out: str, method: str, params: dict, device: str, max_gpu: int | None = None) -> tuple[float, dict]:

@@ -2,6 +2,7 @@
 """Merge synthetic experts at given sizes and methods; record what the scheduler achieved.
 
     python bench/scheduler_bench.py --sizes 0.5b 1.5b --methods task_arithmetic ties orthomerge
+    python bench/scheduler_bench.py --sizes 8b-slice --experts 5 --methods task_arithmetic ties dare_ties
 
 For each (size, method): drops the page cache (when permitted), measures the raw sequential
 read throughput of the same input files, drops the cache again, then runs
@@ -26,23 +27,15 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import drop_caches  # noqa: E402
 WORK = os.path.join(ROOT, "bench", "work")
 RESULTS = os.path.join(ROOT, "bench", "results")
 
 
-def drop_caches() -> bool:
-    subprocess.run(["sync"])
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-        return True
-    except OSError:
-        return False
-
-
-def inputs(folder: str) -> list[str]:
+def inputs(folder: str, n: int = 3) -> list[str]:
     out = []
-    for d in ["base"] + [f"expert-{i}" for i in (1, 2, 3)]:
+    for d in ["base"] + [f"expert-{i}" for i in range(1, n + 1)]:
         out += sorted(os.path.join(folder, d, f) for f in os.listdir(os.path.join(folder, d)) if f.endswith(".safetensors"))
     return out
 
@@ -74,15 +67,17 @@ def main() -> int:
     ap.add_argument("--sizes", nargs="+", default=["0.5b", "1.5b"])
     ap.add_argument("--methods", nargs="+", default=["task_arithmetic", "ties", "orthomerge"])
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--experts", type=int, default=3)
     ap.add_argument("--shared", type=float, default=0.7, help="experts' shared, sign-flipped direction (make_toy_models --shared): gives OrthoMerge-C conflicting rows")
     args = ap.parse_args()
     os.makedirs(RESULTS, exist_ok=True)
     for size in args.sizes:
-        folder = os.path.join(WORK, f"{size}-shared{args.shared}")
-        if not os.path.exists(os.path.join(folder, "expert-3", "model.safetensors.index.json")):
-            subprocess.run([sys.executable, os.path.join(ROOT, "tools", "make_toy_models.py"), folder, "--preset", size, "--experts", "3",
+        n = args.experts
+        folder = os.path.join(WORK, f"{size}-shared{args.shared}" + (f"-x{n}" if n != 3 else ""))
+        if not os.path.exists(os.path.join(folder, f"expert-{n}", "model.safetensors.index.json")):
+            subprocess.run([sys.executable, os.path.join(ROOT, "tools", "make_toy_models.py"), folder, "--preset", size, "--experts", str(n),
                             "--shard-size", "1GB", "--shared", str(args.shared)], check=True)
-        files = inputs(folder)
+        files = inputs(folder, n)
         for method in args.methods:
             out = os.path.join(WORK, f"out-{size}-{method}")
             subprocess.run(["rm", "-rf", out])
@@ -91,7 +86,7 @@ def main() -> int:
             drop_caches()
             report = out + "-memory.json"
             cmd = ["streammerge", "merge", "--quiet", "--device", args.device, "--base", os.path.join(folder, "base")]
-            for i in (1, 2, 3):
+            for i in range(1, n + 1):
                 cmd += ["--expert", os.path.join(folder, f"expert-{i}")]
             cmd += ["--method", method, "--out", out, "--memory-report", report]
             timed = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)
@@ -104,7 +99,7 @@ def main() -> int:
             record = {
                 "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 "machine": machine(), "size": size, "method": method, "command": " ".join(cmd),
-                "models": f"python tools/make_toy_models.py {folder} --preset {size} --experts 3 --shard-size 1GB --shared {args.shared}",
+                "models": f"python tools/make_toy_models.py {folder} --preset {size} --experts {n} --shard-size 1GB --shared {args.shared}",
                 "page_cache_dropped": dropped,
                 "input_bytes": nbytes,
                 "raw_sequential_read_MBps": round(nbytes / seconds / 1e6, 1),

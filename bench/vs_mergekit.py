@@ -31,22 +31,14 @@ import time
 import torch
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import drop_caches, load_model as load  # noqa: E402
 VENV = os.path.join(ROOT, "bench", ".venv-mergekit")
 RESULTS = os.path.join(ROOT, "bench", "results")
 
 
 def sh(cmd: list[str], **kw) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, text=True, capture_output=True, **kw)
-
-
-def drop_caches() -> bool:
-    subprocess.run(["sync"])
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-        return True
-    except OSError:
-        return False
 
 
 def ensure_mergekit() -> str | None:
@@ -89,15 +81,6 @@ def recipe(method: str, base: str, experts: list[str], density: float) -> str:
     models = "\n".join(f"  - model: {e}\n    parameters: {{weight: 1.0{', density: ' + str(density) if method == 'ties' else ''}}}" for e in experts)
     return f"merge_method: {method}\nbase_model: {base}\nmodels:\n{models}\nparameters: {{normalize: true}}\ndtype: bfloat16\n" if method == "ties" else \
         f"merge_method: {method}\nbase_model: {base}\nmodels:\n{models}\ndtype: bfloat16\n"
-
-
-def load(folder: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(os.listdir(folder)):
-        if f.endswith(".safetensors"):
-            out.update(load_file(os.path.join(folder, f)))
-    return out
 
 
 def bf16_steps(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -19,6 +19,9 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from streammerge.io.safetensors_format import build_header, itemsize  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from make_toy_models import llama_layout  # noqa: E402
+
 SHAPES = {
     # name: hidden, intermediate, layers, heads, kv_heads, vocab (tied embeddings: no)
     "llama-3.1-8b": (4096, 14336, 32, 32, 8, 128256),
@@ -28,23 +31,8 @@ SHARD_BYTES = 5 * 10**9
 
 
 def layout(hidden: int, inter: int, layers: int, heads: int, kv: int, vocab: int) -> list[tuple[str, tuple[int, ...]]]:
-    """Llama tensor names and shapes in the order Hugging Face writes them."""
-    head_dim = hidden // heads
-    out = [("model.embed_tokens.weight", (vocab, hidden))]
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        out += [
-            (p + "input_layernorm.weight", (hidden,)),
-            (p + "self_attn.q_proj.weight", (heads * head_dim, hidden)),
-            (p + "self_attn.k_proj.weight", (kv * head_dim, hidden)),
-            (p + "self_attn.v_proj.weight", (kv * head_dim, hidden)),
-            (p + "self_attn.o_proj.weight", (hidden, heads * head_dim)),
-            (p + "post_attention_layernorm.weight", (hidden,)),
-            (p + "mlp.gate_proj.weight", (inter, hidden)),
-            (p + "mlp.up_proj.weight", (inter, hidden)),
-            (p + "mlp.down_proj.weight", (hidden, inter)),
-        ]
-    return out + [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
+    """Llama tensor names and shapes in the order Hugging Face writes them (untied, no biases)."""
+    return llama_layout(hidden, inter, layers, heads, kv, vocab, tied=False, bias=False)
 
 
 def write_sparse_model(folder: str, tensors: list[tuple[str, tuple[int, ...]]], dtype: str = "BF16") -> None:

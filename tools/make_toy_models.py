@@ -35,6 +35,7 @@ PRESETS = {
     "0.5b": (1024, 4096, 28, 16, 4, 32000),
     "1.5b": (2048, 5632, 28, 16, 4, 32000),
     "0.5b-128k": (768, 3072, 32, 12, 4, 128256),  # a Llama-3 vocabulary: embedding and lm_head dominate
+    "8b-slice": (4096, 14336, 2, 32, 8, 128256),  # Llama-3.1-8B's embedding, lm_head and two of its layers
 }
 
 
