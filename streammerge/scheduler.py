@@ -155,14 +155,21 @@ def _file_state(paths: list[str]) -> dict[str, tuple[int, int]]:
     return state
 
 
+FINITE_CHUNK = 1 << 22  # elements summed at once: a bf16 sum in float32 converts its operand
+
+
 def all_finite(t: torch.Tensor) -> bool:
-    """No NaN/Inf, in one pass and without a mask the size of t: a sum is finite unless an input
-    is NaN or ±Inf (or the sum overflows, which the exact check below then clears)."""
+    """No NaN/Inf, in one pass and without a copy or mask the size of t: a sum is finite unless an
+    input is NaN or ±Inf (or the sum overflows, which the exact check of that chunk then clears)."""
     if t.numel() == 0 or not t.is_floating_point():
         return True
-    if math.isfinite(float(t.sum(dtype=torch.float32 if t.dtype != torch.float64 else None))):
-        return True
-    return bool(torch.isfinite(t).all())
+    flat = t.reshape(-1)
+    wide = torch.float32 if t.dtype != torch.float64 else None
+    for start in range(0, flat.numel(), FINITE_CHUNK):
+        chunk = flat[start:start + FINITE_CHUNK]
+        if not math.isfinite(float(chunk.sum(dtype=wide))) and not bool(torch.isfinite(chunk).all()):
+            return False
+    return True
 
 
 class LazyExperts:
