@@ -31,7 +31,7 @@ from ..math.cayley import cayley, cayley_consuming
 from ..math.lie_mean import LieAccumulator
 from ..math.robust import LinalgFailure
 from ..math.procrustes import Subspace, SubspaceBuilder, SubspaceRotation, identity_rotation, procrustes, procrustes_from_cross, rotate_base
-from . import Method, TensorTask, build_params, check_range, get_method, register
+from . import Method, Rows, TensorTask, build_params, check_range, get_method, map_row_blocks, register
 
 log = logging.getLogger(__name__)
 
@@ -244,15 +244,11 @@ def _merge_tall(task: TensorTask, params: OrthoMergeParams, res_method: Method, 
                                out_dtype=task.dtype, shape=task.shape, dtype=task.dtype)
     merged_residual = res_method.merge(residual_task, res_params)
     del rotations, residual_task
-    result = None
-    for rows in blocks:  # W = W₀R*ᵀ + (merged residual − W₀), block by block
+    def merged_block(rows: Rows | None) -> torch.Tensor:  # W = W₀R*ᵀ + (merged residual − W₀)
         a = task.base_rows(rows)
-        block = _rotate_rows(a, p, r_star).add_(merged_residual[rows[0]:rows[1]].to(a.device).sub_(a))  # type: ignore[index]
-        if result is None:
-            result = task.new_output(block)
-        result[rows[0]:rows[1]].copy_(block)  # type: ignore[index]
-        del block
-    return result
+        return _rotate_rows(a, p, r_star).add_(merged_residual[rows[0]:rows[1]].to(a.device).sub_(a))  # type: ignore[index]
+
+    return map_row_blocks(task, merged_block)
 
 
 def rotation_bytes(rot: SubspaceRotation) -> int:

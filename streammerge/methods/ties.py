@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import BLOCK_ELEMENTS, Method, ModelPass, Rows, TensorTask, check_range, register
+from . import BLOCK_ELEMENTS, Method, ModelPass, Rows, TensorTask, check_range, map_row_blocks, register
 
 CACHE_BYTES = 1 << 28  # the N trimmed task vectors of one tensor are kept whole up to this size
 
@@ -94,18 +94,17 @@ class RadixSelect:
         return float(bits.view(torch.float32)[0])
 
 
-def kth_largest_magnitude(tau: torch.Tensor, k: int) -> float:
-    """The exact k-th largest |τ| of one in-memory tensor (no sort)."""
-    bits = magnitude_bits(tau)
+def kth_largest_of_bits(bits: torch.Tensor, k: int) -> float:
+    """The exact k-th largest magnitude, given one in-memory tensor's `magnitude_bits` (no sort)."""
     select = RadixSelect(k)
     select.add_high(bits)
     select.add_low(bits)
     return select.value()
 
 
-def tensor_threshold(tau: torch.Tensor, density: float) -> float:
-    """The k-th largest |τ| of one tensor; entries with |τ| ≥ it are kept."""
-    return kth_largest_magnitude(tau, keep_count(tau.numel(), density))
+def kth_largest_magnitude(tau: torch.Tensor, k: int) -> float:
+    """The exact k-th largest |τ| of one in-memory tensor (no sort)."""
+    return kth_largest_of_bits(magnitude_bits(tau), k)
 
 
 def _bits_of(value: float) -> int:
@@ -183,18 +182,7 @@ class DisjointMerge:
 def disjoint_merge_blocks(task: TensorTask, vectors: Callable[[Rows | None], list[torch.Tensor]], merge_kind: str, lambda_: float) -> torch.Tensor:
     """W_0 + λ · disjoint merge of `vectors(rows)` (the processed task vectors of a row block)."""
     dm = DisjointMerge(merge_kind, lambda_)
-    out = None
-    for rows in task.row_blocks():
-        block = dm.block(vectors(rows), task.base_rows(rows))
-        if rows is None:
-            out = block
-            break
-        if out is None:
-            out = task.new_output(block)
-        out[rows[0]:rows[1]].copy_(block)
-        del block
-    assert out is not None
-    return dm.finish(out)
+    return dm.finish(map_row_blocks(task, lambda rows: dm.block(vectors(rows), task.base_rows(rows))))
 
 
 def _density(task: TensorTask, params: TiesParams, i: int) -> float:
@@ -230,13 +218,7 @@ def merge(task: TensorTask, params: TiesParams) -> torch.Tensor:
         for i in range(n):
             tau = task.task_vector(i)
             bits = magnitude_bits(tau)
-            if thresholds is not None:
-                threshold = thresholds[i]
-            else:
-                select = RadixSelect(keep_count(tau.numel(), densities[i]))
-                select.add_high(bits)
-                select.add_low(bits)
-                threshold = select.value()
+            threshold = thresholds[i] if thresholds is not None else kth_largest_of_bits(bits, keep_count(tau.numel(), densities[i]))
             kept.append(trim(tau, threshold, bits).mul_(task.weights[i]))
             del bits
 
