@@ -18,6 +18,7 @@ from .io.peft_adapter import CONFIG_NAME, PREFIX, WEIGHTS_NAME
 from .io.peft_oft import OftExpert, OftGenerators, check_oft_conventions
 from .math.skew import pack_skew
 from .methods.orthomerge import merged_generator
+from . import settings
 from .recipe import Recipe
 from .scheduler import open_inputs
 
@@ -40,9 +41,11 @@ def merge_to_adapter(recipe: Recipe) -> str:
         if foreign:
             raise ResumeError(f"{out}: not empty and not a streammerge adapter output ({foreign[0]!r} ...)")
         names = [n for n in base.names() if any(n in e.modules for e in experts)]  # type: ignore[union-attr]
-        weights = tuple(e.weight for e in recipe.experts)
+        n_layers = settings.count_layers(base.names())
         tensors = []
         for name in names:
+            _, values = recipe.method_and_values(name, settings.layer_fraction(name, n_layers))
+            weights, params = values.weights, values.params
             gens = OftGenerators(experts, name, torch.float64 if params.precision == 'auto' else getattr(torch, params.precision), torch.device("cpu"))  # type: ignore[arg-type]
             q_star = merged_generator(gens, weights, params, gens.dtype, gens.device)
             suffix = "oft_embedding_R.weight" if gens.module.embedding else "oft_R.weight"

@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from .errors import StreammergeError
+from .errors import StreammergeError, UsageError
 from .methods import method_names
 from .recipe import Expert, Recipe, from_mapping, load_recipe_file
 from .units import format_size, parse_size
@@ -70,7 +70,7 @@ def build_recipe(recipe_path, base, experts, weights, method, out, density, lamb
                  target, residual_method, residual_params, rotation_merge, exclude, params, shard_size, dtype,
                  compute_dtype, seed, allow_nonfinite, **_: Any) -> Recipe:
     if weights and len(weights) != len(experts):
-        raise click.UsageError("give one --weight per --expert, or none")
+        raise UsageError(f"give one --weight per --expert, or none ({len(weights)} --weight for {len(experts)} --expert)")
     parameters = dict(_parse_param(p) for p in params)
     for key, value in (
         ("density", density), ("lambda", lambda_), ("drop_rate", drop_rate), ("scope", ties_scope), ("merge", ties_merge),
@@ -84,7 +84,7 @@ def build_recipe(recipe_path, base, experts, weights, method, out, density, lamb
         "shard_size": shard_size, "seed": seed, "allow_nonfinite": allow_nonfinite,
     }
     if experts:
-        overrides["experts"] = tuple(Expert(p, weights[i] if weights else 1.0) for i, p in enumerate(experts))
+        overrides["experts"] = tuple(Expert(p, weights[i] if weights else None) for i, p in enumerate(experts))
     if recipe_path:
         recipe = load_recipe_file(recipe_path, overrides)
         if parameters:

@@ -11,7 +11,8 @@ from typing import Any
 import torch
 
 from .errors import InputError, UsageError, collect
-from .methods import Method, build_params, get_method
+from . import mergekit_recipe, settings
+from .methods import REQUIRED, Method, build_params, get_method
 from .units import parse_size
 
 DTYPE_ALIASES: dict[str, torch.dtype] = {
@@ -33,10 +34,33 @@ def parse_dtype(name: str | None, what: str) -> torch.dtype | None:
 
 @dataclass(frozen=True)
 class Expert:
+    """One expert and its own settings (settings.py: a value, a gradient or filters). A setting
+    left None falls back to the recipe's parameter of that name, then the method's default."""
+
     path: str
-    weight: float = 1.0
-    density: float | None = None  # per-expert keep rate for ties/dare (mergekit's `density`)
+    weight: Any = None  # None: the recipe's `weight`, else the method's default (1.0; mergekit methods require one)
+    density: Any = None  # per-expert keep rate for ties/dare (mergekit's `density`)
     peft_version: str | None = None  # OFT adapters without `peft_version` in their config
+    parameters: dict[str, Any] = field(default_factory=dict)  # other per-expert settings (gamma, epsilon)
+
+    def setting(self, key: str) -> Any:
+        return getattr(self, key) if key in ("weight", "density") else self.parameters.get(key)
+
+
+@dataclass(frozen=True)
+class TensorValues:
+    """The recipe resolved for one tensor: the method's parameters and each expert's values."""
+
+    params: Any
+    experts: tuple[dict[str, Any], ...]
+
+    @property
+    def weights(self) -> tuple[float, ...]:
+        return tuple(float(v["weight"]) for v in self.experts)
+
+    @property
+    def densities(self) -> tuple[float | None, ...]:
+        return tuple(v.get("density") for v in self.experts)
 
 
 @dataclass(frozen=True)
@@ -51,6 +75,8 @@ class Recipe:
     shard_size: int = DEFAULT_SHARD_SIZE
     seed: int = 0
     allow_nonfinite: bool = False
+    tokenizer_source: str | None = None  # "base" (None) or a model folder whose tokenizer files are copied
+    recipe_text: str | None = field(default=None, compare=False)  # the YAML as given, for the model card
 
     def __post_init__(self) -> None:
         # Accept human sizes and lists from Python callers; the value stays immutable.
@@ -59,25 +85,75 @@ class Recipe:
         object.__setattr__(self, "parameters", dict(self.parameters))
 
     def resolve(self) -> tuple[Method, Any]:
-        """The method and its validated parameters dataclass (raises UsageError)."""
+        """The method and its parameters as they apply outside the layers (t = 0, no tensor name
+        matched by a filter); raises UsageError."""
+        method, values = self.method_and_values("", 0.0)
+        return method, values.params
+
+    def method_and_values(self, tensor_name: str, t: float) -> tuple[Method, TensorValues]:
+        """The method, its parameters and every expert's values for one tensor (settings.py)."""
         method, implied = get_method(self.method)
-        return method, build_params(method.params_type, {**implied, **self.parameters}, f"method {self.method}")
+        where = f"method {self.method}" + (f", tensor {tensor_name}" if tensor_name else "")
+        shared = {}
+        for key, setting in self.parameters.items():
+            if key in method.expert_params and key not in method.shared_params:
+                continue  # a default for every expert (mergekit's top-level `weight`), resolved below
+            value = setting if key in method.literal_params else settings.evaluate(setting, tensor_name, t)
+            if value is not None:
+                shared[key] = value
+        params = build_params(method.params_type, {**implied, **shared}, where)
+        experts = []
+        for e in self.experts:
+            values = {}
+            for key, default in method.expert_params.items():
+                value = settings.resolve([e.setting(key), self.parameters.get(key)], tensor_name, t)
+                if value is None:
+                    if default is REQUIRED:
+                        raise UsageError(f"{where}: expert {e.path} has no '{key}' (this method requires one per model, as mergekit does)")
+                    value = default
+                values[key] = value
+            unknown = sorted(set(e.parameters) - set(method.expert_params))
+            if unknown:
+                raise UsageError(f"{where}: expert {e.path}: unknown per-expert parameter(s) {', '.join(unknown)} (known: {', '.join(method.expert_params)})")
+            if isinstance(values.get("weight"), (int, float)) and not math.isfinite(float(values["weight"])):
+                raise UsageError(f"{where}: expert {e.path}: weight {values['weight']} is not finite")
+            if values.get("density") is not None and not 0 < float(values["density"]) <= 1:
+                raise UsageError(f"{where}: expert {e.path}: density {values['density']} is outside (0, 1]")
+            experts.append(values)
+        return method, TensorValues(params, tuple(experts))
 
     def validate(self) -> tuple[Method, Any]:
         """Every recipe-level problem at once; returns what `resolve` returns."""
         problems: list[str] = []
         resolved = None
+        literal: set[str] = set()
         try:
-            resolved = self.resolve()
-        except UsageError as exc:
-            problems.append(str(exc))
+            literal = get_method(self.method)[0].literal_params
+        except UsageError:
+            pass  # reported below
+        for key, setting in self.parameters.items():
+            if key in literal:
+                continue
+            try:
+                settings.check_setting(setting, f"parameter {key}")
+            except UsageError as exc:
+                problems.append(str(exc))
+        for e in self.experts:
+            for key in ("weight", "density", *e.parameters):
+                try:
+                    settings.check_setting(e.setting(key), f"expert {e.path}: {key}")
+                except UsageError as exc:
+                    problems.append(str(exc))
+        if not problems:
+            try:
+                method, values = self.method_and_values("", 0.0)
+                resolved = (method, values.params)
+                if getattr(values.params, "normalize", False) and method.name == "linear" and self.experts and sum(values.weights) == 0:
+                    problems.append("linear: the expert weights sum to zero, so they cannot be normalised")
+            except UsageError as exc:
+                problems.append(str(exc))
         if not self.experts:
             problems.append("at least one expert is needed")
-        for e in self.experts:
-            if not math.isfinite(e.weight):
-                problems.append(f"expert {e.path}: weight {e.weight} is not finite")
-            if e.density is not None and not 0 < e.density <= 1:
-                problems.append(f"expert {e.path}: density {e.density} is outside (0, 1]")
         for what, name in (("dtype", self.dtype), ("compute_dtype", self.compute_dtype)):
             try:
                 parse_dtype(name, what)
@@ -88,8 +164,6 @@ class Recipe:
             src_real = os.path.realpath(src)
             if out == src_real or out.startswith(src_real + os.sep):
                 problems.append(f"output folder {self.out} is (inside) input folder {src}")
-        if resolved is not None and getattr(resolved[1], "normalize", False) and self.experts and sum(e.weight for e in self.experts) == 0:
-            problems.append("linear: the expert weights sum to zero, so they cannot be normalised")
         collect(problems, UsageError, "recipe")
         assert resolved is not None
         return resolved
@@ -99,10 +173,12 @@ class Recipe:
         method, params = self.resolve()
         doc = dataclasses.asdict(self)
         doc.pop("out")
+        doc.pop("recipe_text")
         doc["method"] = method.name
         doc["parameters"] = dataclasses.asdict(params)
         doc["base"] = os.path.realpath(self.base)
         doc["experts"] = [dict(dataclasses.asdict(e), path=os.path.realpath(e.path)) for e in self.experts]
+        doc["settings"] = self.parameters  # gradients and filters as written (parameters above: their t = 0 values)
         return doc
 
     def to_json(self) -> str:
@@ -114,15 +190,14 @@ def _expert(entry: Any, where: str) -> Expert:
         return Expert(entry)
     if not isinstance(entry, dict):
         raise UsageError(f"{where}: each expert is a path or a mapping with 'path'")
-    known = {"path", "weight", "density", "peft_version"}
+    known = {"path", "weight", "density", "peft_version", "parameters"}
     if set(entry) - known or "path" not in entry:
-        raise UsageError(f"{where}: expert entry {entry!r} needs 'path' and may have 'weight', 'density', 'peft_version'")
+        raise UsageError(f"{where}: expert entry {entry!r} needs 'path' and may have 'weight', 'density', 'peft_version', 'parameters'")
     version = entry.get("peft_version")
-    return Expert(str(entry["path"]), float(entry.get("weight", 1.0)), _opt_float(entry.get("density")), None if version is None else str(version))
-
-
-def _opt_float(v: Any) -> float | None:
-    return None if v is None else float(v)
+    extra = entry.get("parameters") or {}
+    if not isinstance(extra, dict):
+        raise UsageError(f"{where}: expert {entry['path']}: 'parameters' is a mapping")
+    return Expert(str(entry["path"]), entry.get("weight"), entry.get("density"), None if version is None else str(version), dict(extra))
 
 
 def from_mapping(doc: Any, where: str, overrides: dict[str, Any] | None = None) -> Recipe:
@@ -131,9 +206,13 @@ def from_mapping(doc: Any, where: str, overrides: dict[str, Any] | None = None) 
         raise UsageError(f"{where}: a recipe is a mapping")
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     try:
-        fields_ = _mergekit(doc, where) if "merge_method" in doc else _native(doc, where)
+        fields_ = mergekit_recipe.parse(doc, where) if "merge_method" in doc else _native(doc, where)
     except (TypeError, ValueError) as exc:
         raise UsageError(f"{where}: {exc}") from None
+    implied = fields_.pop("_implied", ())
+    if overrides.get("method") and overrides["method"] != fields_.get("method"):
+        # another method than the recipe's: drop what the recipe's method implied, keep what the user wrote
+        fields_["parameters"] = {k: v for k, v in fields_.get("parameters", {}).items() if k not in implied}
     fields_.update(overrides)
     if not fields_.get("out"):
         raise UsageError(f"{where}: no output folder (give 'out' in the recipe or --out)")
@@ -142,7 +221,7 @@ def from_mapping(doc: Any, where: str, overrides: dict[str, Any] | None = None) 
     return Recipe(**fields_)
 
 
-_NATIVE_KEYS = {"method", "base", "experts", "out", "parameters", "dtype", "compute_dtype", "shard_size", "seed", "allow_nonfinite"}
+_NATIVE_KEYS = {"method", "base", "experts", "out", "parameters", "dtype", "compute_dtype", "shard_size", "seed", "allow_nonfinite", "tokenizer_source"}
 
 
 def _native(doc: dict, where: str) -> dict[str, Any]:
@@ -157,58 +236,15 @@ def _native(doc: dict, where: str) -> dict[str, Any]:
     return out
 
 
-# mergekit parameter names -> ours, per method family.
-_MERGEKIT_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source", "name"}
-
-
-def _mergekit(doc: dict, where: str) -> dict[str, Any]:
-    """mergekit's YAML: merge_method, base_model, models[{model, parameters{weight, density}}]."""
-    unknown = sorted(set(doc) - _MERGEKIT_KEYS)
-    if unknown:
-        raise UsageError(f"{where}: mergekit keys not supported here: {', '.join(unknown)}")
-    method = str(doc["merge_method"])
-    base = doc.get("base_model")
-    if isinstance(base, dict):
-        base = base.get("model")
-    params = dict(doc.get("parameters") or {})
-    experts = []
-    for m in doc.get("models") or []:
-        path = m.get("model") if isinstance(m, dict) else m
-        p = (m.get("parameters") if isinstance(m, dict) else None) or {}
-        if base is not None and str(path) == str(base):
-            continue  # mergekit lets the base appear among the models; it is not an expert
-        unknown_p = sorted(set(p) - {"weight", "density"})
-        if unknown_p:
-            raise UsageError(f"{where}: model {path}: unsupported per-model parameter(s) {', '.join(unknown_p)}")
-        experts.append(Expert(str(path), float(p.get("weight", 1.0)), _opt_float(p.get("density"))))
-    if method in ("linear", "task_arithmetic"):
-        normalize = params.pop("normalize", method == "linear")
-        if method == "task_arithmetic" and normalize:
-            total = sum(e.weight for e in experts)
-            experts = [dataclasses.replace(e, weight=e.weight / total) for e in experts]
-        elif method == "linear":
-            params["normalize"] = bool(normalize)
-    elif method in ("ties", "dare_ties", "dare_linear"):
-        normalize = params.pop("normalize", True)
-        if method != "dare_linear":
-            params["merge"] = "mean" if normalize else "sum"
-        if method.startswith("dare") and "density" in params:
-            params["drop_rate"] = 1.0 - float(params.pop("density"))
-    out: dict[str, Any] = {"method": method, "base": base, "experts": tuple(experts), "parameters": params}
-    dtype = doc.get("out_dtype") or doc.get("dtype")
-    if dtype:
-        out["dtype"] = str(dtype)
-    return out
-
-
 def load_recipe_file(path: str, overrides: dict[str, Any] | None = None) -> Recipe:
     import yaml  # a YAML recipe is the file format users bring from mergekit
 
     try:
         with open(path, encoding="utf-8") as f:
-            doc = yaml.safe_load(f)
+            text = f.read()
+        doc = yaml.safe_load(text)
     except OSError as exc:
         raise InputError(f"{path}: cannot read ({exc.strerror})") from None
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise UsageError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    return from_mapping(doc, path, overrides)
+    return dataclasses.replace(from_mapping(doc, path, overrides), recipe_text=text)

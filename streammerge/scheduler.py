@@ -34,7 +34,8 @@ from .memwatch import PeakSampler, return_freed_memory_to_os, rss_anon
 from .methods import TensorTask
 from .plan import Plan, TensorPlan, default_gpu_budget, default_ram_budget, free_disk, place
 from .prefetch import ReadAhead
-from .recipe import Recipe, parse_dtype
+from . import settings
+from .recipe import Recipe, TensorValues, parse_dtype
 
 log = logging.getLogger(__name__)
 
@@ -266,14 +267,24 @@ class Merger:
         self.base, self.experts = open_inputs(recipe)
         check_compatible(self.base, self.experts)
         self.shards = plan_shards(self.base, self.out_dtype, recipe.shard_size)
-        self.weights = tuple(e.weight for e in recipe.experts)
-        self.densities = tuple(e.density for e in recipe.experts)
+        self.n_layers = settings.count_layers(self.base.names())
+        self._values: dict[str, TensorValues] = {}  # per tensor: gradients and filters resolved
+        for shard in self.shards:
+            for t in shard.tensors:
+                if t.merged:
+                    self._values[t.name] = self._resolve(t.name)
         self.oft_path = self.method.name == "orthomerge" and all(isinstance(e, OftExpert) for e in self.experts)
         if self.oft_path:
             check_oft_conventions(self.experts)  # type: ignore[arg-type]
         self._check_config()
         self.plan = self.make_plan(max_ram, max_gpu_memory)
         self._placement = {t.name: t for t in self.plan.tensors}
+
+    def _resolve(self, name: str) -> TensorValues:
+        _, values = self.recipe.method_and_values(name, settings.layer_fraction(name, self.n_layers))
+        if self.device.type == "cuda" and getattr(values.params, "precision", None) == "auto":
+            values = dataclasses.replace(values, params=dataclasses.replace(values.params, precision="float32"))
+        return values
 
     def make_plan(self, max_ram: int | None, max_gpu_memory: int | None) -> Plan:
         """Device and peak memory of every tensor under the budgets (see plan.py)."""
@@ -295,7 +306,7 @@ class Merger:
                     tensors.append(TensorPlan(t.name, t.shape, "copy", 0, 2 * base_bytes + previous_out, base_bytes, t.nbytes))
                     previous_out = t.nbytes
                     continue
-                need = self.method.memory(t.name, t.shape, n, self.params, itemsize)
+                need = self.method.memory(t.name, t.shape, n, self._values[t.name].params, itemsize)
                 numel = math.prod(t.shape)
                 # the result is held until written; the writer thread may still be writing the previous one
                 device, gpu_bytes, host_bytes, note = place(need, numel, itemsize, use_gpu, gpu_budget, t.nbytes + previous_out)
@@ -401,15 +412,23 @@ class Merger:
         return t
 
     def _task(self, t: OutputTensor, statistics=None) -> TensorTask:
+        values = self._values[t.name]
         device = self._device_of(t.name)
         placed = self._placement.get(t.name)
         return TensorTask(
-            t.name, lambda rows: self._load_base(t.name, rows), self._experts_for(t.name), self.weights, self.densities,
+            t.name, lambda rows: self._load_base(t.name, rows), self._experts_for(t.name), values.weights, values.densities,
             statistics, self.recipe.seed,
             OftGenerators(self.experts, t.name, self.compute_dtype, device) if self.oft_path else None,  # type: ignore[arg-type]
             torch.device("cpu") if placed is not None and device.type == "cuda" and "state" in placed.note else None,
-            out_dtype=DTYPES[t.dtype], shape=t.shape, dtype=self.compute_dtype,
+            out_dtype=DTYPES[t.dtype], shape=t.shape, dtype=self.compute_dtype, expert_values=values.experts,
         )
+
+    def _model_densities(self) -> tuple[float | None, ...]:
+        """Statistics over the whole model (TIES at model scope) take one density per expert."""
+        distinct = {v.densities for v in self._values.values()}
+        if len(distinct) > 1:
+            raise UsageError("ties scope=model: density must be one value per expert (no gradient or filter)")
+        return distinct.pop() if distinct else tuple(None for _ in self.experts)
 
     def _model_pass(self, label: str):
         """A statistics pass: (name, base rows, experts' rows) for every row block of every merged tensor."""
@@ -426,7 +445,7 @@ class Merger:
     def _merge_tensor(self, t: OutputTensor, statistics) -> torch.Tensor:
         if not t.merged:
             return self.base.get(t.name, dtype=None)
-        result = self.method.merge(self._task(t, statistics), self.params)
+        result = self.method.merge(self._task(t, statistics), self._values[t.name].params)
         if not self.recipe.allow_nonfinite and not all_finite(result):
             for src in (self.base, *self.experts):  # name the input that brought it
                 if not all_finite(src.get(t.name, self.compute_dtype)):
@@ -463,7 +482,7 @@ class Merger:
         for t in self.plan.spilled:
             log.info("%s: %s", t.name, t.note)
         if self.method.statistics is not None and journal.statistics is None and todo:
-            densities = [d if d is not None else getattr(self.params, "density", 1.0) for d in self.densities]
+            densities = [d if d is not None else getattr(self.params, "density", 1.0) for d in self._model_densities()]
             journal.statistics = self.method.statistics(self._model_pass("statistics"), len(self.experts), self.params, densities)
             journal.save()
         input_paths = list(inputs_fingerprint([self.base, *self.experts]))

@@ -9,6 +9,7 @@ import yaml
 from click.testing import CliRunner
 
 from streammerge.cli import main
+from streammerge.errors import UsageError
 from streammerge.recipe import load_recipe_file
 from tests.conftest import experts_of
 
@@ -31,33 +32,45 @@ def same_shards(a: str, b: str) -> bool:
     )
 
 
-def test_flags_native_yaml_and_mergekit_yaml_agree(toy_untied, tmp_path):
-    r = invoke(*flags(toy_untied), "--method", "ties", "--density", "0.3", "--lambda", "1.0", "--out", str(tmp_path / "flags"))
+def test_flags_and_native_yaml_agree_with_weights(toy_untied, tmp_path):
+    r = invoke(*flags(toy_untied), "--weight", "1", "--weight", "0.5", "--weight", "2", "--method", "ties", "--density", "0.3",
+               "--lambda", "0.8", "--out", str(tmp_path / "flags"))
     assert r.exit_code == 0, r.output
-    native = {"method": "ties", "base": os.path.join(toy_untied, "base"), "experts": experts_of(toy_untied),
-              "parameters": {"density": 0.3, "lambda": 1.0}, "out": str(tmp_path / "native")}
+    native = {"method": "ties", "base": os.path.join(toy_untied, "base"),
+              "experts": [{"path": e, "weight": w} for e, w in zip(experts_of(toy_untied), (1, 0.5, 2))],
+              "parameters": {"density": 0.3, "lambda": 0.8}, "out": str(tmp_path / "native")}
     (tmp_path / "native.yaml").write_text(yaml.safe_dump(native))
     assert invoke("--recipe", str(tmp_path / "native.yaml")).exit_code == 0
-    mk = {
-        "merge_method": "ties", "base_model": os.path.join(toy_untied, "base"),
-        "models": [{"model": os.path.join(toy_untied, "base")}] + [{"model": e, "parameters": {"weight": 1.0, "density": 0.3}} for e in experts_of(toy_untied)],
-        "parameters": {"normalize": True, "lambda": 1.0}, "dtype": "bfloat16",
-    }
-    (tmp_path / "mk.yaml").write_text(yaml.safe_dump(mk))
-    assert invoke("--recipe", str(tmp_path / "mk.yaml"), "--out", str(tmp_path / "mk")).exit_code == 0
     assert same_shards(str(tmp_path / "flags"), str(tmp_path / "native"))
-    assert same_shards(str(tmp_path / "flags"), str(tmp_path / "mk"))
 
 
-def test_mergekit_dare_density_means_keep_rate(tmp_path):
-    (tmp_path / "r.yaml").write_text(yaml.safe_dump({
-        "merge_method": "dare_ties", "base_model": "b", "models": [{"model": "e1"}],
-        "parameters": {"density": 0.3, "normalize": False},
-    }))
-    recipe = load_recipe_file(str(tmp_path / "r.yaml"), {"out": "o"})
-    method, params = recipe.resolve()
-    assert method.name == "dare" and params.combine == "ties" and params.merge == "sum"
-    assert params.drop_rate == pytest.approx(0.7)
+def test_mergekit_recipes_map_to_mergekit_semantics(tmp_path):
+    """Defaults are mergekit's: density 1, normalize per method, rescale for DARE/DELLA; the base
+    listed among the models is not an expert; weight is required."""
+    def load(doc):
+        (tmp_path / "r.yaml").write_text(yaml.safe_dump(doc))
+        return load_recipe_file(str(tmp_path / "r.yaml"), {"out": "o"})
+
+    r = load({"merge_method": "dare_ties", "base_model": "b", "models": [{"model": "b"}, {"model": "e1", "parameters": {"weight": 0.5}}],
+              "parameters": {"density": 0.3}})
+    method, params = r.resolve()
+    assert method.name == "gta" and (params.sparsify, params.consensus, params.normalize, params.rescale) == ("random", "sum", False, True)
+    assert [e.path for e in r.experts] == ["e1"]
+    _, values = r.method_and_values("model.layers.0.mlp.up_proj.weight", 0.0)
+    assert values.experts[0]["density"] == 0.3 and values.experts[0]["weight"] == 0.5
+    r = load({"merge_method": "ties", "base_model": "b", "models": [{"model": "e1", "parameters": {"weight": 1}}]})
+    _, values = r.method_and_values("x", 0.0)
+    assert values.experts[0]["density"] == 1.0 and values.params.normalize
+    with pytest.raises(UsageError, match="model e1 has no weight"):
+        load({"merge_method": "ties", "base_model": "b", "models": [{"model": "e1"}]})
+    with pytest.raises(UsageError, match="model b has no weight .*adds base_model"):
+        load({"merge_method": "linear", "base_model": "b", "models": [{"model": "e1", "parameters": {"weight": 1}}]})
+    r = load({"merge_method": "linear", "base_model": "b", "models": [{"model": "b", "parameters": {"weight": 1}}, {"model": "e1", "parameters": {"weight": 3}}]})
+    assert r.method == "linear" and [(e.path, e.weight) for e in r.experts] == [("b", 1), ("e1", 3)]
+    with pytest.raises(UsageError, match="tokenizer_source: union"):
+        load({"merge_method": "linear", "models": [{"model": "e1", "parameters": {"weight": 1}}], "tokenizer_source": "union"})
+    with pytest.raises(UsageError, match="'slices'"):
+        load({"merge_method": "passthrough", "slices": []})
 
 
 def test_rerun_of_complete_merge_is_a_noop_and_other_recipe_is_refused(toy_untied, tmp_path):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Protocol
 
 import torch
@@ -23,6 +23,7 @@ import torch
 from ..errors import UsageError
 
 
+REQUIRED = object()  # an expert parameter without a default
 Rows = tuple[int, int]  # rows [start, stop) along dim 0: a row block
 
 # Row blocks: methods whose arithmetic is row-local (task arithmetic, linear, TIES, DARE) stream
@@ -52,8 +53,10 @@ class TensorTask:
     def __init__(self, name: str, base, experts: ExpertTensors, weights: tuple[float, ...],
                  densities: tuple[float | None, ...] = (), statistics: Any = None, seed: int = 0,
                  generators: Any = None, state_device: Any = None, out_dtype: torch.dtype | None = None,
-                 shape: tuple[int, ...] | None = None, dtype: torch.dtype = torch.float32):
+                 shape: tuple[int, ...] | None = None, dtype: torch.dtype = torch.float32,
+                 expert_values: tuple[dict[str, Any], ...] = ()):
         self.name = name
+        self.expert_values = expert_values or tuple({"weight": w} for w in weights)  # each expert's resolved values (Method.expert_params)
         self.experts = experts
         self.weights = weights
         self.densities = densities  # per-expert override, None: the method's own
@@ -165,6 +168,25 @@ class Method:
     # NaN): the scheduler then checks the result only, and looks for the culprit input if it is
     # not finite — one pass over each result instead of one over every input.
     propagates_nonfinite: bool = False
+    # Values each expert has (resolved per tensor from the expert's entry, then the recipe's
+    # parameter of that name) with their defaults; REQUIRED: no default, as in mergekit.
+    expert_params: dict[str, Any] = field(default_factory=lambda: {"weight": 1.0, "density": None})
+
+    @property
+    def literal_params(self) -> set[str]:
+        """Parameters whose value is itself a list or mapping (orthomerge's `exclude`, `residual`):
+        taken as written, never read as a gradient or filter list."""
+        out = set()
+        for f in fields(self.params_type):
+            default = f.default_factory() if f.default_factory is not MISSING else f.default  # type: ignore[misc]
+            if isinstance(default, (list, tuple, dict)) or default is None and "dict" in str(f.type):
+                out.add(f.name.rstrip("_"))
+        return out
+
+    @property
+    def shared_params(self) -> set[str]:
+        """Parameter names of the method itself (its params dataclass; `lambda` for `lambda_`)."""
+        return {f.name.rstrip("_") for f in fields(self.params_type)}
 
 
 REGISTRY: dict[str, Method] = {}
@@ -201,7 +223,7 @@ def build_params(params_type: type, values: dict[str, Any], where: str) -> Any:
     unknown = sorted(set(values) - known)
     if unknown:
         shown = sorted(k.rstrip("_") for k in known)
-        raise UsageError(f"{where}: unknown parameter(s) {', '.join(unknown)} (known: {', '.join(shown)})")
+        raise UsageError(f"{where}: unknown parameter(s) {', '.join(k.rstrip('_') for k in unknown)} (known: {', '.join(shown)})")
     try:
         return params_type(**values)
     except (TypeError, ValueError) as exc:
@@ -209,7 +231,7 @@ def build_params(params_type: type, values: dict[str, Any], where: str) -> Any:
 
 
 def _load_all() -> None:
-    from . import dare, linear, orthomerge, task_arithmetic, ties  # noqa: F401  (registration)
+    from . import dare, gta, linear, orthomerge, task_arithmetic, ties  # noqa: F401  (registration)
 
 
 def check_range(name: str, value: float, low: float, high: float, low_open: bool = False, high_open: bool = False) -> None:

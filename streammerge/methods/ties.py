@@ -71,6 +71,8 @@ class RadixSelect:
         self.low = torch.zeros(1 << 16, dtype=torch.int64)
         self.bin: int | None = None
         self.rank = 0
+        self.above = 0  # after value(): how many values are larger than it
+        self.equal = 0  # after value(): how many equal it
 
     def add_high(self, bits: torch.Tensor) -> None:
         self.high += torch.bincount(bits >> 16, minlength=1 << 16).cpu()
@@ -79,7 +81,8 @@ class RadixSelect:
         from_top = self.high.flip(0).cumsum(0)
         j = int(torch.searchsorted(from_top, torch.tensor(self.k)))
         self.bin = (1 << 16) - 1 - j
-        self.rank = self.k - (int(from_top[j]) - int(self.high[self.bin]))  # rank inside the bin, from its top
+        self.above = int(from_top[j]) - int(self.high[self.bin])
+        self.rank = self.k - self.above  # rank inside the bin, from its top
 
     def add_low(self, bits: torch.Tensor) -> None:
         if self.bin is None:
@@ -89,7 +92,10 @@ class RadixSelect:
 
     def value(self) -> float:
         from_top = self.low.flip(0).cumsum(0)
-        lo = (1 << 16) - 1 - int(torch.searchsorted(from_top, torch.tensor(self.rank)))
+        j = int(torch.searchsorted(from_top, torch.tensor(self.rank)))
+        lo = (1 << 16) - 1 - j
+        self.equal = int(self.low[lo])
+        self.above += int(from_top[j]) - self.equal
         bits = torch.tensor([(self.bin << 16) | lo], dtype=torch.int32)  # type: ignore[operator]
         return float(bits.view(torch.float32)[0])
 

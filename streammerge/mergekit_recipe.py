@@ -1,0 +1,140 @@
+"""mergekit 0.1.5 recipes (YAML with `merge_method`), read with mergekit's semantics.
+
+What a recipe means there is what it means here, defaults included, or it is refused with
+one line naming the key and why. The rules taken from mergekit's source (config.py,
+plan.py, parameter_resolver.py, merge_methods/):
+- a model's parameter is looked up in its own `parameters`, then the top-level `parameters`,
+  then the method's default; `weight` has no default (missing: refused, as there);
+- values may be gradients and `filter:` lists (settings.py);
+- `linear` averages every model listed, the base included; a `base_model` that is not
+  listed is added as an input too and then needs a weight (mergekit does the same);
+- the task-vector methods (task_arithmetic, ties, dare_*, breadcrumbs*, della*) run as our
+  `gta` method with mergekit's defaults (normalize, rescale, density 1.0, gamma 0.01,
+  epsilon 0.15); a model equal to `base_model` is the base, not an expert;
+- `dtype` is mergekit's compute dtype and the output's unless `out_dtype` is given. We compute
+  in float32 even when it says bfloat16 or float16 (mergekit rounds every step to it): the
+  one deliberate difference, which moves results by at most about one rounding step of it;
+- `tokenizer_source: base` or a model path copies that model's tokenizer files when its
+  vocabulary equals the base's; `union`, a different vocabulary (embedding surgery) and the
+  `tokenizer:` block are refused.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from .errors import UsageError
+from .methods.gta import MERGEKIT_GTA
+
+TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source"}
+REFUSED_KEYS = {
+    "slices": "layer slices (passthrough / frankenmerges) are not supported yet",
+    "modules": "per-module definitions are not supported",
+    "tokenizer": "the tokenizer block (added tokens, embedding surgery) is not supported; use tokenizer_source: base or a model path",
+    "chat_template": "chat_template is not supported; the chosen tokenizer's own template is copied",
+}
+GTA_SHARED = {"normalize", "rescale", "lambda", "int8_mask"}
+GTA_PER_MODEL = {"weight", "density", "gamma", "epsilon"}
+METHODS_NOT_YET = ("slerp", "nuslerp", "multislerp", "karcher", "model_stock", "sce", "nearswap", "arcee_fusion", "passthrough", "ram", "ramplus_tl")
+
+
+def _path(ref: Any, where: str) -> str:
+    if isinstance(ref, dict) and set(ref) <= {"model"}:
+        ref = ref.get("model")
+    if not isinstance(ref, str) or not ref:
+        raise UsageError(f"{where}: a model is a path (got {ref!r})")
+    if "+" in ref:
+        raise UsageError(f"{where}: {ref!r}: the model+lora syntax is not supported; pass the PEFT adapter folder as the model")
+    return ref
+
+
+def parse(doc: dict, where: str) -> dict[str, Any]:
+    """Recipe fields (recipe.Recipe) for a mergekit YAML document."""
+    from .recipe import Expert
+
+    for key in doc:
+        if key in REFUSED_KEYS:
+            raise UsageError(f"{where}: mergekit key '{key}': {REFUSED_KEYS[key]}")
+    unknown = sorted(set(doc) - TOP_KEYS)
+    if unknown:
+        raise UsageError(f"{where}: unknown mergekit key(s) {', '.join(unknown)} (read here: {', '.join(sorted(TOP_KEYS))})")
+    method = str(doc["merge_method"])
+    if method in METHODS_NOT_YET:
+        raise UsageError(f"{where}: merge_method {method!r} is mergekit's but not implemented here yet (see README, mergekit features)")
+    if method != "linear" and method not in MERGEKIT_GTA:
+        raise UsageError(f"{where}: unknown merge_method {method!r}")
+    base = _path(doc["base_model"], f"{where}: base_model") if doc.get("base_model") is not None else None
+    models = doc.get("models")
+    if not isinstance(models, list) or not models:
+        raise UsageError(f"{where}: 'models' must be a non-empty list")
+    shared = dict(doc.get("parameters") or {})
+    allowed_shared = {"normalize", "weight"} if method == "linear" else (GTA_SHARED | GTA_PER_MODEL)
+    allowed_model = {"weight"} if method == "linear" else GTA_PER_MODEL
+    bad = sorted(set(shared) - allowed_shared)
+    if bad:
+        raise UsageError(f"{where}: parameters: {', '.join(bad)} not a parameter of mergekit's {method} (known: {', '.join(sorted(allowed_shared))})")
+
+    entries: list[tuple[str, dict]] = []
+    for i, m in enumerate(models):
+        if isinstance(m, str):
+            m = {"model": m}
+        if not isinstance(m, dict) or "model" not in m or set(m) - {"model", "parameters"}:
+            raise UsageError(f"{where}: models[{i}] is a mapping with 'model' and optional 'parameters'")
+        path = _path(m["model"], f"{where}: models[{i}]")
+        p = dict(m.get("parameters") or {})
+        bad = sorted(set(p) - allowed_model)
+        if bad:
+            raise UsageError(f"{where}: model {path}: {', '.join(bad)} not a per-model parameter of mergekit's {method} (known: {', '.join(sorted(allowed_model))})")
+        entries.append((path, p))
+
+    if method == "linear":
+        # every input is averaged, the base too; an unlisted base_model is added (mergekit plan.py)
+        if base is not None and base not in [p for p, _ in entries]:
+            entries.append((base, {}))
+        for path, p in entries:
+            if "weight" not in p and "weight" not in shared:
+                raise UsageError(f"{where}: model {path} has no weight (mergekit's linear requires one per input"
+                                 + (", and adds base_model as an input" if path == base else "") + ")")
+        experts = tuple(Expert(path, weight=p.get("weight")) for path, p in entries)
+        return {"method": "linear", "base": base or entries[0][0], "experts": experts, "parameters": shared} | _dtypes(doc, where)
+
+    if base is None:
+        raise UsageError(f"{where}: merge_method {method} needs base_model")
+    experts = []
+    for path, p in entries:
+        if path == base:
+            continue  # the base among the models is the base, not an expert
+        if "weight" not in p and "weight" not in shared:
+            raise UsageError(f"{where}: model {path} has no weight (mergekit's {method} requires one per model)")
+        experts.append(Expert(path, weight=p.get("weight"), density=p.get("density"),
+                              parameters={k: v for k, v in p.items() if k in ("gamma", "epsilon")}))
+    if not experts:
+        raise UsageError(f"{where}: no model other than base_model to merge")
+    sparsify, consensus, normalize, rescale = MERGEKIT_GTA[method]
+    if "gamma" in shared or any("gamma" in e.parameters for e in experts):
+        if sparsify != "magnitude_outliers":
+            raise UsageError(f"{where}: gamma is a parameter of breadcrumbs only")
+    if "epsilon" in shared or any("epsilon" in e.parameters for e in experts):
+        if sparsify != "della_magprune":
+            raise UsageError(f"{where}: epsilon is a parameter of della only")
+    implied = {"sparsify": sparsify, "consensus": consensus, "normalize": normalize, "rescale": rescale}
+    return {"method": "gta", "base": base, "experts": tuple(experts), "parameters": implied | shared,
+            "_implied": tuple(k for k in implied if k not in shared)} | _dtypes(doc, where)
+
+
+def _dtypes(doc: dict, where: str) -> dict[str, Any]:
+    from .recipe import parse_dtype
+
+    out: dict[str, Any] = {}
+    dtype, out_dtype = doc.get("dtype"), doc.get("out_dtype")
+    for key, value in (("dtype", dtype), ("out_dtype", out_dtype)):
+        parse_dtype(value, f"{where}: {key}")
+    if dtype is not None and parse_dtype(dtype, "dtype") == parse_dtype("float64", "dtype"):
+        out["compute_dtype"] = "float64"
+    if out_dtype or dtype:
+        out["dtype"] = str(out_dtype or dtype)
+    if doc.get("tokenizer_source") is not None:
+        source = doc["tokenizer_source"]
+        if source == "union":
+            raise UsageError(f"{where}: tokenizer_source: union (a merged vocabulary with embedding surgery) is not supported; use base or a model path")
+        out["tokenizer_source"] = _path(source, f"{where}: tokenizer_source") if source != "base" else "base"
+    return out

@@ -1,0 +1,276 @@
+"""gta: generalised task arithmetic with mergekit 0.1.5's semantics — sparsify each task vector,
+weight it, optionally elect a sign, sum, optionally normalise, scale by λ.
+
+mergekit recipes for task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs,
+breadcrumbs_ties, della and della_linear run here (recipe.py maps each name onto these
+parameters with mergekit's defaults), so a mergekit recipe means what it means there. Per
+expert i and tensor (settings.py resolves gradients and filters):
+
+    τ̂_i = sparsify(W_i − W_0; density_i, gamma_i, epsilon_i), then × ‖τ_i‖₁/‖τ̂_i‖₁ if `rescale`
+    v_i = w_i τ̂_i
+    consensus none:  m = Σ v_i,            d = Σ w_i             (|d| < 1e-8 → 1)
+    consensus sum:   s = +1 where Σ v_i ≥ 0 else −1 (count: Σ sign v_i), a_i = [sign v_i = s]
+                     m = Σ a_i v_i,        d = Σ a_i w_i         (d = 0 → 1)
+    W = W_0 + λ · (m / d if normalize else m)
+
+Sparsifiers (density ≥ 1 keeps τ unchanged, without rescaling):
+- magnitude: the k = max(1, ⌊density·n⌋) largest |τ| — exactly k: among entries tied at the
+  threshold the earliest (row-major) are kept. mergekit takes an unstable argsort there, so the
+  two tools may keep different tied entries (tests allow 0.1 % of entries to differ);
+- magnitude_outliers (breadcrumbs): drop the ⌊gamma·n⌋ largest, keep the next ⌊density·n⌋
+  (ascending order, ties earliest first);
+- random (DARE): keep each entry with probability density;
+- della_magprune: keep with probability density − ε + 2ε·r, r the entry's magnitude rank in
+  its row scaled to [0, 1].
+The random masks come from our generator seeded by (seed, tensor, expert): reproducible, but
+not mergekit's draws (it uses torch's global generator), so random methods agree with mergekit
+in distribution, not entry by entry.
+
+Streaming: as TIES (ties.py): the N sparsified vectors are kept whole when they fit
+`CACHE_BYTES`; larger tensors go in row blocks, each expert observed in as many passes as its
+sparsifier needs (thresholds, then L1 norms) and then sparsified block by block in the same
+order (tie counters and random generators run on across blocks), so results do not depend on
+the block size.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from . import ALIASES, REQUIRED, Method, Rows, TensorTask, map_row_blocks, register
+from .ties import CACHE_BYTES, RadixSelect, _bits_of, magnitude_bits
+
+SPARSIFIERS = ("none", "magnitude", "random", "magnitude_outliers", "della_magprune")
+RESCALE_EPS = 1e-7  # mergekit: no rescaling where either L1 norm is below this
+
+
+@dataclass(frozen=True)
+class GtaParams:
+    sparsify: str = "none"
+    consensus: str = "none"  # "none", "sum" (TIES) or "count"
+    normalize: bool = False
+    rescale: bool = False  # restore each sparsified vector's L1 norm (mergekit's `rescale`)
+    lambda_: float = 1.0  # any real number: negative values subtract (task negation)
+    int8_mask: bool = False  # mergekit's mask storage; no effect on the result
+
+    def __post_init__(self) -> None:
+        if self.sparsify not in SPARSIFIERS:
+            raise ValueError(f"sparsify = {self.sparsify!r} must be one of {', '.join(SPARSIFIERS)}")
+        if self.consensus not in ("none", "sum", "count"):
+            raise ValueError(f"consensus = {self.consensus!r} must be 'none', 'sum' or 'count'")
+        if not math.isfinite(self.lambda_):
+            raise ValueError(f"lambda = {self.lambda_} is not finite")
+
+
+class Sparsifier:
+    """One expert's sparsification of one tensor, fed its task vector in row-major blocks:
+    `begin(stage)` and `observe(stage, block)` for stage in range(passes) (each a full pass),
+    then `ready()` and `apply(block)` in the same order."""
+
+    def __init__(self, kind: str, values: dict, rescale: bool, shape: tuple[int, ...], rng_factory):
+        self.density = float(values.get("density", 1.0))
+        self.kind = "none" if self.density >= 1 else kind
+        self.rescale = rescale and self.kind != "none"
+        self.shape, self.numel = shape, math.prod(shape)
+        self.rng_factory = rng_factory
+        self.before = 0.0  # ‖τ‖₁ and ‖τ̂‖₁, float64 sums
+        self.after = 0.0
+        self.selects: list[RadixSelect] = []
+        n = self.numel
+        if self.kind == "magnitude":
+            self.k = max(1, int(self.density * n))
+            self.selects = [RadixSelect(self.k)]
+        elif self.kind == "magnitude_outliers":
+            target = int(self.density * n)
+            top = int(float(values.get("gamma", 0.01)) * n)
+            self.window = (max(0, n - target - top), max(0, n - target - top) + target)  # ascending ranks kept
+            if target > 0:
+                self.selects = [RadixSelect(n - self.window[0]), RadixSelect(n - self.window[1] + 1)]
+        elif self.kind == "della_magprune":
+            eps = float(values.get("epsilon", 0.15))
+            if self.density + eps >= 1 or self.density - eps <= 0:
+                raise ValueError(f"epsilon = {eps} with density = {self.density}: density ± epsilon must lie in (0, 1)")
+            self.eps = eps
+        self.stages = (["high", "low"] if self.selects else []) + (["norms"] if self.rescale else [])
+        self.passes = len(self.stages)
+        self.bounds: list[tuple[int, int, int]] | None = None
+        self.ties_seen = [0] * len(self.selects)
+        self.rng = rng_factory() if self.kind in ("random", "della_magprune") else None
+
+    def begin(self, stage: int) -> None:
+        """Before pass `stage` over the blocks."""
+        if self.stages[stage] == "norms":
+            self.ready()
+
+    def observe(self, stage: int, tau: torch.Tensor) -> None:
+        what = self.stages[stage]
+        if what == "norms":  # with the mask `apply` will draw
+            self.before += float(tau.abs().sum(dtype=torch.float64))
+            self.after += float(self._masked(tau.clone()).abs().sum(dtype=torch.float64))
+            return
+        bits = magnitude_bits(tau)
+        for s in self.selects:
+            s.add_high(bits) if what == "high" else s.add_low(bits)
+
+    def ready(self) -> None:
+        """After the observation passes (or between them, for the norms): thresholds known,
+        tie counters and generator restarted, so the next pass repeats the same mask."""
+        if self.selects and self.bounds is None:
+            self.bounds = [(_bits_of(s.value()), s.above, s.equal) for s in self.selects]
+        self.ties_seen = [0] * len(self.selects)
+        self.rng = self.rng_factory() if self.kind in ("random", "della_magprune") else None
+
+    def _tie_rank(self, eq: torch.Tensor, j: int) -> torch.Tensor:
+        """Each tied entry's index among the ties of bound j (row-major, across blocks)."""
+        flat = eq.reshape(-1)
+        rank = flat.cumsum(0, dtype=torch.int64).sub_(1).add_(self.ties_seen[j])
+        self.ties_seen[j] += int(flat.sum())
+        return rank.view(eq.shape)
+
+    def _masked(self, tau: torch.Tensor) -> torch.Tensor:
+        if self.kind == "none":
+            return tau
+        if self.kind == "magnitude":
+            bits = magnitude_bits(tau).view(tau.shape)
+            vb, above, _ = self.bounds[0]
+            eq = bits == vb
+            keep = (bits > vb) | (eq & (self._tie_rank(eq, 0) < self.k - above))
+        elif self.kind == "magnitude_outliers":
+            if not self.selects:
+                return tau.zero_()
+            bits = magnitude_bits(tau).view(tau.shape)
+            lo, hi = self.window
+            (b_lo, above_lo, eq_lo), (b_hi, above_hi, eq_hi) = self.bounds
+            keep = (bits > b_lo) & (bits < b_hi)
+            eq = bits == b_lo  # tie j of value v has ascending rank less(v) + j
+            rank = self._tie_rank(eq, 0) + (self.numel - above_lo - eq_lo)
+            keep |= eq & (rank >= lo) & (rank < hi)
+            if b_hi != b_lo:
+                eq = bits == b_hi
+                rank = self._tie_rank(eq, 1) + (self.numel - above_hi - eq_hi)
+                keep |= eq & (rank >= lo) & (rank < hi)
+        elif self.kind == "random":
+            keep = torch.rand(tau.shape, generator=self.rng, dtype=torch.float32).to(tau.device) < self.density
+        else:  # della_magprune: per-row magnitude ranks (1-D tensors: one row)
+            rows = tau if tau.dim() >= 2 else tau.unsqueeze(0)
+            order = torch.argsort(rows.abs(), dim=1, stable=True)
+            ranks = torch.empty_like(order)
+            ranks.scatter_(1, order, torch.arange(rows.shape[1], device=rows.device).expand_as(order).contiguous())
+            span = max(rows.shape[1] - 1, 1)
+            probs = (self.density - self.eps) + ranks.to(torch.float32).div_(span).clamp_(0, 1).mul_(2 * self.eps)
+            keep = (torch.rand(rows.shape, generator=self.rng, dtype=torch.float32).to(tau.device) < probs).view(tau.shape)
+        return tau.mul_(keep)
+
+    def apply(self, tau: torch.Tensor) -> torch.Tensor:
+        """τ̂ of the next block (in place)."""
+        masked = self._masked(tau)
+        if self.rescale and self.before >= RESCALE_EPS and self.after >= RESCALE_EPS:
+            ratio = torch.tensor(self.before, dtype=torch.float32) / torch.tensor(self.after, dtype=torch.float32)
+            masked.mul_(ratio.to(masked.dtype))
+        return masked
+
+
+def sparsifiers(task: TensorTask, params: GtaParams) -> list[Sparsifier]:
+    return [Sparsifier(params.sparsify, task.expert_values[i], params.rescale, task.shape, lambda i=i: task.rng(i))
+            for i in range(len(task.weights))]
+
+
+def whole(sp: Sparsifier, tau: torch.Tensor) -> torch.Tensor:
+    """τ̂ of a tensor held in memory: every observation pass over it, then apply."""
+    for stage in range(sp.passes):
+        sp.begin(stage)
+        sp.observe(stage, tau)
+    sp.ready()
+    return sp.apply(tau)
+
+
+def combine(vectors: list[torch.Tensor], weights: tuple[float, ...], base: torch.Tensor, params: GtaParams) -> torch.Tensor:
+    """W_0 + λ·(normalised) Σ of the weighted vectors v_i, with the consensus mask if any."""
+    mixed = torch.zeros_like(base)
+    if params.consensus == "none":
+        for v in vectors:
+            mixed.add_(v)
+        divisor: torch.Tensor | float = sum(weights)
+        if abs(divisor) < 1e-8:
+            divisor = 1.0
+    else:
+        for v in vectors:
+            mixed.add_(v if params.consensus == "sum" else torch.sign(v))
+        majority = torch.where(mixed >= 0, 1.0, -1.0).to(base.dtype)
+        mixed.zero_()
+        divisor = torch.zeros_like(base)
+        for v, w in zip(vectors, weights):
+            agree = torch.sign(v) == majority
+            mixed.add_(v * agree)
+            divisor.add_(agree.to(base.dtype), alpha=w)
+        divisor.masked_fill_(divisor == 0, 1.0)
+    if params.normalize:
+        mixed.div_(divisor)
+    if params.lambda_ != 1:
+        mixed.mul_(params.lambda_)
+    return mixed.add_(base)
+
+
+def merge(task: TensorTask, params: GtaParams) -> torch.Tensor:
+    n = len(task.weights)
+    sps = sparsifiers(task, params)
+    itemsize = torch.empty((), dtype=task.dtype).element_size()
+    blocks = task.row_blocks()
+    if blocks == [None] or n * math.prod(task.shape) * itemsize <= CACHE_BYTES:
+        kept = [whole(sp, task.task_vector(i)).mul_(task.weights[i]) for i, sp in enumerate(sps)]
+
+        def vectors(rows: Rows | None) -> list[torch.Tensor]:
+            return kept if rows is None else [v[rows[0]:rows[1]] for v in kept]
+    else:
+        for stage in range(max(sp.passes for sp in sps)):
+            for sp in sps:
+                if stage < sp.passes:
+                    sp.begin(stage)
+            for rows in blocks:
+                for i, sp in enumerate(sps):
+                    if stage < sp.passes:
+                        sp.observe(stage, task.task_vector(i, rows))
+        for sp in sps:
+            sp.ready()
+
+        def vectors(rows: Rows | None) -> list[torch.Tensor]:
+            return [sp.apply(task.task_vector(i, rows)).mul_(task.weights[i]) for i, sp in enumerate(sps)]
+
+    return map_row_blocks(task, lambda rows: combine(vectors(rows), task.weights, task.base_rows(rows), params))
+
+
+def memory(name: str, shape: tuple[int, ...], n: int, params: GtaParams, itemsize: int):
+    """As TIES: the N vectors (whole when they fit CACHE_BYTES, else per block) plus about 6
+    block-sized temporaries (masks, sign election, divisor)."""
+    from ..plan import Need
+    from . import BLOCK_ELEMENTS
+
+    numel = math.prod(shape)
+    block = min(numel, BLOCK_ELEMENTS)
+    if numel <= BLOCK_ELEMENTS:
+        return Need(int((n + 7) * numel * itemsize))
+    if n * numel * itemsize <= CACHE_BYTES:
+        return Need(int((n + 1) * numel * itemsize + 7 * block * itemsize))
+    return Need(int((n + 8) * block * itemsize), transfer=block)
+
+
+EXPERT_PARAMS = {"weight": REQUIRED, "density": 1.0, "gamma": 0.01, "epsilon": 0.15}
+
+register(Method("gta", GtaParams, merge, memory=memory, doc=__doc__ or "", propagates_nonfinite=True, expert_params=EXPERT_PARAMS))
+
+# mergekit 0.1.5's generalized-task-arithmetic methods: (sparsifier, consensus, normalize, rescale) defaults
+MERGEKIT_GTA = {
+    "task_arithmetic": ("none", "none", False, False),
+    "ties": ("magnitude", "sum", True, False),
+    "dare_ties": ("random", "sum", False, True),
+    "dare_linear": ("random", "none", False, True),
+    "breadcrumbs": ("magnitude_outliers", "none", False, False),
+    "breadcrumbs_ties": ("magnitude_outliers", "sum", False, False),
+    "della": ("della_magprune", "sum", True, True),
+    "della_linear": ("della_magprune", "none", False, True),
+}
+for _name, (_sp, _cons, _norm, _resc) in MERGEKIT_GTA.items():
+    if _name not in ("task_arithmetic", "ties", "dare_ties", "dare_linear"):  # those names are our own methods
+        ALIASES[_name] = ("gta", {"sparsify": _sp, "consensus": _cons, "normalize": _norm, "rescale": _resc})

@@ -1,0 +1,104 @@
+"""Per-tensor parameter values: gradients over layers and tensor-name filters (mergekit's rules).
+
+A setting is what a recipe gives for one parameter:
+- a scalar: the same value for every tensor;
+- a list of scalars, a gradient: numbers are interpolated linearly over the layers (t = i/(L−1)
+  for layer i of L; t = 0 for tensors outside the layers: embeddings, final norm, lm_head),
+  booleans and strings pick the entry ⌊t·(n−1)⌋;
+- a list of {filter, value} mappings: the first whose `filter` is a substring of the tensor's
+  name (or is absent or "*") gives the value, itself a scalar or a gradient; none matching
+  means "not set here" (the next level of the recipe, then the default, applies).
+
+These are mergekit 0.1.5's rules (mergekit/config.py `evaluate_setting`, plan.py), kept
+identical because users bring mergekit recipes; our native recipes use the same rules.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from .errors import UsageError
+
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def is_constant(setting: Any) -> bool:
+    return not isinstance(setting, (list, tuple, dict))
+
+
+def check_setting(setting: Any, where: str) -> None:
+    """Refuse shapes mergekit does not accept, with the key named (`where`)."""
+    if is_constant(setting):
+        if setting is not None and not isinstance(setting, (bool, int, float, str)):
+            raise UsageError(f"{where}: {setting!r} is not a number, boolean or string")
+        return
+    if isinstance(setting, dict):
+        setting = [setting]
+    if not setting:
+        raise UsageError(f"{where}: an empty list")
+    if all(is_constant(e) for e in setting):
+        for e in setting:
+            check_setting(e, where)
+        return
+    for cond in setting:
+        if not isinstance(cond, dict) or "value" not in cond or set(cond) - {"filter", "value"}:
+            raise UsageError(f"{where}: a list mixing values and filters; each filter entry is {{filter: NAME-PART, value: V}}")
+        if cond.get("filter") is not None and not isinstance(cond["filter"], str):
+            raise UsageError(f"{where}: filter {cond['filter']!r} is not a string")
+        if isinstance(cond["value"], (dict,)) or (isinstance(cond["value"], list) and not all(is_constant(v) for v in cond["value"])):
+            raise UsageError(f"{where}: a filter's value is a scalar or a gradient (a list of scalars)")
+        check_setting(cond["value"], where)
+
+
+def evaluate(setting: Any, tensor_name: str, t: float) -> Any:
+    """The value of `setting` for one tensor at layer fraction `t` (None: not set here)."""
+    if isinstance(setting, dict):
+        setting = [setting]
+    if is_constant(setting):
+        return setting
+    if not setting:
+        return None
+    if all(is_constant(e) for e in setting):
+        numeric = all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in setting)
+        if not numeric:
+            return setting[int(t * (len(setting) - 1))]
+        scaled = t * (len(setting) - 1)
+        i0 = int(scaled)
+        i1 = min(len(setting) - 1, i0 + 1)
+        frac = scaled - i0
+        return (1 - frac) * setting[i0] + frac * setting[i1]
+    for cond in setting:
+        f = cond.get("filter")
+        if f is None or f == "*" or (tensor_name and f in tensor_name):
+            return evaluate(cond["value"], tensor_name, t)
+    return None
+
+
+def layer_index(name: str) -> int | None:
+    m = _LAYER.search(name)
+    return int(m.group(1)) if m else None
+
+
+def layer_fraction(name: str, n_layers: int) -> float:
+    """t of a tensor: i/(L−1) in layer i of L (1 when L = 1), 0 outside the layers."""
+    i = layer_index(name)
+    if i is None:
+        return 0.0
+    return i / (n_layers - 1) if n_layers > 1 else 1.0
+
+
+def count_layers(names: list[str]) -> int:
+    """The number of decoder layers a model's tensor names show."""
+    indices = [i for i in (layer_index(n) for n in names) if i is not None]
+    return max(indices) + 1 if indices else 0
+
+
+def resolve(levels: list[Any], tensor_name: str, t: float) -> Any:
+    """The first level (most specific first) whose setting gives a value; None if none does."""
+    for setting in levels:
+        if setting is None:
+            continue
+        value = evaluate(setting, tensor_name, t)
+        if value is not None:
+            return value
+    return None
