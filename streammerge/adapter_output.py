@@ -23,18 +23,43 @@ from .recipe import Recipe
 from .scheduler import open_inputs
 
 
-def merge_to_adapter(recipe: Recipe) -> str:
-    method, params = recipe.validate()
+def _open(recipe: Recipe):
+    method, _ = recipe.validate()
     if method.name != "orthomerge":
         raise UsageError("--output-format adapter needs method orthomerge")
     base, experts = open_inputs(recipe)
+    problems = [p for e in experts for p in (e.problems_against(base) if isinstance(e, OftExpert) else [f"{e.folder}: not an OFT adapter"])]
+    if problems:
+        raise InputError("adapter output needs OFT adapters:\n  " + "\n  ".join(problems))
+    check_oft_conventions(experts)  # type: ignore[arg-type]
+    if experts[0].convention.fmt != "packed":
+        raise InputError(f"{experts[0].files.path}: adapters of PEFT < 0.16 cannot be written back; use dense output")
+    return base, experts
+
+
+def adapter_plan(recipe: Recipe) -> str:
+    """What an adapter merge holds: every module's packed output until the file is written, plus
+    one module's N generators and about 4 accumulators (float64 on the CPU)."""
+    from .units import format_size
+
+    base, experts = _open(recipe)
     try:
-        problems = [p for e in experts for p in (e.problems_against(base) if isinstance(e, OftExpert) else [f"{e.folder}: not an OFT adapter"])]
-        if problems:
-            raise InputError("adapter output needs OFT adapters:\n  " + "\n  ".join(problems))
-        check_oft_conventions(experts)  # type: ignore[arg-type]
-        if experts[0].convention.fmt != "packed":
-            raise InputError(f"{experts[0].files.path}: adapters of PEFT < 0.16 cannot be written back; use dense output")
+        modules = {}
+        for e in experts:
+            modules.update(e.modules)  # type: ignore[union-attr]
+        out_bytes = sum(m.blocks * m.block_size * (m.block_size - 1) // 2 * 4 for m in modules.values())
+        work = max((m.blocks * m.block_size ** 2 * 8 * (len(experts) + 4) for m in modules.values()), default=0)
+        return (f"adapter output: {len(modules)} modules from {len(experts)} OFT adapters, {format_size(out_bytes)} written;\n"
+                f"peak working set about {format_size(out_bytes + work)} (outputs held until written, one module's generators)")
+    finally:
+        base.close()
+        for e in experts:
+            e.close()
+
+
+def merge_to_adapter(recipe: Recipe) -> str:
+    base, experts = _open(recipe)
+    try:
         out = recipe.out
         os.makedirs(out, exist_ok=True)
         foreign = [f for f in os.listdir(out) if f not in (WEIGHTS_NAME, CONFIG_NAME, "streammerge.json")]

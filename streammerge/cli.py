@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
 from typing import Any
 
@@ -49,7 +50,7 @@ _RECIPE_OPTIONS = [
     click.option("--rotation-merge", type=click.Choice(["magnitude_corrected", "average_q", "average_r", "product_r"]), help="orthomerge: how rotations are merged (the paper's ablations)."),
     click.option("--exclude", "exclude", multiple=True, help="orthomerge: regex of 2-D tensor names merged without rotation (repeatable), e.g. embed_tokens."),
     click.option("--param", "params", multiple=True, help="Any method parameter as KEY=VALUE (repeatable)."),
-    click.option("--shard-size", help="Largest output shard, e.g. 5GB, 500MiB (default 5GB)."),
+    click.option("--shard-size", help="Output shard size, e.g. 5GB, 500MiB (default 5GB); a tensor larger than it gets a shard of its own, larger than this."),
     click.option("--dtype", help="Output dtype (default: the base model's)."),
     click.option("--compute-dtype", help="Dtype the arithmetic is done in (default float32)."),
     click.option("--seed", type=int, help="Seed for random methods (dare); each tensor draws from (seed, its name)."),
@@ -68,7 +69,7 @@ def recipe_options(f):
 
 def build_recipe(recipe_path, base, experts, weights, method, out, density, lambda_, drop_rate, ties_scope, ties_merge,
                  target, residual_method, residual_params, rotation_merge, exclude, params, shard_size, dtype,
-                 compute_dtype, seed, allow_nonfinite, **_: Any) -> Recipe:
+                 compute_dtype, seed, allow_nonfinite, default_out: str | None = None, **_: Any) -> Recipe:
     if weights and len(weights) != len(experts):
         raise UsageError(f"give one --weight per --expert, or none ({len(weights)} --weight for {len(experts)} --expert)")
     parameters = dict(_parse_param(p) for p in params)
@@ -86,13 +87,13 @@ def build_recipe(recipe_path, base, experts, weights, method, out, density, lamb
     if experts:
         overrides["experts"] = tuple(Expert(p, weights[i] if weights else None) for i, p in enumerate(experts))
     if recipe_path:
-        recipe = load_recipe_file(recipe_path, overrides)
+        recipe = load_recipe_file(recipe_path, overrides, default_out)
         if parameters:
             recipe = Recipe(**{**recipe.__dict__, "parameters": {**recipe.parameters, **parameters}})
         return recipe
     if not method:
         raise click.UsageError("give --method (or --recipe)")
-    return from_mapping({"method": method, "parameters": parameters}, "command line", overrides)
+    return from_mapping({"method": method, "parameters": parameters}, "command line", overrides, default_out)
 
 
 def _budgets(kw: dict) -> dict[str, int | None]:
@@ -174,17 +175,24 @@ def merge(output_format, restart, quiet, memory_report, checkpoint_every, **kw) 
 
 @main.command()
 @recipe_options
+@click.option("--output-format", type=click.Choice(["dense", "adapter"]), default="dense", show_default=True, help="Plan a dense merge or an OFT adapter merge.")
 @click.option("--per-tensor", is_flag=True, help="One line per tensor instead of per tensor kind.")
 @click.option("--assume-gpu", help="Plan as if a CUDA device with this much memory were present, e.g. 24GB (no GPU needed to plan).")
 @reports_errors
-def plan(per_tensor, assume_gpu, **kw) -> None:
-    """Print the memory plan of a merge (same arguments as merge) without merging.
+def plan(output_format, per_tensor, assume_gpu, **kw) -> None:
+    """Print the memory plan of a merge (same arguments as merge; --out is optional: without it
+    the disk check uses the current folder) without merging or writing anything.
 
     Exits 4 when the merge would not fit the RAM budget or the disk.
     """
     from .scheduler import Merger
 
-    recipe = build_recipe(**kw)
+    recipe = build_recipe(**kw, default_out=os.path.join(os.getcwd(), "merged"))  # plan writes nothing
+    if output_format == "adapter":
+        from .adapter_output import adapter_plan
+
+        click.echo(adapter_plan(recipe))
+        return
     merger = Merger(recipe, device=kw["device"], quiet=True, assume_gpu=parse_size(assume_gpu) if assume_gpu else None, **_budgets(kw))
     try:
         click.echo(merger.plan.table(groups=not per_tensor))

@@ -200,8 +200,9 @@ def _expert(entry: Any, where: str) -> Expert:
     return Expert(str(entry["path"]), entry.get("weight"), entry.get("density"), None if version is None else str(version), dict(extra))
 
 
-def from_mapping(doc: Any, where: str, overrides: dict[str, Any] | None = None) -> Recipe:
-    """A Recipe from a parsed YAML document, native or mergekit-style; `overrides` win."""
+def from_mapping(doc: Any, where: str, overrides: dict[str, Any] | None = None, default_out: str | None = None) -> Recipe:
+    """A Recipe from a parsed YAML document, native or mergekit-style; `overrides` win;
+    `default_out` serves where neither names an output folder (plan)."""
     if not isinstance(doc, dict):
         raise UsageError(f"{where}: a recipe is a mapping")
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
@@ -214,6 +215,8 @@ def from_mapping(doc: Any, where: str, overrides: dict[str, Any] | None = None) 
         # another method than the recipe's: drop what the recipe's method implied, keep what the user wrote
         fields_["parameters"] = {k: v for k, v in fields_.get("parameters", {}).items() if k not in implied}
     fields_.update(overrides)
+    if not fields_.get("out") and default_out:
+        fields_["out"] = default_out
     if not fields_.get("out"):
         raise UsageError(f"{where}: no output folder (give 'out' in the recipe or --out)")
     if not fields_.get("base"):
@@ -236,7 +239,7 @@ def _native(doc: dict, where: str) -> dict[str, Any]:
     return out
 
 
-def load_recipe_file(path: str, overrides: dict[str, Any] | None = None) -> Recipe:
+def load_recipe_file(path: str, overrides: dict[str, Any] | None = None, default_out: str | None = None) -> Recipe:
     import yaml  # a YAML recipe is the file format users bring from mergekit
 
     try:
@@ -247,4 +250,4 @@ def load_recipe_file(path: str, overrides: dict[str, Any] | None = None) -> Reci
         raise InputError(f"{path}: cannot read ({exc.strerror})") from None
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise UsageError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    return dataclasses.replace(from_mapping(doc, path, overrides), recipe_text=text)
+    return dataclasses.replace(from_mapping(doc, path, overrides, default_out), recipe_text=text)

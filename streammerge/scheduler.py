@@ -24,26 +24,23 @@ import torch
 from tqdm import tqdm
 
 from .errors import InputError, Interrupted, NonFiniteError, ResourceError, ResumeError, UsageError, collect
-from .io.atomic import TMP_SUFFIX, ShardWriter, copy_atomic, os_error, temp_name, write_bytes_atomic
+from .io.atomic import TMP_SUFFIX, ShardWriter, os_error, temp_name, write_bytes_atomic
 from .io.checkpoint import INDEX_NAME, Checkpoint, load_json
 from .io.experts import ExpertSource, open_expert
 from .io.peft_oft import OftExpert, OftGenerators, check_oft_conventions
 from .io.journal import Journal, journal_path
+from .io.lock import PID_NAME, OutputLock
 from .io.safetensors_format import DTYPE_NAMES, DTYPES, FLOAT_DTYPES, itemsize
 from .memwatch import PeakSampler, return_freed_memory_to_os, rss_anon
 from .methods import TensorTask
 from .plan import Plan, TensorPlan, default_gpu_budget, default_ram_budget, free_disk, place
 from .prefetch import ReadAhead
 from . import settings
+from .output_files import CARD_NAME, CONFIG_FILES, TOKENIZER_FILES, copy_model_files, tokenizer_donor, write_card
 from .recipe import Recipe, TensorValues, parse_dtype
 
 log = logging.getLogger(__name__)
 
-COPIED_FILES = (
-    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-    "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
-    "chat_template.jinja", "chat_template.json",
-)
 
 
 @dataclass(frozen=True)
@@ -277,6 +274,7 @@ class Merger:
         if self.oft_path:
             check_oft_conventions(self.experts)  # type: ignore[arg-type]
         self._check_config()
+        tokenizer_donor(recipe)  # a tokenizer_source that cannot serve is refused before merging
         self.plan = self.make_plan(max_ram, max_gpu_memory)
         self._placement = {t.name: t for t in self.plan.tensors}
 
@@ -317,11 +315,34 @@ class Merger:
         plan.spilled = [t for t in tensors if t.note]
         return plan
 
+    # config.json keys that must agree between the base and a full-model expert: tensors of the
+    # same shapes can still belong to another architecture or layer/vocabulary layout
+    ARCHITECTURE_KEYS = ("model_type", "architectures", "num_hidden_layers", "hidden_size", "vocab_size", "num_attention_heads", "num_key_value_heads")
+
     def _check_config(self) -> None:
         for name in ("config.json", "generation_config.json"):
             path = os.path.join(self.base.folder, name)
             if os.path.exists(path) and not isinstance(load_json(path), dict):
                 raise InputError(f"{path}: not a JSON object")
+        base_path = os.path.join(self.base.folder, "config.json")
+        base_config = load_json(base_path) if os.path.exists(base_path) else None
+        problems = []
+        for e in self.experts:
+            if not isinstance(e, Checkpoint):
+                continue  # adapters: adapter_config.json is checked when they are opened
+            path = os.path.join(e.folder, "config.json")
+            if not os.path.exists(path):
+                continue
+            config = load_json(path)
+            if not isinstance(config, dict):
+                problems.append(f"{path}: not a JSON object")
+                continue
+            if base_config is None:
+                continue
+            for key in self.ARCHITECTURE_KEYS:
+                if key in base_config and key in config and config[key] != base_config[key]:
+                    problems.append(f"{path}: {key} is {config[key]!r}, the base's {base_config[key]!r}")
+        collect(problems, InputError, "experts' config.json do not match the base")
 
     # -- fingerprint and resume ------------------------------------------------------------
     def _fingerprint(self) -> tuple[str, dict, dict]:
@@ -364,7 +385,7 @@ class Merger:
                 self._reuse_placement(old.placement)
                 return old
         else:
-            foreign = [f for f in os.listdir(out) if not f.endswith(TMP_SUFFIX)]
+            foreign = [f for f in os.listdir(out) if not f.endswith(TMP_SUFFIX) and f != PID_NAME]
             if foreign:
                 raise ResumeError(f"{out}: not empty and not a streammerge output ({foreign[0]!r} ...); choose another folder")
         journal = Journal(jpath, fingerprint, recipe_doc, inputs, names)
@@ -385,7 +406,7 @@ class Merger:
 
     def _clear_output(self, old: Journal) -> None:
         out = self.recipe.out
-        ours = set(old.shards) | {INDEX_NAME, *COPIED_FILES}
+        ours = set(old.shards) | {INDEX_NAME, CARD_NAME, *CONFIG_FILES, *TOKENIZER_FILES}
         for f in os.listdir(out):
             if f in ours or f.endswith(TMP_SUFFIX):
                 os.remove(os.path.join(out, f))
@@ -468,6 +489,14 @@ class Merger:
     def _run(self) -> MergeReport:
         if self.assume_gpu:
             raise UsageError("--assume-gpu plans only; merge on a machine that has the GPU")
+        try:
+            os.makedirs(self.recipe.out, exist_ok=True)
+        except OSError as exc:
+            raise os_error(exc, self.recipe.out) from None
+        with OutputLock(self.recipe.out):
+            return self._run_locked()
+
+    def _run_locked(self) -> MergeReport:
         started = time.monotonic()
         journal = self._prepare_output()
         out = self.recipe.out
@@ -481,7 +510,7 @@ class Merger:
         self.plan.check()
         for t in self.plan.spilled:
             log.info("%s: %s", t.name, t.note)
-        if self.method.statistics is not None and journal.statistics is None and todo:
+        if self.method.statistics is not None and self.method.statistics_passes(self.params) and journal.statistics is None and todo:
             densities = [d if d is not None else getattr(self.params, "density", 1.0) for d in self._model_densities()]
             journal.statistics = self.method.statistics(self._model_pass("statistics"), len(self.experts), self.params, densities)
             journal.save()
@@ -516,6 +545,7 @@ class Merger:
     def _merge_shards(self, todo, journal, bar, read_ahead, input_paths, initial_state) -> int:
         out = self.recipe.out
         written = 0
+        consumed, started = 0, time.monotonic()  # input bytes the merge has used: the rate shown
         for shard in todo:
             if _file_state(input_paths) != initial_state:
                 changed = next(p for p in input_paths if _file_state([p]) != {p: initial_state[p]})
@@ -535,7 +565,8 @@ class Merger:
                     writer.write(t.name, self._merge_tensor(t, journal.statistics))
                     read_ahead.advance(self._placement[t.name].read_bytes)
                     bar.update(t.nbytes)
-                    bar.set_postfix_str(f"read {read_ahead.throughput() / 1e6:.0f} MB/s", refresh=False)
+                    consumed += self._placement[t.name].read_bytes
+                    bar.set_postfix_str(f"inputs {consumed / max(time.monotonic() - started, 1e-9) / 1e6:.0f} MB/s", refresh=False)
                     if time.monotonic() - last_checkpoint >= self.checkpoint_seconds and writer.tensors_written < len(layout):
                         journal.partial = {"shard": shard.filename, "tensors": writer.tensors_written, "offset": writer.checkpoint()}
                         journal.save()
@@ -549,10 +580,8 @@ class Merger:
 
     def _finish(self, journal: Journal) -> None:
         out = self.recipe.out
-        for name in COPIED_FILES:
-            src = os.path.join(self.base.folder, name)
-            if os.path.isfile(src):
-                copy_atomic(src, os.path.join(out, name))
+        copy_model_files(self.recipe, out)
+        write_card(self.recipe, out)
         if self.out_dtype is not None and os.path.isfile(os.path.join(out, "config.json")):
             config = load_json(os.path.join(out, "config.json"))
             config["torch_dtype"] = str(self.out_dtype).removeprefix("torch.")

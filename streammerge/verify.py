@@ -13,7 +13,7 @@ from .errors import InputError, collect
 from .io.atomic import TMP_SUFFIX
 from .io.checkpoint import INDEX_NAME, Checkpoint, load_json
 from .io.journal import Journal, journal_path
-from .io.safetensors_format import DTYPE_NAMES, FLOAT_DTYPES
+from .io.safetensors_format import DTYPE_NAMES, FLOAT_DTYPES, read_header
 from .recipe import parse_dtype
 from .units import format_size
 
@@ -26,8 +26,41 @@ def sha256_of(path: str) -> str:
     return h.hexdigest()
 
 
+def verify_adapter(out: str) -> str:
+    """An `--output-format adapter` output: its config parses, its weights' header matches the
+    file, and every tensor is finite."""
+    import json
+
+    import torch
+    from safetensors import safe_open
+
+    from .io.peft_adapter import CONFIG_NAME, WEIGHTS_NAME
+
+    problems = []
+    try:
+        with open(os.path.join(out, CONFIG_NAME), encoding="utf-8") as f:
+            if not isinstance(json.load(f), dict):
+                problems.append(f"{out}/{CONFIG_NAME}: not a JSON object")
+    except (OSError, ValueError) as exc:
+        problems.append(f"{out}/{CONFIG_NAME}: unreadable ({exc})")
+    path = os.path.join(out, WEIGHTS_NAME)
+    header = read_header(path)  # raises InputError naming the file if the header and size disagree
+    with safe_open(path, "pt") as sf:
+        for name in sf.keys():
+            if not bool(torch.isfinite(sf.get_tensor(name)).all()):
+                problems.append(f"{path}: tensor {name!r} contains NaN or Inf")
+    collect(problems, InputError, f"{out}: verification failed")
+    return f"{out}: OK — merged adapter, {len(header.tensors)} tensors, {format_size(os.path.getsize(path))}"
+
+
 def verify_output(out: str) -> str:
     out = os.path.abspath(out)
+    if not os.path.isdir(out):
+        raise InputError(f"{out}: no such folder")
+    from .io.peft_adapter import WEIGHTS_NAME
+
+    if os.path.isfile(os.path.join(out, WEIGHTS_NAME)) and not os.path.isfile(os.path.join(out, INDEX_NAME)):
+        return verify_adapter(out)
     if not os.path.isfile(journal_path(out)):
         raise InputError(f"{out}: no streammerge.json: not a streammerge output")
     journal = Journal.load(journal_path(out))

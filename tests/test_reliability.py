@@ -148,9 +148,9 @@ def density_zero(c: Case):
     return 2, ["density = 0.0 is outside (0.0, 1.0]"]
 
 
-def negative_lambda(c: Case):
-    c.extra = ["--lambda", "-1"]
-    return 2, ["lambda = -1.0 is outside [0.0, inf]"]
+def nonfinite_lambda(c: Case):
+    c.extra = ["--lambda", "inf"]  # a negative λ is allowed: task negation, as in mergekit
+    return 2, ["lambda = inf is not finite"]
 
 
 def drop_rate_one(c: Case):
@@ -277,7 +277,7 @@ def nan_in_expert(c: Case):
 
 CASES = {f.__name__: f for f in (
     missing_and_shape_together, extra_tensor, uncastable_dtype, lora_target_absent, pickled_adapter, no_experts,
-    unknown_method, density_zero, negative_lambda, drop_rate_one, unknown_parameter, bad_residual_method, out_is_input,
+    unknown_method, density_zero, nonfinite_lambda, drop_rate_one, unknown_parameter, bad_residual_method, out_is_input,
     out_inside_input, out_holds_other_files, out_unwritable, bad_yaml, truncated_shard, header_not_json,
     header_too_large, offsets_past_end, offsets_overlap, index_missing_shard, index_duplicate_key,
     tensor_in_two_shards, config_not_json, nan_in_expert,

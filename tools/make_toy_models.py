@@ -106,7 +106,7 @@ def expert_delta(name: str, base: torch.Tensor, seed: int, expert: int, kind: st
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def write_adapter(folder: str, layout, seed: int, expert: int, kind: str, args) -> None:
+def write_adapter(folder: str, layout, seed: int, expert: int, kind: str, args) -> int:
     """A PEFT LoRA or OFT (≥ 0.16 packed) adapter with random, deterministic parameters."""
     os.makedirs(folder, exist_ok=True)
     shapes = {n: s for n, s in layout}
@@ -140,6 +140,7 @@ def write_adapter(folder: str, layout, seed: int, expert: int, kind: str, args) 
         w.commit()
     with open(os.path.join(folder, "adapter_config.json"), "w") as f:
         json.dump(config, f, indent=2)
+    return sum(t.numel() for _, t in tensors)
 
 
 def write_model(folder: str, tensors, dtype: torch.dtype, shard_size: int) -> None:
@@ -230,12 +231,15 @@ def main(argv: list[str] | None = None) -> int:
 
         d = os.path.join(args.out, f"expert-{e}")
         if args.kind in ("lora", "oft"):
-            write_adapter(d, layout, args.seed, e, args.kind, args)
+            adapter_params = write_adapter(d, layout, args.seed, e, args.kind, args)
             continue
         write_model(d, [(n, s, (lambda n=n, s=s: make(n, s))) for n, s in layout], args.torch_dtype, shard)
         write_config(d, args, preset)
     params = sum(math.prod(s) for _, s in layout)
-    print(f"wrote {args.out}: base + {args.experts} {args.kind} experts, {params / 1e6:.1f} M parameters each")
+    if args.kind in ("lora", "oft"):
+        print(f"wrote {args.out}: base of {params / 1e6:.1f} M parameters + {args.experts} {args.kind} adapters of {adapter_params / 1e6:.3f} M parameters each")
+    else:
+        print(f"wrote {args.out}: base + {args.experts} {args.kind} experts, {params / 1e6:.1f} M parameters each")
     return 0
 
 

@@ -223,7 +223,8 @@ def build_params(params_type: type, values: dict[str, Any], where: str) -> Any:
     unknown = sorted(set(values) - known)
     if unknown:
         shown = sorted(k.rstrip("_") for k in known)
-        raise UsageError(f"{where}: unknown parameter(s) {', '.join(k.rstrip('_') for k in unknown)} (known: {', '.join(shown)})")
+        hint = "; the residual's λ is --residual-param lambda=..." if "lambda_" in unknown and "residual" in known else ""
+        raise UsageError(f"{where}: unknown parameter(s) {', '.join(k.rstrip('_') for k in unknown)} (known: {', '.join(shown)}{hint})")
     try:
         return params_type(**values)
     except (TypeError, ValueError) as exc:
@@ -241,3 +242,8 @@ def check_range(name: str, value: float, low: float, high: float, low_open: bool
         lo, hi = ("(" if low_open else "["), (")" if high_open else "]")
         raise ValueError(f"{name} = {value} is outside {lo}{low}, {high}{hi}")
 
+
+
+def check_finite(name: str, value: float) -> None:
+    if not math.isfinite(value):
+        raise ValueError(f"{name} = {value} is not finite")

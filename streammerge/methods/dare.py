@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import ALIASES, Method, Rows, TensorTask, check_range, elementwise_memory_blocks, map_row_blocks, register
+from . import ALIASES, Method, Rows, TensorTask, check_finite, check_range, elementwise_memory_blocks, map_row_blocks, register
 from .ties import disjoint_merge_blocks
 
 
@@ -28,7 +28,7 @@ class DareParams:
 
     def __post_init__(self) -> None:
         check_range("drop_rate", self.drop_rate, 0.0, 1.0, high_open=True)
-        check_range("lambda", self.lambda_, 0.0, float("inf"))
+        check_finite("lambda", self.lambda_)  # negative: task negation, as mergekit allows
         if self.combine not in ("task_arithmetic", "ties"):
             raise ValueError(f"combine = {self.combine!r} must be 'task_arithmetic' or 'ties'")
         if self.merge not in ("mean", "sum"):

@@ -14,11 +14,13 @@ expert i and tensor (settings.py resolves gradients and filters):
     W = W_0 + λ · (m / d if normalize else m)
 
 Sparsifiers (density ≥ 1 keeps τ unchanged, without rescaling):
-- magnitude: the k = max(1, ⌊density·n⌋) largest |τ| — exactly k: among entries tied at the
-  threshold the earliest (row-major) are kept. mergekit takes an unstable argsort there, so the
-  two tools may keep different tied entries (tests allow 0.1 % of entries to differ);
-- magnitude_outliers (breadcrumbs): drop the ⌊gamma·n⌋ largest, keep the next ⌊density·n⌋
-  (ascending order, ties earliest first);
+- magnitude: the k = max(1, ⌊density·n⌋) largest |τ|, exactly k;
+- magnitude_outliers (breadcrumbs): drop the ⌊gamma·n⌋ largest, keep the next ⌊density·n⌋;
+  for both, which of the entries tied at a threshold are kept is decided as mergekit does, by
+  torch's (unstable) sort of the whole |τ|, when the tensor is merged whole; a tensor streamed in
+  row blocks (its N vectors larger than CACHE_BYTES) keeps the earliest ties in row-major order
+  instead, and may then differ from mergekit on those tied entries only. The sort runs only
+  where ties straddle the threshold (the radix select says so);
 - random (DARE): keep each entry with probability density;
 - della_magprune: keep with probability density − ε + 2ε·r, r the entry's magnitude rank in
   its row scaled to [0, 1].
@@ -27,7 +29,7 @@ not mergekit's draws (it uses torch's global generator), so random methods agree
 in distribution, not entry by entry.
 
 Streaming: as TIES (ties.py): the N sparsified vectors are kept whole when they fit
-`CACHE_BYTES`; larger tensors go in row blocks, each expert observed in as many passes as its
+`ties.CACHE_BYTES`; larger tensors go in row blocks, each expert observed in as many passes as its
 sparsifier needs (thresholds, then L1 norms) and then sparsified block by block in the same
 order (tie counters and random generators run on across blocks), so results do not depend on
 the block size.
@@ -39,8 +41,8 @@ from dataclasses import dataclass
 
 import torch
 
-from . import ALIASES, REQUIRED, Method, Rows, TensorTask, map_row_blocks, register
-from .ties import CACHE_BYTES, RadixSelect, _bits_of, magnitude_bits
+from . import ALIASES, REQUIRED, Method, Rows, TensorTask, map_row_blocks, register, ties
+from .ties import RadixSelect, _bits_of, magnitude_bits
 
 SPARSIFIERS = ("none", "magnitude", "random", "magnitude_outliers", "della_magprune")
 RESCALE_EPS = 1e-7  # mergekit: no rescaling where either L1 norm is below this
@@ -96,6 +98,7 @@ class Sparsifier:
         self.stages = (["high", "low"] if self.selects else []) + (["norms"] if self.rescale else [])
         self.passes = len(self.stages)
         self.bounds: list[tuple[int, int, int]] | None = None
+        self.whole_tensor = False  # set by `whole`: ties at a threshold may then follow mergekit's sort
         self.ties_seen = [0] * len(self.selects)
         self.rng = rng_factory() if self.kind in ("random", "della_magprune") else None
 
@@ -133,15 +136,21 @@ class Sparsifier:
         if self.kind == "none":
             return tau
         if self.kind == "magnitude":
+            vb, above, equal = self.bounds[0]
+            if self.whole_tensor and above < self.k < above + equal:
+                order = torch.argsort(tau.abs().reshape(-1).float(), descending=True)[: self.k]  # mergekit's call, its tie order
+                return tau.mul_(torch.zeros(tau.numel(), dtype=tau.dtype, device=tau.device).index_fill_(0, order, 1).view(tau.shape))
             bits = magnitude_bits(tau).view(tau.shape)
-            vb, above, _ = self.bounds[0]
             eq = bits == vb
             keep = (bits > vb) | (eq & (self._tie_rank(eq, 0) < self.k - above))
         elif self.kind == "magnitude_outliers":
             if not self.selects:
                 return tau.zero_()
-            bits = magnitude_bits(tau).view(tau.shape)
             lo, hi = self.window
+            if self.whole_tensor and any(self.numel - a - e < r < self.numel - a for (_, a, e), r in zip(self.bounds, (lo, hi))):
+                order = torch.sort(tau.abs().reshape(-1).float(), descending=False).indices[lo:hi]  # mergekit's call, its tie order
+                return tau.mul_(torch.zeros(tau.numel(), dtype=tau.dtype, device=tau.device).index_fill_(0, order, 1).view(tau.shape))
+            bits = magnitude_bits(tau).view(tau.shape)
             (b_lo, above_lo, eq_lo), (b_hi, above_hi, eq_hi) = self.bounds
             keep = (bits > b_lo) & (bits < b_hi)
             eq = bits == b_lo  # tie j of value v has ascending rank less(v) + j
@@ -183,6 +192,7 @@ def whole(sp: Sparsifier, tau: torch.Tensor) -> torch.Tensor:
         sp.begin(stage)
         sp.observe(stage, tau)
     sp.ready()
+    sp.whole_tensor = True
     return sp.apply(tau)
 
 
@@ -218,7 +228,7 @@ def merge(task: TensorTask, params: GtaParams) -> torch.Tensor:
     sps = sparsifiers(task, params)
     itemsize = torch.empty((), dtype=task.dtype).element_size()
     blocks = task.row_blocks()
-    if blocks == [None] or n * math.prod(task.shape) * itemsize <= CACHE_BYTES:
+    if blocks == [None] or n * math.prod(task.shape) * itemsize <= ties.CACHE_BYTES:
         kept = [whole(sp, task.task_vector(i)).mul_(task.weights[i]) for i, sp in enumerate(sps)]
 
         def vectors(rows: Rows | None) -> list[torch.Tensor]:
@@ -251,7 +261,7 @@ def memory(name: str, shape: tuple[int, ...], n: int, params: GtaParams, itemsiz
     block = min(numel, BLOCK_ELEMENTS)
     if numel <= BLOCK_ELEMENTS:
         return Need(int((n + 7) * numel * itemsize))
-    if n * numel * itemsize <= CACHE_BYTES:
+    if n * numel * itemsize <= ties.CACHE_BYTES:
         return Need(int((n + 1) * numel * itemsize + 7 * block * itemsize))
     return Need(int((n + 8) * block * itemsize), transfer=block)
 

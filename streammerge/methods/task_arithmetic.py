@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import Method, Rows, TensorTask, check_range, elementwise_memory_blocks, map_row_blocks, register
+from . import Method, Rows, TensorTask, check_finite, elementwise_memory_blocks, map_row_blocks, register
 
 
 @dataclass(frozen=True)
@@ -13,7 +13,7 @@ class TaskArithmeticParams:
     lambda_: float = 1.0
 
     def __post_init__(self) -> None:
-        check_range("lambda", self.lambda_, 0.0, float("inf"))
+        check_finite("lambda", self.lambda_)  # negative: task negation, as mergekit allows
 
 
 def merged_task_vector(task: TensorTask, rows: Rows | None = None) -> torch.Tensor:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import BLOCK_ELEMENTS, Method, ModelPass, Rows, TensorTask, check_range, map_row_blocks, register
+from . import BLOCK_ELEMENTS, Method, ModelPass, Rows, TensorTask, check_finite, check_range, map_row_blocks, register
 
 CACHE_BYTES = 1 << 28  # the N trimmed task vectors of one tensor are kept whole up to this size
 
@@ -39,7 +39,7 @@ class TiesParams:
 
     def __post_init__(self) -> None:
         check_range("density", self.density, 0.0, 1.0, low_open=True)
-        check_range("lambda", self.lambda_, 0.0, float("inf"))
+        check_finite("lambda", self.lambda_)  # negative: task negation, as mergekit allows
         if self.merge not in ("mean", "sum"):
             raise ValueError(f"merge = {self.merge!r} must be 'mean' or 'sum'")
         if self.scope not in ("tensor", "model"):
