@@ -33,7 +33,8 @@ import torch
 ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import drop_caches, load_model as load  # noqa: E402
-VENV = os.path.join(ROOT, "bench", ".venv-mergekit")
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+import mergekit_env  # noqa: E402
 RESULTS = os.path.join(ROOT, "bench", "results")
 
 
@@ -42,16 +43,11 @@ def sh(cmd: list[str], **kw) -> subprocess.CompletedProcess:
 
 
 def ensure_mergekit() -> str | None:
-    exe = os.path.join(VENV, "bin", "mergekit-yaml")
-    if os.path.exists(exe):
-        return exe
-    r = sh([sys.executable, "-m", "venv", "--system-site-packages", VENV])
-    if r.returncode == 0:
-        r = sh([os.path.join(VENV, "bin", "pip"), "install", "-q", "mergekit==0.1.5"])
-    if r.returncode != 0 or not os.path.exists(exe):
-        print(f"mergekit 0.1.5 could not be installed; skipping the comparison ({(r.stderr or r.stdout).strip().splitlines()[-1:]})")
+    python = mergekit_env.ensure_mergekit()
+    if python is None:
+        print("mergekit 0.1.5 could not be installed; skipping the comparison")
         return None
-    return exe
+    return os.path.join(os.path.dirname(python), "mergekit-yaml")
 
 
 def timed(cmd: list[str]) -> dict:

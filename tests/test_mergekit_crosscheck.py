@@ -1,8 +1,8 @@
 """The same mergekit recipes merged by mergekit 0.1.5 itself and by streammerge, tensor by tensor.
 
 mergekit is found in this order: $MERGEKIT_PYTHON, this interpreter (pip install -e ".[mergekit]"),
-bench/.venv-mergekit (made by bench/vs_mergekit.py); without it every test here skips with a
-message. All cases run in one mergekit process (tools/run_mergekit.py) at the start.
+bench/.venv-mergekit (made by tools/mergekit_env.py, which tools/run_tests.sh runs); without it
+every test here skips with a message. All cases run in one mergekit process (tools/run_mergekit.py) at the start.
 
 What "agree" means per case: `exact` — every entry equal to 1e-6 of the largest input magnitude there
 (float32 summation order; both tools compute in float32: the recipes say `dtype: float32`); `bf16` — mergekit computes in bfloat16,
@@ -85,7 +85,7 @@ def cases(b: str, e1: str, e2: str, e3: str) -> dict[str, tuple[dict, str]]:
 def crosscheck(tmp_path_factory):
     python = mergekit_python()
     if python is None:
-        pytest.skip("mergekit 0.1.5 is not installed (pip install -e '.[mergekit]', or set MERGEKIT_PYTHON): cross-check skipped")
+        pytest.skip("mergekit 0.1.5 is not installed (python tools/mergekit_env.py, pip install -e '.[mergekit]', or set MERGEKIT_PYTHON): cross-check skipped")
     work = tmp_path_factory.mktemp("mergekit")
     toy = make_toy(str(work / "toy"), "--preset", "tiny", "--experts", "3", "--shared", "0.5", "--shard-size", "60KB")
     b, e1, e2, e3 = (os.path.join(toy, d) for d in ("base", "expert-1", "expert-2", "expert-3"))
