@@ -213,15 +213,31 @@ def verify(out) -> None:
 
 @main.command("methods")
 def list_methods() -> None:
-    """List the merge methods and their parameters with defaults."""
+    """List the merge methods, their parameters with defaults, and each expert's values."""
     import dataclasses
 
-    from .methods import get_method
+    from .methods import REQUIRED, get_method
+
+    def shown(v):
+        return "required" if v is REQUIRED or v is dataclasses.MISSING else repr(v)
 
     for name in method_names():
         m, implied = get_method(name)
-        fields = ", ".join(f"{f.name.rstrip('_')}={implied.get(f.name, f.default if f.default is not dataclasses.MISSING else f.default_factory())!r}" for f in dataclasses.fields(m.params_type))
-        click.echo(f"{name:18s} {fields}")
+        fields = []
+        for f in dataclasses.fields(m.params_type):
+            default = f.default if f.default is not dataclasses.MISSING else (f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)  # type: ignore[misc]
+            fields.append(f"{f.name.rstrip('_')}={shown(implied.get(f.name, default))}")
+        per_expert = ", ".join(f"{k}={shown(v)}" for k, v in m.expert_params.items()) or "none"
+        paragraph = " ".join(m.doc.strip().split("\n\n")[0].split())
+        summary = paragraph if len(paragraph) <= 110 else paragraph[:paragraph.rfind(" ", 0, 108)] + " …"
+        click.echo(f"{name:17s} {summary}\n{'':17s} parameters: {', '.join(fields) or 'none'}; per expert: {per_expert}")
+    click.echo(
+        "\nA mergekit recipe (one with merge_method) keeps mergekit 0.1.5's meaning: task_arithmetic, ties, dare_ties,\n"
+        "dare_linear, breadcrumbs*, della* run as gta with mergekit's defaults (weight required, density 1). The same names\n"
+        "given with --method or in our recipes are ours: ties trims to density 0.2 by default, keeps every entry tied at\n"
+        "the threshold, averages agreeing experts by count and elects the tensor's majority sign where the sum is 0;\n"
+        "dare drops with drop_rate 0.5 and rescales by 1/(1-p); weights default to 1; we compute in float32."
+    )
 
 
 if __name__ == "__main__":

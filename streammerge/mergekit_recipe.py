@@ -20,6 +20,7 @@ plan.py, parameter_resolver.py, merge_methods/):
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from .errors import UsageError
@@ -34,7 +35,31 @@ REFUSED_KEYS = {
 }
 GTA_SHARED = {"normalize", "rescale", "lambda", "int8_mask"}
 GTA_PER_MODEL = {"weight", "density", "gamma", "epsilon"}
-METHODS_NOT_YET = ("slerp", "nuslerp", "multislerp", "karcher", "model_stock", "sce", "nearswap", "arcee_fusion", "passthrough", "ram", "ramplus_tl")
+METHODS_NOT_YET = ("passthrough", "ram", "ramplus_tl")
+
+
+@dataclass(frozen=True)
+class Contract:
+    """mergekit's input contract and parameters of one method (its merge_methods/*.py)."""
+
+    base: str  # "required"; "optional" (our `relative` parameter says if one was given); "ignored": one more input
+    shared: frozenset[str]
+    per_model: frozenset[str] = frozenset()
+    non_base: tuple[int, int | None] = (1, None)  # how many models besides the base
+
+
+CONTRACTS = {
+    "linear": Contract("ignored", frozenset({"normalize", "weight"}), frozenset({"weight"})),
+    "slerp": Contract("required", frozenset({"t"}), non_base=(1, 1)),
+    "nuslerp": Contract("optional", frozenset({"nuslerp_row_wise", "nuslerp_flatten", "weight"}), frozenset({"weight"}), (2, 2)),
+    "multislerp": Contract("optional", frozenset({"normalize_weights", "eps", "weight"}), frozenset({"weight"})),
+    "karcher": Contract("ignored", frozenset({"max_iter", "tol"})),
+    "model_stock": Contract("required", frozenset({"filter_wise"}), non_base=(2, None)),
+    "sce": Contract("required", frozenset({"select_topk", "int8_mask"})),
+    "nearswap": Contract("required", frozenset({"t"}), non_base=(1, 1)),
+    "arcee_fusion": Contract("required", frozenset(), non_base=(1, 1)),
+}
+GTA_CONTRACT = Contract("required", frozenset(GTA_SHARED | GTA_PER_MODEL), frozenset(GTA_PER_MODEL))
 
 
 def _path(ref: Any, where: str) -> str:
@@ -49,8 +74,6 @@ def _path(ref: Any, where: str) -> str:
 
 def parse(doc: dict, where: str) -> dict[str, Any]:
     """Recipe fields (recipe.Recipe) for a mergekit YAML document."""
-    from .recipe import Expert
-
     for key in doc:
         if key in REFUSED_KEYS:
             raise UsageError(f"{where}: mergekit key '{key}': {REFUSED_KEYS[key]}")
@@ -60,19 +83,17 @@ def parse(doc: dict, where: str) -> dict[str, Any]:
     method = str(doc["merge_method"])
     if method in METHODS_NOT_YET:
         raise UsageError(f"{where}: merge_method {method!r} is mergekit's but not implemented here yet (see README, mergekit features)")
-    if method != "linear" and method not in MERGEKIT_GTA:
+    if method not in CONTRACTS and method not in MERGEKIT_GTA:
         raise UsageError(f"{where}: unknown merge_method {method!r}")
+    contract = CONTRACTS.get(method, GTA_CONTRACT)
     base = _path(doc["base_model"], f"{where}: base_model") if doc.get("base_model") is not None else None
     models = doc.get("models")
     if not isinstance(models, list) or not models:
         raise UsageError(f"{where}: 'models' must be a non-empty list")
     shared = dict(doc.get("parameters") or {})
-    allowed_shared = {"normalize", "weight"} if method == "linear" else (GTA_SHARED | GTA_PER_MODEL)
-    allowed_model = {"weight"} if method == "linear" else GTA_PER_MODEL
-    bad = sorted(set(shared) - allowed_shared)
+    bad = sorted(set(shared) - contract.shared)
     if bad:
-        raise UsageError(f"{where}: parameters: {', '.join(bad)} not a parameter of mergekit's {method} (known: {', '.join(sorted(allowed_shared))})")
-
+        raise UsageError(f"{where}: parameters: {', '.join(bad)} not a parameter of mergekit's {method} (known: {', '.join(sorted(contract.shared)) or 'none'})")
     entries: list[tuple[str, dict]] = []
     for i, m in enumerate(models):
         if isinstance(m, str):
@@ -81,44 +102,48 @@ def parse(doc: dict, where: str) -> dict[str, Any]:
             raise UsageError(f"{where}: models[{i}] is a mapping with 'model' and optional 'parameters'")
         path = _path(m["model"], f"{where}: models[{i}]")
         p = dict(m.get("parameters") or {})
-        bad = sorted(set(p) - allowed_model)
+        bad = sorted(set(p) - contract.per_model)
         if bad:
-            raise UsageError(f"{where}: model {path}: {', '.join(bad)} not a per-model parameter of mergekit's {method} (known: {', '.join(sorted(allowed_model))})")
+            raise UsageError(f"{where}: model {path}: {', '.join(bad)} not a per-model parameter of mergekit's {method} (known: {', '.join(sorted(contract.per_model)) or 'none'})")
         entries.append((path, p))
+    return _fields(method, contract, base, entries, shared, where) | _dtypes(doc, where)
 
-    if method == "linear":
-        # every input is averaged, the base too; an unlisted base_model is added (mergekit plan.py)
-        if base is not None and base not in [p for p, _ in entries]:
-            entries.append((base, {}))
-        for path, p in entries:
-            if "weight" not in p and "weight" not in shared:
-                raise UsageError(f"{where}: model {path} has no weight (mergekit's linear requires one per input"
-                                 + (", and adds base_model as an input" if path == base else "") + ")")
-        experts = tuple(Expert(path, weight=p.get("weight")) for path, p in entries)
-        return {"method": "linear", "base": base or entries[0][0], "experts": experts, "parameters": shared} | _dtypes(doc, where)
 
-    if base is None:
+def _fields(method: str, contract: Contract, base: str | None, entries: list[tuple[str, dict]], shared: dict, where: str) -> dict[str, Any]:
+    from .recipe import Expert
+
+    if contract.base == "required" and base is None:
         raise UsageError(f"{where}: merge_method {method} needs base_model")
-    experts = []
-    for path, p in entries:
-        if path == base:
-            continue  # the base among the models is the base, not an expert
-        if "weight" not in p and "weight" not in shared:
-            raise UsageError(f"{where}: model {path} has no weight (mergekit's {method} requires one per model)")
-        experts.append(Expert(path, weight=p.get("weight"), density=p.get("density"),
-                              parameters={k: v for k, v in p.items() if k in ("gamma", "epsilon")}))
-    if not experts:
-        raise UsageError(f"{where}: no model other than base_model to merge")
+    if contract.base == "ignored" or (contract.base == "optional" and base is None):
+        if base is not None and base not in [p for p, _ in entries]:
+            entries = entries + [(base, {})]  # mergekit adds an unlisted base_model as one more input (plan.py)
+        inputs = entries
+    else:
+        inputs = [(p, q) for p, q in entries if p != base]  # the base among the models is the base, not an expert
+    low, high = contract.non_base
+    if len(inputs) < low or (high is not None and len(inputs) > high):
+        want = f"exactly {low}" if low == high else f"at least {low}"
+        raise UsageError(f"{where}: merge_method {method} takes {want} model(s) besides the base, got {len(inputs)}")
+    for path, p in inputs:
+        if "weight" in contract.per_model and "weight" not in p and "weight" not in shared:
+            raise UsageError(f"{where}: model {path} has no weight (mergekit's {method} requires one per input"
+                             + (", and adds base_model as an input" if path == base else "") + ")")
+    experts = tuple(Expert(path, weight=p.get("weight"), density=p.get("density"),
+                           parameters={k: v for k, v in p.items() if k in ("gamma", "epsilon")}) for path, p in inputs)
+    if method in CONTRACTS:
+        params = dict(shared)
+        if contract.base == "optional":
+            params["relative"] = base is not None
+        return {"method": method, "base": base or inputs[0][0], "experts": experts, "parameters": params, "_implied": ("relative",)}
     sparsify, consensus, normalize, rescale = MERGEKIT_GTA[method]
-    if "gamma" in shared or any("gamma" in e.parameters for e in experts):
-        if sparsify != "magnitude_outliers":
-            raise UsageError(f"{where}: gamma is a parameter of breadcrumbs only")
-    if "epsilon" in shared or any("epsilon" in e.parameters for e in experts):
-        if sparsify != "della_magprune":
-            raise UsageError(f"{where}: epsilon is a parameter of della only")
+    given = set(shared) | {k for _, p in inputs for k in p}
+    if "gamma" in given and sparsify != "magnitude_outliers":
+        raise UsageError(f"{where}: gamma is a parameter of breadcrumbs only")
+    if "epsilon" in given and sparsify != "della_magprune":
+        raise UsageError(f"{where}: epsilon is a parameter of della only")
     implied = {"sparsify": sparsify, "consensus": consensus, "normalize": normalize, "rescale": rescale}
-    return {"method": "gta", "base": base, "experts": tuple(experts), "parameters": implied | shared,
-            "_implied": tuple(k for k in implied if k not in shared)} | _dtypes(doc, where)
+    return {"method": "gta", "base": base, "experts": experts, "parameters": implied | shared,
+            "_implied": tuple(k for k in implied if k not in shared)}
 
 
 def _dtypes(doc: dict, where: str) -> dict[str, Any]:

@@ -56,7 +56,7 @@ class TensorValues:
 
     @property
     def weights(self) -> tuple[float, ...]:
-        return tuple(float(v["weight"]) for v in self.experts)
+        return tuple(float(v.get("weight", 1.0)) for v in self.experts)  # methods without weights: 1 each
 
     @property
     def densities(self) -> tuple[float | None, ...]:
@@ -113,6 +113,7 @@ class Recipe:
                     value = default
                 values[key] = value
             unknown = sorted(set(e.parameters) - set(method.expert_params))
+            unknown += [k for k in ("weight", "density") if e.setting(k) is not None and k not in method.expert_params]
             if unknown:
                 raise UsageError(f"{where}: expert {e.path}: unknown per-expert parameter(s) {', '.join(unknown)} (known: {', '.join(method.expert_params)})")
             if isinstance(values.get("weight"), (int, float)) and not math.isfinite(float(values["weight"])):

@@ -75,9 +75,26 @@ def cases(b: str, e1: str, e2: str, e3: str) -> dict[str, tuple[dict, str]]:
         # mergekit computes in bfloat16 when the recipe names no dtype; we in float32
         "task_arithmetic_bf16": ({"merge_method": "task_arithmetic", "base_model": b, "models": three}, "bf16"),
         "linear_out_dtype": ({"merge_method": "linear", "models": [m(e1, weight=1.0), m(e2, weight=1.0)], "dtype": "float32", "out_dtype": "bfloat16"}, "bf16"),
+        # the other methods mergekit users reach for
+        "slerp_gradient": ({"merge_method": "slerp", "base_model": b, "models": [m(b), m(e1)], "parameters": {"t": [0.1, 0.9]}} | f32, "exact"),
+        "slerp_filtered": ({"merge_method": "slerp", "base_model": b, "models": [m(e1)], "parameters": {"t": [{"filter": "self_attn", "value": 0.3}, {"value": 0.7}]}} | f32, "exact"),
+        "nuslerp_with_base": ({"merge_method": "nuslerp", "base_model": b, "models": [m(e1, weight=1.0), m(e2, weight=3.0)]} | f32, "exact"),
+        "nuslerp_rowwise_no_base": ({"merge_method": "nuslerp", "models": [m(e1, weight=1.0), m(e2, weight=0.5)], "parameters": {"nuslerp_flatten": False, "nuslerp_row_wise": True}} | f32, "exact"),
+        "multislerp_with_base": ({"merge_method": "multislerp", "base_model": b, "models": three} | f32, "exact"),
+        "multislerp_no_base": ({"merge_method": "multislerp", "models": three, "parameters": {"normalize_weights": False}} | f32, "exact"),
+        "karcher_base_added": ({"merge_method": "karcher", "base_model": b, "models": [m(e1), m(e2)]} | f32, "exact"),
+        "model_stock": ({"merge_method": "model_stock", "base_model": b, "models": [m(e1), m(e2), m(e3)]} | f32, "exact"),
+        "model_stock_filter_wise": ({"merge_method": "model_stock", "base_model": b, "models": [m(e1), m(e2)], "parameters": {"filter_wise": True}} | f32, "exact"),
+        "sce": ({"merge_method": "sce", "base_model": b, "models": [m(e1), m(e2), m(e3)]} | f32, "exact"),
+        "sce_topk": ({"merge_method": "sce", "base_model": b, "models": [m(e1), m(e2), m(e3)], "parameters": {"select_topk": 0.4}} | f32, "tie_rate"),
+        "nearswap": ({"merge_method": "nearswap", "base_model": b, "models": [m(e1)], "parameters": {"t": 0.002}} | f32, "exact"),
+        "arcee_fusion": ({"merge_method": "arcee_fusion", "base_model": b, "models": [m(b), m(e1)]} | f32, "exact"),
         # refused by both
         "ties_weight_missing": ({"merge_method": "ties", "base_model": b, "models": [m(e1), m(e2, weight=1.0)]}, "refused"),
         "linear_base_unweighted": ({"merge_method": "linear", "base_model": b, "models": [m(e1, weight=1.0)]}, "refused"),
+        "slerp_without_t": ({"merge_method": "slerp", "base_model": b, "models": [m(e1)]}, "refused"),
+        "slerp_two_experts": ({"merge_method": "slerp", "base_model": b, "models": [m(e1), m(e2)], "parameters": {"t": 0.5}}, "refused"),
+        "model_stock_one_expert": ({"merge_method": "model_stock", "base_model": b, "models": [m(b), m(e1)]}, "refused"),
     }
 
 

@@ -151,6 +151,17 @@ def elementwise_memory_blocks(buffers: float, cached: float = 0.0) -> Callable[.
     return memory
 
 
+def whole_tensor_memory(copies: float, per_expert: float = 0.0) -> Callable[..., Any]:
+    """Peak of a method that holds whole tensors: `copies` compute-dtype copies of the tensor,
+    plus `per_expert` more per expert."""
+    from ..plan import Need
+
+    def memory(name: str, shape: tuple[int, ...], n_experts: int, params: Any, itemsize: int) -> Need:
+        return Need(int((copies + per_expert * n_experts) * math.prod(shape) * itemsize))
+
+    return memory
+
+
 # One pass over the whole model: yields (name, base, experts) for each mergeable tensor.
 ModelPass = Callable[[], Iterator[tuple[str, torch.Tensor, ExpertTensors]]]
 
@@ -225,6 +236,10 @@ def build_params(params_type: type, values: dict[str, Any], where: str) -> Any:
         shown = sorted(k.rstrip("_") for k in known)
         hint = "; the residual's λ is --residual-param lambda=..." if "lambda_" in unknown and "residual" in known else ""
         raise UsageError(f"{where}: unknown parameter(s) {', '.join(k.rstrip('_') for k in unknown)} (known: {', '.join(shown)}{hint})")
+    missing = [f.name.rstrip("_") for f in fields(params_type)
+               if f.default is MISSING and f.default_factory is MISSING and f.name not in values]  # type: ignore[misc]
+    if missing:
+        raise UsageError(f"{where}: needs parameter(s) {', '.join(missing)}")
     try:
         return params_type(**values)
     except (TypeError, ValueError) as exc:
@@ -232,7 +247,7 @@ def build_params(params_type: type, values: dict[str, Any], where: str) -> Any:
 
 
 def _load_all() -> None:
-    from . import dare, gta, linear, orthomerge, task_arithmetic, ties  # noqa: F401  (registration)
+    from . import arcee_fusion, dare, gta, karcher, linear, model_stock, multislerp, nearswap, nuslerp, orthomerge, sce, slerp, task_arithmetic, ties  # noqa: F401  (registration)
 
 
 def check_range(name: str, value: float, low: float, high: float, low_open: bool = False, high_open: bool = False) -> None:
