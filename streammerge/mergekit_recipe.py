@@ -26,16 +26,15 @@ from typing import Any
 from .errors import UsageError
 from .methods.gta import MERGEKIT_GTA
 
-TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source"}
+TOP_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "tokenizer_source"}
 REFUSED_KEYS = {
-    "slices": "layer slices (passthrough / frankenmerges) are not supported yet",
     "modules": "per-module definitions are not supported",
     "tokenizer": "the tokenizer block (added tokens, embedding surgery) is not supported; use tokenizer_source: base or a model path",
     "chat_template": "chat_template is not supported; the chosen tokenizer's own template is copied",
 }
 GTA_SHARED = {"normalize", "rescale", "lambda", "int8_mask"}
 GTA_PER_MODEL = {"weight", "density", "gamma", "epsilon"}
-METHODS_NOT_YET = ("passthrough", "ram", "ramplus_tl")
+METHODS_NOT_YET = ("ram", "ramplus_tl")
 
 
 @dataclass(frozen=True)
@@ -81,6 +80,10 @@ def parse(doc: dict, where: str) -> dict[str, Any]:
     if unknown:
         raise UsageError(f"{where}: unknown mergekit key(s) {', '.join(unknown)} (read here: {', '.join(sorted(TOP_KEYS))})")
     method = str(doc["merge_method"])
+    if method == "passthrough":
+        return _passthrough(doc, where) | _dtypes(doc, where)
+    if "slices" in doc:
+        raise UsageError(f"{where}: slices are supported with merge_method passthrough only (merging within slices is not)")
     if method in METHODS_NOT_YET:
         raise UsageError(f"{where}: merge_method {method!r} is mergekit's but not implemented here yet (see README, mergekit features)")
     if method not in CONTRACTS and method not in MERGEKIT_GTA:
@@ -144,6 +147,31 @@ def _fields(method: str, contract: Contract, base: str | None, entries: list[tup
     implied = {"sparsify": sparsify, "consensus": consensus, "normalize": normalize, "rescale": rescale}
     return {"method": "gta", "base": base, "experts": experts, "parameters": implied | shared,
             "_implied": tuple(k for k in implied if k not in shared)}
+
+
+def _passthrough(doc: dict, where: str) -> dict[str, Any]:
+    """Stacked layer slices, or one model (scaled): exactly one input per slice, as in mergekit."""
+    from .io.sliced import parse_slices
+
+    shared = dict(doc.get("parameters") or {})
+    if set(shared) - {"scale"}:
+        raise UsageError(f"{where}: parameters: {', '.join(sorted(set(shared) - {'scale'}))} not a parameter of mergekit's passthrough (known: scale)")
+    base = _path(doc["base_model"], f"{where}: base_model") if doc.get("base_model") is not None else None
+    if ("slices" in doc) == ("models" in doc):
+        raise UsageError(f"{where}: passthrough takes either 'slices' or 'models'")
+    if "slices" in doc:
+        slices = parse_slices(doc["slices"], where)
+        return {"method": "passthrough", "base": base or slices[0]["model"], "experts": (), "slices": slices, "parameters": shared}
+    models = doc["models"]
+    if not isinstance(models, list) or len(models) != 1 or base is not None and _path(models[0], where) != base:
+        raise UsageError(f"{where}: passthrough takes exactly one model (base_model counts as one)")
+    m = models[0] if isinstance(models[0], dict) else {"model": models[0]}
+    if set(m.get("parameters") or {}) - {"scale"}:
+        raise UsageError(f"{where}: model {m['model']}: passthrough takes only scale")
+    scale = (m.get("parameters") or {}).get("scale")
+    path = _path(m["model"], f"{where}: models[0]")
+    slices = ({"model": path, "layer_range": None, "scale": scale, "slice_scale": None},)
+    return {"method": "passthrough", "base": path, "experts": (), "slices": slices, "parameters": shared}
 
 
 def _dtypes(doc: dict, where: str) -> dict[str, Any]:

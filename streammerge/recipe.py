@@ -76,6 +76,7 @@ class Recipe:
     seed: int = 0
     allow_nonfinite: bool = False
     tokenizer_source: str | None = None  # "base" (None) or a model folder whose tokenizer files are copied
+    slices: tuple[dict, ...] | None = None  # passthrough layer stacking (io/sliced.py); `base` then gives config and tokenizer
     recipe_text: str | None = field(default=None, compare=False)  # the YAML as given, for the model card
 
     def __post_init__(self) -> None:
@@ -83,6 +84,8 @@ class Recipe:
         object.__setattr__(self, "shard_size", parse_size(self.shard_size))
         object.__setattr__(self, "experts", tuple(Expert(e) if isinstance(e, str) else e for e in self.experts))
         object.__setattr__(self, "parameters", dict(self.parameters))
+        if self.slices is not None:
+            object.__setattr__(self, "slices", tuple(dict(s) for s in self.slices))
 
     def resolve(self) -> tuple[Method, Any]:
         """The method and its parameters as they apply outside the layers (t = 0, no tensor name
@@ -153,15 +156,17 @@ class Recipe:
                     problems.append("linear: the expert weights sum to zero, so they cannot be normalised")
             except UsageError as exc:
                 problems.append(str(exc))
-        if not self.experts:
+        if resolved is not None and len(self.experts) < resolved[0].min_experts:
             problems.append("at least one expert is needed")
+        if self.slices is not None and self.method != "passthrough":
+            problems.append(f"layer slices go with method passthrough, not {self.method}")
         for what, name in (("dtype", self.dtype), ("compute_dtype", self.compute_dtype)):
             try:
                 parse_dtype(name, what)
             except UsageError as exc:
                 problems.append(str(exc))
         out = os.path.realpath(self.out)
-        for src in [self.base] + [e.path for e in self.experts]:
+        for src in [self.base] + [e.path for e in self.experts] + [s["model"] for s in self.slices or ()]:
             src_real = os.path.realpath(src)
             if out == src_real or out.startswith(src_real + os.sep):
                 problems.append(f"output folder {self.out} is (inside) input folder {src}")
@@ -225,7 +230,7 @@ def from_mapping(doc: Any, where: str, overrides: dict[str, Any] | None = None, 
     return Recipe(**fields_)
 
 
-_NATIVE_KEYS = {"method", "base", "experts", "out", "parameters", "dtype", "compute_dtype", "shard_size", "seed", "allow_nonfinite", "tokenizer_source"}
+_NATIVE_KEYS = {"method", "base", "experts", "out", "parameters", "dtype", "compute_dtype", "shard_size", "seed", "allow_nonfinite", "tokenizer_source", "slices"}
 
 
 def _native(doc: dict, where: str) -> dict[str, Any]:
@@ -234,7 +239,12 @@ def _native(doc: dict, where: str) -> dict[str, Any]:
         raise UsageError(f"{where}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(_NATIVE_KEYS))})")
     if "method" not in doc:
         raise UsageError(f"{where}: no 'method'")
-    out = {k: doc[k] for k in doc if k not in ("experts", "parameters")}
+    out = {k: doc[k] for k in doc if k not in ("experts", "parameters", "slices")}
+    if "slices" in doc:
+        from .io.sliced import parse_slices
+
+        out["slices"] = parse_slices(doc["slices"], where)
+        out.setdefault("base", out["slices"][0]["model"])
     out["experts"] = tuple(_expert(e, where) for e in (doc.get("experts") or []))
     out["parameters"] = dict(doc.get("parameters") or {})
     return out

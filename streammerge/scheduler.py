@@ -78,7 +78,12 @@ def resolve_device(device: str) -> torch.device:
 
 def open_inputs(recipe: Recipe) -> tuple[Checkpoint, list[ExpertSource]]:
     problems, experts = [], []
-    base = Checkpoint.open(recipe.base)
+    if recipe.slices is not None:
+        from .io.sliced import open_sliced
+
+        base, _, _ = open_sliced(recipe.slices, recipe.base)
+    else:
+        base = Checkpoint.open(recipe.base)
     for e in recipe.experts:
         try:
             experts.append(open_expert(e.path, base, e.peft_version))
@@ -262,6 +267,11 @@ class Merger:
         self.compute_dtype = parse_dtype(recipe.compute_dtype, "compute_dtype")
         self.out_dtype = parse_dtype(recipe.dtype, "dtype")
         self.base, self.experts = open_inputs(recipe)
+        self.sources, self.stacked_layers = {}, None
+        if recipe.slices is not None:  # which source tensor each output tensor is, for its settings
+            from .io.sliced import open_sliced
+
+            _, self.sources, self.stacked_layers = open_sliced(recipe.slices, recipe.base)
         check_compatible(self.base, self.experts)
         self.shards = plan_shards(self.base, self.out_dtype, recipe.shard_size)
         self.n_layers = settings.count_layers(self.base.names())
@@ -279,6 +289,11 @@ class Merger:
         self._placement = {t.name: t for t in self.plan.tensors}
 
     def _resolve(self, name: str) -> TensorValues:
+        source = self.sources.get(name)
+        if source is not None:  # a stacked layer: settings read with its source's name and place in its slice
+            _, values = self.recipe.method_and_values(source.name, source.t)
+            scale = settings.resolve([*source.levels, self.recipe.parameters.get("scale")], source.name, source.t)
+            return dataclasses.replace(values, params=dataclasses.replace(values.params, scale=scale))
         _, values = self.recipe.method_and_values(name, settings.layer_fraction(name, self.n_layers))
         if self.device.type == "cuda" and getattr(values.params, "precision", None) == "auto":
             values = dataclasses.replace(values, params=dataclasses.replace(values.params, precision="float32"))
@@ -582,9 +597,12 @@ class Merger:
         out = self.recipe.out
         copy_model_files(self.recipe, out)
         write_card(self.recipe, out)
-        if self.out_dtype is not None and os.path.isfile(os.path.join(out, "config.json")):
+        if (self.out_dtype is not None or self.stacked_layers is not None) and os.path.isfile(os.path.join(out, "config.json")):
             config = load_json(os.path.join(out, "config.json"))
-            config["torch_dtype"] = str(self.out_dtype).removeprefix("torch.")
+            if self.out_dtype is not None:
+                config["torch_dtype"] = str(self.out_dtype).removeprefix("torch.")
+            if self.stacked_layers is not None:
+                config["num_hidden_layers"] = self.stacked_layers
             write_bytes_atomic(os.path.join(out, "config.json"), (json.dumps(config, indent=2) + "\n").encode())
         journal.complete = True
         journal.save()

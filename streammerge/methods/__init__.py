@@ -182,6 +182,7 @@ class Method:
     # Values each expert has (resolved per tensor from the expert's entry, then the recipe's
     # parameter of that name) with their defaults; REQUIRED: no default, as in mergekit.
     expert_params: dict[str, Any] = field(default_factory=lambda: {"weight": 1.0, "density": None})
+    min_experts: int = 1
 
     @property
     def literal_params(self) -> set[str]:
@@ -247,7 +248,7 @@ def build_params(params_type: type, values: dict[str, Any], where: str) -> Any:
 
 
 def _load_all() -> None:
-    from . import arcee_fusion, dare, gta, karcher, linear, model_stock, multislerp, nearswap, nuslerp, orthomerge, sce, slerp, task_arithmetic, ties  # noqa: F401  (registration)
+    from . import arcee_fusion, dare, gta, karcher, linear, model_stock, multislerp, nearswap, nuslerp, orthomerge, passthrough, sce, slerp, task_arithmetic, ties  # noqa: F401  (registration)
 
 
 def check_range(name: str, value: float, low: float, high: float, low_open: bool = False, high_open: bool = False) -> None:
