@@ -130,9 +130,11 @@ def main(argv: list[str] | None = None) -> int:
         files = [os.path.join(d, f) for d in [base, *experts] for f in sorted(os.listdir(d)) if f.endswith(".safetensors")]
         floor = io_floor(files)
         for method in args.methods:
-            yaml_path = os.path.join(args.work, f"{preset}-{method}.yaml")
+            # "ties-index": mergekit's ties recipe, ours with `--param tie_break=index` (no sort; ties at the threshold kept by position)
+            mk_method, extra = (method.removesuffix("-index"), ["--param", "tie_break=index"]) if method.endswith("-index") else (method, [])
+            yaml_path = os.path.join(args.work, f"{preset}-{mk_method}.yaml")
             with open(yaml_path, "w") as f:
-                f.write(recipe(method, base, experts, args.density))
+                f.write(recipe(mk_method, base, experts, args.density))
             runs: dict[str, list[dict]] = {"mergekit": [], "streammerge": []}
             outs = {"mergekit": os.path.join(args.work, "out-mergekit"), "streammerge": os.path.join(args.work, "out-streammerge")}
             for pair in range(args.pairs):
@@ -141,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
                     shutil.rmtree(outs[tool], ignore_errors=True)
                     drop_caches()
                     cmd = [mergekit, yaml_path, outs[tool], "--lazy-unpickle", "--no-cuda"] if tool == "mergekit" else \
-                        [streammerge, "merge", "--recipe", yaml_path, "--out", outs[tool], "--device", "cpu", "--quiet"]
+                        [streammerge, "merge", "--recipe", yaml_path, "--out", outs[tool], "--device", "cpu", "--quiet", *extra]
                     runs[tool].append(timed(cmd) | {"loadavg": os.getloadavg()[0]})
                     print(f"{preset} {method} pair {pair + 1} {tool}: {runs[tool][-1]}", flush=True)
             ratios = [s["wall"] / m["wall"] for s, m in zip(runs["streammerge"], runs["mergekit"])]
@@ -149,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             row = {"preset": preset, "method": method, "runs": runs, "io_floor": floor,
                    "median_wall_ratio": statistics.median(ratios), "median_rss_ratio": statistics.median(rss),
                    "median_wall_over_cold_floor": statistics.median(r["wall"] for r in runs["streammerge"]) / floor["cold"],
-                   "agreement": agreement(method, base, experts, outs["streammerge"], outs["mergekit"])}
+                   "agreement": agreement(mk_method, base, experts, outs["streammerge"], outs["mergekit"])}
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "runs"}), flush=True)
     doc = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.machine()}, {os.cpu_count()} cores, "

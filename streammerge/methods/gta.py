@@ -17,10 +17,12 @@ Sparsifiers (density ≥ 1 keeps τ unchanged, without rescaling):
 - magnitude: the k = max(1, ⌊density·n⌋) largest |τ|, exactly k;
 - magnitude_outliers (breadcrumbs): drop the ⌊gamma·n⌋ largest, keep the next ⌊density·n⌋;
   for both, which of the entries tied at a threshold are kept is decided as mergekit does, by
-  torch's (unstable) sort of the whole |τ|, when the tensor is merged whole; a tensor streamed in
-  row blocks (its N vectors larger than CACHE_BYTES) keeps the earliest ties in row-major order
-  instead, and may then differ from mergekit on those tied entries only. The sort runs only
-  where ties straddle the threshold (the radix select says so);
+  torch's (unstable) sort of the whole |τ|, when the tensor is merged whole (`tie_break:
+  mergekit`, the default). The sort runs only where ties straddle the threshold (the radix select
+  says so) — in bf16 models, almost always — and costs about what mergekit's does. `tie_break:
+  index` keeps the earliest tied entries in row-major order instead, without a sort; so does a
+  tensor streamed in row blocks (its N vectors larger than CACHE_BYTES), which may then differ
+  from mergekit on those tied entries only;
 - random (DARE): keep each entry with probability density;
 - della_magprune: keep with probability density − ε + 2ε·r, r the entry's magnitude rank in
   its row scaled to [0, 1].
@@ -56,8 +58,11 @@ class GtaParams:
     rescale: bool = False  # restore each sparsified vector's L1 norm (mergekit's `rescale`)
     lambda_: float = 1.0  # any real number: negative values subtract (task negation)
     int8_mask: bool = False  # mergekit's mask storage; no effect on the result
+    tie_break: str = "mergekit"  # among magnitudes tied at a threshold: "mergekit" (its sort) or "index" (earliest; no sort)
 
     def __post_init__(self) -> None:
+        if self.tie_break not in ("mergekit", "index"):
+            raise ValueError(f"tie_break = {self.tie_break!r} must be 'mergekit' or 'index'")
         if self.sparsify not in SPARSIFIERS:
             raise ValueError(f"sparsify = {self.sparsify!r} must be one of {', '.join(SPARSIFIERS)}")
         if self.consensus not in ("none", "sum", "count"):
@@ -107,13 +112,15 @@ class Sparsifier:
         if self.stages[stage] == "norms":
             self.ready()
 
-    def observe(self, stage: int, tau: torch.Tensor) -> None:
+    def observe(self, stage: int, tau: torch.Tensor, bits: torch.Tensor | None = None) -> None:
+        """`bits`: τ's magnitude_bits if the caller has them (a whole tensor: computed once)."""
         what = self.stages[stage]
         if what == "norms":  # with the mask `apply` will draw
             self.before += float(tau.abs().sum(dtype=torch.float64))
-            self.after += float(self._masked(tau.clone()).abs().sum(dtype=torch.float64))
+            self.after += float(self._masked(tau.clone(), bits).abs().sum(dtype=torch.float64))
             return
-        bits = magnitude_bits(tau)
+        if bits is None:
+            bits = magnitude_bits(tau)
         for s in self.selects:
             s.add_high(bits) if what == "high" else s.add_low(bits)
 
@@ -125,14 +132,17 @@ class Sparsifier:
         self.ties_seen = [0] * len(self.selects)
         self.rng = self.rng_factory() if self.kind in ("random", "della_magprune") else None
 
-    def _tie_rank(self, eq: torch.Tensor, j: int) -> torch.Tensor:
-        """Each tied entry's index among the ties of bound j (row-major, across blocks)."""
-        flat = eq.reshape(-1)
-        rank = flat.cumsum(0, dtype=torch.int64).sub_(1).add_(self.ties_seen[j])
-        self.ties_seen[j] += int(flat.sum())
-        return rank.view(eq.shape)
+    def _keep_ties(self, keep: torch.Tensor, eq: torch.Tensor, j: int, lo: int, hi: int) -> None:
+        """Set `keep` on the ties of bound j whose index among all of its ties (row-major, counted
+        across blocks) lies in [lo, hi)."""
+        idx = eq.reshape(-1).nonzero().squeeze(1)
+        seen = self.ties_seen[j]
+        self.ties_seen[j] += idx.numel()
+        chosen = idx[max(0, lo - seen):max(0, hi - seen)]
+        if chosen.numel():
+            keep.view(-1)[chosen] = True
 
-    def _masked(self, tau: torch.Tensor) -> torch.Tensor:
+    def _masked(self, tau: torch.Tensor, bits: torch.Tensor | None = None) -> torch.Tensor:
         if self.kind == "none":
             return tau
         if self.kind == "magnitude":
@@ -140,9 +150,9 @@ class Sparsifier:
             if self.whole_tensor and above < self.k < above + equal:
                 order = torch.argsort(tau.abs().reshape(-1).float(), descending=True)[: self.k]  # mergekit's call, its tie order
                 return tau.mul_(torch.zeros(tau.numel(), dtype=tau.dtype, device=tau.device).index_fill_(0, order, 1).view(tau.shape))
-            bits = magnitude_bits(tau).view(tau.shape)
-            eq = bits == vb
-            keep = (bits > vb) | (eq & (self._tie_rank(eq, 0) < self.k - above))
+            bits = (magnitude_bits(tau) if bits is None else bits).view(tau.shape)
+            keep = bits > vb
+            self._keep_ties(keep, bits == vb, 0, 0, self.k - above)
         elif self.kind == "magnitude_outliers":
             if not self.selects:
                 return tau.zero_()
@@ -153,13 +163,11 @@ class Sparsifier:
             bits = magnitude_bits(tau).view(tau.shape)
             (b_lo, above_lo, eq_lo), (b_hi, above_hi, eq_hi) = self.bounds
             keep = (bits > b_lo) & (bits < b_hi)
-            eq = bits == b_lo  # tie j of value v has ascending rank less(v) + j
-            rank = self._tie_rank(eq, 0) + (self.numel - above_lo - eq_lo)
-            keep |= eq & (rank >= lo) & (rank < hi)
+            less = self.numel - above_lo - eq_lo  # tie p of value v has ascending rank less(v) + p
+            self._keep_ties(keep, bits == b_lo, 0, lo - less, hi - less)
             if b_hi != b_lo:
-                eq = bits == b_hi
-                rank = self._tie_rank(eq, 1) + (self.numel - above_hi - eq_hi)
-                keep |= eq & (rank >= lo) & (rank < hi)
+                less = self.numel - above_hi - eq_hi
+                self._keep_ties(keep, bits == b_hi, 1, lo - less, hi - less)
         elif self.kind == "random":
             keep = torch.rand(tau.shape, generator=self.rng, dtype=torch.float32).to(tau.device) < self.density
         else:  # della_magprune: per-row magnitude ranks (1-D tensors: one row)
@@ -172,9 +180,9 @@ class Sparsifier:
             keep = (torch.rand(rows.shape, generator=self.rng, dtype=torch.float32).to(tau.device) < probs).view(tau.shape)
         return tau.mul_(keep)
 
-    def apply(self, tau: torch.Tensor) -> torch.Tensor:
+    def apply(self, tau: torch.Tensor, bits: torch.Tensor | None = None) -> torch.Tensor:
         """τ̂ of the next block (in place)."""
-        masked = self._masked(tau)
+        masked = self._masked(tau, bits)
         if self.rescale and self.before >= RESCALE_EPS and self.after >= RESCALE_EPS:
             ratio = torch.tensor(self.before, dtype=torch.float32) / torch.tensor(self.after, dtype=torch.float32)
             masked.mul_(ratio.to(masked.dtype))
@@ -186,14 +194,15 @@ def sparsifiers(task: TensorTask, params: GtaParams) -> list[Sparsifier]:
             for i in range(len(task.weights))]
 
 
-def whole(sp: Sparsifier, tau: torch.Tensor) -> torch.Tensor:
+def whole(sp: Sparsifier, tau: torch.Tensor, mergekit_ties: bool = True) -> torch.Tensor:
     """τ̂ of a tensor held in memory: every observation pass over it, then apply."""
+    bits = magnitude_bits(tau) if sp.selects else None  # once, for the thresholds and the mask
     for stage in range(sp.passes):
         sp.begin(stage)
-        sp.observe(stage, tau)
+        sp.observe(stage, tau, bits)
     sp.ready()
-    sp.whole_tensor = True
-    return sp.apply(tau)
+    sp.whole_tensor = mergekit_ties
+    return sp.apply(tau, bits)
 
 
 def combine(vectors: list[torch.Tensor], weights: tuple[float, ...], base: torch.Tensor, params: GtaParams) -> torch.Tensor:
@@ -229,7 +238,7 @@ def merge(task: TensorTask, params: GtaParams) -> torch.Tensor:
     itemsize = torch.empty((), dtype=task.dtype).element_size()
     blocks = task.row_blocks()
     if blocks == [None] or n * math.prod(task.shape) * itemsize <= ties.CACHE_BYTES:
-        kept = [whole(sp, task.task_vector(i)).mul_(task.weights[i]) for i, sp in enumerate(sps)]
+        kept = [whole(sp, task.task_vector(i), params.tie_break == "mergekit").mul_(task.weights[i]) for i, sp in enumerate(sps)]
 
         def vectors(rows: Rows | None) -> list[torch.Tensor]:
             return kept if rows is None else [v[rows[0]:rows[1]] for v in kept]
