@@ -191,6 +191,16 @@ class LazyExperts:
     def rows(self, i: int, start: int, stop: int) -> torch.Tensor:
         return self._checked(i, self.ckpts[i].get(self.name, self.dtype, self.device, rows=(start, stop)))
 
+    def factors(self, i: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Expert i's task vector as low-rank factors (B', A') if it is a LoRA adapter, else None."""
+        get = getattr(self.ckpts[i], "factors", None)
+        if get is None:
+            return None
+        f = get(self.name, self.dtype, self.device)
+        if f is not None and self.check_finite and not (all_finite(f[0]) and all_finite(f[1])):
+            raise NonFiniteError(f"{self.ckpts[i].file_of(self.name)}: the adapter of {self.name!r} contains NaN or Inf (pass --allow-nonfinite to merge it anyway)")
+        return f
+
     def _checked(self, i: int, t: torch.Tensor) -> torch.Tensor:
         if self.check_finite and not all_finite(t):
             raise NonFiniteError(

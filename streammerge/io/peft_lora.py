@@ -81,6 +81,22 @@ class LoraExpert(AdapterExpert):
             d = b @ a if rows is None else b[rows[0]:rows[1]] @ a
         return d.mul_(m.scale)
 
+    def factors(self, name: str, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(B', A') with τ = B' A' in torch layout [out, in] (the scale folded into B'), for methods
+        that can work on the factors (an SVD in O((m + n) r²)); None where τ is not low-rank that
+        way (DoRA rescales rows). A module the adapter does not target has rank 0."""
+        shape = self.base.info(name).shape
+        if name not in self.modules:
+            return (torch.zeros(shape[0], 0, dtype=dtype, device=device), torch.zeros(0, shape[-1], dtype=dtype, device=device))
+        m = self.modules[name]
+        if m.magnitude_key is not None:
+            return None
+        a = self.files.tensors.get(m.a_key, dtype, device)
+        b = self.files.tensors.get(m.b_key, dtype, device)
+        if m.embedding or self.fan_in_fan_out:  # τ = (b a)ᵀ = aᵀ bᵀ
+            return a.T.mul(m.scale), b.T.contiguous()
+        return b.mul_(m.scale), a
+
     def get(self, name: str, dtype: torch.dtype = torch.float32, device="cpu", rows: tuple[int, int] | None = None) -> torch.Tensor:
         w = self.base.get(name, dtype, device, rows)
         if name not in self.modules:

@@ -99,6 +99,12 @@ class TensorTask:
         """τ_i = W_i − W_0 (of rows `rows` only, if given), in the compute dtype."""
         return self.expert_rows(i, rows).sub_(self.base_rows(rows))
 
+    def task_factors(self, i: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """τ_i as low-rank factors (B', A'), τ_i = B' A', when expert i is a LoRA adapter; None
+        otherwise (then use task_vector)."""
+        get = getattr(self.experts, "factors", None)
+        return None if get is None else get(i)
+
     def row_blocks(self, max_elements: int | None = None) -> list[Rows | None]:
         """The row blocks a streaming method visits in order; [None] (the whole tensor at once)
         for scalars, small tensors and experts that cannot load rows."""
@@ -248,7 +254,10 @@ def build_params(params_type: type, values: dict[str, Any], where: str) -> Any:
 
 
 def _load_all() -> None:
-    from . import arcee_fusion, dare, gta, karcher, linear, model_stock, multislerp, nearswap, nuslerp, orthomerge, passthrough, sce, slerp, task_arithmetic, ties  # noqa: F401  (registration)
+    from . import (  # noqa: F401  (registration)
+        arcee_fusion, dare, gta, iso_c, iso_cts, karcher, linear, model_stock, multislerp, nearswap, nuslerp, ortho_svd, orthomerge,
+        passthrough, sce, slerp, task_arithmetic, ties, tsv,
+    )
 
 
 def check_range(name: str, value: float, low: float, high: float, low_open: bool = False, high_open: bool = False) -> None:

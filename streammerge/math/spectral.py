@@ -1,0 +1,85 @@
+"""Small pure functions for the spectral merge methods (TSV-M, iso_c, iso_cts, ortho_svd).
+
+Conventions: a task vector τ is an [m, n] matrix; `compact_svd` returns U [m, r], σ [r], Vᵀ [r, n]
+with σ descending and r its numerical rank — singular values at or below max(m, n)·eps·σ_max,
+eps that of the dtype the task vectors were formed in (float32 by default, whatever dtype the
+SVD runs in), are the inputs' rounding noise, not directions: a LoRA update stored as a dense
+float32 model has rank r plus noise at ~1e-8·σ_max. The authors' code keeps all min(m, n); for
+their full-rank task vectors the two agree, for low-rank ones (LoRA experts, conflicting rows)
+the null directions would otherwise get the mean singular value of iso_c and add arbitrary
+directions to the merge.
+"""
+from __future__ import annotations
+
+import torch
+
+from .robust import svd
+
+
+def compact_svd(m: torch.Tensor, noise_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """U, σ, Vᵀ of `m` restricted to its numerical rank (robust SVD with fallbacks);
+    `noise_dtype`: the dtype m's entries were computed in (default: m's)."""
+    u, s, vh = svd(m, full_matrices=False)
+    if s.numel() == 0 or float(s[0]) == 0.0:
+        return u[:, :0], s[:0], vh[:0]
+    r = int((s > s[0] * max(m.shape) * torch.finfo(noise_dtype or s.dtype).eps).sum())
+    return u[:, :r], s[:r], vh[:r]
+
+
+def low_rank_svd(b: torch.Tensor, a: torch.Tensor, noise_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """compact_svd(b @ a) from its factors b [m, r], a [r, n] in O((m + n) r²): QR of b and aᵀ,
+    then the SVD of the r×r core."""
+    qb, rb = torch.linalg.qr(b)
+    qa, ra = torch.linalg.qr(a.T)
+    u, s, vh = compact_svd(rb @ ra.T, noise_dtype)
+    return qb @ u, s, vh @ qa.T
+
+
+def polar_factor(m: torch.Tensor) -> torch.Tensor:
+    """The closest matrix with orthonormal columns (or rows, if wide) to m: U Vᵀ of its SVD."""
+    u, _, vh = svd(m, full_matrices=False)
+    return u @ vh
+
+
+def isotropic(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) -> torch.Tensor:
+    """U diag(σ̄) Vᵀ with every singular value replaced by their mean (a flat spectrum)."""
+    if s.numel() == 0:
+        return torch.zeros(u.shape[0], vh.shape[1], dtype=u.dtype, device=u.device)
+    return (u * s.mean()) @ vh
+
+
+# -- what the spectral methods share (they receive a methods.TensorTask) --------------------------
+
+AUTO_FLOAT64_MAX = 2048  # precision "auto": float64 on the CPU up to this min(m, n), float32 above and on CUDA
+
+
+def linalg_dtype(precision: str, shape: tuple[int, ...], device: torch.device) -> torch.dtype:
+    if precision != "auto":
+        return getattr(torch, precision)
+    return torch.float64 if device.type == "cpu" and min(shape) <= AUTO_FLOAT64_MAX else torch.float32
+
+
+def check_precision(precision: str) -> None:
+    if precision not in ("auto", "float32", "float64"):
+        raise ValueError(f"precision = {precision!r} must be 'auto', 'float32' or 'float64'")
+
+
+def task_svd(task, i: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """compact_svd(τ_i), from a LoRA expert's factors when it has them."""
+    factors = task.task_factors(i)
+    if factors is not None:
+        b, a = factors
+        if b.shape[1] == 0:
+            return b.to(dtype), torch.zeros(0, dtype=dtype, device=b.device), a.to(dtype)
+        return low_rank_svd(b.to(dtype), a.to(dtype), task.dtype)
+    return compact_svd(task.task_vector(i).to(dtype), task.dtype)
+
+
+def mean_update(task, alpha: float) -> torch.Tensor:
+    """W₀ + α · mean τ_i: what every spectral method does with tensors that are not 2-D."""
+    total = None
+    for i in range(len(task.weights)):
+        tau = task.task_vector(i)
+        total = tau if total is None else total.add_(tau)
+        del tau
+    return task.base + total.mul_(alpha / len(task.weights))
