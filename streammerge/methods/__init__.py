@@ -255,7 +255,7 @@ def build_params(params_type: type, values: dict[str, Any], where: str) -> Any:
 
 def _load_all() -> None:
     from . import (  # noqa: F401  (registration)
-        arcee_fusion, dare, gta, iso_c, iso_cts, karcher, linear, model_stock, multislerp, nearswap, nuslerp, ortho_svd, orthomerge,
+        arcee_fusion, dare, do_merging, gta, iso_c, iso_cts, karcher, linear, model_stock, multislerp, nearswap, nuslerp, ortho_svd, orthomerge,
         passthrough, sce, slerp, task_arithmetic, ties, tsv,
     )
 
