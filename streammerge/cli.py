@@ -17,7 +17,7 @@ from typing import Any
 
 import click
 
-from .errors import StreammergeError, UsageError
+from .errors import InputError, StreammergeError, UsageError
 from .methods import method_names
 from .recipe import Expert, Recipe, from_mapping, load_recipe_file
 from .units import format_size, parse_size
@@ -133,8 +133,9 @@ def main() -> None:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or log lines.")
 @click.option("--memory-report", type=click.Path(dir_okay=False), help="Write planned and measured peak memory and read throughput to this JSON file.")
 @click.option("--checkpoint-every", type=click.FloatRange(min=0), default=10.0, show_default=True, help="Seconds between making progress inside a shard durable, so a resume continues mid-shard.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Record per-tensor diagnostics (norms, cosines, the method's own) to this JSON file; costs one more read of the inputs. Summarise with `streammerge report`.")
 @reports_errors
-def merge(output_format, restart, quiet, memory_report, checkpoint_every, **kw) -> None:
+def merge(output_format, restart, quiet, memory_report, checkpoint_every, report_path, **kw) -> None:
     """Merge EXPERTs into BASE with METHOD and write a Hugging Face model folder to OUT.
 
     Re-running the same command after a crash or Ctrl-C resumes where it stopped.
@@ -150,7 +151,7 @@ def merge(output_format, restart, quiet, memory_report, checkpoint_every, **kw) 
         return
     from .scheduler import Merger
 
-    merger = Merger(recipe, device=kw["device"], restart=restart, quiet=quiet, checkpoint_seconds=checkpoint_every, **_budgets(kw))
+    merger = Merger(recipe, device=kw["device"], restart=restart, quiet=quiet, checkpoint_seconds=checkpoint_every, report=report_path, **_budgets(kw))
     try:
         report = merger.run()
     finally:
@@ -209,6 +210,25 @@ def verify(out) -> None:
     from .verify import verify_output
 
     click.echo(verify_output(out))
+
+
+@main.command("report")
+@click.argument("report_file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--plots", type=click.Path(file_okay=False), help="Also write per-layer PNG plots to this folder (needs matplotlib: the `report` extra).")
+@reports_errors
+def report_cmd(report_file, plots) -> None:
+    """Summarise a --report file: per tensor kind, cosines between experts, update size and the
+    method's own diagnostics (OrthoMerge's rotation share, ‖Q*‖, conflicts; kept ranks)."""
+    from .io.checkpoint import load_json
+    from .report import plot, summary
+
+    doc = load_json(report_file)
+    if not isinstance(doc, dict) or "tensors" not in doc:
+        raise InputError(f"{report_file}: not a streammerge report (no 'tensors')")
+    click.echo(summary(doc))
+    if plots:
+        for path in plot(doc, plots):
+            click.echo(f"wrote {path}")
 
 
 @main.command("methods")

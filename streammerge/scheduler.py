@@ -260,8 +260,13 @@ class Merger:
 
     def __init__(self, recipe: Recipe, device: str = "auto", restart: bool = False, quiet: bool = False,
                  max_ram: int | None = None, max_gpu_memory: int | None = None, checkpoint_seconds: float = 10.0,
-                 assume_gpu: int | None = None):
+                 assume_gpu: int | None = None, report: str | None = None):
         self.recipe = recipe
+        self.report = None
+        if report is not None:
+            from .report import ReportWriter
+
+            self.report = ReportWriter(report)
         self.assume_gpu = assume_gpu  # plan only: as if a CUDA device with this much free memory were present
         if max_ram is not None:
             # an explicit budget is a promise: keep allocator slack out of it (costs some speed
@@ -491,7 +496,14 @@ class Merger:
     def _merge_tensor(self, t: OutputTensor, statistics) -> torch.Tensor:
         if not t.merged:
             return self.base.get(t.name, dtype=None)
-        result = self.method.merge(self._task(t, statistics), self._values[t.name].params)
+        task = self._task(t, statistics)
+        if self.report is not None:
+            task.diagnostics = {}
+        result = self.method.merge(task, self._values[t.name].params)
+        if self.report is not None:
+            from .report import generic_stats
+
+            self.report.add(t.name, generic_stats(self._task(t), result) | task.diagnostics)
         if not self.recipe.allow_nonfinite and not all_finite(result):
             for src in (self.base, *self.experts):  # name the input that brought it
                 if not all_finite(src.get(t.name, self.compute_dtype)):
@@ -614,6 +626,9 @@ class Merger:
             if self.stacked_layers is not None:
                 config["num_hidden_layers"] = self.stacked_layers
             write_bytes_atomic(os.path.join(out, "config.json"), (json.dumps(config, indent=2) + "\n").encode())
+        if self.report is not None:
+            self.report.finish({"method": self.method.name, "experts": len(self.experts), "recipe": journal.recipe},
+                               [t.name for s in self.shards for t in s.tensors if t.merged])
         journal.complete = True
         journal.save()
         index = {

@@ -57,6 +57,7 @@ class TensorTask:
                  expert_values: tuple[dict[str, Any], ...] = ()):
         self.name = name
         self.expert_values = expert_values or tuple({"weight": w} for w in weights)  # each expert's resolved values (Method.expert_params)
+        self.diagnostics: dict[str, Any] | None = None  # set by the scheduler under --report: what explains this merge
         self.experts = experts
         self.weights = weights
         self.densities = densities  # per-expert override, None: the method's own
@@ -98,6 +99,11 @@ class TensorTask:
     def task_vector(self, i: int, rows: Rows | None = None) -> torch.Tensor:
         """τ_i = W_i − W_0 (of rows `rows` only, if given), in the compute dtype."""
         return self.expert_rows(i, rows).sub_(self.base_rows(rows))
+
+    def note(self, key: str, value: Any) -> None:
+        """Record a diagnostic for `streammerge report` (a no-op unless --report is given)."""
+        if self.diagnostics is not None:
+            self.diagnostics[key] = value
 
     def task_factors(self, i: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """τ_i as low-rank factors (B', A'), τ_i = B' A', when expert i is a LoRA adapter; None

@@ -53,6 +53,7 @@ def merge(task: TensorTask, params: IsoCtsParams) -> torch.Tensor:
             ss.append(si[:slots])
             vhs.append(vhi[:slots])
     s_all = torch.cat(ss)
+    task.note("kept_rank", int(s_all.numel()))
     if s_all.numel() == 0:
         return task.base.clone()
     u_perp = spectral.polar_factor(torch.cat(us, dim=1))

@@ -68,6 +68,8 @@ def merge(task: TensorTask, params: OrthoSvdParams) -> torch.Tensor:
         lead.append((u[:, :params.top_k].clone(), s[:params.top_k].clone(), vh[:params.top_k].clone()))
         del u, s, vh
     removed = interfering([u for u, _, _ in lead], [s for _, s, _ in lead], params.threshold)
+    task.note("removed_components", [len(r) for r in removed])
+    task.note("removed_energy", [float(sum(float(lead[i][1][m]) ** 2 for m in removed[i])) for i in range(n)])
     total = None
     for i in range(n):
         tau = task.task_vector(i).to(dtype)

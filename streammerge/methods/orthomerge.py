@@ -220,13 +220,18 @@ def _merge_tall(task: TensorTask, params: OrthoMergeParams, res_method: Method, 
             del delta
         del ap
     if not any(changed):  # every target is the base: the residual merge alone (as whole)
+        task.note("rotation_share", 0.0)
+        if conflict is not None:
+            task.note("conflict_row_fraction", [float(c.float().mean()) for c in conflict])
         return res_method.merge(task, res_params)
     acc = LieAccumulator(params.direction)
     max_angle = math.radians(params.max_angle_deg)
     rotations = []
+    clipped = 0
     for i in range(n):
         if changed[i]:
             rot = procrustes_from_cross(crosses[i], params.null_rtol, max_angle)
+            clipped += rot.clipped_planes
             if rot.clipped_planes:
                 log.info("%s: expert %d: %d plane(s) rotated beyond %.0f° left to the residual", task.name, i + 1, rot.clipped_planes, params.max_angle_deg)
             r_w, q_w = rot.r_w, rot.q_w
@@ -237,6 +242,8 @@ def _merge_tall(task: TensorTask, params: OrthoMergeParams, res_method: Method, 
         acc.add(q_w, task.weights[i])
         del q_w
         rotations.append(r_w)
+    fractions = {i: float(c.float().mean()) for i, c in enumerate(conflict)} if conflict is not None else {}
+    note_rotation(task, params, acc, clipped, fractions, p.shape[1])  # before merged_rotation consumes acc
     r_star = merged_rotation(acc, rotations, task.weights, params)
     del acc
     residual_task = TensorTask(task.name, lambda rows: task.base_rows(rows) if rows is not None else task.base,
@@ -244,11 +251,20 @@ def _merge_tall(task: TensorTask, params: OrthoMergeParams, res_method: Method, 
                                out_dtype=task.dtype, shape=task.shape, dtype=task.dtype)
     merged_residual = res_method.merge(residual_task, res_params)
     del rotations, residual_task
+    share = [0.0, 0.0]  # Σ‖W₀R*ᵀ − W₀‖², Σ‖merged residual − W₀‖² over the blocks (--report)
+
     def merged_block(rows: Rows | None) -> torch.Tensor:  # W = W₀R*ᵀ + (merged residual − W₀)
         a = task.base_rows(rows)
-        return _rotate_rows(a, p, r_star).add_(merged_residual[rows[0]:rows[1]].to(a.device).sub_(a))  # type: ignore[index]
+        rotated, residual = _rotate_rows(a, p, r_star), merged_residual[rows[0]:rows[1]].to(a.device).sub_(a)  # type: ignore[index]
+        if task.diagnostics is not None:
+            share[0] += float((rotated - a).square().sum())
+            share[1] += float(residual.square().sum())
+        return rotated.add_(residual)
 
-    return map_row_blocks(task, merged_block)
+    out = map_row_blocks(task, merged_block)
+    r_norm, s_norm = math.sqrt(share[0]), math.sqrt(share[1])
+    task.note("rotation_share", r_norm / (r_norm + s_norm) if r_norm + s_norm else 0.0)
+    return out
 
 
 def rotation_bytes(rot: SubspaceRotation) -> int:
@@ -290,10 +306,16 @@ def _merge(task: TensorTask, params: OrthoMergeParams) -> torch.Tensor:
             tau_mean.add_(task.task_vector(i))
         tau_mean.div_(n)
 
+    conflict_fraction: dict[int, float] = {}
+
     def target_delta(i: int) -> torch.Tensor:
         """W_i^target − W₀: τ_i, or its conflicting rows only."""
         tau = task.task_vector(i)
-        return tau.mul_(conflict_rows(tau, tau_mean).unsqueeze(1)) if tau_mean is not None else tau
+        if tau_mean is None:
+            return tau
+        rows = conflict_rows(tau, tau_mean)
+        conflict_fraction[i] = float(rows.float().mean())
+        return tau.mul_(rows.unsqueeze(1))
 
     builder = None  # S = span(rows of W₀ and of every target); built on the first target ≠ base
     for i in range(n):
@@ -308,6 +330,9 @@ def _merge(task: TensorTask, params: OrthoMergeParams) -> torch.Tensor:
     if builder is None:
         # every target is the base (no conflicting rows anywhere): every R_i and R* are exactly
         # the identity and ρ_i = τ_i, so this is the residual merge alone — without the SVDs
+        task.note("rotation_share", 0.0)
+        if conflict_fraction:
+            task.note("conflict_row_fraction", [conflict_fraction.get(i, 0.0) for i in range(n)])
         return res_method.merge(task, res_params)
     basis = builder.build()
     del builder
@@ -319,12 +344,14 @@ def _merge(task: TensorTask, params: OrthoMergeParams) -> torch.Tensor:
     residual_sum = None
     acc = LieAccumulator(params.direction)
     max_angle = math.radians(params.max_angle_deg)
+    clipped = 0
     for i in range(n):
         delta = target_delta(i)
         if not bool(delta.any()):
             rot = identity_rotation(basis)  # target == base: exactly no rotation
         else:
             rot = procrustes(delta.add_(a), basis, params.null_rtol, max_angle)
+            clipped += rot.clipped_planes
             if rot.clipped_planes:
                 log.info("%s: expert %d: %d plane(s) rotated beyond %.0f° left to the residual", task.name, i + 1, rot.clipped_planes, params.max_angle_deg)
         del delta
@@ -345,6 +372,7 @@ def _merge(task: TensorTask, params: OrthoMergeParams) -> torch.Tensor:
             moved = rotate_base(a, basis, rot).sub_(a)
             rotations.append(moved if task.state_device is None else moved.to(task.state_device))
     dense = [r.to(basis.p.device).dense_r() for r in rotations] if params.rotation_merge in ("average_r", "product_r") else []
+    note_rotation(task, params, acc, clipped, conflict_fraction, basis.p.shape[1])  # before merged_rotation consumes acc
     r_star = merged_rotation(acc, dense, task.weights, params)
     del acc
     if running:
@@ -354,7 +382,27 @@ def _merge(task: TensorTask, params: OrthoMergeParams) -> torch.Tensor:
         merged_residual = res_method.merge(
             TensorTask(task.name, a, _Residuals(task, basis, rotations), task.weights, task.densities, None, task.seed), res_params
         )
-    return rotate_base(a, basis, r_star).add_(merged_residual.sub_(a))
+    rotated = rotate_base(a, basis, r_star)
+    residual = merged_residual.sub_(a)
+    if task.diagnostics is not None:  # the share of the update the rotation carries (the paper's Figure 4)
+        r_norm, s_norm = float((rotated - a).norm()), float(residual.norm())
+        task.note("rotation_share", r_norm / (r_norm + s_norm) if r_norm + s_norm else 0.0)
+    return rotated.add_(residual)
+
+
+def note_rotation(task: TensorTask, params: OrthoMergeParams, acc: LieAccumulator, clipped: int, conflict_fraction: dict[int, float], dim: int) -> None:
+    """What explains one rotated tensor, for `streammerge report`."""
+    if task.diagnostics is None:
+        return
+    task.note("generator_norms", list(acc.norms))
+    task.note("merged_generator_norm", acc.magnitude(params.magnitude) * params.scale if params.rotation_merge == "magnitude_corrected" else None)
+    total = sum(w * q for w, q in zip(acc.weights, acc.norms))
+    if acc.total is not None and params.direction == "sum" and total:  # 1: the experts rotate alike; 1/√N: orthogonally
+        task.note("generator_agreement", float(torch.linalg.vector_norm(acc.total)) / total)
+    task.note("planes_reset", clipped)
+    task.note("rotation_subspace_dim", dim)
+    if conflict_fraction:
+        task.note("conflict_row_fraction", [conflict_fraction.get(i, 0.0) for i in range(len(task.weights))])
 
 
 def merged_generator(gens, weights: tuple[float, ...], params: OrthoMergeParams, dtype: torch.dtype, device) -> torch.Tensor:

@@ -44,6 +44,7 @@ def merge(task: TensorTask, params: TsvParams) -> torch.Tensor:
     s = torch.cat(ss)
     if s.numel() == 0:
         return task.base.clone()
+    task.note("kept_rank", int(s.numel()))
     u = spectral.polar_factor(torch.cat(us, dim=1))
     vh = spectral.polar_factor(torch.cat(vhs, dim=0))
     return task.base + ((u * s) @ vh).mul_(params.alpha).to(task.base.dtype)
