@@ -1,13 +1,14 @@
 """Small pure functions for the spectral merge methods (TSV-M, iso_c, iso_cts, ortho_svd).
 
 Conventions: a task vector τ is an [m, n] matrix; `compact_svd` returns U [m, r], σ [r], Vᵀ [r, n]
-with σ descending and r its numerical rank — singular values at or below max(m, n)·eps·σ_max,
-eps that of the dtype the task vectors were formed in (float32 by default, whatever dtype the
-SVD runs in), are the inputs' rounding noise, not directions: a LoRA update stored as a dense
-float32 model has rank r plus noise at ~1e-8·σ_max. The authors' code keeps all min(m, n); for
-their full-rank task vectors the two agree, for low-rank ones (LoRA experts, conflicting rows)
-the null directions would otherwise get the mean singular value of iso_c and add arbitrary
-directions to the merge.
+with σ descending and r its numerical rank: singular values at or below the noise floor are the
+rounding noise of the inputs, not directions — a LoRA update stored as a dense float32 model has
+rank r plus noise at ~1e-8·σ_max. The floor is 4·eps·rms(W₀)·(√m + √n), the largest singular
+value of a matrix of independent rounding errors of W₀'s entries (eps of the dtype the task
+vectors are formed in, float32 by default), and at least max(m, n)·eps·σ_max in the SVD's own
+dtype. The authors' code keeps all min(m, n); for full-rank task vectors the two agree, for
+low-rank ones the noise directions would otherwise get iso_c's mean singular value and add
+arbitrary directions to the merge.
 """
 from __future__ import annotations
 
@@ -16,22 +17,22 @@ import torch
 from .robust import svd
 
 
-def compact_svd(m: torch.Tensor, noise_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """U, σ, Vᵀ of `m` restricted to its numerical rank (robust SVD with fallbacks);
-    `noise_dtype`: the dtype m's entries were computed in (default: m's)."""
+def compact_svd(m: torch.Tensor, floor: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """U, σ, Vᵀ of `m` restricted to its numerical rank (robust SVD with fallbacks); `floor`:
+    the inputs' noise floor (`noise_floor`), below which σ are not directions."""
     u, s, vh = svd(m, full_matrices=False)
     if s.numel() == 0 or float(s[0]) == 0.0:
         return u[:, :0], s[:0], vh[:0]
-    r = int((s > s[0] * max(m.shape) * torch.finfo(noise_dtype or s.dtype).eps).sum())
+    r = int((s > max(floor, float(s[0]) * max(m.shape) * torch.finfo(s.dtype).eps)).sum())
     return u[:, :r], s[:r], vh[:r]
 
 
-def low_rank_svd(b: torch.Tensor, a: torch.Tensor, noise_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def low_rank_svd(b: torch.Tensor, a: torch.Tensor, floor: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """compact_svd(b @ a) from its factors b [m, r], a [r, n] in O((m + n) r²): QR of b and aᵀ,
     then the SVD of the r×r core."""
     qb, rb = torch.linalg.qr(b)
     qa, ra = torch.linalg.qr(a.T)
-    u, s, vh = compact_svd(rb @ ra.T, noise_dtype)
+    u, s, vh = compact_svd(rb @ ra.T, floor)
     return qb @ u, s, vh @ qa.T
 
 
@@ -64,15 +65,23 @@ def check_precision(precision: str) -> None:
         raise ValueError(f"precision = {precision!r} must be 'auto', 'float32' or 'float64'")
 
 
-def task_svd(task, i: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def noise_floor(task) -> float:
+    """4·eps·rms(W₀)·(√m + √n): the σ_max of W₀'s rounding errors in the task vectors' dtype."""
+    m, n = task.shape
+    base = task.base
+    rms = float(base.double().square().mean().sqrt()) if base.numel() else 0.0
+    return 4 * torch.finfo(task.dtype).eps * rms * (m ** 0.5 + n ** 0.5)
+
+
+def task_svd(task, i: int, dtype: torch.dtype, floor: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """compact_svd(τ_i), from a LoRA expert's factors when it has them."""
     factors = task.task_factors(i)
     if factors is not None:
         b, a = factors
         if b.shape[1] == 0:
             return b.to(dtype), torch.zeros(0, dtype=dtype, device=b.device), a.to(dtype)
-        return low_rank_svd(b.to(dtype), a.to(dtype), task.dtype)
-    return compact_svd(task.task_vector(i).to(dtype), task.dtype)
+        return low_rank_svd(b.to(dtype), a.to(dtype), floor)
+    return compact_svd(task.task_vector(i).to(dtype), floor)
 
 
 def mean_update(task, alpha: float) -> torch.Tensor:

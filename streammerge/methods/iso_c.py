@@ -39,7 +39,8 @@ def merge(task: TensorTask, params: IsoCParams) -> torch.Tensor:
     if len(task.shape) != 2:
         return spectral.mean_update(task, params.alpha)
     dtype = spectral.linalg_dtype(params.precision, task.shape, task.base.device)
-    u, s, vh = spectral.compact_svd(summed(task).to(dtype), task.dtype)
+    floor = spectral.noise_floor(task)
+    u, s, vh = spectral.compact_svd(summed(task).to(dtype), floor)
     task.note("rank", int(s.numel()))
     return task.base + spectral.isotropic(u, s, vh).mul_(params.alpha).to(task.base.dtype)
 

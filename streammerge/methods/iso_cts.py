@@ -36,7 +36,8 @@ def merge(task: TensorTask, params: IsoCtsParams) -> torch.Tensor:
         return spectral.mean_update(task, params.alpha)
     n = len(task.weights)
     dtype = spectral.linalg_dtype(params.precision, task.shape, task.base.device)
-    u, s, vh = spectral.compact_svd(summed(task).to(dtype), task.dtype)
+    floor = spectral.noise_floor(task)
+    u, s, vh = spectral.compact_svd(summed(task).to(dtype), floor)
     rank = min(task.shape)
     c = min(int(rank * params.common_fraction), s.numel())
     us, ss, vhs = [u[:, :c]], [s[:c]], [vh[:c]]
@@ -47,7 +48,7 @@ def merge(task: TensorTask, params: IsoCtsParams) -> torch.Tensor:
         for i in range(n):
             tau = task.task_vector(i).to(dtype)
             tau -= uc @ (uc.T @ tau)
-            ui, si, vhi = spectral.compact_svd(tau, task.dtype)
+            ui, si, vhi = spectral.compact_svd(tau, floor)
             del tau
             us.append(ui[:, :slots])
             ss.append(si[:slots])

@@ -62,9 +62,10 @@ def merge(task: TensorTask, params: OrthoSvdParams) -> torch.Tensor:
         return spectral.mean_update(task, params.alpha)
     n = len(task.weights)
     dtype = spectral.linalg_dtype(params.precision, task.shape, task.base.device)
+    floor = spectral.noise_floor(task)
     lead = []
     for i in range(n):
-        u, s, vh = spectral.task_svd(task, i, dtype)
+        u, s, vh = spectral.task_svd(task, i, dtype, floor)
         lead.append((u[:, :params.top_k].clone(), s[:params.top_k].clone(), vh[:params.top_k].clone()))
         del u, s, vh
     removed = interfering([u for u, _, _ in lead], [s for _, s, _ in lead], params.threshold)
@@ -79,7 +80,7 @@ def merge(task: TensorTask, params: OrthoSvdParams) -> torch.Tensor:
             tau -= (u[:, idx] * s[idx]) @ vh[idx]
         total = tau if total is None else total.add_(tau)
         del tau
-    u, s, vh = spectral.compact_svd(total, task.dtype)  # type: ignore[arg-type]
+    u, s, vh = spectral.compact_svd(total, floor)  # type: ignore[arg-type]
     return task.base + spectral.isotropic(u, s, vh).mul_(params.alpha).to(task.base.dtype)
 
 

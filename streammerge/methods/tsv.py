@@ -33,10 +33,11 @@ def merge(task: TensorTask, params: TsvParams) -> torch.Tensor:
         return spectral.mean_update(task, params.alpha)
     n = len(task.weights)
     dtype = spectral.linalg_dtype(params.precision, task.shape, task.base.device)
+    floor = spectral.noise_floor(task)
     keep = max(1, min(task.shape) // n)
     us, ss, vhs = [], [], []
     for i in range(n):
-        u, s, vh = spectral.task_svd(task, i, dtype)
+        u, s, vh = spectral.task_svd(task, i, dtype, floor)
         us.append(u[:, :keep])
         ss.append(s[:keep])
         vhs.append(vh[:keep])
