@@ -24,7 +24,7 @@ the paper's "column", the coefficients of one output):
 Defaults: steps 100, lr 0.1, γ 1, ε 0.1, λ 1 — the overlap loss is scale-free (cosines), so a
 step of 0.1 moves a unit-norm direction by at most a few percent, and ε = 0.1 lets each direction
 turn by at most ~6°. No randomness: the descent starts at δ = 0 (deterministic for any seed).
-Tensors that are not 2-D get W₀ + λ · mean τ_i.
+Tensors that are not 2-D get W₀ + λ · mean τ_i. Streamed in row blocks, two reads of each expert.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import Method, TensorTask, check_finite, register, whole_tensor_memory
+from . import Method, Rows, TensorTask, check_finite, elementwise_memory_blocks, map_row_blocks, register
 from ..math import spectral
 
 
@@ -117,32 +117,47 @@ def row_normalised(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def merge(task: TensorTask, params: DoMergingParams) -> torch.Tensor:
+    """Two passes over row blocks (everything here is per row but the N×N Gram matrix and the
+    small LoRA factors): the orthogonalisation's inputs, then the merged rows."""
     if len(task.shape) != 2:
         return spectral.mean_update(task, params.lambda_)
     n = len(task.weights)
     factors = [task.task_factors(i) for i in range(n)]
     if all(f is not None for f in factors):  # LoRA experts: orthogonalise the factors
         bs, as_ = orthogonalise_factors([f[0].double() for f in factors], [f[1].double() for f in factors], params)  # type: ignore[index]
-        direction = magnitude = None
-        for b, a in zip(bs, as_):
-            d, m = row_normalised((b @ a).to(task.dtype))
-            direction = d if direction is None else direction.add_(d)
-            magnitude = m if magnitude is None else magnitude.add_(m)
+        bs, as_ = [b.to(task.dtype) for b in bs], [a.to(task.dtype) for a in as_]
+
+        def directions(rows: Rows | None) -> tuple[torch.Tensor, torch.Tensor]:
+            direction = magnitude = None
+            for b, a in zip(bs, as_):
+                d, m = row_normalised(b @ a if rows is None else b[rows[0]:rows[1]] @ a)
+                direction = d if direction is None else direction.add_(d)
+                magnitude = m if magnitude is None else magnitude.add_(m)
+            return direction, magnitude  # type: ignore[return-value]
     else:
-        ds, ms = [], []
-        for i in range(n):
-            d, m = row_normalised(task.task_vector(i))
-            ds.append(d)
-            ms.append(m)
-        gram = torch.stack([torch.stack([(di.double() * dj.double()).sum() for dj in ds]) for di in ds]).cpu()
-        c = orthogonalise_coefficients(gram, params)
-        weights = c.sum(0)  # Σ_i X_i = Σ_k (Σ_i C_ik) D_k
-        direction = sum(float(w) * d for w, d in zip(weights, ds))
-        magnitude = sum(ms)
-        del ds
-    direction, _ = row_normalised(direction)  # type: ignore[arg-type]
-    return task.base + direction.mul_((magnitude / n)[:, None]).mul_(params.lambda_)  # type: ignore[operator]
+        gram = torch.zeros(n, n, dtype=torch.float64)
+        for rows in task.row_blocks():  # pass 1: M_kl = ⟨D_k, D_l⟩
+            ds = torch.stack([row_normalised(task.task_vector(i, rows))[0].reshape(-1) for i in range(n)]).double()
+            gram += (ds @ ds.T).cpu()
+            del ds
+        weights = orthogonalise_coefficients(gram, params).sum(0)  # Σ_i X_i = Σ_k (Σ_i C_ik) D_k
+
+        def directions(rows: Rows | None) -> tuple[torch.Tensor, torch.Tensor]:
+            direction = magnitude = None
+            for k in range(n):
+                d, m = row_normalised(task.task_vector(k, rows))
+                d.mul_(float(weights[k]))
+                direction = d if direction is None else direction.add_(d)
+                magnitude = m if magnitude is None else magnitude.add_(m)
+            return direction, magnitude  # type: ignore[return-value]
+
+    def block(rows: Rows | None) -> torch.Tensor:  # pass 2: W = W₀ + λ · m̄ ⊙ d
+        direction, magnitude = directions(rows)
+        direction, _ = row_normalised(direction)
+        return task.base_rows(rows) + direction.mul_((magnitude / n)[:, None]).mul_(params.lambda_)
+
+    return map_row_blocks(task, block)
 
 
-register(Method("do_merging", DoMergingParams, merge, memory=whole_tensor_memory(4.0, 1.0), doc=__doc__ or "",
+register(Method("do_merging", DoMergingParams, merge, memory=elementwise_memory_blocks(6.0), doc=__doc__ or "",
                 propagates_nonfinite=True, expert_params={}))

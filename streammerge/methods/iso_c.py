@@ -4,7 +4,8 @@ Per 2-D tensor: Σ τ_i = U diag(σ) Vᵀ (compact, numerical rank r), every σ 
 W = W₀ + α · σ̄ U Vᵀ — the merged update has a flat spectrum. Tensors that are not 2-D get
 W₀ + α · mean τ_i. (The authors average over all min(m, n) singular values; we over the
 numerical rank, which is the same for full-rank sums and keeps arbitrary null directions out
-for low-rank ones: math/spectral.py.) Whole tensors: the sum and its SVD.
+for low-rank ones: math/spectral.py.) Whole tensors: the sum and its SVD; tall tensors larger
+than one row block stream in blocks through the Gram matrix of the sum (`merge_tall`).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..math import spectral
-from . import Method, TensorTask, check_finite, register
+from . import Method, Rows, TensorTask, check_finite, map_row_blocks, register
 
 
 @dataclass(frozen=True)
@@ -35,17 +36,74 @@ def summed(task: TensorTask) -> torch.Tensor:
     return total  # type: ignore[return-value]
 
 
+def merge_tall(task: TensorTask, params: IsoCParams, floor: float) -> torch.Tensor:
+    """A tall tensor larger than one block (embeddings, lm_head): from the Gram matrix SᵀS of the
+    sum S = Σ τ_i (summed over row blocks; float64 on the CPU) = V diag(σ²) Vᵀ, since
+    U σ̄ Vᵀ = S V diag(σ̄/σ) Vᵀ, each output block is W₀ + α S_blk V diag(σ̄/σ) Vᵀ: n×n matrices and
+    a few blocks held, two reads of each expert. Directions below the floor, or below √eps·σ_max
+    (what a Gram matrix resolves), are left out."""
+    blocks = task.row_blocks()
+    n = len(task.weights)
+    device = task.base_rows(blocks[0]).device
+    gdtype = torch.float64 if device.type == "cpu" else torch.float32
+    gram = torch.zeros(task.shape[1], task.shape[1], dtype=gdtype, device=device)
+
+    def block_sum(rows: Rows | None) -> torch.Tensor:
+        total = task.task_vector(0, rows)
+        for i in range(1, n):
+            total.add_(task.task_vector(i, rows))
+        return total
+
+    for rows in blocks:
+        s_blk = block_sum(rows).to(gdtype)
+        gram.addmm_(s_blk.T, s_blk)
+        del s_blk
+    evals, v = torch.linalg.eigh(gram)
+    del gram
+    sigma = evals.clamp_(min=0).sqrt_()
+    top = float(sigma.max()) if sigma.numel() else 0.0
+    keep = sigma > max(floor, top * torch.finfo(gdtype).eps ** 0.5)
+    task.note("rank", int(keep.sum()))
+    if not bool(keep.any()):
+        return map_row_blocks(task, lambda rows: task.base_rows(rows).clone())
+    v, sigma = v[:, keep], sigma[keep]
+    coef = (v * (sigma.mean() / sigma)) @ v.T  # V diag(σ̄/σ) Vᵀ
+    del v
+
+    def block(rows: Rows | None) -> torch.Tensor:
+        update = block_sum(rows).to(gdtype) @ coef
+        return task.base_rows(rows) + update.mul_(params.alpha).to(task.dtype)
+
+    return map_row_blocks(task, block)
+
+
 def merge(task: TensorTask, params: IsoCParams) -> torch.Tensor:
     if len(task.shape) != 2:
         return spectral.mean_update(task, params.alpha)
-    dtype = spectral.linalg_dtype(params.precision, task.shape, task.base.device)
     floor = spectral.noise_floor(task)
+    if task.row_blocks() != [None] and task.shape[0] >= task.shape[1]:
+        return merge_tall(task, params, floor)
+    dtype = spectral.linalg_dtype(params.precision, task.shape, task.base.device)
     u, s, vh = spectral.compact_svd(summed(task).to(dtype), floor)
     task.note("rank", int(s.numel()))
     return task.base + spectral.isotropic(u, s, vh).mul_(params.alpha).to(task.base.dtype)
 
 
 def memory(name: str, shape: tuple[int, ...], n: int, params, itemsize: int):
+    """Tall tensors in blocks: a few blocks and three n×n float64 matrices (Gram, eigenvectors,
+    coef); others: `whole_memory`."""
+    from ..plan import Need
+    from . import BLOCK_ELEMENTS
+
+    numel = 1
+    for d in shape:
+        numel *= d
+    if len(shape) == 2 and numel > BLOCK_ELEMENTS and shape[0] >= shape[1]:
+        return Need(int(6 * BLOCK_ELEMENTS * 8 + 4 * shape[1] ** 2 * 8), transfer=BLOCK_ELEMENTS)
+    return whole_memory(name, shape, n, params, itemsize)
+
+
+def whole_memory(name: str, shape: tuple[int, ...], n: int, params, itemsize: int):
     """The base, the sum, one τ, and the SVD of the sum (U, Vᵀ and LAPACK's workspace)."""
     from ..plan import Need
 

@@ -15,7 +15,7 @@ import torch
 
 from ..math import spectral
 from . import Method, TensorTask, check_finite, check_range, register
-from .iso_c import memory as iso_memory
+from .iso_c import whole_memory as iso_memory
 from .iso_c import summed
 
 

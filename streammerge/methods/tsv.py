@@ -6,7 +6,8 @@ are concatenated, U = [U_1 … U_N], and so are the right ones, Vᵀ = [V_1ᵀ; 
 replaced by its polar factor (the nearest orthonormal basis, which removes the interference
 between experts' subspaces); W = W₀ + α · U⊥ diag(σ_1 … σ_N) V⊥ᵀ. Tensors that are not 2-D get
 W₀ + α · mean τ_i (the authors: the mean, α = 1). Whole tensors: one τ at a time, the kept
-triplets of all experts, then the two polar factors.
+triplets of all experts, then the two polar factors; tall tensors larger than one row block
+(embeddings, lm_head) stream through Gram matrices (`merge_tall`).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ..math import spectral
-from . import Method, TensorTask, check_finite, register
+from . import Method, Rows, TensorTask, check_finite, map_row_blocks, register
 
 
 @dataclass(frozen=True)
@@ -28,9 +29,66 @@ class TsvParams:
         spectral.check_precision(self.precision)
 
 
+def inverse_sqrt(gram: torch.Tensor) -> torch.Tensor:
+    """(UᵀU)^(-1/2) from UᵀU (symmetric, positive definite on the columns kept)."""
+    evals, v = torch.linalg.eigh(gram)
+    return (v * evals.clamp_min(torch.finfo(gram.dtype).tiny).rsqrt()) @ v.T
+
+
+def merge_tall(task: TensorTask, params: TsvParams, floor: float) -> torch.Tensor:
+    """A tall tensor larger than one block, in three reads of the experts and n×n matrices:
+    each τ_i's right singular vectors and σ from its Gram matrix τ_iᵀτ_i; the left ones are
+    U_i = τ_i V_i σ_i⁻¹ (row-local); the polar factor of U = [U_1 … U_N] is U (UᵀU)^(-1/2), with
+    UᵀU summed over blocks; the output block is W₀ + α U_blk (UᵀU)^(-1/2) diag(σ) V⊥ᵀ."""
+    blocks = task.row_blocks()
+    n, cols = len(task.weights), task.shape[1]
+    device = task.base_rows(blocks[0]).device
+    gdtype = torch.float64 if device.type == "cpu" else torch.float32
+    keep = max(1, min(task.shape) // n)
+    vs, sigmas = [], []
+    for i in range(n):  # read 1, one expert at a time: V_i, σ_i
+        gram = torch.zeros(cols, cols, dtype=gdtype, device=device)
+        for rows in blocks:
+            t = task.task_vector(i, rows).to(gdtype)
+            gram.addmm_(t.T, t)
+            del t
+        evals, v = torch.linalg.eigh(gram)
+        del gram
+        sigma, order = evals.clamp_(min=0).sqrt_().sort(descending=True)
+        top = float(sigma[0]) if sigma.numel() else 0.0
+        r = min(keep, int((sigma > max(floor, top * torch.finfo(gdtype).eps ** 0.5)).sum()))
+        vs.append(v[:, order[:r]])
+        sigmas.append(sigma[:r])
+        del v
+    s_all = torch.cat(sigmas)
+    task.note("kept_rank", int(s_all.numel()))
+    if s_all.numel() == 0:
+        return map_row_blocks(task, lambda rows: task.base_rows(rows).clone())
+    proj = [v / s for v, s in zip(vs, sigmas)]  # τ_i V_i σ_i⁻¹ = U_i
+
+    def left(rows: Rows | None) -> torch.Tensor:
+        return torch.cat([task.task_vector(i, rows).to(gdtype) @ proj[i] for i in range(n)], dim=1)
+
+    utu = torch.zeros(s_all.numel(), s_all.numel(), dtype=gdtype, device=device)
+    for rows in blocks:  # read 2: UᵀU
+        u = left(rows)
+        utu.addmm_(u.T, u)
+        del u
+    vh_perp = spectral.polar_factor(torch.cat([v.T for v in vs], dim=0))
+    right = (inverse_sqrt(utu) * s_all) @ vh_perp  # (UᵀU)^(-1/2) diag(σ) V⊥ᵀ
+    del utu, vh_perp
+
+    def block(rows: Rows | None) -> torch.Tensor:  # read 3
+        return task.base_rows(rows) + (left(rows) @ right).mul_(params.alpha).to(task.dtype)
+
+    return map_row_blocks(task, block)
+
+
 def merge(task: TensorTask, params: TsvParams) -> torch.Tensor:
     if len(task.shape) != 2:
         return spectral.mean_update(task, params.alpha)
+    if task.row_blocks() != [None] and task.shape[0] >= task.shape[1]:
+        return merge_tall(task, params, spectral.noise_floor(task))
     n = len(task.weights)
     dtype = spectral.linalg_dtype(params.precision, task.shape, task.base.device)
     floor = spectral.noise_floor(task)
@@ -56,11 +114,15 @@ def memory(name: str, shape: tuple[int, ...], n: int, params: TsvParams, itemsiz
     polar factors, in the linear-algebra dtype (8 bytes where float64 may be chosen)."""
     from ..plan import Need
 
+    from . import BLOCK_ELEMENTS
+
     numel = 1
     for d in shape:
         numel *= d
     if len(shape) != 2:
         return Need(4 * numel * itemsize)
+    if numel > BLOCK_ELEMENTS and shape[0] >= shape[1]:  # merge_tall: blocks, n×n matrices
+        return Need(int(8 * BLOCK_ELEMENTS * 8 + 6 * shape[1] ** 2 * 8), transfer=BLOCK_ELEMENTS)
     lin = 8 if params.precision != "float32" and min(shape) <= spectral.AUTO_FLOAT64_MAX else 4
     m, k = shape
     r = min(m, k)
