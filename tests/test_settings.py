@@ -63,3 +63,18 @@ def test_density_gradient_equals_per_layer_merges(toy_untied, tmp_path):
     for name, t in got.items():
         want = 0.9 if "mlp" in name else (0.6 if ".layers.1." in name else 0.2)
         assert torch.equal(t, const[want][name]), name
+
+
+def test_orthomerge_takes_filtered_parameters(toy_untied, tmp_path):
+    """A filter on an OrthoMerge parameter: o_proj merged with max_angle_deg 1e-3 (every plane
+    reset: the residual alone), the rest with the default — as two constant-setting merges give."""
+    base = os.path.join(toy_untied, "base")
+    experts = tuple(Expert(p) for p in experts_of(toy_untied))
+    common = {"target": "global"}
+    merge(Recipe("orthomerge", base, experts, str(tmp_path / "f"), common | {"max_angle_deg": [{"filter": "o_proj", "value": 1e-3}, {"value": 90.0}]}), device="cpu")
+    merge(Recipe("orthomerge", base, experts, str(tmp_path / "zero"), common | {"max_angle_deg": 1e-3}), device="cpu")
+    merge(Recipe("orthomerge", base, experts, str(tmp_path / "default"), common), device="cpu")
+    got, zero, default = (load_all(str(tmp_path / d)) for d in ("f", "zero", "default"))
+    for name, t in got.items():
+        assert torch.equal(t, (zero if "o_proj" in name else default)[name]), name
+    assert not torch.equal(zero["model.layers.0.self_attn.o_proj.weight"], default["model.layers.0.self_attn.o_proj.weight"])

@@ -233,3 +233,12 @@ def test_row_block_streaming_equals_the_whole_tensor_merge(method, toy_untied, t
     for name in a:
         update = (a[name] - w0[name].float()).norm()
         assert (a[name] - b[name]).norm() <= 1e-5 * update + 1e-7, name
+
+
+@pytest.mark.parametrize("method", ["tsv", "iso_c", "iso_cts", "ortho_svd", "do_merging"])
+def test_oft_experts_merge(method, tmp_path):
+    toy = make_toy(str(tmp_path / "oft"), "--preset", "tiny", "--experts", "2", "--kind", "oft", "--oft-block-size", "8")
+    out = str(tmp_path / "o")
+    merge(Recipe(method, os.path.join(toy, "base"), tuple(Expert(p) for p in experts_of(toy, 2)), out, {}, dtype="float32"), device="cpu")
+    got, base = load_all(out), load_all(os.path.join(toy, "base"))
+    assert not torch.equal(got["model.layers.0.self_attn.q_proj.weight"], base["model.layers.0.self_attn.q_proj.weight"].float())

@@ -55,8 +55,8 @@ class DoMergingParams:
 
 def pairwise_overlap(gram: torch.Tensor) -> torch.Tensor:
     """Σ_{i<j} cos² from a Gram matrix G_ij = ⟨X_i, X_j⟩."""
-    d = gram.diagonal().clamp_min(torch.finfo(gram.dtype).tiny)
-    cos2 = gram.square() / (d[:, None] * d[None, :])
+    d = gram.diagonal()
+    cos2 = gram.square() / (d[:, None] * d[None, :]).clamp_min(torch.finfo(gram.dtype).tiny)  # zero τ: overlap 0
     return cos2.triu(1).sum()
 
 
