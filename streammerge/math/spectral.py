@@ -73,6 +73,11 @@ def noise_floor(task) -> float:
     return 4 * torch.finfo(task.dtype).eps * rms * (m ** 0.5 + n ** 0.5)
 
 
+def setup(task, precision: str) -> tuple[torch.dtype, float]:
+    """(the linear-algebra dtype, the noise floor) of one 2-D tensor's merge."""
+    return linalg_dtype(precision, task.shape, task.base.device), noise_floor(task)
+
+
 def task_svd(task, i: int, dtype: torch.dtype, floor: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """compact_svd(τ_i), from a LoRA expert's factors when it has them."""
     factors = task.task_factors(i)

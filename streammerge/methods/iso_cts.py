@@ -35,8 +35,7 @@ def merge(task: TensorTask, params: IsoCtsParams) -> torch.Tensor:
     if len(task.shape) != 2:
         return spectral.mean_update(task, params.alpha)
     n = len(task.weights)
-    dtype = spectral.linalg_dtype(params.precision, task.shape, task.base.device)
-    floor = spectral.noise_floor(task)
+    dtype, floor = spectral.setup(task, params.precision)
     u, s, vh = spectral.compact_svd(summed(task).to(dtype), floor)
     rank = min(task.shape)
     c = min(int(rank * params.common_fraction), s.numel())

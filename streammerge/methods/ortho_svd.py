@@ -61,8 +61,7 @@ def merge(task: TensorTask, params: OrthoSvdParams) -> torch.Tensor:
     if len(task.shape) != 2:
         return spectral.mean_update(task, params.alpha)
     n = len(task.weights)
-    dtype = spectral.linalg_dtype(params.precision, task.shape, task.base.device)
-    floor = spectral.noise_floor(task)
+    dtype, floor = spectral.setup(task, params.precision)
     lead = []
     for i in range(n):
         u, s, vh = spectral.task_svd(task, i, dtype, floor)

@@ -90,8 +90,7 @@ def merge(task: TensorTask, params: TsvParams) -> torch.Tensor:
     if task.row_blocks() != [None] and task.shape[0] >= task.shape[1]:
         return merge_tall(task, params, spectral.noise_floor(task))
     n = len(task.weights)
-    dtype = spectral.linalg_dtype(params.precision, task.shape, task.base.device)
-    floor = spectral.noise_floor(task)
+    dtype, floor = spectral.setup(task, params.precision)
     keep = max(1, min(task.shape) // n)
     us, ss, vhs = [], [], []
     for i in range(n):
