@@ -499,7 +499,10 @@ class Merger:
         task = self._task(t, statistics)
         if self.report is not None:
             task.diagnostics = {}
-        result = self.method.merge(task, self._values[t.name].params)
+        try:
+            result = self.method.merge(task, self._values[t.name].params)
+        except ValueError as exc:  # a method that cannot merge these inputs says why, with the tensor
+            raise InputError(f"tensor {t.name!r}: {self.method.name}: {exc}") from None
         if self.report is not None:
             from .report import generic_stats
 

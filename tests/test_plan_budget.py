@@ -55,6 +55,10 @@ METHODS = [
     ("linear", ()), ("task_arithmetic", ()), ("ties", ()), ("ties", ("--ties-scope", "model")),
     ("dare", ()), ("dare", ("--param", "combine=ties")),
     ("orthomerge", ("--target", "global")), ("orthomerge", ("--target", "conflict")),
+    ("gta", ("--param", "sparsify=magnitude", "--param", "consensus=sum", "--density", "0.5", *["--weight", "1"] * 3)),
+    ("gta", ("--param", "sparsify=random", "--param", "rescale=true", "--density", "0.5", *["--weight", "1"] * 3)),
+    ("multislerp", ("--weight", "1") * 3), ("karcher", ()), ("model_stock", ()), ("sce", ("--param", "select_topk=0.5")),
+    ("tsv", ()), ("iso_c", ()), ("iso_cts", ()), ("ortho_svd", ()), ("do_merging", ()),
 ]
 
 

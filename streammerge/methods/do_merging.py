@@ -159,5 +159,5 @@ def merge(task: TensorTask, params: DoMergingParams) -> torch.Tensor:
     return map_row_blocks(task, block)
 
 
-register(Method("do_merging", DoMergingParams, merge, memory=elementwise_memory_blocks(6.0), doc=__doc__ or "",
+register(Method("do_merging", DoMergingParams, merge, memory=elementwise_memory_blocks(7.0), doc=__doc__ or "",
                 propagates_nonfinite=True, expert_params={}))

@@ -261,8 +261,8 @@ def merge(task: TensorTask, params: GtaParams) -> torch.Tensor:
 
 
 def memory(name: str, shape: tuple[int, ...], n: int, params: GtaParams, itemsize: int):
-    """As TIES: the N vectors (whole when they fit CACHE_BYTES, else per block) plus about 6
-    block-sized temporaries (masks, sign election, divisor)."""
+    """As TIES: the N vectors (whole when they fit CACHE_BYTES, else per block) plus about 7
+    block-sized temporaries (masks, sign election, divisor); whole, also a sort's workspace."""
     from ..plan import Need
     from . import BLOCK_ELEMENTS
 
@@ -271,7 +271,8 @@ def memory(name: str, shape: tuple[int, ...], n: int, params: GtaParams, itemsiz
     if numel <= BLOCK_ELEMENTS:
         return Need(int((n + 7) * numel * itemsize))
     if n * numel * itemsize <= ties.CACHE_BYTES:
-        return Need(int((n + 1) * numel * itemsize + 7 * block * itemsize))
+        sort = 4 if params.sparsify in ("magnitude", "magnitude_outliers") and params.tie_break == "mergekit" else 0  # its indices and values
+        return Need(int((n + 1 + sort) * numel * itemsize + 7 * block * itemsize))
     return Need(int((n + 8) * block * itemsize), transfer=block)
 
 

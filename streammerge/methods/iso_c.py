@@ -90,8 +90,8 @@ def merge(task: TensorTask, params: IsoCParams) -> torch.Tensor:
 
 
 def memory(name: str, shape: tuple[int, ...], n: int, params, itemsize: int):
-    """Tall tensors in blocks: a few blocks and three n×n float64 matrices (Gram, eigenvectors,
-    coef); others: `whole_memory`."""
+    """Tall tensors in blocks: three float64 blocks (the sum, the update) and two n×n float64
+    matrices (Gram or eigenvectors, coef), fitted to measured peaks; others: `whole_memory`."""
     from ..plan import Need
     from . import BLOCK_ELEMENTS
 
@@ -99,7 +99,7 @@ def memory(name: str, shape: tuple[int, ...], n: int, params, itemsize: int):
     for d in shape:
         numel *= d
     if len(shape) == 2 and numel > BLOCK_ELEMENTS and shape[0] >= shape[1]:
-        return Need(int(6 * BLOCK_ELEMENTS * 8 + 4 * shape[1] ** 2 * 8), transfer=BLOCK_ELEMENTS)
+        return Need(int(3 * BLOCK_ELEMENTS * 8 + 2 * shape[1] ** 2 * 8), transfer=BLOCK_ELEMENTS)
     return whole_memory(name, shape, n, params, itemsize)
 
 

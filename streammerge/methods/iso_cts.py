@@ -70,7 +70,7 @@ def memory(name: str, shape: tuple[int, ...], n: int, params: IsoCtsParams, item
         return need
     lin = 8 if params.precision != "float32" and min(shape) <= spectral.AUTO_FLOAT64_MAX else 4
     m, k = shape
-    return Need(need.work + lin * 2 * min(m, k) * (m + k))
+    return Need(need.work + lin * 4 * min(m, k) * (m + k))  # 4: the factors, their polar SVDs (measured)
 
 
 register(Method("iso_cts", IsoCtsParams, merge, memory=memory, doc=__doc__ or "", propagates_nonfinite=True, expert_params={}))

@@ -4,7 +4,9 @@ themselves, flattened; w the weights (divided by their sum if `normalize_weights
     u_i = x_i / (‖x_i‖ + ε),  m = Σ w_i u_i / ‖Σ w_i u_i‖,  g = Σ w_i (u_i − ⟨u_i, m⟩ m),
     x = (m cos‖g‖' + g sin‖g‖'/‖g‖') · Σ w_i ‖x_i‖,   ‖g‖' = ‖g‖ + ε,
 and W = W_0 + x (or x). One expert is returned unchanged. Where Σ w_i u_i vanishes, two experts
-are averaged linearly and more are refused (mergekit does the same). Whole tensors in memory.
+are averaged linearly and more are refused (mergekit does the same) — except where every task
+vector is zero (a tensor no expert changed): that is the base, where mergekit stops. Whole
+tensors in memory.
 """
 from __future__ import annotations
 
@@ -35,6 +37,8 @@ def merge(task: TensorTask, params: MultislerpParams) -> torch.Tensor:
     units = flat / (norms + params.eps)
     mean = (units * w.view(-1, 1)).sum(0)
     mean_norm = torch.norm(mean)
+    if params.relative and not bool(norms.any()):
+        return task.base.clone()  # no expert changes this tensor (mergekit stops with an error here)
     if mean_norm < params.eps:
         if n == 2:
             out = (xs[0] * w[0] + xs[1] * w[1])
@@ -49,5 +53,5 @@ def merge(task: TensorTask, params: MultislerpParams) -> torch.Tensor:
     return out + task.base if params.relative else out
 
 
-register(Method("multislerp", MultislerpParams, merge, memory=whole_tensor_memory(5.0, 2.0), doc=__doc__ or "", propagates_nonfinite=True,
+register(Method("multislerp", MultislerpParams, merge, memory=whole_tensor_memory(6.0, 3.5), doc=__doc__ or "", propagates_nonfinite=True,
                 expert_params={"weight": REQUIRED}))
