@@ -218,9 +218,9 @@ def test_serves_as_orthomerge_residual(method, toy_untied, tmp_path):
     assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("method", ["iso_c", "tsv", "do_merging"])
+@pytest.mark.parametrize("method", ["iso_c", "iso_cts", "tsv", "do_merging"])
 def test_row_block_streaming_equals_the_whole_tensor_merge(method, toy_untied, tmp_path, monkeypatch):
-    """Tall tensors through Gram matrices (iso_c, tsv), every tensor in two passes (do_merging)."""
+    """Tall tensors through Gram matrices (iso_c, iso_cts, tsv), every tensor in two passes (do_merging)."""
     from streammerge import methods
 
     experts = tuple(Expert(p) for p in experts_of(toy_untied))

@@ -5,7 +5,8 @@ the top c = ⌊common_fraction · r⌋ singular triplets of Σ τ_i; each expert
 s = ⌊(r − c)/N⌋ slots with the top triplets of its residual τ_i − U_c U_cᵀ τ_i; the concatenated
 left and right vectors are replaced by their polar factors, every singular value (common and
 task-specific) by their mean σ̄: W = W₀ + α · σ̄ U⊥ V⊥ᵀ. Tensors that are not 2-D get
-W₀ + α · mean τ_i. Whole tensors: the sum, one τ, and the kept factors.
+W₀ + α · mean τ_i. Whole tensors: the sum, one τ, and the kept factors; tall tensors larger
+than one row block stream through Gram matrices (`merge_tall`).
 """
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ from dataclasses import dataclass
 import torch
 
 from ..math import spectral
-from . import Method, TensorTask, check_finite, check_range, register
+from . import Method, Rows, TensorTask, check_finite, check_range, map_row_blocks, register
 from .iso_c import whole_memory as iso_memory
 from .iso_c import summed
+from .tsv import inverse_sqrt
 
 
 @dataclass(frozen=True)
@@ -31,9 +33,82 @@ class IsoCtsParams:
         spectral.check_precision(self.precision)
 
 
+def top_eig(gram: torch.Tensor, floor: float, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The leading (≤ limit) right singular vectors and values of a matrix from its Gram matrix,
+    above the noise floor and what a Gram matrix resolves (√eps·σ_max)."""
+    evals, v = torch.linalg.eigh(gram)
+    sigma, order = evals.clamp(min=0).sqrt().sort(descending=True)
+    top = float(sigma[0]) if sigma.numel() else 0.0
+    r = min(limit, int((sigma > max(floor, top * torch.finfo(gram.dtype).eps ** 0.5)).sum()))
+    return v[:, order[:r]], sigma[:r]
+
+
+def merge_tall(task: TensorTask, params: IsoCtsParams, floor: float) -> torch.Tensor:
+    """A tall tensor larger than one block, in four passes over the blocks and n×n matrices:
+    the Gram matrices of Σ τ_i and of each τ_i; the common right vectors V_c, σ_c and
+    U_c = S V_c σ_c⁻¹ (row-local); P_i = U_cᵀ τ_i summed over blocks, so the residual
+    τ_i − U_c P_i has Gram matrix τ_iᵀτ_i − P_iᵀP_i and left vectors (τ_i − U_c P_i) V_i σ_i⁻¹;
+    the polar factor of the concatenated left vectors L through LᵀL; then the output blocks."""
+    blocks = task.row_blocks()
+    n, cols = len(task.weights), task.shape[1]
+    device = task.base_rows(blocks[0]).device
+    g = torch.float64 if device.type == "cpu" else torch.float32
+    taus = lambda rows: [task.task_vector(i, rows).to(g) for i in range(n)]  # noqa: E731
+    gram_sum = torch.zeros(cols, cols, dtype=g, device=device)
+    grams = [torch.zeros(cols, cols, dtype=g, device=device) for _ in range(n)]
+    for rows in blocks:  # pass 1
+        ts = taus(rows)
+        s_blk = sum(ts)
+        gram_sum.addmm_(s_blk.T, s_blk)
+        for gi, t in zip(grams, ts):
+            gi.addmm_(t.T, t)
+        del ts, s_blk
+    rank = min(task.shape)
+    v_c, s_c = top_eig(gram_sum, floor, int(rank * params.common_fraction))
+    del gram_sum
+    proj_c = v_c / s_c  # S V_c σ_c⁻¹ = U_c
+    slots = (rank - s_c.numel()) // n
+    ps = [torch.zeros(s_c.numel(), cols, dtype=g, device=device) for _ in range(n)]
+    if slots:
+        for rows in blocks:  # pass 2: P_i = U_cᵀ τ_i
+            ts = taus(rows)
+            u_c = sum(ts) @ proj_c
+            for p, t in zip(ps, ts):
+                p.addmm_(u_c.T, t)
+            del ts, u_c
+    specific = [top_eig(gi - p.T @ p, floor, slots) if slots else (v_c[:, :0], s_c[:0]) for gi, p in zip(grams, ps)]
+    del grams
+    s_all = torch.cat([s_c] + [s for _, s in specific])
+    task.note("kept_rank", int(s_all.numel()))
+    if s_all.numel() == 0:
+        return map_row_blocks(task, lambda rows: task.base_rows(rows).clone())
+
+    def left(rows: Rows | None) -> torch.Tensor:  # [U_c, U_1, …, U_N] of the block
+        ts = taus(rows)
+        u_c = sum(ts) @ proj_c
+        parts = [u_c] + [(t - u_c @ p) @ (v / s) for t, p, (v, s) in zip(ts, ps, specific)]
+        return torch.cat(parts, dim=1)
+
+    ltl = torch.zeros(s_all.numel(), s_all.numel(), dtype=g, device=device)
+    for rows in blocks:  # pass 3: LᵀL
+        lb = left(rows)
+        ltl.addmm_(lb.T, lb)
+        del lb
+    vh_perp = spectral.polar_factor(torch.cat([v_c.T] + [v.T for v, _ in specific], dim=0))
+    right = (inverse_sqrt(ltl) * s_all.mean()) @ vh_perp
+    del ltl, vh_perp
+
+    def block(rows: Rows | None) -> torch.Tensor:  # pass 4
+        return task.base_rows(rows) + (left(rows) @ right).mul_(params.alpha).to(task.dtype)
+
+    return map_row_blocks(task, block)
+
+
 def merge(task: TensorTask, params: IsoCtsParams) -> torch.Tensor:
     if len(task.shape) != 2:
         return spectral.mean_update(task, params.alpha)
+    if task.row_blocks() != [None] and task.shape[0] >= task.shape[1]:
+        return merge_tall(task, params, spectral.noise_floor(task))
     n = len(task.weights)
     dtype, floor = spectral.setup(task, params.precision)
     u, s, vh = spectral.compact_svd(summed(task).to(dtype), floor)
@@ -62,9 +137,16 @@ def merge(task: TensorTask, params: IsoCtsParams) -> torch.Tensor:
 
 
 def memory(name: str, shape: tuple[int, ...], n: int, params: IsoCtsParams, itemsize: int):
-    """iso_c's, plus the concatenated factors and their polar factors (≤ min(m, n) columns)."""
+    """iso_c's, plus the concatenated factors and their polar factors (≤ min(m, n) columns);
+    tall tensors in blocks: N + 4 float64 n×n matrices and about N + 4 float64 blocks."""
     from ..plan import Need
+    from . import BLOCK_ELEMENTS
 
+    numel = 1
+    for d in shape:
+        numel *= d
+    if len(shape) == 2 and numel > BLOCK_ELEMENTS and shape[0] >= shape[1]:
+        return Need(int((n + 4) * BLOCK_ELEMENTS * 8 + (n + 4) * shape[1] ** 2 * 8), transfer=BLOCK_ELEMENTS)
     need = iso_memory(name, shape, n, params, itemsize)
     if len(shape) != 2:
         return need
