@@ -218,16 +218,18 @@ def test_serves_as_orthomerge_residual(method, toy_untied, tmp_path):
     assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("method", ["iso_c", "iso_cts", "tsv", "do_merging"])
+@pytest.mark.parametrize("method", ["iso_c", "iso_cts", "tsv", "ortho_svd", "do_merging"])
 def test_row_block_streaming_equals_the_whole_tensor_merge(method, toy_untied, tmp_path, monkeypatch):
-    """Tall tensors through Gram matrices (iso_c, iso_cts, tsv), every tensor in two passes (do_merging)."""
+    """Tall tensors through Gram matrices (iso_c, iso_cts, tsv, ortho_svd), every tensor in two
+    passes (do_merging). ortho_svd with a threshold at which toy experts interfere."""
     from streammerge import methods
 
     experts = tuple(Expert(p) for p in experts_of(toy_untied))
     base = os.path.join(toy_untied, "base")
-    merge(Recipe(method, base, experts, str(tmp_path / "whole"), {}, dtype="float32"), device="cpu")
+    params = {"threshold": 0.05} if method == "ortho_svd" else {}
+    merge(Recipe(method, base, experts, str(tmp_path / "whole"), params, dtype="float32"), device="cpu")
     monkeypatch.setattr(methods, "BLOCK_ELEMENTS", 1000)
-    merge(Recipe(method, base, experts, str(tmp_path / "blocks"), {}, dtype="float32"), device="cpu")
+    merge(Recipe(method, base, experts, str(tmp_path / "blocks"), params, dtype="float32"), device="cpu")
     a, b = load_all(str(tmp_path / "whole")), load_all(str(tmp_path / "blocks"))
     w0 = load_all(base)
     for name in a:

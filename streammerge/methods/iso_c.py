@@ -36,23 +36,26 @@ def summed(task: TensorTask) -> torch.Tensor:
     return total  # type: ignore[return-value]
 
 
-def merge_tall(task: TensorTask, params: IsoCParams, floor: float) -> torch.Tensor:
+def merge_tall(task: TensorTask, params: IsoCParams, floor: float, block_sum=None) -> torch.Tensor:
     """A tall tensor larger than one block (embeddings, lm_head): from the Gram matrix SᵀS of the
     sum S = Σ τ_i (summed over row blocks; float64 on the CPU) = V diag(σ²) Vᵀ, since
     U σ̄ Vᵀ = S V diag(σ̄/σ) Vᵀ, each output block is W₀ + α S_blk V diag(σ̄/σ) Vᵀ: n×n matrices and
     a few blocks held, two reads of each expert. Directions below the floor, or below √eps·σ_max
-    (what a Gram matrix resolves), are left out."""
+    (what a Gram matrix resolves), are left out. `block_sum(rows)`: S of a row block (default
+    Σ τ_i)."""
     blocks = task.row_blocks()
     n = len(task.weights)
     device = task.base_rows(blocks[0]).device
     gdtype = torch.float64 if device.type == "cpu" else torch.float32
     gram = torch.zeros(task.shape[1], task.shape[1], dtype=gdtype, device=device)
 
-    def block_sum(rows: Rows | None) -> torch.Tensor:
+    def plain_sum(rows: Rows | None) -> torch.Tensor:
         total = task.task_vector(0, rows)
         for i in range(1, n):
             total.add_(task.task_vector(i, rows))
         return total
+
+    block_sum = block_sum or plain_sum  # ortho_svd passes its deconflicted sum
 
     for rows in blocks:
         s_blk = block_sum(rows).to(gdtype)

@@ -14,7 +14,8 @@ i.e. within 60° of each other) among the directions that carry most of a fine-t
 the quality benchmark is where they are to be settled.
 
 Streaming: pass 1 keeps each expert's top-k triplets only; pass 2 sums τ_i minus its removed
-components; then one SVD of the sum.
+components; then one SVD of the sum. Tall tensors larger than one row block go through Gram
+matrices instead (`merge_tall`).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from ..math import spectral
-from . import Method, TensorTask, check_finite, check_range, register
+from . import Method, Rows, TensorTask, check_finite, check_range, register
 from .iso_c import whole_memory as iso_memory
 
 
@@ -57,9 +58,62 @@ def interfering(us: list[torch.Tensor], ss: list[torch.Tensor], threshold: float
     return removed
 
 
+def merge_tall(task: TensorTask, params: OrthoSvdParams, floor: float) -> torch.Tensor:
+    """A tall tensor larger than one block: each τ_i's top-k right vectors and σ from its Gram
+    matrix; the left ones' overlaps U_iᵀU_j (k×k) summed over blocks (U_i = τ_i V_i σ_i⁻¹,
+    row-local); the removed components subtracted block by block (τ_i − τ_i V_rem V_remᵀ, since
+    σ u vᵀ = τ v vᵀ); then iso_c's tall path on that sum. Five reads of each expert."""
+    from .iso_c import merge_tall as iso_tall
+    from .iso_cts import top_eig
+
+    blocks = task.row_blocks()
+    n, cols = len(task.weights), task.shape[1]
+    device = task.base_rows(blocks[0]).device
+    g = torch.float64 if device.type == "cpu" else torch.float32
+    lead = []
+    for i in range(n):  # pass 1, one expert at a time
+        gram = torch.zeros(cols, cols, dtype=g, device=device)
+        for rows in blocks:
+            t = task.task_vector(i, rows).to(g)
+            gram.addmm_(t.T, t)
+            del t
+        lead.append(top_eig(gram, floor, params.top_k))
+        del gram
+    proj = [v / s for v, s in lead]
+    overlaps = {(i, j): torch.zeros(lead[i][1].numel(), lead[j][1].numel(), dtype=g, device=device) for i in range(n) for j in range(i + 1, n)}
+    for rows in blocks:  # pass 2: U_iᵀ U_j
+        us = [task.task_vector(i, rows).to(g) @ proj[i] for i in range(n)]
+        for (i, j), c in overlaps.items():
+            c.addmm_(us[i].T, us[j])
+        del us
+    removed: list[set[int]] = [set() for _ in range(n)]
+    for (i, j), c in overlaps.items():
+        for m, k in (c.abs() > params.threshold).nonzero().tolist():
+            if float(lead[i][1][m]) < float(lead[j][1][k]):
+                removed[i].add(m)
+            else:
+                removed[j].add(k)
+    task.note("removed_components", [len(r) for r in removed])
+    task.note("removed_energy", [float(sum(float(lead[i][1][m]) ** 2 for m in removed[i])) for i in range(n)])
+    drop = [lead[i][0][:, sorted(removed[i])] for i in range(n)]
+
+    def deconflicted_sum(rows: Rows | None) -> torch.Tensor:
+        total = None
+        for i in range(n):
+            t = task.task_vector(i, rows).to(g)
+            if drop[i].shape[1]:
+                t -= (t @ drop[i]) @ drop[i].T
+            total = t if total is None else total.add_(t)
+        return total  # type: ignore[return-value]
+
+    return iso_tall(task, params, floor, deconflicted_sum)  # type: ignore[arg-type]
+
+
 def merge(task: TensorTask, params: OrthoSvdParams) -> torch.Tensor:
     if len(task.shape) != 2:
         return spectral.mean_update(task, params.alpha)
+    if task.row_blocks() != [None] and task.shape[0] >= task.shape[1]:
+        return merge_tall(task, params, spectral.noise_floor(task))
     n = len(task.weights)
     dtype, floor = spectral.setup(task, params.precision)
     lead = []
@@ -84,8 +138,19 @@ def merge(task: TensorTask, params: OrthoSvdParams) -> torch.Tensor:
 
 
 def memory(name: str, shape: tuple[int, ...], n: int, params: OrthoSvdParams, itemsize: int):
-    """iso_c's (one full SVD at a time), plus each expert's top-k triplets."""
+    """iso_c's (one full SVD at a time), plus each expert's top-k triplets; tall tensors in
+    blocks: iso_c's tall path plus one block (fitted to measured peaks: the pass-1 Gram matrix is
+    freed before iso_c's)."""
     from ..plan import Need
+    from . import BLOCK_ELEMENTS
+    from .iso_c import memory as iso_tall_memory
+
+    numel = 1
+    for d in shape:
+        numel *= d
+    if len(shape) == 2 and numel > BLOCK_ELEMENTS and shape[0] >= shape[1]:
+        tall = iso_tall_memory(name, shape, n, params, itemsize)
+        return Need(tall.work + int(BLOCK_ELEMENTS * 8), transfer=BLOCK_ELEMENTS)
 
     need = iso_memory(name, shape, n, params, itemsize)
     if len(shape) != 2:
