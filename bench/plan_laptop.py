@@ -30,6 +30,8 @@ CASES = [
     ("orthomerge", {"target": "global"}), ("orthomerge", {"target": "conflict"}),
     ("orthomerge", {"target": "global", "residual_method": "ties"}), ("orthomerge", {"target": "conflict", "residual_method": "ties"}),
     ("orthomerge", {"target": "conflict", "precision": "float64"}),
+    ("tsv", {}), ("iso_c", {}), ("iso_cts", {}), ("ortho_svd", {}), ("do_merging", {}),
+    ("karcher", {}), ("model_stock", {}), ("sce", {}),
 ]
 
 
