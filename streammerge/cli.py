@@ -58,6 +58,7 @@ _RECIPE_OPTIONS = [
     click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="Compute device; auto picks CUDA when available. Tensors that do not fit --max-gpu-memory run on the CPU."),
     click.option("--max-ram", help="Budget for this process's anonymous memory, e.g. 8GB (default: 90% of the available RAM). Given explicitly, freed memory is also returned to the OS at once, which is slower on models of many mid-sized tensors."),
     click.option("--max-gpu-memory", help="Budget for GPU memory, e.g. 20GB (default: 90% of the GPU's free memory)."),
+    click.option("--threads", type=click.IntRange(min=1), help="CPU threads for the arithmetic (default: the cores free of other load when the merge starts)."),
 ]
 
 
@@ -142,6 +143,12 @@ def merge(output_format, restart, quiet, memory_report, checkpoint_every, report
     """
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
     recipe = build_recipe(**kw)
+    import torch
+
+    from .cpu import choose_threads
+
+    torch.set_num_threads(choose_threads(kw.get("threads")))
+    logging.getLogger(__name__).info("%d CPU thread(s)", torch.get_num_threads())
     if output_format == "adapter":
         from .adapter_output import merge_to_adapter
 
