@@ -97,3 +97,40 @@ def mean_update(task, alpha: float) -> torch.Tensor:
         total = tau if total is None else total.add_(tau)
         del tau
     return task.base + total.mul_(alpha / len(task.weights))
+
+
+def streams_tall(task) -> bool:
+    """A tall 2-D tensor larger than one row block: merged through Gram matrices, block by block."""
+    return task.row_blocks() != [None] and task.shape[0] >= task.shape[1]
+
+
+def inverse_sqrt(gram: torch.Tensor) -> torch.Tensor:
+    """(UᵀU)^(-1/2) from UᵀU (symmetric, positive definite on the columns kept)."""
+    evals, v = torch.linalg.eigh(gram)
+    return (v * evals.clamp_min(torch.finfo(gram.dtype).tiny).rsqrt()) @ v.T
+
+
+def polar_blocks(task, left, vhs: list[torch.Tensor], sigma: torch.Tensor, alpha: float):
+    """W₀ + α · polar(L) diag(σ) polar(Vᵀ) for a tall tensor whose concatenated left vectors L
+    come block by block from `left(rows)`: polar(L) = L (LᵀL)^(-1/2), LᵀL summed over the
+    blocks (one pass), then the output blocks (another)."""
+    from ..methods import map_row_blocks
+
+    ltl = None
+    for rows in task.row_blocks():
+        lb = left(rows)
+        ltl = lb.T @ lb if ltl is None else ltl.addmm_(lb.T, lb)
+        del lb
+    right = (inverse_sqrt(ltl) * sigma) @ polar_factor(torch.cat(vhs, dim=0))
+    del ltl
+    return map_row_blocks(task, lambda rows: task.base_rows(rows) + (left(rows) @ right).mul_(alpha).to(task.dtype))
+
+
+def dispatch(task, alpha: float, precision: str, tall, whole):
+    """The shape of every spectral method: not 2-D → W₀ + α·mean τ_i; tall and larger than a
+    block → `tall(floor)`; otherwise `whole(dtype, floor)`."""
+    if len(task.shape) != 2:
+        return mean_update(task, alpha)
+    if streams_tall(task):
+        return tall(noise_floor(task))
+    return whole(*setup(task, precision))

@@ -81,12 +81,11 @@ def merge_tall(task: TensorTask, params: IsoCParams, floor: float, block_sum=Non
 
 
 def merge(task: TensorTask, params: IsoCParams) -> torch.Tensor:
-    if len(task.shape) != 2:
-        return spectral.mean_update(task, params.alpha)
-    floor = spectral.noise_floor(task)
-    if task.row_blocks() != [None] and task.shape[0] >= task.shape[1]:
-        return merge_tall(task, params, floor)
-    dtype = spectral.linalg_dtype(params.precision, task.shape, task.base.device)
+    return spectral.dispatch(task, params.alpha, params.precision, lambda floor: merge_tall(task, params, floor),
+                             lambda dtype, floor: merge_whole(task, params, dtype, floor))
+
+
+def merge_whole(task: TensorTask, params: IsoCParams, dtype: torch.dtype, floor: float) -> torch.Tensor:
     u, s, vh = spectral.compact_svd(summed(task).to(dtype), floor)
     task.note("rank", int(s.numel()))
     return task.base + spectral.isotropic(u, s, vh).mul_(params.alpha).to(task.base.dtype)

@@ -18,7 +18,6 @@ from ..math import spectral
 from . import Method, Rows, TensorTask, check_finite, check_range, map_row_blocks, register
 from .iso_c import whole_memory as iso_memory
 from .iso_c import summed
-from .tsv import inverse_sqrt
 
 
 @dataclass(frozen=True)
@@ -89,28 +88,17 @@ def merge_tall(task: TensorTask, params: IsoCtsParams, floor: float) -> torch.Te
         parts = [u_c] + [(t - u_c @ p) @ (v / s) for t, p, (v, s) in zip(ts, ps, specific)]
         return torch.cat(parts, dim=1)
 
-    ltl = torch.zeros(s_all.numel(), s_all.numel(), dtype=g, device=device)
-    for rows in blocks:  # pass 3: LᵀL
-        lb = left(rows)
-        ltl.addmm_(lb.T, lb)
-        del lb
-    vh_perp = spectral.polar_factor(torch.cat([v_c.T] + [v.T for v, _ in specific], dim=0))
-    right = (inverse_sqrt(ltl) * s_all.mean()) @ vh_perp
-    del ltl, vh_perp
-
-    def block(rows: Rows | None) -> torch.Tensor:  # pass 4
-        return task.base_rows(rows) + (left(rows) @ right).mul_(params.alpha).to(task.dtype)
-
-    return map_row_blocks(task, block)
+    vhs = [v_c.T] + [v.T for v, _ in specific]
+    return spectral.polar_blocks(task, left, vhs, s_all.mean().expand_as(s_all), params.alpha)  # passes 3 and 4
 
 
 def merge(task: TensorTask, params: IsoCtsParams) -> torch.Tensor:
-    if len(task.shape) != 2:
-        return spectral.mean_update(task, params.alpha)
-    if task.row_blocks() != [None] and task.shape[0] >= task.shape[1]:
-        return merge_tall(task, params, spectral.noise_floor(task))
+    return spectral.dispatch(task, params.alpha, params.precision, lambda floor: merge_tall(task, params, floor),
+                             lambda dtype, floor: merge_whole(task, params, dtype, floor))
+
+
+def merge_whole(task: TensorTask, params: IsoCtsParams, dtype: torch.dtype, floor: float) -> torch.Tensor:
     n = len(task.weights)
-    dtype, floor = spectral.setup(task, params.precision)
     u, s, vh = spectral.compact_svd(summed(task).to(dtype), floor)
     rank = min(task.shape)
     c = min(int(rank * params.common_fraction), s.numel())

@@ -110,12 +110,12 @@ def merge_tall(task: TensorTask, params: OrthoSvdParams, floor: float) -> torch.
 
 
 def merge(task: TensorTask, params: OrthoSvdParams) -> torch.Tensor:
-    if len(task.shape) != 2:
-        return spectral.mean_update(task, params.alpha)
-    if task.row_blocks() != [None] and task.shape[0] >= task.shape[1]:
-        return merge_tall(task, params, spectral.noise_floor(task))
+    return spectral.dispatch(task, params.alpha, params.precision, lambda floor: merge_tall(task, params, floor),
+                             lambda dtype, floor: merge_whole(task, params, dtype, floor))
+
+
+def merge_whole(task: TensorTask, params: OrthoSvdParams, dtype: torch.dtype, floor: float) -> torch.Tensor:
     n = len(task.weights)
-    dtype, floor = spectral.setup(task, params.precision)
     lead = []
     for i in range(n):
         u, s, vh = spectral.task_svd(task, i, dtype, floor)

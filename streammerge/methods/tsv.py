@@ -29,12 +29,6 @@ class TsvParams:
         spectral.check_precision(self.precision)
 
 
-def inverse_sqrt(gram: torch.Tensor) -> torch.Tensor:
-    """(UᵀU)^(-1/2) from UᵀU (symmetric, positive definite on the columns kept)."""
-    evals, v = torch.linalg.eigh(gram)
-    return (v * evals.clamp_min(torch.finfo(gram.dtype).tiny).rsqrt()) @ v.T
-
-
 def merge_tall(task: TensorTask, params: TsvParams, floor: float) -> torch.Tensor:
     """A tall tensor larger than one block, in three reads of the experts and n×n matrices:
     each τ_i's right singular vectors and σ from its Gram matrix τ_iᵀτ_i; the left ones are
@@ -69,28 +63,16 @@ def merge_tall(task: TensorTask, params: TsvParams, floor: float) -> torch.Tenso
     def left(rows: Rows | None) -> torch.Tensor:
         return torch.cat([task.task_vector(i, rows).to(gdtype) @ proj[i] for i in range(n)], dim=1)
 
-    utu = torch.zeros(s_all.numel(), s_all.numel(), dtype=gdtype, device=device)
-    for rows in blocks:  # read 2: UᵀU
-        u = left(rows)
-        utu.addmm_(u.T, u)
-        del u
-    vh_perp = spectral.polar_factor(torch.cat([v.T for v in vs], dim=0))
-    right = (inverse_sqrt(utu) * s_all) @ vh_perp  # (UᵀU)^(-1/2) diag(σ) V⊥ᵀ
-    del utu, vh_perp
-
-    def block(rows: Rows | None) -> torch.Tensor:  # read 3
-        return task.base_rows(rows) + (left(rows) @ right).mul_(params.alpha).to(task.dtype)
-
-    return map_row_blocks(task, block)
+    return spectral.polar_blocks(task, left, [v.T for v in vs], s_all, params.alpha)  # reads 2 and 3
 
 
 def merge(task: TensorTask, params: TsvParams) -> torch.Tensor:
-    if len(task.shape) != 2:
-        return spectral.mean_update(task, params.alpha)
-    if task.row_blocks() != [None] and task.shape[0] >= task.shape[1]:
-        return merge_tall(task, params, spectral.noise_floor(task))
+    return spectral.dispatch(task, params.alpha, params.precision, lambda floor: merge_tall(task, params, floor),
+                             lambda dtype, floor: merge_whole(task, params, dtype, floor))
+
+
+def merge_whole(task: TensorTask, params: TsvParams, dtype: torch.dtype, floor: float) -> torch.Tensor:
     n = len(task.weights)
-    dtype, floor = spectral.setup(task, params.precision)
     keep = max(1, min(task.shape) // n)
     us, ss, vhs = [], [], []
     for i in range(n):
