@@ -4,7 +4,8 @@ arguments, build a Recipe and call the library.
 Exit codes: 0 done; 1 internal error; 2 usage error (bad flag, recipe or parameter);
 3 bad input (missing, malformed or incompatible files, NaN/Inf); 4 resource exhausted (disk
 full, unwritable output, a budget too small); 5 output folder holds another merge or other
-files; 130 interrupted (SIGINT/SIGTERM) — rerun the same command to resume.
+files, or another merge is writing there; 130 interrupted (SIGINT/SIGTERM) — rerun the same
+command to resume.
 """
 from __future__ import annotations
 
