@@ -1,4 +1,4 @@
-"""Command line: `streammerge merge|plan|verify|methods`. `merge` and `plan` take the same
+"""Command line: `streammerge merge|plan|verify|report|methods`. `merge` and `plan` take the same
 arguments, build a Recipe and call the library.
 
 Exit codes: 0 done; 1 internal error; 2 usage error (bad flag, recipe or parameter);
