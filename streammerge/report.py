@@ -20,13 +20,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import statistics
 from typing import Any
 
 import torch
 
 from .io.atomic import write_bytes_atomic
+from .settings import layer_index, with_layer
 
 
 def generic_stats(task, result: torch.Tensor) -> dict[str, Any]:
@@ -71,11 +71,8 @@ class ReportWriter:
             os.remove(self.partial)
 
 
-_LAYER = re.compile(r"layers\.(\d+)\.")
-
-
 def kind_of(name: str) -> str:
-    return _LAYER.sub("layers.*.", name)
+    return with_layer(name, "*")
 
 
 def _mean(values: list[float]) -> float | None:
@@ -130,10 +127,10 @@ def plot(doc: dict, folder: str) -> list[str]:
                   "update_over_mean_tau": "‖ΔW‖ / mean ‖τ_i‖"}
     per_layer: dict[str, dict[str, dict[int, float]]] = {q: {} for q in quantities}
     for name, rec in doc["tensors"].items():
-        m = _LAYER.search(name)
-        if not m:
+        layer = layer_index(name)
+        if layer is None:
             continue
-        layer, kind = int(m.group(1)), name[m.end():].removesuffix(".weight")
+        kind = name.split(f"layers.{layer}.", 1)[1].removesuffix(".weight")
         one = rows({"tensors": {name: rec}})[0]
         for q in quantities:
             if one[q] is not None:

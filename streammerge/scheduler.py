@@ -76,13 +76,10 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def open_inputs(recipe: Recipe) -> tuple[Checkpoint, list[ExpertSource]]:
+def open_inputs(recipe: Recipe, base: Checkpoint | None = None) -> tuple[Checkpoint, list[ExpertSource]]:
+    """The base (or `base`, already open: a stack of layer slices) and the experts."""
     problems, experts = [], []
-    if recipe.slices is not None:
-        from .io.sliced import open_sliced
-
-        base, _, _ = open_sliced(recipe.slices, recipe.base)
-    else:
+    if base is None:
         base = Checkpoint.open(recipe.base)
     for e in recipe.experts:
         try:
@@ -281,12 +278,12 @@ class Merger:
         self.checkpoint_seconds = checkpoint_seconds  # how often progress inside a shard is made durable
         self.compute_dtype = parse_dtype(recipe.compute_dtype, "compute_dtype")
         self.out_dtype = parse_dtype(recipe.dtype, "dtype")
-        self.base, self.experts = open_inputs(recipe)
-        self.sources, self.stacked_layers = {}, None
-        if recipe.slices is not None:  # which source tensor each output tensor is, for its settings
+        self.sources, self.stacked_layers, stacked = {}, None, None
+        if recipe.slices is not None:  # the stacked model, and which source tensor each output tensor is
             from .io.sliced import open_sliced
 
-            _, self.sources, self.stacked_layers = open_sliced(recipe.slices, recipe.base)
+            stacked, self.sources, self.stacked_layers = open_sliced(recipe.slices, recipe.base)
+        self.base, self.experts = open_inputs(recipe, stacked)
         check_compatible(self.base, self.experts)
         self.shards = plan_shards(self.base, self.out_dtype, recipe.shard_size)
         self.n_layers = settings.count_layers(self.base.names())

@@ -19,7 +19,7 @@ from typing import Any
 
 from .errors import UsageError
 
-_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+_LAYER = re.compile(r"((?:^|\.)layers\.)(\d+)(\.)")  # the one rule for "which decoder layer" in this project
 
 
 def is_constant(setting: Any) -> bool:
@@ -76,7 +76,12 @@ def evaluate(setting: Any, tensor_name: str, t: float) -> Any:
 
 def layer_index(name: str) -> int | None:
     m = _LAYER.search(name)
-    return int(m.group(1)) if m else None
+    return int(m.group(2)) if m else None
+
+
+def with_layer(name: str, layer: int | str) -> str:
+    """`name` with its layer index replaced (renumbering stacked layers; "*" pools them)."""
+    return _LAYER.sub(lambda m: f"{m.group(1)}{layer}{m.group(3)}", name, count=1)
 
 
 def layer_fraction(name: str, n_layers: int) -> float:

@@ -9,15 +9,12 @@ its position in its slice, offset/(n−1) (1 for a one-layer slice), and 0 outsi
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
 from ..errors import InputError, UsageError
-from ..settings import count_layers, layer_index
+from ..settings import count_layers, layer_index, with_layer
 from .checkpoint import Checkpoint
-
-_LAYER = re.compile(r"((?:^|\.)layers\.)(\d+)(\.)")
 
 
 @dataclass(frozen=True)
@@ -87,7 +84,7 @@ def open_sliced(slices: tuple[dict, ...], config_model: str) -> tuple[Checkpoint
         n = end - start
         for offset in range(n):
             for name in by_layer.get(start + offset, []):
-                out_name = _LAYER.sub(lambda m: f"{m.group(1)}{j}{m.group(3)}", name, count=1)
+                out_name = with_layer(name, j)
                 add(out_name, ck, name, offset / (n - 1) if n > 1 else 1.0, (s["scale"], s["slice_scale"]))
             j += 1
     for name in last.names():

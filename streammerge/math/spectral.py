@@ -89,14 +89,48 @@ def task_svd(task, i: int, dtype: torch.dtype, floor: float) -> tuple[torch.Tens
     return compact_svd(task.task_vector(i).to(dtype), floor)
 
 
+def task_sum(task, rows=None) -> torch.Tensor:
+    """Σ τ_i (of a row block, if given), one expert at a time."""
+    total = task.task_vector(0, rows)
+    for i in range(1, len(task.weights)):
+        total.add_(task.task_vector(i, rows))
+    return total
+
+
 def mean_update(task, alpha: float) -> torch.Tensor:
     """W₀ + α · mean τ_i: what every spectral method does with tensors that are not 2-D."""
-    total = None
+    return task.base + task_sum(task).mul_(alpha / len(task.weights))
+
+
+def gram_dtype(device: torch.device) -> torch.dtype:
+    """Gram matrices square the condition number: float64 on the CPU, float32 on CUDA."""
+    return torch.float64 if device.type == "cpu" else torch.float32
+
+
+def top_eig(gram: torch.Tensor, floor: float, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The leading (≤ limit) right singular vectors and values of a matrix from its Gram matrix,
+    above the noise floor and what a Gram matrix resolves (√eps·σ_max)."""
+    evals, v = torch.linalg.eigh(gram)
+    sigma, order = evals.clamp(min=0).sqrt().sort(descending=True)
+    top = float(sigma[0]) if sigma.numel() else 0.0
+    r = min(limit, int((sigma > max(floor, top * torch.finfo(gram.dtype).eps ** 0.5)).sum()))
+    return v[:, order[:r]], sigma[:r]
+
+
+def expert_right_vectors(task, floor: float, limit: int, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each τ_i's leading right singular vectors and values from its Gram matrix τ_iᵀτ_i, summed
+    over row blocks, one expert at a time (one read of each)."""
+    cols = task.shape[1]
+    out = []
     for i in range(len(task.weights)):
-        tau = task.task_vector(i)
-        total = tau if total is None else total.add_(tau)
-        del tau
-    return task.base + total.mul_(alpha / len(task.weights))
+        gram = None
+        for rows in task.row_blocks():
+            t = task.task_vector(i, rows).to(dtype)
+            gram = t.T @ t if gram is None else gram.addmm_(t.T, t)
+            del t
+        out.append(top_eig(gram if gram is not None else torch.zeros(cols, cols, dtype=dtype), floor, limit))
+        del gram
+    return out
 
 
 def streams_tall(task) -> bool:

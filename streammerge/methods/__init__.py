@@ -203,7 +203,7 @@ class Method:
         out = set()
         for f in fields(self.params_type):
             default = f.default_factory() if f.default_factory is not MISSING else f.default  # type: ignore[misc]
-            if isinstance(default, (list, tuple, dict)) or default is None and "dict" in str(f.type):
+            if isinstance(default, (list, tuple, dict)):
                 out.add(f.name.rstrip("_"))
         return out
 

@@ -27,15 +27,6 @@ class IsoCParams:
         spectral.check_precision(self.precision)
 
 
-def summed(task: TensorTask) -> torch.Tensor:
-    total = None
-    for i in range(len(task.weights)):
-        tau = task.task_vector(i)
-        total = tau if total is None else total.add_(tau)
-        del tau
-    return total  # type: ignore[return-value]
-
-
 def merge_tall(task: TensorTask, params: IsoCParams, floor: float, block_sum=None) -> torch.Tensor:
     """A tall tensor larger than one block (embeddings, lm_head): from the Gram matrix SᵀS of the
     sum S = Σ τ_i (summed over row blocks; float64 on the CPU) = V diag(σ²) Vᵀ, since
@@ -44,32 +35,18 @@ def merge_tall(task: TensorTask, params: IsoCParams, floor: float, block_sum=Non
     (what a Gram matrix resolves), are left out. `block_sum(rows)`: S of a row block (default
     Σ τ_i)."""
     blocks = task.row_blocks()
-    n = len(task.weights)
-    device = task.base_rows(blocks[0]).device
-    gdtype = torch.float64 if device.type == "cpu" else torch.float32
-    gram = torch.zeros(task.shape[1], task.shape[1], dtype=gdtype, device=device)
-
-    def plain_sum(rows: Rows | None) -> torch.Tensor:
-        total = task.task_vector(0, rows)
-        for i in range(1, n):
-            total.add_(task.task_vector(i, rows))
-        return total
-
-    block_sum = block_sum or plain_sum  # ortho_svd passes its deconflicted sum
-
+    gdtype = spectral.gram_dtype(task.base_rows(blocks[0]).device)
+    block_sum = block_sum or (lambda rows: spectral.task_sum(task, rows))  # ortho_svd passes its deconflicted sum
+    gram = None
     for rows in blocks:
         s_blk = block_sum(rows).to(gdtype)
-        gram.addmm_(s_blk.T, s_blk)
+        gram = s_blk.T @ s_blk if gram is None else gram.addmm_(s_blk.T, s_blk)
         del s_blk
-    evals, v = torch.linalg.eigh(gram)
+    v, sigma = spectral.top_eig(gram, floor, task.shape[1])
     del gram
-    sigma = evals.clamp_(min=0).sqrt_()
-    top = float(sigma.max()) if sigma.numel() else 0.0
-    keep = sigma > max(floor, top * torch.finfo(gdtype).eps ** 0.5)
-    task.note("rank", int(keep.sum()))
-    if not bool(keep.any()):
+    task.note("rank", int(sigma.numel()))
+    if not sigma.numel():
         return map_row_blocks(task, lambda rows: task.base_rows(rows).clone())
-    v, sigma = v[:, keep], sigma[keep]
     coef = (v * (sigma.mean() / sigma)) @ v.T  # V diag(σ̄/σ) Vᵀ
     del v
 
@@ -86,7 +63,7 @@ def merge(task: TensorTask, params: IsoCParams) -> torch.Tensor:
 
 
 def merge_whole(task: TensorTask, params: IsoCParams, dtype: torch.dtype, floor: float) -> torch.Tensor:
-    u, s, vh = spectral.compact_svd(summed(task).to(dtype), floor)
+    u, s, vh = spectral.compact_svd(spectral.task_sum(task).to(dtype), floor)
     task.note("rank", int(s.numel()))
     return task.base + spectral.isotropic(u, s, vh).mul_(params.alpha).to(task.base.dtype)
 

@@ -17,7 +17,6 @@ import torch
 from ..math import spectral
 from . import Method, Rows, TensorTask, check_finite, check_range, map_row_blocks, register
 from .iso_c import whole_memory as iso_memory
-from .iso_c import summed
 
 
 @dataclass(frozen=True)
@@ -32,16 +31,6 @@ class IsoCtsParams:
         spectral.check_precision(self.precision)
 
 
-def top_eig(gram: torch.Tensor, floor: float, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The leading (≤ limit) right singular vectors and values of a matrix from its Gram matrix,
-    above the noise floor and what a Gram matrix resolves (√eps·σ_max)."""
-    evals, v = torch.linalg.eigh(gram)
-    sigma, order = evals.clamp(min=0).sqrt().sort(descending=True)
-    top = float(sigma[0]) if sigma.numel() else 0.0
-    r = min(limit, int((sigma > max(floor, top * torch.finfo(gram.dtype).eps ** 0.5)).sum()))
-    return v[:, order[:r]], sigma[:r]
-
-
 def merge_tall(task: TensorTask, params: IsoCtsParams, floor: float) -> torch.Tensor:
     """A tall tensor larger than one block, in four passes over the blocks and n×n matrices:
     the Gram matrices of Σ τ_i and of each τ_i; the common right vectors V_c, σ_c and
@@ -51,7 +40,7 @@ def merge_tall(task: TensorTask, params: IsoCtsParams, floor: float) -> torch.Te
     blocks = task.row_blocks()
     n, cols = len(task.weights), task.shape[1]
     device = task.base_rows(blocks[0]).device
-    g = torch.float64 if device.type == "cpu" else torch.float32
+    g = spectral.gram_dtype(device)
     taus = lambda rows: [task.task_vector(i, rows).to(g) for i in range(n)]  # noqa: E731
     gram_sum = torch.zeros(cols, cols, dtype=g, device=device)
     grams = [torch.zeros(cols, cols, dtype=g, device=device) for _ in range(n)]
@@ -63,7 +52,7 @@ def merge_tall(task: TensorTask, params: IsoCtsParams, floor: float) -> torch.Te
             gi.addmm_(t.T, t)
         del ts, s_blk
     rank = min(task.shape)
-    v_c, s_c = top_eig(gram_sum, floor, int(rank * params.common_fraction))
+    v_c, s_c = spectral.top_eig(gram_sum, floor, int(rank * params.common_fraction))
     del gram_sum
     proj_c = v_c / s_c  # S V_c σ_c⁻¹ = U_c
     slots = (rank - s_c.numel()) // n
@@ -75,7 +64,7 @@ def merge_tall(task: TensorTask, params: IsoCtsParams, floor: float) -> torch.Te
             for p, t in zip(ps, ts):
                 p.addmm_(u_c.T, t)
             del ts, u_c
-    specific = [top_eig(gi - p.T @ p, floor, slots) if slots else (v_c[:, :0], s_c[:0]) for gi, p in zip(grams, ps)]
+    specific = [spectral.top_eig(gi - p.T @ p, floor, slots) if slots else (v_c[:, :0], s_c[:0]) for gi, p in zip(grams, ps)]
     del grams
     s_all = torch.cat([s_c] + [s for _, s in specific])
     task.note("kept_rank", int(s_all.numel()))
@@ -99,7 +88,7 @@ def merge(task: TensorTask, params: IsoCtsParams) -> torch.Tensor:
 
 def merge_whole(task: TensorTask, params: IsoCtsParams, dtype: torch.dtype, floor: float) -> torch.Tensor:
     n = len(task.weights)
-    u, s, vh = spectral.compact_svd(summed(task).to(dtype), floor)
+    u, s, vh = spectral.compact_svd(spectral.task_sum(task).to(dtype), floor)
     rank = min(task.shape)
     c = min(int(rank * params.common_fraction), s.numel())
     us, ss, vhs = [u[:, :c]], [s[:c]], [vh[:c]]

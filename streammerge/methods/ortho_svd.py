@@ -64,21 +64,12 @@ def merge_tall(task: TensorTask, params: OrthoSvdParams, floor: float) -> torch.
     row-local); the removed components subtracted block by block (τ_i − τ_i V_rem V_remᵀ, since
     σ u vᵀ = τ v vᵀ); then iso_c's tall path on that sum. Five reads of each expert."""
     from .iso_c import merge_tall as iso_tall
-    from .iso_cts import top_eig
 
     blocks = task.row_blocks()
-    n, cols = len(task.weights), task.shape[1]
+    n = len(task.weights)
     device = task.base_rows(blocks[0]).device
-    g = torch.float64 if device.type == "cpu" else torch.float32
-    lead = []
-    for i in range(n):  # pass 1, one expert at a time
-        gram = torch.zeros(cols, cols, dtype=g, device=device)
-        for rows in blocks:
-            t = task.task_vector(i, rows).to(g)
-            gram.addmm_(t.T, t)
-            del t
-        lead.append(top_eig(gram, floor, params.top_k))
-        del gram
+    g = spectral.gram_dtype(device)
+    lead = spectral.expert_right_vectors(task, floor, params.top_k, g)  # pass 1
     proj = [v / s for v, s in lead]
     overlaps = {(i, j): torch.zeros(lead[i][1].numel(), lead[j][1].numel(), dtype=g, device=device) for i in range(n) for j in range(i + 1, n)}
     for rows in blocks:  # pass 2: U_iᵀ U_j

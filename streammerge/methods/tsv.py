@@ -35,25 +35,12 @@ def merge_tall(task: TensorTask, params: TsvParams, floor: float) -> torch.Tenso
     U_i = τ_i V_i σ_i⁻¹ (row-local); the polar factor of U = [U_1 … U_N] is U (UᵀU)^(-1/2), with
     UᵀU summed over blocks; the output block is W₀ + α U_blk (UᵀU)^(-1/2) diag(σ) V⊥ᵀ."""
     blocks = task.row_blocks()
-    n, cols = len(task.weights), task.shape[1]
+    n = len(task.weights)
     device = task.base_rows(blocks[0]).device
-    gdtype = torch.float64 if device.type == "cpu" else torch.float32
+    gdtype = spectral.gram_dtype(device)
     keep = max(1, min(task.shape) // n)
-    vs, sigmas = [], []
-    for i in range(n):  # read 1, one expert at a time: V_i, σ_i
-        gram = torch.zeros(cols, cols, dtype=gdtype, device=device)
-        for rows in blocks:
-            t = task.task_vector(i, rows).to(gdtype)
-            gram.addmm_(t.T, t)
-            del t
-        evals, v = torch.linalg.eigh(gram)
-        del gram
-        sigma, order = evals.clamp_(min=0).sqrt_().sort(descending=True)
-        top = float(sigma[0]) if sigma.numel() else 0.0
-        r = min(keep, int((sigma > max(floor, top * torch.finfo(gdtype).eps ** 0.5)).sum()))
-        vs.append(v[:, order[:r]])
-        sigmas.append(sigma[:r])
-        del v
+    lead = spectral.expert_right_vectors(task, floor, keep, gdtype)  # read 1: V_i, σ_i
+    vs, sigmas = [v for v, _ in lead], [s for _, s in lead]
     s_all = torch.cat(sigmas)
     task.note("kept_rank", int(s_all.numel()))
     if s_all.numel() == 0:
