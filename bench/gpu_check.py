@@ -39,7 +39,12 @@ from streammerge import Expert, Recipe  # noqa: E402
 from streammerge.scheduler import Merger  # noqa: E402
 
 METHODS = [("linear", {}), ("task_arithmetic", {}), ("ties", {"density": 0.3}), ("ties", {"density": 0.3, "scope": "model"}),
-           ("dare_linear", {}), ("dare_ties", {}), ("orthomerge", {"target": "global"}), ("orthomerge", {"target": "conflict"}),
+           ("dare_linear", {}), ("dare_ties", {}),
+           ("gta", {"sparsify": "magnitude_outliers", "consensus": "sum", "tie_break": "index"}),
+           ("breadcrumbs_ties", {}), ("della", {}), ("slerp", {"t": 0.3}), ("nuslerp", {}), ("multislerp", {}),
+           ("karcher", {}), ("model_stock", {}), ("sce", {}), ("nearswap", {"t": 0.5}), ("arcee_fusion", {}),
+           ("tsv", {}), ("iso_c", {}), ("iso_cts", {}), ("ortho_svd", {}), ("do_merging", {}),
+           ("orthomerge", {"target": "global"}), ("orthomerge", {"target": "conflict"}),
            ("orthomerge", {"target": "conflict", "residual_method": "ties"})]
 SHAPES_8B = {"q_proj/o_proj": (4096, 4096), "k_proj/v_proj": (1024, 4096), "gate/up_proj": (14336, 4096),
              "down_proj": (4096, 14336), "embed/lm_head": (128256, 4096)}
@@ -55,8 +60,14 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
+EXPERT_COUNT = {"slerp": 1, "nearswap": 1, "arcee_fusion": 1, "nuslerp": 2}  # the methods that take a fixed number
+
+
 def run_merge(base: str, experts: list[str], out: str, method: str, params: dict, device: str, max_gpu: int | None = None) -> tuple[float, dict]:
-    recipe = Recipe(method, base, tuple(Expert(e) for e in experts), out, dict(params), seed=0)
+    from streammerge.methods import get_method
+    chosen = experts[:EXPERT_COUNT.get(method, len(experts))]
+    weighted = "weight" in get_method(method)[0].expert_params
+    recipe = Recipe(method, base, tuple(Expert(e, weight=1.0 / len(chosen) if weighted else None) for e in chosen), out, dict(params), seed=0)
     merger = Merger(recipe, device=device, quiet=True, max_gpu_memory=max_gpu)
     try:
         start = time.perf_counter()
@@ -80,23 +91,36 @@ def step_numerics(work: str, cuda: bool) -> list[dict]:
     for method, params in METHODS:
         label = method + "".join(f" {k}={v}" for k, v in params.items())
         cpu_out = os.path.join(work, f"cpu-{len(rows)}")
-        t_cpu, _ = run_merge(base, experts, cpu_out, method, params, "cpu")
-        row = {"method": label, "cpu_seconds": round(t_cpu, 2)}
-        if cuda:
-            budget = 2 * 10**9
-            torch.cuda.reset_peak_memory_stats()
-            gpu_out = os.path.join(work, f"gpu-{len(rows)}")
-            t_gpu, info = run_merge(base, experts, gpu_out, method, params, "cuda", budget)
-            a, b = load(cpu_out), load(gpu_out)
-            worst = 0.0
-            for name in a:
-                update = float((a[name].float() - base_t[name].float()).norm()) or 1.0
-                worst = max(worst, float((a[name].float() - b[name].float()).norm()) / update)
-            row |= {"cuda_seconds": round(t_gpu, 2), "max_relative_difference": worst,
-                    "max_memory_allocated": torch.cuda.max_memory_allocated(), "max_gpu_memory": budget, "planned_gpu": info["planned_gpu"]}
+        row: dict = {"method": label}
+        try:
+            row |= numerics_row(base, base_t, experts, work, cpu_out, method, params, cuda, len(rows))
+        except Exception as exc:  # recorded, and the check goes on with the next method
+            row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         rows.append(row)
         log(f"  {label:40s} " + " ".join(f"{k}={v}" for k, v in row.items() if k != "method"))
     return rows
+
+
+def numerics_row(base: str, base_t: dict, experts: list[str], work: str, cpu_out: str, method: str, params: dict, cuda: bool, index: int) -> dict:
+    t_cpu, _ = run_merge(base, experts, cpu_out, method, params, "cpu")
+    row = {"cpu_seconds": round(t_cpu, 2)}
+    if cuda:
+        budget = 2 * 10**9
+        import gc
+        gc.collect()  # earlier runs' tensors still waiting for collection would count below
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        held = torch.cuda.memory_allocated()
+        gpu_out = os.path.join(work, f"gpu-{index}")
+        t_gpu, info = run_merge(base, experts, gpu_out, method, params, "cuda", budget)
+        a, b = load(cpu_out), load(gpu_out)
+        worst = 0.0
+        for name in a:
+            update = float((a[name].float() - base_t[name].float()).norm()) or 1.0
+            worst = max(worst, float((a[name].float() - b[name].float()).norm()) / update)
+        row |= {"cuda_seconds": round(t_gpu, 2), "max_relative_difference": worst,
+                "max_memory_allocated": torch.cuda.max_memory_allocated() - held, "max_gpu_memory": budget, "planned_gpu": info["planned_gpu"]}
+    return row
 
 
 def step_linalg(cuda: bool) -> list[dict]:
@@ -176,14 +200,21 @@ def main(argv: list[str] | None = None) -> int:
         record |= {"device": props.name, "gpu_memory": props.total_memory}
     log(f"1. environment: {json.dumps(record)}")
     work = args.work or tempfile.mkdtemp(prefix="gpu-check-")
+
+    def save() -> None:  # after every step, so a run cut short keeps what it measured
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(record, f, indent=2)
     try:
         log("2. every method, CPU against CUDA, toy models" + ("" if cuda else " (no CUDA device: CPU side only)"))
         record["numerics"] = step_numerics(work, cuda)
+        save()
         if not cuda:
             log("3-5. skipped: no CUDA device")
         else:
             log("3. OrthoMerge linear algebra at Llama-3.1-8B shapes")
             record["linalg_8b"] = step_linalg(cuda)
+            save()
             if not args.skip_end_to_end:
                 log("4. end to end: OrthoMerge-C + TIES residual, three 1.5 B experts")
                 record["end_to_end"] = step_end_to_end(work)
@@ -193,9 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(record, f, indent=2)
+    save()
     log(f"written: {args.out}")
     return 0
 

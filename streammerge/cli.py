@@ -165,8 +165,11 @@ def merge(output_format, restart, quiet, memory_report, checkpoint_every, report
     finally:
         merger.close()
     if memory_report:
+        gpu = {}
+        if report.device.startswith("cuda"):  # what torch's allocator held at most, against the plan
+            gpu = {"planned_peak_gpu": merger.plan.peak_gpu, "measured_peak_gpu": torch.cuda.max_memory_allocated()}
         with open(memory_report, "w") as f:
-            json.dump({
+            json.dump(gpu | {
                 "planned_peak_ram": report.planned_peak_ram, "measured_peak_ram": report.measured_peak_ram,
                 "baseline_ram": merger.plan.baseline, "ram_budget": merger.plan.ram_budget,
                 "seconds": report.seconds, "bytes_read_ahead": report.bytes_read_ahead,

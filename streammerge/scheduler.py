@@ -509,7 +509,9 @@ class Merger:
                 if not all_finite(src.get(t.name, self.compute_dtype)):
                     raise NonFiniteError(f"{src.file_of(t.name)}: tensor {t.name!r} contains NaN or Inf (pass --allow-nonfinite to merge it anyway)")
             raise NonFiniteError(f"merged tensor {t.name!r} has NaN or Inf although its inputs are finite (a bug: please report)")
-        return result.to(device="cpu", dtype=DTYPES[t.dtype])
+        # convert, then move: a blocking device-to-host copy would convert on the host, holding a
+        # float32 copy of the result in RAM
+        return result.to(DTYPES[t.dtype]).to("cpu")
 
     def run(self) -> MergeReport:
         """Merge (or resume); SIGINT/SIGTERM anywhere leave a resumable state and raise Interrupted."""

@@ -129,7 +129,13 @@ class Checkpoint:
         raw = self._read(path, info)
         if rows is not None:
             raw = raw[rows[0]:rows[1]]
-        out = raw.to(device=device, dtype=dtype or raw.dtype, copy=True)
+        dtype = dtype or raw.dtype
+        if torch.device(device).type != "cpu" and dtype != raw.dtype:
+            # move, then convert there: torch converts a blocking host-to-device copy on the host,
+            # which would put a float32 copy of the tensor in RAM
+            out = raw.to(device=device, copy=True).to(dtype)
+        else:
+            out = raw.to(device=device, dtype=dtype, copy=True)
         if rows is None:
             self._release(path, info, 0, info.nbytes)
         else:

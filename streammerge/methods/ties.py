@@ -180,8 +180,8 @@ class DisjointMerge:
     def finish(self, out: torch.Tensor) -> torch.Tensor:
         if self.balance < 0:
             flat = out.view(-1)
-            for idx, value in self.alternatives:
-                flat[idx] = value.to(out.dtype)
+            for idx, value in self.alternatives:  # kept on the CPU while the tensor streams
+                flat[idx.to(out.device)] = value.to(out.device, out.dtype)
         return out
 
 
