@@ -1,0 +1,202 @@
+#!/usr/bin/env python3
+"""Merge the cached experts with every method and measure per-task accuracy (MiniLM-L6).
+
+    python bench/quality/train_experts.py --seeds 0 1 2      # once (cached)
+    python bench/quality/run_benchmark.py --seeds 0 1 2      # → bench/results/quality.{md,json}
+
+For each expert family (OFT, LoRA, full fine-tune) and seed, the five experts of that family and
+seed are merged by each configuration below with streammerge's Python API, the merged encoder is
+loaded with transformers and every task is scored with its own expert's head. Hyper-parameters
+are chosen on the validation split (the mean validation accuracy over the five tasks) from the
+small grid written beside each configuration; the test split is scored once, for the chosen point.
+Scale controls: task arithmetic at λ = 1/N and 1/√N; the Table-4 ablations of OrthoMerge
+(average R, sequential product of R, average Q) beside its magnitude-corrected mean.
+Normalized accuracy = merged accuracy / the task's own expert's accuracy (test), averaged.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import shutil
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch  # noqa: E402
+from common import CACHE, accuracy, expert_dir, model_folder, tokenised  # noqa: E402
+from tasks import TASKS, build  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+N = len(TASKS)
+LAMBDAS = [0.3, 0.5, 0.7, 1.0]
+
+
+def configs(family: str) -> list[tuple[str, str, dict, dict]]:
+    """(label, method, fixed parameters, grid {parameter: values}) for one expert family."""
+    rows = [
+        ("task arithmetic", "task_arithmetic", {}, {"lambda": LAMBDAS}),
+        ("TA λ = 1/N", "task_arithmetic", {"lambda": 1 / N}, {}),
+        ("TA λ = 1/√N", "task_arithmetic", {"lambda": 1 / math.sqrt(N)}, {}),
+        ("TIES", "ties", {}, {"density": [0.2, 0.5], "lambda": [0.5, 1.0]}),
+        ("DARE-TIES", "dare_ties", {}, {"lambda": [0.5, 1.0]}),
+        ("TSV-M", "tsv", {}, {"alpha": [0.5, 1.0]}),
+        ("Iso-C", "iso_c", {}, {"alpha": [0.5, 1.0, 1.5]}),
+        ("Iso-CTS", "iso_cts", {}, {"alpha": [0.5, 1.0, 1.5]}),
+        ("ortho_svd", "ortho_svd", {}, {"alpha": [0.5, 1.0], "threshold": [0.3, 0.5]}),
+        ("DO-Merging", "do_merging", {}, {"lambda": [0.5, 1.0]}),
+    ]
+    if family == "oft":
+        om = [("OrthoMerge (generators)", "orthomerge", {}, {"scale": [0.5, 1.0, 1.5]})]
+    else:
+        om = [(f"OrthoMerge-{t[0].upper()} + {r}", "orthomerge", {"target": t, "residual_method": m}, {"scale": [0.5, 1.0, 1.5]})
+              for t in ("global", "conflict") for r, m in (("TA", "task_arithmetic"), ("TIES", "ties"), ("TSV-M", "tsv"))]
+    ablations = [("Table 4: average R", "orthomerge", {"rotation_merge": "average_r"}, {}),
+                 ("Table 4: product R", "orthomerge", {"rotation_merge": "product_r"}, {}),
+                 ("Table 4: average Q", "orthomerge", {"rotation_merge": "average_q"}, {}),
+                 ("Table 4: magnitude-corrected (OrthoMerge)", "orthomerge", {}, {})]
+    if family != "oft":  # on dense experts the ablations use the global target, as the paper's OFT merges rotate everything
+        ablations = [(label, m, p | {"target": "global"}, g) for label, m, p, g in ablations]
+    return rows + om + ablations
+
+
+def expert_path(family: str, task: str, seed: int) -> str:
+    d = expert_dir(family, task, seed)
+    return os.path.join(d, "model" if family == "full" else "adapter")
+
+
+def heads(family: str, seed: int, tasks: dict) -> dict:
+    out = {}
+    for task in TASKS:
+        h = torch.nn.Linear(384, len(tasks[task]["labels"]))
+        h.load_state_dict(torch.load(os.path.join(expert_dir(family, task, seed), "head.pt")))
+        out[task] = h
+    return out
+
+
+def score(folder: str, hs: dict, data: dict, split: str) -> dict:
+    from transformers import AutoModel
+    encoder = AutoModel.from_pretrained(folder)
+    return {task: accuracy(encoder, hs[task], data[task][split]) for task in TASKS}
+
+
+def merged(method: str, params: dict, family: str, seed: int, out: str) -> float:
+    from streammerge import Expert, Recipe, merge
+    experts = tuple(Expert(expert_path(family, t, seed)) for t in TASKS)
+    shutil.rmtree(out, ignore_errors=True)
+    start = time.perf_counter()
+    merge(Recipe(method, model_folder(), experts, out, dict(params), seed=seed), device="cpu")
+    return time.perf_counter() - start
+
+
+def run_family(family: str, seed: int, data: dict, tasks: dict, work: str, only: set[str] | None) -> dict:
+    hs = heads(family, seed, tasks)
+    own = {t: json.load(open(os.path.join(expert_dir(family, t, seed), "meta.json"))) for t in TASKS}
+    result = {"base": score(model_folder(), hs, data, "test"), "experts": {t: own[t]["test_accuracy"] for t in TASKS},
+              "expert_training_seconds": sum(own[t]["seconds"] for t in TASKS), "methods": {}}
+    for label, method, fixed, grid in configs(family):
+        if only and label not in only:
+            continue
+        best = None
+        keys = list(grid)
+        started = time.perf_counter()
+        for values in itertools.product(*(grid[k] for k in keys)) if keys else [()]:
+            params = fixed | dict(zip(keys, values))
+            out = os.path.join(work, "candidate")
+            try:
+                merged(method, params, family, seed, out)
+            except Exception as exc:  # recorded: a method that cannot merge this family says why
+                best = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0]}"}
+                break
+            val = score(out, hs, data, "val")
+            mean = statistics.fmean(val.values())
+            if best is None or mean > best["val_mean"]:
+                shutil.rmtree(os.path.join(work, "best"), ignore_errors=True)
+                os.replace(out, os.path.join(work, "best"))
+                best = {"params": dict(zip(keys, values)), "val_mean": mean}
+        if best is not None and "error" not in best:
+            best["test"] = score(os.path.join(work, "best"), hs, data, "test")
+        best = (best or {}) | {"method": method, "fixed": fixed, "grid": grid, "seconds": round(time.perf_counter() - started, 1)}
+        result["methods"][label] = best
+        shown = "error " + best["error"] if "error" in best else f"test mean {statistics.fmean(best['test'].values()):.4f} {best['params']}"
+        print(f"{family} s{seed} {label:45s} {shown} ({best['seconds']} s)", flush=True)
+    return result
+
+
+def summarise(results: dict, families: list[str], seeds: list[int]) -> str:
+    lines = []
+    for family in families:
+        runs = [results[f"{family}-s{s}"] for s in seeds if f"{family}-s{s}" in results]
+        if not runs:
+            continue
+        lines += [f"\n### {family.upper() if family != 'full' else 'Full fine-tunes'} ({len(runs)} seed(s): {', '.join(str(s) for s in seeds)})\n",
+                  "| | " + " | ".join(TASKS) + " | average | normalized |", "|---" * (len(TASKS) + 3) + "|"]
+
+        def row(label: str, per_seed: list[dict]) -> str:
+            experts = [r["experts"] for r in runs]
+            cells = []
+            for t in TASKS:
+                vals = [100 * p[t] for p in per_seed]
+                cells.append(f"{statistics.fmean(vals):.1f}" + (f" ± {statistics.stdev(vals):.1f}" if len(vals) > 1 else ""))
+            avg = [100 * statistics.fmean(p.values()) for p in per_seed]
+            norm = [100 * statistics.fmean(p[t] / e[t] for t in TASKS) for p, e in zip(per_seed, experts)]
+            sd = (lambda v: f" ± {statistics.stdev(v):.1f}" if len(v) > 1 else "")
+            return f"| {label} | " + " | ".join(cells) + f" | {statistics.fmean(avg):.1f}{sd(avg)} | {statistics.fmean(norm):.1f}{sd(norm)} |"
+
+        lines.append(row("base encoder + expert heads", [r["base"] for r in runs]))
+        lines.append(row("individual experts (each on its task)", [r["experts"] for r in runs]))
+        for label in runs[0]["methods"]:
+            per = [r["methods"][label] for r in runs if label in r["methods"]]
+            if any("error" in p for p in per):
+                lines.append(f"| {label} | " + " | ".join(["—"] * len(TASKS)) + f" | {per[0].get('error', '')} | |")
+                continue
+            chosen = "; ".join(sorted({", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in p["params"].items()) for p in per} - {""}))
+            lines.append(row(label + (f" ({chosen})" if chosen else ""), [p["test"] for p in per]))
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--families", nargs="+", default=["oft", "lora", "full"], choices=["oft", "lora", "full"])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--only", nargs="*", help="run only these configuration labels (others kept from --json)")
+    ap.add_argument("--json", default=os.path.join(ROOT, "bench", "results", "quality.json"))
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    from transformers import AutoTokenizer
+    tasks = build()
+    data = tokenised(tasks, AutoTokenizer.from_pretrained(model_folder()))
+    record = json.load(open(args.json)) if os.path.exists(args.json) else {}
+    results = record.setdefault("results", {})
+    work = os.path.join(CACHE, "merges")
+    os.makedirs(work, exist_ok=True)
+    started = time.perf_counter()
+    for seed in args.seeds:
+        for family in args.families:
+            if not all(os.path.exists(os.path.join(expert_dir(family, t, seed), "meta.json")) for t in TASKS):
+                print(f"{family} s{seed}: experts not all trained (bench/quality/train_experts.py --seeds {seed}); skipped", flush=True)
+                continue
+            key = f"{family}-s{seed}"
+            fresh = run_family(family, seed, data, tasks, work, set(args.only) if args.only else None)
+            if args.only and key in results:
+                results[key]["methods"].update(fresh["methods"])
+            else:
+                results[key] = fresh
+            record |= {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{os.cpu_count()} cores", "load_average": os.getloadavg(),
+                       "command": "python bench/quality/run_benchmark.py " + " ".join(sys.argv[1:]), "torch": torch.__version__}
+            with open(args.json, "w") as f:
+                json.dump(record, f, indent=2)
+    record["seconds_this_run"] = round(time.perf_counter() - started)
+    with open(args.json, "w") as f:
+        json.dump(record, f, indent=2)
+    seeds = sorted({int(k.rsplit("-s", 1)[1]) for k in results})
+    print(summarise(results, args.families, seeds))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
