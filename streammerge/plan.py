@@ -24,6 +24,9 @@ from .units import format_size
 
 RAM_MARGIN = 0.10  # default budgets leave this fraction of the free memory alone
 PREFETCH_BUFFER = 16 * 1024 * 1024  # the read-ahead thread's reusable buffer (anonymous)
+# host memory the CUDA libraries take once cuBLAS and cuSOLVER have run (torch 2.11, H100:
+# 335 MB from `import torch` to after a matmul, eigh, SVD, QR and solve; bench/results/gpu.md)
+CUDA_LIBRARIES_HOST = 335 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -61,7 +64,8 @@ class Plan:
 
     @property
     def peak_host(self) -> int:
-        return self.baseline + PREFETCH_BUFFER + max((t.host_bytes for t in self.tensors), default=0)
+        cuda = CUDA_LIBRARIES_HOST if any(t.device == "cuda" for t in self.tensors) else 0
+        return self.baseline + PREFETCH_BUFFER + cuda + max((t.host_bytes for t in self.tensors), default=0)
 
     @property
     def peak_gpu(self) -> int:
@@ -82,7 +86,7 @@ class Plan:
             worst = max(self.tensors, key=lambda t: t.host_bytes)
             raise ResourceError(
                 f"the merge needs {format_size(self.peak_host)} of RAM (tensor {worst.name!r} {list(worst.shape)} on {worst.device}: "
-                f"{format_size(worst.host_bytes)}, plus {format_size(self.baseline + PREFETCH_BUFFER)} for the process); "
+                f"{format_size(worst.host_bytes)}, plus {format_size(self.peak_host - worst.host_bytes)} for the process); "
                 f"--max-ram is {format_size(self.ram_budget)}: give at least --max-ram {math.ceil(self.peak_host / 1e6)}MB"
             )
         if self.disk_needed > self.disk_free:
@@ -107,7 +111,9 @@ class Plan:
             "",
             f"largest tensor: {largest.name} {list(largest.shape)}",
             f"peak RAM (anonymous): {format_size(self.peak_host)} of --max-ram {format_size(self.ram_budget)} "
-            f"(process {format_size(self.baseline)} + read buffer {format_size(PREFETCH_BUFFER)} + largest working set)",
+            f"(process {format_size(self.baseline)} + read buffer {format_size(PREFETCH_BUFFER)}"
+            + (f" + CUDA libraries {format_size(CUDA_LIBRARIES_HOST)}" if any(t.device == "cuda" for t in self.tensors) else "")
+            + " + largest working set)",
             f"peak GPU: {format_size(self.peak_gpu)}" + (f" of --max-gpu-memory {format_size(self.gpu_budget)}" if self.gpu_budget is not None else " (no GPU used)"),
             f"tensors spilled to the CPU: {len(self.spilled)}",
             f"read: {format_size(self.read_total)}" + (f" ({self.extra_passes} statistics pass(es) re-read the inputs)" if self.extra_passes else ""),

@@ -45,13 +45,19 @@ def embed(encoder, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def accuracy(encoder, head, data: tuple, batch: int = 128) -> float:
+def accuracy(encoder, head, data: tuple, batch: int = 64) -> float:
+    """Examples in order of length, each batch cut to its longest (the mask makes padding inert;
+    sentences average 25 of the 64 tokens, so this is about 3× faster than full padding)."""
     ids, mask, labels = data
     encoder.eval()
+    lengths = mask.sum(1)
+    order = torch.argsort(lengths, stable=True)
     correct = 0
     for s in range(0, len(labels), batch):
-        logits = head(embed(encoder, ids[s:s + batch], mask[s:s + batch]))
-        correct += int((logits.argmax(-1) == labels[s:s + batch]).sum())
+        idx = order[s:s + batch]
+        width = int(lengths[idx].max())
+        logits = head(embed(encoder, ids[idx, :width], mask[idx, :width]))
+        correct += int((logits.argmax(-1) == labels[idx]).sum())
     return correct / len(labels)
 
 

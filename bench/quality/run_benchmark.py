@@ -83,9 +83,9 @@ def score(folder: str, hs: dict, data: dict, split: str) -> dict:
     return {task: accuracy(encoder, hs[task], data[task][split]) for task in TASKS}
 
 
-def merged(method: str, params: dict, family: str, seed: int, out: str) -> float:
+def merged(method: str, params: dict, family: str, seed: int, out: str, tasks: tuple[str, ...] = TASKS) -> float:
     from streammerge import Expert, Recipe, merge
-    experts = tuple(Expert(expert_path(family, t, seed)) for t in TASKS)
+    experts = tuple(Expert(expert_path(family, t, seed)) for t in tasks)
     shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
     merge(Recipe(method, model_folder(), experts, out, dict(params), seed=seed), device="cpu")
@@ -95,7 +95,16 @@ def merged(method: str, params: dict, family: str, seed: int, out: str) -> float
 def run_family(family: str, seed: int, data: dict, tasks: dict, work: str, only: set[str] | None) -> dict:
     hs = heads(family, seed, tasks)
     own = {t: json.load(open(os.path.join(expert_dir(family, t, seed), "meta.json"))) for t in TASKS}
-    result = {"base": score(model_folder(), hs, data, "test"), "experts": {t: own[t]["test_accuracy"] for t in TASKS},
+    # each expert alone, applied to the base by streammerge (an adapter's `linear` merge of one
+    # expert is the adapter merged into the base) and scored on its own task
+    alone = {}
+    for t in TASKS:
+        out = os.path.join(work, "alone")
+        merged("linear", {}, family, seed, out, (t,))
+        from transformers import AutoModel
+        alone[t] = accuracy(AutoModel.from_pretrained(out), hs[t], data[t]["test"])
+    result = {"base": score(model_folder(), hs, data, "test"), "experts": alone,
+              "experts_as_trained": {t: own[t]["test_accuracy"] for t in TASKS},
               "expert_training_seconds": sum(own[t]["seconds"] for t in TASKS), "methods": {}}
     for label, method, fixed, grid in configs(family):
         if only and label not in only:
