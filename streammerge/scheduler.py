@@ -102,6 +102,8 @@ def check_compatible(base: Checkpoint, experts: list[ExpertSource]) -> None:
         names = ck.locations
         for n in base_names:
             if n not in names:
+                if base.info(n).dtype not in FLOAT_DTYPES:
+                    continue  # copied from the base, never merged (transformers ≥ 4.3x no longer saves position_ids)
                 problems.append(f"{ck.folder}: tensor {n!r} is missing (it is in the base)")
                 continue
             b, e = base.info(n), ck.info(n)
@@ -326,11 +328,11 @@ class Merger:
         for shard in self.shards:
             for t in shard.tensors:
                 base_bytes = self.base.info(t.name).nbytes
-                read = base_bytes + sum(e.info(t.name).nbytes for e in self.experts if isinstance(e, Checkpoint))
-                if not t.merged:
+                if not t.merged:  # copied from the base: the experts' copies are not read
                     tensors.append(TensorPlan(t.name, t.shape, "copy", 0, 2 * base_bytes + previous_out, base_bytes, t.nbytes))
                     previous_out = t.nbytes
                     continue
+                read = base_bytes + sum(e.info(t.name).nbytes for e in self.experts if isinstance(e, Checkpoint))
                 need = self.method.memory(t.name, t.shape, n, self._values[t.name].params, itemsize)
                 numel = math.prod(t.shape)
                 # the result is held until written; the writer thread may still be writing the previous one
@@ -575,7 +577,7 @@ class Merger:
         ranges = []
         for shard in shards:
             for t in shard.tensors:
-                for src in (self.base, *self.experts):
+                for src in (self.base, *self.experts) if t.merged else (self.base,):  # copies read the base only
                     if isinstance(src, Checkpoint):
                         info = src.info(t.name)
                         ranges.append((src.file_of(t.name), info.offset, info.nbytes))

@@ -125,3 +125,24 @@ def test_one_line_errors_in_the_users_words(toy_untied, tmp_path, args, message)
 def test_dare_takes_density_and_negative_lambda(toy_untied, tmp_path):
     assert cli("merge", "--quiet", *flags(toy_untied), "--method", "dare_ties", "--density", "0.3", "--out", str(tmp_path / "a")).exit_code == 0
     assert cli("merge", "--quiet", *flags(toy_untied), "--method", "task_arithmetic", "--lambda", "-0.5", "--out", str(tmp_path / "b")).exit_code == 0
+
+
+def test_expert_without_an_integer_buffer_of_the_base_merges(tmp_path):
+    """Newer transformers do not save `position_ids`; such an expert still merges, and the output
+    takes the buffer from the base. A missing float tensor is still refused."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from streammerge import Expert, Recipe, merge
+    from streammerge.errors import InputError
+
+    ids = torch.arange(8).unsqueeze(0)
+    for name, tensors in {"base": {"w": torch.zeros(4, 4), "ids": ids}, "expert": {"w": torch.ones(4, 4)},
+                          "no_float": {"ids": ids}}.items():
+        os.makedirs(tmp_path / name)
+        save_file(tensors, str(tmp_path / name / "model.safetensors"))
+    merge(Recipe("task_arithmetic", str(tmp_path / "base"), (Expert(str(tmp_path / "expert")),), str(tmp_path / "out")))
+    out = load_file(str(tmp_path / "out" / "model-00001-of-00001.safetensors"))
+    assert torch.equal(out["ids"], ids) and torch.equal(out["w"], torch.ones(4, 4))
+    with pytest.raises(InputError, match="tensor 'w' is missing"):
+        merge(Recipe("task_arithmetic", str(tmp_path / "base"), (Expert(str(tmp_path / "no_float")),), str(tmp_path / "out2")))

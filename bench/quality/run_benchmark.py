@@ -20,9 +20,11 @@ import itertools
 import json
 import math
 import os
+import shlex
 import shutil
 import statistics
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -32,7 +34,7 @@ from tasks import TASKS, build  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 N = len(TASKS)
-LAMBDAS = [0.3, 0.5, 0.7, 1.0]
+LAMBDAS = [0.2, 0.3, 0.5, 0.7, 1.0]
 
 
 def configs(family: str) -> list[tuple[str, str, dict, dict]]:
@@ -41,18 +43,18 @@ def configs(family: str) -> list[tuple[str, str, dict, dict]]:
         ("task arithmetic", "task_arithmetic", {}, {"lambda": LAMBDAS}),
         ("TA λ = 1/N", "task_arithmetic", {"lambda": 1 / N}, {}),
         ("TA λ = 1/√N", "task_arithmetic", {"lambda": 1 / math.sqrt(N)}, {}),
-        ("TIES", "ties", {}, {"density": [0.2, 0.5], "lambda": [0.5, 1.0]}),
-        ("DARE-TIES", "dare_ties", {}, {"lambda": [0.5, 1.0]}),
-        ("TSV-M", "tsv", {}, {"alpha": [0.5, 1.0]}),
-        ("Iso-C", "iso_c", {}, {"alpha": [0.5, 1.0, 1.5]}),
-        ("Iso-CTS", "iso_cts", {}, {"alpha": [0.5, 1.0, 1.5]}),
-        ("ortho_svd", "ortho_svd", {}, {"alpha": [0.5, 1.0], "threshold": [0.3, 0.5]}),
-        ("DO-Merging", "do_merging", {}, {"lambda": [0.5, 1.0]}),
+        ("TIES", "ties", {}, {"density": [0.2, 0.5], "lambda": [0.3, 0.5, 1.0]}),
+        ("DARE-TIES", "dare_ties", {}, {"lambda": [0.3, 0.5, 1.0]}),
+        ("TSV-M", "tsv", {}, {"alpha": [0.25, 0.5, 1.0]}),
+        ("Iso-C", "iso_c", {}, {"alpha": [0.25, 0.5, 1.0]}),
+        ("Iso-CTS", "iso_cts", {}, {"alpha": [0.25, 0.5, 1.0]}),
+        ("ortho_svd", "ortho_svd", {}, {"alpha": [0.25, 0.5], "threshold": [0.3, 0.5]}),
+        ("DO-Merging", "do_merging", {}, {"lambda": [0.3, 0.5, 1.0]}),
     ]
     if family == "oft":
-        om = [("OrthoMerge (generators)", "orthomerge", {}, {"scale": [0.5, 1.0, 1.5]})]
+        om = [("OrthoMerge (generators)", "orthomerge", {}, {"scale": [0.25, 0.5, 0.75, 1.0]})]
     else:
-        om = [(f"OrthoMerge-{t[0].upper()} + {r}", "orthomerge", {"target": t, "residual_method": m}, {"scale": [0.5, 1.0, 1.5]})
+        om = [(f"OrthoMerge-{t[0].upper()} + {r}", "orthomerge", {"target": t, "residual_method": m}, {"scale": [0.5, 1.0]})
               for t in ("global", "conflict") for r, m in (("TA", "task_arithmetic"), ("TIES", "ties"), ("TSV-M", "tsv"))]
     ablations = [("Table 4: average R", "orthomerge", {"rotation_merge": "average_r"}, {}),
                  ("Table 4: product R", "orthomerge", {"rotation_merge": "product_r"}, {}),
@@ -167,6 +169,55 @@ def summarise(results: dict, families: list[str], seeds: list[int]) -> str:
     return "\n".join(lines)
 
 
+def headline(results: dict, seeds: list[int]) -> str:
+    """Average test accuracy (%) per method and family, seeds averaged; — where not run."""
+    families = [f for f in ("oft", "lora", "full") if any(f"{f}-s{s}" in results for s in seeds)]
+    runs = {f: [results[f"{f}-s{s}"] for s in seeds if f"{f}-s{s}" in results] for f in families}
+
+    def cell(values: list[float]) -> str:
+        if not values:
+            return "—"
+        return f"{statistics.fmean(values):.1f}" + (f" ± {statistics.stdev(values):.1f}" if len(values) > 1 else "")
+
+    names = {"oft": "OFT", "lora": "LoRA", "full": "full"}
+    lines = ["| average test accuracy (%) | " + " | ".join(names[f] for f in families) + " |", "|---" * (len(families) + 1) + "|"]
+    lines.append("| base encoder + expert heads | " + " | ".join(cell([100 * statistics.fmean(r["base"].values()) for r in runs[f]]) for f in families) + " |")
+    lines.append("| individual experts | " + " | ".join(cell([100 * statistics.fmean(r["experts"].values()) for r in runs[f]]) for f in families) + " |")
+    labels: list[str] = []
+    for f in families:
+        for label in runs[f][0]["methods"]:
+            if label not in labels:
+                labels.append(label)
+    for label in labels:
+        cells = []
+        for f in families:
+            per = [r["methods"][label] for r in runs[f] if label in r["methods"] and "test" in r["methods"][label]]
+            cells.append(cell([100 * statistics.fmean(p["test"].values()) for p in per]))
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_markdown(args) -> int:
+    records = [json.load(open(p)) for p in [args.json, *args.also]]
+    results: dict = {}
+    for r in records:
+        results |= r["results"]
+    seeds = sorted({int(k.rsplit("-s", 1)[1]) for k in results})
+    header = ["# Merge quality on MiniLM-L6: five conflicting tasks, three expert families", "",
+              "Test accuracy (%) per task, its average, and normalized accuracy (merged / the task's own expert, averaged).",
+              "Hyper-parameters chosen on the validation split from the grid in `bench/quality/run_benchmark.py` (chosen values",
+              "in parentheses). Tasks, experts and protocol: `bench/quality/`. Runs:"]
+    for r in records:
+        for h in r.get("history", [r]):
+            load = ", ".join(f"{x:.1f}" for x in h["load_average"]) if h.get("load_average") else "not recorded"
+            header.append(f"- `{h['command']}` — {h['date']}, {r['machine']}, load average {load}, torch {r['torch']}"
+                          + (f": {h['note']}" if h.get("note") else ""))
+    with open(args.markdown, "w") as f:
+        f.write("\n".join(header) + "\n\n" + headline(results, seeds) + "\n" + summarise(results, ["oft", "lora", "full"], seeds) + "\n")
+    print(f"written: {args.markdown}")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--families", nargs="+", default=["oft", "lora", "full"], choices=["oft", "lora", "full"])
@@ -174,15 +225,19 @@ def main() -> int:
     ap.add_argument("--only", nargs="*", help="run only these configuration labels (others kept from --json)")
     ap.add_argument("--json", default=os.path.join(ROOT, "bench", "results", "quality.json"))
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--markdown", help="write the tables of --json (and of any --also JSON) here, and run nothing")
+    ap.add_argument("--also", nargs="*", default=[], help="other result JSONs (runs split across processes) for --markdown")
     args = ap.parse_args()
+    if args.markdown:
+        return write_markdown(args)
     torch.set_num_threads(args.threads)
     from transformers import AutoTokenizer
     tasks = build()
     data = tokenised(tasks, AutoTokenizer.from_pretrained(model_folder()))
     record = json.load(open(args.json)) if os.path.exists(args.json) else {}
     results = record.setdefault("results", {})
-    work = os.path.join(CACHE, "merges")
-    os.makedirs(work, exist_ok=True)
+    os.makedirs(os.path.join(CACHE, "merges"), exist_ok=True)
+    work = tempfile.mkdtemp(dir=os.path.join(CACHE, "merges"))  # its own: runs may go side by side
     started = time.perf_counter()
     for seed in args.seeds:
         for family in args.families:
@@ -196,10 +251,12 @@ def main() -> int:
             else:
                 results[key] = fresh
             record |= {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{os.cpu_count()} cores", "load_average": os.getloadavg(),
-                       "command": "python bench/quality/run_benchmark.py " + " ".join(sys.argv[1:]), "torch": torch.__version__}
+                       "command": "python bench/quality/run_benchmark.py " + shlex.join(sys.argv[1:]), "torch": torch.__version__}
             with open(args.json, "w") as f:
                 json.dump(record, f, indent=2)
+    shutil.rmtree(work, ignore_errors=True)
     record["seconds_this_run"] = round(time.perf_counter() - started)
+    record.setdefault("history", []).append({k: record[k] for k in ("command", "date", "load_average")} | {"seconds": record["seconds_this_run"]})
     with open(args.json, "w") as f:
         json.dump(record, f, indent=2)
     seeds = sorted({int(k.rsplit("-s", 1)[1]) for k in results})
