@@ -1,6 +1,8 @@
-"""Helpers the benchmark scripts share: dropping the page cache, loading a model folder whole."""
+"""Helpers the benchmark scripts share: dropping the page cache, loading a model folder whole,
+writing a result as JSON and Markdown."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 
@@ -27,3 +29,16 @@ def load_model(folder: str) -> dict[str, torch.Tensor]:
         if f.endswith(".safetensors"):
             out.update(load_file(os.path.join(folder, f)))
     return out
+
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def write_results(stem: str, doc: dict, lines: list[str]) -> None:
+    """bench/results/STEM.json (the raw record) and STEM.md (its table), and the table on stdout."""
+    os.makedirs(RESULTS, exist_ok=True)
+    with open(os.path.join(RESULTS, stem + ".json"), "w") as f:
+        json.dump(doc, f, indent=2)
+    with open(os.path.join(RESULTS, stem + ".md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))

@@ -11,7 +11,6 @@ a few percent of 1. Writes bench/results/polar.md and .json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -23,6 +22,8 @@ import torch
 ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, ROOT)
 from streammerge.math.robust import newton_schulz_polar  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import write_results  # noqa: E402
 
 
 def near_orthogonal(n: int, dtype: torch.dtype) -> torch.Tensor:
@@ -63,9 +64,6 @@ def main(argv: list[str] | None = None) -> int:
     doc = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
            f"{torch.get_num_threads()} threads", "load_average_before": load, "load_average_after": os.getloadavg(),
            "command": "python bench/polar_bench.py " + " ".join(argv if argv is not None else sys.argv[1:]), "rows": rows}
-    os.makedirs(os.path.join(ROOT, "bench", "results"), exist_ok=True)
-    with open(os.path.join(ROOT, "bench", "results", "polar.json"), "w") as f:
-        json.dump(doc, f, indent=2)
     lines = ["# Polar factor of a near-orthogonal matrix: Newton–Schulz vs SVD", "",
              f"`{doc['command']}` on {doc['machine']}, {doc['date']}; load average {load[0]:.2f} before, {doc['load_average_after'][0]:.2f} after. "
              "Median of the repeats, alternating; error = ‖X − X_ref‖_F/√n against a float64 SVD.", "",
@@ -73,9 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         lines.append(f"| {r['n']} | {r['dtype']} | {r['newton_schulz_s']:.2f} s | {r['svd_s']:.2f} s | {r['newton_schulz_s'] / r['svd_s']:.2f} | "
                      f"{r['newton_schulz_error']:.1e} | {r['svd_error']:.1e} |")
-    with open(os.path.join(ROOT, "bench", "results", "polar.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results("polar", doc, lines)
     return 0
 
 

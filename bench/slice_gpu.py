@@ -82,7 +82,7 @@ def main() -> int:
         t0 = time.perf_counter()
         done = subprocess.run(cli(*cmd), env=env, capture_output=True, text=True)
         wall = time.perf_counter() - t0
-        row: dict = {"command": "streammerge " + " ".join(cmd[:2] + cmd[2:]), "wall_seconds": round(wall, 1)}
+        row: dict = {"command": "streammerge " + " ".join(cmd), "wall_seconds": round(wall, 1)}
         if done.returncode != 0:
             row["error"] = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"
         else:

@@ -11,7 +11,6 @@ bench/results/threads.md and .json with the machine, load averages and the comma
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -22,7 +21,8 @@ import time
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 WORK = os.path.join(ROOT, "bench", ".work", "threads")
-RESULTS = os.path.join(ROOT, "bench", "results")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import write_results  # noqa: E402
 
 
 def run(threads: int, busy: bool) -> dict:
@@ -69,18 +69,13 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"busy": busy, "threads": threads, "wall": statistics.median(r["wall"] for r in sel), "cpu": statistics.median(r["cpu"] for r in sel)})
     doc = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.machine()}, {os.cpu_count()} cores", "load_average_before": load_before,
            "command": "python bench/threads_bench.py " + " ".join(argv if argv is not None else sys.argv[1:]), "runs": runs, "medians": rows}
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, "threads.json"), "w") as f:
-        json.dump(doc, f, indent=2)
     lines = ["# OrthoMerge with 1 and 2 CPU threads, idle and beside one busy process", "",
              f"`{doc['command']}` on {doc['machine']}, {doc['date']}, load average before {load_before[0]:.2f}; one 0.5B-preset layer, "
              "three experts, medians over the repeats; CPU is the merge process's own.", "",
              "| other load | threads | wall | CPU (user+sys) |", "|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {'one busy process' if r['busy'] else 'none'} | {r['threads']} | {r['wall']:.1f} s | {r['cpu']:.1f} s |")
-    with open(os.path.join(RESULTS, "threads.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results("threads", doc, lines)
     return 0
 
 

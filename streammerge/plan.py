@@ -25,7 +25,7 @@ from .units import format_size
 RAM_MARGIN = 0.10  # default budgets leave this fraction of the free memory alone
 PREFETCH_BUFFER = 16 * 1024 * 1024  # the read-ahead thread's reusable buffer (anonymous)
 # host memory the CUDA libraries take once cuBLAS and cuSOLVER have run (torch 2.11, H100:
-# 335 MB from `import torch` to after a matmul, eigh, SVD, QR and solve; bench/results/gpu.md)
+# 335 MB from `import torch` to after a matmul, eigh, SVD, QR and solve; bench/cuda_host_memory.py)
 CUDA_LIBRARIES_HOST = 335 * 1024 * 1024
 
 
