@@ -4,7 +4,8 @@
     python bench/cuda_host_memory.py
 
 Prints RssAnon (MiB) after `import torch`, CUDA initialisation, a matmul, and float32/float64
-eigh, SVD, QR and solve at 4096². On the H100 of 2026-11-25 (torch 2.11.0+cu130) it went from
+eigh, SVD, QR and solve at 4096². The same steps run inline (without the float64 QR) on the
+H100 of 2026-11-25 (torch 2.11.0+cu130) went from
 277 MiB after the import to 612 MiB after the float64 solve: the 335 MB that `plan.CUDA_LIBRARIES_HOST`
 adds to a plan that uses the GPU (bench/results/gpu.md).
 """
