@@ -147,3 +147,60 @@ def test_orthomerge_of_tall_weights_in_row_blocks_equals_the_whole_merge(target,
         if name.endswith("embed_tokens.weight") or name.endswith("lm_head.weight"):
             moved += int(float(update) > 0)
     assert moved == 2  # the tall weights were really merged (and rotated) in blocks
+
+
+@pytest.mark.parametrize("method,params", [("model_stock", {}), ("model_stock", {"filter_wise": True}),
+                                           ("sce", {}), ("sce", {"select_topk": 0.4}), ("sce", {"select_topk": 0.0})])
+def test_whole_tensor_mergekit_methods_stream_in_row_blocks(method, params, toy_conflicting, tmp_path, monkeypatch):
+    """model_stock and sce merge a tensor too large for its N task vectors in row blocks (their
+    sums over the tensor in float64): equal to the whole-tensor merge to float32 round-off; with
+    a top-k variance mask, to the same formula with ties at the threshold kept in row-major order."""
+    from streammerge.methods import model_stock, sce
+    experts = tuple(Expert(p) for p in experts_of(toy_conflicting))
+
+    def run_with(label: str) -> dict[str, torch.Tensor]:
+        out = str(tmp_path / label)
+        merge(Recipe(method, os.path.join(toy_conflicting, "base"), experts, out, dict(params), dtype="float32"), device="cpu")
+        return load_outputs(out)
+
+    whole = run_with("whole")
+    monkeypatch.setattr(methods, "BLOCK_ELEMENTS", 1000)
+    monkeypatch.setattr(model_stock, "WHOLE_BYTES", 0)
+    monkeypatch.setattr(sce, "WHOLE_BYTES", 0)
+    streamed = run_with("streamed")
+    assert whole.keys() == streamed.keys()
+    topk = params.get("select_topk", 1.0)
+    base = load_outputs(os.path.join(toy_conflicting, "base"))
+    inputs = [load_outputs(p) for p in experts_of(toy_conflicting)]
+    for name in whole:
+        expected = whole[name]
+        if 0 < topk < 1 and whole[name].numel() > 1000:  # bf16 inputs tie at the threshold: row-major ties
+            expected = sce_with_row_major_ties(base[name].float(), [e[name].float() for e in inputs], topk)
+        scale = float(expected.abs().max()) or 1.0
+        assert torch.allclose(expected, streamed[name], rtol=0, atol=1e-6 * scale), name
+
+
+def sce_with_row_major_ties(w0: torch.Tensor, ws: list[torch.Tensor], topk: float) -> torch.Tensor:
+    """sce's formula on whole tensors, keeping the earliest entries among variances tied at the
+    k-th largest (a stable sort), as the streamed mask does."""
+    tvs = torch.stack([w - w0 for w in ws])
+    var = torch.var(tvs, dim=0, unbiased=False).reshape(-1)
+    k = int(int(torch.count_nonzero(var)) * topk)
+    mask = torch.zeros_like(var)
+    mask[torch.sort(var.abs(), descending=True, stable=True).indices[:k]] = 1
+    tvs = tvs * mask.view(w0.shape)
+    c = tvs.square().reshape(len(ws), -1).mean(dim=1)
+    c = c / c.sum()
+    agree = (tvs.sign() == torch.where(tvs.sum(0) >= 0, 1.0, -1.0)).float() * c.view(-1, *[1] * w0.dim())
+    return w0 + (tvs * agree).sum(0) / agree.sum(0).clamp(min=1e-6)
+
+
+def test_streamed_plans_of_model_stock_and_sce_are_blocks():
+    """At an 8B embedding the streamed plans need N blocks, not N copies of a 2 GB tensor."""
+    from streammerge.methods import model_stock, sce
+    shape, n = (128256, 4096), 5
+    for module, params in ((model_stock, model_stock.ModelStockParams()), (sce, sce.SceParams(select_topk=0.5))):
+        need = module.memory("model.embed_tokens.weight", shape, n, params, 4)
+        assert need.work < 64 * methods.BLOCK_ELEMENTS * 4
+        small = module.memory("w", (64, 64), n, params, 4)
+        assert small.work >= 4 * 64 * 64 * 4  # whole: several copies of the tensor

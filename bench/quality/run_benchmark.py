@@ -12,6 +12,8 @@ small grid written beside each configuration; the test split is scored once, for
 Scale controls: task arithmetic at λ = 1/N and 1/√N; the Table-4 ablations of OrthoMerge
 (average R, sequential product of R, average Q) beside its magnitude-corrected mean.
 Normalized accuracy = merged accuracy / the task's own expert's accuracy (test), averaged.
+A merge that two rows share (TA at λ = 1/N and the grid's λ = 0.2) is made and scored once.
+Each (family, seed) runs in its own process with one torch thread, `--jobs` of them side by side.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import argparse
 import itertools
 import json
 import math
+import multiprocessing
 import os
 import shlex
 import shutil
@@ -34,25 +37,29 @@ from tasks import TASKS, build  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 N = len(TASKS)
-LAMBDAS = [0.2, 0.3, 0.5, 0.7, 1.0]
+LAMBDAS = [0.1, 0.2, 0.3, 0.5, 1.0]
+SCALES = [0.125, 0.25, 0.5, 1.0]
 
 
 def configs(family: str) -> list[tuple[str, str, dict, dict]]:
-    """(label, method, fixed parameters, grid {parameter: values}) for one expert family."""
+    """(label, method, fixed parameters, grid {parameter: values}) for one expert family.
+    Grids: seed 0 of the first run chose the lower edge of TA's λ, TIES's density, Iso-C's α and
+    the OFT rotation scale, so those grids reach lower; points never chosen there were dropped
+    (TA λ 0.7, TIES density 0.5, ortho_svd threshold 0.3, OFT scale 0.75)."""
     rows = [
         ("task arithmetic", "task_arithmetic", {}, {"lambda": LAMBDAS}),
         ("TA λ = 1/N", "task_arithmetic", {"lambda": 1 / N}, {}),
         ("TA λ = 1/√N", "task_arithmetic", {"lambda": 1 / math.sqrt(N)}, {}),
-        ("TIES", "ties", {}, {"density": [0.2, 0.5], "lambda": [0.3, 0.5, 1.0]}),
+        ("TIES", "ties", {}, {"density": [0.1, 0.2], "lambda": [0.3, 0.5, 1.0]}),
         ("DARE-TIES", "dare_ties", {}, {"lambda": [0.3, 0.5, 1.0]}),
         ("TSV-M", "tsv", {}, {"alpha": [0.25, 0.5, 1.0]}),
-        ("Iso-C", "iso_c", {}, {"alpha": [0.25, 0.5, 1.0]}),
+        ("Iso-C", "iso_c", {}, {"alpha": [0.125, 0.25, 0.5, 1.0]}),
         ("Iso-CTS", "iso_cts", {}, {"alpha": [0.25, 0.5, 1.0]}),
-        ("ortho_svd", "ortho_svd", {}, {"alpha": [0.25, 0.5], "threshold": [0.3, 0.5]}),
+        ("ortho_svd", "ortho_svd", {"threshold": 0.5}, {"alpha": [0.25, 0.5, 1.0]}),
         ("DO-Merging", "do_merging", {}, {"lambda": [0.3, 0.5, 1.0]}),
     ]
     if family == "oft":
-        om = [("OrthoMerge (generators)", "orthomerge", {}, {"scale": [0.25, 0.5, 0.75, 1.0]})]
+        om = [("OrthoMerge (generators)", "orthomerge", {}, {"scale": SCALES})]
     else:
         om = [(f"OrthoMerge-{t[0].upper()} + {r}", "orthomerge", {"target": t, "residual_method": m}, {"scale": [0.5, 1.0]})
               for t in ("global", "conflict") for r, m in (("TA", "task_arithmetic"), ("TIES", "ties"), ("TSV-M", "tsv"))]
@@ -63,6 +70,14 @@ def configs(family: str) -> list[tuple[str, str, dict, dict]]:
     if family != "oft":  # on dense experts the ablations use the global target, as the paper's OFT merges rotate everything
         ablations = [(label, m, p | {"target": "global"}, g) for label, m, p, g in ablations]
     return rows + om + ablations
+
+
+def canonical(method: str, params: dict) -> str:
+    """One key per distinct merge: the method's parameters with every default filled in, so that
+    e.g. TA at λ = 1/N and the grid's λ = 0.2 are merged and scored once."""
+    from streammerge.methods import build_params, get_method
+    m, implied = get_method(method)
+    return f"{m.name}:{build_params(m.params_type, implied | params, method)!r}"
 
 
 def expert_path(family: str, task: str, seed: int) -> str:
@@ -108,33 +123,65 @@ def run_family(family: str, seed: int, data: dict, tasks: dict, work: str, only:
     result = {"base": score(model_folder(), hs, data, "test"), "experts": alone,
               "experts_as_trained": {t: own[t]["test_accuracy"] for t in TASKS},
               "expert_training_seconds": sum(own[t]["seconds"] for t in TASKS), "methods": {}}
+    seen: dict[str, dict] = {}  # canonical merge → {"val": ..., "test": ..., "folder": ...}
     for label, method, fixed, grid in configs(family):
         if only and label not in only:
             continue
-        best = None
+        best: dict | None = None
+        points = []
         keys = list(grid)
         started = time.perf_counter()
         for values in itertools.product(*(grid[k] for k in keys)) if keys else [()]:
             params = fixed | dict(zip(keys, values))
-            out = os.path.join(work, "candidate")
-            try:
-                merged(method, params, family, seed, out)
-            except Exception as exc:  # recorded: a method that cannot merge this family says why
-                best = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0]}"}
+            key = canonical(method, params)
+            if key not in seen:
+                folder = os.path.join(work, f"m{len(seen)}")
+                try:
+                    merged(method, params, family, seed, folder)
+                except Exception as exc:  # recorded: a method that cannot merge this family says why
+                    best = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0]}"}
+                    break
+                seen[key] = {"folder": folder, "params": params}
+            if not keys:  # nothing to choose: the test split only
+                best = {"params": {}, "key": key}
                 break
-            val = score(out, hs, data, "val")
-            mean = statistics.fmean(val.values())
-            if best is None or mean > best["val_mean"]:
-                shutil.rmtree(os.path.join(work, "best"), ignore_errors=True)
-                os.replace(out, os.path.join(work, "best"))
-                best = {"params": dict(zip(keys, values)), "val_mean": mean}
+            if "val" not in seen[key]:
+                seen[key]["val"] = score(seen[key]["folder"], hs, data, "val")
+            mean = statistics.fmean(seen[key]["val"].values())
+            points.append({"params": dict(zip(keys, values)), "val_mean": mean})
+            if best is None or mean > best["val_mean"]:  # ties: the first (smallest) grid point
+                best = {"params": dict(zip(keys, values)), "val_mean": mean, "key": key}
         if best is not None and "error" not in best:
-            best["test"] = score(os.path.join(work, "best"), hs, data, "test")
+            chosen = seen[best.pop("key")]
+            if "test" not in chosen:
+                if not os.path.exists(chosen["folder"]):  # merged for an earlier row, not chosen there
+                    merged(method, chosen["params"], family, seed, chosen["folder"])
+                chosen["test"] = score(chosen["folder"], hs, data, "test")
+            best["test"] = chosen["test"]
+            if points:
+                best["points"] = points
         best = (best or {}) | {"method": method, "fixed": fixed, "grid": grid, "seconds": round(time.perf_counter() - started, 1)}
         result["methods"][label] = best
+        for merge_ in seen.values():  # scores are kept; 90 MB per merged model is not
+            shutil.rmtree(merge_["folder"], ignore_errors=True)
         shown = "error " + best["error"] if "error" in best else f"test mean {statistics.fmean(best['test'].values()):.4f} {best['params']}"
         print(f"{family} s{seed} {label:45s} {shown} ({best['seconds']} s)", flush=True)
     return result
+
+
+def run_unit(unit: tuple) -> tuple[str, dict]:
+    """One (family, seed) in its own process: tokenised data, a scratch folder, `threads` threads."""
+    family, seed, threads, only = unit
+    torch.set_num_threads(threads)
+    from transformers import AutoTokenizer
+    tasks = build()
+    data = tokenised(tasks, AutoTokenizer.from_pretrained(model_folder()))
+    os.makedirs(os.path.join(CACHE, "merges"), exist_ok=True)
+    work = tempfile.mkdtemp(dir=os.path.join(CACHE, "merges"))  # its own: units run side by side
+    try:
+        return f"{family}-s{seed}", run_family(family, seed, data, tasks, work, only)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def summarise(results: dict, families: list[str], seeds: list[int]) -> str:
@@ -197,6 +244,36 @@ def headline(results: dict, seeds: list[int]) -> str:
     return "\n".join(lines)
 
 
+def defaults_table(results: dict, seeds: list[int]) -> str:
+    """Validation accuracy at each method's default parameters beside the best grid point (both
+    averaged over seeds): where the default is far below, the default is poor on this benchmark."""
+    lines = ["| validation accuracy (%): default → best (chosen) | OFT | LoRA | full |", "|---|---|---|---|"]
+    labels: list[str] = []
+    for key in results:
+        labels += [label for label, m in results[key]["methods"].items() if "points" in m and label not in labels]
+    for label in labels:
+        cells = []
+        for family in ("oft", "lora", "full"):
+            at_default, at_best, chosen = [], [], []
+            for seed in seeds:
+                m = results.get(f"{family}-s{seed}", {}).get("methods", {}).get(label)
+                if not m or "points" not in m:
+                    continue
+                default = canonical(m["method"], m["fixed"])
+                hits = [p["val_mean"] for p in m["points"] if canonical(m["method"], m["fixed"] | p["params"]) == default]
+                if hits:
+                    at_default.append(hits[0])
+                at_best.append(m["val_mean"])
+                chosen.append(", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in m["params"].items()))
+            if not at_best:
+                cells.append("—")
+                continue
+            d = f"{100 * statistics.fmean(at_default):.1f}" if len(at_default) == len(at_best) else "not in grid"
+            cells.append(f"{d} → {100 * statistics.fmean(at_best):.1f} ({'; '.join(sorted(set(chosen)))})")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def write_markdown(args) -> int:
     records = [json.load(open(p)) for p in [args.json, *args.also]]
     results: dict = {}
@@ -213,7 +290,8 @@ def write_markdown(args) -> int:
             header.append(f"- `{h['command']}` — {h['date']}, {r['machine']}, load average {load}, torch {r['torch']}"
                           + (f": {h['note']}" if h.get("note") else ""))
     with open(args.markdown, "w") as f:
-        f.write("\n".join(header) + "\n\n" + headline(results, seeds) + "\n" + summarise(results, ["oft", "lora", "full"], seeds) + "\n")
+        f.write("\n".join(header) + "\n\n" + headline(results, seeds) + "\n" + summarise(results, ["oft", "lora", "full"], seeds) + "\n"
+                + "\n### Defaults against the grid\n\n" + defaults_table(results, seeds) + "\n")
     print(f"written: {args.markdown}")
     return 0
 
@@ -224,43 +302,46 @@ def main() -> int:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--only", nargs="*", help="run only these configuration labels (others kept from --json)")
     ap.add_argument("--json", default=os.path.join(ROOT, "bench", "results", "quality.json"))
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--jobs", type=int, default=2, help="(family, seed) units run side by side, each in its own process")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per unit (scores can differ in round-off with threads)")
     ap.add_argument("--markdown", help="write the tables of --json (and of any --also JSON) here, and run nothing")
     ap.add_argument("--also", nargs="*", default=[], help="other result JSONs (runs split across processes) for --markdown")
     args = ap.parse_args()
     if args.markdown:
         return write_markdown(args)
-    torch.set_num_threads(args.threads)
-    from transformers import AutoTokenizer
-    tasks = build()
-    data = tokenised(tasks, AutoTokenizer.from_pretrained(model_folder()))
     record = json.load(open(args.json)) if os.path.exists(args.json) else {}
     results = record.setdefault("results", {})
-    os.makedirs(os.path.join(CACHE, "merges"), exist_ok=True)
-    work = tempfile.mkdtemp(dir=os.path.join(CACHE, "merges"))  # its own: runs may go side by side
-    started = time.perf_counter()
+    only = set(args.only) if args.only else None
+    units = []
     for seed in args.seeds:
         for family in args.families:
-            if not all(os.path.exists(os.path.join(expert_dir(family, t, seed), "meta.json")) for t in TASKS):
+            if all(os.path.exists(os.path.join(expert_dir(family, t, seed), "meta.json")) for t in TASKS):
+                units.append((family, seed, args.threads, only))
+            else:
                 print(f"{family} s{seed}: experts not all trained (bench/quality/train_experts.py --seeds {seed}); skipped", flush=True)
-                continue
-            key = f"{family}-s{seed}"
-            fresh = run_family(family, seed, data, tasks, work, set(args.only) if args.only else None)
-            if args.only and key in results:
+    if not units:
+        return 1
+    # the slowest families first, so that the last unit to start is a short one
+    units.sort(key=lambda u: ({"lora": 0, "full": 1, "oft": 2}[u[0]], u[1]))
+    started = time.perf_counter()
+    command = "python bench/quality/run_benchmark.py " + shlex.join(sys.argv[1:])
+    with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
+        for key, fresh in pool.imap_unordered(run_unit, units):
+            if only and key in results:
                 results[key]["methods"].update(fresh["methods"])
             else:
                 results[key] = fresh
             record |= {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{os.cpu_count()} cores", "load_average": os.getloadavg(),
-                       "command": "python bench/quality/run_benchmark.py " + shlex.join(sys.argv[1:]), "torch": torch.__version__}
-            with open(args.json, "w") as f:
+                       "command": command, "torch": torch.__version__}
+            with open(args.json, "w") as f:  # after each unit: an interrupted run keeps what it finished
                 json.dump(record, f, indent=2)
-    shutil.rmtree(work, ignore_errors=True)
     record["seconds_this_run"] = round(time.perf_counter() - started)
     record.setdefault("history", []).append({k: record[k] for k in ("command", "date", "load_average")} | {"seconds": record["seconds_this_run"]})
     with open(args.json, "w") as f:
         json.dump(record, f, indent=2)
     seeds = sorted({int(k.rsplit("-s", 1)[1]) for k in results})
     print(summarise(results, args.families, seeds))
+    print(f"{record['seconds_this_run']} s")
     return 0
 
 
