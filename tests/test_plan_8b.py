@@ -24,7 +24,7 @@ CASES = [
     ("orthomerge", {"target": "global"}), ("orthomerge", {"target": "conflict"}),
     ("orthomerge", {"target": "global", "residual_method": "ties"}), ("orthomerge", {"target": "conflict", "residual_method": "ties"}),
     ("tsv", {}), ("iso_c", {}), ("iso_cts", {}), ("ortho_svd", {}), ("do_merging", {}),
-    ("model_stock", {}), ("sce", {"select_topk": 0.5}),  # mergekit's, streamed past WHOLE_BYTES (karcher is not)
+    ("model_stock", {}), ("sce", {"select_topk": 0.5}), ("karcher", {}),  # mergekit's, streamed past WHOLE_BYTES
 ]
 
 
