@@ -185,3 +185,48 @@ def test_streamed_orthomerge_on_a_model_keeps_norms_residual_only_and_excludes(t
         torch.testing.assert_close(got[name].float(), want.to(torch.bfloat16).float(), atol=1e-6, rtol=2**-7)
     name = "model.layers.0.self_attn.o_proj.weight"
     assert not torch.equal(got[name], (base[name] + sum(e[name] - base[name] for e in experts) / 3).to(torch.bfloat16))
+
+
+@pytest.fixture(scope="module")
+def toy_lora_f32(tmp_path_factory) -> str:
+    from tests.conftest import make_toy
+    return make_toy(str(tmp_path_factory.mktemp("toy_lora_f32")), "--preset", "tiny", "--experts", "3", "--kind", "lora", "--dtype", "float32", "--shard-size", "80KB")
+
+
+@pytest.mark.parametrize("target", ["global", "conflict"])
+def test_lora_experts_rotate_in_their_factors_row_space_and_equal_dense_experts(target, toy_lora_f32, tmp_path):
+    """A LoRA expert's τ = B'A' adds at most r directions to the rotation subspace (its float32
+    dense copy would add every direction through rounding noise: k = in); the merge equals the
+    one of the same experts given as dense float32 models to round-off."""
+    import json
+    from click.testing import CliRunner
+    from streammerge.cli import main
+    base = os.path.join(toy_lora_f32, "base")
+    adapters = experts_of(toy_lora_f32)
+    dense = []
+    for i, adapter in enumerate(adapters):  # one adapter merged with `linear`: its dense weights
+        dense.append(str(tmp_path / f"dense-{i}"))
+        merge(Recipe("linear", base, (Expert(adapter),), dense[-1], {}, dtype="float32"), device="cpu")
+
+    def run_cli(experts, label):
+        args = ["merge", "--quiet", "--device", "cpu", "--base", base, "--method", "orthomerge", "--target", target,
+                "--out", str(tmp_path / label), "--report", str(tmp_path / f"{label}.json"), "--dtype", "float32"]
+        for e in experts:
+            args += ["--expert", e]
+        r = CliRunner().invoke(main, args, catch_exceptions=False)
+        assert r.exit_code == 0, r.output
+        return load_all(str(tmp_path / label)), json.loads((tmp_path / f"{label}.json").read_text())["tensors"]
+
+    from_adapters, report_a = run_cli(adapters, "adapters")
+    from_dense, report_d = run_cli(dense, "dense")
+    wide = [n for n in report_a if "down_proj" in n and "rotation_subspace_dim" in report_a[n]]  # [hidden, intermediate]
+    assert wide or target == "conflict"  # these random adapters hardly conflict: no rows to rotate there
+    for name in wide:
+        out_f, in_f = from_adapters[name].shape
+        assert in_f > out_f + 3 * 8
+        assert report_a[name]["rotation_subspace_dim"] <= out_f + 3 * 8  # rank(W₀) + Σ r
+        assert report_d[name]["rotation_subspace_dim"] > out_f + 3 * 8  # the dense copies' rounding noise
+    reference = load_all(base)
+    for k, v in from_adapters.items():
+        update = float((from_dense[k].double() - reference[k].double()).norm())
+        assert float((v.double() - from_dense[k].double()).norm()) <= 1e-5 * max(update, 1e-12), k

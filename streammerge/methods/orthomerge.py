@@ -326,7 +326,12 @@ def _merge(task: TensorTask, params: OrthoMergeParams) -> torch.Tensor:
             builder = SubspaceBuilder(a, params.base_rtol, linalg_dtype(params, task.shape, n))
         if builder.full:
             break
-        builder.add(delta)
+        factors = task.task_factors(i)
+        # A LoRA expert's τ = B'A' lies in the row space of A' (r rows); its float32 copy does not:
+        # rounding W₀ + B'A' spreads noise over every direction, which would grow S to the whole
+        # input space (k = in) for nothing — R is the identity on directions neither W₀ nor the
+        # target uses. A' spans every target row (conflicting rows are a subset of τ's rows).
+        builder.add(delta if factors is None else factors[1])
     if builder is None:
         # every target is the base (no conflicting rows anywhere): every R_i and R* are exactly
         # the identity and ρ_i = τ_i, so this is the residual merge alone — without the SVDs
