@@ -274,6 +274,37 @@ def defaults_table(results: dict, seeds: list[int]) -> str:
     return "\n".join(lines)
 
 
+def orthomerge_differences(results: dict, seeds: list[int]) -> str:
+    """Each OrthoMerge row minus task arithmetic (tuned λ) and minus the best other method, in
+    average test accuracy points, paired by seed: mean ± standard deviation of the differences."""
+    lines = ["| OrthoMerge row − baseline, average test accuracy (points, paired by seed) | vs task arithmetic | vs its residual method alone | vs the best non-OrthoMerge method |",
+             "|---|---|---|---|"]
+    residual_row = {"TA": "task arithmetic", "TIES": "TIES", "TSV-M": "TSV-M"}
+    for family in ("oft", "lora", "full"):
+        runs = [results[f"{family}-s{s}"] for s in seeds if f"{family}-s{s}" in results]
+        if not runs:
+            continue
+
+        def avg(run: dict, label: str) -> float | None:
+            m = run["methods"].get(label)
+            return 100 * statistics.fmean(m["test"].values()) if m and "test" in m else None
+
+        others = [label for label in runs[0]["methods"] if not label.startswith(("OrthoMerge", "Table 4"))]
+        best = max(others, key=lambda label: statistics.fmean(a for r in runs if (a := avg(r, label)) is not None))
+        rows = [label for label in runs[0]["methods"] if label.startswith("OrthoMerge") or label == "Table 4: magnitude-corrected (OrthoMerge)"]
+        for label in rows:
+            cells = []
+            own = residual_row.get(label.rsplit("+ ", 1)[1], "") if "+ " in label else "task arithmetic"
+            for against in ("task arithmetic", own, best):
+                d = [avg(r, label) - avg(r, against) for r in runs if avg(r, label) is not None and avg(r, against) is not None]  # type: ignore[operator]
+                if not d:
+                    cells.append("—")
+                    continue
+                cells.append(f"{statistics.fmean(d):+.1f}" + (f" ± {statistics.stdev(d):.1f}" if len(d) > 1 else "") + (f" ({against})" if against != "task arithmetic" else ""))
+            lines.append(f"| {family.upper() if family != 'full' else 'full'}: {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def write_markdown(args) -> int:
     records = [json.load(open(p)) for p in [args.json, *args.also]]
     results: dict = {}
@@ -291,6 +322,7 @@ def write_markdown(args) -> int:
                           + (f": {h['note']}" if h.get("note") else ""))
     with open(args.markdown, "w") as f:
         f.write("\n".join(header) + "\n\n" + headline(results, seeds) + "\n" + summarise(results, ["oft", "lora", "full"], seeds) + "\n"
+                + "\n### OrthoMerge against the baselines, paired by seed\n\n" + orthomerge_differences(results, seeds) + "\n"
                 + "\n### Defaults against the grid\n\n" + defaults_table(results, seeds) + "\n")
     print(f"written: {args.markdown}")
     return 0
