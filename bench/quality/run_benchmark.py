@@ -318,8 +318,11 @@ def write_markdown(args) -> int:
     for r in records:
         for h in r.get("history", [r]):
             load = ", ".join(f"{x:.1f}" for x in h["load_average"]) if h.get("load_average") else "not recorded"
-            header.append(f"- `{h['command']}` — {h['date']}, {r['machine']}, load average {load}, torch {r['torch']}"
+            took = f", {h['seconds'] / 60:.1f} min" if h.get("seconds") else ""
+            header.append(f"- `{h['command']}` — {h['date']}{took}, {r['machine']}, load average at its end {load}, torch {r['torch']}"
                           + (f": {h['note']}" if h.get("note") else ""))
+    header += ["", "OrthoMerge's residual methods run at their defaults (TA at λ = 1/N, TIES density 0.2 λ 1, TSV-M α 1): its",
+               "'vs its residual method alone' differences compare with that method at its tuned parameters."]
     with open(args.markdown, "w") as f:
         f.write("\n".join(header) + "\n\n" + headline(results, seeds) + "\n" + summarise(results, ["oft", "lora", "full"], seeds) + "\n"
                 + "\n### OrthoMerge against the baselines, paired by seed\n\n" + orthomerge_differences(results, seeds) + "\n"
