@@ -134,6 +134,13 @@ class TensorTask:
         return g
 
 
+def holds_whole(task: TensorTask, n: int, limit: int) -> bool:
+    """Whether a method keeps the N per-expert copies of this tensor whole: it is one row block,
+    or the N copies in the compute dtype fit `limit` bytes (above it: passes over row blocks)."""
+    itemsize = torch.empty((), dtype=task.dtype).element_size()
+    return len(task.row_blocks()) == 1 or n * math.prod(task.shape) * itemsize <= limit
+
+
 def map_row_blocks(task: TensorTask, merge_block: Callable[[Rows | None], torch.Tensor]) -> torch.Tensor:
     """The result of a row-local method: `merge_block(rows)` for each row block in order, gathered
     into `task.new_output` (or returned as it is when the tensor is one block)."""

@@ -22,7 +22,7 @@ import torch
 
 import math
 
-from . import BLOCK_ELEMENTS, Method, Rows, TensorTask, map_row_blocks, register
+from . import BLOCK_ELEMENTS, Method, Rows, TensorTask, holds_whole, map_row_blocks, register
 
 WHOLE_BYTES = 1 << 28  # the N inputs of one tensor are held whole up to this size
 
@@ -114,14 +114,9 @@ def karcher_coefficients(gram: torch.Tensor, alphas: list[float], max_iter: int,
     return beta, norms
 
 
-def streams(task: TensorTask, n: int) -> bool:
-    itemsize = torch.empty((), dtype=task.dtype).element_size()
-    return len(task.row_blocks()) > 1 and n * math.prod(task.shape) * itemsize > WHOLE_BYTES
-
-
 def merge(task: TensorTask, params: KarcherParams) -> torch.Tensor:
     n = len(task.weights)
-    if n == 1 or not streams(task, n):
+    if n == 1 or holds_whole(task, n, WHOLE_BYTES):
         return karcher_mean([task.experts[i] for i in range(n)], [1.0 / n] * n, params.max_iter, params.tol)
     gram = torch.zeros(n, n, dtype=torch.float64)
     for rows in task.row_blocks():

@@ -20,7 +20,7 @@ import torch
 
 import math
 
-from . import BLOCK_ELEMENTS, Method, Rows, TensorTask, map_row_blocks, register
+from . import BLOCK_ELEMENTS, Method, Rows, TensorTask, holds_whole, map_row_blocks, register
 
 WHOLE_BYTES = 1 << 28  # the N task vectors of one tensor are held whole up to this size
 
@@ -58,16 +58,11 @@ def merge_whole(w0: torch.Tensor, ws: list[torch.Tensor], filter_wise: bool, sha
     return (t * average + (1 - t) * w0v).reshape(shape)
 
 
-def streams(task: TensorTask, n: int) -> bool:
-    itemsize = torch.empty((), dtype=task.dtype).element_size()
-    return len(task.row_blocks()) > 1 and n * math.prod(task.shape) * itemsize > WHOLE_BYTES
-
-
 def merge(task: TensorTask, params: ModelStockParams) -> torch.Tensor:
     n = len(task.weights)
     if n < 2:
         raise ValueError("model_stock needs at least two experts besides the base")
-    if not streams(task, n):
+    if holds_whole(task, n, WHOLE_BYTES):
         return merge_whole(task.base, [task.experts[i] for i in range(n)], params.filter_wise, task.shape)
 
     def block_of(rows: Rows | None) -> tuple[torch.Tensor, list[torch.Tensor]]:

@@ -21,7 +21,7 @@ import torch
 
 import math
 
-from . import BLOCK_ELEMENTS, Method, Rows, TensorTask, map_row_blocks, register
+from . import BLOCK_ELEMENTS, Method, Rows, TensorTask, holds_whole, map_row_blocks, register
 from .ties import RadixSelect, _bits_of
 
 WHOLE_BYTES = 1 << 28  # the N task vectors of one tensor are held whole up to this size
@@ -63,11 +63,6 @@ def _normalised(weights: torch.Tensor, n: int) -> torch.Tensor:
     """c_i ∝ mean(τ_i²), equal where those sum to ~0."""
     total = float(weights.sum())
     return torch.ones_like(weights) / n if abs(total) < 1e-6 else weights / total
-
-
-def streams(task: TensorTask, n: int) -> bool:
-    itemsize = torch.empty((), dtype=task.dtype).element_size()
-    return len(task.row_blocks()) > 1 and n * math.prod(task.shape) * itemsize > WHOLE_BYTES
 
 
 class VarianceMask:
@@ -114,7 +109,7 @@ class VarianceMask:
 
 def merge(task: TensorTask, params: SceParams) -> torch.Tensor:
     n = len(task.weights)
-    if not streams(task, n):
+    if holds_whole(task, n, WHOLE_BYTES):
         return merge_whole(task, params, n)
     blocks = task.row_blocks()
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import BLOCK_ELEMENTS, Method, ModelPass, Rows, TensorTask, check_finite, check_range, map_row_blocks, register
+from . import BLOCK_ELEMENTS, Method, ModelPass, Rows, TensorTask, check_finite, check_range, holds_whole, map_row_blocks, register
 
 CACHE_BYTES = 1 << 28  # the N trimmed task vectors of one tensor are kept whole up to this size
 
@@ -207,11 +207,6 @@ def block_thresholds(task: TensorTask, densities: list[float]) -> list[float]:
     return [s.value() for s in selects]
 
 
-def caches(task: TensorTask, n: int) -> bool:
-    itemsize = torch.empty((), dtype=task.dtype).element_size()
-    return len(task.row_blocks()) == 1 or n * math.prod(task.shape) * itemsize <= CACHE_BYTES
-
-
 def merge(task: TensorTask, params: TiesParams) -> torch.Tensor:
     n = len(task.weights)
     densities = [_density(task, params, i) for i in range(n)]
@@ -219,7 +214,7 @@ def merge(task: TensorTask, params: TiesParams) -> torch.Tensor:
         thresholds: list[float] | None = list(task.statistics)
     else:
         thresholds = None
-    if caches(task, n):
+    if holds_whole(task, n, CACHE_BYTES):
         kept = []  # each expert read once: threshold, trim and weight in memory
         for i in range(n):
             tau = task.task_vector(i)
