@@ -136,14 +136,22 @@ def main() -> None:
 @click.option("--memory-report", type=click.Path(dir_okay=False), help="Write planned and measured peak memory and read throughput to this JSON file.")
 @click.option("--checkpoint-every", type=click.FloatRange(min=0), default=10.0, show_default=True, help="Seconds between making progress inside a shard durable, so a resume continues mid-shard.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Record per-tensor diagnostics (norms, cosines, the method's own) to this JSON file; costs one more read of the inputs. Summarise with `streammerge report`.")
+@click.option("--ray", "ray_address", metavar="local|auto|ADDRESS", help="Merge the output shards as tasks on a Ray cluster (needs the `ray` extra): local starts a private one on this machine, auto or HOST:PORT joins a running one. Inputs and --out must be paths every node can read and write. Each task uses --threads CPUs (default 1). Same output as a local merge.")
 @reports_errors
-def merge(output_format, restart, quiet, memory_report, checkpoint_every, report_path, **kw) -> None:
+def merge(output_format, restart, quiet, memory_report, checkpoint_every, report_path, ray_address, **kw) -> None:
     """Merge EXPERTs into BASE with METHOD and write a Hugging Face model folder to OUT.
 
     Re-running the same command after a crash or Ctrl-C resumes where it stopped.
     """
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
     recipe = build_recipe(**kw)
+    ray = ray_address or recipe.ray
+    if ray is not None:
+        if output_format == "adapter":
+            raise UsageError("--ray merges dense shards; an adapter output is written in one process")
+        from .distributed import import_ray
+
+        import_ray()  # a clear error before anything is written
     import torch
 
     from .cpu import choose_threads
@@ -159,7 +167,8 @@ def merge(output_format, restart, quiet, memory_report, checkpoint_every, report
         return
     from .scheduler import Merger
 
-    merger = Merger(recipe, device=kw["device"], restart=restart, quiet=quiet, checkpoint_seconds=checkpoint_every, report=report_path, **_budgets(kw))
+    merger = Merger(recipe, device=kw["device"], restart=restart, quiet=quiet, checkpoint_seconds=checkpoint_every, report=report_path,
+                    ray=ray, ray_threads=kw.get("threads") or 1, **_budgets(kw))
     try:
         report = merger.run()
     finally:

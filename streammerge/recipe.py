@@ -77,6 +77,7 @@ class Recipe:
     allow_nonfinite: bool = False
     tokenizer_source: str | None = None  # "base" (None) or a model folder whose tokenizer files are copied
     slices: tuple[dict, ...] | None = None  # passthrough layer stacking (io/sliced.py); `base` then gives config and tokenizer
+    ray: str | None = None  # merge the shards on a Ray cluster: "local", "auto" or an address (distributed.py); not part of the result
     recipe_text: str | None = field(default=None, compare=False)  # the YAML as given, for the model card
 
     def __post_init__(self) -> None:
@@ -180,6 +181,7 @@ class Recipe:
         doc = dataclasses.asdict(self)
         doc.pop("out")
         doc.pop("recipe_text")
+        doc.pop("ray")  # where it runs does not change the result: a merge started locally resumes on Ray
         doc["method"] = method.name
         doc["parameters"] = dataclasses.asdict(params)
         doc["base"] = os.path.realpath(self.base)
@@ -230,7 +232,7 @@ def from_mapping(doc: Any, where: str, overrides: dict[str, Any] | None = None, 
     return Recipe(**fields_)
 
 
-_NATIVE_KEYS = {"method", "base", "experts", "out", "parameters", "dtype", "compute_dtype", "shard_size", "seed", "allow_nonfinite", "tokenizer_source", "slices"}
+_NATIVE_KEYS = {"method", "base", "experts", "out", "parameters", "dtype", "compute_dtype", "shard_size", "seed", "allow_nonfinite", "tokenizer_source", "slices", "ray"}
 
 
 def _native(doc: dict, where: str) -> dict[str, Any]:

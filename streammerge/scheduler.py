@@ -254,18 +254,42 @@ class MergeReport:
     read_throughput: float = 0.0  # bytes/s of the read-ahead thread
 
 
+class _Progress:
+    """The merge's progress bar: output bytes done, and the rate at which inputs are consumed."""
+
+    def __init__(self, bar):
+        self.bar, self.consumed, self.started = bar, 0, time.monotonic()
+
+    def skip(self, nbytes: int) -> None:
+        self.bar.update(nbytes)
+
+    def done(self, out_bytes: int, read_bytes: int) -> None:
+        self.bar.update(out_bytes)
+        self.consumed += read_bytes
+        self.bar.set_postfix_str(f"inputs {self.consumed / max(time.monotonic() - self.started, 1e-9) / 1e6:.0f} MB/s", refresh=False)
+
+
+def check_unchanged(input_paths: list[str], initial_state: dict[str, tuple[int, int]]) -> None:
+    """Refuse to go on once an input file changed under the merge."""
+    if _file_state(input_paths) != initial_state:
+        changed = next(p for p in input_paths if _file_state([p]) != {p: initial_state[p]})
+        raise InputError(f"{changed}: changed during the merge; the shards merged from the old contents no longer match — rerun with --restart")
+
+
 class Merger:
     """One merge run of a validated recipe."""
 
     def __init__(self, recipe: Recipe, device: str = "auto", restart: bool = False, quiet: bool = False,
                  max_ram: int | None = None, max_gpu_memory: int | None = None, checkpoint_seconds: float = 10.0,
-                 assume_gpu: int | None = None, report: str | None = None):
+                 assume_gpu: int | None = None, report: str | None = None, ray: str | None = None, ray_threads: int = 1):
         self.recipe = recipe
+        self.ray, self.ray_threads = ray, ray_threads  # a Ray cluster merges the shards (distributed.py): local, auto or an address
         self.report = None
         if report is not None:
             from .report import ReportWriter
 
             self.report = ReportWriter(report)
+        self.budgets = {"max_ram": max_ram, "max_gpu_memory": max_gpu_memory}  # as given: a Ray task plans with the driver's
         self.assume_gpu = assume_gpu  # plan only: as if a CUDA device with this much free memory were present
         if max_ram is not None:
             # an explicit budget is a promise: keep allocator slack out of it (costs some speed
@@ -411,7 +435,7 @@ class Merger:
                     n: v for n, v in old.finished.items()
                     if os.path.isfile(os.path.join(out, n)) and os.path.getsize(os.path.join(out, n)) == v["size"]
                 }
-                self._reuse_placement(old.placement)
+                self.reuse_placement(old.placement)
                 return old
         else:
             foreign = [f for f in os.listdir(out) if not f.endswith(TMP_SUFFIX) and f != PID_NAME]
@@ -422,8 +446,16 @@ class Merger:
         journal.save()
         return journal
 
-    def _reuse_placement(self, recorded: dict[str, str]) -> None:
-        """A resumed merge computes every tensor where the first run did (byte-identical output)."""
+    def placement_of(self, name: str) -> TensorPlan | None:
+        return self._placement.get(name)
+
+    def placement_devices(self) -> dict[str, str]:
+        """Where each merged tensor is computed: the journal records it, Ray tasks follow it."""
+        return {name: t.device for name, t in self._placement.items() if t.device != "copy"}
+
+    def reuse_placement(self, recorded: dict[str, str]) -> None:
+        """A resumed merge (or a Ray task) computes every tensor where the first run (the driver's
+        plan) did: byte-identical output."""
         for name, device in recorded.items():
             placed = self._placement.get(name)
             if placed is None or placed.device == device:
@@ -480,17 +512,18 @@ class Merger:
             raise UsageError("ties scope=model: density must be one value per expert (no gradient or filter)")
         return distinct.pop() if distinct else tuple(None for _ in self.experts)
 
-    def _model_pass(self, label: str):
-        """A statistics pass: (name, base rows, experts' rows) for every row block of every merged tensor."""
-        merged = [t for s in self.shards for t in s.tensors if t.merged]
+    def model_blocks(self, names: set[str] | None = None, progress: bool = True) -> Iterator[tuple[str, torch.Tensor, ExpertRows]]:
+        """A statistics pass over the merged tensors (those in `names`): (name, base rows, experts'
+        rows) for every row block."""
+        merged = [t for s in self.shards for t in s.tensors if t.merged and (names is None or t.name in names)]
+        for t in tqdm(merged, desc="statistics", unit="tensor", disable=self.quiet or not progress, leave=False):
+            task = self._task(t)
+            for rows in task.row_blocks():
+                yield t.name, task.base_rows(rows), ExpertRows(task.experts, rows)  # type: ignore[arg-type]
 
-        def run() -> Iterator[tuple[str, torch.Tensor, ExpertRows]]:
-            for t in tqdm(merged, desc=label, unit="tensor", disable=self.quiet, leave=False):
-                task = self._task(t)
-                for rows in task.row_blocks():
-                    yield t.name, task.base_rows(rows), ExpertRows(task.experts, rows)  # type: ignore[arg-type]
-
-        return run
+    def _map_pass(self, fn, *args) -> list:
+        """The local MapPass (methods/__init__.py): the whole model in one part."""
+        return [fn(self.model_blocks(), *args)]
 
     def _merge_tensor(self, t: OutputTensor, statistics) -> torch.Tensor:
         if not t.merged:
@@ -551,22 +584,39 @@ class Merger:
         self.plan.check()
         for t in self.plan.spilled:
             log.info("%s: %s", t.name, t.note)
-        if self.method.statistics is not None and self.method.statistics_passes(self.params) and journal.statistics is None and todo:
-            densities = [d if d is not None else getattr(self.params, "density", 1.0) for d in self._model_densities()]
-            journal.statistics = self.method.statistics(self._model_pass("statistics"), len(self.experts), self.params, densities)
-            journal.save()
-        input_paths = list(inputs_fingerprint([self.base, *self.experts]))
-        initial_state = _file_state(input_paths)
-        written = 0
-        read_ahead = ReadAhead(self._input_ranges(todo)).start()
+        executor = None
+        if self.ray is not None:
+            if self.report is not None:
+                raise UsageError("--report records diagnostics in one process: merge without --ray to write it")
+            from .distributed import RayExecutor
+
+            executor = RayExecutor(self, self.ray, self.ray_threads)
+            executor.start()
         try:
-            with tqdm(
-                total=total, initial=total - sum(s.nbytes for s in todo), unit="B", unit_scale=True,
-                desc=f"merging ({self.method.name}, {self.device.type})", disable=self.quiet, smoothing=0.1,
-            ) as bar:
-                written = self._merge_shards(todo, journal, bar, read_ahead, input_paths, initial_state)
+            if executor is not None:
+                executor.check_resources(todo)  # before any work, as the local plan check
+            if self.method.statistics is not None and self.method.statistics_passes(self.params) and journal.statistics is None and todo:
+                densities = [d if d is not None else getattr(self.params, "density", 1.0) for d in self._model_densities()]
+                map_pass = self._map_pass if executor is None else executor.map_pass
+                journal.statistics = self.method.statistics(map_pass, len(self.experts), self.params, densities)
+                journal.save()
+            input_paths = list(inputs_fingerprint([self.base, *self.experts]))
+            initial_state = _file_state(input_paths)
+            read_ahead = ReadAhead(self._input_ranges(todo) if executor is None else []).start()
+            try:
+                with tqdm(
+                    total=total, initial=total - sum(s.nbytes for s in todo), unit="B", unit_scale=True,
+                    desc=f"merging ({self.method.name}, {self.device.type}{', Ray' if executor else ''})", disable=self.quiet, smoothing=0.1,
+                ) as bar:
+                    if executor is None:
+                        written = self._merge_shards(todo, journal, bar, read_ahead, input_paths, initial_state)
+                    else:
+                        written = executor.merge(todo, journal, _Progress(bar), lambda: check_unchanged(input_paths, initial_state))
+            finally:
+                read_ahead.stop()
         finally:
-            read_ahead.stop()
+            if executor is not None:
+                executor.stop()
         self._finish(journal)
         report = MergeReport(out, len(self.shards), len(self.shards) - len(todo), written, time.monotonic() - started, self.device.type)
         report.bytes_read_ahead, report.read_throughput = read_ahead.read, read_ahead.throughput()
@@ -584,40 +634,50 @@ class Merger:
         return ranges
 
     def _merge_shards(self, todo, journal, bar, read_ahead, input_paths, initial_state) -> int:
-        out = self.recipe.out
         written = 0
-        consumed, started = 0, time.monotonic()  # input bytes the merge has used: the rate shown
+        progress = _Progress(bar)
         for shard in todo:
-            if _file_state(input_paths) != initial_state:
-                changed = next(p for p in input_paths if _file_state([p]) != {p: initial_state[p]})
-                raise InputError(f"{changed}: changed during the merge; the shards merged from the old contents no longer match — rerun with --restart")
-            layout = [(t.name, t.dtype, t.shape) for t in shard.tensors]
-            partial = journal.partial if journal.partial and journal.partial["shard"] == shard.filename else None
-            resume = (partial["tensors"], partial["offset"]) if partial else None
-            with ShardWriter(os.path.join(out, shard.filename), layout, {"format": "pt"}, resume=resume, background=True) as writer:
-                writer.keep_on_error = True  # what a checkpoint made durable survives an interrupt
-                done = writer.tensors_written
-                if done:
-                    log.info("%s: resuming after %d of its %d tensors", shard.filename, done, len(shard.tensors))
-                    bar.update(sum(t.nbytes for t in shard.tensors[:done]))
-                    read_ahead.advance(sum(self._placement[t.name].read_bytes for t in shard.tensors[:done]))
-                last_checkpoint = time.monotonic()
-                for t in shard.tensors[done:]:
-                    writer.write(t.name, self._merge_tensor(t, journal.statistics))
-                    read_ahead.advance(self._placement[t.name].read_bytes)
-                    bar.update(t.nbytes)
-                    consumed += self._placement[t.name].read_bytes
-                    bar.set_postfix_str(f"inputs {consumed / max(time.monotonic() - started, 1e-9) / 1e6:.0f} MB/s", refresh=False)
-                    if time.monotonic() - last_checkpoint >= self.checkpoint_seconds and writer.tensors_written < len(layout):
-                        journal.partial = {"shard": shard.filename, "tensors": writer.tensors_written, "offset": writer.checkpoint()}
-                        journal.save()
-                        last_checkpoint = time.monotonic()
-                sha, size = writer.commit()
+            check_unchanged(input_paths, initial_state)
+            sha, size = self.write_shard(shard, journal.statistics, journal, progress, read_ahead)
             journal.finished[shard.filename] = {"sha256": sha, "size": size}
             journal.partial = None
             journal.save()
             written += size
         return written
+
+    def write_shard(self, shard: Shard, statistics, journal: Journal | None = None, progress: "_Progress | None" = None,
+                    read_ahead: ReadAhead | None = None, temp_tag: str = "") -> tuple[str, int]:
+        """Merge the tensors of `shard` and write it atomically under its final name; (sha256, size).
+
+        With a journal, progress inside the shard is made durable every `checkpoint_seconds` and a
+        recorded partial shard is continued; without one (a Ray task) the shard is written from its
+        start to a temporary name of its own (`temp_tag`), so that a retried or orphaned attempt
+        never writes into another's file."""
+        out = self.recipe.out
+        layout = [(t.name, t.dtype, t.shape) for t in shard.tensors]
+        partial = journal.partial if journal is not None and journal.partial and journal.partial["shard"] == shard.filename else None
+        resume = (partial["tensors"], partial["offset"]) if partial else None
+        with ShardWriter(os.path.join(out, shard.filename), layout, {"format": "pt"}, resume=resume, background=True, temp_tag=temp_tag) as writer:
+            writer.keep_on_error = journal is not None  # what a checkpoint made durable survives an interrupt
+            done = writer.tensors_written
+            if done:
+                log.info("%s: resuming after %d of its %d tensors", shard.filename, done, len(shard.tensors))
+                if progress is not None:
+                    progress.skip(sum(t.nbytes for t in shard.tensors[:done]))
+                if read_ahead is not None:
+                    read_ahead.advance(sum(self._placement[t.name].read_bytes for t in shard.tensors[:done]))
+            last_checkpoint = time.monotonic()
+            for t in shard.tensors[done:]:
+                writer.write(t.name, self._merge_tensor(t, statistics))
+                if read_ahead is not None:
+                    read_ahead.advance(self._placement[t.name].read_bytes)
+                if progress is not None:
+                    progress.done(t.nbytes, self._placement[t.name].read_bytes)
+                if journal is not None and time.monotonic() - last_checkpoint >= self.checkpoint_seconds and writer.tensors_written < len(layout):
+                    journal.partial = {"shard": shard.filename, "tensors": writer.tensors_written, "offset": writer.checkpoint()}
+                    journal.save()
+                    last_checkpoint = time.monotonic()
+            return writer.commit()
 
     def _finish(self, journal: Journal) -> None:
         out = self.recipe.out

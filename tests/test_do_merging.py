@@ -71,19 +71,20 @@ def test_coefficient_descent_equals_the_full_matrix_descent():
 
 
 def test_single_expert_is_reproduced(toy_untied, tmp_path):
-    merge(Recipe("do_merging", os.path.join(toy_untied, "base"), (Expert(experts_of(toy_untied)[0]),), str(tmp_path / "o"), {}, dtype="float32"), device="cpu")
+    merge(Recipe("do_merging", os.path.join(toy_untied, "base"), (Expert(experts_of(toy_untied)[0]),), str(tmp_path / "o"), {"lambda": 1.0}, dtype="float32"), device="cpu")
     got, want = load_all(str(tmp_path / "o")), load_all(experts_of(toy_untied)[0])
     for k in got:
         torch.testing.assert_close(got[k], want[k].float(), rtol=1e-5, atol=1e-6)
 
 
 def test_merge_keeps_the_mean_magnitudes(toy_untied, tmp_path):
+    """At the default λ = 0.5: half the experts' mean row norms."""
     merge(Recipe("do_merging", os.path.join(toy_untied, "base"), tuple(Expert(p) for p in experts_of(toy_untied)), str(tmp_path / "o"), {}, dtype="float32"), device="cpu")
     got = load_all(str(tmp_path / "o"))
     base = load_all(os.path.join(toy_untied, "base"))
     experts = [load_all(p) for p in experts_of(toy_untied)]
     name = "model.layers.1.mlp.down_proj.weight"
-    mean_norms = sum((e[name].float() - base[name].float()).norm(dim=1) for e in experts) / 3
+    mean_norms = 0.5 * sum((e[name].float() - base[name].float()).norm(dim=1) for e in experts) / 3
     torch.testing.assert_close((got[name] - base[name].float()).norm(dim=1), mean_norms, rtol=1e-5, atol=1e-6)
 
 

@@ -162,10 +162,10 @@ def test_resume_computes_each_tensor_where_the_first_run_did(toy_untied, tmp_pat
     assert record["placement"] and set(record["placement"].values()) == {"cpu"}
     name = next(iter(record["placement"]))
     m._placement[name] = dataclasses.replace(m._placement[name], device="cuda")  # as if free GPU memory had grown
-    m._reuse_placement({name: "cpu"})
+    m.reuse_placement({name: "cpu"})
     assert m._placement[name].device == "cpu"
     if not torch.cuda.is_available():
         with pytest.raises(ResourceError, match="started on a GPU"):
             m._placement[name] = dataclasses.replace(m._placement[name], device="cpu")
-            m._reuse_placement({name: "cuda"})
+            m.reuse_placement({name: "cuda"})
     m.close()

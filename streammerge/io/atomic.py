@@ -19,9 +19,10 @@ from .safetensors_format import DTYPE_NAMES, build_header
 TMP_SUFFIX = ".streammerge-tmp"
 
 
-def temp_name(final_path: str) -> str:
+def temp_name(final_path: str, tag: str = "") -> str:
+    """`tag`: a writer's own temporary name (a Ray task attempt), apart from any other writer's."""
     folder, name = os.path.split(final_path)
-    return os.path.join(folder, f".{name}{TMP_SUFFIX}")
+    return os.path.join(folder, f".{name}{'.' + tag if tag else ''}{TMP_SUFFIX}")
 
 
 def fsync_folder(folder: str) -> None:
@@ -81,13 +82,13 @@ class ShardWriter:
     keep_on_error = False
 
     def __init__(self, final_path: str, layout: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None = None,
-                 resume: tuple[int, int] | None = None, background: bool = False):
+                 resume: tuple[int, int] | None = None, background: bool = False, temp_tag: str = ""):
         """`resume=(tensors, offset)`: continue a temporary file whose first `tensors` tensors
         (`offset` bytes, header included) were made durable by `checkpoint()`. `background`:
         hash and write each tensor on a thread while the caller computes the next (at most one
         tensor waits; an error surfaces at the next call)."""
         self.final_path = final_path
-        self.tmp_path = temp_name(final_path)
+        self.tmp_path = temp_name(final_path, temp_tag)
         self.layout = layout
         self._next = 0
         self._sha = hashlib.sha256()

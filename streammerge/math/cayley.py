@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from . import lapack
+
 
 def _eye_like(q: torch.Tensor) -> torch.Tensor:
     return torch.eye(q.shape[-1], dtype=q.dtype, device=q.device).expand_as(q)
@@ -20,7 +22,7 @@ def _eye_like(q: torch.Tensor) -> torch.Tensor:
 def cayley(q: torch.Tensor) -> torch.Tensor:
     """R = (I + Q)(I − Q)⁻¹ = (I − Q)⁻¹(I + Q) for skew Q (batched over leading dims)."""
     eye = _eye_like(q)
-    return torch.linalg.solve(eye - q, eye + q)
+    return lapack.solve(eye - q, eye + q)
 
 
 def cayley_consuming(q: torch.Tensor) -> torch.Tensor:
@@ -28,7 +30,7 @@ def cayley_consuming(q: torch.Tensor) -> torch.Tensor:
     since I + Q = 2I − (I − Q)), in about three k×k buffers instead of six."""
     a = q.neg_()
     a.diagonal().add_(1.0)  # I − Q; its singular values are ≥ 1, so the inverse is well conditioned
-    r = torch.linalg.inv(a)
+    r = lapack.inv(a)
     del a
     r.mul_(2.0).diagonal().sub_(1.0)
     return r
@@ -38,7 +40,7 @@ def inverse_cayley(r: torch.Tensor) -> torch.Tensor:
     """Q = (R + I)⁻¹(R − I), skew-symmetrised. Raises ValueError if R + I is singular
     (an eigenvalue −1, e.g. a reflection): callers must have excluded that (see procrustes)."""
     eye = _eye_like(r)
-    q, info = torch.linalg.solve_ex(r + eye, r - eye)
+    q, info = lapack.solve_ex(r + eye, r - eye)
     if bool((info != 0).any()) or not bool(torch.isfinite(q).all()):
         raise ValueError("inverse Cayley: R has an eigenvalue at -1")
     return 0.5 * (q - q.transpose(-1, -2))

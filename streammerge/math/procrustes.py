@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import lapack
 from .cayley import inverse_cayley
 from .robust import polar, svd
 
@@ -81,7 +82,7 @@ class SubspaceBuilder:
         new = vh[s > RANK_RTOL * scale].T
         if new.shape[1]:
             new = new - self.known @ (self.known.T @ new)  # once more: Gram-Schmidt loses a little
-            q, _ = torch.linalg.qr(new)
+            q, _ = lapack.qr(new)
             q = q[:, : self.known.shape[0] - self.known.shape[1]]
             self.known = torch.cat([self.known, q], dim=1)
             self.added = torch.cat([self.added, q], dim=1)
@@ -132,13 +133,13 @@ def _complete_nearest_identity(u: torch.Tensor, v: torch.Tensor, r: int) -> torc
     if r < w:
         c = u[:, r:].T @ v[:, r:]  # near-orthogonal where the pairs leave little out: see robust.py
         null_part = u[:, r:] @ polar(c) @ v[:, r:].T
-        if torch.linalg.det(rot + null_part) < 0:
+        if lapack.det(rot + null_part) < 0:
             x, _, yh = svd(c)
             x = x.clone()
             x[:, -1] = -x[:, -1]  # flip the completion direction that costs least (Kabsch)
             null_part = u[:, r:] @ (x @ yh) @ v[:, r:].T
         return rot + null_part
-    if torch.linalg.det(rot) < 0:
+    if lapack.det(rot) < 0:
         rot = rot - 2.0 * torch.outer(u[:, r - 1], v[:, r - 1])
     return rot
 
@@ -160,14 +161,14 @@ def procrustes(target: torch.Tensor, sub: Subspace, null_rtol: float = 1e-6, max
     out = x.shape[0]
     if 2 * out > k:
         return procrustes_from_cross(x.T @ y, null_rtol, max_angle)
-    qx, rx = torch.linalg.qr(x.T)  # [k, out], [out, out]
-    qy, ry = torch.linalg.qr(y.T)
+    qx, rx = lapack.qr(x.T)  # [k, out], [out, out]
+    qy, ry = lapack.qr(y.T)
     uc, s, vch = svd(rx @ ry.T)
     r = int((s > null_rtol * s[0]).sum()) if s[0] > 0 else 0
     ur, vr = qx @ uc[:, :r], qy @ vch[:r].T  # [k, r]: M_s = U_r Σ V_rᵀ
-    frame, _ = torch.linalg.qr(torch.cat([ur, vr], dim=1))  # [k, 2r] ⊇ span(U_r, V_r)
-    u_full, _ = torch.linalg.qr(frame.T @ ur, mode="complete")
-    v_full, _ = torch.linalg.qr(frame.T @ vr, mode="complete")
+    frame, _ = lapack.qr(torch.cat([ur, vr], dim=1))  # [k, 2r] ⊇ span(U_r, V_r)
+    u_full, _ = lapack.qr(frame.T @ ur, mode="complete")
+    v_full, _ = lapack.qr(frame.T @ vr, mode="complete")
     # QR fixes each column only up to sign: restore the pairing u_j ↔ v_j of the SVD
     u_full[:, :r] = frame.T @ ur
     v_full[:, :r] = frame.T @ vr
@@ -194,7 +195,7 @@ def generator_of(rot: torch.Tensor, max_angle: float = 0.5 * math.pi) -> Subspac
         pass
     # The symmetric part's eigenvalues are cos θ of the invariant planes (R is normal, so its
     # eigenspaces are R-invariant); set R to the identity on planes with θ > max_angle.
-    evals, evecs = torch.linalg.eigh(0.5 * (rot + rot.T))
+    evals, evecs = lapack.eigh(0.5 * (rot + rot.T))
     wild = evals < math.cos(max_angle)
     w = evecs[:, wild]
     fixed = polar(rot - rot @ w @ w.T + w @ w.T)  # polar: clean the round-off of the split

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from . import lapack
+
 
 class LinalgFailure(RuntimeError):
     """Every way of computing a factorisation failed (the caller names the tensor)."""
@@ -22,15 +24,15 @@ class LinalgFailure(RuntimeError):
 
 def svd(m: torch.Tensor, full_matrices: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """torch.linalg.svd with fallbacks; the factors come back in m's dtype."""
-    attempts = [lambda: torch.linalg.svd(m, full_matrices=full_matrices)]
+    attempts = [lambda: lapack.svd(m, full_matrices=full_matrices)]
     if m.is_cuda:
-        attempts.append(lambda: torch.linalg.svd(m, full_matrices=full_matrices, driver="gesvd"))
+        attempts.append(lambda: lapack.svd(m, full_matrices=full_matrices, driver="gesvd"))
     if m.dtype != torch.float64:
-        attempts.append(lambda: tuple(f.to(m.dtype) for f in torch.linalg.svd(m.double(), full_matrices=full_matrices)))
+        attempts.append(lambda: tuple(f.to(m.dtype) for f in lapack.svd(m.double(), full_matrices=full_matrices)))
 
     def scaled():
         norm = float(torch.linalg.matrix_norm(m.double(), ord="fro")) or 1.0
-        u, s, vh = torch.linalg.svd(m.double() / norm, full_matrices=full_matrices)
+        u, s, vh = lapack.svd(m.double() / norm, full_matrices=full_matrices)
         return u.to(m.dtype), (s * norm).to(m.dtype), vh.to(m.dtype)
 
     attempts.append(scaled)

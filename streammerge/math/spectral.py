@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from . import lapack
 from .robust import svd
 
 
@@ -30,8 +31,8 @@ def compact_svd(m: torch.Tensor, floor: float = 0.0) -> tuple[torch.Tensor, torc
 def low_rank_svd(b: torch.Tensor, a: torch.Tensor, floor: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """compact_svd(b @ a) from its factors b [m, r], a [r, n] in O((m + n) r²): QR of b and aᵀ,
     then the SVD of the r×r core."""
-    qb, rb = torch.linalg.qr(b)
-    qa, ra = torch.linalg.qr(a.T)
+    qb, rb = lapack.qr(b)
+    qa, ra = lapack.qr(a.T)
     u, s, vh = compact_svd(rb @ ra.T, floor)
     return qb @ u, s, vh @ qa.T
 
@@ -110,7 +111,7 @@ def gram_dtype(device: torch.device) -> torch.dtype:
 def top_eig(gram: torch.Tensor, floor: float, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The leading (≤ limit) right singular vectors and values of a matrix from its Gram matrix,
     above the noise floor and what a Gram matrix resolves (√eps·σ_max)."""
-    evals, v = torch.linalg.eigh(gram)
+    evals, v = lapack.eigh(gram)
     sigma, order = evals.clamp(min=0).sqrt().sort(descending=True)
     top = float(sigma[0]) if sigma.numel() else 0.0
     r = min(limit, int((sigma > max(floor, top * torch.finfo(gram.dtype).eps ** 0.5)).sum()))
@@ -140,7 +141,7 @@ def streams_tall(task) -> bool:
 
 def inverse_sqrt(gram: torch.Tensor) -> torch.Tensor:
     """(UᵀU)^(-1/2) from UᵀU (symmetric, positive definite on the columns kept)."""
-    evals, v = torch.linalg.eigh(gram)
+    evals, v = lapack.eigh(gram)
     return (v * evals.clamp_min(torch.finfo(gram.dtype).tiny).rsqrt()) @ v.T
 
 

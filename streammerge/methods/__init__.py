@@ -8,7 +8,9 @@ election then disjoint mean; conflict-aware OrthoMerge: τ_mean then Procrustes)
 one expert tensor plus the method's accumulators is alive. `memory` states the peak bytes
 for the planner (plan.py). A method that needs statistics over each expert's whole model (TIES at
 model scope) declares `statistics`, run by the scheduler as passes over the model before
-merging; its JSON-able result is journalled so a resumed merge does not recompute it.
+merging, each a map over the model's tensors (`MapPass`: locally one call over all of them, on
+Ray one task per output shard) whose partial results the method reduces; its JSON-able result is
+journalled so a resumed merge does not recompute it.
 """
 from __future__ import annotations
 
@@ -134,6 +136,21 @@ class TensorTask:
         return g
 
 
+def ordered_sum(x: torch.Tensor) -> torch.Tensor:
+    """Σ of all of x with the same bits on any CPU thread count. torch sums a large tensor to one
+    value in as many pieces as it has threads (a 30M-element float32 sum differs between one and
+    two threads; math/lapack.py says why that matters); sums along the rows of a matrix run one
+    row per thread. So: rows of 1024, then rows of their sums, until a few thousand values remain,
+    which torch sums on one thread."""
+    x = x.reshape(-1)
+    while x.numel() > 4096:
+        pad = (-x.numel()) % 1024
+        if pad:
+            x = torch.cat([x, x.new_zeros(pad)])
+        x = x.reshape(-1, 1024).sum(dim=1)
+    return x.sum()
+
+
 def holds_whole(task: TensorTask, n: int, limit: int) -> bool:
     """Whether a method keeps the N per-expert copies of this tensor whole: it is one row block,
     or the N copies in the compute dtype fit `limit` bytes (above it: passes over row blocks)."""
@@ -181,8 +198,12 @@ def whole_tensor_memory(copies: float, per_expert: float = 0.0) -> Callable[...,
     return memory
 
 
-# One pass over the whole model: yields (name, base, experts) for each mergeable tensor.
-ModelPass = Callable[[], Iterator[tuple[str, torch.Tensor, ExpertTensors]]]
+# One pass over (part of) the model: (name, base, experts) for each row block of each mergeable tensor.
+ModelBlocks = Iterator[tuple[str, torch.Tensor, ExpertTensors]]
+# map_pass(fn, *args): [fn(blocks, *args) for each part of the model], in the model's order; fn is
+# a module-level function (it may run in another process) and its results are reduced exactly
+# (integer sums), so how the model is cut into parts cannot change the statistics.
+MapPass = Callable[..., list]
 
 
 @dataclass(frozen=True)
@@ -191,7 +212,7 @@ class Method:
     params_type: type
     merge: Callable[[TensorTask, Any], torch.Tensor]
     memory: Callable[[str, tuple[int, ...], int, Any, int], Any]  # (name, shape, n_experts, params, itemsize) -> plan.Need
-    statistics: Callable[[ModelPass, int, Any, list[float]], Any] | None = None  # (pass, n_experts, params, densities)
+    statistics: Callable[[MapPass, int, Any, list[float]], Any] | None = None  # (map_pass, n_experts, params, densities)
     statistics_passes: Callable[[Any], int] = field(default=lambda params: 0)
     doc: str = ""
     # True where NaN/Inf in any input always reaches the result (sums, products, masks: NaN·0 is

@@ -22,7 +22,7 @@ import torch
 
 import math
 
-from . import BLOCK_ELEMENTS, Method, Rows, TensorTask, holds_whole, map_row_blocks, register
+from . import BLOCK_ELEMENTS, Method, Rows, TensorTask, holds_whole, map_row_blocks, ordered_sum, register
 
 WHOLE_BYTES = 1 << 28  # the N inputs of one tensor are held whole up to this size
 
@@ -53,7 +53,7 @@ def karcher_mean(tensors: list[torch.Tensor], alphas: list[float], max_iter: int
     for _ in range(max_iter):
         tangent = torch.zeros_like(mean)
         for a, u in zip(alpha, us):
-            dot = torch.clamp(torch.dot(mean.flatten(), u.flatten()), -1.0, 1.0)
+            dot = torch.clamp(ordered_sum(mean * u), -1.0, 1.0)  # not torch.dot: its bits depend on the thread count
             theta = torch.arccos(dot)
             if float(theta) < tol:
                 continue

@@ -20,7 +20,7 @@ import torch
 
 import math
 
-from . import BLOCK_ELEMENTS, Method, Rows, TensorTask, holds_whole, map_row_blocks, register
+from . import BLOCK_ELEMENTS, Method, Rows, TensorTask, holds_whole, map_row_blocks, ordered_sum, register
 
 WHOLE_BYTES = 1 << 28  # the N task vectors of one tensor are held whole up to this size
 
@@ -50,8 +50,11 @@ def merge_whole(w0: torch.Tensor, ws: list[torch.Tensor], filter_wise: bool, sha
     cosines = []
     for i, a in enumerate(offsets):
         for b in offsets[i + 1:]:
-            norm = torch.norm(a, dim=-1) * torch.norm(b, dim=-1)
-            cosines.append(((a * b).sum(dim=-1) / norm.clamp(min=1e-6)).clamp(-1, 1))
+            if a.dim() == 1:  # one sum over the whole tensor: in a fixed order (methods.ordered_sum)
+                norm, dot = ordered_sum(a * a).sqrt() * ordered_sum(b * b).sqrt(), ordered_sum(a * b)
+            else:
+                norm, dot = torch.norm(a, dim=-1) * torch.norm(b, dim=-1), (a * b).sum(dim=-1)
+            cosines.append((dot / norm.clamp(min=1e-6)).clamp(-1, 1))
     del offsets
     t = interpolation(torch.stack(cosines).mean(dim=0).unsqueeze(-1), n)
     average = sum(ws) / n

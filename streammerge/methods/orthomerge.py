@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from ..errors import NumericalError, UsageError
+from ..math import lapack
 from ..math.cayley import cayley, cayley_consuming
 from ..math.lie_mean import LieAccumulator
 from ..math.robust import LinalgFailure
@@ -196,7 +197,7 @@ def _merge_tall(task: TensorTask, params: OrthoMergeParams, res_method: Method, 
             for i in range(n):
                 conflict[i][rows[0]:rows[1]] = conflict_rows(taus[i], tau_mean)  # type: ignore[index]
             del taus, tau_mean
-    evals, evecs = torch.linalg.eigh(gram)
+    evals, evecs = lapack.eigh(gram)
     del gram
     sigma = evals.clamp_(min=0).sqrt_()
     top = float(sigma.max()) if sigma.numel() else 0.0

@@ -20,12 +20,12 @@ both signs, and the minority one is dropped at the end (rare: an exact cancellat
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from . import BLOCK_ELEMENTS, Method, ModelPass, Rows, TensorTask, check_finite, check_range, holds_whole, map_row_blocks, register
+from . import BLOCK_ELEMENTS, Method, MapPass, ModelBlocks, Rows, TensorTask, check_finite, check_range, holds_whole, map_row_blocks, register
 
 CACHE_BYTES = 1 << 28  # the N trimmed task vectors of one tensor are kept whole up to this size
 
@@ -236,31 +236,49 @@ def merge(task: TensorTask, params: TiesParams) -> torch.Tensor:
     return disjoint_merge_blocks(task, vectors, params.merge, params.lambda_)
 
 
-def model_thresholds(model_pass: ModelPass, n_experts: int, densities: list[float]) -> list[float]:
-    """Each expert's exact k-th largest |τ| over all of its tensors (radix select, two passes
-    over the model, each a stream of row blocks)."""
+def high_histograms(blocks: ModelBlocks, n_experts: int) -> tuple[int, list[torch.Tensor]]:
+    """First radix pass over part of the model: (values seen per expert, each expert's histogram
+    of the high 16 bits of |τ|)."""
     total = 0
-    blocks: Iterable = model_pass()
     highs = [torch.zeros(1 << 16, dtype=torch.int64) for _ in range(n_experts)]
     for _, base, experts in blocks:
         total += base.numel()
         for i in range(n_experts):
             highs[i] += torch.bincount(magnitude_bits(experts[i].sub_(base)) >> 16, minlength=1 << 16).cpu()
+    return total, highs
+
+
+def low_histograms(blocks: ModelBlocks, n_experts: int, bins: list[int]) -> list[torch.Tensor]:
+    """Second radix pass: each expert's histogram of the low 16 bits of the |τ| in its chosen bin."""
+    lows = [torch.zeros(1 << 16, dtype=torch.int64) for _ in range(n_experts)]
+    for _, base, experts in blocks:
+        for i in range(n_experts):
+            bits = magnitude_bits(experts[i].sub_(base))
+            lows[i] += torch.bincount(bits[(bits >> 16) == bins[i]] & 0xFFFF, minlength=1 << 16).cpu()
+    return lows
+
+
+def model_thresholds(map_pass: MapPass, n_experts: int, densities: list[float]) -> list[float]:
+    """Each expert's exact k-th largest |τ| over all of its tensors (radix select: two passes over
+    the model, each a map over its parts whose histograms are summed)."""
+    highs = map_pass(high_histograms, n_experts)
+    total = sum(t for t, _ in highs)
     selects = []
     for i in range(n_experts):
         s = RadixSelect(keep_count(total, densities[i]))
-        s.high = highs[i]
+        s.high = sum((h[i] for _, h in highs), torch.zeros(1 << 16, dtype=torch.int64))
+        s._choose_bin()
         selects.append(s)
-    for _, base, experts in model_pass():
-        for i in range(n_experts):
-            selects[i].add_low(magnitude_bits(experts[i].sub_(base)))
+    lows = map_pass(low_histograms, n_experts, [s.bin for s in selects])
+    for i, s in enumerate(selects):
+        s.low = sum((low[i] for low in lows), torch.zeros(1 << 16, dtype=torch.int64))
     return [s.value() for s in selects]
 
 
-def statistics(model_pass: ModelPass, n_experts: int, params: TiesParams, densities: list[float] | None = None):
+def statistics(map_pass: MapPass, n_experts: int, params: TiesParams, densities: list[float] | None = None):
     if params.scope != "model":
         return None
-    return model_thresholds(model_pass, n_experts, densities or [params.density] * n_experts)
+    return model_thresholds(map_pass, n_experts, densities or [params.density] * n_experts)
 
 
 def memory(name: str, shape: tuple[int, ...], n: int, params: TiesParams, itemsize: int):

@@ -1,0 +1,41 @@
+"""Factorisations whose result does not depend on the number of CPU threads.
+
+On the CPU, torch's LAPACK (MKL in its wheels) gives eigh, svd, qr and solve results that differ
+in the last bits with the thread count — measured on this project's machine at 700×700, float32
+and float64, one thread against two — while its matrix products (gemm) do not. A merge takes as
+many threads as cores are free of load when it starts (cpu.py), and a Ray task takes `--threads`,
+so without this the same command could give different bytes on a busier machine, and a Ray merge
+differ from the local one (it did: 0.5 % of the entries of OrthoMerge's float32 `down_proj` at
+1.5B shapes, one bf16 step apart). So every factorisation on the CPU runs on one thread; they
+are a minor part of the time next to the products around them. CUDA calls are left as they are.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _one_thread(name: str):
+    def call(a: torch.Tensor, *args, **kwargs):
+        fn = getattr(torch.linalg, name)  # looked up per call, so a test may replace it
+        threads = torch.get_num_threads()
+        if a.device.type != "cpu" or threads == 1:
+            return fn(a, *args, **kwargs)
+        torch.set_num_threads(1)
+        try:
+            return fn(a, *args, **kwargs)
+        finally:
+            torch.set_num_threads(threads)
+
+    call.__name__ = call.__qualname__ = name
+    call.__doc__ = f"torch.linalg.{name} on one thread on the CPU."
+    return call
+
+
+svd = _one_thread("svd")
+eigh = _one_thread("eigh")
+qr = _one_thread("qr")
+solve = _one_thread("solve")
+solve_ex = _one_thread("solve_ex")
+inv = _one_thread("inv")
+pinv = _one_thread("pinv")
+det = _one_thread("det")
