@@ -28,7 +28,6 @@ from contextlib import contextmanager
 from .errors import ResourceError, StreammergeError, UsageError
 from .io.atomic import TMP_SUFFIX, temp_name
 from .io.journal import Journal
-from .plan import PREFETCH_BUFFER
 from .units import format_size
 
 log = logging.getLogger(__name__)
@@ -62,10 +61,16 @@ def worker_merger(recipe, device: str, budgets: dict, placement: dict[str, str],
 
 def merge_shard_task(recipe, device: str, budgets: dict, shard_name: str, placement: dict[str, str], statistics, threads: int) -> tuple[str, str, int]:
     """One Ray task: merge and write one shard; (shard name, sha256, size)."""
+    from .prefetch import ReadAhead
+
     with worker_merger(recipe, device, budgets, placement, threads) as merger:
         shard = next(s for s in merger.shards if s.filename == shard_name)
-        # a name no other attempt uses: a retry may start while an orphaned attempt still writes
-        sha, size = merger.write_shard(shard, statistics, temp_tag=f"ray-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        read_ahead = ReadAhead(merger.input_ranges([shard])).start()  # as the local loop: the shard's inputs read ahead
+        try:
+            # a name no other attempt uses: a retry may start while an orphaned attempt still writes
+            sha, size = merger.write_shard(shard, statistics, read_ahead=read_ahead, temp_tag=f"ray-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        finally:
+            read_ahead.stop()
         return shard_name, sha, size
 
 
@@ -103,12 +108,9 @@ class RayExecutor:
 
     def needs(self, shard) -> dict:
         """Ray resources of one shard's task, from the plan: its largest tensor's host and GPU peaks."""
-        plan = self.merger.plan
         placed = [self.merger.placement_of(t.name) for t in shard.tensors]
-        gpu = any(p is not None and p.device == "cuda" for p in placed)
-        host = plan.baseline + PREFETCH_BUFFER + max((p.host_bytes for p in placed if p is not None), default=0)
-        need = {"num_cpus": self.threads, "memory": int(host)}
-        if gpu:
+        need = {"num_cpus": self.threads, "memory": self.merger.plan.peak_host_of(placed)}
+        if any(p.device == "cuda" for p in placed):
             need["num_gpus"] = 1
         return need
 
@@ -158,11 +160,14 @@ class RayExecutor:
         shards = [s for s in merger.shards if any(t.merged for t in s.tensors)]
         refs = [task.options(max_retries=TASK_RETRIES, name=f"statistics {s.filename}", **self.needs(s)).remote(
             recipe_ref, merger.device.type, merger.budgets, s.filename, self._shard_placement(s), self.threads, fn, args) for s in shards]
+        results: list = []
         try:
-            return [self._get(ref, s) for ref, s in zip(refs, shards)]
+            for ref, s in zip(refs, shards):
+                results.append(self._get(ref, s))
         finally:
-            for ref in refs:
+            for ref in refs[len(results):]:  # an error or Ctrl-C: stop the tasks still running
                 self.ray.cancel(ref, force=True)
+        return results
 
     # -- the shards ------------------------------------------------------------------------
     def merge(self, todo, journal: Journal, progress, check_inputs) -> int:
@@ -196,7 +201,7 @@ class RayExecutor:
                 journal.finished[name] = {"sha256": sha, "size": size}
                 journal.save()
                 written += size
-                progress.done(shard.nbytes, sum(p.read_bytes for p in map(merger.placement_of, (t.name for t in shard.tensors)) if p is not None))
+                progress.done(shard.nbytes, sum(merger.placement_of(t.name).read_bytes for t in shard.tensors))
         finally:
             for ref in pending:  # an error or Ctrl-C: stop the shards still running
                 ray.cancel(ref, force=True)

@@ -64,8 +64,12 @@ class Plan:
 
     @property
     def peak_host(self) -> int:
-        cuda = CUDA_LIBRARIES_HOST if any(t.device == "cuda" for t in self.tensors) else 0
-        return self.baseline + PREFETCH_BUFFER + cuda + max((t.host_bytes for t in self.tensors), default=0)
+        return self.peak_host_of(self.tensors)
+
+    def peak_host_of(self, tensors: list[TensorPlan]) -> int:
+        """The host peak of a process that merges these tensors (a Ray task: one shard's)."""
+        cuda = CUDA_LIBRARIES_HOST if any(t.device == "cuda" for t in tensors) else 0
+        return self.baseline + PREFETCH_BUFFER + cuda + max((t.host_bytes for t in tensors), default=0)
 
     @property
     def peak_gpu(self) -> int:

@@ -284,6 +284,8 @@ class Merger:
                  assume_gpu: int | None = None, report: str | None = None, ray: str | None = None, ray_threads: int = 1):
         self.recipe = recipe
         self.ray, self.ray_threads = ray, ray_threads  # a Ray cluster merges the shards (distributed.py): local, auto or an address
+        if ray is not None and report is not None:  # refused before anything is written
+            raise UsageError("--report records diagnostics in one process: merge without --ray to write it")
         self.report = None
         if report is not None:
             from .report import ReportWriter
@@ -446,8 +448,8 @@ class Merger:
         journal.save()
         return journal
 
-    def placement_of(self, name: str) -> TensorPlan | None:
-        return self._placement.get(name)
+    def placement_of(self, name: str) -> TensorPlan:
+        return self._placement[name]
 
     def placement_devices(self) -> dict[str, str]:
         """Where each merged tensor is computed: the journal records it, Ray tasks follow it."""
@@ -586,8 +588,6 @@ class Merger:
             log.info("%s: %s", t.name, t.note)
         executor = None
         if self.ray is not None:
-            if self.report is not None:
-                raise UsageError("--report records diagnostics in one process: merge without --ray to write it")
             from .distributed import RayExecutor
 
             executor = RayExecutor(self, self.ray, self.ray_threads)
@@ -602,7 +602,7 @@ class Merger:
                 journal.save()
             input_paths = list(inputs_fingerprint([self.base, *self.experts]))
             initial_state = _file_state(input_paths)
-            read_ahead = ReadAhead(self._input_ranges(todo) if executor is None else []).start()
+            read_ahead = ReadAhead(self.input_ranges(todo) if executor is None else []).start()
             try:
                 with tqdm(
                     total=total, initial=total - sum(s.nbytes for s in todo), unit="B", unit_scale=True,
@@ -622,7 +622,7 @@ class Merger:
         report.bytes_read_ahead, report.read_throughput = read_ahead.read, read_ahead.throughput()
         return report
 
-    def _input_ranges(self, shards: list[Shard]) -> list[tuple[str, int, int]]:
+    def input_ranges(self, shards: list[Shard]) -> list[tuple[str, int, int]]:
         """(file, offset, length) of every input tensor the remaining shards read, in order."""
         ranges = []
         for shard in shards:

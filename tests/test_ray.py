@@ -186,3 +186,15 @@ def test_ray_in_a_recipe_is_not_part_of_the_result(tmp_path):
     path.write_text("method: task_arithmetic\nbase: b\nexperts: [e1, e2]\nout: o\n")
     local = load_recipe_file(str(path))
     assert local.ray is None and on_ray.fingerprint_doc() == local.fingerprint_doc()
+
+
+def test_report_with_ray_is_refused_before_anything_is_written(models, tmp_path):
+    from streammerge.errors import UsageError
+    from streammerge.recipe import Expert, Recipe
+    from streammerge.scheduler import Merger
+
+    out = tmp_path / "out"
+    recipe = Recipe("ties", os.path.join(models, "base"), tuple(Expert(e) for e in experts_of(models)), str(out))
+    with pytest.raises(UsageError, match="--report"):
+        Merger(recipe, device="cpu", quiet=True, ray="local", report=str(tmp_path / "r.json"))
+    assert not out.exists()

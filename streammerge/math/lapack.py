@@ -6,8 +6,10 @@ and float64, one thread against two — while its matrix products (gemm) do not.
 many threads as cores are free of load when it starts (cpu.py), and a Ray task takes `--threads`,
 so without this the same command could give different bytes on a busier machine, and a Ray merge
 differ from the local one (it did: 0.5 % of the entries of OrthoMerge's float32 `down_proj` at
-1.5B shapes, one bf16 step apart). So every factorisation on the CPU runs on one thread; they
-are a minor part of the time next to the products around them. CUDA calls are left as they are.
+1.5B shapes, one bf16 step apart). So every factorisation on the CPU runs on one thread: on this
+project's 2 cores that makes an SVD or eigh 1.4–2.0× slower than on two (1500² to 3000²,
+bench/results/lapack-threads.md), the price of output that does not depend on the load. CUDA
+calls are left as they are.
 """
 from __future__ import annotations
 
