@@ -12,8 +12,14 @@ small grid written beside each configuration; the test split is scored once, for
 Scale controls: task arithmetic at λ = 1/N and 1/√N; the Table-4 ablations of OrthoMerge
 (average R, sequential product of R, average Q) beside its magnitude-corrected mean.
 Normalized accuracy = merged accuracy / the task's own expert's accuracy (test), averaged.
-A merge that two rows share (TA at λ = 1/N and the grid's λ = 0.2) is made and scored once.
-Each (family, seed) runs in its own process with one torch thread, `--jobs` of them side by side.
+OrthoMerge's residual methods take the parameters validation chose for them alone (same family
+and seed); its rotation scale is chosen on the TA-residual row of each target and taken by the
+TIES and TSV-M rows; the dense Table-4 ablations use the tuned TA residual too.
+A merge that two rows share (TA at λ = 1/N and the grid's λ = 0.2; the magnitude-corrected
+ablation and OrthoMerge-G + TA at scale 1) is made and scored once, and a per-unit memo of the
+Procrustes solves (RotationMemo) spares the rows that rotate the same experts the same way.
+Each (family, seed) runs in its own process with one torch thread, `--jobs` of them side by side
+(more threads once fewer units than cores are left).
 """
 from __future__ import annotations
 
@@ -61,15 +67,27 @@ def configs(family: str) -> list[tuple[str, str, dict, dict]]:
     if family == "oft":
         om = [("OrthoMerge (generators)", "orthomerge", {}, {"scale": SCALES})]
     else:
-        om = [(f"OrthoMerge-{t[0].upper()} + {r}", "orthomerge", {"target": t, "residual_method": m}, {"scale": [0.5, 1.0]})
+        # the residual method's parameters are those validation chose for it alone in this unit
+        # (RESIDUAL_ROW); the rotation scale is chosen on the TA-residual row of each target and
+        # taken by its TIES and TSV-M rows (SCALE_ROW)
+        om = [(f"OrthoMerge-{t[0].upper()} + {r}", "orthomerge", {"target": t, "residual_method": m}, {"scale": [0.5, 1.0]} if r == "TA" else {})
               for t in ("global", "conflict") for r, m in (("TA", "task_arithmetic"), ("TIES", "ties"), ("TSV-M", "tsv"))]
     ablations = [("Table 4: average R", "orthomerge", {"rotation_merge": "average_r"}, {}),
                  ("Table 4: product R", "orthomerge", {"rotation_merge": "product_r"}, {}),
                  ("Table 4: average Q", "orthomerge", {"rotation_merge": "average_q"}, {}),
                  ("Table 4: magnitude-corrected (OrthoMerge)", "orthomerge", {}, {})]
-    if family != "oft":  # on dense experts the ablations use the global target, as the paper's OFT merges rotate everything
-        ablations = [(label, m, p | {"target": "global"}, g) for label, m, p, g in ablations]
+    if family != "oft":  # on dense experts the ablations use the global target, as the paper's OFT merges rotate everything,
+        # and the TA residual at the λ tuned for task arithmetic (the magnitude-corrected row is then
+        # OrthoMerge-G + TA at scale 1, merged once)
+        ablations = [(label, m, p | {"target": "global", "residual_method": "task_arithmetic"}, g) for label, m, p, g in ablations]
     return rows + om + ablations
+
+
+# OrthoMerge's residual merge runs with the parameters chosen on validation for that method alone
+# (the row named here, same family and seed): tuning them again per rotation scale would triple
+# the grid, and at their defaults (TIES λ 1, TSV-M α 1) the residual, not the rotation, decides.
+RESIDUAL_ROW = {"task_arithmetic": "task arithmetic", "ties": "TIES", "tsv": "TSV-M"}
+SCALE_ROW = {f"OrthoMerge-{t} + {r}": f"OrthoMerge-{t} + TA" for t in "GC" for r in ("TIES", "TSV-M")}
 
 
 def canonical(method: str, params: dict) -> str:
@@ -78,6 +96,64 @@ def canonical(method: str, params: dict) -> str:
     from streammerge.methods import build_params, get_method
     m, implied = get_method(method)
     return f"{m.name}:{build_params(m.params_type, implied | params, method)!r}"
+
+
+class RotationMemo:
+    """Within one (family, seed) unit, sixteen OrthoMerge merges rotate the same five experts onto
+    the same base: every row with the global target solves the same Procrustes problems, and so
+    does every row with the conflict target (the residual method, its parameters and the rotation
+    scale act after R_i is found). The solves are deterministic, so this memo, keyed by the bytes
+    of their inputs, returns a copy of what the solve returned the first time: the merges are
+    byte-identical to unmemoized ones (checked by `--check-memo`), only faster."""
+
+    def __init__(self) -> None:
+        from streammerge.methods import orthomerge
+        self.module = orthomerge
+        self.solvers = {"procrustes": orthomerge.procrustes, "procrustes_from_cross": orthomerge.procrustes_from_cross}
+        self.cache: dict[bytes, object] = {}
+        self.hits = self.misses = 0
+
+    @staticmethod
+    def digest(*parts) -> bytes:
+        import hashlib
+        h = hashlib.blake2b(digest_size=20)
+        for part in parts:
+            if isinstance(part, torch.Tensor):
+                t = part.detach().contiguous().cpu()
+                h.update(repr((t.dtype, tuple(t.shape))).encode())
+                h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+            else:
+                h.update(repr(part).encode())
+        return h.digest()
+
+    @staticmethod
+    def copy(rot):
+        from streammerge.math.procrustes import SubspaceRotation
+        return SubspaceRotation(rot.r_w.clone(), rot.q_w.clone(), None if rot.frame is None else rot.frame.clone(), rot.clipped_planes)
+
+    def wrapped(self, name: str):
+        solve = self.solvers[name]
+
+        def memoized(*args, **kwargs):
+            parts = [a.p if hasattr(a, "ap") else a for a in args] + [a.ap for a in args if hasattr(a, "ap")]
+            key = self.digest(name, *parts, sorted(kwargs.items()))
+            if key not in self.cache:
+                self.misses += 1
+                self.cache[key] = self.copy(solve(*args, **kwargs))
+            else:
+                self.hits += 1
+            return self.copy(self.cache[key])
+        return memoized
+
+    def __enter__(self) -> "RotationMemo":
+        for name in self.solvers:
+            setattr(self.module, name, self.wrapped(name))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for name, solve in self.solvers.items():
+            setattr(self.module, name, solve)
+        self.cache.clear()
 
 
 def expert_path(family: str, task: str, seed: int) -> str:
@@ -109,24 +185,46 @@ def merged(method: str, params: dict, family: str, seed: int, out: str, tasks: t
     return time.perf_counter() - start
 
 
-def run_family(family: str, seed: int, data: dict, tasks: dict, work: str, only: set[str] | None) -> dict:
+def run_family(family: str, seed: int, data: dict, tasks: dict, work: str, only: set[str] | None, earlier: dict, threads: int = 1) -> dict:
+    """`earlier`: this unit's result from an earlier run (with --only: its base and expert scores
+    are kept, and a residual row may come from it)."""
     hs = heads(family, seed, tasks)
-    own = {t: json.load(open(os.path.join(expert_dir(family, t, seed), "meta.json"))) for t in TASKS}
-    # each expert alone, applied to the base by streammerge (an adapter's `linear` merge of one
-    # expert is the adapter merged into the base) and scored on its own task
-    alone = {}
-    for t in TASKS:
-        out = os.path.join(work, "alone")
-        merged("linear", {}, family, seed, out, (t,))
-        from transformers import AutoModel
-        alone[t] = accuracy(AutoModel.from_pretrained(out), hs[t], data[t]["test"])
-    result = {"base": score(model_folder(), hs, data, "test"), "experts": alone,
-              "experts_as_trained": {t: own[t]["test_accuracy"] for t in TASKS},
-              "expert_training_seconds": sum(own[t]["seconds"] for t in TASKS), "methods": {}}
+    if only and "base" in earlier:
+        result = {k: v for k, v in earlier.items() if k != "methods"} | {"methods": {}}
+    else:
+        own = {t: json.load(open(os.path.join(expert_dir(family, t, seed), "meta.json"))) for t in TASKS}
+        # each expert alone, applied to the base by streammerge (an adapter's `linear` merge of one
+        # expert is the adapter merged into the base) and scored on its own task
+        alone = {}
+        for t in TASKS:
+            out = os.path.join(work, "alone")
+            merged("linear", {}, family, seed, out, (t,))
+            from transformers import AutoModel
+            alone[t] = accuracy(AutoModel.from_pretrained(out), hs[t], data[t]["test"])
+        result = {"base": score(model_folder(), hs, data, "test"), "experts": alone,
+                  "experts_as_trained": {t: own[t]["test_accuracy"] for t in TASKS},
+                  "expert_training_seconds": sum(own[t]["seconds"] for t in TASKS), "methods": {}}
+    earlier = earlier.get("methods", {})
     seen: dict[str, dict] = {}  # canonical merge → {"val": ..., "test": ..., "folder": ...}
     for label, method, fixed, grid in configs(family):
         if only and label not in only:
             continue
+        set_threads(threads)
+        if method == "orthomerge" and "residual_method" in fixed:
+            alone_label = RESIDUAL_ROW[fixed["residual_method"]]
+            chosen_alone = result["methods"].get(alone_label) or earlier.get(alone_label, {})
+            if "params" not in chosen_alone:
+                result["methods"][label] = {"error": f"no tuned {alone_label} row to take the residual parameters from",
+                                            "method": method, "fixed": fixed, "grid": grid, "seconds": 0.0}
+                continue
+            fixed = fixed | {"residual": dict(chosen_alone["params"])}
+        if label in SCALE_ROW:
+            scale_row = result["methods"].get(SCALE_ROW[label]) or earlier.get(SCALE_ROW[label], {})
+            if "params" not in scale_row:
+                result["methods"][label] = {"error": f"no tuned {SCALE_ROW[label]} row to take the rotation scale from",
+                                            "method": method, "fixed": fixed, "grid": grid, "seconds": 0.0}
+                continue
+            fixed = fixed | {"scale": scale_row["params"]["scale"]}
         best: dict | None = None
         points = []
         keys = list(grid)
@@ -141,7 +239,7 @@ def run_family(family: str, seed: int, data: dict, tasks: dict, work: str, only:
                 except Exception as exc:  # recorded: a method that cannot merge this family says why
                     best = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0]}"}
                     break
-                seen[key] = {"folder": folder, "params": params}
+                seen[key] = {"folder": folder, "params": params, "method": method}
             if not keys:  # nothing to choose: the test split only
                 best = {"params": {}, "key": key}
                 break
@@ -162,26 +260,90 @@ def run_family(family: str, seed: int, data: dict, tasks: dict, work: str, only:
                 best["points"] = points
         best = (best or {}) | {"method": method, "fixed": fixed, "grid": grid, "seconds": round(time.perf_counter() - started, 1)}
         result["methods"][label] = best
-        for merge_ in seen.values():  # scores are kept; 90 MB per merged model is not
-            shutil.rmtree(merge_["folder"], ignore_errors=True)
+        for merge_ in seen.values():  # scores are kept; 90 MB per merged model is not, except
+            if merge_["method"] != "orthomerge":  # OrthoMerge's, which a later row may score again
+                shutil.rmtree(merge_["folder"], ignore_errors=True)
         shown = "error " + best["error"] if "error" in best else f"test mean {statistics.fmean(best['test'].values()):.4f} {best['params']}"
         print(f"{family} s{seed} {label:45s} {shown} ({best['seconds']} s)", flush=True)
     return result
 
 
+ACTIVE = None  # units running now, shared by the pool's processes (set by `share_active`)
+
+
+def share_active(counter) -> None:
+    global ACTIVE
+    ACTIVE = counter
+
+
+def set_threads(threads: int) -> None:
+    """`threads`, or more when fewer units than cores are running (the last units of the run):
+    merges do not depend on the thread count (one-thread factorisations, streammerge/math/lapack.py)."""
+    active = max(1, ACTIVE.value) if ACTIVE is not None else 1
+    torch.set_num_threads(max(threads, (os.cpu_count() or 1) // active))
+
+
 def run_unit(unit: tuple) -> tuple[str, dict]:
     """One (family, seed) in its own process: tokenised data, a scratch folder, `threads` threads."""
-    family, seed, threads, only = unit
-    torch.set_num_threads(threads)
+    family, seed, threads, only, earlier = unit
+    if ACTIVE is not None:
+        with ACTIVE.get_lock():
+            ACTIVE.value += 1
+    try:
+        return _run_unit(family, seed, threads, only, earlier)
+    finally:
+        if ACTIVE is not None:
+            with ACTIVE.get_lock():
+                ACTIVE.value -= 1
+
+
+def _run_unit(family: str, seed: int, threads: int, only, earlier: dict) -> tuple[str, dict]:
+    set_threads(threads)
     from transformers import AutoTokenizer
     tasks = build()
     data = tokenised(tasks, AutoTokenizer.from_pretrained(model_folder()))
     os.makedirs(os.path.join(CACHE, "merges"), exist_ok=True)
     work = tempfile.mkdtemp(dir=os.path.join(CACHE, "merges"))  # its own: units run side by side
     try:
-        return f"{family}-s{seed}", run_family(family, seed, data, tasks, work, only)
+        with RotationMemo() as memo:
+            result = run_family(family, seed, data, tasks, work, only, earlier, threads)
+        print(f"{family} s{seed}: {memo.misses} Procrustes solves, {memo.hits} reused", flush=True)
+        return f"{family}-s{seed}", result
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def check_memo(family: str) -> int:
+    """Merge OrthoMerge-G + TSV-M and OrthoMerge-C + TIES of seed 0 without the memo, then with it
+    twice (the second from a warm memo): the output files must be byte-identical."""
+    import hashlib
+
+    def digest(folder: str) -> str:
+        h = hashlib.sha256()
+        for f in sorted(os.listdir(folder)):
+            if f.endswith(".safetensors"):
+                h.update(open(os.path.join(folder, f), "rb").read())
+        return h.hexdigest()
+
+    torch.set_num_threads(1)
+    work = tempfile.mkdtemp(dir=CACHE)
+    failures = 0
+    try:
+        for params in ({"target": "global", "residual_method": "tsv", "scale": 0.5}, {"target": "conflict", "residual_method": "ties", "scale": 1.0}):
+            plain = os.path.join(work, "plain")
+            t_plain = merged("orthomerge", params, family, 0, plain)
+            with RotationMemo() as memo:
+                cold = os.path.join(work, "cold")
+                t_cold = merged("orthomerge", params, family, 0, cold)
+                warm = os.path.join(work, "warm")
+                t_warm = merged("orthomerge", params, family, 0, warm)
+            same = digest(plain) == digest(cold) == digest(warm)
+            failures += not same
+            print(f"{family} {params}: without memo {t_plain:.1f} s, cold memo {t_cold:.1f} s, warm memo {t_warm:.1f} s "
+                  f"({memo.misses} solves, {memo.hits} reused); outputs {'byte-identical' if same else 'DIFFER'}", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 1 if failures else 0
 
 
 def summarise(results: dict, families: list[str], seeds: list[int]) -> str:
@@ -211,7 +373,8 @@ def summarise(results: dict, families: list[str], seeds: list[int]) -> str:
             if any("error" in p for p in per):
                 lines.append(f"| {label} | " + " | ".join(["—"] * len(TASKS)) + f" | {per[0].get('error', '')} | |")
                 continue
-            chosen = "; ".join(sorted({", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in p["params"].items()) for p in per} - {""}))
+            shown = [p["params"] | ({"scale": p["fixed"]["scale"]} if label in SCALE_ROW else {}) for p in per]
+            chosen = "; ".join(sorted({", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in q.items()) for q in shown} - {""}))
             lines.append(row(label + (f" ({chosen})" if chosen else ""), [p["test"] for p in per]))
     return "\n".join(lines)
 
@@ -321,8 +484,10 @@ def write_markdown(args) -> int:
             took = f", {h['seconds'] / 60:.1f} min" if h.get("seconds") else ""
             header.append(f"- `{h['command']}` — {h['date']}{took}, {r['machine']}, load average at its end {load}, torch {r['torch']}"
                           + (f": {h['note']}" if h.get("note") else ""))
-    header += ["", "OrthoMerge's residual methods run at their defaults (TA at λ = 1/N, TIES density 0.2 λ 1, TSV-M α 1): its",
-               "'vs its residual method alone' differences compare with that method at its tuned parameters."]
+    header += ["", "OrthoMerge's residual methods run with the parameters validation chose for that method alone (its row,",
+               "same family and seed); the rotation scale is chosen on each target's TA-residual row and taken by its TIES and",
+               "TSV-M rows; the dense Table-4 ablations use the tuned TA residual (their magnitude-corrected row is OrthoMerge-G + TA",
+               "at scale 1)."]
     with open(args.markdown, "w") as f:
         f.write("\n".join(header) + "\n\n" + headline(results, seeds) + "\n" + summarise(results, ["oft", "lora", "full"], seeds) + "\n"
                 + "\n### OrthoMerge against the baselines, paired by seed\n\n" + orthomerge_differences(results, seeds) + "\n"
@@ -338,10 +503,13 @@ def main() -> int:
     ap.add_argument("--only", nargs="*", help="run only these configuration labels (others kept from --json)")
     ap.add_argument("--json", default=os.path.join(ROOT, "bench", "results", "quality.json"))
     ap.add_argument("--jobs", type=int, default=2, help="(family, seed) units run side by side, each in its own process")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads per unit (scores can differ in round-off with threads)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per unit; more while fewer units than cores are left")
     ap.add_argument("--markdown", help="write the tables of --json (and of any --also JSON) here, and run nothing")
     ap.add_argument("--also", nargs="*", default=[], help="other result JSONs (runs split across processes) for --markdown")
+    ap.add_argument("--check-memo", choices=["lora", "full"], help="check that the Procrustes memo leaves OrthoMerge's output byte-identical, and run nothing else")
     args = ap.parse_args()
+    if args.check_memo:
+        return check_memo(args.check_memo)
     if args.markdown:
         return write_markdown(args)
     record = json.load(open(args.json)) if os.path.exists(args.json) else {}
@@ -351,16 +519,17 @@ def main() -> int:
     for seed in args.seeds:
         for family in args.families:
             if all(os.path.exists(os.path.join(expert_dir(family, t, seed), "meta.json")) for t in TASKS):
-                units.append((family, seed, args.threads, only))
+                units.append((family, seed, args.threads, only, results.get(f"{family}-s{seed}", {})))
             else:
                 print(f"{family} s{seed}: experts not all trained (bench/quality/train_experts.py --seeds {seed}); skipped", flush=True)
     if not units:
         return 1
     # the slowest families first, so that the last unit to start is a short one
-    units.sort(key=lambda u: ({"lora": 0, "full": 1, "oft": 2}[u[0]], u[1]))
+    units.sort(key=lambda u: ({"full": 0, "lora": 1, "oft": 2}[u[0]], u[1]))
     started = time.perf_counter()
     command = "python bench/quality/run_benchmark.py " + shlex.join(sys.argv[1:])
-    with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(args.jobs, initializer=share_active, initargs=(context.Value("i", 0),)) as pool:
         for key, fresh in pool.imap_unordered(run_unit, units):
             if only and key in results:
                 results[key]["methods"].update(fresh["methods"])
