@@ -30,6 +30,8 @@ KINDS = ("oft", "lora", "full")
 LR = {"oft": 2e-3, "lora": 1e-3, "full": 5e-5}
 HEAD_LR = 2e-3
 BATCH, EVAL_EVERY, PATIENCE, MAX_STEPS = 16, 20, 3, 200
+# the cached experts were chosen by validation scored in batches of 64: a rebuild does the same
+EVAL_BATCH = 64
 TARGETS = ["query", "key", "value", "dense"]  # every linear layer of the encoder
 
 
@@ -67,7 +69,7 @@ def train_one(kind: str, task: str, seed: int, data: dict, n_classes: int, folde
             opt.step()
             step += 1
             if step % EVAL_EVERY == 0:
-                acc = accuracy(encoder, head, data["val"])
+                acc = accuracy(encoder, head, data["val"], batch=EVAL_BATCH)
                 if acc > best[0]:
                     best = (acc, step, ({k: v.detach().clone() for k, v in encoder.state_dict().items()},
                                         {k: v.detach().clone() for k, v in head.state_dict().items()}))
@@ -85,7 +87,7 @@ def train_one(kind: str, task: str, seed: int, data: dict, n_classes: int, folde
     encoder.save_pretrained(os.path.join(tmp, "model" if kind == "full" else "adapter"))
     torch.save(head.state_dict(), os.path.join(tmp, "head.pt"))
     meta = {"kind": kind, "task": task, "seed": seed, "val_accuracy": best[0], "best_step": best[1], "steps": step,
-            "test_accuracy": accuracy(encoder, head, data["test"]), "seconds": round(time.perf_counter() - started, 1),
+            "test_accuracy": accuracy(encoder, head, data["test"], batch=EVAL_BATCH), "seconds": round(time.perf_counter() - started, 1),
             "trainable_parameters": sum(p.numel() for p in params), "lr": LR[kind], "batch": BATCH}
     with open(os.path.join(tmp, "meta.json"), "w") as f:
         json.dump(meta, f, indent=2)
