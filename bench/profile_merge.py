@@ -1,0 +1,137 @@
+#!/usr/bin/env python3
+"""Where a merge's time goes: `streammerge merge` under py-spy, summarised per thread and function.
+
+    python bench/profile_merge.py --recipe bench/.work/0.5b-task_arithmetic.yaml --tag ta-0.5b
+    python bench/profile_merge.py --tag om-c -- --base B --expert E1 --expert E2 --method orthomerge
+
+Drops the page cache first (when permitted), samples the merge's Python stacks with py-spy
+(`--rate` per second, idle samples included, so a thread waiting shows as waiting), and writes
+bench/results/profile-TAG.md: the wall time, each thread's share of the samples with its busiest
+lines, and the functions with most time spent inside them (inclusive) on the compute thread.
+A sample is attributed to the innermost streammerge line on its stack (torch's work shows as the
+line that called it), or to the innermost frame when the stack has no streammerge line.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime
+import os
+import platform
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import drop_caches  # noqa: E402
+
+FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^():]+):(?P<line>\d+)\)$")
+
+
+def parse(raw: str) -> list[tuple[str, list[tuple[str, str, int]], int]]:
+    """py-spy's raw (collapsed) output → [(thread, [(function, file, line), outermost first], samples)]."""
+    stacks = []
+    for row in raw.splitlines():
+        stack, _, count = row.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        parts = stack.split(";")
+        thread, frames = parts[0], []
+        for part in parts[1:]:
+            m = FRAME.match(part)
+            frames.append((m["func"], m["file"], int(m["line"])) if m else (part, "", 0))
+        stacks.append((thread, frames, int(count)))
+    return stacks
+
+
+def short(frame: tuple[str, str, int]) -> str:
+    func, file, line = frame
+    if not file:
+        return func
+    rel = file.split("/streammerge/", 1)[-1] if "/streammerge/" in file else os.path.basename(file)
+    return f"{func} ({rel}:{line})"
+
+
+def attributed(frames: list[tuple[str, str, int]]) -> tuple[str, str, int]:
+    ours = [f for f in frames if "/streammerge/" in f[1]]
+    return ours[-1] if ours else (frames[-1] if frames else ("(empty)", "", 0))
+
+
+def thread_label(thread: str) -> str:
+    m = re.search(r'"([^"]*)"', thread)
+    return m.group(1) if m else thread
+
+
+def summarise(stacks, top: int) -> list[str]:
+    per_thread = collections.Counter()
+    lines_of = collections.defaultdict(collections.Counter)
+    inclusive = collections.defaultdict(collections.Counter)
+    for thread, frames, n in stacks:
+        label = thread_label(thread)
+        per_thread[label] += n
+        lines_of[label][short(attributed(frames))] += n
+        for f in {(func, file) for func, file, _ in frames if "/streammerge/" in file}:
+            inclusive[label][f"{f[0]} ({f[1].split('/streammerge/', 1)[-1]})"] += n
+    total = sum(per_thread.values()) or 1
+    out = []
+    for label, n in per_thread.most_common():
+        out += ["", f"### thread {label}: {n} samples ({100 * n / total:.0f} % of all)", "",
+                "| line (innermost streammerge frame) | share of this thread |", "|---|---|"]
+        out += [f"| `{line}` | {100 * k / n:.1f} % |" for line, k in lines_of[label].most_common(top)]
+        if inclusive[label]:
+            out += ["", "| function (inclusive) | share of this thread |", "|---|---|"]
+            out += [f"| `{f}` | {100 * k / n:.1f} % |" for f, k in inclusive[label].most_common(top)]
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--recipe", help="a recipe (ours or mergekit's) for streammerge merge --recipe")
+    ap.add_argument("--tag", required=True, help="results go to bench/results/profile-TAG.md")
+    ap.add_argument("--rate", type=int, default=100, help="samples per second (default 100)")
+    ap.add_argument("--top", type=int, default=12, help="rows per table (default 12)")
+    ap.add_argument("--threads", type=int, help="pass --threads N to the merge")
+    ap.add_argument("merge_args", nargs="*", help="more arguments for streammerge merge (after --)")
+    args = ap.parse_args()
+    pyspy = shutil.which("py-spy") or sys.exit("py-spy is not installed (pip install py-spy)")
+    streammerge = shutil.which("streammerge") or sys.exit("streammerge is not installed (pip install -e .)")
+    out = tempfile.mkdtemp(prefix="profile-")
+    raw = os.path.join(out, "stacks.txt")
+    merge = [streammerge, "merge", *(["--recipe", args.recipe] if args.recipe else []), *args.merge_args,
+             "--out", os.path.join(out, "merged"), "--device", "cpu", "--quiet",
+             *(["--threads", str(args.threads)] if args.threads else [])]
+    cache_dropped = drop_caches()
+    load = os.getloadavg()
+    start = time.perf_counter()
+    proc = subprocess.run([pyspy, "record", "--rate", str(args.rate), "--format", "raw", "--idle", "--threads",
+                           "--nonblocking", "--output", raw, "--", *merge], capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout + proc.stderr)
+        return proc.returncode
+    stacks = parse(open(raw).read())
+    shutil.rmtree(out, ignore_errors=True)
+    command = "python bench/profile_merge.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    doc = [f"# Profile: {args.tag}", "",
+           f"`{command}` on {platform.machine()}, {os.cpu_count()} cores, "
+           f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}; load average before {load[0]:.2f}; "
+           f"page cache {'dropped' if cache_dropped else 'not dropped (not permitted)'}; wall time under py-spy "
+           f"{wall:.1f} s (sampling at {args.rate}/s, non-blocking, adds little). Merge: `{' '.join(shlex.quote(a) for a in merge[1:])}`.",
+           "", "Idle samples are included: a thread's share is wall time, waiting included "
+           "(`wait`/`acquire` lines are a thread blocked on another)."]
+    doc += summarise(stacks, args.top)
+    os.makedirs(os.path.join(ROOT, "bench", "results"), exist_ok=True)
+    path = os.path.join(ROOT, "bench", "results", f"profile-{args.tag}.md")
+    with open(path, "w") as f:
+        f.write("\n".join(doc) + "\n")
+    print(f"wall {wall:.1f} s; {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
