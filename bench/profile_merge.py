@@ -9,13 +9,16 @@ Drops the page cache first (when permitted), samples the merge's Python stacks w
 bench/results/profile-TAG.md: the wall time, each thread's share of the samples with its busiest
 lines, and the functions with most time spent inside them (inclusive) on the compute thread.
 A sample is attributed to the innermost streammerge line on its stack (torch's work shows as the
-line that called it), or to the innermost frame when the stack has no streammerge line.
+line that called it; a factorisation as the line that called its wrapper in math/lapack.py or
+math/robust.py), or to the innermost frame when the stack has no streammerge line. The stacks are
+kept in bench/.work/profile-TAG.json; `--again` summarises them again without running.
 """
 from __future__ import annotations
 
 import argparse
 import collections
 import datetime
+import json
 import os
 import platform
 import re
@@ -49,22 +52,30 @@ def parse(raw: str) -> list[tuple[str, list[tuple[str, str, int]], int]]:
     return stacks
 
 
+def ours(file: str) -> bool:
+    """A frame of this package (py-spy gives its paths relative, `streammerge/...`)."""
+    return file.startswith("streammerge/") or "/streammerge/" in file
+
+
 def short(frame: tuple[str, str, int]) -> str:
     func, file, line = frame
     if not file:
         return func
-    rel = file.split("/streammerge/", 1)[-1] if "/streammerge/" in file else os.path.basename(file)
+    rel = file.split("streammerge/", 1)[-1] if ours(file) else os.path.basename(file)
     return f"{func} ({rel}:{line})"
 
 
 def attributed(frames: list[tuple[str, str, int]]) -> tuple[str, str, int]:
-    ours = [f for f in frames if "/streammerge/" in f[1]]
-    return ours[-1] if ours else (frames[-1] if frames else ("(empty)", "", 0))
+    # math/lapack.py and math/robust.py only wrap a factorisation: their caller's line says which one
+    mine = [f for f in frames if ours(f[1]) and not f[1].endswith(("math/lapack.py", "math/robust.py"))]
+    return mine[-1] if mine else (frames[-1] if frames else ("(empty)", "", 0))
 
 
 def thread_label(thread: str) -> str:
-    m = re.search(r'"([^"]*)"', thread)
-    return m.group(1) if m else thread
+    """py-spy names a thread `thread (ID): NAME`; threads of one name (a shard writer per tensor)
+    are counted together, and the main thread's samples from before it was named go with it."""
+    name = thread.partition("): ")[2].strip()
+    return name or "MainThread"
 
 
 def summarise(stacks, top: int) -> list[str]:
@@ -75,17 +86,20 @@ def summarise(stacks, top: int) -> list[str]:
         label = thread_label(thread)
         per_thread[label] += n
         lines_of[label][short(attributed(frames))] += n
-        for f in {(func, file) for func, file, _ in frames if "/streammerge/" in file}:
-            inclusive[label][f"{f[0]} ({f[1].split('/streammerge/', 1)[-1]})"] += n
+        for f in {(func, file) for func, file, _ in frames if ours(file)}:
+            inclusive[label][f"{f[0]} ({f[1].split('streammerge/', 1)[-1]})"] += n
     total = sum(per_thread.values()) or 1
     out = []
     for label, n in per_thread.most_common():
+        if n < 0.01 * total:
+            continue
         out += ["", f"### thread {label}: {n} samples ({100 * n / total:.0f} % of all)", "",
                 "| line (innermost streammerge frame) | share of this thread |", "|---|---|"]
         out += [f"| `{line}` | {100 * k / n:.1f} % |" for line, k in lines_of[label].most_common(top)]
         if inclusive[label]:
             out += ["", "| function (inclusive) | share of this thread |", "|---|---|"]
-            out += [f"| `{f}` | {100 * k / n:.1f} % |" for f, k in inclusive[label].most_common(top)]
+            # the scheduler's frames that every sample passes through say nothing
+            out += [f"| `{f}` | {100 * k / n:.1f} % |" for f, k in [(f, k) for f, k in inclusive[label].most_common() if k < 0.95 * n][:top]]
     return out
 
 
@@ -96,32 +110,43 @@ def main() -> int:
     ap.add_argument("--rate", type=int, default=100, help="samples per second (default 100)")
     ap.add_argument("--top", type=int, default=12, help="rows per table (default 12)")
     ap.add_argument("--threads", type=int, help="pass --threads N to the merge")
+    ap.add_argument("--again", action="store_true", help="summarise the stacks the last run with this tag kept (bench/.work), run nothing")
     ap.add_argument("merge_args", nargs="*", help="more arguments for streammerge merge (after --)")
     args = ap.parse_args()
-    pyspy = shutil.which("py-spy") or sys.exit("py-spy is not installed (pip install py-spy)")
-    streammerge = shutil.which("streammerge") or sys.exit("streammerge is not installed (pip install -e .)")
-    out = tempfile.mkdtemp(prefix="profile-")
-    raw = os.path.join(out, "stacks.txt")
-    merge = [streammerge, "merge", *(["--recipe", args.recipe] if args.recipe else []), *args.merge_args,
-             "--out", os.path.join(out, "merged"), "--device", "cpu", "--quiet",
-             *(["--threads", str(args.threads)] if args.threads else [])]
-    cache_dropped = drop_caches()
-    load = os.getloadavg()
-    start = time.perf_counter()
-    proc = subprocess.run([pyspy, "record", "--rate", str(args.rate), "--format", "raw", "--idle", "--threads",
-                           "--nonblocking", "--output", raw, "--", *merge], capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stdout + proc.stderr)
-        return proc.returncode
-    stacks = parse(open(raw).read())
-    shutil.rmtree(out, ignore_errors=True)
-    command = "python bench/profile_merge.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    kept = os.path.join(ROOT, "bench", ".work", f"profile-{args.tag}.json")
+    if args.again:
+        run = json.load(open(kept))
+    else:
+        pyspy = shutil.which("py-spy") or sys.exit("py-spy is not installed (pip install py-spy)")
+        streammerge = shutil.which("streammerge") or sys.exit("streammerge is not installed (pip install -e .)")
+        out = tempfile.mkdtemp(prefix="profile-")
+        raw = os.path.join(out, "stacks.txt")
+        merge = [streammerge, "merge", *(["--recipe", args.recipe] if args.recipe else []), *args.merge_args,
+                 "--out", os.path.join(out, "merged"), "--device", "cpu", "--quiet",
+                 *(["--threads", str(args.threads)] if args.threads else [])]
+        cache_dropped = drop_caches()
+        load = os.getloadavg()
+        start = time.perf_counter()
+        proc = subprocess.run([pyspy, "record", "--rate", str(args.rate), "--format", "raw", "--idle", "--threads",
+                               "--nonblocking", "--output", raw, "--", *merge], capture_output=True, text=True)
+        wall = time.perf_counter() - start
+        if proc.returncode != 0:
+            sys.stderr.write(proc.stdout + proc.stderr)
+            return proc.returncode
+        run = {"stacks": open(raw).read(), "merge": merge[1:], "wall": wall, "load": load[0], "cache_dropped": cache_dropped,
+               "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "argv": sys.argv[1:], "rate": args.rate}
+        shutil.rmtree(out, ignore_errors=True)
+        os.makedirs(os.path.dirname(kept), exist_ok=True)
+        with open(kept, "w") as f:
+            json.dump(run, f)
+    stacks = parse(run["stacks"])
+    merge, wall, load, cache_dropped = run["merge"], run["wall"], run["load"], run["cache_dropped"]
+    command = "python bench/profile_merge.py " + " ".join(shlex.quote(a) for a in run["argv"])
     doc = [f"# Profile: {args.tag}", "",
            f"`{command}` on {platform.machine()}, {os.cpu_count()} cores, "
-           f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}; load average before {load[0]:.2f}; "
+           f"{run['date']}; load average before {load:.2f}; "
            f"page cache {'dropped' if cache_dropped else 'not dropped (not permitted)'}; wall time under py-spy "
-           f"{wall:.1f} s (sampling at {args.rate}/s, non-blocking, adds little). Merge: `{' '.join(shlex.quote(a) for a in merge[1:])}`.",
+           f"{wall:.1f} s (sampling at {run['rate']}/s, non-blocking, adds little). Merge: `{' '.join(shlex.quote(a) for a in merge)}`.",
            "", "Idle samples are included: a thread's share is wall time, waiting included "
            "(`wait`/`acquire` lines are a thread blocked on another)."]
     doc += summarise(stacks, args.top)

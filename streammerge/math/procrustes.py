@@ -75,6 +75,11 @@ class SubspaceBuilder:
     def add(self, rows: torch.Tensor) -> None:
         if self.full:
             return
+        # zero rows add no direction: a conflict target changes about a quarter of the rows,
+        # and the SVD below costs in proportion to the rows it is given
+        nonzero = rows.any(dim=1)
+        if not bool(nonzero.all()):
+            rows = rows[nonzero]
         rows = rows.to(self.known.dtype)
         rest = rows - (rows @ self.known) @ self.known.T
         _, s, vh = svd(rest, full_matrices=False)

@@ -139,27 +139,30 @@ class _Residuals:
 
 
 class _ResidualRows:
-    """Pseudo-experts W₀ + ρ_i for a row-blocked tall weight: each row block computed from the
-    expert's and the base's rows and the dense R_i [k, k] (same operations as _Residuals)."""
+    """Pseudo-experts W₀ + ρ_i = W_i − A_blk D_i for a row-blocked tall weight, each row block
+    from the expert's and the base's rows and D_i = P(R_iᵀ − I)Pᵀ [in, in] (_rotation_step)."""
 
-    def __init__(self, task: TensorTask, p: torch.Tensor, rotations: list[torch.Tensor]):
-        self.task, self.p, self.rotations = task, p, rotations
+    def __init__(self, task: TensorTask, steps: list[torch.Tensor]):
+        self.task, self.steps = task, steps
 
     def __len__(self) -> int:
-        return len(self.rotations)
+        return len(self.steps)
 
     def rows(self, i: int, start: int, stop: int) -> torch.Tensor:
         a = self.task.base_rows((start, stop))
         w = self.task.expert_rows(i, (start, stop))
-        return w.sub_(_rotate_rows(a, self.p, self.rotations[i]).sub_(a))
+        return w.sub_((a.to(self.steps[i].dtype) @ self.steps[i]).to(w.dtype))
 
     def __getitem__(self, i: int) -> torch.Tensor:
         return self.rows(i, 0, self.task.shape[0])
 
 
-def _rotate_rows(a: torch.Tensor, p: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
-    """Rows of W₀ Rᵀ from rows of W₀ (rotate_base with A P formed for these rows only)."""
-    return rotate_base(a, Subspace(p, a.to(p.dtype) @ p), rot)
+def _rotation_step(p: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """D = P(Rᵀ − I)Pᵀ [in, in], so that W₀Rᵀ − W₀ = W₀ D for R = P R_s Pᵀ + (I − PPᵀ): one
+    product per row block (forming W₀P and then two more per block cost three times as much)."""
+    r_minus_i = rot.T.clone()
+    r_minus_i.diagonal().sub_(1.0)
+    return (p @ r_minus_i) @ p.T
 
 
 # Tall weights (out ≥ in) bigger than one row block are merged in row blocks: the base's
@@ -206,20 +209,23 @@ def _merge_tall(task: TensorTask, params: OrthoMergeParams, res_method: Method, 
         return None
     p = evecs[:, sigma > params.base_rtol * top].contiguous()
     del evecs
-    crosses = [torch.zeros(p.shape[1], p.shape[1], dtype=prec, device=device) for _ in range(n)]
+    # pass 2: M_i = Pᵀ (Σ_blocks B_iᵀ A) P, B_i the target rows: one in×in product per block
+    # and expert (two, with P applied per block)
+    crosses = [torch.zeros(inn, inn, dtype=prec, device=device) for _ in range(n)]
     changed = [False] * n
-    for rows in blocks:  # pass 2: M_i = Σ_blocks (B_i P)ᵀ (A P), B_i the target rows
-        a = task.base_rows(rows)
-        ap = a.to(prec) @ p
+    for rows in blocks:
+        a = task.base_rows(rows).to(prec)
         for i in range(n):
             delta = task.task_vector(i, rows)
             if conflict is not None:
                 delta.mul_(conflict[i][rows[0]:rows[1]].unsqueeze(1))  # type: ignore[index]
             if bool(delta.any()):
                 changed[i] = True
-            crosses[i].addmm_((delta.add_(a).to(prec) @ p).T, ap)
+            crosses[i].addmm_(delta.to(prec).add_(a).T, a)
             del delta
-        del ap
+        del a
+    for i in range(n):
+        crosses[i] = (p.T @ crosses[i]) @ p
     if not any(changed):  # every target is the base: the residual merge alone (as whole)
         task.note("rotation_share", 0.0)
         if conflict is not None:
@@ -247,20 +253,25 @@ def _merge_tall(task: TensorTask, params: OrthoMergeParams, res_method: Method, 
     note_rotation(task, params, acc, clipped, fractions, p.shape[1])  # before merged_rotation consumes acc
     r_star = merged_rotation(acc, rotations, task.weights, params)
     del acc
+    steps = [_rotation_step(p, r) for r in rotations]
+    del rotations
     residual_task = TensorTask(task.name, lambda rows: task.base_rows(rows) if rows is not None else task.base,
-                               _ResidualRows(task, p, rotations), task.weights, task.densities, None, task.seed,
+                               _ResidualRows(task, steps), task.weights, task.densities, None, task.seed,
                                out_dtype=task.dtype, shape=task.shape, dtype=task.dtype)
     merged_residual = res_method.merge(residual_task, res_params)
-    del rotations, residual_task
+    del steps, residual_task
+    step_star = _rotation_step(p, r_star)
+    del r_star
     share = [0.0, 0.0]  # Σ‖W₀R*ᵀ − W₀‖², Σ‖merged residual − W₀‖² over the blocks (--report)
 
-    def merged_block(rows: Rows | None) -> torch.Tensor:  # W = W₀R*ᵀ + (merged residual − W₀)
+    def merged_block(rows: Rows | None) -> torch.Tensor:  # W = W₀ + W₀D* + (merged residual − W₀)
         a = task.base_rows(rows)
-        rotated, residual = _rotate_rows(a, p, r_star), merged_residual[rows[0]:rows[1]].to(a.device).sub_(a)  # type: ignore[index]
+        turn = (a.to(prec) @ step_star).to(a.dtype)
+        residual = merged_residual[rows[0]:rows[1]].to(a.device).sub_(a)  # type: ignore[index]
         if task.diagnostics is not None:
-            share[0] += float((rotated - a).square().sum())
+            share[0] += float(turn.square().sum())
             share[1] += float(residual.square().sum())
-        return rotated.add_(residual)
+        return turn.add_(a).add_(residual)
 
     out = map_row_blocks(task, merged_block)
     r_norm, s_norm = math.sqrt(share[0]), math.sqrt(share[1])
