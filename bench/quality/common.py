@@ -48,8 +48,9 @@ def embed(encoder, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def accuracy(encoder, head, data: tuple, batch: int = 16) -> float:
     """Examples in order of length, each batch cut to its longest (the mask makes padding inert;
     sentences average 25 of the 64 tokens, so this is about 3× faster than full padding).
-    Batches of 16: on one thread, scoring the five validation sets took 5.1 s at 16, 5.3 s at 32
-    and 7.3–7.7 s at 64 (the activations of larger batches outgrow the cache)."""
+    Batches of 16: faster on one thread than 64 (larger batches' activations outgrow the cache);
+    the benchmark took 56.0 min with 16 and 60.9 min with 64, every score identical
+    (bench/results/quality.md)."""
     ids, mask, labels = data
     encoder.eval()
     lengths = mask.sum(1)
