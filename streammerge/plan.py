@@ -31,12 +31,14 @@ CUDA_LIBRARIES_HOST = 335 * 1024 * 1024
 
 @dataclass(frozen=True)
 class Need:
-    """Peak bytes of one tensor's merge: working set on the compute device, and per-expert
-    state that may live on the host instead (bytes, not counting the working set)."""
+    """Peak bytes of one tensor's merge: working set on the compute device, per-expert state
+    that may live on the host instead, and what the method holds in host memory wherever it
+    computes (bytes; neither of the last two counts in the working set)."""
 
     work: int
     state: int = 0
     transfer: int = 1 << 62  # elements loaded at once (row-block methods: one block)
+    host: int = 0  # e.g. a tall OrthoMerge weight's merged residual, gathered in host RAM
 
 
 @dataclass(frozen=True)
@@ -155,8 +157,8 @@ def place(need: Need, numel: int, itemsize: int, use_gpu: bool, gpu_budget: int 
     if use_gpu and gpu_budget is not None:
         transfer = min(numel, need.transfer) * itemsize  # loads pass through host memory a block at a time
         if need.work + need.state <= gpu_budget:
-            return "cuda", need.work + need.state, 2 * transfer + out_bytes, ""
+            return "cuda", need.work + need.state, 2 * transfer + need.host + out_bytes, ""
         if need.work <= gpu_budget:
-            return "cuda", need.work, 2 * transfer + need.state + out_bytes, f"per-expert state ({format_size(need.state)}) kept in RAM"
-        return "cpu", 0, need.work + need.state + out_bytes, f"spilled: needs {format_size(need.work)} on the GPU"
-    return "cpu", 0, need.work + need.state + out_bytes, ""
+            return "cuda", need.work, 2 * transfer + need.state + need.host + out_bytes, f"per-expert state ({format_size(need.state)}) kept in RAM"
+        return "cpu", 0, need.work + need.state + need.host + out_bytes, f"spilled: needs {format_size(need.work)} on the GPU"
+    return "cpu", 0, need.work + need.state + need.host + out_bytes, ""

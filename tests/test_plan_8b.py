@@ -57,3 +57,13 @@ def test_five_8b_experts_fit_a_laptop(method, params, llama8b):
     assert not gpu.spilled, [t.name for t in gpu.spilled][:3]  # everything computes on the GPU
     print(f"{method} {params}: CPU {cpu.peak_host / 1e9:.2f} GB RAM; GPU {gpu.peak_gpu / 1e9:.2f} GB + {gpu.peak_host / 1e9:.2f} GB RAM")
 
+
+
+def test_orthomerge_on_a_gpu_counts_its_merged_residual_in_ram(llama8b):
+    """A tall weight's merged residual (compute dtype) is gathered in host memory on any device:
+    on the H100 run its 2.1 GB for the embedding was host RAM the plan put on the GPU (gpu.md)."""
+    gpu = plan_of(llama8b, "orthomerge", {"target": "global"}, max_ram=RAM, max_gpu_memory=GPU, assume_gpu=CARD)
+    embed = next(t for t in gpu.tensors if t.name == "model.embed_tokens.weight")
+    residual, output = 128256 * 4096 * 4, 128256 * 4096 * 2
+    assert embed.device == "cuda" and embed.host_bytes >= residual + output
+    assert embed.gpu_bytes < residual  # row blocks and in×in matrices only

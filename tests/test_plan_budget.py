@@ -112,6 +112,10 @@ def test_placement_rules():
     device, gpu, host, note = place(Need(300 * mb, 0), 10**6, 4, True, 200 * mb)
     assert device == "cpu" and gpu == 0 and host == 300 * mb and note.startswith("spilled")
     assert place(Need(300 * mb), 10**6, 4, False, None)[0] == "cpu"
+    # what a method gathers in host memory counts in RAM on the GPU, not in GPU memory
+    device, gpu, host, note = place(Need(100 * mb, 0, host=70 * mb), 10**6, 4, True, 200 * mb)
+    assert device == "cuda" and gpu == 100 * mb and host == 2 * 4 * mb + 70 * mb
+    assert place(Need(100 * mb, 0, host=70 * mb), 10**6, 4, False, None)[2] == 170 * mb
 
 
 def test_disk_that_cannot_hold_the_output_is_refused():

@@ -487,8 +487,8 @@ def memory(name: str, shape: tuple[int, ...], n: int, params: OrthoMergeParams, 
     """Peak bytes of one weight. k = dim S = min(in, min(out, in) + N·out) for full-rank updates
     (exact for the global target, an upper bound for the conflict target, where only conflicting
     rows add directions). Three regimes, as `merge` takes them:
-    * tall, bigger than a row block: row blocks; held are the merged residual (compute dtype),
-      the residual method's own working set, in×in matrices (Gram, P, the N cross products then
+    * tall, bigger than a row block: row blocks; held are the merged residual (compute dtype,
+      in host memory on any device), the residual method's own working set, in×in matrices (Gram, P, the N cross products then
       rotations, the solves) and a few blocks;
     * wide (2·out ≤ k: down_proj, GQA k/v): the weight's compute and `precision` copies, the
       out×k and in×k factors, the k×k generator sum and merged rotation, w×w frame solves
@@ -507,9 +507,11 @@ def memory(name: str, shape: tuple[int, ...], n: int, params: OrthoMergeParams, 
     if out >= inn and numel > BLOCK_ELEMENTS:
         block = BLOCK_ELEMENTS
         residual = res_method.memory(name, shape, n, res_params, itemsize)
-        work = (numel * itemsize + residual.work + residual.state + _C_TALL_BLOCKS * block * max(f, itemsize)
+        work = (residual.work + residual.state + _C_TALL_BLOCKS * block * max(f, itemsize)
                 + (_C_TALL_SQUARE - (2 if params.target == "conflict" else 0) + n) * inn * inn * f + n * out)
-        return Need(int(work), 0, transfer=block)
+        # the merged residual is gathered in host memory on any device (new_output): on CUDA it
+        # is host RAM, not GPU memory (2.1 GB for an 8B embedding: the H100 run's excess, gpu.md)
+        return Need(int(work), 0, transfer=block, host=numel * itemsize)
     k = subspace_bound(shape, n)
     base = _C_COMPUTE * numel * itemsize + _C_OUT_IN * numel * f + _C_SIDES * (out + inn) * k * f
     ablation = params.rotation_merge in ("average_r", "product_r")  # these keep every R_i
