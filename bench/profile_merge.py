@@ -78,6 +78,11 @@ def thread_label(thread: str) -> str:
     return name or "MainThread"
 
 
+def ranked(counts) -> list[tuple[str, int]]:
+    """Most samples first; equal counts by name, so that --again rewrites the same table."""
+    return sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+
+
 def summarise(stacks, top: int) -> list[str]:
     per_thread = collections.Counter()
     lines_of = collections.defaultdict(collections.Counter)
@@ -90,16 +95,16 @@ def summarise(stacks, top: int) -> list[str]:
             inclusive[label][f"{f[0]} ({f[1].split('streammerge/', 1)[-1]})"] += n
     total = sum(per_thread.values()) or 1
     out = []
-    for label, n in per_thread.most_common():
+    for label, n in ranked(per_thread):
         if n < 0.01 * total:
             continue
         out += ["", f"### thread {label}: {n} samples ({100 * n / total:.0f} % of all)", "",
                 "| line (innermost streammerge frame) | share of this thread |", "|---|---|"]
-        out += [f"| `{line}` | {100 * k / n:.1f} % |" for line, k in lines_of[label].most_common(top)]
+        out += [f"| `{line}` | {100 * k / n:.1f} % |" for line, k in ranked(lines_of[label])[:top]]
         if inclusive[label]:
             out += ["", "| function (inclusive) | share of this thread |", "|---|---|"]
             # the scheduler's frames that every sample passes through say nothing
-            out += [f"| `{f}` | {100 * k / n:.1f} % |" for f, k in [(f, k) for f, k in inclusive[label].most_common() if k < 0.95 * n][:top]]
+            out += [f"| `{f}` | {100 * k / n:.1f} % |" for f, k in [(f, k) for f, k in ranked(inclusive[label]) if k < 0.95 * n][:top]]
     return out
 
 
@@ -142,6 +147,8 @@ def main() -> int:
     stacks = parse(run["stacks"])
     merge, wall, load, cache_dropped = run["merge"], run["wall"], run["load"], run["cache_dropped"]
     command = "python bench/profile_merge.py " + " ".join(shlex.quote(a) for a in run["argv"])
+    # the output went to a temporary folder, removed after the run: show where, not its name
+    merge = ["TMP/merged" if a.endswith("/merged") and os.path.basename(os.path.dirname(a)).startswith("profile-") else a for a in merge]
     doc = [f"# Profile: {args.tag}", "",
            f"`{command}` on {platform.machine()}, {os.cpu_count()} cores, "
            f"{run['date']}; load average before {load:.2f}; "

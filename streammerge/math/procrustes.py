@@ -212,6 +212,13 @@ def identity_rotation(sub: Subspace) -> SubspaceRotation:
     return SubspaceRotation(z, z, sub.p.new_zeros(sub.k, 0))
 
 
+def transpose_minus_identity(r: torch.Tensor) -> torch.Tensor:
+    """Rᵀ − I, a new tensor (the part of a rotation that moves anything)."""
+    out = r.T.clone()
+    out.diagonal().sub_(1.0)
+    return out
+
+
 def rotate_base(a: torch.Tensor, sub: Subspace, rot: "SubspaceRotation | torch.Tensor") -> torch.Tensor:
     """A Rᵀ for R = P R_s Pᵀ + (I − P Pᵀ): A + (A P)(R_sᵀ − I) Pᵀ, in A's dtype. `rot` is a
     SubspaceRotation (its frame keeps this at O(out·in·w)) or a dense R_s [k, k]."""
@@ -222,10 +229,7 @@ def rotate_base(a: torch.Tensor, sub: Subspace, rot: "SubspaceRotation | torch.T
             eye = torch.eye(rot.r_w.shape[0], dtype=rot.r_w.dtype, device=rot.r_w.device)
             return a + (((sub.ap @ rot.frame) @ (rot.r_w.T - eye)) @ (sub.p @ rot.frame).T).to(a.dtype)
         rot = rot.r_w
-    r_minus_i = rot.T.clone()
-    r_minus_i.diagonal().sub_(1.0)
-    update = (sub.ap @ r_minus_i) @ sub.p.T
-    del r_minus_i
+    update = (sub.ap @ transpose_minus_identity(rot)) @ sub.p.T
     return a + update.to(a.dtype)
 
 

@@ -31,7 +31,7 @@ from ..math import lapack
 from ..math.cayley import cayley, cayley_consuming
 from ..math.lie_mean import LieAccumulator
 from ..math.robust import LinalgFailure
-from ..math.procrustes import Subspace, SubspaceBuilder, SubspaceRotation, identity_rotation, procrustes, procrustes_from_cross, rotate_base
+from ..math.procrustes import Subspace, SubspaceBuilder, SubspaceRotation, identity_rotation, procrustes, procrustes_from_cross, rotate_base, transpose_minus_identity
 from . import Method, Rows, TensorTask, build_params, check_range, get_method, map_row_blocks, register
 
 log = logging.getLogger(__name__)
@@ -160,9 +160,7 @@ class _ResidualRows:
 def _rotation_step(p: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
     """D = P(Rᵀ − I)Pᵀ [in, in], so that W₀Rᵀ − W₀ = W₀ D for R = P R_s Pᵀ + (I − PPᵀ): one
     product per row block (forming W₀P and then two more per block cost three times as much)."""
-    r_minus_i = rot.T.clone()
-    r_minus_i.diagonal().sub_(1.0)
-    return (p @ r_minus_i) @ p.T
+    return (p @ transpose_minus_identity(rot)) @ p.T
 
 
 # Tall weights (out ≥ in) bigger than one row block are merged in row blocks: the base's
