@@ -210,21 +210,21 @@ def run_family(family: str, seed: int, data: dict, tasks: dict, work: str, only:
         if only and label not in only:
             continue
         set_threads(threads)
+        borrowed = []  # (row, what): parameters this row takes from another row's validation
         if method == "orthomerge" and "residual_method" in fixed:
-            alone_label = RESIDUAL_ROW[fixed["residual_method"]]
-            chosen_alone = result["methods"].get(alone_label) or earlier.get(alone_label, {})
-            if "params" not in chosen_alone:
-                result["methods"][label] = {"error": f"no tuned {alone_label} row to take the residual parameters from",
-                                            "method": method, "fixed": fixed, "grid": grid, "seconds": 0.0}
-                continue
-            fixed = fixed | {"residual": dict(chosen_alone["params"])}
+            borrowed.append((RESIDUAL_ROW[fixed["residual_method"]], "residual parameters"))
         if label in SCALE_ROW:
-            scale_row = result["methods"].get(SCALE_ROW[label]) or earlier.get(SCALE_ROW[label], {})
-            if "params" not in scale_row:
-                result["methods"][label] = {"error": f"no tuned {SCALE_ROW[label]} row to take the rotation scale from",
-                                            "method": method, "fixed": fixed, "grid": grid, "seconds": 0.0}
-                continue
-            fixed = fixed | {"scale": scale_row["params"]["scale"]}
+            borrowed.append((SCALE_ROW[label], "rotation scale"))
+        missing = None
+        for row_label, what in borrowed:
+            params = (result["methods"].get(row_label) or earlier.get(row_label, {})).get("params")
+            if params is None:
+                missing = f"no tuned {row_label} row to take the {what} from"
+                break
+            fixed = fixed | ({"residual": dict(params)} if what == "residual parameters" else {"scale": params["scale"]})
+        if missing:
+            result["methods"][label] = {"error": missing, "method": method, "fixed": fixed, "grid": grid, "seconds": 0.0}
+            continue
         best: dict | None = None
         points = []
         keys = list(grid)
