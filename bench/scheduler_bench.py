@@ -3,13 +3,16 @@
 
     python bench/scheduler_bench.py --sizes 0.5b 1.5b --methods task_arithmetic ties orthomerge
     python bench/scheduler_bench.py --sizes 8b-slice --experts 5 --methods task_arithmetic ties dare_ties
+    python bench/scheduler_bench.py --sizes 8b-slice --experts 5 --methods orthomerge --tag embedding \
+        --merge-args "--exclude ^model\.layers\. --exclude ^lm_head --max-ram 12GB"
 
 For each (size, method): drops the page cache (when permitted), measures the raw sequential
 read throughput of the same input files, drops the cache again, then runs
 `streammerge merge` under /usr/bin/time -v with --memory-report, and records wall time,
 bytes read (planned), read-ahead throughput, raw read throughput, peak anonymous RSS
 (sampled) and peak RSS (time -v), the planner's estimate, and the machine. Results go to
-bench/results/scheduler-SIZE-METHOD.json and a line in bench/results/scheduler.md.
+bench/results/scheduler-SIZE-METHOD[-TAG].json and a line in bench/results/scheduler.md;
+`--merge-args` go to every merge (a budget, OrthoMerge's `--exclude` to time one tensor kind).
 orthomerge runs with its defaults: conflict target, residuals by TA with λ = 1/N. The experts
 share a per-row direction with random signs (`--shared`, default 0.7), so each is in the
 minority — conflicting with the mean update — on about a quarter of the rows of every matrix.
@@ -22,6 +25,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -69,7 +73,10 @@ def main() -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--experts", type=int, default=3)
     ap.add_argument("--shared", type=float, default=0.7, help="experts' shared, sign-flipped direction (make_toy_models --shared): gives OrthoMerge-C conflicting rows")
+    ap.add_argument("--merge-args", default="", help="more `streammerge merge` flags, one string (shell words)")
+    ap.add_argument("--tag", help="suffix of the result file's name, for runs with --merge-args")
     args = ap.parse_args()
+    extra = shlex.split(args.merge_args)
     os.makedirs(RESULTS, exist_ok=True)
     for size in args.sizes:
         n = args.experts
@@ -88,7 +95,7 @@ def main() -> int:
             cmd = ["streammerge", "merge", "--quiet", "--device", args.device, "--base", os.path.join(folder, "base")]
             for i in range(1, n + 1):
                 cmd += ["--expert", os.path.join(folder, f"expert-{i}")]
-            cmd += ["--method", method, "--out", out, "--memory-report", report]
+            cmd += ["--method", method, *extra, "--out", out, "--memory-report", report]
             timed = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)
             if timed.returncode != 0:
                 print(timed.stderr[-2000:], file=sys.stderr)
@@ -98,7 +105,8 @@ def main() -> int:
             wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\S+)", timed.stderr).group(1)
             record = {
                 "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                "machine": machine(), "size": size, "method": method, "command": " ".join(cmd),
+                "machine": machine(), "size": size, "method": method, "command": shlex.join(cmd),
+                "load_average_before": os.getloadavg(),
                 "models": f"python tools/make_toy_models.py {folder} --preset {size} --experts {n} --shard-size 1GB --shared {args.shared}",
                 "page_cache_dropped": dropped,
                 "input_bytes": nbytes,
@@ -112,9 +120,10 @@ def main() -> int:
                 "planned_peak_MB": round(mem["planned_peak_ram"] / 1e6, 1),
                 "peak_rss_time_v_MB": round(rss_kb * 1024 / 1e6, 1),
             }
-            with open(os.path.join(RESULTS, f"scheduler-{size}-{method}.json"), "w") as f:
+            name = f"{method}-{args.tag}" if args.tag else method
+            with open(os.path.join(RESULTS, f"scheduler-{size}-{name}.json"), "w") as f:
                 json.dump(record, f, indent=2)
-            line = (f"| {size} | {method} | {record['merge_seconds']} s | {nbytes / 1e9:.2f} GB | {record['input_MBps_over_merge']} MB/s | "
+            line = (f"| {size} | {name} | {record['merge_seconds']} s | {nbytes / 1e9:.2f} GB | {record['input_MBps_over_merge']} MB/s | "
                     f"{record['read_ahead_MBps']} MB/s | {record['raw_sequential_read_MBps']} MB/s | {record['peak_anon_rss_MB']} MB | "
                     f"{record['planned_peak_MB']} MB | {record['peak_rss_time_v_MB']} MB |")
             with open(os.path.join(RESULTS, "scheduler.md"), "a") as f:
