@@ -4,7 +4,7 @@
     python bench/scheduler_bench.py --sizes 0.5b 1.5b --methods task_arithmetic ties orthomerge
     python bench/scheduler_bench.py --sizes 8b-slice --experts 5 --methods task_arithmetic ties dare_ties
     python bench/scheduler_bench.py --sizes 8b-slice --experts 5 --methods orthomerge --tag embedding \
-        --merge-args "--exclude ^model\.layers\. --exclude ^lm_head --max-ram 12GB"
+        --merge-args "--exclude ^model.layers. --exclude ^lm_head --max-ram 12GB"
 
 For each (size, method): drops the page cache (when permitted), measures the raw sequential
 read throughput of the same input files, drops the cache again, then runs
