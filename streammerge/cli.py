@@ -199,8 +199,9 @@ def merge(output_format, restart, quiet, memory_report, checkpoint_every, report
 @click.option("--output-format", type=click.Choice(["dense", "adapter"]), default="dense", show_default=True, help="Plan a dense merge or an OFT adapter merge.")
 @click.option("--per-tensor", is_flag=True, help="One line per tensor instead of per tensor kind.")
 @click.option("--assume-gpu", help="Plan as if a CUDA device with this much memory were present, e.g. 24GB (no GPU needed to plan).")
+@click.option("--measure", is_flag=True, help="Read the tensors whose working set depends on the data (OrthoMerge-C: wide weights, to count their conflicting rows) and plan with what they need instead of upper bounds.")
 @reports_errors
-def plan(output_format, per_tensor, assume_gpu, **kw) -> None:
+def plan(output_format, per_tensor, assume_gpu, measure, **kw) -> None:
     """Print the memory plan of a merge (same arguments as merge; --out is optional: without it
     the disk check uses the current folder) without merging or writing anything.
 
@@ -216,6 +217,8 @@ def plan(output_format, per_tensor, assume_gpu, **kw) -> None:
         return
     merger = Merger(recipe, device=kw["device"], quiet=True, assume_gpu=parse_size(assume_gpu) if assume_gpu else None, **_budgets(kw))
     try:
+        if measure and merger.measures_plan():
+            merger.plan_with(merger.measure_statistics())
         click.echo(merger.plan.table(groups=not per_tensor))
         merger.plan.check()
     finally:

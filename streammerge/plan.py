@@ -62,6 +62,8 @@ class Plan:
     disk_free: int
     disk_needed: int
     extra_passes: int = 0  # statistics passes (re-read every input once each)
+    statistics_read: int = 0  # bytes a pass over some tensors only re-reads (Method.plan_statistics)
+    notes: list[str] = field(default_factory=list)
     spilled: list[TensorPlan] = field(default_factory=list)
 
     @property
@@ -80,7 +82,7 @@ class Plan:
     @property
     def read_total(self) -> int:
         merged = sum(t.read_bytes for t in self.tensors)
-        return merged * (1 + self.extra_passes)
+        return merged * (1 + self.extra_passes) + self.statistics_read
 
     @property
     def write_total(self) -> int:
@@ -122,8 +124,10 @@ class Plan:
             + " + largest working set)",
             f"peak GPU: {format_size(self.peak_gpu)}" + (f" of --max-gpu-memory {format_size(self.gpu_budget)}" if self.gpu_budget is not None else " (no GPU used)"),
             f"tensors spilled to the CPU: {len(self.spilled)}",
-            f"read: {format_size(self.read_total)}" + (f" ({self.extra_passes} statistics pass(es) re-read the inputs)" if self.extra_passes else ""),
+            f"read: {format_size(self.read_total)}" + (f" ({self.extra_passes} statistics pass(es) re-read the inputs)" if self.extra_passes else "")
+            + (f" ({format_size(self.statistics_read)} re-read to measure the data-dependent working sets)" if self.statistics_read else ""),
             f"written: {format_size(self.write_total)}; disk needed {format_size(self.disk_needed)}, free {format_size(self.disk_free)}",
+            *self.notes,
         ]
         return "\n".join(lines)
 

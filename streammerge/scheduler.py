@@ -34,6 +34,7 @@ from .io.safetensors_format import DTYPE_NAMES, DTYPES, FLOAT_DTYPES, itemsize
 from .memwatch import PeakSampler, return_freed_memory_to_os, rss_anon
 from .methods import TensorTask
 from .plan import Plan, TensorPlan, default_gpu_budget, default_ram_budget, free_disk, place
+from .units import format_size
 from .prefetch import ReadAhead
 from . import settings
 from .output_files import CARD_NAME, CONFIG_FILES, TOKENIZER_FILES, copy_model_files, tokenizer_donor, write_card
@@ -221,6 +222,9 @@ class ExpertRows:
     def __getitem__(self, i: int) -> torch.Tensor:
         return self.experts[i] if self.r is None else self.experts.rows(i, *self.r)
 
+    def factors(self, i: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return self.experts.factors(i)
+
 
 @contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
@@ -339,8 +343,9 @@ class Merger:
             values = dataclasses.replace(values, params=dataclasses.replace(values.params, precision="float32"))
         return values
 
-    def make_plan(self, max_ram: int | None, max_gpu_memory: int | None) -> Plan:
-        """Device and peak memory of every tensor under the budgets (see plan.py)."""
+    def make_plan(self, max_ram: int | None, max_gpu_memory: int | None, statistics: dict | None = None) -> Plan:
+        """Device and peak memory of every tensor under the budgets (see plan.py); `statistics`:
+        what a plan_statistics method measured (then its tensors' needs are measured, not bounds)."""
         use_gpu = self.device.type == "cuda"
         if self.assume_gpu:
             gpu_budget = min(max_gpu_memory or self.assume_gpu, self.assume_gpu)
@@ -359,14 +364,21 @@ class Merger:
                     previous_out = t.nbytes
                     continue
                 read = base_bytes + sum(e.info(t.name).nbytes for e in self.experts if isinstance(e, Checkpoint))
-                need = self.method.memory(t.name, t.shape, n, self._values[t.name].params, itemsize)
+                measured = statistics.get(t.name) if statistics else None
+                need = (self.method.memory(t.name, t.shape, n, self._values[t.name].params, itemsize) if measured is None
+                        else self.method.memory(t.name, t.shape, n, self._values[t.name].params, itemsize, statistics=measured))
                 numel = math.prod(t.shape)
                 # the result is held until written; the writer thread may still be writing the previous one
                 device, gpu_bytes, host_bytes, note = place(need, numel, itemsize, use_gpu, gpu_budget, t.nbytes + previous_out)
                 previous_out = t.nbytes
                 tensors.append(TensorPlan(t.name, t.shape, device, gpu_bytes, host_bytes, read, t.nbytes, note))
-        plan = Plan(tensors, rss_anon(), ram_budget, gpu_budget, free_disk(self.recipe.out), sum(s.nbytes for s in self.shards),
-                    self.method.statistics_passes(self.params))
+        passes = 0 if self.method.plan_statistics else self.method.statistics_passes(self.params)
+        plan = Plan(tensors, rss_anon(), ram_budget, gpu_budget, free_disk(self.recipe.out), sum(s.nbytes for s in self.shards), passes)
+        if statistics and self.method.plan_statistics:
+            plan.statistics_read = sum(t.read_bytes for t in tensors if t.name in statistics)
+        elif self.measures_plan():
+            plan.notes.append(f"{self.method.name}: upper bounds where the working set depends on the data "
+                              "(plan --measure measures them; a merge does when the bounds do not fit)")
         plan.spilled = [t for t in tensors if t.note]
         return plan
 
@@ -448,6 +460,38 @@ class Merger:
         journal.save()
         return journal
 
+    def measures_plan(self) -> bool:
+        """Whether this merge's plan has upper bounds a statistics pass can make tight."""
+        return self.method.plan_statistics and bool(self.method.statistics_passes(self.params)) and not self.oft_path
+
+    def measure_statistics(self):
+        """The pass a plan_statistics method needs (OrthoMerge-C: conflicting rows of wide weights)."""
+        return self.method.statistics(self._map_pass, len(self.experts), self.params, None)
+
+    def plan_with(self, statistics) -> None:
+        self.plan = self.make_plan(self.budgets["max_ram"], self.budgets["max_gpu_memory"], statistics)
+        self._placement = {t.name: t for t in self.plan.tensors}
+
+    def _tighten_plan(self, journal: Journal) -> None:
+        """Where the upper-bound plan does not fit (RAM, or a tensor spilled off the GPU), measure
+        what the working sets depend on, once (journalled: a resume plans the same), and replan."""
+        if not self.measures_plan():
+            return
+        fresh = journal.statistics is None
+        if fresh:
+            if self.plan.peak_host <= self.plan.ram_budget and not self.plan.spilled:
+                return
+            log.info("the plan's upper bounds need %s of RAM%s: measuring the data-dependent working sets (one read of those tensors)",
+                     format_size(self.plan.peak_host), f" and spill {len(self.plan.spilled)} tensor(s) to the CPU" if self.plan.spilled else "")
+            journal.statistics = self.measure_statistics()
+            journal.save()
+        self.plan_with(journal.statistics)
+        if fresh:
+            journal.placement = self.placement_devices()
+            journal.save()
+        else:
+            self.reuse_placement(journal.placement)
+
     def placement_of(self, name: str) -> TensorPlan:
         return self._placement[name]
 
@@ -478,6 +522,8 @@ class Merger:
 
     # -- passes ------------------------------------------------------------------------------
     def _device_of(self, name: str) -> torch.device:
+        if self.assume_gpu:  # planning for a GPU that is not here: `plan --measure` reads on the CPU
+            return torch.device("cpu")
         placed = self._placement.get(name)
         return torch.device(placed.device) if placed is not None and placed.device in ("cuda", "cpu") else torch.device("cpu")
 
@@ -517,7 +563,9 @@ class Merger:
     def model_blocks(self, names: set[str] | None = None, progress: bool = True) -> Iterator[tuple[str, torch.Tensor, ExpertRows]]:
         """A statistics pass over the merged tensors (those in `names`): (name, base rows, experts'
         rows) for every row block."""
-        merged = [t for s in self.shards for t in s.tensors if t.merged and (names is None or t.name in names)]
+        wanted = self.method.statistics_tensors
+        merged = [t for s in self.shards for t in s.tensors if t.merged and (names is None or t.name in names)
+                  and (wanted is None or wanted(t.name, t.shape, self._values[t.name].params))]
         for t in tqdm(merged, desc="statistics", unit="tensor", disable=self.quiet or not progress, leave=False):
             task = self._task(t)
             for rows in task.row_blocks():
@@ -580,6 +628,8 @@ class Merger:
             log.info("%s: already complete", out)
             return MergeReport(out, len(self.shards), len(self.shards), 0, 0.0, self.device.type)
         todo = [s for s in self.shards if s.filename not in journal.finished]
+        if todo:
+            self._tighten_plan(journal)
         total = sum(s.nbytes for s in self.shards)
         self.plan.disk_needed = sum(s.nbytes for s in todo)
         self.plan.disk_free = free_disk(out)
@@ -595,7 +645,8 @@ class Merger:
         try:
             if executor is not None:
                 executor.check_resources(todo)  # before any work, as the local plan check
-            if self.method.statistics is not None and self.method.statistics_passes(self.params) and journal.statistics is None and todo:
+            if (self.method.statistics is not None and not self.method.plan_statistics and self.method.statistics_passes(self.params)
+                    and journal.statistics is None and todo):
                 densities = [d if d is not None else getattr(self.params, "density", 1.0) for d in self._model_densities()]
                 map_pass = self._map_pass if executor is None else executor.map_pass
                 journal.statistics = self.method.statistics(map_pass, len(self.experts), self.params, densities)

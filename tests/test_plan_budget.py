@@ -2,6 +2,7 @@
 measured peak anonymous memory for every method, placement rules, disk refusal, verify."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -11,35 +12,42 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from streammerge import Expert, Recipe
 from streammerge.cli import main
 from streammerge.errors import ResourceError
 from streammerge.io.atomic import ShardWriter
+from streammerge.io.journal import Journal, journal_path
 from streammerge.plan import Need, Plan, TensorPlan, place
+from streammerge.scheduler import Merger
 from tests.conftest import experts_of, make_toy
 
 BIG = (4096, 2048)  # one tensor whose working set dominates, so the estimate is really tested
 
 
-@pytest.fixture(scope="module")
-def one_big_tensor(tmp_path_factory) -> str:
-    root = str(tmp_path_factory.mktemp("big"))
-    base = torch.randn(BIG, generator=torch.Generator().manual_seed(0)) / 45
-    common = torch.randn(BIG, generator=torch.Generator().manual_seed(99))
-    for i, name in enumerate(["base", "expert-1", "expert-2", "expert-3"]):
-        folder = os.path.join(root, name)
+def conflicting_models(root: str, shape: tuple[int, int], name: str) -> str:
+    """Base + three experts of one weight `name` [shape] (and a norm)."""
+    base = torch.randn(shape, generator=torch.Generator().manual_seed(0)) / 45
+    common = torch.randn(shape, generator=torch.Generator().manual_seed(99))
+    for i, model in enumerate(["base", "expert-1", "expert-2", "expert-3"]):
+        folder = os.path.join(root, model)
         os.makedirs(folder)
         g = torch.Generator().manual_seed(i)
         # a shared update direction per row with a random sign per expert and row: each expert
         # is in the minority (conflicts with τ_mean) on about a quarter of the rows
-        signs = torch.randint(0, 2, (BIG[0], 1), generator=g) * 2.0 - 1.0
-        w = base if i == 0 else base + 0.002 * (signs * common + 0.3 * torch.randn(BIG, generator=g))
-        layout = [("big.weight", "BF16", BIG), ("norm.weight", "BF16", (BIG[1],))]
+        signs = torch.randint(0, 2, (shape[0], 1), generator=g) * 2.0 - 1.0
+        w = base if i == 0 else base + 0.002 * (signs * common + 0.3 * torch.randn(shape, generator=g))
+        layout = [(name, "BF16", shape), ("norm.weight", "BF16", (shape[1],))]
         with ShardWriter(os.path.join(folder, "model-00001-of-00001.safetensors"), layout) as writer:
-            writer.write("big.weight", w.bfloat16())
-            writer.write("norm.weight", torch.ones(BIG[1]).bfloat16())
+            writer.write(name, w.bfloat16())
+            writer.write("norm.weight", torch.ones(shape[1]).bfloat16())
             writer.commit()
         json.dump({"weight_map": {n: "model-00001-of-00001.safetensors" for n, _, _ in layout}}, open(os.path.join(folder, "model.safetensors.index.json"), "w"))
     return root
+
+
+@pytest.fixture(scope="module")
+def one_big_tensor(tmp_path_factory) -> str:
+    return conflicting_models(str(tmp_path_factory.mktemp("big")), BIG, "big.weight")
 
 
 def run_merge(folder: str, out: str, method: str, *extra: str) -> dict:
@@ -75,6 +83,53 @@ def test_planned_peak_is_within_25_percent_of_measured(method, extra, one_big_te
     second = run_merge(one_big_tensor, str(tmp_path / "b"), method, *extra, "--max-ram", str(budget))
     assert second["measured_peak_ram"] <= budget
     print(f"{method} {' '.join(extra)}: planned {planned / 1e6:.0f} MB, measured {measured / 1e6:.0f} MB")
+
+
+@pytest.fixture(scope="module")
+def one_wide_tensor(tmp_path_factory) -> str:
+    """A wide weight (out < in): OrthoMerge-C's subspace grows with the conflicting rows only."""
+    return conflicting_models(str(tmp_path_factory.mktemp("wide")), (1024, 6144), "wide.weight")
+
+
+@pytest.mark.slow
+def test_orthomerge_c_measures_its_plan_when_the_upper_bound_does_not_fit(one_wide_tensor, tmp_path, monkeypatch):
+    experts = tuple(Expert(e) for e in experts_of(one_wide_tensor))
+    recipe = Recipe("orthomerge", os.path.join(one_wide_tensor, "base"), experts, str(tmp_path / "plan"), {"target": "conflict"})
+    merger = Merger(recipe, device="cpu", quiet=True)
+    try:
+        bound = merger.plan.peak_host
+        found = merger.measure_statistics()
+        merger.plan_with(found)
+        measured_plan = merger.plan.peak_host
+    finally:
+        merger.close()
+    conflicts = found["wide.weight"]["conflicts"]
+    assert all(150 < c < 400 for c in conflicts), conflicts  # about a quarter of the 1024 rows each
+    assert measured_plan < 0.7 * bound  # k ≈ 1024 + Σ c_i instead of min(in, out + N·out) = 4096
+    # a budget between the two: refused before measuring, merged now, within the measured plan
+    budget = int((bound + measured_plan) / 2)
+    tight = run_merge(one_wide_tensor, str(tmp_path / "tight"), "orthomerge", "--max-ram", str(budget))
+    assert tight["planned_peak_ram"] < budget and tight["measured_peak_ram"] <= budget
+    assert abs(tight["planned_peak_ram"] - tight["measured_peak_ram"]) <= 0.25 * tight["measured_peak_ram"]
+    journal = Journal.load(journal_path(str(tmp_path / "tight")))
+    assert journal.statistics == found
+    # the statistics change the plan, never the mathematics
+    free = run_merge(one_wide_tensor, str(tmp_path / "free"), "orthomerge", "--max-ram", "20GB")
+    assert free["planned_peak_ram"] > budget  # the upper bound fitted: nothing measured
+    assert Journal.load(journal_path(str(tmp_path / "free"))).statistics is None
+    shard = "model-00001-of-00001.safetensors"
+    assert open(tmp_path / "tight" / shard, "rb").read() == open(tmp_path / "free" / shard, "rb").read()
+    # a resumed merge plans from the journal's statistics and does not measure again
+    merger = Merger(dataclasses.replace(recipe, out=str(tmp_path / "tight")), device="cpu", quiet=True, max_ram=budget)
+    try:
+        monkeypatch.setattr(merger, "measure_statistics", lambda: pytest.fail("measured again"))
+        journal.statistics = found
+        merger._tighten_plan(journal)
+        assert merger.plan.peak_host == pytest.approx(measured_plan, rel=0.2)  # the process baseline differs
+    finally:
+        merger.close()
+    print(f"conflicting rows {conflicts}: plan {bound / 1e6:.0f} MB as bounded, {tight['planned_peak_ram'] / 1e6:.0f} MB measured; "
+          f"--max-ram {budget / 1e6:.0f} MB: measured peak {tight['measured_peak_ram'] / 1e6:.0f} MB")
 
 
 @pytest.fixture(scope="module")

@@ -214,6 +214,12 @@ class Method:
     memory: Callable[[str, tuple[int, ...], int, Any, int], Any]  # (name, shape, n_experts, params, itemsize) -> plan.Need
     statistics: Callable[[MapPass, int, Any, list[float]], Any] | None = None  # (map_pass, n_experts, params, densities)
     statistics_passes: Callable[[Any], int] = field(default=lambda params: 0)
+    # Statistics that only make the memory plan tight (OrthoMerge-C: conflicting rows): the pass
+    # runs when the plan from `memory`'s upper bounds does not fit, and `memory` then takes them
+    # as `statistics=` (this tensor's entry). `statistics_tensors(name, shape, params)`: which
+    # tensors such a pass reads (None: every merged tensor).
+    plan_statistics: bool = False
+    statistics_tensors: Callable[[str, tuple[int, ...], Any], bool] | None = None
     doc: str = ""
     # True where NaN/Inf in any input always reaches the result (sums, products, masks: NaN·0 is
     # NaN): the scheduler then checks the result only, and looks for the culprit input if it is

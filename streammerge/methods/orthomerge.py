@@ -473,6 +473,55 @@ def merged_rotation(acc: LieAccumulator, rotations: list[torch.Tensor], weights:
     return product
 
 
+def conflict_statistics_tensors(name: str, shape: tuple[int, ...], params: OrthoMergeParams) -> bool:
+    """The weights whose working set depends on the data: wide ones (out < in) rotated with the
+    conflict target, where k = dim S grows with the conflicting rows (square and tall: k = in)."""
+    return params.target == "conflict" and len(shape) == 2 and 0 < shape[0] < shape[1] and rotates(name, shape, params)
+
+
+def _count_conflicts(blocks) -> dict[str, dict[str, list]]:
+    """Per tensor: each expert's conflicting rows (row-local, so counted block by block) and its
+    LoRA rank (None: dense), which bounds what its target adds to S."""
+    found: dict[str, dict[str, list]] = {}
+    for name, base, experts in blocks:
+        n = len(experts)
+        if name not in found:
+            get = getattr(experts, "factors", None)
+            factors = [get(i) if get is not None else None for i in range(n)]
+            found[name] = {"conflicts": [0] * n, "ranks": [None if f is None else int(f[1].shape[0]) for f in factors]}
+        taus = [experts[i].sub_(base) for i in range(n)]
+        tau_mean = torch.zeros_like(taus[0])
+        for t in taus:  # the same operations as _merge's τ_mean, row for row
+            tau_mean.add_(t)
+        tau_mean.div_(n)
+        for i in range(n):
+            found[name]["conflicts"][i] += int(conflict_rows(taus[i], tau_mean).sum())
+        del taus, tau_mean
+    return found
+
+
+def statistics(map_pass, n_experts: int, params: OrthoMergeParams, densities=None) -> dict[str, dict[str, list]] | None:
+    """The conflicting rows of every wide weight, for a tight plan (Method.plan_statistics)."""
+    if params.target != "conflict":
+        return None
+    merged: dict[str, dict[str, list]] = {}
+    for part in map_pass(_count_conflicts):
+        for name, found in part.items():
+            if name in merged:  # a tensor cut across parts: integer sums
+                merged[name]["conflicts"] = [a + b for a, b in zip(merged[name]["conflicts"], found["conflicts"])]
+            else:
+                merged[name] = found
+    return merged
+
+
+def measured_subspace(shape: tuple[int, ...], found: dict[str, list]) -> int:
+    """k = dim S given the conflicting rows: the base's rows plus, per expert with any, its
+    conflicting rows (dense) or the rows of its A factor (LoRA: SubspaceBuilder adds those)."""
+    out, inn = shape
+    added = sum(0 if c == 0 else (c if r is None else r) for c, r in zip(found["conflicts"], found["ranks"]))
+    return min(inn, min(out, inn) + added)
+
+
 # Peak-memory coefficients, fitted to measured peaks (bench/results/memory-plan-vs-measured.md).
 _C_COMPUTE, _C_OUT_IN, _C_SIDES, _C_SQUARE = 4.0, 0.5, 1.0, 14.0
 _C_ACC, _C_FRAME = 5.0, 10.0  # wide layers: k×k sum, Cayley and rotation; w×w frame solves
@@ -481,10 +530,11 @@ _C_ACC, _C_FRAME = 5.0, 10.0  # wide layers: k×k sum, Cayley and rotation; w×w
 _C_TALL_BLOCKS, _C_TALL_SQUARE = 5.0, 9.0
 
 
-def memory(name: str, shape: tuple[int, ...], n: int, params: OrthoMergeParams, itemsize: int):
+def memory(name: str, shape: tuple[int, ...], n: int, params: OrthoMergeParams, itemsize: int, statistics: dict | None = None):
     """Peak bytes of one weight. k = dim S = min(in, min(out, in) + N·out) for full-rank updates
     (exact for the global target, an upper bound for the conflict target, where only conflicting
-    rows add directions). Three regimes, as `merge` takes them:
+    rows add directions: given `statistics`, this tensor's conflicting rows, k is that count's
+    bound instead, measured_subspace). Three regimes, as `merge` takes them:
     * tall, bigger than a row block: row blocks; held are the merged residual (compute dtype,
       in host memory on any device), the residual method's own working set, in×in matrices (Gram, P, the N cross products then
       rotations, the solves) and a few blocks;
@@ -510,7 +560,7 @@ def memory(name: str, shape: tuple[int, ...], n: int, params: OrthoMergeParams, 
         # the merged residual is gathered in host memory on any device (new_output): on CUDA it
         # is host RAM, not GPU memory (2.1 GB for an 8B embedding: the H100 run's excess, gpu.md)
         return Need(int(work), 0, transfer=block, host=numel * itemsize)
-    k = subspace_bound(shape, n)
+    k = subspace_bound(shape, n) if statistics is None else min(subspace_bound(shape, n), measured_subspace(shape, statistics))
     base = _C_COMPUTE * numel * itemsize + _C_OUT_IN * numel * f + _C_SIDES * (out + inn) * k * f
     ablation = params.rotation_merge in ("average_r", "product_r")  # these keep every R_i
     if 2 * out <= k:
@@ -521,4 +571,6 @@ def memory(name: str, shape: tuple[int, ...], n: int, params: OrthoMergeParams, 
     return Need(int(base + _C_SQUARE * k * k * f), 0 if running else int(n * per_expert))
 
 
-register(Method("orthomerge", OrthoMergeParams, merge, memory=memory, doc=__doc__ or ""))
+register(Method("orthomerge", OrthoMergeParams, merge, memory=memory, statistics=statistics,
+                statistics_passes=lambda p: 1 if p.target == "conflict" else 0, plan_statistics=True,
+                statistics_tensors=conflict_statistics_tensors, doc=__doc__ or ""))
