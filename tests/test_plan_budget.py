@@ -228,3 +228,18 @@ def test_resume_computes_each_tensor_where_the_first_run_did(toy_untied, tmp_pat
             m._placement[name] = dataclasses.replace(m._placement[name], device="cpu")
             m.reuse_placement({name: "cuda"})
     m.close()
+
+
+def test_measured_subspace_counts_what_the_subspace_builder_adds():
+    from streammerge.methods.orthomerge import OrthoMergeParams, measured_subspace, memory
+
+    shape = (1024, 6144)
+    # dense experts add their conflicting rows; a LoRA expert with any adds its A factor's rank
+    assert measured_subspace(shape, {"conflicts": [260, 0, 279], "ranks": [None, None, None]}) == 1024 + 260 + 279
+    assert measured_subspace(shape, {"conflicts": [3, 0, 5], "ranks": [16, 16, None]}) == 1024 + 16 + 5
+    assert measured_subspace(shape, {"conflicts": [5000, 5000, 5000], "ranks": [None] * 3}) == 6144  # at most in
+    params = OrthoMergeParams(target="conflict")
+    bound = memory("w", shape, 3, params, 4)
+    measured = memory("w", shape, 3, params, 4, statistics={"conflicts": [260, 242, 279], "ranks": [None] * 3})
+    everything = memory("w", shape, 3, params, 4, statistics={"conflicts": [1024] * 3, "ranks": [None] * 3})
+    assert measured.work < 0.6 * bound.work and everything == bound  # every row conflicting: the bound
