@@ -184,7 +184,7 @@ class RayExecutor:
             journal.save()
         task = ray.remote(merge_shard_task)
         recipe_ref = ray.put(merger.recipe)
-        statistics_ref = ray.put(journal.statistics)
+        statistics_ref = ray.put(merger.merge_statistics(journal))
         pending = {}
         for shard in todo:
             ref = task.options(max_retries=TASK_RETRIES, name=f"merge {shard.filename}", **self.needs(shard)).remote(

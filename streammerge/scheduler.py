@@ -484,13 +484,16 @@ class Merger:
             log.info("the plan's upper bounds need %s of RAM%s: measuring the data-dependent working sets (one read of those tensors)",
                      format_size(self.plan.peak_host), f" and spill {len(self.plan.spilled)} tensor(s) to the CPU" if self.plan.spilled else "")
             journal.statistics = self.measure_statistics()
-            journal.save()
         self.plan_with(journal.statistics)
-        if fresh:
+        if fresh:  # the counts and the placement they give, together
             journal.placement = self.placement_devices()
             journal.save()
         else:
             self.reuse_placement(journal.placement)
+
+    def merge_statistics(self, journal: Journal):
+        """What the merge itself reads from the journal's statistics (plan-only ones: nothing)."""
+        return None if self.method.plan_statistics else journal.statistics
 
     def placement_of(self, name: str) -> TensorPlan:
         return self._placement[name]
@@ -689,7 +692,7 @@ class Merger:
         progress = _Progress(bar)
         for shard in todo:
             check_unchanged(input_paths, initial_state)
-            sha, size = self.write_shard(shard, journal.statistics, journal, progress, read_ahead)
+            sha, size = self.write_shard(shard, self.merge_statistics(journal), journal, progress, read_ahead)
             journal.finished[shard.filename] = {"sha256": sha, "size": size}
             journal.partial = None
             journal.save()

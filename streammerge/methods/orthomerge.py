@@ -190,14 +190,8 @@ def _merge_tall(task: TensorTask, params: OrthoMergeParams, res_method: Method, 
         gram.addmm_(a.T, a)
         del a
         if conflict is not None:
-            taus = [task.task_vector(i, rows) for i in range(n)]
-            tau_mean = torch.zeros_like(taus[0])
-            for t in taus:
-                tau_mean.add_(t)
-            tau_mean.div_(n)
-            for i in range(n):
-                conflict[i][rows[0]:rows[1]] = conflict_rows(taus[i], tau_mean)  # type: ignore[index]
-            del taus, tau_mean
+            for i, rows_i in enumerate(conflicts_among([task.task_vector(i, rows) for i in range(n)])):
+                conflict[i][rows[0]:rows[1]] = rows_i  # type: ignore[index]
     evals, evecs = lapack.eigh(gram)
     del gram
     sigma = evals.clamp_(min=0).sqrt_()
@@ -284,6 +278,16 @@ def rotation_bytes(rot: SubspaceRotation) -> int:
 def conflict_rows(tau: torch.Tensor, tau_mean: torch.Tensor) -> torch.Tensor:
     """Rows j with cos(τ[j], τ_mean[j]) < 0; a zero row has cosine 0 and is not a conflict."""
     return (tau * tau_mean).sum(dim=1) < 0
+
+
+def conflicts_among(taus: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each τ_i's conflicting rows against the mean of `taus` (all of the experts' rows of one
+    block; the mean is formed in the same operations as _merge's, so the rows are the same)."""
+    tau_mean = torch.zeros_like(taus[0])
+    for t in taus:
+        tau_mean.add_(t)
+    tau_mean.div_(len(taus))
+    return [conflict_rows(t, tau_mean) for t in taus]
 
 
 def merge(task: TensorTask, params: OrthoMergeParams) -> torch.Tensor:
@@ -489,14 +493,8 @@ def _count_conflicts(blocks) -> dict[str, dict[str, list]]:
             get = getattr(experts, "factors", None)
             factors = [get(i) if get is not None else None for i in range(n)]
             found[name] = {"conflicts": [0] * n, "ranks": [None if f is None else int(f[1].shape[0]) for f in factors]}
-        taus = [experts[i].sub_(base) for i in range(n)]
-        tau_mean = torch.zeros_like(taus[0])
-        for t in taus:  # the same operations as _merge's τ_mean, row for row
-            tau_mean.add_(t)
-        tau_mean.div_(n)
-        for i in range(n):
-            found[name]["conflicts"][i] += int(conflict_rows(taus[i], tau_mean).sum())
-        del taus, tau_mean
+        for i, rows in enumerate(conflicts_among([experts[i].sub_(base) for i in range(n)])):
+            found[name]["conflicts"][i] += int(rows.sum())
     return found
 
 
