@@ -89,19 +89,50 @@ def cases() -> list[tuple[str, list[str], str]]:
 
     return [
         ("demo-ties", [*base(demo), *experts(demo), "--method", "ties", "--shard-size", "2MB"], "plain"),
-        ("task_arithmetic", [*base(small), *experts(small), "--method", "task_arithmetic", "--shard-size", "300KB"], "plain"),
-        ("ties-model", [*base(small), *experts(small), "--method", "ties", "--ties-scope", "model", "--shard-size", "300KB"], "plain"),
-        ("orthomerge-c", [*base(lowrank), *experts(lowrank), "--method", "orthomerge", "--target", "conflict"], "plain"),
+        (
+            "task_arithmetic",
+            [*base(small), *experts(small), "--method", "task_arithmetic", "--shard-size", "300KB"],
+            "plain",
+        ),
+        (
+            "ties-model",
+            [*base(small), *experts(small), "--method", "ties", "--ties-scope", "model", "--shard-size", "300KB"],
+            "plain",
+        ),
+        (
+            "orthomerge-c",
+            [*base(lowrank), *experts(lowrank), "--method", "orthomerge", "--target", "conflict"],
+            "plain",
+        ),
         ("orthomerge-g", [*base(lowrank), *experts(lowrank), "--method", "orthomerge", "--target", "global"], "plain"),
         ("tsv", [*base(lowrank), *experts(lowrank), "--method", "tsv"], "plain"),
         ("lora-experts-ties", [*base(lora), *experts(lora), "--method", "ties"], "plain"),
-        ("oft-adapter-out", [*base(oft), *experts(oft), "--method", "orthomerge", "--output-format", "adapter"], "plain"),
+        (
+            "oft-adapter-out",
+            [*base(oft), *experts(oft), "--method", "orthomerge", "--output-format", "adapter"],
+            "plain",
+        ),
         (
             "ties-model-killed",
-            [*base(small), *experts(small), "--method", "ties", "--ties-scope", "model", "--shard-size", "5GB", "--checkpoint-every", "0"],
+            [
+                *base(small),
+                *experts(small),
+                "--method",
+                "ties",
+                "--ties-scope",
+                "model",
+                "--shard-size",
+                "5GB",
+                "--checkpoint-every",
+                "0",
+            ],
             "killed",
         ),
-        ("ties-model-ray", [*base(small), *experts(small), "--method", "ties", "--ties-scope", "model", "--shard-size", "300KB"], "ray"),
+        (
+            "ties-model-ray",
+            [*base(small), *experts(small), "--method", "ties", "--ties-scope", "model", "--shard-size", "300KB"],
+            "ray",
+        ),
     ]
 
 
@@ -137,7 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     group.add_argument("--compare", help="compare with the digests in this JSON file (exit 1 on any difference)")
     ap.add_argument("--only", nargs="+", help="case names to run")
     args = ap.parse_args(argv)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
     results = run_all(args.only)
     if args.record:
         with open(args.record, "w") as f:
@@ -158,7 +191,9 @@ def main(argv: list[str] | None = None) -> int:
             differ += 1
         else:
             print(f"{name}: identical ({len(files)} files)")
-    print(f"{len(results) - differ} of {len(results)} case(s) byte-identical to {recorded['commit']} (this is {commit})")
+    print(
+        f"{len(results) - differ} of {len(results)} case(s) byte-identical to {recorded['commit']} (this is {commit})"
+    )
     return 1 if differ else 0
 
 

@@ -1,5 +1,6 @@
 """Helpers the benchmark scripts share: dropping the page cache, loading a model folder whole,
 writing a result as JSON and Markdown."""
+
 from __future__ import annotations
 
 import json

@@ -9,6 +9,7 @@ H100 of 2026-11-25 (torch 2.11.0+cu130) went from
 277 MiB after the import to 612 MiB after the float64 solve: the 335 MB that `plan.CUDA_LIBRARIES_HOST`
 adds to a plan that uses the GPU (bench/results/gpu.md).
 """
+
 import re
 
 import torch
@@ -28,8 +29,12 @@ def main() -> None:
     print("matmul", anon())
     for dtype in (torch.float32, torch.float64):
         m = a.to(dtype)
-        steps = [("eigh", lambda: torch.linalg.eigh(m @ m.T)), ("svd", lambda: torch.linalg.svd(m[:1024])),
-                 ("qr", lambda: torch.linalg.qr(m)), ("solve", lambda: torch.linalg.solve(m, m))]
+        steps = [
+            ("eigh", lambda: torch.linalg.eigh(m @ m.T)),
+            ("svd", lambda: torch.linalg.svd(m[:1024])),
+            ("qr", lambda: torch.linalg.qr(m)),
+            ("solve", lambda: torch.linalg.solve(m, m)),
+        ]
         for name, step in steps:
             step()
             torch.cuda.synchronize()

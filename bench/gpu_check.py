@@ -16,6 +16,7 @@ psutil and PyYAML must be there). Steps, each recorded with its figures:
     algebra from step 3 plus reading 6 × 16 GB at the read rate measured in step 4.
 Without CUDA, steps 2–5 are skipped with a message (step 2 still runs its CPU side).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,20 +35,45 @@ import torch
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import load_model as load  # noqa: E402
+
 sys.path.insert(0, ROOT)
 from streammerge import Expert, Recipe  # noqa: E402
 from streammerge.scheduler import Merger  # noqa: E402
 
-METHODS = [("linear", {}), ("task_arithmetic", {}), ("ties", {"density": 0.3}), ("ties", {"density": 0.3, "scope": "model"}),
-           ("dare_linear", {}), ("dare_ties", {}),
-           ("gta", {"sparsify": "magnitude_outliers", "consensus": "sum", "tie_break": "index"}),
-           ("breadcrumbs_ties", {}), ("della", {}), ("slerp", {"t": 0.3}), ("nuslerp", {}), ("multislerp", {}),
-           ("karcher", {}), ("model_stock", {}), ("sce", {}), ("nearswap", {"t": 0.5}), ("arcee_fusion", {}),
-           ("tsv", {}), ("iso_c", {}), ("iso_cts", {}), ("ortho_svd", {}), ("do_merging", {}),
-           ("orthomerge", {"target": "global"}), ("orthomerge", {"target": "conflict"}),
-           ("orthomerge", {"target": "conflict", "residual_method": "ties"})]
-SHAPES_8B = {"q_proj/o_proj": (4096, 4096), "k_proj/v_proj": (1024, 4096), "gate/up_proj": (14336, 4096),
-             "down_proj": (4096, 14336), "embed/lm_head": (128256, 4096)}
+METHODS = [
+    ("linear", {}),
+    ("task_arithmetic", {}),
+    ("ties", {"density": 0.3}),
+    ("ties", {"density": 0.3, "scope": "model"}),
+    ("dare_linear", {}),
+    ("dare_ties", {}),
+    ("gta", {"sparsify": "magnitude_outliers", "consensus": "sum", "tie_break": "index"}),
+    ("breadcrumbs_ties", {}),
+    ("della", {}),
+    ("slerp", {"t": 0.3}),
+    ("nuslerp", {}),
+    ("multislerp", {}),
+    ("karcher", {}),
+    ("model_stock", {}),
+    ("sce", {}),
+    ("nearswap", {"t": 0.5}),
+    ("arcee_fusion", {}),
+    ("tsv", {}),
+    ("iso_c", {}),
+    ("iso_cts", {}),
+    ("ortho_svd", {}),
+    ("do_merging", {}),
+    ("orthomerge", {"target": "global"}),
+    ("orthomerge", {"target": "conflict"}),
+    ("orthomerge", {"target": "conflict", "residual_method": "ties"}),
+]
+SHAPES_8B = {
+    "q_proj/o_proj": (4096, 4096),
+    "k_proj/v_proj": (1024, 4096),
+    "gate/up_proj": (14336, 4096),
+    "down_proj": (4096, 14336),
+    "embed/lm_head": (128256, 4096),
+}
 PER_LAYER = {"q_proj/o_proj": 2, "k_proj/v_proj": 2, "gate/up_proj": 2, "down_proj": 1}
 
 
@@ -63,23 +89,40 @@ def sync() -> None:
 EXPERT_COUNT = {"slerp": 1, "nearswap": 1, "arcee_fusion": 1, "nuslerp": 2}  # the methods that take a fixed number
 
 
-def run_merge(base: str, experts: list[str], out: str, method: str, params: dict, device: str, max_gpu: int | None = None) -> tuple[float, dict]:
+def run_merge(
+    base: str, experts: list[str], out: str, method: str, params: dict, device: str, max_gpu: int | None = None
+) -> tuple[float, dict]:
     from streammerge.methods import get_method
-    chosen = experts[:EXPERT_COUNT.get(method, len(experts))]
+
+    chosen = experts[: EXPERT_COUNT.get(method, len(experts))]
     weighted = "weight" in get_method(method)[0].expert_params
-    recipe = Recipe(method, base, tuple(Expert(e, weight=1.0 / len(chosen) if weighted else None) for e in chosen), out, dict(params), seed=0)
+    recipe = Recipe(
+        method,
+        base,
+        tuple(Expert(e, weight=1.0 / len(chosen) if weighted else None) for e in chosen),
+        out,
+        dict(params),
+        seed=0,
+    )
     merger = Merger(recipe, device=device, quiet=True, max_gpu_memory=max_gpu)
     try:
         start = time.perf_counter()
         report = merger.run()
         sync()
-        return time.perf_counter() - start, {"read_throughput": report.read_throughput, "planned_gpu": merger.plan.peak_gpu}
+        return time.perf_counter() - start, {
+            "read_throughput": report.read_throughput,
+            "planned_gpu": merger.plan.peak_gpu,
+        }
     finally:
         merger.close()
 
 
 def toy(folder: str, *args: str) -> list[str]:
-    subprocess.run([sys.executable, os.path.join(ROOT, "tools", "make_toy_models.py"), folder, *args], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tools", "make_toy_models.py"), folder, *args],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     return [os.path.join(folder, d) for d in sorted(os.listdir(folder)) if d.startswith("expert-")]
 
 
@@ -101,12 +144,23 @@ def step_numerics(work: str, cuda: bool) -> list[dict]:
     return rows
 
 
-def numerics_row(base: str, base_t: dict, experts: list[str], work: str, cpu_out: str, method: str, params: dict, cuda: bool, index: int) -> dict:
+def numerics_row(
+    base: str,
+    base_t: dict,
+    experts: list[str],
+    work: str,
+    cpu_out: str,
+    method: str,
+    params: dict,
+    cuda: bool,
+    index: int,
+) -> dict:
     t_cpu, _ = run_merge(base, experts, cpu_out, method, params, "cpu")
     row = {"cpu_seconds": round(t_cpu, 2)}
     if cuda:
         budget = 2 * 10**9
         import gc
+
         gc.collect()  # earlier runs' tensors still waiting for collection would count below
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -118,14 +172,20 @@ def numerics_row(base: str, base_t: dict, experts: list[str], work: str, cpu_out
         for name in a:
             update = float((a[name].float() - base_t[name].float()).norm()) or 1.0
             worst = max(worst, float((a[name].float() - b[name].float()).norm()) / update)
-        row |= {"cuda_seconds": round(t_gpu, 2), "max_relative_difference": worst,
-                "max_memory_allocated": torch.cuda.max_memory_allocated() - held, "max_gpu_memory": budget, "planned_gpu": info["planned_gpu"]}
+        row |= {
+            "cuda_seconds": round(t_gpu, 2),
+            "max_relative_difference": worst,
+            "max_memory_allocated": torch.cuda.max_memory_allocated() - held,
+            "max_gpu_memory": budget,
+            "planned_gpu": info["planned_gpu"],
+        }
     return row
 
 
 def step_linalg(cuda: bool) -> list[dict]:
     from streammerge.math.cayley import cayley_consuming
     from streammerge.math.procrustes import SubspaceBuilder, procrustes
+
     rows = []
     device = torch.device("cuda")
     for label, (out_f, in_f) in SHAPES_8B.items():
@@ -137,22 +197,38 @@ def step_linalg(cuda: bool) -> list[dict]:
         b = a + (d * (0.01 * float(a.norm()) / float(d.norm()))).to(device)
         for precision in (torch.float32, torch.float64):
             try:
-                sync(); t0 = time.perf_counter()
+                sync()
+                t0 = time.perf_counter()
                 builder = SubspaceBuilder(a, 1e-2, precision)
                 builder.add(b - a)
                 sub = builder.build()
-                sync(); t1 = time.perf_counter()
+                sync()
+                t1 = time.perf_counter()
                 rot = procrustes(b, sub)
-                sync(); t2 = time.perf_counter()
+                sync()
+                t2 = time.perf_counter()
                 q = rot.dense_q()
                 cayley_consuming(q)
-                sync(); t3 = time.perf_counter()
-                row = {"shape": label, "dims": [out_f, in_f], "precision": str(precision).removeprefix("torch."), "k": sub.k,
-                       "build_s": round(t1 - t0, 3), "procrustes_s": round(t2 - t1, 3), "cayley_s": round(t3 - t2, 3),
-                       "peak_gpu_bytes": torch.cuda.max_memory_allocated()}
+                sync()
+                t3 = time.perf_counter()
+                row = {
+                    "shape": label,
+                    "dims": [out_f, in_f],
+                    "precision": str(precision).removeprefix("torch."),
+                    "k": sub.k,
+                    "build_s": round(t1 - t0, 3),
+                    "procrustes_s": round(t2 - t1, 3),
+                    "cayley_s": round(t3 - t2, 3),
+                    "peak_gpu_bytes": torch.cuda.max_memory_allocated(),
+                }
                 del builder, sub, rot, q
             except RuntimeError as exc:  # out of memory, say: recorded, not fatal
-                row = {"shape": label, "dims": [out_f, in_f], "precision": str(precision).removeprefix("torch."), "error": str(exc).splitlines()[0]}
+                row = {
+                    "shape": label,
+                    "dims": [out_f, in_f],
+                    "precision": str(precision).removeprefix("torch."),
+                    "error": str(exc).splitlines()[0],
+                }
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             rows.append(row)
@@ -161,13 +237,34 @@ def step_linalg(cuda: bool) -> list[dict]:
 
 
 def step_end_to_end(work: str) -> dict:
-    experts = toy(os.path.join(work, "big"), "--preset", "1.5b", "--experts", "3", "--shared", "0.7", "--shard-size", "2GB")
+    experts = toy(
+        os.path.join(work, "big"), "--preset", "1.5b", "--experts", "3", "--shared", "0.7", "--shard-size", "2GB"
+    )
     base = os.path.join(work, "big", "base")
     torch.cuda.reset_peak_memory_stats()
-    seconds, info = run_merge(base, experts, os.path.join(work, "big-out"), "orthomerge", {"target": "conflict", "residual_method": "ties"}, "cuda", 22 * 10**9)
-    inputs = sum(os.path.getsize(os.path.join(d, f)) for d in [base, *experts] for f in os.listdir(d) if f.endswith(".safetensors"))
-    row = {"preset": "1.5b", "experts": 3, "seconds": round(seconds, 1), "input_bytes": inputs, "read_throughput": info["read_throughput"],
-           "max_memory_allocated": torch.cuda.max_memory_allocated()}
+    seconds, info = run_merge(
+        base,
+        experts,
+        os.path.join(work, "big-out"),
+        "orthomerge",
+        {"target": "conflict", "residual_method": "ties"},
+        "cuda",
+        22 * 10**9,
+    )
+    inputs = sum(
+        os.path.getsize(os.path.join(d, f))
+        for d in [base, *experts]
+        for f in os.listdir(d)
+        if f.endswith(".safetensors")
+    )
+    row = {
+        "preset": "1.5b",
+        "experts": 3,
+        "seconds": round(seconds, 1),
+        "input_bytes": inputs,
+        "read_throughput": info["read_throughput"],
+        "max_memory_allocated": torch.cuda.max_memory_allocated(),
+    }
     log(f"  {row}")
     return row
 
@@ -177,13 +274,21 @@ def projection(linalg: list[dict], e2e: dict) -> dict:
     if not all(s in per for s in PER_LAYER):
         return {"note": "not every 8B shape ran in float32; no projection"}
     experts = 5
-    layer = sum(count * (per[s]["build_s"] + experts * (per[s]["procrustes_s"]) + per[s]["cayley_s"]) for s, count in PER_LAYER.items())
+    layer = sum(
+        count * (per[s]["build_s"] + experts * (per[s]["procrustes_s"]) + per[s]["cayley_s"])
+        for s, count in PER_LAYER.items()
+    )
     embed = 2 * (128256 / 14336) * (per["gate/up_proj"]["build_s"] + experts * per["gate/up_proj"]["procrustes_s"])
     rate = e2e.get("read_throughput") or 1e9
     read_s = 6 * 16.06e9 / rate * 4  # conflict target + TIES residual: about four reads of every expert
     linalg_s = 32 * layer + embed
-    return {"layers": 32, "linalg_seconds": round(linalg_s), "read_seconds": round(read_s), "total_minutes": round((linalg_s + read_s) / 60, 1),
-            "assumes": "float32 linear algebra; per-matrix times from step 3; reads at step 4's measured rate, about 4 passes"}
+    return {
+        "layers": 32,
+        "linalg_seconds": round(linalg_s),
+        "read_seconds": round(read_s),
+        "total_minutes": round((linalg_s + read_s) / 60, 1),
+        "assumes": "float32 linear algebra; per-matrix times from step 3; reads at step 4's measured rate, about 4 passes",
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -193,8 +298,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-end-to-end", action="store_true")
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
-    record: dict = {"date": time.strftime("%Y-%m-%d %H:%M"), "command": "bash bench/gpu_check.sh", "torch": torch.__version__,
-                    "machine": platform.machine(), "cores": os.cpu_count(), "load_average": os.getloadavg(), "cuda": cuda}
+    record: dict = {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "command": "bash bench/gpu_check.sh",
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "cores": os.cpu_count(),
+        "load_average": os.getloadavg(),
+        "cuda": cuda,
+    }
     if cuda:
         props = torch.cuda.get_device_properties(0)
         record |= {"device": props.name, "gpu_memory": props.total_memory}
@@ -205,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
             json.dump(record, f, indent=2)
+
     try:
         log("2. every method, CPU against CUDA, toy models" + ("" if cuda else " (no CUDA device: CPU side only)"))
         record["numerics"] = step_numerics(work, cuda)

@@ -6,6 +6,7 @@
 torch.linalg.svd and eigh at a few sizes, float32 and float64, with 1 and with 2 threads,
 alternating, three times each; the medians and their ratio. Results: bench/results/lapack-threads.{json,md}.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -40,18 +41,38 @@ def main() -> int:
                 for _ in range(3):
                     one.append(timed(fn, a, 1))
                     two.append(timed(fn, a, 2))
-                rows.append({"op": name, "n": n, "dtype": str(dtype).removeprefix("torch."),
-                             "one_thread_s": round(statistics.median(one), 3), "two_threads_s": round(statistics.median(two), 3)})
+                rows.append(
+                    {
+                        "op": name,
+                        "n": n,
+                        "dtype": str(dtype).removeprefix("torch."),
+                        "one_thread_s": round(statistics.median(one), 3),
+                        "two_threads_s": round(statistics.median(two), 3),
+                    }
+                )
                 print(rows[-1], flush=True)
     loads.append(os.getloadavg()[0])
-    doc = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "command": "python bench/lapack_threads.py",
-           "cores": os.cpu_count(), "torch": torch.__version__, "load_1min": [round(x, 2) for x in loads], "rows": rows}
-    lines = [f"# Factorisations on one CPU thread against two ({doc['date']})", "",
-             f"`{doc['command']}` on this {doc['cores']}-core machine, torch {doc['torch']}, load average {loads[0]:.2f} before, "
-             f"{loads[1]:.2f} after; medians of three alternating calls. (For `eigh` the time includes forming A·Aᵀ, a product.)", "",
-             "| op | n | dtype | 1 thread | 2 threads | 1 / 2 |", "|---|---|---|---|---|---|"]
+    doc = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": "python bench/lapack_threads.py",
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "load_1min": [round(x, 2) for x in loads],
+        "rows": rows,
+    }
+    lines = [
+        f"# Factorisations on one CPU thread against two ({doc['date']})",
+        "",
+        f"`{doc['command']}` on this {doc['cores']}-core machine, torch {doc['torch']}, load average {loads[0]:.2f} before, "
+        f"{loads[1]:.2f} after; medians of three alternating calls. (For `eigh` the time includes forming A·Aᵀ, a product.)",
+        "",
+        "| op | n | dtype | 1 thread | 2 threads | 1 / 2 |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['op']} | {r['n']} | {r['dtype']} | {r['one_thread_s']} s | {r['two_threads_s']} s | {r['one_thread_s'] / r['two_threads_s']:.2f} |")
+        lines.append(
+            f"| {r['op']} | {r['n']} | {r['dtype']} | {r['one_thread_s']} s | {r['two_threads_s']} s | {r['one_thread_s'] / r['two_threads_s']:.2f} |"
+        )
     write_results("lapack-threads", doc, lines)
     return 0
 

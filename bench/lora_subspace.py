@@ -8,6 +8,7 @@ before): time per weight shape and the difference of the merged updates.
 
 One thread; the two merges run one after the other in this process.
 """
+
 from __future__ import annotations
 
 import collections
@@ -53,6 +54,7 @@ def timed_merge(out: str) -> tuple[float, dict]:
 def main() -> int:
     torch.set_num_threads(1)
     from safetensors.torch import load_file
+
     work = tempfile.mkdtemp()
     factors = methods.TensorTask.task_factors
     new_s, new_shapes = timed_merge(os.path.join(work, "factors"))
@@ -71,19 +73,39 @@ def main() -> int:
 
     new, old = load(os.path.join(work, "factors")), load(os.path.join(work, "dense"))
     base = load(run_benchmark.model_folder())
-    worst = max(float((new[k].double() - old[k].double()).norm() / max((old[k].double() - base[k].double()).norm(), 1e-30))
-                for k in new if new[k].is_floating_point() and k in base)
-    doc = {"command": "python bench/lora_subspace.py", "date": time.strftime("%Y-%m-%d %H:%M"), "load_average": os.getloadavg(),
-           "machine": f"{os.cpu_count()} cores", "seconds_factors": new_s, "seconds_dense_copy": old_s,
-           "per_shape_factors": new_shapes, "per_shape_dense_copy": old_shapes, "max_relative_update_difference": worst}
-    lines = ["# OrthoMerge-G over five LoRA experts: subspace from the A factors vs from dense copies", "",
-             f"`python bench/lora_subspace.py`, {doc['date']}, {doc['machine']}, one thread, load average "
-             + ", ".join(f"{x:.2f}" for x in doc["load_average"]) + "; MiniLM-L6, the quality benchmark's LoRA experts (seed 0).", "",
-             "| weight shape | from the A factors (now) | from the dense copies (before) |", "|---|---|---|"]
+    worst = max(
+        float((new[k].double() - old[k].double()).norm() / max((old[k].double() - base[k].double()).norm(), 1e-30))
+        for k in new
+        if new[k].is_floating_point() and k in base
+    )
+    doc = {
+        "command": "python bench/lora_subspace.py",
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "load_average": os.getloadavg(),
+        "machine": f"{os.cpu_count()} cores",
+        "seconds_factors": new_s,
+        "seconds_dense_copy": old_s,
+        "per_shape_factors": new_shapes,
+        "per_shape_dense_copy": old_shapes,
+        "max_relative_update_difference": worst,
+    }
+    lines = [
+        "# OrthoMerge-G over five LoRA experts: subspace from the A factors vs from dense copies",
+        "",
+        f"`python bench/lora_subspace.py`, {doc['date']}, {doc['machine']}, one thread, load average "
+        + ", ".join(f"{x:.2f}" for x in doc["load_average"])
+        + "; MiniLM-L6, the quality benchmark's LoRA experts (seed 0).",
+        "",
+        "| weight shape | from the A factors (now) | from the dense copies (before) |",
+        "|---|---|---|",
+    ]
     for shape in sorted(old_shapes, key=lambda s: -old_shapes[s]):
         lines.append(f"| {shape} | {new_shapes.get(shape, 0):.2f} s | {old_shapes[shape]:.2f} s |")
-    lines += [f"| whole merge (incl. I/O) | {new_s:.1f} s | {old_s:.1f} s |", "",
-              f"Largest difference of a merged update between the two: {worst:.1e} of its norm."]
+    lines += [
+        f"| whole merge (incl. I/O) | {new_s:.1f} s | {old_s:.1f} s |",
+        "",
+        f"Largest difference of a merged update between the two: {worst:.1e} of its norm.",
+    ]
     bench_common.write_results("lora-subspace", doc, lines)
     return 0
 

@@ -8,6 +8,7 @@ plus dense noise of 0.1 % (LoRA-like fine-tunes), bf16-rounded like stored weigh
 OrthoMerge-G and -C (TA residual) with precision float64 and float32 on the CPU. Reported:
 ‖W₃₂ − W₆₄‖_F / ‖W₆₄ − W₀‖_F (relative error of the update) and the seconds of each.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,7 +39,7 @@ class Experts:
 def make(shape, n, seed=0):
     g = torch.Generator().manual_seed(seed)
     out, inn = shape
-    base = (torch.randn(shape, generator=g) / inn ** 0.5).bfloat16().float()
+    base = (torch.randn(shape, generator=g) / inn**0.5).bfloat16().float()
     experts = []
     for _ in range(n):
         d = torch.randn(out, 16, generator=g) @ torch.randn(16, inn, generator=g)
@@ -68,16 +69,35 @@ def main(argv=None) -> int:
                 seconds[precision] = time.perf_counter() - t
             update = float((result["float64"] - base).norm())
             err = float((result["float32"] - result["float64"]).norm()) / max(update, 1e-30)
-            row = {"shape": list(shape), "target": target, "experts": args.experts, "relative_error": err,
-                   "seconds_float64": round(seconds["float64"], 2), "seconds_float32": round(seconds["float32"], 2)}
+            row = {
+                "shape": list(shape),
+                "target": target,
+                "experts": args.experts,
+                "relative_error": err,
+                "seconds_float64": round(seconds["float64"], 2),
+                "seconds_float32": round(seconds["float32"], 2),
+            }
             rows.append(row)
-            print(f"{text:>10} {target:8s} rel. error {err:.2e}  float64 {seconds['float64']:7.2f} s  float32 {seconds['float32']:7.2f} s", flush=True)
+            print(
+                f"{text:>10} {target:8s} rel. error {err:.2e}  float64 {seconds['float64']:7.2f} s  float32 {seconds['float32']:7.2f} s",
+                flush=True,
+            )
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"machine": platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__,
-                       "threads": torch.get_num_threads(), "load_average": os.getloadavg(),
-                       "date": time.strftime("%Y-%m-%d"), "command": "python bench/orthomerge_precision.py " + " ".join(argv or sys.argv[1:]),
-                       "rows": rows}, f, indent=2)
+            json.dump(
+                {
+                    "machine": platform.machine(),
+                    "cores": os.cpu_count(),
+                    "torch": torch.__version__,
+                    "threads": torch.get_num_threads(),
+                    "load_average": os.getloadavg(),
+                    "date": time.strftime("%Y-%m-%d"),
+                    "command": "python bench/orthomerge_precision.py " + " ".join(argv or sys.argv[1:]),
+                    "rows": rows,
+                },
+                f,
+                indent=2,
+            )
     return 0
 
 

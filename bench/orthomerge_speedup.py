@@ -14,6 +14,7 @@ comparison of the updates is not bf16 rounding, each at its default precision, w
 (the baseline's torch default on two cores; ours is given `--threads 2`). Agreement: per tensor
 ‖W_new − W_old‖ / ‖W_old − W₀‖, the largest over tensors. Writes bench/results/orthomerge-speedup.{md,json}.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,20 +38,50 @@ def timed(label: str, code_root: str, args: list[str], out: str) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     dropped = drop_caches()
     env = dict(os.environ, PYTHONPATH=code_root)
-    check = subprocess.run([sys.executable, "-c", "import streammerge; print(streammerge.__file__)"], cwd=code_root, env=env,
-                           capture_output=True, text=True, check=True).stdout.strip()
+    check = subprocess.run(
+        [sys.executable, "-c", "import streammerge; print(streammerge.__file__)"],
+        cwd=code_root,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     if not check.startswith(code_root):
         raise SystemExit(f"{label}: imports {check}, not the code under {code_root}")
     load = os.getloadavg()[0]
-    proc = subprocess.run(["/usr/bin/time", "-v", sys.executable, "-m", "streammerge.cli", "merge", "--quiet", "--device", "cpu", *args, "--out", out],
-                          cwd=code_root, env=env, capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            "/usr/bin/time",
+            "-v",
+            sys.executable,
+            "-m",
+            "streammerge.cli",
+            "merge",
+            "--quiet",
+            "--device",
+            "cpu",
+            *args,
+            "--out",
+            out,
+        ],
+        cwd=code_root,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode != 0:
         raise SystemExit(f"{label} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
     stats = dict(re.findall(r"^\s*(.+?): (.+)$", proc.stderr, re.M))
     wall = stats["Elapsed (wall clock) time (h:mm:ss or m:ss)"].split(":")
-    seconds = sum(float(x) * 60 ** i for i, x in enumerate(reversed(wall)))
-    return {"label": label, "wall_s": round(seconds, 1), "cpu_s": round(float(stats["User time (seconds)"]) + float(stats["System time (seconds)"]), 1),
-            "peak_rss_MB": round(int(stats["Maximum resident set size (kbytes)"]) / 1024, 1), "load_average_before": round(load, 2), "page_cache_dropped": dropped}
+    seconds = sum(float(x) * 60**i for i, x in enumerate(reversed(wall)))
+    return {
+        "label": label,
+        "wall_s": round(seconds, 1),
+        "cpu_s": round(float(stats["User time (seconds)"]) + float(stats["System time (seconds)"]), 1),
+        "peak_rss_MB": round(int(stats["Maximum resident set size (kbytes)"]) / 1024, 1),
+        "load_average_before": round(load, 2),
+        "page_cache_dropped": dropped,
+    }
 
 
 def agreement(base: str, old: str, new: str) -> dict:
@@ -62,7 +93,12 @@ def agreement(base: str, old: str, new: str) -> dict:
         rel = float(diff / update) if update > 0 else float(diff)
         if rel > worst:
             worst, worst_name = rel, name
-    return {"max_relative_update_difference": worst, "at": worst_name, "tensors": len(a), "same_names": sorted(a) == sorted(b)}
+    return {
+        "max_relative_update_difference": worst,
+        "at": worst_name,
+        "tensors": len(a),
+        "same_names": sorted(a) == sorted(b),
+    }
 
 
 def main() -> int:
@@ -74,19 +110,46 @@ def main() -> int:
     os.makedirs(WORK, exist_ok=True)
     toys = os.path.join(WORK, f"toys-{args.layers}")
     if not os.path.exists(os.path.join(toys, "expert-3")):
-        subprocess.run([sys.executable, os.path.join(ROOT, "tools", "make_toy_models.py"), toys, "--preset", "0.5b", "--layers", str(args.layers),
-                        "--experts", "3", "--shared", "0.7", "--shard-size", "1GB"], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                os.path.join(ROOT, "tools", "make_toy_models.py"),
+                toys,
+                "--preset",
+                "0.5b",
+                "--layers",
+                str(args.layers),
+                "--experts",
+                "3",
+                "--shared",
+                "0.7",
+                "--shard-size",
+                "1GB",
+            ],
+            check=True,
+        )
     baseline = os.path.join(WORK, "baseline")
-    commit = subprocess.run(["git", "rev-parse", args.baseline], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+    commit = subprocess.run(
+        ["git", "rev-parse", args.baseline], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.strip()
     if os.path.exists(baseline):
         have = subprocess.run(["git", "rev-parse", "HEAD"], cwd=baseline, capture_output=True, text=True).stdout.strip()
         if have != commit:
             subprocess.run(["git", "worktree", "remove", "--force", baseline], cwd=ROOT, check=True)
     if not os.path.exists(baseline):
         subprocess.run(["git", "worktree", "add", "--detach", baseline, commit], cwd=ROOT, check=True)
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-    inputs = ["--base", os.path.join(toys, "base"), *[a for i in (1, 2, 3) for a in ("--expert", os.path.join(toys, f"expert-{i}"))],
-              "--method", "orthomerge", "--dtype", "float32"]
+    head = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    inputs = [
+        "--base",
+        os.path.join(toys, "base"),
+        *[a for i in (1, 2, 3) for a in ("--expert", os.path.join(toys, f"expert-{i}"))],
+        "--method",
+        "orthomerge",
+        "--dtype",
+        "float32",
+    ]
     runs = []
     for pair in range(args.pairs):
         order = [("baseline", baseline, []), ("this", ROOT, ["--threads", "2"])]
@@ -104,17 +167,38 @@ def main() -> int:
         t = next(r for r in runs if r["pair"] == pair and r["label"] == "this")
         ratios.append(b["wall_s"] / t["wall_s"])
     command = "python bench/orthomerge_speedup.py " + " ".join(sys.argv[1:])
-    doc = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-           "baseline": commit, "this": head, "layers": args.layers, "runs": runs, "speedup_per_pair": [round(x, 2) for x in ratios],
-           "speedup_median": round(statistics.median(ratios), 2), "agreement": agree, "load_average_after": os.getloadavg()}
-    lines = ["# OrthoMerge-C + TA: this checkout against an earlier commit, side by side", "",
-             f"`{command}` on {doc['machine']}, {doc['date']}: 0.5B preset cut to {args.layers} layers (hidden 1024, intermediate 4096, "
-             "32k vocabulary), three bf16 experts + base (`--shared 0.7`), float32 output, two threads each, page cache dropped before every run, "
-             f"alternating. Baseline {commit[:7]}, this {head}.", "",
-             "| pair | run | wall | CPU (user+sys) | peak RSS | load average before |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['pair']} | {r['label']} | {r['wall_s']} s | {r['cpu_s']} s | {r['peak_rss_MB']:.0f} MB | {r['load_average_before']} |" for r in runs]
-    lines += ["", f"Speedup (baseline wall / this wall), per pair: {', '.join(f'{x:.2f}' for x in ratios)}; median {doc['speedup_median']:.2f}.",
-              f"Largest ‖W_this − W_baseline‖ / ‖W_baseline − W₀‖ over the {agree['tensors']} tensors: {agree['max_relative_update_difference']:.2e} ({agree['at']})."]
+    doc = {
+        "command": command,
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "baseline": commit,
+        "this": head,
+        "layers": args.layers,
+        "runs": runs,
+        "speedup_per_pair": [round(x, 2) for x in ratios],
+        "speedup_median": round(statistics.median(ratios), 2),
+        "agreement": agree,
+        "load_average_after": os.getloadavg(),
+    }
+    lines = [
+        "# OrthoMerge-C + TA: this checkout against an earlier commit, side by side",
+        "",
+        f"`{command}` on {doc['machine']}, {doc['date']}: 0.5B preset cut to {args.layers} layers (hidden 1024, intermediate 4096, "
+        "32k vocabulary), three bf16 experts + base (`--shared 0.7`), float32 output, two threads each, page cache dropped before every run, "
+        f"alternating. Baseline {commit[:7]}, this {head}.",
+        "",
+        "| pair | run | wall | CPU (user+sys) | peak RSS | load average before |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['pair']} | {r['label']} | {r['wall_s']} s | {r['cpu_s']} s | {r['peak_rss_MB']:.0f} MB | {r['load_average_before']} |"
+        for r in runs
+    ]
+    lines += [
+        "",
+        f"Speedup (baseline wall / this wall), per pair: {', '.join(f'{x:.2f}' for x in ratios)}; median {doc['speedup_median']:.2f}.",
+        f"Largest ‖W_this − W_baseline‖ / ‖W_baseline − W₀‖ over the {agree['tensors']} tensors: {agree['max_relative_update_difference']:.2e} ({agree['at']}).",
+    ]
     write_results("orthomerge-speedup", doc, lines)
     return 0
 

@@ -9,6 +9,7 @@ and plans each method (a) CPU-only and (b) with a 24 GB GPU (`--assume-gpu 24GB
 set) and peak GPU memory the planner computes, and which tensor sets each peak. Budgets are
 set generously here so that every plan is reported; tests/test_plan_8b.py holds 8B to 12 GB.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,12 +27,25 @@ from streammerge import Expert, Recipe  # noqa: E402
 from streammerge.scheduler import Merger  # noqa: E402
 
 CASES = [
-    ("task_arithmetic", {}), ("linear", {}), ("ties", {}), ("ties", {"scope": "model"}), ("dare_linear", {}), ("dare_ties", {}),
-    ("orthomerge", {"target": "global"}), ("orthomerge", {"target": "conflict"}),
-    ("orthomerge", {"target": "global", "residual_method": "ties"}), ("orthomerge", {"target": "conflict", "residual_method": "ties"}),
+    ("task_arithmetic", {}),
+    ("linear", {}),
+    ("ties", {}),
+    ("ties", {"scope": "model"}),
+    ("dare_linear", {}),
+    ("dare_ties", {}),
+    ("orthomerge", {"target": "global"}),
+    ("orthomerge", {"target": "conflict"}),
+    ("orthomerge", {"target": "global", "residual_method": "ties"}),
+    ("orthomerge", {"target": "conflict", "residual_method": "ties"}),
     ("orthomerge", {"target": "conflict", "precision": "float64"}),
-    ("tsv", {}), ("iso_c", {}), ("iso_cts", {}), ("ortho_svd", {}), ("do_merging", {}),
-    ("karcher", {}), ("model_stock", {}), ("sce", {}),
+    ("tsv", {}),
+    ("iso_c", {}),
+    ("iso_cts", {}),
+    ("ortho_svd", {}),
+    ("do_merging", {}),
+    ("karcher", {}),
+    ("model_stock", {}),
+    ("sce", {}),
 ]
 
 
@@ -52,20 +66,32 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "plan-8b-70b.md"))
     args = ap.parse_args(argv)
-    lines = ["# Memory plans at 8B and 70B shapes", "", f"`python bench/plan_laptop.py`, {time.strftime('%Y-%m-%d')}: five experts + base, bf16, "
-             "header-only inputs. RAM = planned peak anonymous memory (process + largest working set); GPU = planned peak GPU memory "
-             "with `--assume-gpu 24GB --max-gpu-memory 22GB`; 'spilled' = tensors the GPU plan leaves on the CPU. These are plans; "
-             "measured peaks are in memory-plan-vs-measured.md.", ""]
+    lines = [
+        "# Memory plans at 8B and 70B shapes",
+        "",
+        f"`python bench/plan_laptop.py`, {time.strftime('%Y-%m-%d')}: five experts + base, bf16, "
+        "header-only inputs. RAM = planned peak anonymous memory (process + largest working set); GPU = planned peak GPU memory "
+        "with `--assume-gpu 24GB --max-gpu-memory 22GB`; 'spilled' = tensors the GPU plan leaves on the CPU. These are plans; "
+        "measured peaks are in memory-plan-vs-measured.md.",
+        "",
+    ]
     for shape in ("llama-3.1-8b", "llama-3.1-70b"):
         with tempfile.TemporaryDirectory() as root:
             make_shape_fixture.main([root, "--shape", shape, "--experts", "5"])
-            lines += [f"## {shape}", "", "| method | CPU only: RAM | largest (CPU) | with GPU: GPU | with GPU: RAM | spilled |", "|---|---|---|---|---|---|"]
+            lines += [
+                f"## {shape}",
+                "",
+                "| method | CPU only: RAM | largest (CPU) | with GPU: GPU | with GPU: RAM | spilled |",
+                "|---|---|---|---|---|---|",
+            ]
             for method, params in CASES:
                 label = method + "".join(f" {k}={v}" for k, v in params.items())
                 cpu, gpu = plan(root, method, params, False), plan(root, method, params, True)
                 worst = max(cpu.tensors, key=lambda t: t.host_bytes)
-                lines.append(f"| {label} | {cpu.peak_host / 1e9:.2f} GB | {worst.name.split('.')[-2]} {'x'.join(map(str, worst.shape))} | "
-                             f"{gpu.peak_gpu / 1e9:.2f} GB | {gpu.peak_host / 1e9:.2f} GB | {len(gpu.spilled)} |")
+                lines.append(
+                    f"| {label} | {cpu.peak_host / 1e9:.2f} GB | {worst.name.split('.')[-2]} {'x'.join(map(str, worst.shape))} | "
+                    f"{gpu.peak_gpu / 1e9:.2f} GB | {gpu.peak_host / 1e9:.2f} GB | {len(gpu.spilled)} |"
+                )
                 print(lines[-1], flush=True)
             lines.append("")
     with open(args.out, "w") as f:

@@ -9,6 +9,7 @@ scale, i.e. the global target). Times (a) the subspace build (base SVD + the exp
 subspace's size, and (d) torch.linalg.svd of W₀ itself (full_matrices=True), in float32 and
 float64. Writes bench/results/procrustes.md rows.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,7 +39,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", nargs="+", default=["4096x4096", "1024x4096"])
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "procrustes.md"))
+    ap.add_argument(
+        "--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "procrustes.md")
+    )
     args = ap.parse_args()
     device = torch.device(args.device)
     rows = []
@@ -48,6 +51,7 @@ def main() -> int:
         a = (torch.randn(out_f, in_f, generator=g) / math.sqrt(in_f)).to(device)
         b = a + 0.01 * (torch.randn(out_f, in_f, generator=g) / math.sqrt(in_f)).to(device)
         for precision in (torch.float32, torch.float64):
+
             def build():
                 builder = SubspaceBuilder(a, 1e-2, precision)
                 builder.add(b - a)
@@ -59,11 +63,17 @@ def main() -> int:
             _, t_cayley = timed(lambda: cayley(q), device)
             _, t_svd = timed(lambda: torch.linalg.svd(a.to(precision)), device)
             name = str(precision).removeprefix("torch.")
-            rows.append(f"| {text} | {name} | {sub.k} | {0 if rot.frame is None else rot.frame.shape[1]} | {t_build:.2f} s | {t_proc:.2f} s | {t_cayley:.2f} s | {t_svd:.2f} s |")
+            rows.append(
+                f"| {text} | {name} | {sub.k} | {0 if rot.frame is None else rot.frame.shape[1]} | {t_build:.2f} s | {t_proc:.2f} s | {t_cayley:.2f} s | {t_svd:.2f} s |"
+            )
             print(rows[-1], flush=True)
     with open(args.out, "a") as f:
-        f.write(f"\n`python bench/procrustes_bench.py --shapes {' '.join(args.shapes)} --device {args.device}` on {os.cpu_count()} cores, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}\n\n")
-        f.write("| shape | precision | k (subspace) | frame width | subspace build | Procrustes + inverse Cayley | Cayley (k×k) | plain full SVD of W₀ |\n|---|---|---|---|---|---|---|---|\n")
+        f.write(
+            f"\n`python bench/procrustes_bench.py --shapes {' '.join(args.shapes)} --device {args.device}` on {os.cpu_count()} cores, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}\n\n"
+        )
+        f.write(
+            "| shape | precision | k (subspace) | frame width | subspace build | Procrustes + inverse Cayley | Cayley (k×k) | plain full SVD of W₀ |\n|---|---|---|---|---|---|---|---|\n"
+        )
         f.write("\n".join(rows) + "\n")
     return 0
 

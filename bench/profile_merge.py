@@ -13,6 +13,7 @@ line that called it; a factorisation as the line that called its wrapper in math
 math/robust.py), or to the innermost frame when the stack has no streammerge line. The stacks are
 kept in bench/.work/profile-TAG.json; `--again` summarises them again without running.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -98,13 +99,21 @@ def summarise(stacks, top: int) -> list[str]:
     for label, n in ranked(per_thread):
         if n < 0.01 * total:
             continue
-        out += ["", f"### thread {label}: {n} samples ({100 * n / total:.0f} % of all)", "",
-                "| line (innermost streammerge frame) | share of this thread |", "|---|---|"]
+        out += [
+            "",
+            f"### thread {label}: {n} samples ({100 * n / total:.0f} % of all)",
+            "",
+            "| line (innermost streammerge frame) | share of this thread |",
+            "|---|---|",
+        ]
         out += [f"| `{line}` | {100 * k / n:.1f} % |" for line, k in ranked(lines_of[label])[:top]]
         if inclusive[label]:
             out += ["", "| function (inclusive) | share of this thread |", "|---|---|"]
             # the scheduler's frames that every sample passes through say nothing
-            out += [f"| `{f}` | {100 * k / n:.1f} % |" for f, k in [(f, k) for f, k in ranked(inclusive[label]) if k < 0.95 * n][:top]]
+            out += [
+                f"| `{f}` | {100 * k / n:.1f} % |"
+                for f, k in [(f, k) for f, k in ranked(inclusive[label]) if k < 0.95 * n][:top]
+            ]
     return out
 
 
@@ -115,7 +124,11 @@ def main() -> int:
     ap.add_argument("--rate", type=int, default=100, help="samples per second (default 100)")
     ap.add_argument("--top", type=int, default=12, help="rows per table (default 12)")
     ap.add_argument("--threads", type=int, help="pass --threads N to the merge")
-    ap.add_argument("--again", action="store_true", help="summarise the stacks the last run with this tag kept (bench/.work), run nothing")
+    ap.add_argument(
+        "--again",
+        action="store_true",
+        help="summarise the stacks the last run with this tag kept (bench/.work), run nothing",
+    )
     ap.add_argument("merge_args", nargs="*", help="more arguments for streammerge merge (after --)")
     args = ap.parse_args()
     kept = os.path.join(ROOT, "bench", ".work", f"profile-{args.tag}.json")
@@ -126,20 +139,54 @@ def main() -> int:
         streammerge = shutil.which("streammerge") or sys.exit("streammerge is not installed (pip install -e .)")
         out = tempfile.mkdtemp(prefix="profile-")
         raw = os.path.join(out, "stacks.txt")
-        merge = [streammerge, "merge", *(["--recipe", args.recipe] if args.recipe else []), *args.merge_args,
-                 "--out", os.path.join(out, "merged"), "--device", "cpu", "--quiet",
-                 *(["--threads", str(args.threads)] if args.threads else [])]
+        merge = [
+            streammerge,
+            "merge",
+            *(["--recipe", args.recipe] if args.recipe else []),
+            *args.merge_args,
+            "--out",
+            os.path.join(out, "merged"),
+            "--device",
+            "cpu",
+            "--quiet",
+            *(["--threads", str(args.threads)] if args.threads else []),
+        ]
         cache_dropped = drop_caches()
         load = os.getloadavg()
         start = time.perf_counter()
-        proc = subprocess.run([pyspy, "record", "--rate", str(args.rate), "--format", "raw", "--idle", "--threads",
-                               "--nonblocking", "--output", raw, "--", *merge], capture_output=True, text=True)
+        proc = subprocess.run(
+            [
+                pyspy,
+                "record",
+                "--rate",
+                str(args.rate),
+                "--format",
+                "raw",
+                "--idle",
+                "--threads",
+                "--nonblocking",
+                "--output",
+                raw,
+                "--",
+                *merge,
+            ],
+            capture_output=True,
+            text=True,
+        )
         wall = time.perf_counter() - start
         if proc.returncode != 0:
             sys.stderr.write(proc.stdout + proc.stderr)
             return proc.returncode
-        run = {"stacks": open(raw).read(), "merge": merge[1:], "wall": wall, "load": load[0], "cache_dropped": cache_dropped,
-               "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "argv": sys.argv[1:], "rate": args.rate}
+        run = {
+            "stacks": open(raw).read(),
+            "merge": merge[1:],
+            "wall": wall,
+            "load": load[0],
+            "cache_dropped": cache_dropped,
+            "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+            "argv": sys.argv[1:],
+            "rate": args.rate,
+        }
         shutil.rmtree(out, ignore_errors=True)
         os.makedirs(os.path.dirname(kept), exist_ok=True)
         with open(kept, "w") as f:
@@ -148,14 +195,21 @@ def main() -> int:
     merge, wall, load, cache_dropped = run["merge"], run["wall"], run["load"], run["cache_dropped"]
     command = "python bench/profile_merge.py " + " ".join(shlex.quote(a) for a in run["argv"])
     # the output went to a temporary folder, removed after the run: show where, not its name
-    merge = ["TMP/merged" if a.endswith("/merged") and os.path.basename(os.path.dirname(a)).startswith("profile-") else a for a in merge]
-    doc = [f"# Profile: {args.tag}", "",
-           f"`{command}` on {platform.machine()}, {os.cpu_count()} cores, "
-           f"{run['date']}; load average before {load:.2f}; "
-           f"page cache {'dropped' if cache_dropped else 'not dropped (not permitted)'}; wall time under py-spy "
-           f"{wall:.1f} s (sampling at {run['rate']}/s, non-blocking, adds little). Merge: `{' '.join(shlex.quote(a) for a in merge)}`.",
-           "", "Idle samples are included: a thread's share is wall time, waiting included "
-           "(`wait`/`acquire` lines are a thread blocked on another)."]
+    merge = [
+        "TMP/merged" if a.endswith("/merged") and os.path.basename(os.path.dirname(a)).startswith("profile-") else a
+        for a in merge
+    ]
+    doc = [
+        f"# Profile: {args.tag}",
+        "",
+        f"`{command}` on {platform.machine()}, {os.cpu_count()} cores, "
+        f"{run['date']}; load average before {load:.2f}; "
+        f"page cache {'dropped' if cache_dropped else 'not dropped (not permitted)'}; wall time under py-spy "
+        f"{wall:.1f} s (sampling at {run['rate']}/s, non-blocking, adds little). Merge: `{' '.join(shlex.quote(a) for a in merge)}`.",
+        "",
+        "Idle samples are included: a thread's share is wall time, waiting included "
+        "(`wait`/`acquire` lines are a thread blocked on another).",
+    ]
     doc += summarise(stacks, args.top)
     os.makedirs(os.path.join(ROOT, "bench", "results"), exist_ok=True)
     path = os.path.join(ROOT, "bench", "results", f"profile-{args.tag}.md")

@@ -14,6 +14,7 @@ not starting it. Recorded: wall time, the driver's peak RSS (`/usr/bin/time -v`)
 process's peak anonymous RSS (sampled from /proc every 0.2 s), and whether the output equals the
 local merge byte for byte. Results: bench/results/ray-scaling.{json,md}.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -92,8 +93,22 @@ def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, int]:
 def ray_cluster(workers: int) -> None:
     """One Ray node on this machine offering `workers` CPUs: that many one-CPU tasks at a time."""
     subprocess.run(["ray", "stop", "--force"], capture_output=True)
-    subprocess.run(["ray", "start", "--head", "--num-cpus", str(workers), "--port", str(PORT),
-                    "--include-dashboard", "false", "--disable-usage-stats"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            "ray",
+            "start",
+            "--head",
+            "--num-cpus",
+            str(workers),
+            "--port",
+            str(PORT),
+            "--include-dashboard",
+            "false",
+            "--disable-usage-stats",
+        ],
+        check=True,
+        capture_output=True,
+    )
 
 
 def main() -> int:
@@ -103,8 +118,24 @@ def main() -> int:
     args = ap.parse_args()
     models = os.path.join(WORK, f"1.5b-L{args.layers}-shared0.7")
     if not os.path.exists(os.path.join(models, "expert-3", "model.safetensors.index.json")):
-        subprocess.run([sys.executable, os.path.join(ROOT, "tools", "make_toy_models.py"), models, "--preset", "1.5b", "--layers", str(args.layers),
-                        "--experts", "3", "--shard-size", "1GB", "--shared", "0.7"], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                os.path.join(ROOT, "tools", "make_toy_models.py"),
+                models,
+                "--preset",
+                "1.5b",
+                "--layers",
+                str(args.layers),
+                "--experts",
+                "3",
+                "--shard-size",
+                "1GB",
+                "--shared",
+                "0.7",
+            ],
+            check=True,
+        )
     runs = []
     reference = os.path.join(WORK, "ray-scaling-local")
     for round_ in range(args.pairs):
@@ -130,29 +161,53 @@ def main() -> int:
             if workers:
                 files = sorted(f for f in os.listdir(reference) if f.endswith(".safetensors"))
                 same = all(filecmp.cmp(os.path.join(reference, f), os.path.join(out, f), shallow=False) for f in files)
-            run = {"round": round_, "run": label, "workers": workers, "wall_s": round(wall, 1), "driver_peak_rss_MB": round(driver_rss / 1e6),
-                   "worker_peak_anon_MB": sorted(round(v / 1e6) for v in peaks.peaks.values()), "load_1min_before": round(load, 2),
-                   "byte_identical_to_local": same}
+            run = {
+                "round": round_,
+                "run": label,
+                "workers": workers,
+                "wall_s": round(wall, 1),
+                "driver_peak_rss_MB": round(driver_rss / 1e6),
+                "worker_peak_anon_MB": sorted(round(v / 1e6) for v in peaks.peaks.values()),
+                "load_1min_before": round(load, 2),
+                "byte_identical_to_local": same,
+            }
             runs.append(run)
             print(run, flush=True)
-    table = ["| run | wall (median) | × local | driver peak RSS | worker processes' peak anonymous RSS | byte-identical to local |", "|---|---|---|---|---|---|"]
+    table = [
+        "| run | wall (median) | × local | driver peak RSS | worker processes' peak anonymous RSS | byte-identical to local |",
+        "|---|---|---|---|---|---|",
+    ]
     local = statistics.median(r["wall_s"] for r in runs if r["workers"] == 0)
     for label in ("local", "ray x1", "ray x2"):
         rs = [r for r in runs if r["run"] == label]
         wall = statistics.median(r["wall_s"] for r in rs)
         workers = max((max(r["worker_peak_anon_MB"], default=0) for r in rs), default=0)
         same = "—" if rs[0]["workers"] == 0 else ("yes" if all(r["byte_identical_to_local"] for r in rs) else "NO")
-        table.append(f"| {label} | {wall:.1f} s | {wall / local:.2f} | {max(r['driver_peak_rss_MB'] for r in rs)} MB | "
-                     f"{'—' if not rs[0]['workers'] else f'≤ {workers} MB'} | {same} |")
+        table.append(
+            f"| {label} | {wall:.1f} s | {wall / local:.2f} | {max(r['driver_peak_rss_MB'] for r in rs)} MB | "
+            f"{'—' if not rs[0]['workers'] else f'≤ {workers} MB'} | {same} |"
+        )
     loads = [r["load_1min_before"] for r in runs]
-    doc = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "command": "python bench/ray_scaling.py " + " ".join(sys.argv[1:]),
-           "models": f"python tools/make_toy_models.py {models} --preset 1.5b --layers {args.layers} --experts 3 --shard-size 1GB --shared 0.7",
-           "cores": os.cpu_count(), "load_1min_range": [min(loads), max(loads)], "runs": runs}
-    write_results("ray-scaling", doc, [
-        f"# OrthoMerge-C, locally and on a local Ray cluster ({doc['date']})", "",
-        f"`{doc['command']}` on this {doc['cores']}-core machine; inputs `{doc['models']}`; load average before the runs "
-        f"{min(loads)}–{max(loads)}. Local: `--threads 2`; Ray: one node offering N CPUs, `--threads 1` per task.", "", *table,
-    ])
+    doc = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": "python bench/ray_scaling.py " + " ".join(sys.argv[1:]),
+        "models": f"python tools/make_toy_models.py {models} --preset 1.5b --layers {args.layers} --experts 3 --shard-size 1GB --shared 0.7",
+        "cores": os.cpu_count(),
+        "load_1min_range": [min(loads), max(loads)],
+        "runs": runs,
+    }
+    write_results(
+        "ray-scaling",
+        doc,
+        [
+            f"# OrthoMerge-C, locally and on a local Ray cluster ({doc['date']})",
+            "",
+            f"`{doc['command']}` on this {doc['cores']}-core machine; inputs `{doc['models']}`; load average before the runs "
+            f"{min(loads)}–{max(loads)}. Local: `--threads 2`; Ray: one node offering N CPUs, `--threads 1` per task.",
+            "",
+            *table,
+        ],
+    )
     return 0
 
 

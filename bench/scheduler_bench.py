@@ -17,6 +17,7 @@ orthomerge runs with its defaults: conflict target, residuals by TA with λ = 1/
 share a per-row direction with random signs (`--shared`, default 0.7), so each is in the
 minority — conflicting with the mean update — on about a quarter of the rows of every matrix.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,6 +34,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import drop_caches  # noqa: E402
+
 WORK = os.path.join(ROOT, "bench", "work")
 RESULTS = os.path.join(ROOT, "bench", "results")
 
@@ -40,7 +42,9 @@ RESULTS = os.path.join(ROOT, "bench", "results")
 def inputs(folder: str, n: int = 3) -> list[str]:
     out = []
     for d in ["base"] + [f"expert-{i}" for i in range(1, n + 1)]:
-        out += sorted(os.path.join(folder, d, f) for f in os.listdir(os.path.join(folder, d)) if f.endswith(".safetensors"))
+        out += sorted(
+            os.path.join(folder, d, f) for f in os.listdir(os.path.join(folder, d)) if f.endswith(".safetensors")
+        )
     return out
 
 
@@ -72,7 +76,12 @@ def main() -> int:
     ap.add_argument("--methods", nargs="+", default=["task_arithmetic", "ties", "orthomerge"])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--experts", type=int, default=3)
-    ap.add_argument("--shared", type=float, default=0.7, help="experts' shared, sign-flipped direction (make_toy_models --shared): gives OrthoMerge-C conflicting rows")
+    ap.add_argument(
+        "--shared",
+        type=float,
+        default=0.7,
+        help="experts' shared, sign-flipped direction (make_toy_models --shared): gives OrthoMerge-C conflicting rows",
+    )
     ap.add_argument("--merge-args", default="", help="more `streammerge merge` flags, one string (shell words)")
     ap.add_argument("--tag", help="suffix of the result file's name, for runs with --merge-args")
     args = ap.parse_args()
@@ -82,8 +91,22 @@ def main() -> int:
         n = args.experts
         folder = os.path.join(WORK, f"{size}-shared{args.shared}" + (f"-x{n}" if n != 3 else ""))
         if not os.path.exists(os.path.join(folder, f"expert-{n}", "model.safetensors.index.json")):
-            subprocess.run([sys.executable, os.path.join(ROOT, "tools", "make_toy_models.py"), folder, "--preset", size, "--experts", str(n),
-                            "--shard-size", "1GB", "--shared", str(args.shared)], check=True)
+            subprocess.run(
+                [
+                    sys.executable,
+                    os.path.join(ROOT, "tools", "make_toy_models.py"),
+                    folder,
+                    "--preset",
+                    size,
+                    "--experts",
+                    str(n),
+                    "--shard-size",
+                    "1GB",
+                    "--shared",
+                    str(args.shared),
+                ],
+                check=True,
+            )
         files = inputs(folder, n)
         for method in args.methods:
             out = os.path.join(WORK, f"out-{size}-{method}")
@@ -105,13 +128,17 @@ def main() -> int:
             wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\S+)", timed.stderr).group(1)
             record = {
                 "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                "machine": machine(), "size": size, "method": method, "command": shlex.join(cmd),
+                "machine": machine(),
+                "size": size,
+                "method": method,
+                "command": shlex.join(cmd),
                 "load_average_before": os.getloadavg(),
                 "models": f"python tools/make_toy_models.py {folder} --preset {size} --experts {n} --shard-size 1GB --shared {args.shared}",
                 "page_cache_dropped": dropped,
                 "input_bytes": nbytes,
                 "raw_sequential_read_MBps": round(nbytes / seconds / 1e6, 1),
-                "wall_time": wall, "merge_seconds": round(mem["seconds"], 1),
+                "wall_time": wall,
+                "merge_seconds": round(mem["seconds"], 1),
                 "bytes_read_ahead": mem["bytes_read_ahead"],
                 "read_ahead_MBps": round(mem["read_throughput"] / 1e6, 1),
                 "input_MBps_over_merge": round(mem["bytes_read_ahead"] / mem["seconds"] / 1e6, 1),
@@ -123,9 +150,11 @@ def main() -> int:
             name = f"{method}-{args.tag}" if args.tag else method
             with open(os.path.join(RESULTS, f"scheduler-{size}-{name}.json"), "w") as f:
                 json.dump(record, f, indent=2)
-            line = (f"| {size} | {name} | {record['merge_seconds']} s | {nbytes / 1e9:.2f} GB | {record['input_MBps_over_merge']} MB/s | "
-                    f"{record['read_ahead_MBps']} MB/s | {record['raw_sequential_read_MBps']} MB/s | {record['peak_anon_rss_MB']} MB | "
-                    f"{record['planned_peak_MB']} MB | {record['peak_rss_time_v_MB']} MB |")
+            line = (
+                f"| {size} | {name} | {record['merge_seconds']} s | {nbytes / 1e9:.2f} GB | {record['input_MBps_over_merge']} MB/s | "
+                f"{record['read_ahead_MBps']} MB/s | {record['raw_sequential_read_MBps']} MB/s | {record['peak_anon_rss_MB']} MB | "
+                f"{record['planned_peak_MB']} MB | {record['peak_rss_time_v_MB']} MB |"
+            )
             with open(os.path.join(RESULTS, "scheduler.md"), "a") as f:
                 f.write(line + "\n")
             print(line, flush=True)

@@ -13,6 +13,7 @@ layer is projected to 32 layers: (merge time − embedding/lm_head share) is not
 outside, so the projection scales the whole slice by its parameter count (see `projection`).
 Runs from the project folder with no pip (a CUDA machine without network).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,10 +52,17 @@ def main() -> int:
     args = ap.parse_args()
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     import torch
-    record: dict = {"date": time.strftime("%Y-%m-%d %H:%M"), "command": "python bench/slice_gpu.py", "machine": platform.machine(),
-                    "cores": os.cpu_count(), "torch": torch.__version__,
-                    "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-                    "budgets": "--max-gpu-memory 22GB --max-ram 12GB", "runs": {}}
+
+    record: dict = {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "command": "python bench/slice_gpu.py",
+        "machine": platform.machine(),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "budgets": "--max-gpu-memory 22GB --max-ram 12GB",
+        "runs": {},
+    }
 
     def save() -> None:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -64,18 +72,45 @@ def main() -> int:
     n = args.experts
     if not os.path.exists(os.path.join(args.work, f"expert-{n}", "model.safetensors.index.json")):
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, os.path.join(ROOT, "tools", "make_toy_models.py"), args.work, "--preset", args.preset,
-                        "--experts", str(n), "--shard-size", "2GB", "--shared", "0.7"], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [
+                sys.executable,
+                os.path.join(ROOT, "tools", "make_toy_models.py"),
+                args.work,
+                "--preset",
+                args.preset,
+                "--experts",
+                str(n),
+                "--shard-size",
+                "2GB",
+                "--shared",
+                "0.7",
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
         record["inputs_made_seconds"] = round(time.perf_counter() - t0, 1)
-    record["inputs"] = f"python tools/make_toy_models.py {os.path.relpath(args.work, ROOT)} --preset {args.preset} --experts {n} --shard-size 2GB --shared 0.7"
+    record["inputs"] = (
+        f"python tools/make_toy_models.py {os.path.relpath(args.work, ROOT)} --preset {args.preset} --experts {n} --shard-size 2GB --shared 0.7"
+    )
     record["load_average"] = os.getloadavg()
     save()
     for name in args.runs:
         out = os.path.join(args.work, f"out-{name}")
         subprocess.run(["rm", "-rf", out])
         report = out + "-memory.json"
-        cmd = ["merge", "--quiet", "--device", args.device, "--max-gpu-memory", "22GB", "--max-ram", "12GB",
-               "--base", os.path.join(args.work, "base")]
+        cmd = [
+            "merge",
+            "--quiet",
+            "--device",
+            args.device,
+            "--max-gpu-memory",
+            "22GB",
+            "--max-ram",
+            "12GB",
+            "--base",
+            os.path.join(args.work, "base"),
+        ]
         for i in range(1, n + 1):
             cmd += ["--expert", os.path.join(args.work, f"expert-{i}")]
         cmd += [*RUNS[name], "--out", out, "--memory-report", report]
@@ -87,8 +122,18 @@ def main() -> int:
             row["error"] = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"
         else:
             mem = json.load(open(report))
-            row |= {k: mem[k] for k in ("seconds", "measured_peak_ram", "planned_peak_ram", "measured_peak_gpu", "planned_peak_gpu",
-                                         "read_throughput") if k in mem}
+            row |= {
+                k: mem[k]
+                for k in (
+                    "seconds",
+                    "measured_peak_ram",
+                    "planned_peak_ram",
+                    "measured_peak_gpu",
+                    "planned_peak_gpu",
+                    "read_throughput",
+                )
+                if k in mem
+            }
             if args.preset == "8b-slice":
                 row["projected_8b_minutes"] = round(mem["seconds"] * (EMBED + 32 * LAYER) / (EMBED + 2 * LAYER) / 60, 1)
         record["runs"][name] = row

@@ -8,6 +8,7 @@ Inputs: one 0.5B-preset layer (hidden 1024, intermediate 4096), three bf16 exper
 conflicts (tools/make_toy_models.py --shared 0.7), embeddings excluded from rotation. Writes
 bench/results/threads.md and .json with the machine, load averages and the command.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,9 +33,31 @@ def run(threads: int, busy: bool) -> dict:
         shutil.rmtree(out, ignore_errors=True)
         start = time.monotonic()
         experts = [a for i in (1, 2, 3) for a in ("--expert", os.path.join(WORK, "toys", f"expert-{i}"))]
-        proc = subprocess.Popen([sys.executable, "-m", "streammerge.cli", "merge", "--quiet", "--device", "cpu", "--base", os.path.join(WORK, "toys", "base"),
-                                 *experts, "--method", "orthomerge", "--exclude", "embed_tokens", "--exclude", "lm_head", "--threads", str(threads),
-                                 "--out", out], cwd=ROOT)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "streammerge.cli",
+                "merge",
+                "--quiet",
+                "--device",
+                "cpu",
+                "--base",
+                os.path.join(WORK, "toys", "base"),
+                *experts,
+                "--method",
+                "orthomerge",
+                "--exclude",
+                "embed_tokens",
+                "--exclude",
+                "lm_head",
+                "--threads",
+                str(threads),
+                "--out",
+                out,
+            ],
+            cwd=ROOT,
+        )
         _, status, usage = os.wait4(proc.pid, 0)  # this merge's own CPU time, not the busy process's
         wall = time.monotonic() - start
         if status != 0:
@@ -52,8 +75,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args(argv)
     if not os.path.exists(os.path.join(WORK, "toys", "expert-3")):
-        subprocess.run([sys.executable, os.path.join(ROOT, "tools", "make_toy_models.py"), os.path.join(WORK, "toys"), "--preset", "0.5b",
-                        "--layers", "1", "--experts", "3", "--shared", "0.7"], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [
+                sys.executable,
+                os.path.join(ROOT, "tools", "make_toy_models.py"),
+                os.path.join(WORK, "toys"),
+                "--preset",
+                "0.5b",
+                "--layers",
+                "1",
+                "--experts",
+                "3",
+                "--shared",
+                "0.7",
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
     runs = []
     load_before = os.getloadavg()
     for rep in range(args.repeats):
@@ -66,15 +104,35 @@ def main(argv: list[str] | None = None) -> int:
     for busy in (False, True):
         for threads in (1, 2):
             sel = [r for r in runs if r["busy"] == busy and r["threads"] == threads]
-            rows.append({"busy": busy, "threads": threads, "wall": statistics.median(r["wall"] for r in sel), "cpu": statistics.median(r["cpu"] for r in sel)})
-    doc = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.machine()}, {os.cpu_count()} cores", "load_average_before": load_before,
-           "command": "python bench/threads_bench.py " + " ".join(argv if argv is not None else sys.argv[1:]), "runs": runs, "medians": rows}
-    lines = ["# OrthoMerge with 1 and 2 CPU threads, idle and beside one busy process", "",
-             f"`{doc['command']}` on {doc['machine']}, {doc['date']}, load average before {load_before[0]:.2f}; one 0.5B-preset layer, "
-             "three experts, medians over the repeats; CPU is the merge process's own.", "",
-             "| other load | threads | wall | CPU (user+sys) |", "|---|---|---|---|"]
+            rows.append(
+                {
+                    "busy": busy,
+                    "threads": threads,
+                    "wall": statistics.median(r["wall"] for r in sel),
+                    "cpu": statistics.median(r["cpu"] for r in sel),
+                }
+            )
+    doc = {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "load_average_before": load_before,
+        "command": "python bench/threads_bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "runs": runs,
+        "medians": rows,
+    }
+    lines = [
+        "# OrthoMerge with 1 and 2 CPU threads, idle and beside one busy process",
+        "",
+        f"`{doc['command']}` on {doc['machine']}, {doc['date']}, load average before {load_before[0]:.2f}; one 0.5B-preset layer, "
+        "three experts, medians over the repeats; CPU is the merge process's own.",
+        "",
+        "| other load | threads | wall | CPU (user+sys) |",
+        "|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {'one busy process' if r['busy'] else 'none'} | {r['threads']} | {r['wall']:.1f} s | {r['cpu']:.1f} s |")
+        lines.append(
+            f"| {'one busy process' if r['busy'] else 'none'} | {r['threads']} | {r['wall']:.1f} s | {r['cpu']:.1f} s |"
+        )
     write_results("threads", doc, lines)
     return 0
 

@@ -15,6 +15,7 @@ task arithmetic — each tool's output against an exact float32 reference, in bf
 the fraction of entries on which the two tools' outputs are equal. Results: bench/results/
 vs-mergekit.{md,json} with the machine, date, load averages and this command.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,10 @@ import torch
 ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import drop_caches, load_model as load  # noqa: E402
+
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 import mergekit_env  # noqa: E402
+
 RESULTS = os.path.join(ROOT, "bench", "results")
 
 
@@ -54,13 +57,18 @@ def timed(cmd: list[str]) -> dict:
     r = sh(["/usr/bin/time", "-v", *cmd])
     if r.returncode != 0:
         raise SystemExit(f"failed ({r.returncode}): {' '.join(cmd)}\n{r.stderr[-2000:]}")
+
     def field(name: str) -> str:
         m = re.search(rf"{re.escape(name)}: (.*)", r.stderr)
         return m.group(1).strip() if m else "0"
+
     wall = field("Elapsed (wall clock) time (h:mm:ss or m:ss)").split(":")
-    seconds = sum(float(x) * 60 ** i for i, x in enumerate(reversed(wall)))
-    return {"wall": seconds, "cpu": float(field("User time (seconds)")) + float(field("System time (seconds)")),
-            "peak_rss": int(field("Maximum resident set size (kbytes)")) * 1024}
+    seconds = sum(float(x) * 60**i for i, x in enumerate(reversed(wall)))
+    return {
+        "wall": seconds,
+        "cpu": float(field("User time (seconds)")) + float(field("System time (seconds)")),
+        "peak_rss": int(field("Maximum resident set size (kbytes)")) * 1024,
+    }
 
 
 def io_floor(files: list[str]) -> dict:
@@ -74,16 +82,22 @@ def io_floor(files: list[str]) -> dict:
 
 
 def recipe(method: str, base: str, experts: list[str], density: float) -> str:
-    models = "\n".join(f"  - model: {e}\n    parameters: {{weight: 1.0{', density: ' + str(density) if method == 'ties' else ''}}}" for e in experts)
-    return f"merge_method: {method}\nbase_model: {base}\nmodels:\n{models}\nparameters: {{normalize: true}}\ndtype: bfloat16\n" if method == "ties" else \
-        f"merge_method: {method}\nbase_model: {base}\nmodels:\n{models}\ndtype: bfloat16\n"
+    models = "\n".join(
+        f"  - model: {e}\n    parameters: {{weight: 1.0{', density: ' + str(density) if method == 'ties' else ''}}}"
+        for e in experts
+    )
+    return (
+        f"merge_method: {method}\nbase_model: {base}\nmodels:\n{models}\nparameters: {{normalize: true}}\ndtype: bfloat16\n"
+        if method == "ties"
+        else f"merge_method: {method}\nbase_model: {base}\nmodels:\n{models}\ndtype: bfloat16\n"
+    )
 
 
 def bf16_steps(out: torch.Tensor, ref: torch.Tensor) -> float:
     """Largest |out − ref| in units of the bf16 spacing at ref (at values below 2⁻¹⁰ of the tensor's
     largest, the spacing there: near-cancellations are not counted as huge relative errors)."""
-    floor = float(ref.abs().max()) * 2.0 ** -10 or 2.0 ** -126
-    spacing = 2.0 ** torch.floor(torch.log2(ref.abs().clamp(min=floor) * 2.0 ** -7))
+    floor = float(ref.abs().max()) * 2.0**-10 or 2.0**-126
+    spacing = 2.0 ** torch.floor(torch.log2(ref.abs().clamp(min=floor) * 2.0**-7))
     return float(((out.float() - ref).abs() / spacing).max())
 
 
@@ -123,56 +137,115 @@ def main(argv: list[str] | None = None) -> int:
     for preset in args.presets:
         data = os.path.join(args.work, preset)
         if not os.path.exists(os.path.join(data, "expert-3")):
-            subprocess.run([sys.executable, os.path.join(ROOT, "tools", "make_toy_models.py"), data, "--preset", preset, "--experts", "3",
-                            "--shared", "0.7", "--shard-size", "2GB"], check=True, stdout=subprocess.DEVNULL)
+            subprocess.run(
+                [
+                    sys.executable,
+                    os.path.join(ROOT, "tools", "make_toy_models.py"),
+                    data,
+                    "--preset",
+                    preset,
+                    "--experts",
+                    "3",
+                    "--shared",
+                    "0.7",
+                    "--shard-size",
+                    "2GB",
+                ],
+                check=True,
+                stdout=subprocess.DEVNULL,
+            )
         base = os.path.join(data, "base")
         experts = [os.path.join(data, f"expert-{i}") for i in (1, 2, 3)]
-        files = [os.path.join(d, f) for d in [base, *experts] for f in sorted(os.listdir(d)) if f.endswith(".safetensors")]
+        files = [
+            os.path.join(d, f) for d in [base, *experts] for f in sorted(os.listdir(d)) if f.endswith(".safetensors")
+        ]
         floor = io_floor(files)
         for method in args.methods:
             # "ties-index": mergekit's ties recipe, ours with `--param tie_break=index` (no sort; ties at the threshold kept by position)
-            mk_method, extra = (method.removesuffix("-index"), ["--param", "tie_break=index"]) if method.endswith("-index") else (method, [])
+            mk_method, extra = (
+                (method.removesuffix("-index"), ["--param", "tie_break=index"])
+                if method.endswith("-index")
+                else (method, [])
+            )
             yaml_path = os.path.join(args.work, f"{preset}-{mk_method}.yaml")
             with open(yaml_path, "w") as f:
                 f.write(recipe(mk_method, base, experts, args.density))
             runs: dict[str, list[dict]] = {"mergekit": [], "streammerge": []}
-            outs = {"mergekit": os.path.join(args.work, "out-mergekit"), "streammerge": os.path.join(args.work, "out-streammerge")}
+            outs = {
+                "mergekit": os.path.join(args.work, "out-mergekit"),
+                "streammerge": os.path.join(args.work, "out-streammerge"),
+            }
             for pair in range(args.pairs):
                 order = ["mergekit", "streammerge"] if pair % 2 == 0 else ["streammerge", "mergekit"]
                 for tool in order:
                     shutil.rmtree(outs[tool], ignore_errors=True)
                     drop_caches()
-                    cmd = [mergekit, yaml_path, outs[tool], "--lazy-unpickle", "--no-cuda"] if tool == "mergekit" else \
-                        [streammerge, "merge", "--recipe", yaml_path, "--out", outs[tool], "--device", "cpu", "--quiet", *extra]
+                    cmd = (
+                        [mergekit, yaml_path, outs[tool], "--lazy-unpickle", "--no-cuda"]
+                        if tool == "mergekit"
+                        else [
+                            streammerge,
+                            "merge",
+                            "--recipe",
+                            yaml_path,
+                            "--out",
+                            outs[tool],
+                            "--device",
+                            "cpu",
+                            "--quiet",
+                            *extra,
+                        ]
+                    )
                     runs[tool].append(timed(cmd) | {"loadavg": os.getloadavg()[0]})
                     print(f"{preset} {method} pair {pair + 1} {tool}: {runs[tool][-1]}", flush=True)
             ratios = [s["wall"] / m["wall"] for s, m in zip(runs["streammerge"], runs["mergekit"])]
             rss = [s["peak_rss"] / m["peak_rss"] for s, m in zip(runs["streammerge"], runs["mergekit"])]
-            row = {"preset": preset, "method": method, "runs": runs, "io_floor": floor,
-                   "median_wall_ratio": statistics.median(ratios), "median_rss_ratio": statistics.median(rss),
-                   "median_wall_over_cold_floor": statistics.median(r["wall"] for r in runs["streammerge"]) / floor["cold"],
-                   "agreement": agreement(mk_method, base, experts, outs["streammerge"], outs["mergekit"])}
+            row = {
+                "preset": preset,
+                "method": method,
+                "runs": runs,
+                "io_floor": floor,
+                "median_wall_ratio": statistics.median(ratios),
+                "median_rss_ratio": statistics.median(rss),
+                "median_wall_over_cold_floor": statistics.median(r["wall"] for r in runs["streammerge"])
+                / floor["cold"],
+                "agreement": agreement(mk_method, base, experts, outs["streammerge"], outs["mergekit"]),
+            }
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "runs"}), flush=True)
-    doc = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
-           f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB", "load_average_before": load_before,
-           "load_average_after": os.getloadavg(), "command": "python bench/vs_mergekit.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-           "mergekit": "0.1.5", "torch": torch.__version__, "rows": rows}
+    doc = {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
+        f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB",
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
+        "command": "python bench/vs_mergekit.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "mergekit": "0.1.5",
+        "torch": torch.__version__,
+        "rows": rows,
+    }
     os.makedirs(RESULTS, exist_ok=True)
     with open(os.path.join(RESULTS, f"{args.tag}.json"), "w") as f:
         json.dump(doc, f, indent=2)
-    lines = [f"# streammerge beside mergekit 0.1.5", "", f"`{doc['command']}` on {doc['machine']}, {doc['date']}; load average before "
-             f"{load_before[0]:.2f}, after {doc['load_average_after'][0]:.2f}. Three bf16 experts + base (`--shared 0.7`), "
-             f"the same mergekit YAML to both tools, alternating, page cache dropped before each run "
-             f"({'yes' if rows and rows[0]['io_floor']['cache_dropped'] else 'not allowed here'}). Ratios are streammerge / mergekit, medians over the pairs.", "",
-             "| preset | method | mergekit wall (median) | streammerge wall (median) | wall ratio | RSS ratio | streammerge / cold I/O floor | cold / warm floor | agreement |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# streammerge beside mergekit 0.1.5",
+        "",
+        f"`{doc['command']}` on {doc['machine']}, {doc['date']}; load average before "
+        f"{load_before[0]:.2f}, after {doc['load_average_after'][0]:.2f}. Three bf16 experts + base (`--shared 0.7`), "
+        f"the same mergekit YAML to both tools, alternating, page cache dropped before each run "
+        f"({'yes' if rows and rows[0]['io_floor']['cache_dropped'] else 'not allowed here'}). Ratios are streammerge / mergekit, medians over the pairs.",
+        "",
+        "| preset | method | mergekit wall (median) | streammerge wall (median) | wall ratio | RSS ratio | streammerge / cold I/O floor | cold / warm floor | agreement |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         mk = statistics.median(x["wall"] for x in r["runs"]["mergekit"])
         sm = statistics.median(x["wall"] for x in r["runs"]["streammerge"])
         agree = ", ".join(f"{k} {v:.4g}" for k, v in r["agreement"].items())
-        lines.append(f"| {r['preset']} | {r['method']} | {mk:.1f} s | {sm:.1f} s | {r['median_wall_ratio']:.2f} | {r['median_rss_ratio']:.2f} | "
-                     f"{r['median_wall_over_cold_floor']:.2f} | {r['io_floor']['cold']:.1f} s / {r['io_floor']['warm']:.1f} s | {agree} |")
+        lines.append(
+            f"| {r['preset']} | {r['method']} | {mk:.1f} s | {sm:.1f} s | {r['median_wall_ratio']:.2f} | {r['median_rss_ratio']:.2f} | "
+            f"{r['median_wall_over_cold_floor']:.2f} | {r['io_floor']['cold']:.1f} s / {r['io_floor']['warm']:.1f} s | {agree} |"
+        )
     with open(os.path.join(RESULTS, f"{args.tag}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -1,4 +1,5 @@
 """streammerge: out-of-core merging of fine-tuned models, OrthoMerge included."""
+
 from .api import merge
 from .errors import StreammergeError
 from .recipe import Expert, Recipe

@@ -5,6 +5,7 @@ The merged generator Q* of every adapted module is packed in PEFT ≥ 0.16's lay
 (`block_share` off), so `peft.PeftModel.from_pretrained(base, OUT)` loads it and applies it
 with the experts' own Cayley flag. Adapters are small: this runs in memory, files atomically.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,7 +29,11 @@ def _open(recipe: Recipe):
     if method.name != "orthomerge":
         raise UsageError("--output-format adapter needs method orthomerge")
     base, experts = open_inputs(recipe)
-    problems = [p for e in experts for p in (e.problems_against(base) if isinstance(e, OftExpert) else [f"{e.folder}: not an OFT adapter"])]
+    problems = [
+        p
+        for e in experts
+        for p in (e.problems_against(base) if isinstance(e, OftExpert) else [f"{e.folder}: not an OFT adapter"])
+    ]
     if problems:
         raise InputError("adapter output needs OFT adapters:\n  " + "\n  ".join(problems))
     check_oft_conventions(experts)  # type: ignore[arg-type]
@@ -48,9 +53,11 @@ def adapter_plan(recipe: Recipe) -> str:
         for e in experts:
             modules.update(e.modules)  # type: ignore[union-attr]
         out_bytes = sum(m.blocks * m.block_size * (m.block_size - 1) // 2 * 4 for m in modules.values())
-        work = max((m.blocks * m.block_size ** 2 * 8 * (len(experts) + 4) for m in modules.values()), default=0)
-        return (f"adapter output: {len(modules)} modules from {len(experts)} OFT adapters, {format_size(out_bytes)} written;\n"
-                f"peak working set about {format_size(out_bytes + work)} (outputs held until written, one module's generators)")
+        work = max((m.blocks * m.block_size**2 * 8 * (len(experts) + 4) for m in modules.values()), default=0)
+        return (
+            f"adapter output: {len(modules)} modules from {len(experts)} OFT adapters, {format_size(out_bytes)} written;\n"
+            f"peak working set about {format_size(out_bytes + work)} (outputs held until written, one module's generators)"
+        )
     finally:
         base.close()
         for e in experts:
@@ -71,16 +78,26 @@ def merge_to_adapter(recipe: Recipe) -> str:
         for name in names:
             _, values = recipe.method_and_values(name, settings.layer_fraction(name, n_layers))
             weights, params = values.weights, values.params
-            gens = OftGenerators(experts, name, torch.float64 if params.precision == 'auto' else getattr(torch, params.precision), torch.device("cpu"))  # type: ignore[arg-type]
+            gens = OftGenerators(
+                experts,
+                name,
+                torch.float64 if params.precision == "auto" else getattr(torch, params.precision),
+                torch.device("cpu"),
+            )  # type: ignore[arg-type]
             q_star = merged_generator(gens, weights, params, gens.dtype, gens.device)
             suffix = "oft_embedding_R.weight" if gens.module.embedding else "oft_R.weight"
-            tensors.append((PREFIX + name[: -len(".weight")] + "." + suffix, pack_skew(q_star).to(torch.float32).contiguous()))
+            tensors.append(
+                (PREFIX + name[: -len(".weight")] + "." + suffix, pack_skew(q_star).to(torch.float32).contiguous())
+            )
         layout = [(k, "F32", tuple(t.shape)) for k, t in tensors]
         with ShardWriter(os.path.join(out, WEIGHTS_NAME), layout, {"format": "pt"}) as w:
             for k, t in tensors:
                 w.write(k, t)
             w.commit()
-        config = dict(experts[0].files.config) | {"block_share": False, "base_model_name_or_path": os.path.abspath(recipe.base)}  # type: ignore[union-attr]
+        config = dict(experts[0].files.config) | {
+            "block_share": False,
+            "base_model_name_or_path": os.path.abspath(recipe.base),
+        }  # type: ignore[union-attr]
         write_bytes_atomic(os.path.join(out, CONFIG_NAME), (json.dumps(config, indent=2) + "\n").encode())
         write_bytes_atomic(os.path.join(out, "streammerge.json"), (recipe.to_json() + "\n").encode())
         return out

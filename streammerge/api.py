@@ -1,8 +1,9 @@
 """The library entry point: a Recipe in, a merged model folder out.
 
-    from streammerge import Recipe, Expert, merge
-    merge(Recipe("ties", "./base", (Expert("./math"), Expert("./code")), "./merged", {"density": 0.2}))
+from streammerge import Recipe, Expert, merge
+merge(Recipe("ties", "./base", (Expert("./math"), Expert("./code")), "./merged", {"density": 0.2}))
 """
+
 from __future__ import annotations
 
 from .recipe import Recipe

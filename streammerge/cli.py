@@ -7,6 +7,7 @@ full, unwritable output, a budget too small); 5 output folder holds another merg
 files, or another merge is writing there; 130 interrupted (SIGINT/SIGTERM) — rerun the same
 command to resume.
 """
+
 from __future__ import annotations
 
 import functools
@@ -34,32 +35,89 @@ def _parse_param(text: str) -> tuple[str, Any]:
 
 
 _RECIPE_OPTIONS = [
-    click.option("--recipe", "recipe_path", type=click.Path(dir_okay=False), help="YAML recipe (ours or mergekit's); flags given beside it override it."),
+    click.option(
+        "--recipe",
+        "recipe_path",
+        type=click.Path(dir_okay=False),
+        help="YAML recipe (ours or mergekit's); flags given beside it override it.",
+    ),
     click.option("--base", help="Base model folder (model.safetensors or sharded with an index)."),
-    click.option("--expert", "experts", multiple=True, help="Expert: a model folder or a PEFT LoRA/OFT adapter folder; repeat for each."),
-    click.option("--weight", "weights", multiple=True, type=float, help="Per-expert weight, in --expert order (default 1 each)."),
+    click.option(
+        "--expert",
+        "experts",
+        multiple=True,
+        help="Expert: a model folder or a PEFT LoRA/OFT adapter folder; repeat for each.",
+    ),
+    click.option(
+        "--weight", "weights", multiple=True, type=float, help="Per-expert weight, in --expert order (default 1 each)."
+    ),
     click.option("--method", help=f"Merge method: {', '.join(method_names())}."),
     click.option("--out", help="Output folder (created; rerunning the same command resumes into it)."),
     click.option("--density", type=float, help="ties: fraction of each task vector kept (default 0.2)."),
     click.option("--lambda", "lambda_", type=float, help="Scale of the merged task vector (default 1.0)."),
     click.option("--drop-rate", type=float, help="dare: probability of dropping an entry (default 0.5)."),
-    click.option("--ties-scope", type=click.Choice(["tensor", "model"]), help="ties: top-k per tensor or over each expert's whole model (default tensor)."),
-    click.option("--ties-merge", type=click.Choice(["mean", "sum"]), help="ties/dare_ties: disjoint mean or sum (default mean)."),
-    click.option("--target", type=click.Choice(["global", "conflict"]), help="orthomerge: Procrustes target, the expert (global) or its conflicting rows (conflict, default)."),
-    click.option("--residual-method", help="orthomerge: Euclidean method for the residuals (default task_arithmetic with lambda 1/N)."),
-    click.option("--residual-param", "residual_params", multiple=True, help="orthomerge: a residual-method parameter as KEY=VALUE (repeatable)."),
-    click.option("--rotation-merge", type=click.Choice(["magnitude_corrected", "average_q", "average_r", "product_r"]), help="orthomerge: how rotations are merged (the paper's ablations)."),
-    click.option("--exclude", "exclude", multiple=True, help="orthomerge: regex of 2-D tensor names merged without rotation (repeatable), e.g. embed_tokens."),
+    click.option(
+        "--ties-scope",
+        type=click.Choice(["tensor", "model"]),
+        help="ties: top-k per tensor or over each expert's whole model (default tensor).",
+    ),
+    click.option(
+        "--ties-merge", type=click.Choice(["mean", "sum"]), help="ties/dare_ties: disjoint mean or sum (default mean)."
+    ),
+    click.option(
+        "--target",
+        type=click.Choice(["global", "conflict"]),
+        help="orthomerge: Procrustes target, the expert (global) or its conflicting rows (conflict, default).",
+    ),
+    click.option(
+        "--residual-method",
+        help="orthomerge: Euclidean method for the residuals (default task_arithmetic with lambda 1/N).",
+    ),
+    click.option(
+        "--residual-param",
+        "residual_params",
+        multiple=True,
+        help="orthomerge: a residual-method parameter as KEY=VALUE (repeatable).",
+    ),
+    click.option(
+        "--rotation-merge",
+        type=click.Choice(["magnitude_corrected", "average_q", "average_r", "product_r"]),
+        help="orthomerge: how rotations are merged (the paper's ablations).",
+    ),
+    click.option(
+        "--exclude",
+        "exclude",
+        multiple=True,
+        help="orthomerge: regex of 2-D tensor names merged without rotation (repeatable), e.g. embed_tokens.",
+    ),
     click.option("--param", "params", multiple=True, help="Any method parameter as KEY=VALUE (repeatable)."),
-    click.option("--shard-size", help="Output shard size, e.g. 5GB, 500MiB (default 5GB); a tensor larger than it gets a shard of its own, larger than this."),
+    click.option(
+        "--shard-size",
+        help="Output shard size, e.g. 5GB, 500MiB (default 5GB); a tensor larger than it gets a shard of its own, larger than this.",
+    ),
     click.option("--dtype", help="Output dtype (default: the base model's)."),
     click.option("--compute-dtype", help="Dtype the arithmetic is done in (default float32)."),
     click.option("--seed", type=int, help="Seed for random methods (dare); each tensor draws from (seed, its name)."),
-    click.option("--allow-nonfinite", is_flag=True, default=None, help="Merge tensors holding NaN/Inf instead of stopping."),
-    click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="Compute device; auto picks CUDA when available. Tensors that do not fit --max-gpu-memory run on the CPU."),
-    click.option("--max-ram", help="Budget for this process's anonymous memory, e.g. 8GB (default: 90% of the available RAM). Given explicitly, freed memory is also returned to the OS at once, which is slower on models of many mid-sized tensors."),
+    click.option(
+        "--allow-nonfinite", is_flag=True, default=None, help="Merge tensors holding NaN/Inf instead of stopping."
+    ),
+    click.option(
+        "--device",
+        type=click.Choice(["auto", "cpu", "cuda"]),
+        default="auto",
+        show_default=True,
+        help="Compute device; auto picks CUDA when available. Tensors that do not fit --max-gpu-memory run on the CPU.",
+    ),
+    click.option(
+        "--max-ram",
+        help="Budget for this process's anonymous memory, e.g. 8GB (default: 90% of the available RAM). Given explicitly, freed memory is also returned to the OS at once, which is slower on models of many mid-sized tensors.",
+    ),
     click.option("--max-gpu-memory", help="Budget for GPU memory, e.g. 20GB (default: 90% of the GPU's free memory)."),
-    click.option("--threads", type=click.IntRange(min=1), help="CPU threads for the arithmetic (default: the cores free of other load when the merge starts)."),
+    click.option(
+        "--threads",
+        type=click.IntRange(min=1),
+        help="CPU threads for the arithmetic (default: the cores free of other load when the merge starts).",
+    ),
 ]
 
 
@@ -69,22 +127,60 @@ def recipe_options(f):
     return f
 
 
-def build_recipe(recipe_path, base, experts, weights, method, out, density, lambda_, drop_rate, ties_scope, ties_merge,
-                 target, residual_method, residual_params, rotation_merge, exclude, params, shard_size, dtype,
-                 compute_dtype, seed, allow_nonfinite, default_out: str | None = None, **_: Any) -> Recipe:
+def build_recipe(
+    recipe_path,
+    base,
+    experts,
+    weights,
+    method,
+    out,
+    density,
+    lambda_,
+    drop_rate,
+    ties_scope,
+    ties_merge,
+    target,
+    residual_method,
+    residual_params,
+    rotation_merge,
+    exclude,
+    params,
+    shard_size,
+    dtype,
+    compute_dtype,
+    seed,
+    allow_nonfinite,
+    default_out: str | None = None,
+    **_: Any,
+) -> Recipe:
     if weights and len(weights) != len(experts):
-        raise UsageError(f"give one --weight per --expert, or none ({len(weights)} --weight for {len(experts)} --expert)")
+        raise UsageError(
+            f"give one --weight per --expert, or none ({len(weights)} --weight for {len(experts)} --expert)"
+        )
     parameters = dict(_parse_param(p) for p in params)
     for key, value in (
-        ("density", density), ("lambda", lambda_), ("drop_rate", drop_rate), ("scope", ties_scope), ("merge", ties_merge),
-        ("target", target), ("residual_method", residual_method), ("rotation_merge", rotation_merge),
-        ("residual", dict(_parse_param(p) for p in residual_params) or None), ("exclude", list(exclude) or None),
+        ("density", density),
+        ("lambda", lambda_),
+        ("drop_rate", drop_rate),
+        ("scope", ties_scope),
+        ("merge", ties_merge),
+        ("target", target),
+        ("residual_method", residual_method),
+        ("rotation_merge", rotation_merge),
+        ("residual", dict(_parse_param(p) for p in residual_params) or None),
+        ("exclude", list(exclude) or None),
     ):
         if value is not None:
             parameters[key] = value
     overrides: dict[str, Any] = {
-        "method": method, "base": base, "out": out, "dtype": dtype, "compute_dtype": compute_dtype,
-        "shard_size": shard_size, "seed": seed, "allow_nonfinite": allow_nonfinite,
+        "method": method,
+        "base": base,
+        "out": out,
+        "dtype": dtype,
+        "compute_dtype": compute_dtype,
+        "shard_size": shard_size,
+        "seed": seed,
+        "allow_nonfinite": allow_nonfinite,
     }
     if experts:
         overrides["experts"] = tuple(Expert(p, weights[i] if weights else None) for i, p in enumerate(experts))
@@ -130,13 +226,41 @@ def main() -> None:
 
 @main.command()
 @recipe_options
-@click.option("--output-format", type=click.Choice(["dense", "adapter"]), default="dense", show_default=True, help="adapter: orthomerge of PEFT OFT adapters written as one merged PEFT adapter.")
-@click.option("--restart", is_flag=True, help="Discard a previous merge in --out made from a different recipe or inputs.")
+@click.option(
+    "--output-format",
+    type=click.Choice(["dense", "adapter"]),
+    default="dense",
+    show_default=True,
+    help="adapter: orthomerge of PEFT OFT adapters written as one merged PEFT adapter.",
+)
+@click.option(
+    "--restart", is_flag=True, help="Discard a previous merge in --out made from a different recipe or inputs."
+)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or log lines.")
-@click.option("--memory-report", type=click.Path(dir_okay=False), help="Write planned and measured peak memory and read throughput to this JSON file.")
-@click.option("--checkpoint-every", type=click.FloatRange(min=0), default=10.0, show_default=True, help="Seconds between making progress inside a shard durable, so a resume continues mid-shard.")
-@click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Record per-tensor diagnostics (norms, cosines, the method's own) to this JSON file; costs one more read of the inputs. Summarise with `streammerge report`.")
-@click.option("--ray", "ray_address", metavar="local|auto|ADDRESS", help="Merge the output shards as tasks on a Ray cluster (needs the `ray` extra): local starts a private one on this machine, auto or HOST:PORT joins a running one. Inputs and --out must be paths every node can read and write. Each task uses --threads CPUs (default 1). Same output as a local merge.")
+@click.option(
+    "--memory-report",
+    type=click.Path(dir_okay=False),
+    help="Write planned and measured peak memory and read throughput to this JSON file.",
+)
+@click.option(
+    "--checkpoint-every",
+    type=click.FloatRange(min=0),
+    default=10.0,
+    show_default=True,
+    help="Seconds between making progress inside a shard durable, so a resume continues mid-shard.",
+)
+@click.option(
+    "--report",
+    "report_path",
+    type=click.Path(dir_okay=False),
+    help="Record per-tensor diagnostics (norms, cosines, the method's own) to this JSON file; costs one more read of the inputs. Summarise with `streammerge report`.",
+)
+@click.option(
+    "--ray",
+    "ray_address",
+    metavar="local|auto|ADDRESS",
+    help="Merge the output shards as tasks on a Ray cluster (needs the `ray` extra): local starts a private one on this machine, auto or HOST:PORT joins a running one. Inputs and --out must be paths every node can read and write. Each task uses --threads CPUs (default 1). Same output as a local merge.",
+)
 @reports_errors
 def merge(output_format, restart, quiet, memory_report, checkpoint_every, report_path, ray_address, **kw) -> None:
     """Merge EXPERTs into BASE with METHOD and write a Hugging Face model folder to OUT.
@@ -167,8 +291,17 @@ def merge(output_format, restart, quiet, memory_report, checkpoint_every, report
         return
     from .scheduler import Merger
 
-    merger = Merger(recipe, device=kw["device"], restart=restart, quiet=quiet, checkpoint_seconds=checkpoint_every, report=report_path,
-                    ray=ray, ray_threads=kw.get("threads") or 1, **_budgets(kw))
+    merger = Merger(
+        recipe,
+        device=kw["device"],
+        restart=restart,
+        quiet=quiet,
+        checkpoint_seconds=checkpoint_every,
+        report=report_path,
+        ray=ray,
+        ray_threads=kw.get("threads") or 1,
+        **_budgets(kw),
+    )
     try:
         report = merger.run()
     finally:
@@ -178,12 +311,21 @@ def merge(output_format, restart, quiet, memory_report, checkpoint_every, report
         if report.device.startswith("cuda"):  # what torch's allocator held at most, against the plan
             gpu = {"planned_peak_gpu": merger.plan.peak_gpu, "measured_peak_gpu": torch.cuda.max_memory_allocated()}
         with open(memory_report, "w") as f:
-            json.dump(gpu | {
-                "planned_peak_ram": report.planned_peak_ram, "measured_peak_ram": report.measured_peak_ram,
-                "baseline_ram": merger.plan.baseline, "ram_budget": merger.plan.ram_budget,
-                "seconds": report.seconds, "bytes_read_ahead": report.bytes_read_ahead,
-                "read_throughput": report.read_throughput, "bytes_written": report.bytes_written,
-            }, f, indent=2)
+            json.dump(
+                gpu
+                | {
+                    "planned_peak_ram": report.planned_peak_ram,
+                    "measured_peak_ram": report.measured_peak_ram,
+                    "baseline_ram": merger.plan.baseline,
+                    "ram_budget": merger.plan.ram_budget,
+                    "seconds": report.seconds,
+                    "bytes_read_ahead": report.bytes_read_ahead,
+                    "read_throughput": report.read_throughput,
+                    "bytes_written": report.bytes_written,
+                },
+                f,
+                indent=2,
+            )
     if not quiet:
         resumed = f", {report.shards_resumed} resumed" if report.shards_resumed else ""
         click.echo(
@@ -196,10 +338,23 @@ def merge(output_format, restart, quiet, memory_report, checkpoint_every, report
 
 @main.command()
 @recipe_options
-@click.option("--output-format", type=click.Choice(["dense", "adapter"]), default="dense", show_default=True, help="Plan a dense merge or an OFT adapter merge.")
+@click.option(
+    "--output-format",
+    type=click.Choice(["dense", "adapter"]),
+    default="dense",
+    show_default=True,
+    help="Plan a dense merge or an OFT adapter merge.",
+)
 @click.option("--per-tensor", is_flag=True, help="One line per tensor instead of per tensor kind.")
-@click.option("--assume-gpu", help="Plan as if a CUDA device with this much memory were present, e.g. 24GB (no GPU needed to plan).")
-@click.option("--measure", is_flag=True, help="Read the tensors whose working set depends on the data (OrthoMerge-C: wide weights, to count their conflicting rows) and plan with what they need instead of upper bounds.")
+@click.option(
+    "--assume-gpu",
+    help="Plan as if a CUDA device with this much memory were present, e.g. 24GB (no GPU needed to plan).",
+)
+@click.option(
+    "--measure",
+    is_flag=True,
+    help="Read the tensors whose working set depends on the data (OrthoMerge-C: wide weights, to count their conflicting rows) and plan with what they need instead of upper bounds.",
+)
 @reports_errors
 def plan(output_format, per_tensor, assume_gpu, measure, **kw) -> None:
     """Print the memory plan of a merge (same arguments as merge; --out is optional: without it
@@ -215,7 +370,13 @@ def plan(output_format, per_tensor, assume_gpu, measure, **kw) -> None:
 
         click.echo(adapter_plan(recipe))
         return
-    merger = Merger(recipe, device=kw["device"], quiet=True, assume_gpu=parse_size(assume_gpu) if assume_gpu else None, **_budgets(kw))
+    merger = Merger(
+        recipe,
+        device=kw["device"],
+        quiet=True,
+        assume_gpu=parse_size(assume_gpu) if assume_gpu else None,
+        **_budgets(kw),
+    )
     try:
         if measure and merger.measures_plan():
             merger.plan_with(merger.measure_statistics())
@@ -237,7 +398,11 @@ def verify(out) -> None:
 
 @main.command("report")
 @click.argument("report_file", type=click.Path(exists=True, dir_okay=False))
-@click.option("--plots", type=click.Path(file_okay=False), help="Also write per-layer PNG plots to this folder (needs matplotlib: the `report` extra).")
+@click.option(
+    "--plots",
+    type=click.Path(file_okay=False),
+    help="Also write per-layer PNG plots to this folder (needs matplotlib: the `report` extra).",
+)
 @reports_errors
 def report_cmd(report_file, plots) -> None:
     """Summarise a --report file: per tensor kind, cosines between experts, update size and the
@@ -268,12 +433,18 @@ def list_methods() -> None:
         m, implied = get_method(name)
         fields = []
         for f in dataclasses.fields(m.params_type):
-            default = f.default if f.default is not dataclasses.MISSING else (f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)  # type: ignore[misc]
+            default = (
+                f.default
+                if f.default is not dataclasses.MISSING
+                else (f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
+            )  # type: ignore[misc]
             fields.append(f"{f.name.rstrip('_')}={shown(implied.get(f.name, default))}")
         per_expert = ", ".join(f"{k}={shown(v)}" for k, v in m.expert_params.items()) or "none"
         paragraph = " ".join(m.doc.strip().split("\n\n")[0].split())
-        summary = paragraph if len(paragraph) <= 110 else paragraph[:paragraph.rfind(" ", 0, 108)] + " …"
-        click.echo(f"{name:17s} {summary}\n{'':17s} parameters: {', '.join(fields) or 'none'}; per expert: {per_expert}")
+        summary = paragraph if len(paragraph) <= 110 else paragraph[: paragraph.rfind(" ", 0, 108)] + " …"
+        click.echo(
+            f"{name:17s} {summary}\n{'':17s} parameters: {', '.join(fields) or 'none'}; per expert: {per_expert}"
+        )
     click.echo(
         "\nA mergekit recipe (one with merge_method) keeps mergekit 0.1.5's meaning: task_arithmetic, ties, dare_ties,\n"
         "dare_linear, breadcrumbs*, della* run as gta with mergekit's defaults (weight required, density 1). The same names\n"

@@ -7,6 +7,7 @@ merge takes the cores this process may run on (its affinity) less the load the r
 machine puts on them (the 1-minute load average, measured before the merge starts), and at least
 one; `--threads N` overrides it. Measured: bench/threads_bench.py.
 """
+
 from __future__ import annotations
 
 import os

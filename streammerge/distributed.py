@@ -17,6 +17,7 @@ The driver journals each result as it arrives and writes the index last, so:
 
 Ray is optional (`pip install 'streammerge[ray]'`).
 """
+
 from __future__ import annotations
 
 import logging
@@ -59,7 +60,9 @@ def worker_merger(recipe, device: str, budgets: dict, placement: dict[str, str],
         merger.close()
 
 
-def merge_shard_task(recipe, device: str, budgets: dict, shard_name: str, placement: dict[str, str], statistics, threads: int) -> tuple[str, str, int]:
+def merge_shard_task(
+    recipe, device: str, budgets: dict, shard_name: str, placement: dict[str, str], statistics, threads: int
+) -> tuple[str, str, int]:
     """One Ray task: merge and write one shard; (shard name, sha256, size)."""
     from .prefetch import ReadAhead
 
@@ -68,13 +71,17 @@ def merge_shard_task(recipe, device: str, budgets: dict, shard_name: str, placem
         read_ahead = ReadAhead(merger.input_ranges([shard])).start()  # as the local loop: the shard's inputs read ahead
         try:
             # a name no other attempt uses: a retry may start while an orphaned attempt still writes
-            sha, size = merger.write_shard(shard, statistics, read_ahead=read_ahead, temp_tag=f"ray-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+            sha, size = merger.write_shard(
+                shard, statistics, read_ahead=read_ahead, temp_tag=f"ray-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            )
         finally:
             read_ahead.stop()
         return shard_name, sha, size
 
 
-def statistics_task(recipe, device: str, budgets: dict, shard_name: str, placement: dict[str, str], threads: int, fn, args: tuple):
+def statistics_task(
+    recipe, device: str, budgets: dict, shard_name: str, placement: dict[str, str], threads: int, fn, args: tuple
+):
     """One Ray task of a statistics pass: `fn` over the tensors of one shard (methods.MapPass)."""
     with worker_merger(recipe, device, budgets, placement, threads) as merger:
         shard = next(s for s in merger.shards if s.filename == shard_name)
@@ -91,16 +98,28 @@ class RayExecutor:
     # -- the cluster -----------------------------------------------------------------------
     def start(self) -> None:
         ray = self.ray
-        kwargs = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING, "configure_logging": False}
+        kwargs = {
+            "include_dashboard": False,
+            "log_to_driver": False,
+            "logging_level": logging.WARNING,
+            "configure_logging": False,
+        }
         try:
             if self.address == "local":
-                ray.init(address="local", **kwargs)  # a private instance on this machine (never a running one), shut down after the merge
+                ray.init(
+                    address="local", **kwargs
+                )  # a private instance on this machine (never a running one), shut down after the merge
             else:
                 ray.init(address=self.address, **kwargs)
         except (ConnectionError, RuntimeError, ValueError) as exc:
-            hint = "" if self.address == "local" or os.environ.get("RAY_AUTH_MODE") else (
-                "; a cluster started with `ray start` expects its token: set RAY_AUTH_MODE=token")
-            raise ResourceError(f"--ray {self.address}: cannot start or join a Ray cluster ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}){hint}") from None
+            hint = (
+                ""
+                if self.address == "local" or os.environ.get("RAY_AUTH_MODE")
+                else ("; a cluster started with `ray start` expects its token: set RAY_AUTH_MODE=token")
+            )
+            raise ResourceError(
+                f"--ray {self.address}: cannot start or join a Ray cluster ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}){hint}"
+            ) from None
 
     def stop(self) -> None:
         if self.ray.is_initialized():
@@ -158,14 +177,25 @@ class RayExecutor:
         task = self.ray.remote(statistics_task)
         recipe_ref = self.ray.put(merger.recipe)
         shards = [s for s in merger.shards if any(t.merged for t in s.tensors)]
-        refs = [task.options(max_retries=TASK_RETRIES, name=f"statistics {s.filename}", **self.needs(s)).remote(
-            recipe_ref, merger.device.type, merger.budgets, s.filename, self._shard_placement(s), self.threads, fn, args) for s in shards]
+        refs = [
+            task.options(max_retries=TASK_RETRIES, name=f"statistics {s.filename}", **self.needs(s)).remote(
+                recipe_ref,
+                merger.device.type,
+                merger.budgets,
+                s.filename,
+                self._shard_placement(s),
+                self.threads,
+                fn,
+                args,
+            )
+            for s in shards
+        ]
         results: list = []
         try:
             for ref, s in zip(refs, shards):
                 results.append(self._get(ref, s))
         finally:
-            for ref in refs[len(results):]:  # an error or Ctrl-C: stop the tasks still running
+            for ref in refs[len(results) :]:  # an error or Ctrl-C: stop the tasks still running
                 self.ray.cancel(ref, force=True)
         return results
 
@@ -188,7 +218,13 @@ class RayExecutor:
         pending = {}
         for shard in todo:
             ref = task.options(max_retries=TASK_RETRIES, name=f"merge {shard.filename}", **self.needs(shard)).remote(
-                recipe_ref, merger.device.type, merger.budgets, shard.filename, self._shard_placement(shard), statistics_ref, self.threads,
+                recipe_ref,
+                merger.device.type,
+                merger.budgets,
+                shard.filename,
+                self._shard_placement(shard),
+                statistics_ref,
+                self.threads,
             )
             pending[ref] = shard
         written = 0

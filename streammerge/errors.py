@@ -1,4 +1,5 @@
 """Project exceptions. The CLI turns each into one line on stderr and its exit code."""
+
 from __future__ import annotations
 
 

@@ -4,6 +4,7 @@ Page cache from memory-mapped inputs is file-backed and reclaimable, so it is no
 budget limits; RssAnon is. A daemon thread samples /proc/self/status every few milliseconds,
 since the kernel keeps a peak only for the total (VmHWM), not for the anonymous part.
 """
+
 from __future__ import annotations
 
 import ctypes

@@ -18,6 +18,7 @@ plan.py, parameter_resolver.py, merge_methods/):
   vocabulary equals the base's; `union`, a different vocabulary (embedding surgery) and the
   `tokenizer:` block are refused.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -50,7 +51,9 @@ class Contract:
 CONTRACTS = {
     "linear": Contract("ignored", frozenset({"normalize", "weight"}), frozenset({"weight"})),
     "slerp": Contract("required", frozenset({"t"}), non_base=(1, 1)),
-    "nuslerp": Contract("optional", frozenset({"nuslerp_row_wise", "nuslerp_flatten", "weight"}), frozenset({"weight"}), (2, 2)),
+    "nuslerp": Contract(
+        "optional", frozenset({"nuslerp_row_wise", "nuslerp_flatten", "weight"}), frozenset({"weight"}), (2, 2)
+    ),
     "multislerp": Contract("optional", frozenset({"normalize_weights", "eps", "weight"}), frozenset({"weight"})),
     "karcher": Contract("ignored", frozenset({"max_iter", "tol"})),
     "model_stock": Contract("required", frozenset({"filter_wise"}), non_base=(2, None)),
@@ -67,7 +70,9 @@ def _path(ref: Any, where: str) -> str:
     if not isinstance(ref, str) or not ref:
         raise UsageError(f"{where}: a model is a path (got {ref!r})")
     if "+" in ref:
-        raise UsageError(f"{where}: {ref!r}: the model+lora syntax is not supported; pass the PEFT adapter folder as the model")
+        raise UsageError(
+            f"{where}: {ref!r}: the model+lora syntax is not supported; pass the PEFT adapter folder as the model"
+        )
     return ref
 
 
@@ -78,14 +83,20 @@ def parse(doc: dict, where: str) -> dict[str, Any]:
             raise UsageError(f"{where}: mergekit key '{key}': {REFUSED_KEYS[key]}")
     unknown = sorted(set(doc) - TOP_KEYS)
     if unknown:
-        raise UsageError(f"{where}: unknown mergekit key(s) {', '.join(unknown)} (read here: {', '.join(sorted(TOP_KEYS))})")
+        raise UsageError(
+            f"{where}: unknown mergekit key(s) {', '.join(unknown)} (read here: {', '.join(sorted(TOP_KEYS))})"
+        )
     method = str(doc["merge_method"])
     if method == "passthrough":
         return _passthrough(doc, where) | _dtypes(doc, where)
     if "slices" in doc:
-        raise UsageError(f"{where}: slices are supported with merge_method passthrough only (merging within slices is not)")
+        raise UsageError(
+            f"{where}: slices are supported with merge_method passthrough only (merging within slices is not)"
+        )
     if method in METHODS_NOT_YET:
-        raise UsageError(f"{where}: merge_method {method!r} is mergekit's but not implemented here yet (see README, mergekit features)")
+        raise UsageError(
+            f"{where}: merge_method {method!r} is mergekit's but not implemented here yet (see README, mergekit features)"
+        )
     if method not in CONTRACTS and method not in MERGEKIT_GTA:
         raise UsageError(f"{where}: unknown merge_method {method!r}")
     contract = CONTRACTS.get(method, GTA_CONTRACT)
@@ -96,7 +107,9 @@ def parse(doc: dict, where: str) -> dict[str, Any]:
     shared = dict(doc.get("parameters") or {})
     bad = sorted(set(shared) - contract.shared)
     if bad:
-        raise UsageError(f"{where}: parameters: {', '.join(bad)} not a parameter of mergekit's {method} (known: {', '.join(sorted(contract.shared)) or 'none'})")
+        raise UsageError(
+            f"{where}: parameters: {', '.join(bad)} not a parameter of mergekit's {method} (known: {', '.join(sorted(contract.shared)) or 'none'})"
+        )
     entries: list[tuple[str, dict]] = []
     for i, m in enumerate(models):
         if isinstance(m, str):
@@ -107,12 +120,16 @@ def parse(doc: dict, where: str) -> dict[str, Any]:
         p = dict(m.get("parameters") or {})
         bad = sorted(set(p) - contract.per_model)
         if bad:
-            raise UsageError(f"{where}: model {path}: {', '.join(bad)} not a per-model parameter of mergekit's {method} (known: {', '.join(sorted(contract.per_model)) or 'none'})")
+            raise UsageError(
+                f"{where}: model {path}: {', '.join(bad)} not a per-model parameter of mergekit's {method} (known: {', '.join(sorted(contract.per_model)) or 'none'})"
+            )
         entries.append((path, p))
     return _fields(method, contract, base, entries, shared, where) | _dtypes(doc, where)
 
 
-def _fields(method: str, contract: Contract, base: str | None, entries: list[tuple[str, dict]], shared: dict, where: str) -> dict[str, Any]:
+def _fields(
+    method: str, contract: Contract, base: str | None, entries: list[tuple[str, dict]], shared: dict, where: str
+) -> dict[str, Any]:
     from .recipe import Expert
 
     if contract.base == "required" and base is None:
@@ -129,15 +146,31 @@ def _fields(method: str, contract: Contract, base: str | None, entries: list[tup
         raise UsageError(f"{where}: merge_method {method} takes {want} model(s) besides the base, got {len(inputs)}")
     for path, p in inputs:
         if "weight" in contract.per_model and "weight" not in p and "weight" not in shared:
-            raise UsageError(f"{where}: model {path} has no weight (mergekit's {method} requires one per input"
-                             + (", and adds base_model as an input" if path == base else "") + ")")
-    experts = tuple(Expert(path, weight=p.get("weight"), density=p.get("density"),
-                           parameters={k: v for k, v in p.items() if k in ("gamma", "epsilon")}) for path, p in inputs)
+            raise UsageError(
+                f"{where}: model {path} has no weight (mergekit's {method} requires one per input"
+                + (", and adds base_model as an input" if path == base else "")
+                + ")"
+            )
+    experts = tuple(
+        Expert(
+            path,
+            weight=p.get("weight"),
+            density=p.get("density"),
+            parameters={k: v for k, v in p.items() if k in ("gamma", "epsilon")},
+        )
+        for path, p in inputs
+    )
     if method in CONTRACTS:
         params = dict(shared)
         if contract.base == "optional":
             params["relative"] = base is not None
-        return {"method": method, "base": base or inputs[0][0], "experts": experts, "parameters": params, "_implied": ("relative",)}
+        return {
+            "method": method,
+            "base": base or inputs[0][0],
+            "experts": experts,
+            "parameters": params,
+            "_implied": ("relative",),
+        }
     sparsify, consensus, normalize, rescale = MERGEKIT_GTA[method]
     given = set(shared) | {k for _, p in inputs for k in p}
     if "gamma" in given and sparsify != "magnitude_outliers":
@@ -145,8 +178,13 @@ def _fields(method: str, contract: Contract, base: str | None, entries: list[tup
     if "epsilon" in given and sparsify != "della_magprune":
         raise UsageError(f"{where}: epsilon is a parameter of della only")
     implied = {"sparsify": sparsify, "consensus": consensus, "normalize": normalize, "rescale": rescale}
-    return {"method": "gta", "base": base, "experts": experts, "parameters": implied | shared,
-            "_implied": tuple(k for k in implied if k not in shared)}
+    return {
+        "method": "gta",
+        "base": base,
+        "experts": experts,
+        "parameters": implied | shared,
+        "_implied": tuple(k for k in implied if k not in shared),
+    }
 
 
 def _passthrough(doc: dict, where: str) -> dict[str, Any]:
@@ -155,13 +193,21 @@ def _passthrough(doc: dict, where: str) -> dict[str, Any]:
 
     shared = dict(doc.get("parameters") or {})
     if set(shared) - {"scale"}:
-        raise UsageError(f"{where}: parameters: {', '.join(sorted(set(shared) - {'scale'}))} not a parameter of mergekit's passthrough (known: scale)")
+        raise UsageError(
+            f"{where}: parameters: {', '.join(sorted(set(shared) - {'scale'}))} not a parameter of mergekit's passthrough (known: scale)"
+        )
     base = _path(doc["base_model"], f"{where}: base_model") if doc.get("base_model") is not None else None
     if ("slices" in doc) == ("models" in doc):
         raise UsageError(f"{where}: passthrough takes either 'slices' or 'models'")
     if "slices" in doc:
         slices = parse_slices(doc["slices"], where)
-        return {"method": "passthrough", "base": base or slices[0]["model"], "experts": (), "slices": slices, "parameters": shared}
+        return {
+            "method": "passthrough",
+            "base": base or slices[0]["model"],
+            "experts": (),
+            "slices": slices,
+            "parameters": shared,
+        }
     models = doc["models"]
     if not isinstance(models, list) or len(models) != 1 or base is not None and _path(models[0], where) != base:
         raise UsageError(f"{where}: passthrough takes exactly one model (base_model counts as one)")
@@ -188,6 +234,8 @@ def _dtypes(doc: dict, where: str) -> dict[str, Any]:
     if doc.get("tokenizer_source") is not None:
         source = doc["tokenizer_source"]
         if source == "union":
-            raise UsageError(f"{where}: tokenizer_source: union (a merged vocabulary with embedding surgery) is not supported; use base or a model path")
+            raise UsageError(
+                f"{where}: tokenizer_source: union (a merged vocabulary with embedding surgery) is not supported; use base or a model path"
+            )
         out["tokenizer_source"] = _path(source, f"{where}: tokenizer_source") if source != "base" else "base"
     return out

@@ -1,5 +1,6 @@
 """The files of a merged model besides its shards: config from the base, tokenizer from the
 base or the recipe's `tokenizer_source`, and a model card (README.md) written without network."""
+
 from __future__ import annotations
 
 import json
@@ -13,8 +14,15 @@ from .recipe import Recipe
 
 CONFIG_FILES = ("config.json", "generation_config.json")
 TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt",
-    "added_tokens.json", "chat_template.jinja", "chat_template.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
 )
 CARD_NAME = "README.md"
 
@@ -30,8 +38,10 @@ def tokenizer_donor(recipe: Recipe) -> str:
     if not any(os.path.isfile(os.path.join(source, f)) for f in TOKENIZER_FILES):
         raise InputError(f"{source}: tokenizer_source has no tokenizer files ({', '.join(TOKENIZER_FILES[:4])}, ...)")
     if _vocabulary(source) != _vocabulary(recipe.base):
-        raise InputError(f"{source}: tokenizer_source has a vocabulary other than the base's; the embeddings would need "
-                         "re-indexing (mergekit's embedding surgery), which is not supported")
+        raise InputError(
+            f"{source}: tokenizer_source has a vocabulary other than the base's; the embeddings would need "
+            "re-indexing (mergekit's embedding surgery), which is not supported"
+        )
     return source
 
 
@@ -43,8 +53,12 @@ def _vocabulary(folder: str) -> object:
         if not isinstance(doc, dict):
             raise InputError(f"{path}: not a JSON object")
         model = doc.get("model") or {}
-        return ("tokenizer.json", json.dumps(model.get("vocab"), sort_keys=True), json.dumps(model.get("merges")),
-                json.dumps([(t.get("id"), t.get("content")) for t in doc.get("added_tokens") or []]))
+        return (
+            "tokenizer.json",
+            json.dumps(model.get("vocab"), sort_keys=True),
+            json.dumps(model.get("merges")),
+            json.dumps([(t.get("id"), t.get("content")) for t in doc.get("added_tokens") or []]),
+        )
     for name in ("tokenizer.model", "vocab.json"):
         path = os.path.join(folder, name)
         if os.path.isfile(path):
@@ -79,16 +93,24 @@ def recipe_yaml(recipe: Recipe) -> str:
         return recipe.recipe_text.rstrip() + "\n"
     import yaml
 
-    doc = {"method": recipe.method, "base": recipe.base,
-           "experts": [{k: v for k, v in (("path", e.path), ("weight", e.weight), ("density", e.density)) if v is not None} for e in recipe.experts],
-           "parameters": recipe.parameters}
+    doc = {
+        "method": recipe.method,
+        "base": recipe.base,
+        "experts": [
+            {k: v for k, v in (("path", e.path), ("weight", e.weight), ("density", e.density)) if v is not None}
+            for e in recipe.experts
+        ],
+        "parameters": recipe.parameters,
+    }
     if recipe.dtype:
         doc["dtype"] = recipe.dtype
     return yaml.safe_dump(doc, sort_keys=False)
 
 
 def write_card(recipe: Recipe, out: str) -> None:
-    experts = "\n".join(f"- `{e.path}`" + (f" (weight {e.weight})" if e.weight is not None else "") for e in recipe.experts)
+    experts = "\n".join(
+        f"- `{e.path}`" + (f" (weight {e.weight})" if e.weight is not None else "") for e in recipe.experts
+    )
     text = (
         f"---\nbase_model: {recipe.base}\ntags:\n- merge\n- streammerge\n---\n"
         "# Merged model\n\n"

@@ -9,6 +9,7 @@ refuses before any work when the host peak — the process's anonymous memory at
 largest tensor's host need — exceeds `--max-ram`, naming the smallest budget that would do.
 Page cache from memory-mapped inputs is reclaimable and not counted (memwatch.py).
 """
+
 from __future__ import annotations
 
 import math
@@ -98,7 +99,9 @@ class Plan:
                 f"--max-ram is {format_size(self.ram_budget)}: give at least --max-ram {math.ceil(self.peak_host / 1e6)}MB"
             )
         if self.disk_needed > self.disk_free:
-            raise ResourceError(f"the output needs {format_size(self.disk_needed)} more disk space, {format_size(self.disk_free)} is free")
+            raise ResourceError(
+                f"the output needs {format_size(self.disk_needed)} more disk space, {format_size(self.disk_free)} is free"
+            )
 
     def table(self, groups: bool = True) -> str:
         """Human-readable plan: one line per tensor kind (layer number folded), then totals."""
@@ -106,7 +109,9 @@ class Plan:
         for t in self.tensors:
             key = (_kind(t.name), t.shape, t.device, t.note) if groups else (t.name, t.shape, t.device, t.note)
             rows.setdefault(key, []).append(t)
-        lines = [f"{'tensor':44s} {'count':>5s} {'shape':>16s} {'device':>6s} {'peak GPU':>10s} {'peak RAM':>10s} {'read':>10s} {'written':>10s}"]
+        lines = [
+            f"{'tensor':44s} {'count':>5s} {'shape':>16s} {'device':>6s} {'peak GPU':>10s} {'peak RAM':>10s} {'read':>10s} {'written':>10s}"
+        ]
         for (kind, shape, device, note), ts in rows.items():
             lines.append(
                 f"{kind[:44]:44s} {len(ts):5d} {'x'.join(map(str, shape)) or 'scalar':>16s} {device:>6s} "
@@ -120,12 +125,26 @@ class Plan:
             f"largest tensor: {largest.name} {list(largest.shape)}",
             f"peak RAM (anonymous): {format_size(self.peak_host)} of --max-ram {format_size(self.ram_budget)} "
             f"(process {format_size(self.baseline)} + read buffer {format_size(PREFETCH_BUFFER)}"
-            + (f" + CUDA libraries {format_size(CUDA_LIBRARIES_HOST)}" if any(t.device == "cuda" for t in self.tensors) else "")
+            + (
+                f" + CUDA libraries {format_size(CUDA_LIBRARIES_HOST)}"
+                if any(t.device == "cuda" for t in self.tensors)
+                else ""
+            )
             + " + largest working set)",
-            f"peak GPU: {format_size(self.peak_gpu)}" + (f" of --max-gpu-memory {format_size(self.gpu_budget)}" if self.gpu_budget is not None else " (no GPU used)"),
+            f"peak GPU: {format_size(self.peak_gpu)}"
+            + (
+                f" of --max-gpu-memory {format_size(self.gpu_budget)}"
+                if self.gpu_budget is not None
+                else " (no GPU used)"
+            ),
             f"tensors spilled to the CPU: {len(self.spilled)}",
-            f"read: {format_size(self.read_total)}" + (f" ({self.extra_passes} statistics pass(es) re-read the inputs)" if self.extra_passes else "")
-            + (f" ({format_size(self.statistics_read)} re-read to measure the data-dependent working sets)" if self.statistics_read else ""),
+            f"read: {format_size(self.read_total)}"
+            + (f" ({self.extra_passes} statistics pass(es) re-read the inputs)" if self.extra_passes else "")
+            + (
+                f" ({format_size(self.statistics_read)} re-read to measure the data-dependent working sets)"
+                if self.statistics_read
+                else ""
+            ),
             f"written: {format_size(self.write_total)}; disk needed {format_size(self.disk_needed)}, free {format_size(self.disk_free)}",
             *self.notes,
         ]
@@ -155,7 +174,9 @@ def free_disk(folder: str) -> int:
     return shutil.disk_usage(probe).free
 
 
-def place(need: Need, numel: int, itemsize: int, use_gpu: bool, gpu_budget: int | None, out_bytes: int = 0) -> tuple[str, int, int, str]:
+def place(
+    need: Need, numel: int, itemsize: int, use_gpu: bool, gpu_budget: int | None, out_bytes: int = 0
+) -> tuple[str, int, int, str]:
     """(device, gpu bytes, host bytes, note) for one merged tensor; `out_bytes`: the result in
     the output dtype, held in host memory while its shard is written."""
     if use_gpu and gpu_budget is not None:
@@ -163,6 +184,16 @@ def place(need: Need, numel: int, itemsize: int, use_gpu: bool, gpu_budget: int 
         if need.work + need.state <= gpu_budget:
             return "cuda", need.work + need.state, 2 * transfer + need.host + out_bytes, ""
         if need.work <= gpu_budget:
-            return "cuda", need.work, 2 * transfer + need.state + need.host + out_bytes, f"per-expert state ({format_size(need.state)}) kept in RAM"
-        return "cpu", 0, need.work + need.state + need.host + out_bytes, f"spilled: needs {format_size(need.work)} on the GPU"
+            return (
+                "cuda",
+                need.work,
+                2 * transfer + need.state + need.host + out_bytes,
+                f"per-expert state ({format_size(need.state)}) kept in RAM",
+            )
+        return (
+            "cpu",
+            0,
+            need.work + need.state + need.host + out_bytes,
+            f"spilled: needs {format_size(need.work)} on the GPU",
+        )
     return "cpu", 0, need.work + need.state + need.host + out_bytes, ""

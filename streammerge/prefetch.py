@@ -4,6 +4,7 @@ file into the page cache while the current tensor is computed and the previous o
 It copies through one small reusable buffer, so it adds no tensor-sized memory; the page
 cache it fills is reclaimable. The compute thread then copies from memory, not from disk.
 """
+
 from __future__ import annotations
 
 import os

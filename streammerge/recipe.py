@@ -1,4 +1,5 @@
 """What to merge: the Recipe value, its YAML forms (ours and mergekit's), and its validation."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -16,10 +17,17 @@ from .methods import REQUIRED, Method, build_params, get_method
 from .units import parse_size
 
 DTYPE_ALIASES: dict[str, torch.dtype] = {
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "float64": torch.float64, "fp64": torch.float64, "double": torch.float64,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "float64": torch.float64,
+    "fp64": torch.float64,
+    "double": torch.float64,
 }
 DEFAULT_SHARD_SIZE = 5_000_000_000
 
@@ -76,8 +84,12 @@ class Recipe:
     seed: int = 0
     allow_nonfinite: bool = False
     tokenizer_source: str | None = None  # "base" (None) or a model folder whose tokenizer files are copied
-    slices: tuple[dict, ...] | None = None  # passthrough layer stacking (io/sliced.py); `base` then gives config and tokenizer
-    ray: str | None = None  # merge the shards on a Ray cluster: "local", "auto" or an address (distributed.py); not part of the result
+    slices: tuple[dict, ...] | None = (
+        None  # passthrough layer stacking (io/sliced.py); `base` then gives config and tokenizer
+    )
+    ray: str | None = (
+        None  # merge the shards on a Ray cluster: "local", "auto" or an address (distributed.py); not part of the result
+    )
     recipe_text: str | None = field(default=None, compare=False)  # the YAML as given, for the model card
 
     def __post_init__(self) -> None:
@@ -113,13 +125,17 @@ class Recipe:
                 value = settings.resolve([e.setting(key), self.parameters.get(key)], tensor_name, t)
                 if value is None:
                     if default is REQUIRED:
-                        raise UsageError(f"{where}: expert {e.path} has no '{key}' (this method requires one per model, as mergekit does)")
+                        raise UsageError(
+                            f"{where}: expert {e.path} has no '{key}' (this method requires one per model, as mergekit does)"
+                        )
                     value = default
                 values[key] = value
             unknown = sorted(set(e.parameters) - set(method.expert_params))
             unknown += [k for k in ("weight", "density") if e.setting(k) is not None and k not in method.expert_params]
             if unknown:
-                raise UsageError(f"{where}: expert {e.path}: unknown per-expert parameter(s) {', '.join(unknown)} (known: {', '.join(method.expert_params)})")
+                raise UsageError(
+                    f"{where}: expert {e.path}: unknown per-expert parameter(s) {', '.join(unknown)} (known: {', '.join(method.expert_params)})"
+                )
             if isinstance(values.get("weight"), (int, float)) and not math.isfinite(float(values["weight"])):
                 raise UsageError(f"{where}: expert {e.path}: weight {values['weight']} is not finite")
             if values.get("density") is not None and not 0 < float(values["density"]) <= 1:
@@ -153,7 +169,12 @@ class Recipe:
             try:
                 method, values = self.method_and_values("", 0.0)
                 resolved = (method, values.params)
-                if getattr(values.params, "normalize", False) and method.name == "linear" and self.experts and sum(values.weights) == 0:
+                if (
+                    getattr(values.params, "normalize", False)
+                    and method.name == "linear"
+                    and self.experts
+                    and sum(values.weights) == 0
+                ):
                     problems.append("linear: the expert weights sum to zero, so they cannot be normalised")
             except UsageError as exc:
                 problems.append(str(exc))
@@ -200,15 +221,25 @@ def _expert(entry: Any, where: str) -> Expert:
         raise UsageError(f"{where}: each expert is a path or a mapping with 'path'")
     known = {"path", "weight", "density", "peft_version", "parameters"}
     if set(entry) - known or "path" not in entry:
-        raise UsageError(f"{where}: expert entry {entry!r} needs 'path' and may have 'weight', 'density', 'peft_version', 'parameters'")
+        raise UsageError(
+            f"{where}: expert entry {entry!r} needs 'path' and may have 'weight', 'density', 'peft_version', 'parameters'"
+        )
     version = entry.get("peft_version")
     extra = entry.get("parameters") or {}
     if not isinstance(extra, dict):
         raise UsageError(f"{where}: expert {entry['path']}: 'parameters' is a mapping")
-    return Expert(str(entry["path"]), entry.get("weight"), entry.get("density"), None if version is None else str(version), dict(extra))
+    return Expert(
+        str(entry["path"]),
+        entry.get("weight"),
+        entry.get("density"),
+        None if version is None else str(version),
+        dict(extra),
+    )
 
 
-def from_mapping(doc: Any, where: str, overrides: dict[str, Any] | None = None, default_out: str | None = None) -> Recipe:
+def from_mapping(
+    doc: Any, where: str, overrides: dict[str, Any] | None = None, default_out: str | None = None
+) -> Recipe:
     """A Recipe from a parsed YAML document, native or mergekit-style; `overrides` win;
     `default_out` serves where neither names an output folder (plan)."""
     if not isinstance(doc, dict):
@@ -232,7 +263,21 @@ def from_mapping(doc: Any, where: str, overrides: dict[str, Any] | None = None, 
     return Recipe(**fields_)
 
 
-_NATIVE_KEYS = {"method", "base", "experts", "out", "parameters", "dtype", "compute_dtype", "shard_size", "seed", "allow_nonfinite", "tokenizer_source", "slices", "ray"}
+_NATIVE_KEYS = {
+    "method",
+    "base",
+    "experts",
+    "out",
+    "parameters",
+    "dtype",
+    "compute_dtype",
+    "shard_size",
+    "seed",
+    "allow_nonfinite",
+    "tokenizer_source",
+    "slices",
+    "ray",
+}
 
 
 def _native(doc: dict, where: str) -> dict[str, Any]:

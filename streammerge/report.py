@@ -15,6 +15,7 @@ the spectral methods their kept rank and the interference removed.
 The record is appended per tensor to FILE.json.partial while merging (a resumed merge appends
 again; the last record of a tensor wins) and gathered into FILE.json when the merge completes.
 """
+
 from __future__ import annotations
 
 import json
@@ -40,10 +41,13 @@ def generic_stats(task, result: torch.Tensor) -> dict[str, Any]:
         gram += (stacked @ stacked.T).cpu()
         del taus, stacked
         base = task.base_rows(rows).double()
-        merged = result if rows is None else result[rows[0]:rows[1]]
+        merged = result if rows is None else result[rows[0] : rows[1]]
         update += float((merged.to(base.device).double() - base).square().sum())
     norms = gram.diagonal().clamp_min(0).sqrt()
-    cos = [[float(gram[i, j] / (norms[i] * norms[j])) if norms[i] > 0 and norms[j] > 0 else 0.0 for j in range(n)] for i in range(n)]
+    cos = [
+        [float(gram[i, j] / (norms[i] * norms[j])) if norms[i] > 0 and norms[j] > 0 else 0.0 for j in range(n)]
+        for i in range(n)
+    ]
     return {"task_vector_norms": [float(x) for x in norms], "cosines": cos, "update_norm": math.sqrt(update)}
 
 
@@ -87,15 +91,30 @@ def rows(doc: dict) -> list[dict[str, Any]]:
     out = []
     for kind, recs in kinds.items():
         cos = [c for r in recs for i, row in enumerate(r.get("cosines", [])) for j, c in enumerate(row) if j > i]
-        ratio = [r["update_norm"] / _mean(r["task_vector_norms"]) for r in recs if r.get("task_vector_norms") and _mean(r["task_vector_norms"])]
+        ratio = [
+            r["update_norm"] / _mean(r["task_vector_norms"])
+            for r in recs
+            if r.get("task_vector_norms") and _mean(r["task_vector_norms"])
+        ]
         share = [r["rotation_share"] for r in recs if r.get("rotation_share") is not None]
         q = [r["generator_agreement"] for r in recs if r.get("generator_agreement") is not None]
         conflict = [x for r in recs for x in r.get("conflict_row_fraction", [])]
-        out.append({"kind": kind, "tensors": len(recs), "mean_cosine": _mean(cos), "update_over_mean_tau": _mean(ratio),
-                    "rotation_share": _mean(share), "generator_agreement": _mean(q), "conflict_rows": _mean(conflict),
-                    "planes_reset": sum(r.get("planes_reset", 0) for r in recs),
-                    "kept_rank": _mean([r["kept_rank"] for r in recs if "kept_rank" in r] + [r["rank"] for r in recs if "rank" in r]),
-                    "removed_components": sum(sum(r.get("removed_components", [])) for r in recs)})
+        out.append(
+            {
+                "kind": kind,
+                "tensors": len(recs),
+                "mean_cosine": _mean(cos),
+                "update_over_mean_tau": _mean(ratio),
+                "rotation_share": _mean(share),
+                "generator_agreement": _mean(q),
+                "conflict_rows": _mean(conflict),
+                "planes_reset": sum(r.get("planes_reset", 0) for r in recs),
+                "kept_rank": _mean(
+                    [r["kept_rank"] for r in recs if "kept_rank" in r] + [r["rank"] for r in recs if "rank" in r]
+                ),
+                "removed_components": sum(sum(r.get("removed_components", [])) for r in recs),
+            }
+        )
     return out
 
 
@@ -103,12 +122,17 @@ def summary(doc: dict) -> str:
     def f(v, fmt="{:.3f}"):
         return "—" if v is None else fmt.format(v)
 
-    lines = [f"{doc.get('method', '?')} over {len(doc['tensors'])} tensors, {doc.get('experts', '?')} experts",
-             "", "| tensor kind | n | mean cos(τ_i, τ_j) | ‖ΔW‖ / mean ‖τ_i‖ | rotation share | ‖Σ Q_i‖ / Σ ‖Q_i‖ | conflicting rows | planes reset | kept rank | components removed |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"{doc.get('method', '?')} over {len(doc['tensors'])} tensors, {doc.get('experts', '?')} experts",
+        "",
+        "| tensor kind | n | mean cos(τ_i, τ_j) | ‖ΔW‖ / mean ‖τ_i‖ | rotation share | ‖Σ Q_i‖ / Σ ‖Q_i‖ | conflicting rows | planes reset | kept rank | components removed |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows(doc):
-        lines.append(f"| {r['kind']} | {r['tensors']} | {f(r['mean_cosine'])} | {f(r['update_over_mean_tau'])} | {f(r['rotation_share'])} | "
-                     f"{f(r['generator_agreement'])} | {f(r['conflict_rows'], '{:.1%}')} | {r['planes_reset']} | {f(r['kept_rank'], '{:.0f}')} | {r['removed_components']} |")
+        lines.append(
+            f"| {r['kind']} | {r['tensors']} | {f(r['mean_cosine'])} | {f(r['update_over_mean_tau'])} | {f(r['rotation_share'])} | "
+            f"{f(r['generator_agreement'])} | {f(r['conflict_rows'], '{:.1%}')} | {r['planes_reset']} | {f(r['kept_rank'], '{:.0f}')} | {r['removed_components']} |"
+        )
     return "\n".join(lines)
 
 
@@ -120,11 +144,16 @@ def plot(doc: dict, folder: str) -> list[str]:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise SystemExit("plots need matplotlib: pip install 'streammerge[report]' (the text summary works without it)") from None
+        raise SystemExit(
+            "plots need matplotlib: pip install 'streammerge[report]' (the text summary works without it)"
+        ) from None
     os.makedirs(folder, exist_ok=True)
     written = []
-    quantities = {"rotation_share": "rotation share of the update", "mean_cosine": "mean cos(τ_i, τ_j)",
-                  "update_over_mean_tau": "‖ΔW‖ / mean ‖τ_i‖"}
+    quantities = {
+        "rotation_share": "rotation share of the update",
+        "mean_cosine": "mean cos(τ_i, τ_j)",
+        "update_over_mean_tau": "‖ΔW‖ / mean ‖τ_i‖",
+    }
     per_layer: dict[str, dict[str, dict[int, float]]] = {q: {} for q in quantities}
     for name, rec in doc["tensors"].items():
         layer = layer_index(name)

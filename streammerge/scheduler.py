@@ -6,6 +6,7 @@ Resume works per shard: a shard is either finished (durable, in the journal) or 
 and every tensor's result depends only on the inputs and its name, so a resumed output is
 byte-identical to an uninterrupted one.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -41,7 +42,6 @@ from .output_files import CARD_NAME, CONFIG_FILES, TOKENIZER_FILES, copy_model_f
 from .recipe import Recipe, TensorValues, parse_dtype
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass(frozen=True)
@@ -110,8 +110,12 @@ def check_compatible(base: Checkpoint, experts: list[ExpertSource]) -> None:
             b, e = base.info(n), ck.info(n)
             if b.shape != e.shape:
                 problems.append(f"{ck.file_of(n)}: tensor {n!r} has shape {list(e.shape)}, the base {list(b.shape)}")
-            elif (b.dtype in FLOAT_DTYPES) != (e.dtype in FLOAT_DTYPES) or (b.dtype not in FLOAT_DTYPES and b.dtype != e.dtype):
-                problems.append(f"{ck.file_of(n)}: tensor {n!r} has dtype {e.dtype}, not castable to the base's {b.dtype}")
+            elif (b.dtype in FLOAT_DTYPES) != (e.dtype in FLOAT_DTYPES) or (
+                b.dtype not in FLOAT_DTYPES and b.dtype != e.dtype
+            ):
+                problems.append(
+                    f"{ck.file_of(n)}: tensor {n!r} has dtype {e.dtype}, not castable to the base's {b.dtype}"
+                )
         for n in names:
             if n not in base_names:
                 problems.append(f"{ck.file_of(n)}: tensor {n!r} is not in the base")
@@ -169,7 +173,7 @@ def all_finite(t: torch.Tensor) -> bool:
     flat = t.reshape(-1)
     wide = torch.float32 if t.dtype != torch.float64 else None
     for start in range(0, flat.numel(), FINITE_CHUNK):
-        chunk = flat[start:start + FINITE_CHUNK]
+        chunk = flat[start : start + FINITE_CHUNK]
         if not math.isfinite(float(chunk.sum(dtype=wide))) and not bool(torch.isfinite(chunk).all()):
             return False
     return True
@@ -198,7 +202,9 @@ class LazyExperts:
             return None
         f = get(self.name, self.dtype, self.device)
         if f is not None and self.check_finite and not (all_finite(f[0]) and all_finite(f[1])):
-            raise NonFiniteError(f"{self.ckpts[i].file_of(self.name)}: the adapter of {self.name!r} contains NaN or Inf (pass --allow-nonfinite to merge it anyway)")
+            raise NonFiniteError(
+                f"{self.ckpts[i].file_of(self.name)}: the adapter of {self.name!r} contains NaN or Inf (pass --allow-nonfinite to merge it anyway)"
+            )
         return f
 
     def _checked(self, i: int, t: torch.Tensor) -> torch.Tensor:
@@ -270,24 +276,42 @@ class _Progress:
     def done(self, out_bytes: int, read_bytes: int) -> None:
         self.bar.update(out_bytes)
         self.consumed += read_bytes
-        self.bar.set_postfix_str(f"inputs {self.consumed / max(time.monotonic() - self.started, 1e-9) / 1e6:.0f} MB/s", refresh=False)
+        self.bar.set_postfix_str(
+            f"inputs {self.consumed / max(time.monotonic() - self.started, 1e-9) / 1e6:.0f} MB/s", refresh=False
+        )
 
 
 def check_unchanged(input_paths: list[str], initial_state: dict[str, tuple[int, int]]) -> None:
     """Refuse to go on once an input file changed under the merge."""
     if _file_state(input_paths) != initial_state:
         changed = next(p for p in input_paths if _file_state([p]) != {p: initial_state[p]})
-        raise InputError(f"{changed}: changed during the merge; the shards merged from the old contents no longer match — rerun with --restart")
+        raise InputError(
+            f"{changed}: changed during the merge; the shards merged from the old contents no longer match — rerun with --restart"
+        )
 
 
 class Merger:
     """One merge run of a validated recipe."""
 
-    def __init__(self, recipe: Recipe, device: str = "auto", restart: bool = False, quiet: bool = False,
-                 max_ram: int | None = None, max_gpu_memory: int | None = None, checkpoint_seconds: float = 10.0,
-                 assume_gpu: int | None = None, report: str | None = None, ray: str | None = None, ray_threads: int = 1):
+    def __init__(
+        self,
+        recipe: Recipe,
+        device: str = "auto",
+        restart: bool = False,
+        quiet: bool = False,
+        max_ram: int | None = None,
+        max_gpu_memory: int | None = None,
+        checkpoint_seconds: float = 10.0,
+        assume_gpu: int | None = None,
+        report: str | None = None,
+        ray: str | None = None,
+        ray_threads: int = 1,
+    ):
         self.recipe = recipe
-        self.ray, self.ray_threads = ray, ray_threads  # a Ray cluster merges the shards (distributed.py): local, auto or an address
+        self.ray, self.ray_threads = (
+            ray,
+            ray_threads,
+        )  # a Ray cluster merges the shards (distributed.py): local, auto or an address
         if ray is not None and report is not None:  # refused before anything is written
             raise UsageError("--report records diagnostics in one process: merge without --ray to write it")
         self.report = None
@@ -295,7 +319,10 @@ class Merger:
             from .report import ReportWriter
 
             self.report = ReportWriter(report)
-        self.budgets = {"max_ram": max_ram, "max_gpu_memory": max_gpu_memory}  # as given: a Ray task plans with the driver's
+        self.budgets = {
+            "max_ram": max_ram,
+            "max_gpu_memory": max_gpu_memory,
+        }  # as given: a Ray task plans with the driver's
         self.assume_gpu = assume_gpu  # plan only: as if a CUDA device with this much free memory were present
         if max_ram is not None:
             # an explicit budget is a promise: keep allocator slack out of it (costs some speed
@@ -304,7 +331,9 @@ class Merger:
         self.method, self.params = recipe.validate()
         self.device = torch.device("cuda") if assume_gpu else resolve_device(device)
         if self.device.type == "cuda" and getattr(self.params, "precision", None) == "auto":
-            self.params = dataclasses.replace(self.params, precision="float32")  # float64 is 32–64× slower on consumer GPUs
+            self.params = dataclasses.replace(
+                self.params, precision="float32"
+            )  # float64 is 32–64× slower on consumer GPUs
         self.restart = restart
         self.quiet = quiet
         self.checkpoint_seconds = checkpoint_seconds  # how often progress inside a shard is made durable
@@ -360,31 +389,58 @@ class Merger:
             for t in shard.tensors:
                 base_bytes = self.base.info(t.name).nbytes
                 if not t.merged:  # copied from the base: the experts' copies are not read
-                    tensors.append(TensorPlan(t.name, t.shape, "copy", 0, 2 * base_bytes + previous_out, base_bytes, t.nbytes))
+                    tensors.append(
+                        TensorPlan(t.name, t.shape, "copy", 0, 2 * base_bytes + previous_out, base_bytes, t.nbytes)
+                    )
                     previous_out = t.nbytes
                     continue
                 read = base_bytes + sum(e.info(t.name).nbytes for e in self.experts if isinstance(e, Checkpoint))
                 measured = statistics.get(t.name) if statistics else None
-                need = (self.method.memory(t.name, t.shape, n, self._values[t.name].params, itemsize) if measured is None
-                        else self.method.memory(t.name, t.shape, n, self._values[t.name].params, itemsize, statistics=measured))
+                need = (
+                    self.method.memory(t.name, t.shape, n, self._values[t.name].params, itemsize)
+                    if measured is None
+                    else self.method.memory(
+                        t.name, t.shape, n, self._values[t.name].params, itemsize, statistics=measured
+                    )
+                )
                 numel = math.prod(t.shape)
                 # the result is held until written; the writer thread may still be writing the previous one
-                device, gpu_bytes, host_bytes, note = place(need, numel, itemsize, use_gpu, gpu_budget, t.nbytes + previous_out)
+                device, gpu_bytes, host_bytes, note = place(
+                    need, numel, itemsize, use_gpu, gpu_budget, t.nbytes + previous_out
+                )
                 previous_out = t.nbytes
                 tensors.append(TensorPlan(t.name, t.shape, device, gpu_bytes, host_bytes, read, t.nbytes, note))
         passes = 0 if self.method.plan_statistics else self.method.statistics_passes(self.params)
-        plan = Plan(tensors, rss_anon(), ram_budget, gpu_budget, free_disk(self.recipe.out), sum(s.nbytes for s in self.shards), passes)
+        plan = Plan(
+            tensors,
+            rss_anon(),
+            ram_budget,
+            gpu_budget,
+            free_disk(self.recipe.out),
+            sum(s.nbytes for s in self.shards),
+            passes,
+        )
         if statistics and self.method.plan_statistics:
             plan.statistics_read = sum(t.read_bytes for t in tensors if t.name in statistics)
         elif self.measures_plan():
-            plan.notes.append(f"{self.method.name}: upper bounds where the working set depends on the data "
-                              "(plan --measure measures them; a merge does when the bounds do not fit)")
+            plan.notes.append(
+                f"{self.method.name}: upper bounds where the working set depends on the data "
+                "(plan --measure measures them; a merge does when the bounds do not fit)"
+            )
         plan.spilled = [t for t in tensors if t.note]
         return plan
 
     # config.json keys that must agree between the base and a full-model expert: tensors of the
     # same shapes can still belong to another architecture or layer/vocabulary layout
-    ARCHITECTURE_KEYS = ("model_type", "architectures", "num_hidden_layers", "hidden_size", "vocab_size", "num_attention_heads", "num_key_value_heads")
+    ARCHITECTURE_KEYS = (
+        "model_type",
+        "architectures",
+        "num_hidden_layers",
+        "hidden_size",
+        "vocab_size",
+        "num_attention_heads",
+        "num_key_value_heads",
+    )
 
     def _check_config(self) -> None:
         for name in ("config.json", "generation_config.json"):
@@ -446,7 +502,8 @@ class Merger:
                     if tmp.endswith(TMP_SUFFIX) and tmp != keep:
                         os.remove(os.path.join(out, tmp))
                 old.finished = {
-                    n: v for n, v in old.finished.items()
+                    n: v
+                    for n, v in old.finished.items()
                     if os.path.isfile(os.path.join(out, n)) and os.path.getsize(os.path.join(out, n)) == v["size"]
                 }
                 self.reuse_placement(old.placement)
@@ -454,7 +511,9 @@ class Merger:
         else:
             foreign = [f for f in os.listdir(out) if not f.endswith(TMP_SUFFIX) and f != PID_NAME]
             if foreign:
-                raise ResumeError(f"{out}: not empty and not a streammerge output ({foreign[0]!r} ...); choose another folder")
+                raise ResumeError(
+                    f"{out}: not empty and not a streammerge output ({foreign[0]!r} ...); choose another folder"
+                )
         journal = Journal(jpath, fingerprint, recipe_doc, inputs, names)
         journal.placement = {t.name: t.device for t in self.plan.tensors if t.device != "copy"}
         journal.save()
@@ -481,8 +540,11 @@ class Merger:
         if fresh:
             if self.plan.peak_host <= self.plan.ram_budget and not self.plan.spilled:
                 return
-            log.info("the plan's upper bounds need %s of RAM%s: measuring the data-dependent working sets (one read of those tensors)",
-                     format_size(self.plan.peak_host), f" and spill {len(self.plan.spilled)} tensor(s) to the CPU" if self.plan.spilled else "")
+            log.info(
+                "the plan's upper bounds need %s of RAM%s: measuring the data-dependent working sets (one read of those tensors)",
+                format_size(self.plan.peak_host),
+                f" and spill {len(self.plan.spilled)} tensor(s) to the CPU" if self.plan.spilled else "",
+            )
             journal.statistics = self.measure_statistics()
         self.plan_with(journal.statistics)
         if fresh:  # the counts and the placement they give, together
@@ -510,7 +572,9 @@ class Merger:
             if placed is None or placed.device == device:
                 continue
             if device == "cuda" and not torch.cuda.is_available():
-                raise ResourceError(f"{self.recipe.out}: this merge started on a GPU; resume it where CUDA is available (or pass --restart)")
+                raise ResourceError(
+                    f"{self.recipe.out}: this merge started on a GPU; resume it where CUDA is available (or pass --restart)"
+                )
             log.info("%s: computed on %s as in the first run (the plan now says %s)", name, device, placed.device)
             self._placement[name] = dataclasses.replace(placed, device=device)
 
@@ -528,7 +592,11 @@ class Merger:
         if self.assume_gpu:  # planning for a GPU that is not here: `plan --measure` reads on the CPU
             return torch.device("cpu")
         placed = self._placement.get(name)
-        return torch.device(placed.device) if placed is not None and placed.device in ("cuda", "cpu") else torch.device("cpu")
+        return (
+            torch.device(placed.device)
+            if placed is not None and placed.device in ("cuda", "cpu")
+            else torch.device("cpu")
+        )
 
     @property
     def _check_inputs(self) -> bool:
@@ -541,7 +609,9 @@ class Merger:
     def _load_base(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         t = self.base.get(name, self.compute_dtype, self._device_of(name), rows)
         if self._check_inputs and not all_finite(t):
-            raise NonFiniteError(f"{self.base.file_of(name)}: tensor {name!r} contains NaN or Inf (pass --allow-nonfinite to merge it anyway)")
+            raise NonFiniteError(
+                f"{self.base.file_of(name)}: tensor {name!r} contains NaN or Inf (pass --allow-nonfinite to merge it anyway)"
+            )
         return t
 
     def _task(self, t: OutputTensor, statistics=None) -> TensorTask:
@@ -549,11 +619,19 @@ class Merger:
         device = self._device_of(t.name)
         placed = self._placement.get(t.name)
         return TensorTask(
-            t.name, lambda rows: self._load_base(t.name, rows), self._experts_for(t.name), values.weights, values.densities,
-            statistics, self.recipe.seed,
+            t.name,
+            lambda rows: self._load_base(t.name, rows),
+            self._experts_for(t.name),
+            values.weights,
+            values.densities,
+            statistics,
+            self.recipe.seed,
             OftGenerators(self.experts, t.name, self.compute_dtype, device) if self.oft_path else None,  # type: ignore[arg-type]
             torch.device("cpu") if placed is not None and device.type == "cuda" and "state" in placed.note else None,
-            out_dtype=DTYPES[t.dtype], shape=t.shape, dtype=self.compute_dtype, expert_values=values.experts,
+            out_dtype=DTYPES[t.dtype],
+            shape=t.shape,
+            dtype=self.compute_dtype,
+            expert_values=values.experts,
         )
 
     def _model_densities(self) -> tuple[float | None, ...]:
@@ -563,12 +641,20 @@ class Merger:
             raise UsageError("ties scope=model: density must be one value per expert (no gradient or filter)")
         return distinct.pop() if distinct else tuple(None for _ in self.experts)
 
-    def model_blocks(self, names: set[str] | None = None, progress: bool = True) -> Iterator[tuple[str, torch.Tensor, ExpertRows]]:
+    def model_blocks(
+        self, names: set[str] | None = None, progress: bool = True
+    ) -> Iterator[tuple[str, torch.Tensor, ExpertRows]]:
         """A statistics pass over the merged tensors (those in `names`): (name, base rows, experts'
         rows) for every row block."""
         wanted = self.method.statistics_tensors
-        merged = [t for s in self.shards for t in s.tensors if t.merged and (names is None or t.name in names)
-                  and (wanted is None or wanted(t.name, t.shape, self._values[t.name].params))]
+        merged = [
+            t
+            for s in self.shards
+            for t in s.tensors
+            if t.merged
+            and (names is None or t.name in names)
+            and (wanted is None or wanted(t.name, t.shape, self._values[t.name].params))
+        ]
         for t in tqdm(merged, desc="statistics", unit="tensor", disable=self.quiet or not progress, leave=False):
             task = self._task(t)
             for rows in task.row_blocks():
@@ -595,8 +681,12 @@ class Merger:
         if not self.recipe.allow_nonfinite and not all_finite(result):
             for src in (self.base, *self.experts):  # name the input that brought it
                 if not all_finite(src.get(t.name, self.compute_dtype)):
-                    raise NonFiniteError(f"{src.file_of(t.name)}: tensor {t.name!r} contains NaN or Inf (pass --allow-nonfinite to merge it anyway)")
-            raise NonFiniteError(f"merged tensor {t.name!r} has NaN or Inf although its inputs are finite (a bug: please report)")
+                    raise NonFiniteError(
+                        f"{src.file_of(t.name)}: tensor {t.name!r} contains NaN or Inf (pass --allow-nonfinite to merge it anyway)"
+                    )
+            raise NonFiniteError(
+                f"merged tensor {t.name!r} has NaN or Inf although its inputs are finite (a bug: please report)"
+            )
         # convert, then move: a blocking device-to-host copy would convert on the host, holding a
         # float32 copy of the result in RAM
         return result.to(DTYPES[t.dtype]).to("cpu")
@@ -611,7 +701,9 @@ class Merger:
                 report.measured_peak_ram = sampler.peak
                 return report
             except KeyboardInterrupt:
-                raise Interrupted("interrupted; the finished shards are kept — rerun the same command to resume") from None
+                raise Interrupted(
+                    "interrupted; the finished shards are kept — rerun the same command to resume"
+                ) from None
 
     def _run(self) -> MergeReport:
         if self.assume_gpu:
@@ -648,9 +740,16 @@ class Merger:
         try:
             if executor is not None:
                 executor.check_resources(todo)  # before any work, as the local plan check
-            if (self.method.statistics is not None and not self.method.plan_statistics and self.method.statistics_passes(self.params)
-                    and journal.statistics is None and todo):
-                densities = [d if d is not None else getattr(self.params, "density", 1.0) for d in self._model_densities()]
+            if (
+                self.method.statistics is not None
+                and not self.method.plan_statistics
+                and self.method.statistics_passes(self.params)
+                and journal.statistics is None
+                and todo
+            ):
+                densities = [
+                    d if d is not None else getattr(self.params, "density", 1.0) for d in self._model_densities()
+                ]
                 map_pass = self._map_pass if executor is None else executor.map_pass
                 journal.statistics = self.method.statistics(map_pass, len(self.experts), self.params, densities)
                 journal.save()
@@ -659,20 +758,29 @@ class Merger:
             read_ahead = ReadAhead(self.input_ranges(todo) if executor is None else []).start()
             try:
                 with tqdm(
-                    total=total, initial=total - sum(s.nbytes for s in todo), unit="B", unit_scale=True,
-                    desc=f"merging ({self.method.name}, {self.device.type}{', Ray' if executor else ''})", disable=self.quiet, smoothing=0.1,
+                    total=total,
+                    initial=total - sum(s.nbytes for s in todo),
+                    unit="B",
+                    unit_scale=True,
+                    desc=f"merging ({self.method.name}, {self.device.type}{', Ray' if executor else ''})",
+                    disable=self.quiet,
+                    smoothing=0.1,
                 ) as bar:
                     if executor is None:
                         written = self._merge_shards(todo, journal, bar, read_ahead, input_paths, initial_state)
                     else:
-                        written = executor.merge(todo, journal, _Progress(bar), lambda: check_unchanged(input_paths, initial_state))
+                        written = executor.merge(
+                            todo, journal, _Progress(bar), lambda: check_unchanged(input_paths, initial_state)
+                        )
             finally:
                 read_ahead.stop()
         finally:
             if executor is not None:
                 executor.stop()
         self._finish(journal)
-        report = MergeReport(out, len(self.shards), len(self.shards) - len(todo), written, time.monotonic() - started, self.device.type)
+        report = MergeReport(
+            out, len(self.shards), len(self.shards) - len(todo), written, time.monotonic() - started, self.device.type
+        )
         report.bytes_read_ahead, report.read_throughput = read_ahead.read, read_ahead.throughput()
         return report
 
@@ -699,8 +807,15 @@ class Merger:
             written += size
         return written
 
-    def write_shard(self, shard: Shard, statistics, journal: Journal | None = None, progress: "_Progress | None" = None,
-                    read_ahead: ReadAhead | None = None, temp_tag: str = "") -> tuple[str, int]:
+    def write_shard(
+        self,
+        shard: Shard,
+        statistics,
+        journal: Journal | None = None,
+        progress: "_Progress | None" = None,
+        read_ahead: ReadAhead | None = None,
+        temp_tag: str = "",
+    ) -> tuple[str, int]:
         """Merge the tensors of `shard` and write it atomically under its final name; (sha256, size).
 
         With a journal, progress inside the shard is made durable every `checkpoint_seconds` and a
@@ -709,9 +824,20 @@ class Merger:
         never writes into another's file."""
         out = self.recipe.out
         layout = [(t.name, t.dtype, t.shape) for t in shard.tensors]
-        partial = journal.partial if journal is not None and journal.partial and journal.partial["shard"] == shard.filename else None
+        partial = (
+            journal.partial
+            if journal is not None and journal.partial and journal.partial["shard"] == shard.filename
+            else None
+        )
         resume = (partial["tensors"], partial["offset"]) if partial else None
-        with ShardWriter(os.path.join(out, shard.filename), layout, {"format": "pt"}, resume=resume, background=True, temp_tag=temp_tag) as writer:
+        with ShardWriter(
+            os.path.join(out, shard.filename),
+            layout,
+            {"format": "pt"},
+            resume=resume,
+            background=True,
+            temp_tag=temp_tag,
+        ) as writer:
             writer.keep_on_error = journal is not None  # what a checkpoint made durable survives an interrupt
             done = writer.tensors_written
             if done:
@@ -727,8 +853,16 @@ class Merger:
                     read_ahead.advance(self._placement[t.name].read_bytes)
                 if progress is not None:
                     progress.done(t.nbytes, self._placement[t.name].read_bytes)
-                if journal is not None and time.monotonic() - last_checkpoint >= self.checkpoint_seconds and writer.tensors_written < len(layout):
-                    journal.partial = {"shard": shard.filename, "tensors": writer.tensors_written, "offset": writer.checkpoint()}
+                if (
+                    journal is not None
+                    and time.monotonic() - last_checkpoint >= self.checkpoint_seconds
+                    and writer.tensors_written < len(layout)
+                ):
+                    journal.partial = {
+                        "shard": shard.filename,
+                        "tensors": writer.tensors_written,
+                        "offset": writer.checkpoint(),
+                    }
                     journal.save()
                     last_checkpoint = time.monotonic()
             return writer.commit()
@@ -737,7 +871,9 @@ class Merger:
         out = self.recipe.out
         copy_model_files(self.recipe, out)
         write_card(self.recipe, out)
-        if (self.out_dtype is not None or self.stacked_layers is not None) and os.path.isfile(os.path.join(out, "config.json")):
+        if (self.out_dtype is not None or self.stacked_layers is not None) and os.path.isfile(
+            os.path.join(out, "config.json")
+        ):
             config = load_json(os.path.join(out, "config.json"))
             if self.out_dtype is not None:
                 config["torch_dtype"] = str(self.out_dtype).removeprefix("torch.")
@@ -745,8 +881,10 @@ class Merger:
                 config["num_hidden_layers"] = self.stacked_layers
             write_bytes_atomic(os.path.join(out, "config.json"), (json.dumps(config, indent=2) + "\n").encode())
         if self.report is not None:
-            self.report.finish({"method": self.method.name, "experts": len(self.experts), "recipe": journal.recipe},
-                               [t.name for s in self.shards for t in s.tensors if t.merged])
+            self.report.finish(
+                {"method": self.method.name, "experts": len(self.experts), "recipe": journal.recipe},
+                [t.name for s in self.shards for t in s.tensors if t.merged],
+            )
         journal.complete = True
         journal.save()
         index = {

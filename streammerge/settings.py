@@ -12,6 +12,7 @@ A setting is what a recipe gives for one parameter:
 These are mergekit 0.1.5's rules (mergekit/config.py `evaluate_setting`, plan.py), kept
 identical because users bring mergekit recipes; our native recipes use the same rules.
 """
+
 from __future__ import annotations
 
 import re
@@ -42,10 +43,14 @@ def check_setting(setting: Any, where: str) -> None:
         return
     for cond in setting:
         if not isinstance(cond, dict) or "value" not in cond or set(cond) - {"filter", "value"}:
-            raise UsageError(f"{where}: a list mixing values and filters; each filter entry is {{filter: NAME-PART, value: V}}")
+            raise UsageError(
+                f"{where}: a list mixing values and filters; each filter entry is {{filter: NAME-PART, value: V}}"
+            )
         if cond.get("filter") is not None and not isinstance(cond["filter"], str):
             raise UsageError(f"{where}: filter {cond['filter']!r} is not a string")
-        if isinstance(cond["value"], (dict,)) or (isinstance(cond["value"], list) and not all(is_constant(v) for v in cond["value"])):
+        if isinstance(cond["value"], (dict,)) or (
+            isinstance(cond["value"], list) and not all(is_constant(v) for v in cond["value"])
+        ):
             raise UsageError(f"{where}: a filter's value is a scalar or a gradient (a list of scalars)")
         check_setting(cond["value"], where)
 

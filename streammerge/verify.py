@@ -4,6 +4,7 @@ Checks the index against the shard files and their headers, that every tensor of
 present with the right shape and dtype, every shard's sha256 against the merge record, and
 that no temporary file is left. All problems are reported together.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -75,7 +76,9 @@ def verify_output(out: str) -> str:
     index = load_json(os.path.join(out, INDEX_NAME))
     data_bytes = sum(i.nbytes for _, i in merged.locations.values())
     if index.get("metadata", {}).get("total_size") not in (None, data_bytes):
-        problems.append(f"{INDEX_NAME}: total_size {index['metadata']['total_size']} but the shards hold {data_bytes} bytes")
+        problems.append(
+            f"{INDEX_NAME}: total_size {index['metadata']['total_size']} but the shards hold {data_bytes} bytes"
+        )
     files = sorted(os.path.basename(f) for f in merged.files)
     if files != sorted(journal.shards):
         problems.append(f"shards {files} differ from the recorded {sorted(journal.shards)}")
@@ -89,7 +92,9 @@ def verify_output(out: str) -> str:
         m = merged.info(name)
         want = DTYPE_NAMES[out_dtype] if (out_dtype is not None and b.dtype in FLOAT_DTYPES) else b.dtype
         if m.shape != b.shape or m.dtype != want:
-            problems.append(f"{merged.file_of(name)}: tensor {name!r} is {list(m.shape)} {m.dtype}, expected {list(b.shape)} {want}")
+            problems.append(
+                f"{merged.file_of(name)}: tensor {name!r} is {list(m.shape)} {m.dtype}, expected {list(b.shape)} {want}"
+            )
     extra = set(merged.names()) - set(base.names())
     problems += [f"{merged.file_of(n)}: tensor {n!r} is not in the base" for n in sorted(extra)]
     for f in merged.files:

@@ -1,4 +1,5 @@
 """Shared fixtures: toy models made by tools/make_toy_models.py (deterministic, no download)."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -43,13 +44,33 @@ def load_all(folder: str) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="session")
 def toy_untied(tmp_path_factory) -> str:
     """3 full-delta experts, untied embeddings, q/k/v biases, several shards."""
-    return make_toy(str(tmp_path_factory.mktemp("toy_untied")), "--preset", "tiny", "--experts", "3", "--bias", "--shard-size", "60KB")
+    return make_toy(
+        str(tmp_path_factory.mktemp("toy_untied")),
+        "--preset",
+        "tiny",
+        "--experts",
+        "3",
+        "--bias",
+        "--shard-size",
+        "60KB",
+    )
 
 
 @pytest.fixture(scope="session")
 def toy_tied(tmp_path_factory) -> str:
     """3 low-rank experts, tied embeddings (no lm_head), several shards."""
-    return make_toy(str(tmp_path_factory.mktemp("toy_tied")), "--preset", "tiny", "--experts", "3", "--tied", "--kind", "lowrank", "--shard-size", "50KB")
+    return make_toy(
+        str(tmp_path_factory.mktemp("toy_tied")),
+        "--preset",
+        "tiny",
+        "--experts",
+        "3",
+        "--tied",
+        "--kind",
+        "lowrank",
+        "--shard-size",
+        "50KB",
+    )
 
 
 def experts_of(folder: str, n: int = 3) -> list[str]:

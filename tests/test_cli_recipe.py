@@ -1,4 +1,5 @@
 """The CLI and recipe files: same results from flags, our YAML and mergekit's YAML; resume rules."""
+
 from __future__ import annotations
 
 import filecmp
@@ -33,12 +34,31 @@ def same_shards(a: str, b: str) -> bool:
 
 
 def test_flags_and_native_yaml_agree_with_weights(toy_untied, tmp_path):
-    r = invoke(*flags(toy_untied), "--weight", "1", "--weight", "0.5", "--weight", "2", "--method", "ties", "--density", "0.3",
-               "--lambda", "0.8", "--out", str(tmp_path / "flags"))
+    r = invoke(
+        *flags(toy_untied),
+        "--weight",
+        "1",
+        "--weight",
+        "0.5",
+        "--weight",
+        "2",
+        "--method",
+        "ties",
+        "--density",
+        "0.3",
+        "--lambda",
+        "0.8",
+        "--out",
+        str(tmp_path / "flags"),
+    )
     assert r.exit_code == 0, r.output
-    native = {"method": "ties", "base": os.path.join(toy_untied, "base"),
-              "experts": [{"path": e, "weight": w} for e, w in zip(experts_of(toy_untied), (1, 0.5, 2))],
-              "parameters": {"density": 0.3, "lambda": 0.8}, "out": str(tmp_path / "native")}
+    native = {
+        "method": "ties",
+        "base": os.path.join(toy_untied, "base"),
+        "experts": [{"path": e, "weight": w} for e, w in zip(experts_of(toy_untied), (1, 0.5, 2))],
+        "parameters": {"density": 0.3, "lambda": 0.8},
+        "out": str(tmp_path / "native"),
+    }
     (tmp_path / "native.yaml").write_text(yaml.safe_dump(native))
     assert invoke("--recipe", str(tmp_path / "native.yaml")).exit_code == 0
     assert same_shards(str(tmp_path / "flags"), str(tmp_path / "native"))
@@ -47,14 +67,26 @@ def test_flags_and_native_yaml_agree_with_weights(toy_untied, tmp_path):
 def test_mergekit_recipes_map_to_mergekit_semantics(tmp_path):
     """Defaults are mergekit's: density 1, normalize per method, rescale for DARE/DELLA; the base
     listed among the models is not an expert; weight is required."""
+
     def load(doc):
         (tmp_path / "r.yaml").write_text(yaml.safe_dump(doc))
         return load_recipe_file(str(tmp_path / "r.yaml"), {"out": "o"})
 
-    r = load({"merge_method": "dare_ties", "base_model": "b", "models": [{"model": "b"}, {"model": "e1", "parameters": {"weight": 0.5}}],
-              "parameters": {"density": 0.3}})
+    r = load(
+        {
+            "merge_method": "dare_ties",
+            "base_model": "b",
+            "models": [{"model": "b"}, {"model": "e1", "parameters": {"weight": 0.5}}],
+            "parameters": {"density": 0.3},
+        }
+    )
     method, params = r.resolve()
-    assert method.name == "gta" and (params.sparsify, params.consensus, params.normalize, params.rescale) == ("random", "sum", False, True)
+    assert method.name == "gta" and (params.sparsify, params.consensus, params.normalize, params.rescale) == (
+        "random",
+        "sum",
+        False,
+        True,
+    )
     assert [e.path for e in r.experts] == ["e1"]
     _, values = r.method_and_values("model.layers.0.mlp.up_proj.weight", 0.0)
     assert values.experts[0]["density"] == 0.3 and values.experts[0]["weight"] == 0.5
@@ -65,10 +97,22 @@ def test_mergekit_recipes_map_to_mergekit_semantics(tmp_path):
         load({"merge_method": "ties", "base_model": "b", "models": [{"model": "e1"}]})
     with pytest.raises(UsageError, match="model b has no weight .*adds base_model"):
         load({"merge_method": "linear", "base_model": "b", "models": [{"model": "e1", "parameters": {"weight": 1}}]})
-    r = load({"merge_method": "linear", "base_model": "b", "models": [{"model": "b", "parameters": {"weight": 1}}, {"model": "e1", "parameters": {"weight": 3}}]})
+    r = load(
+        {
+            "merge_method": "linear",
+            "base_model": "b",
+            "models": [{"model": "b", "parameters": {"weight": 1}}, {"model": "e1", "parameters": {"weight": 3}}],
+        }
+    )
     assert r.method == "linear" and [(e.path, e.weight) for e in r.experts] == [("b", 1), ("e1", 3)]
     with pytest.raises(UsageError, match="tokenizer_source: union"):
-        load({"merge_method": "linear", "models": [{"model": "e1", "parameters": {"weight": 1}}], "tokenizer_source": "union"})
+        load(
+            {
+                "merge_method": "linear",
+                "models": [{"model": "e1", "parameters": {"weight": 1}}],
+                "tokenizer_source": "union",
+            }
+        )
     with pytest.raises(UsageError, match="'slices'"):
         load({"merge_method": "passthrough", "slices": []})
 
@@ -83,7 +127,12 @@ def test_rerun_of_complete_merge_is_a_noop_and_other_recipe_is_refused(toy_untie
     assert r.exit_code == 5 and "different recipe" in r.output
     r = invoke(*flags(toy_untied), "--method", "task_arithmetic", "--lambda", "0.5", "--out", out, "--restart")
     assert r.exit_code == 0
-    assert invoke(*flags(toy_untied), "--method", "task_arithmetic", "--lambda", "0.5", "--out", str(tmp_path / "fresh")).exit_code == 0
+    assert (
+        invoke(
+            *flags(toy_untied), "--method", "task_arithmetic", "--lambda", "0.5", "--out", str(tmp_path / "fresh")
+        ).exit_code
+        == 0
+    )
     assert same_shards(out, str(tmp_path / "fresh"))
 
 

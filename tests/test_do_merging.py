@@ -1,6 +1,7 @@
 """DO-Merging: the coefficient-space descent equals the same descent on full matrices (float64
 reference); it lowers the overlaps it targets, keeps every perturbation within its bound, and
 reproduces a single expert; LoRA experts (factors) agree in kind with their dense form."""
+
 from __future__ import annotations
 
 import os
@@ -24,23 +25,29 @@ def full_descent(ds: list[torch.Tensor], params) -> list[torch.Tensor]:
     norms2 = [float(d.square().sum()) for d in ds]
     for _ in range(params.steps):
         xs = [d + e for d, e in zip(ds, deltas)]
-        loss = sum(((xs[i] * xs[j]).sum() ** 2) / (xs[i].square().sum() * xs[j].square().sum())
-                   for i in range(len(xs)) for j in range(i + 1, len(xs)))
+        loss = sum(
+            ((xs[i] * xs[j]).sum() ** 2) / (xs[i].square().sum() * xs[j].square().sum())
+            for i in range(len(xs))
+            for j in range(i + 1, len(xs))
+        )
         loss = loss + params.gamma * sum(e.square().sum() / s for e, s in zip(deltas, norms2))
         grads = torch.autograd.grad(loss, deltas)
         with torch.no_grad():
             for e, g, s in zip(deltas, grads, norms2):
                 e -= params.lr * g * s  # coefficient steps act on X = C·D: in matrix units, ×‖D‖²
                 size = float(e.norm())
-                if size > params.bound * s ** 0.5:
-                    e.mul_(params.bound * s ** 0.5 / size)
+                if size > params.bound * s**0.5:
+                    e.mul_(params.bound * s**0.5 / size)
     return [d + e.detach() for d, e in zip(ds, deltas)]
 
 
 def directions(count, m, n, seed, shared):
     g = torch.Generator().manual_seed(seed)
     common = torch.randn(m, n, dtype=torch.float64, generator=g)
-    return [do_merging.row_normalised(shared * common + torch.randn(m, n, dtype=torch.float64, generator=g))[0] for _ in range(count)]
+    return [
+        do_merging.row_normalised(shared * common + torch.randn(m, n, dtype=torch.float64, generator=g))[0]
+        for _ in range(count)
+    ]
 
 
 @settings(max_examples=20, deadline=None)
@@ -64,14 +71,28 @@ def test_coefficient_descent_equals_the_full_matrix_descent():
     c = do_merging.orthogonalise_coefficients(gram, params)
     ours = [sum(float(c[i, k]) * mixed[k] for k in range(3)) for i in range(3)]
     theirs = full_descent(mixed, params)
-    overlap = lambda xs: sum(float(((xs[i] * xs[j]).sum()) ** 2 / (xs[i].square().sum() * xs[j].square().sum())) for i in range(3) for j in range(i + 1, 3))
+    overlap = lambda xs: sum(
+        float(((xs[i] * xs[j]).sum()) ** 2 / (xs[i].square().sum() * xs[j].square().sum()))
+        for i in range(3)
+        for j in range(i + 1, 3)
+    )
     assert overlap(ours) < overlap(mixed) and overlap(theirs) < overlap(mixed)
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
 
 
 def test_single_expert_is_reproduced(toy_untied, tmp_path):
-    merge(Recipe("do_merging", os.path.join(toy_untied, "base"), (Expert(experts_of(toy_untied)[0]),), str(tmp_path / "o"), {"lambda": 1.0}, dtype="float32"), device="cpu")
+    merge(
+        Recipe(
+            "do_merging",
+            os.path.join(toy_untied, "base"),
+            (Expert(experts_of(toy_untied)[0]),),
+            str(tmp_path / "o"),
+            {"lambda": 1.0},
+            dtype="float32",
+        ),
+        device="cpu",
+    )
     got, want = load_all(str(tmp_path / "o")), load_all(experts_of(toy_untied)[0])
     for k in got:
         torch.testing.assert_close(got[k], want[k].float(), rtol=1e-5, atol=1e-6)
@@ -79,7 +100,17 @@ def test_single_expert_is_reproduced(toy_untied, tmp_path):
 
 def test_merge_keeps_the_mean_magnitudes(toy_untied, tmp_path):
     """At the default λ = 0.5: half the experts' mean row norms."""
-    merge(Recipe("do_merging", os.path.join(toy_untied, "base"), tuple(Expert(p) for p in experts_of(toy_untied)), str(tmp_path / "o"), {}, dtype="float32"), device="cpu")
+    merge(
+        Recipe(
+            "do_merging",
+            os.path.join(toy_untied, "base"),
+            tuple(Expert(p) for p in experts_of(toy_untied)),
+            str(tmp_path / "o"),
+            {},
+            dtype="float32",
+        ),
+        device="cpu",
+    )
     got = load_all(str(tmp_path / "o"))
     base = load_all(os.path.join(toy_untied, "base"))
     experts = [load_all(p) for p in experts_of(toy_untied)]
@@ -98,14 +129,29 @@ def test_lora_factors_are_perturbed_within_the_bound():
         assert float((x1 - x0).norm()) <= P.bound * float(x0.norm()) * (1 + 1e-9)
 
     def overlap(a_list):
-        return sum(float((a_list[i] @ a_list[j].T).square().sum() / (a_list[i].square().sum() * a_list[j].square().sum())) for i in range(3) for j in range(i + 1, 3))
+        return sum(
+            float((a_list[i] @ a_list[j].T).square().sum() / (a_list[i].square().sum() * a_list[j].square().sum()))
+            for i in range(3)
+            for j in range(i + 1, 3)
+        )
+
     assert overlap(na) < overlap(as_)
 
 
 def test_lora_experts_merge(tmp_path):
     toy = make_toy(str(tmp_path / "lora"), "--preset", "tiny", "--experts", "2", "--kind", "lora")
     out = str(tmp_path / "o")
-    merge(Recipe("do_merging", os.path.join(toy, "base"), tuple(Expert(p) for p in experts_of(toy, 2)), out, {}, dtype="float32"), device="cpu")
+    merge(
+        Recipe(
+            "do_merging",
+            os.path.join(toy, "base"),
+            tuple(Expert(p) for p in experts_of(toy, 2)),
+            out,
+            {},
+            dtype="float32",
+        ),
+        device="cpu",
+    )
     got, base = load_all(out), load_all(os.path.join(toy, "base"))
     name = "model.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(got[name], base[name].float())

@@ -1,5 +1,6 @@
 """gta's sparsifiers against direct sort-based references (mergekit's formulas), whole and
 streamed in row blocks; L1 rescaling; DELLA's epsilon check."""
+
 from __future__ import annotations
 
 import pytest
@@ -29,7 +30,11 @@ def reference(kind: str, t: torch.Tensor, density: float, gamma: float, rescale:
     else:
         target, top = int(density * n), int(gamma * n)
         bottom = max(0, n - target - top)
-        mask[(torch.sort(w, stable=True) if stable else torch.sort(w, descending=False)).indices[bottom:bottom + target]] = 1
+        mask[
+            (torch.sort(w, stable=True) if stable else torch.sort(w, descending=False)).indices[
+                bottom : bottom + target
+            ]
+        ] = 1
     return rescaled(t, mask.view(t.shape), rescale)
 
 
@@ -38,14 +43,22 @@ def streamed(sp: gta.Sparsifier, t: torch.Tensor, rows: int) -> torch.Tensor:
     for stage in range(sp.passes):
         sp.begin(stage)
         for r in blocks:
-            sp.observe(stage, t[r[0]:r[1]].clone())
+            sp.observe(stage, t[r[0] : r[1]].clone())
     sp.ready()
-    return torch.cat([sp.apply(t[r[0]:r[1]].clone()) for r in blocks])
+    return torch.cat([sp.apply(t[r[0] : r[1]].clone()) for r in blocks])
 
 
 @settings(max_examples=60, deadline=None)
-@given(rows=st.integers(1, 30), cols=st.integers(1, 30), density=st.floats(0.05, 0.95), gamma=st.floats(0.0, 0.2),
-       kind=st.sampled_from(["magnitude", "magnitude_outliers"]), rescale=st.booleans(), block=st.integers(1, 7), seed=st.integers(0, 1000))
+@given(
+    rows=st.integers(1, 30),
+    cols=st.integers(1, 30),
+    density=st.floats(0.05, 0.95),
+    gamma=st.floats(0.0, 0.2),
+    kind=st.sampled_from(["magnitude", "magnitude_outliers"]),
+    rescale=st.booleans(),
+    block=st.integers(1, 7),
+    seed=st.integers(0, 1000),
+)
 def test_magnitude_sparsifiers_equal_a_sort(rows, cols, density, gamma, kind, rescale, block, seed):
     g = torch.Generator().manual_seed(seed)
     t = torch.round(torch.randn(rows, cols, generator=g) * 3) / 4  # many ties, some zeros
@@ -72,8 +85,19 @@ def test_random_sparsifiers_restore_the_l1_norm_and_stream_identically(kind):
 
 def test_della_magprune_keeps_large_entries_more_often():
     t = torch.arange(1, 1001, dtype=torch.float32).repeat(200, 1)  # every row ranks the same
-    kept = gta.whole(gta.Sparsifier("della_magprune", {"density": 0.5, "epsilon": 0.4}, False, tuple(t.shape),
-                                    lambda: torch.Generator().manual_seed(0)), t.clone()) != 0
+    kept = (
+        gta.whole(
+            gta.Sparsifier(
+                "della_magprune",
+                {"density": 0.5, "epsilon": 0.4},
+                False,
+                tuple(t.shape),
+                lambda: torch.Generator().manual_seed(0),
+            ),
+            t.clone(),
+        )
+        != 0
+    )
     rate = kept.float().mean(0)
     assert float(rate[:100].mean()) == pytest.approx(0.14, abs=0.03)  # p = 0.1 + 0.8·rank/999
     assert float(rate[-100:].mean()) == pytest.approx(0.86, abs=0.03)
@@ -84,4 +108,6 @@ def test_della_magprune_keeps_large_entries_more_often():
 def test_density_one_keeps_the_task_vector_unscaled():
     t = torch.randn(10, 10)
     for kind in ("magnitude", "random", "magnitude_outliers", "della_magprune"):
-        assert torch.equal(gta.whole(gta.Sparsifier(kind, {"density": 1.0}, True, (10, 10), lambda: torch.Generator()), t.clone()), t)
+        assert torch.equal(
+            gta.whole(gta.Sparsifier(kind, {"density": 1.0}, True, (10, 10), lambda: torch.Generator()), t.clone()), t
+        )

@@ -3,6 +3,7 @@
 After every kill, each file under a final shard name must be complete: byte-identical to the
 same shard of the uninterrupted run. The final output must be byte-identical too.
 """
+
 from __future__ import annotations
 
 import filecmp
@@ -22,7 +23,17 @@ pytestmark = pytest.mark.slow
 
 
 def cli(folder: str, out: str, method: str, *extra: str) -> list[str]:
-    cmd = [sys.executable, "-m", "streammerge.cli", "merge", "--quiet", "--device", "cpu", "--base", os.path.join(folder, "base")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "streammerge.cli",
+        "merge",
+        "--quiet",
+        "--device",
+        "cpu",
+        "--base",
+        os.path.join(folder, "base"),
+    ]
     for e in experts_of(folder):
         cmd += ["--expert", e]
     shard = [] if "--shard-size" in extra else ["--shard-size", "300KB"]
@@ -30,20 +41,38 @@ def cli(folder: str, out: str, method: str, *extra: str) -> list[str]:
 
 
 def final_shards(out: str) -> list[str]:
-    return sorted(f for f in os.listdir(out) if f.startswith("model-") and f.endswith(".safetensors")) if os.path.isdir(out) else []
+    return (
+        sorted(f for f in os.listdir(out) if f.startswith("model-") and f.endswith(".safetensors"))
+        if os.path.isdir(out)
+        else []
+    )
 
 
 @pytest.fixture(scope="module")
 def small_models(tmp_path_factory) -> str:
-    return make_toy(str(tmp_path_factory.mktemp("small")), "--preset", "small", "--layers", "6", "--experts", "3", "--shard-size", "1MB")
+    return make_toy(
+        str(tmp_path_factory.mktemp("small")),
+        "--preset",
+        "small",
+        "--layers",
+        "6",
+        "--experts",
+        "3",
+        "--shard-size",
+        "1MB",
+    )
 
 
-@pytest.mark.parametrize("method,extra", [
-    ("ties", ("--ties-scope", "model")),
-    ("dare", ("--param", "combine=ties", "--seed", "3")),
-    # one big shard, progress made durable after every tensor: kills land mid-shard and resume there
-    ("ties", ("--ties-scope", "model", "--shard-size", "5GB", "--checkpoint-every", "0")),
-], ids=["ties-model", "dare-ties", "mid-shard"])
+@pytest.mark.parametrize(
+    "method,extra",
+    [
+        ("ties", ("--ties-scope", "model")),
+        ("dare", ("--param", "combine=ties", "--seed", "3")),
+        # one big shard, progress made durable after every tensor: kills land mid-shard and resume there
+        ("ties", ("--ties-scope", "model", "--shard-size", "5GB", "--checkpoint-every", "0")),
+    ],
+    ids=["ties-model", "dare-ties", "mid-shard"],
+)
 def test_sigkill_at_random_points_then_resume_is_byte_identical(small_models, tmp_path, method, extra):
     reference = str(tmp_path / "reference")
     subprocess.run(cli(small_models, reference, method, *extra), check=True)
@@ -77,7 +106,9 @@ def test_sigkill_at_random_points_then_resume_is_byte_identical(small_models, tm
             kills += 1
         proc.wait()
         for shard in final_shards(out):
-            assert filecmp.cmp(os.path.join(out, shard), os.path.join(reference, shard), shallow=False), f"{shard} incomplete or different after kill {kills}"
+            assert filecmp.cmp(os.path.join(out, shard), os.path.join(reference, shard), shallow=False), (
+                f"{shard} incomplete or different after kill {kills}"
+            )
         record = os.path.join(out, "streammerge.json")
         if os.path.exists(record) and json.load(open(record)).get("partial"):
             resumed_mid_shard += 1
@@ -94,4 +125,6 @@ def test_sigkill_at_random_points_then_resume_is_byte_identical(small_models, tm
     assert sorted(os.listdir(out)) == sorted(os.listdir(reference))
     for f in os.listdir(reference):
         assert filecmp.cmp(os.path.join(out, f), os.path.join(reference, f), shallow=False), f
-    print(f"{method}: {kills} SIGKILLs ({resumed_mid_shard} left a mid-shard checkpoint), every resumed output byte-identical")
+    print(
+        f"{method}: {kills} SIGKILLs ({resumed_mid_shard} left a mid-shard checkpoint), every resumed output byte-identical"
+    )

@@ -1,4 +1,5 @@
 """Property tests of the orthogonal-group mathematics (Hypothesis)."""
+
 from __future__ import annotations
 
 import math
@@ -10,7 +11,14 @@ from hypothesis import strategies as st
 
 from streammerge.math.cayley import cayley, cayley_neumann, inverse_cayley, peft_rotation
 from streammerge.math.lie_mean import magnitude_corrected_mean
-from streammerge.math.procrustes import SubspaceBuilder, full_rotation, generator_of, identity_rotation, procrustes, rotate_base
+from streammerge.math.procrustes import (
+    SubspaceBuilder,
+    full_rotation,
+    generator_of,
+    identity_rotation,
+    procrustes,
+    rotate_base,
+)
 from streammerge.math.skew import block_diag, pack_skew, unpack_skew
 from streammerge.math.strategies import matrices, skew_matrices
 
@@ -39,7 +47,9 @@ def test_inverse_cayley_after_cayley_is_identity(q):
 @given(skew_matrices(max_norm=3.0))
 def test_cayley_after_inverse_cayley_is_identity_away_from_minus_one(q):
     r = cayley(q)  # angles ≤ 2·atan(3) < π: R + I is invertible
-    assert torch.allclose(cayley(inverse_cayley(r)), r, atol=50 * TOL[q.dtype] * (1 + float(torch.linalg.matrix_norm(q)) ** 2))
+    assert torch.allclose(
+        cayley(inverse_cayley(r)), r, atol=50 * TOL[q.dtype] * (1 + float(torch.linalg.matrix_norm(q)) ** 2)
+    )
 
 
 def test_inverse_cayley_refuses_eigenvalue_minus_one():
@@ -138,7 +148,9 @@ def test_rotation_keeps_spectral_norm_and_row_angles(w, q):
     rotated = w @ r.T
     tol = 50 * TOL[w.dtype] * (1 + float(torch.linalg.matrix_norm(w)))
     assert abs(float(torch.linalg.matrix_norm(rotated, ord=2)) - float(torch.linalg.matrix_norm(w, ord=2))) < tol
-    assert torch.allclose(rotated @ rotated.T, w @ w.T, atol=tol * (1 + float(torch.linalg.matrix_norm(w))))  # Gram: norms and angles
+    assert torch.allclose(
+        rotated @ rotated.T, w @ w.T, atol=tol * (1 + float(torch.linalg.matrix_norm(w)))
+    )  # Gram: norms and angles
 
 
 @given(st.lists(skew_matrices(n=5, dtype=torch.float64), min_size=1, max_size=6), st.data())
@@ -222,6 +234,8 @@ def test_procrustes_in_float32_is_orthogonal_near_optimal_and_identity_when_unch
     m = b.double().T @ a.double()
     best = float(torch.linalg.matrix_norm(b.double() - a.double() @ r.T))
     reference = full_rotation(*solve(a.double(), b.double(), null_rtol=1e-12))
-    assert best <= float(torch.linalg.matrix_norm(b.double() - a.double() @ reference.T)) + 1e-4 * (1 + float(torch.linalg.matrix_norm(m)) ** 0.5)
+    assert best <= float(torch.linalg.matrix_norm(b.double() - a.double() @ reference.T)) + 1e-4 * (
+        1 + float(torch.linalg.matrix_norm(m)) ** 0.5
+    )
     same = SubspaceBuilder(a, base_rtol=1e-6, dtype=torch.float32).build()
     assert float(torch.linalg.matrix_norm(procrustes(a, same).dense_q())) < 1e-3

@@ -12,6 +12,7 @@ on at most 0.1 % of the entries; `l1` — random masks (ours are seeded, mergeki
 in distribution: the task vector's L1 norm within 10 % per large tensor; `refused` — both tools
 refuse the recipe.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -48,58 +49,246 @@ def cases(b: str, e1: str, e2: str, e3: str) -> dict[str, tuple[dict, str]]:
     three = [m(e1, weight=1.0), m(e2, weight=0.5), m(e3, weight=1.0)]
     return {
         # C1: the base listed among linear's models is averaged with its weight
-        "linear_base_listed": ({"merge_method": "linear", "base_model": b, "models": [m(b, weight=1.0), m(e1, weight=0.5), m(e2, weight=2.0)]} | f32, "exact"),
-        "linear_not_normalized": ({"merge_method": "linear", "models": [m(e1, weight=0.3), m(e2, weight=0.5)], "parameters": {"normalize": False}} | f32, "exact"),
-        "linear_global_weight": ({"merge_method": "linear", "base_model": b, "models": [m(e1), m(e2, weight=3.0)], "parameters": {"weight": 1.0}} | f32, "exact"),
-        "task_arithmetic_negative": ({"merge_method": "task_arithmetic", "base_model": b, "models": [m(e1, weight=1.0), m(e2, weight=-0.4)], "parameters": {"lambda": 0.7}} | f32, "exact"),
-        "task_arithmetic_normalize": ({"merge_method": "task_arithmetic", "base_model": b, "models": three, "parameters": {"normalize": True}} | f32, "exact"),
+        "linear_base_listed": (
+            {
+                "merge_method": "linear",
+                "base_model": b,
+                "models": [m(b, weight=1.0), m(e1, weight=0.5), m(e2, weight=2.0)],
+            }
+            | f32,
+            "exact",
+        ),
+        "linear_not_normalized": (
+            {
+                "merge_method": "linear",
+                "models": [m(e1, weight=0.3), m(e2, weight=0.5)],
+                "parameters": {"normalize": False},
+            }
+            | f32,
+            "exact",
+        ),
+        "linear_global_weight": (
+            {
+                "merge_method": "linear",
+                "base_model": b,
+                "models": [m(e1), m(e2, weight=3.0)],
+                "parameters": {"weight": 1.0},
+            }
+            | f32,
+            "exact",
+        ),
+        "task_arithmetic_negative": (
+            {
+                "merge_method": "task_arithmetic",
+                "base_model": b,
+                "models": [m(e1, weight=1.0), m(e2, weight=-0.4)],
+                "parameters": {"lambda": 0.7},
+            }
+            | f32,
+            "exact",
+        ),
+        "task_arithmetic_normalize": (
+            {"merge_method": "task_arithmetic", "base_model": b, "models": three, "parameters": {"normalize": True}}
+            | f32,
+            "exact",
+        ),
         # C4: no density means 1.0 (no trimming); C5: the disjoint mean divides by the agreeing weights
         "ties_no_density": ({"merge_method": "ties", "base_model": b, "models": [m(b)] + three} | f32, "exact"),
-        "ties_density": ({"merge_method": "ties", "base_model": b, "models": three, "parameters": {"density": 0.3}} | f32, "tie_rate"),
-        "ties_sum_lambda": ({"merge_method": "ties", "base_model": b, "models": three, "parameters": {"density": 0.5, "normalize": False, "lambda": 1.2}} | f32, "tie_rate"),
+        "ties_density": (
+            {"merge_method": "ties", "base_model": b, "models": three, "parameters": {"density": 0.3}} | f32,
+            "tie_rate",
+        ),
+        "ties_sum_lambda": (
+            {
+                "merge_method": "ties",
+                "base_model": b,
+                "models": three,
+                "parameters": {"density": 0.5, "normalize": False, "lambda": 1.2},
+            }
+            | f32,
+            "tie_rate",
+        ),
         # gradients and filters
-        "ties_gradient_filter": ({"merge_method": "ties", "base_model": b, "models": [
-            m(e1, weight=[{"filter": "mlp", "value": 0.3}, {"value": 1.0}], density=[0.2, 0.8]),
-            m(e2, weight=1.0, density=[{"filter": "self_attn", "value": [0.9, 0.1]}, {"value": 0.5}]),
-            m(e3, weight=0.7)], "parameters": {"density": 0.6}} | f32, "tie_rate"),
-        "breadcrumbs": ({"merge_method": "breadcrumbs", "base_model": b, "models": three, "parameters": {"density": 0.5, "gamma": 0.05}} | f32, "tie_rate"),
-        "breadcrumbs_ties_rescale": ({"merge_method": "breadcrumbs_ties", "base_model": b, "models": three, "parameters": {"density": 0.4, "rescale": True}} | f32, "tie_rate"),
+        "ties_gradient_filter": (
+            {
+                "merge_method": "ties",
+                "base_model": b,
+                "models": [
+                    m(e1, weight=[{"filter": "mlp", "value": 0.3}, {"value": 1.0}], density=[0.2, 0.8]),
+                    m(e2, weight=1.0, density=[{"filter": "self_attn", "value": [0.9, 0.1]}, {"value": 0.5}]),
+                    m(e3, weight=0.7),
+                ],
+                "parameters": {"density": 0.6},
+            }
+            | f32,
+            "tie_rate",
+        ),
+        "breadcrumbs": (
+            {
+                "merge_method": "breadcrumbs",
+                "base_model": b,
+                "models": three,
+                "parameters": {"density": 0.5, "gamma": 0.05},
+            }
+            | f32,
+            "tie_rate",
+        ),
+        "breadcrumbs_ties_rescale": (
+            {
+                "merge_method": "breadcrumbs_ties",
+                "base_model": b,
+                "models": three,
+                "parameters": {"density": 0.4, "rescale": True},
+            }
+            | f32,
+            "tie_rate",
+        ),
         # C2/C3: DARE's normalize defaults (false) and normalize: true, at density 1 (no random mask)
         "dare_ties_default": ({"merge_method": "dare_ties", "base_model": b, "models": three} | f32, "exact"),
-        "dare_linear_normalize": ({"merge_method": "dare_linear", "base_model": b, "models": three, "parameters": {"normalize": True}} | f32, "exact"),
+        "dare_linear_normalize": (
+            {"merge_method": "dare_linear", "base_model": b, "models": three, "parameters": {"normalize": True}} | f32,
+            "exact",
+        ),
         "della_density_1": ({"merge_method": "della", "base_model": b, "models": three} | f32, "exact"),
         # random masks: the same in distribution
-        "dare_ties_random": ({"merge_method": "dare_ties", "base_model": b, "models": three, "parameters": {"density": 0.4}} | f32, "l1"),
-        "dare_linear_random": ({"merge_method": "dare_linear", "base_model": b, "models": three, "parameters": {"density": 0.3, "normalize": True}} | f32, "l1"),
-        "della_random": ({"merge_method": "della_linear", "base_model": b, "models": three, "parameters": {"density": 0.5, "epsilon": 0.1}} | f32, "l1"),
+        "dare_ties_random": (
+            {"merge_method": "dare_ties", "base_model": b, "models": three, "parameters": {"density": 0.4}} | f32,
+            "l1",
+        ),
+        "dare_linear_random": (
+            {
+                "merge_method": "dare_linear",
+                "base_model": b,
+                "models": three,
+                "parameters": {"density": 0.3, "normalize": True},
+            }
+            | f32,
+            "l1",
+        ),
+        "della_random": (
+            {
+                "merge_method": "della_linear",
+                "base_model": b,
+                "models": three,
+                "parameters": {"density": 0.5, "epsilon": 0.1},
+            }
+            | f32,
+            "l1",
+        ),
         # mergekit computes in bfloat16 when the recipe names no dtype; we in float32
         "task_arithmetic_bf16": ({"merge_method": "task_arithmetic", "base_model": b, "models": three}, "bf16"),
-        "linear_out_dtype": ({"merge_method": "linear", "models": [m(e1, weight=1.0), m(e2, weight=1.0)], "dtype": "float32", "out_dtype": "bfloat16"}, "bf16"),
+        "linear_out_dtype": (
+            {
+                "merge_method": "linear",
+                "models": [m(e1, weight=1.0), m(e2, weight=1.0)],
+                "dtype": "float32",
+                "out_dtype": "bfloat16",
+            },
+            "bf16",
+        ),
         # the other methods mergekit users reach for
-        "slerp_gradient": ({"merge_method": "slerp", "base_model": b, "models": [m(b), m(e1)], "parameters": {"t": [0.1, 0.9]}} | f32, "exact"),
-        "slerp_filtered": ({"merge_method": "slerp", "base_model": b, "models": [m(e1)], "parameters": {"t": [{"filter": "self_attn", "value": 0.3}, {"value": 0.7}]}} | f32, "exact"),
-        "nuslerp_with_base": ({"merge_method": "nuslerp", "base_model": b, "models": [m(e1, weight=1.0), m(e2, weight=3.0)]} | f32, "exact"),
-        "nuslerp_rowwise_no_base": ({"merge_method": "nuslerp", "models": [m(e1, weight=1.0), m(e2, weight=0.5)], "parameters": {"nuslerp_flatten": False, "nuslerp_row_wise": True}} | f32, "exact"),
+        "slerp_gradient": (
+            {"merge_method": "slerp", "base_model": b, "models": [m(b), m(e1)], "parameters": {"t": [0.1, 0.9]}} | f32,
+            "exact",
+        ),
+        "slerp_filtered": (
+            {
+                "merge_method": "slerp",
+                "base_model": b,
+                "models": [m(e1)],
+                "parameters": {"t": [{"filter": "self_attn", "value": 0.3}, {"value": 0.7}]},
+            }
+            | f32,
+            "exact",
+        ),
+        "nuslerp_with_base": (
+            {"merge_method": "nuslerp", "base_model": b, "models": [m(e1, weight=1.0), m(e2, weight=3.0)]} | f32,
+            "exact",
+        ),
+        "nuslerp_rowwise_no_base": (
+            {
+                "merge_method": "nuslerp",
+                "models": [m(e1, weight=1.0), m(e2, weight=0.5)],
+                "parameters": {"nuslerp_flatten": False, "nuslerp_row_wise": True},
+            }
+            | f32,
+            "exact",
+        ),
         "multislerp_with_base": ({"merge_method": "multislerp", "base_model": b, "models": three} | f32, "exact"),
-        "multislerp_no_base": ({"merge_method": "multislerp", "models": three, "parameters": {"normalize_weights": False}} | f32, "exact"),
+        "multislerp_no_base": (
+            {"merge_method": "multislerp", "models": three, "parameters": {"normalize_weights": False}} | f32,
+            "exact",
+        ),
         "karcher_base_added": ({"merge_method": "karcher", "base_model": b, "models": [m(e1), m(e2)]} | f32, "exact"),
-        "model_stock": ({"merge_method": "model_stock", "base_model": b, "models": [m(e1), m(e2), m(e3)]} | f32, "exact"),
-        "model_stock_filter_wise": ({"merge_method": "model_stock", "base_model": b, "models": [m(e1), m(e2)], "parameters": {"filter_wise": True}} | f32, "exact"),
+        "model_stock": (
+            {"merge_method": "model_stock", "base_model": b, "models": [m(e1), m(e2), m(e3)]} | f32,
+            "exact",
+        ),
+        "model_stock_filter_wise": (
+            {
+                "merge_method": "model_stock",
+                "base_model": b,
+                "models": [m(e1), m(e2)],
+                "parameters": {"filter_wise": True},
+            }
+            | f32,
+            "exact",
+        ),
         "sce": ({"merge_method": "sce", "base_model": b, "models": [m(e1), m(e2), m(e3)]} | f32, "exact"),
-        "sce_topk": ({"merge_method": "sce", "base_model": b, "models": [m(e1), m(e2), m(e3)], "parameters": {"select_topk": 0.4}} | f32, "tie_rate"),
-        "nearswap": ({"merge_method": "nearswap", "base_model": b, "models": [m(e1)], "parameters": {"t": 0.002}} | f32, "exact"),
+        "sce_topk": (
+            {
+                "merge_method": "sce",
+                "base_model": b,
+                "models": [m(e1), m(e2), m(e3)],
+                "parameters": {"select_topk": 0.4},
+            }
+            | f32,
+            "tie_rate",
+        ),
+        "nearswap": (
+            {"merge_method": "nearswap", "base_model": b, "models": [m(e1)], "parameters": {"t": 0.002}} | f32,
+            "exact",
+        ),
         "arcee_fusion": ({"merge_method": "arcee_fusion", "base_model": b, "models": [m(b), m(e1)]} | f32, "exact"),
-        "passthrough_slices": ({"merge_method": "passthrough", "slices": [
-            {"sources": [{"model": e1, "layer_range": [0, 2]}]},
-            {"sources": [{"model": e2, "layer_range": [1, 2], "parameters": {"scale": [{"filter": "o_proj", "value": 0.5}, {"value": 1.0}]}}]},
-            {"sources": [{"model": b, "layer_range": [0, 1]}], "parameters": {"scale": 0.25}}]} | f32, "exact"),
+        "passthrough_slices": (
+            {
+                "merge_method": "passthrough",
+                "slices": [
+                    {"sources": [{"model": e1, "layer_range": [0, 2]}]},
+                    {
+                        "sources": [
+                            {
+                                "model": e2,
+                                "layer_range": [1, 2],
+                                "parameters": {"scale": [{"filter": "o_proj", "value": 0.5}, {"value": 1.0}]},
+                            }
+                        ]
+                    },
+                    {"sources": [{"model": b, "layer_range": [0, 1]}], "parameters": {"scale": 0.25}},
+                ],
+            }
+            | f32,
+            "exact",
+        ),
         "passthrough_model_scaled": ({"merge_method": "passthrough", "models": [m(e1, scale=0.5)]} | f32, "exact"),
         # refused by both
-        "ties_weight_missing": ({"merge_method": "ties", "base_model": b, "models": [m(e1), m(e2, weight=1.0)]}, "refused"),
-        "linear_base_unweighted": ({"merge_method": "linear", "base_model": b, "models": [m(e1, weight=1.0)]}, "refused"),
+        "ties_weight_missing": (
+            {"merge_method": "ties", "base_model": b, "models": [m(e1), m(e2, weight=1.0)]},
+            "refused",
+        ),
+        "linear_base_unweighted": (
+            {"merge_method": "linear", "base_model": b, "models": [m(e1, weight=1.0)]},
+            "refused",
+        ),
         "slerp_without_t": ({"merge_method": "slerp", "base_model": b, "models": [m(e1)]}, "refused"),
-        "slerp_two_experts": ({"merge_method": "slerp", "base_model": b, "models": [m(e1), m(e2)], "parameters": {"t": 0.5}}, "refused"),
-        "model_stock_one_expert": ({"merge_method": "model_stock", "base_model": b, "models": [m(b), m(e1)]}, "refused"),
+        "slerp_two_experts": (
+            {"merge_method": "slerp", "base_model": b, "models": [m(e1), m(e2)], "parameters": {"t": 0.5}},
+            "refused",
+        ),
+        "model_stock_one_expert": (
+            {"merge_method": "model_stock", "base_model": b, "models": [m(b), m(e1)]},
+            "refused",
+        ),
     }
 
 
@@ -107,7 +296,9 @@ def cases(b: str, e1: str, e2: str, e3: str) -> dict[str, tuple[dict, str]]:
 def crosscheck(tmp_path_factory):
     python = mergekit_python()
     if python is None:
-        pytest.skip("mergekit 0.1.5 is not installed (python tools/mergekit_env.py, pip install -e '.[mergekit]', or set MERGEKIT_PYTHON): cross-check skipped")
+        pytest.skip(
+            "mergekit 0.1.5 is not installed (python tools/mergekit_env.py, pip install -e '.[mergekit]', or set MERGEKIT_PYTHON): cross-check skipped"
+        )
     work = tmp_path_factory.mktemp("mergekit")
     toy = make_toy(str(work / "toy"), "--preset", "tiny", "--experts", "3", "--shared", "0.5", "--shard-size", "60KB")
     b, e1, e2, e3 = (os.path.join(toy, d) for d in ("base", "expert-1", "expert-2", "expert-3"))
@@ -119,8 +310,13 @@ def crosscheck(tmp_path_factory):
         todo.append({"recipe": str(path), "out": str(work / "mk" / name)})
     (work / "cases.json").write_text(json.dumps(todo))
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
-    r = subprocess.run([python, os.path.join(ROOT, "tools", "run_mergekit.py"), str(work / "cases.json"), str(work / "results.json")],
-                       capture_output=True, text=True, env=env, timeout=1200)
+    r = subprocess.run(
+        [python, os.path.join(ROOT, "tools", "run_mergekit.py"), str(work / "cases.json"), str(work / "results.json")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=1200,
+    )
     if r.returncode != 0 and "No module named 'mergekit'" in r.stderr:
         pytest.skip(f"{python} has no mergekit: cross-check skipped")
     assert r.returncode == 0, r.stderr[-3000:]
@@ -130,7 +326,9 @@ def crosscheck(tmp_path_factory):
 
 def ours(work, name: str):
     out = str(work / "sm" / name)
-    r = CliRunner().invoke(main, ["merge", "--quiet", "--device", "cpu", "--recipe", str(work / f"{name}.yaml"), "--out", out])
+    r = CliRunner().invoke(
+        main, ["merge", "--quiet", "--device", "cpu", "--recipe", str(work / f"{name}.yaml"), "--out", out]
+    )
     return r, out
 
 
@@ -167,9 +365,11 @@ def test_same_recipe_same_weights_as_mergekit(crosscheck, name):
                 assert abs(ratio - 1) < 0.1, f"{key}: task-vector L1 ratio {ratio:.3f}"
             continue
         # rounding is relative to the operands (base, experts), not to a result that cancels
-        inputs = [m[key].double().abs() for m in (base, *experts) if key in m and m[key].shape == x.shape]  # stacked layers: none
+        inputs = [
+            m[key].double().abs() for m in (base, *experts) if key in m and m[key].shape == x.shape
+        ]  # stacked layers: none
         scale = torch.stack([x.abs(), y.abs(), *inputs]).amax(0)
-        tol = (4 * 2.0 ** -8 if mode == "bf16" else 1e-6) * scale
+        tol = (4 * 2.0**-8 if mode == "bf16" else 1e-6) * scale
         bad = int(((x - y).abs() > tol).sum())
         if mode in ("exact", "bf16"):
             assert bad == 0, f"{key}: {bad} of {x.numel()} entries differ, worst {float((x - y).abs().max()):.3g}"

@@ -3,6 +3,7 @@
 The reference side loads whole models with the `safetensors` library and applies each paper's
 formula directly (no streamingmerge method code), in float32.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -19,7 +20,10 @@ from tests.conftest import experts_of, load_all
 def run(folder, tmp_path, method, params=None, weights=None, shard="40KB", **kw):
     experts = tuple(Expert(p, weights[i] if weights else 1.0) for i, p in enumerate(experts_of(folder)))
     out = str(tmp_path / f"out-{method}")
-    merge(Recipe(method, os.path.join(folder, "base"), experts, out, dict(params or {}), shard_size=shard, **kw), device="cpu")
+    merge(
+        Recipe(method, os.path.join(folder, "base"), experts, out, dict(params or {}), shard_size=shard, **kw),
+        device="cpu",
+    )
     return load_all(out)
 
 
@@ -159,7 +163,17 @@ def test_dare_seed_changes_result_and_same_seed_repeats(toy_untied, tmp_path):
 
 def test_output_dtype_and_compute_dtype_options(toy_untied, tmp_path):
     out = str(tmp_path / "f32")
-    merge(Recipe("task_arithmetic", os.path.join(toy_untied, "base"), tuple(Expert(p) for p in experts_of(toy_untied)), out, dtype="float32", compute_dtype="float64"), device="cpu")
+    merge(
+        Recipe(
+            "task_arithmetic",
+            os.path.join(toy_untied, "base"),
+            tuple(Expert(p) for p in experts_of(toy_untied)),
+            out,
+            dtype="float32",
+            compute_dtype="float64",
+        ),
+        device="cpu",
+    )
     got = load_all(out)
     base, experts = references(toy_untied)
     for k in base:

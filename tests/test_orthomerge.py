@@ -1,4 +1,5 @@
 """OrthoMerge with orthogonal–residual decoupling: against the paper's formulas and its traps."""
+
 from __future__ import annotations
 
 import math
@@ -107,7 +108,9 @@ def test_wide_gqa_layers_get_generators_as_small_as_square_ones():
     r = cayley(true_q)
     orthonormal, _ = torch.linalg.qr(torch.randn(hidden, hidden, generator=g, dtype=torch.float64))
     scales = torch.linspace(1.0, 0.2, hidden, dtype=torch.float64)  # well-conditioned, as most layers
-    square = (orthonormal * scales) @ torch.linalg.qr(torch.randn(hidden, hidden, generator=g, dtype=torch.float64))[0].T / 8
+    square = (
+        (orthonormal * scales) @ torch.linalg.qr(torch.randn(hidden, hidden, generator=g, dtype=torch.float64))[0].T / 8
+    )
     wide = square[:kv] * 1.0
     q_square = generator_norms(square, square @ r.T)
     q_wide = generator_norms(wide, wide @ r.T)
@@ -154,7 +157,10 @@ def test_ill_conditioned_base_keeps_generators_sane():
 def test_ablations_and_scale_behave_as_defined():
     g = torch.Generator().manual_seed(7)
     a = torch.randn(16, 16, generator=g, dtype=torch.float64)
-    ws = [a @ cayley(0.05 * (lambda x: x - x.T)(torch.randn(16, 16, generator=g, dtype=torch.float64))).T for _ in range(3)]
+    ws = [
+        a @ cayley(0.05 * (lambda x: x - x.T)(torch.randn(16, 16, generator=g, dtype=torch.float64))).T
+        for _ in range(3)
+    ]
     base_kw = dict(target="global", residual={"lambda": 0.0}, precision="float64")
     zero = run(a, ws, scale=0.0, **base_kw)
     torch.testing.assert_close(zero, a)  # scale 0: no rotation, and no residual
@@ -174,13 +180,23 @@ def test_ablations_and_scale_behave_as_defined():
 
 def test_streamed_orthomerge_on_a_model_keeps_norms_residual_only_and_excludes(toy_untied, tmp_path):
     out = str(tmp_path / "om")
-    recipe = Recipe("orthomerge", os.path.join(toy_untied, "base"), tuple(Expert(p) for p in experts_of(toy_untied)), out,
-                    {"target": "global", "exclude": ["embed_tokens", "lm_head"]}, shard_size="40KB")
+    recipe = Recipe(
+        "orthomerge",
+        os.path.join(toy_untied, "base"),
+        tuple(Expert(p) for p in experts_of(toy_untied)),
+        out,
+        {"target": "global", "exclude": ["embed_tokens", "lm_head"]},
+        shard_size="40KB",
+    )
     merge(recipe, device="cpu")
     got = load_all(out)
     base = {k: v.float() for k, v in load_all(os.path.join(toy_untied, "base")).items()}
     experts = [{k: v.float() for k, v in load_all(p).items()} for p in experts_of(toy_untied)]
-    for name in ("model.layers.0.input_layernorm.weight", "model.layers.1.self_attn.q_proj.bias", "model.embed_tokens.weight"):
+    for name in (
+        "model.layers.0.input_layernorm.weight",
+        "model.layers.1.self_attn.q_proj.bias",
+        "model.embed_tokens.weight",
+    ):
         want = base[name] + sum(e[name] - base[name] for e in experts) / 3  # residual only: TA λ = 1/N
         torch.testing.assert_close(got[name].float(), want.to(torch.bfloat16).float(), atol=1e-6, rtol=2**-7)
     name = "model.layers.0.self_attn.o_proj.weight"
@@ -190,7 +206,20 @@ def test_streamed_orthomerge_on_a_model_keeps_norms_residual_only_and_excludes(t
 @pytest.fixture(scope="module")
 def toy_lora_f32(tmp_path_factory) -> str:
     from tests.conftest import make_toy
-    return make_toy(str(tmp_path_factory.mktemp("toy_lora_f32")), "--preset", "tiny", "--experts", "3", "--kind", "lora", "--dtype", "float32", "--shard-size", "80KB")
+
+    return make_toy(
+        str(tmp_path_factory.mktemp("toy_lora_f32")),
+        "--preset",
+        "tiny",
+        "--experts",
+        "3",
+        "--kind",
+        "lora",
+        "--dtype",
+        "float32",
+        "--shard-size",
+        "80KB",
+    )
 
 
 @pytest.mark.parametrize("target", ["global", "conflict"])
@@ -201,6 +230,7 @@ def test_lora_experts_rotate_in_their_factors_row_space_and_equal_dense_experts(
     import json
     from click.testing import CliRunner
     from streammerge.cli import main
+
     base = os.path.join(toy_lora_f32, "base")
     adapters = experts_of(toy_lora_f32)
     dense = []
@@ -209,8 +239,24 @@ def test_lora_experts_rotate_in_their_factors_row_space_and_equal_dense_experts(
         merge(Recipe("linear", base, (Expert(adapter),), dense[-1], {}, dtype="float32"), device="cpu")
 
     def run_cli(experts, label):
-        args = ["merge", "--quiet", "--device", "cpu", "--base", base, "--method", "orthomerge", "--target", target,
-                "--out", str(tmp_path / label), "--report", str(tmp_path / f"{label}.json"), "--dtype", "float32"]
+        args = [
+            "merge",
+            "--quiet",
+            "--device",
+            "cpu",
+            "--base",
+            base,
+            "--method",
+            "orthomerge",
+            "--target",
+            target,
+            "--out",
+            str(tmp_path / label),
+            "--report",
+            str(tmp_path / f"{label}.json"),
+            "--dtype",
+            "float32",
+        ]
         for e in experts:
             args += ["--expert", e]
         r = CliRunner().invoke(main, args, catch_exceptions=False)
@@ -219,7 +265,9 @@ def test_lora_experts_rotate_in_their_factors_row_space_and_equal_dense_experts(
 
     from_adapters, report_a = run_cli(adapters, "adapters")
     from_dense, report_d = run_cli(dense, "dense")
-    wide = [n for n in report_a if "down_proj" in n and "rotation_subspace_dim" in report_a[n]]  # [hidden, intermediate]
+    wide = [
+        n for n in report_a if "down_proj" in n and "rotation_subspace_dim" in report_a[n]
+    ]  # [hidden, intermediate]
     assert wide or target == "conflict"  # these random adapters hardly conflict: no rows to rotate there
     for name in wide:
         out_f, in_f = from_adapters[name].shape

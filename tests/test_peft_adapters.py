@@ -4,6 +4,7 @@ One adapter merged with `linear` gives that adapter's dense weights, which must 
 `merge_and_unload()` of the installed PEFT produces. Older OFT formats (PEFT ≤ 0.15) are
 written by hand here and checked against the formulas of those PEFT versions' merge code.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,7 +25,17 @@ transformers = pytest.importorskip("transformers")
 
 @pytest.fixture(scope="module")
 def f32_toy(tmp_path_factory) -> str:
-    return make_toy(str(tmp_path_factory.mktemp("f32toy")), "--preset", "tiny", "--experts", "1", "--dtype", "float32", "--shard-size", "80KB")
+    return make_toy(
+        str(tmp_path_factory.mktemp("f32toy")),
+        "--preset",
+        "tiny",
+        "--experts",
+        "1",
+        "--dtype",
+        "float32",
+        "--shard-size",
+        "80KB",
+    )
 
 
 def peft_adapter(base: str, folder: str, config) -> dict[str, torch.Tensor]:
@@ -52,20 +63,37 @@ def assert_matches_peft(ours: dict, theirs: dict, atol: float = 2e-6) -> int:
 @pytest.mark.parametrize("neumann", [True, False])
 def test_oft_adapter_dense_weights_equal_peft_merge_and_unload(neumann, f32_toy, tmp_path):
     base = os.path.join(f32_toy, "base")
-    cfg = peft.OFTConfig(oft_block_size=16, r=0, target_modules=["q_proj", "k_proj", "down_proj", "gate_proj"], init_weights=False, use_cayley_neumann=neumann)
+    cfg = peft.OFTConfig(
+        oft_block_size=16,
+        r=0,
+        target_modules=["q_proj", "k_proj", "down_proj", "gate_proj"],
+        init_weights=False,
+        use_cayley_neumann=neumann,
+    )
     theirs = peft_adapter(base, str(tmp_path / "oft"), cfg)
     ours = dense_from(base, str(tmp_path / "oft"), str(tmp_path / "out"))
     assert_matches_peft(ours, theirs)
     base_w = load_all(base)
-    assert not torch.allclose(ours["model.layers.0.mlp.down_proj.weight"], base_w["model.layers.0.mlp.down_proj.weight"])
+    assert not torch.allclose(
+        ours["model.layers.0.mlp.down_proj.weight"], base_w["model.layers.0.mlp.down_proj.weight"]
+    )
 
 
 def test_oft_embedding_and_block_share_equal_peft(f32_toy, tmp_path):
     base = os.path.join(f32_toy, "base")
-    cfg = peft.OFTConfig(oft_block_size=16, r=0, target_modules=["embed_tokens", "v_proj"], init_weights=False, use_cayley_neumann=False)
+    cfg = peft.OFTConfig(
+        oft_block_size=16, r=0, target_modules=["embed_tokens", "v_proj"], init_weights=False, use_cayley_neumann=False
+    )
     theirs = peft_adapter(base, str(tmp_path / "emb"), cfg)
     assert_matches_peft(dense_from(base, str(tmp_path / "emb"), str(tmp_path / "o1")), theirs)
-    cfg = peft.OFTConfig(oft_block_size=0, r=4, target_modules=["q_proj", "up_proj"], block_share=True, init_weights=False, use_cayley_neumann=True)
+    cfg = peft.OFTConfig(
+        oft_block_size=0,
+        r=4,
+        target_modules=["q_proj", "up_proj"],
+        block_share=True,
+        init_weights=False,
+        use_cayley_neumann=True,
+    )
     theirs = peft_adapter(base, str(tmp_path / "share"), cfg)
     assert_matches_peft(dense_from(base, str(tmp_path / "share"), str(tmp_path / "o2")), theirs)
 
@@ -129,7 +157,13 @@ def test_orthomerge_of_oft_adapters_merges_generators_with_peft_convention(f32_t
     folders = []
     for i, neumann in enumerate([False, False, False]):
         torch.manual_seed(i + 10)
-        cfg = peft.OFTConfig(oft_block_size=16, r=0, target_modules=["q_proj", "down_proj"], init_weights=False, use_cayley_neumann=neumann)
+        cfg = peft.OFTConfig(
+            oft_block_size=16,
+            r=0,
+            target_modules=["q_proj", "down_proj"],
+            init_weights=False,
+            use_cayley_neumann=neumann,
+        )
         model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
         pm = peft.get_peft_model(model, cfg)
         pm.save_pretrained(str(tmp_path / f"e{i}"))
@@ -156,7 +190,9 @@ def test_orthomerge_of_oft_adapters_merges_generators_with_peft_convention(f32_t
     r = torch.linalg.solve(eye + q_star, eye - q_star, left=False)
     w = load_all(base)[name + ".weight"]
     torch.testing.assert_close(got[name + ".weight"], w @ torch.block_diag(*r).T, atol=2e-6, rtol=1e-5)
-    assert torch.equal(got["model.layers.0.input_layernorm.weight"], load_all(base)["model.layers.0.input_layernorm.weight"])
+    assert torch.equal(
+        got["model.layers.0.input_layernorm.weight"], load_all(base)["model.layers.0.input_layernorm.weight"]
+    )
     # merging copies of one adapter gives that adapter
     out2 = str(tmp_path / "copies")
     merge(Recipe("orthomerge", base, (Expert(folders[0]),) * 3, out2, {}, dtype="float32"), device="cpu")
@@ -168,18 +204,41 @@ def test_orthomerge_of_oft_adapters_merges_generators_with_peft_convention(f32_t
 def test_mixed_oft_conventions_and_bad_block_sizes_are_refused(f32_toy, tmp_path):
     base = os.path.join(f32_toy, "base")
     for i, neumann in enumerate([True, False]):
-        cfg = peft.OFTConfig(oft_block_size=16, r=0, target_modules=["q_proj"], init_weights=False, use_cayley_neumann=neumann)
+        cfg = peft.OFTConfig(
+            oft_block_size=16, r=0, target_modules=["q_proj"], init_weights=False, use_cayley_neumann=neumann
+        )
         model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
         peft.get_peft_model(model, cfg).save_pretrained(str(tmp_path / f"c{i}"))
     with pytest.raises(InputError, match="convention"):
-        merge(Recipe("orthomerge", base, (Expert(str(tmp_path / "c0")), Expert(str(tmp_path / "c1"))), str(tmp_path / "o"), {}), device="cpu")
+        merge(
+            Recipe(
+                "orthomerge",
+                base,
+                (Expert(str(tmp_path / "c0")), Expert(str(tmp_path / "c1"))),
+                str(tmp_path / "o"),
+                {},
+            ),
+            device="cpu",
+        )
     assert not os.path.exists(tmp_path / "o" / "model.safetensors.index.json")
     # weight-space methods may mix them: each adapter is applied with its own convention
-    merge(Recipe("task_arithmetic", base, (Expert(str(tmp_path / "c0")), Expert(str(tmp_path / "c1"))), str(tmp_path / "ta"), {}), device="cpu")
+    merge(
+        Recipe(
+            "task_arithmetic",
+            base,
+            (Expert(str(tmp_path / "c0")), Expert(str(tmp_path / "c1"))),
+            str(tmp_path / "ta"),
+            {},
+        ),
+        device="cpu",
+    )
     # 14 blocks of 5 cannot cover a width of 64
     bad = tmp_path / "bad"
     bad.mkdir()
-    save_file({"base_model.model.model.layers.0.self_attn.q_proj.oft_R.weight": torch.zeros(14, 10)}, str(bad / "adapter_model.safetensors"))
+    save_file(
+        {"base_model.model.model.layers.0.self_attn.q_proj.oft_R.weight": torch.zeros(14, 10)},
+        str(bad / "adapter_model.safetensors"),
+    )
     (bad / "adapter_config.json").write_text(json.dumps({"peft_type": "OFT"}))
     with pytest.raises(InputError, match="block size must divide"):
         merge(Recipe("linear", base, (Expert(str(bad)),), str(tmp_path / "o2"), {}), device="cpu")
@@ -193,11 +252,19 @@ def test_merged_oft_adapter_loads_in_peft_and_equals_dense_orthomerge(neumann, f
     folders = []
     for i in range(3):
         torch.manual_seed(20 + i)
-        cfg = peft.OFTConfig(oft_block_size=16, r=0, target_modules=["q_proj", "down_proj", "embed_tokens"], init_weights=False, use_cayley_neumann=neumann)
+        cfg = peft.OFTConfig(
+            oft_block_size=16,
+            r=0,
+            target_modules=["q_proj", "down_proj", "embed_tokens"],
+            init_weights=False,
+            use_cayley_neumann=neumann,
+        )
         model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
         peft.get_peft_model(model, cfg).save_pretrained(str(tmp_path / f"e{i}"))
         folders.append(str(tmp_path / f"e{i}"))
-    recipe = Recipe("orthomerge", base, tuple(Expert(f) for f in folders), str(tmp_path / "adapter"), {}, dtype="float32")
+    recipe = Recipe(
+        "orthomerge", base, tuple(Expert(f) for f in folders), str(tmp_path / "adapter"), {}, dtype="float32"
+    )
     merge_to_adapter(recipe)
     model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     loaded = peft.PeftModel.from_pretrained(model, str(tmp_path / "adapter")).merge_and_unload()

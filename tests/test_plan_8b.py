@@ -2,6 +2,7 @@
 five Llama-3.1-8B-shaped experts fit 12 GB of RAM on the CPU alone, and 12 GB of RAM with a
 24 GB GPU (--max-gpu-memory 22GB), for every method. If a change makes any plan stop fitting,
 this fails. The 70B plan is printed for the record (bench/results/plan-8b-70b.md)."""
+
 from __future__ import annotations
 
 import os
@@ -18,13 +19,24 @@ fixture_tool = _load_tool("make_shape_fixture")
 RAM, GPU, CARD = parse_size("12GB"), parse_size("22GB"), parse_size("24GB")
 
 CASES = [
-    ("task_arithmetic", {}), ("linear", {}),
-    ("ties", {"density": 0.2}), ("ties", {"density": 0.2, "scope": "model"}),
-    ("dare_linear", {}), ("dare_ties", {}),
-    ("orthomerge", {"target": "global"}), ("orthomerge", {"target": "conflict"}),
-    ("orthomerge", {"target": "global", "residual_method": "ties"}), ("orthomerge", {"target": "conflict", "residual_method": "ties"}),
-    ("tsv", {}), ("iso_c", {}), ("iso_cts", {}), ("ortho_svd", {}), ("do_merging", {}),
-    ("model_stock", {}), ("sce", {"select_topk": 0.5}), ("karcher", {}),  # mergekit's, streamed past WHOLE_BYTES
+    ("task_arithmetic", {}),
+    ("linear", {}),
+    ("ties", {"density": 0.2}),
+    ("ties", {"density": 0.2, "scope": "model"}),
+    ("dare_linear", {}),
+    ("dare_ties", {}),
+    ("orthomerge", {"target": "global"}),
+    ("orthomerge", {"target": "conflict"}),
+    ("orthomerge", {"target": "global", "residual_method": "ties"}),
+    ("orthomerge", {"target": "conflict", "residual_method": "ties"}),
+    ("tsv", {}),
+    ("iso_c", {}),
+    ("iso_cts", {}),
+    ("ortho_svd", {}),
+    ("do_merging", {}),
+    ("model_stock", {}),
+    ("sce", {"select_topk": 0.5}),
+    ("karcher", {}),  # mergekit's, streamed past WHOLE_BYTES
 ]
 
 
@@ -45,7 +57,9 @@ def plan_of(root: str, method: str, params: dict, **budgets):
         merger.close()
 
 
-@pytest.mark.parametrize("method,params", CASES, ids=[f"{m}-{'-'.join(f'{k}={v}' for k, v in p.items())}" for m, p in CASES])
+@pytest.mark.parametrize(
+    "method,params", CASES, ids=[f"{m}-{'-'.join(f'{k}={v}' for k, v in p.items())}" for m, p in CASES]
+)
 def test_five_8b_experts_fit_a_laptop(method, params, llama8b):
     cpu = plan_of(llama8b, method, params, max_ram=RAM)
     worst = max(cpu.tensors, key=lambda t: t.host_bytes)
@@ -55,8 +69,9 @@ def test_five_8b_experts_fit_a_laptop(method, params, llama8b):
     assert gpu.peak_host <= RAM, f"with a GPU: {gpu.peak_host / 1e9:.2f} GB of RAM ({worst.name})"
     assert gpu.peak_gpu <= GPU
     assert not gpu.spilled, [t.name for t in gpu.spilled][:3]  # everything computes on the GPU
-    print(f"{method} {params}: CPU {cpu.peak_host / 1e9:.2f} GB RAM; GPU {gpu.peak_gpu / 1e9:.2f} GB + {gpu.peak_host / 1e9:.2f} GB RAM")
-
+    print(
+        f"{method} {params}: CPU {cpu.peak_host / 1e9:.2f} GB RAM; GPU {gpu.peak_gpu / 1e9:.2f} GB + {gpu.peak_host / 1e9:.2f} GB RAM"
+    )
 
 
 def test_orthomerge_on_a_gpu_counts_its_merged_residual_in_ram(llama8b):

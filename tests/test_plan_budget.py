@@ -1,5 +1,6 @@
 """The memory plan against measurement: budgets honoured, estimates within ±25 % of the
 measured peak anonymous memory for every method, placement rules, disk refusal, verify."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -41,7 +42,10 @@ def conflicting_models(root: str, shape: tuple[int, int], name: str) -> str:
             writer.write(name, w.bfloat16())
             writer.write("norm.weight", torch.ones(shape[1]).bfloat16())
             writer.commit()
-        json.dump({"weight_map": {n: "model-00001-of-00001.safetensors" for n, _, _ in layout}}, open(os.path.join(folder, "model.safetensors.index.json"), "w"))
+        json.dump(
+            {"weight_map": {n: "model-00001-of-00001.safetensors" for n, _, _ in layout}},
+            open(os.path.join(folder, "model.safetensors.index.json"), "w"),
+        )
     return root
 
 
@@ -52,7 +56,17 @@ def one_big_tensor(tmp_path_factory) -> str:
 
 def run_merge(folder: str, out: str, method: str, *extra: str) -> dict:
     report = out + ".json"
-    cmd = [sys.executable, "-m", "streammerge.cli", "merge", "--quiet", "--device", "cpu", "--base", os.path.join(folder, "base")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "streammerge.cli",
+        "merge",
+        "--quiet",
+        "--device",
+        "cpu",
+        "--base",
+        os.path.join(folder, "base"),
+    ]
     for e in experts_of(folder):
         cmd += ["--expert", e]
     subprocess.run(cmd + ["--method", method, "--out", out, "--memory-report", report, *extra], check=True)
@@ -60,13 +74,25 @@ def run_merge(folder: str, out: str, method: str, *extra: str) -> dict:
 
 
 METHODS = [
-    ("linear", ()), ("task_arithmetic", ()), ("ties", ()), ("ties", ("--ties-scope", "model")),
-    ("dare", ()), ("dare", ("--param", "combine=ties")),
-    ("orthomerge", ("--target", "global")), ("orthomerge", ("--target", "conflict")),
+    ("linear", ()),
+    ("task_arithmetic", ()),
+    ("ties", ()),
+    ("ties", ("--ties-scope", "model")),
+    ("dare", ()),
+    ("dare", ("--param", "combine=ties")),
+    ("orthomerge", ("--target", "global")),
+    ("orthomerge", ("--target", "conflict")),
     ("gta", ("--param", "sparsify=magnitude", "--param", "consensus=sum", "--density", "0.5", *["--weight", "1"] * 3)),
     ("gta", ("--param", "sparsify=random", "--param", "rescale=true", "--density", "0.5", *["--weight", "1"] * 3)),
-    ("multislerp", ("--weight", "1") * 3), ("karcher", ()), ("model_stock", ()), ("sce", ("--param", "select_topk=0.5")),
-    ("tsv", ()), ("iso_c", ()), ("iso_cts", ()), ("ortho_svd", ()), ("do_merging", ()),
+    ("multislerp", ("--weight", "1") * 3),
+    ("karcher", ()),
+    ("model_stock", ()),
+    ("sce", ("--param", "select_topk=0.5")),
+    ("tsv", ()),
+    ("iso_c", ()),
+    ("iso_cts", ()),
+    ("ortho_svd", ()),
+    ("do_merging", ()),
 ]
 
 
@@ -94,7 +120,9 @@ def one_wide_tensor(tmp_path_factory) -> str:
 @pytest.mark.slow
 def test_orthomerge_c_measures_its_plan_when_the_upper_bound_does_not_fit(one_wide_tensor, tmp_path, monkeypatch):
     experts = tuple(Expert(e) for e in experts_of(one_wide_tensor))
-    recipe = Recipe("orthomerge", os.path.join(one_wide_tensor, "base"), experts, str(tmp_path / "plan"), {"target": "conflict"})
+    recipe = Recipe(
+        "orthomerge", os.path.join(one_wide_tensor, "base"), experts, str(tmp_path / "plan"), {"target": "conflict"}
+    )
     merger = Merger(recipe, device="cpu", quiet=True)
     try:
         bound = merger.plan.peak_host
@@ -128,8 +156,10 @@ def test_orthomerge_c_measures_its_plan_when_the_upper_bound_does_not_fit(one_wi
         assert merger.plan.peak_host == pytest.approx(measured_plan, rel=0.2)  # the process baseline differs
     finally:
         merger.close()
-    print(f"conflicting rows {conflicts}: plan {bound / 1e6:.0f} MB as bounded, {tight['planned_peak_ram'] / 1e6:.0f} MB measured; "
-          f"--max-ram {budget / 1e6:.0f} MB: measured peak {tight['measured_peak_ram'] / 1e6:.0f} MB")
+    print(
+        f"conflicting rows {conflicts}: plan {bound / 1e6:.0f} MB as bounded, {tight['planned_peak_ram'] / 1e6:.0f} MB measured; "
+        f"--max-ram {budget / 1e6:.0f} MB: measured peak {tight['measured_peak_ram'] / 1e6:.0f} MB"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -141,22 +171,47 @@ def many_layers(tmp_path_factory) -> str:
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["task_arithmetic", "ties"])
 def test_inputs_many_times_the_ram_budget_merge_under_it(method, many_layers, tmp_path):
-    inputs = sum(os.path.getsize(os.path.join(d, f)) for d in [os.path.join(many_layers, "base"), *experts_of(many_layers)] for f in os.listdir(d) if f.endswith(".safetensors"))
+    inputs = sum(
+        os.path.getsize(os.path.join(d, f))
+        for d in [os.path.join(many_layers, "base"), *experts_of(many_layers)]
+        for f in os.listdir(d)
+        if f.endswith(".safetensors")
+    )
     budget = 300_000_000
     assert inputs >= 3 * budget
     report = run_merge(many_layers, str(tmp_path / "out"), method, "--max-ram", str(budget))
     assert report["measured_peak_ram"] <= budget
     assert abs(report["planned_peak_ram"] - report["measured_peak_ram"]) <= 0.25 * report["measured_peak_ram"]
-    print(f"{method}: inputs {inputs / 1e9:.2f} GB, budget {budget / 1e6:.0f} MB, measured peak {report['measured_peak_ram'] / 1e6:.0f} MB")
+    print(
+        f"{method}: inputs {inputs / 1e9:.2f} GB, budget {budget / 1e6:.0f} MB, measured peak {report['measured_peak_ram'] / 1e6:.0f} MB"
+    )
 
 
 def test_too_small_budget_is_refused_before_any_work(toy_untied, tmp_path):
-    args = ["merge", "--quiet", "--device", "cpu", "--base", os.path.join(toy_untied, "base"), "--expert", experts_of(toy_untied)[0],
-            "--method", "ties", "--out", str(tmp_path / "o"), "--max-ram", "50MB"]
+    args = [
+        "merge",
+        "--quiet",
+        "--device",
+        "cpu",
+        "--base",
+        os.path.join(toy_untied, "base"),
+        "--expert",
+        experts_of(toy_untied)[0],
+        "--method",
+        "ties",
+        "--out",
+        str(tmp_path / "o"),
+        "--max-ram",
+        "50MB",
+    ]
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 4 and "give at least --max-ram" in r.output
     assert not os.path.exists(tmp_path / "o" / "model.safetensors.index.json")
-    assert not [f for f in os.listdir(tmp_path / "o") if f.startswith("model-")] if os.path.exists(tmp_path / "o") else True
+    assert (
+        not [f for f in os.listdir(tmp_path / "o") if f.startswith("model-")]
+        if os.path.exists(tmp_path / "o")
+        else True
+    )
 
 
 def test_placement_rules():
@@ -174,23 +229,63 @@ def test_placement_rules():
 
 
 def test_disk_that_cannot_hold_the_output_is_refused():
-    plan = Plan([TensorPlan("w", (10,), "cpu", 0, 40, 40, 40)], baseline=0, ram_budget=10**9, gpu_budget=None, disk_free=10, disk_needed=40)
+    plan = Plan(
+        [TensorPlan("w", (10,), "cpu", 0, 40, 40, 40)],
+        baseline=0,
+        ram_budget=10**9,
+        gpu_budget=None,
+        disk_free=10,
+        disk_needed=40,
+    )
     with pytest.raises(ResourceError, match="more disk space"):
         plan.check()
 
 
 def test_plan_command_prints_devices_peaks_and_totals(toy_untied):
-    r = CliRunner().invoke(main, ["plan", "--device", "cpu", "--base", os.path.join(toy_untied, "base"), "--expert", experts_of(toy_untied)[0],
-                                  "--method", "orthomerge", "--out", "/nonexistent/out"])
+    r = CliRunner().invoke(
+        main,
+        [
+            "plan",
+            "--device",
+            "cpu",
+            "--base",
+            os.path.join(toy_untied, "base"),
+            "--expert",
+            experts_of(toy_untied)[0],
+            "--method",
+            "orthomerge",
+            "--out",
+            "/nonexistent/out",
+        ],
+    )
     assert r.exit_code == 0, r.output
-    for text in ("model.layers.N.self_attn.q_proj.weight", "largest tensor: model.embed_tokens.weight", "peak RAM (anonymous)", "disk needed", "spilled to the CPU: 0"):
+    for text in (
+        "model.layers.N.self_attn.q_proj.weight",
+        "largest tensor: model.embed_tokens.weight",
+        "peak RAM (anonymous)",
+        "disk needed",
+        "spilled to the CPU: 0",
+    ):
         assert text in r.output
     assert not os.path.exists("/nonexistent/out")
 
 
 def test_verify_accepts_a_merge_and_catches_damage(toy_untied, tmp_path):
     out = str(tmp_path / "o")
-    args = ["merge", "--quiet", "--device", "cpu", "--base", os.path.join(toy_untied, "base"), "--method", "task_arithmetic", "--out", out, "--shard-size", "40KB"]
+    args = [
+        "merge",
+        "--quiet",
+        "--device",
+        "cpu",
+        "--base",
+        os.path.join(toy_untied, "base"),
+        "--method",
+        "task_arithmetic",
+        "--out",
+        out,
+        "--shard-size",
+        "40KB",
+    ]
     for e in experts_of(toy_untied):
         args += ["--expert", e]
     assert CliRunner().invoke(main, args).exit_code == 0
@@ -214,7 +309,12 @@ def test_resume_computes_each_tensor_where_the_first_run_did(toy_untied, tmp_pat
     from streammerge.recipe import Expert, Recipe
     from streammerge.scheduler import Merger
 
-    recipe = Recipe("task_arithmetic", os.path.join(toy_untied, "base"), tuple(Expert(e) for e in experts_of(toy_untied)), str(tmp_path / "o"))
+    recipe = Recipe(
+        "task_arithmetic",
+        os.path.join(toy_untied, "base"),
+        tuple(Expert(e) for e in experts_of(toy_untied)),
+        str(tmp_path / "o"),
+    )
     m = Merger(recipe, device="cpu", quiet=True)
     m.run()
     record = json.load(open(tmp_path / "o" / "streammerge.json"))

@@ -6,6 +6,7 @@ Ray replaces 127.0.0.1 in a cluster address by it, so a cluster bound to loopbac
 joined; nothing leaves the machine either way. Every merge below is compared byte for byte
 with the local merge of the same command.
 """
+
 from __future__ import annotations
 
 import filecmp
@@ -40,11 +41,33 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> str:
-    return make_toy(str(tmp_path_factory.mktemp("ray_models")), "--preset", "small", "--layers", "4", "--experts", "3", "--shared", "0.7", "--shard-size", "1MB")
+    return make_toy(
+        str(tmp_path_factory.mktemp("ray_models")),
+        "--preset",
+        "small",
+        "--layers",
+        "4",
+        "--experts",
+        "3",
+        "--shared",
+        "0.7",
+        "--shard-size",
+        "1MB",
+    )
 
 
 def cli(folder: str, out: str, method: str, *extra: str) -> list[str]:
-    cmd = [sys.executable, "-m", "streammerge.cli", "merge", "--quiet", "--device", "cpu", "--base", os.path.join(folder, "base")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "streammerge.cli",
+        "merge",
+        "--quiet",
+        "--device",
+        "cpu",
+        "--base",
+        os.path.join(folder, "base"),
+    ]
     for e in experts_of(folder):
         cmd += ["--expert", e]
     return cmd + ["--method", method, "--out", out, "--shard-size", "600KB", *extra]
@@ -57,20 +80,26 @@ def output_files(out: str) -> list[str]:
 def assert_same_output(out: str, reference: str) -> None:
     assert output_files(out) == output_files(reference)
     for f in output_files(reference):
-        assert filecmp.cmp(os.path.join(out, f), os.path.join(reference, f), shallow=False), f"{f} differs from the local merge"
+        assert filecmp.cmp(os.path.join(out, f), os.path.join(reference, f), shallow=False), (
+            f"{f} differs from the local merge"
+        )
 
 
 def shards(out: str) -> list[str]:
     return sorted(f for f in os.listdir(out) if f.startswith("model-") and f.endswith(".safetensors"))
 
 
-@pytest.mark.parametrize("method,extra", [
-    ("ties", ()),
-    ("ties", ("--ties-scope", "model")),  # the driver's statistics pass, shipped to every task
-    ("dare", ("--param", "combine=ties", "--seed", "5")),
-    ("orthomerge", ()),
-    ("orthomerge", ("--target", "global", "--residual-method", "ties")),
-], ids=["ties", "ties-model", "dare-ties", "orthomerge-c", "orthomerge-g-ties"])
+@pytest.mark.parametrize(
+    "method,extra",
+    [
+        ("ties", ()),
+        ("ties", ("--ties-scope", "model")),  # the driver's statistics pass, shipped to every task
+        ("dare", ("--param", "combine=ties", "--seed", "5")),
+        ("orthomerge", ()),
+        ("orthomerge", ("--target", "global", "--residual-method", "ties")),
+    ],
+    ids=["ties", "ties-model", "dare-ties", "orthomerge-c", "orthomerge-g-ties"],
+)
 def test_ray_merge_is_byte_identical_to_local(cluster, models, tmp_path, method, extra):
     reference, out = str(tmp_path / "local"), str(tmp_path / "ray")
     subprocess.run(cli(models, reference, method, *extra), check=True)
@@ -106,7 +135,9 @@ def test_worker_killed_mid_shard_is_retried_byte_identical(cluster, models, tmp_
     assert driver.wait(timeout=300) == 0
     assert killed is not None, "the shard finished before a worker could be killed in it"
     assert_same_output(out, reference)
-    assert not [f for f in os.listdir(out) if f.endswith(".streammerge-tmp")], "the killed attempt's temporary file was left behind"
+    assert not [f for f in os.listdir(out) if f.endswith(".streammerge-tmp")], (
+        "the killed attempt's temporary file was left behind"
+    )
 
 
 def test_driver_killed_then_rerun_keeps_finished_shards(cluster, models, tmp_path):
@@ -129,13 +160,17 @@ def test_driver_killed_then_rerun_keeps_finished_shards(cluster, models, tmp_pat
     assert 0 < len(finished) < len(shards(reference))
     mtimes = {f: os.stat(os.path.join(out, f)).st_mtime_ns for f in finished}
     subprocess.run(cli(models, out, "orthomerge", "--ray", cluster.address), check=True)
-    assert {f: os.stat(os.path.join(out, f)).st_mtime_ns for f in finished} == mtimes, "a finished shard was merged again"
+    assert {f: os.stat(os.path.join(out, f)).st_mtime_ns for f in finished} == mtimes, (
+        "a finished shard was merged again"
+    )
     assert_same_output(out, reference)
 
 
 def test_a_task_no_node_can_run_is_refused_up_front(cluster, models, tmp_path):
     out = str(tmp_path / "ray")
-    r = subprocess.run(cli(models, out, "ties", "--ray", cluster.address, "--threads", "4"), capture_output=True, text=True)
+    r = subprocess.run(
+        cli(models, out, "ties", "--ray", cluster.address, "--threads", "4"), capture_output=True, text=True
+    )
     assert r.returncode == 4, r.stderr  # ResourceError, as a local plan that does not fit
     line = r.stderr.strip().splitlines()[-1]
     assert line.startswith("error: --ray") and "4 CPU(s)" in line and "largest node offers" in line, r.stderr
@@ -149,13 +184,21 @@ def test_memory_no_node_offers_is_refused(models, tmp_path, monkeypatch):
     from streammerge.recipe import Expert, Recipe
     from streammerge.scheduler import Merger
 
-    recipe = Recipe("ties", os.path.join(models, "base"), tuple(Expert(e) for e in experts_of(models)), str(tmp_path / "out"))
+    recipe = Recipe(
+        "ties", os.path.join(models, "base"), tuple(Expert(e) for e in experts_of(models)), str(tmp_path / "out")
+    )
     merger = Merger(recipe, device="cpu", quiet=True)
     try:
         executor = RayExecutor(merger, "auto", 1)
         need = max(executor.needs(s)["memory"] for s in merger.shards)
-        monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": 8.0, "memory": float(need - 1)}},
-                                                   {"Alive": False, "Resources": {"CPU": 8.0, "memory": float(need * 10)}}])
+        monkeypatch.setattr(
+            ray,
+            "nodes",
+            lambda: [
+                {"Alive": True, "Resources": {"CPU": 8.0, "memory": float(need - 1)}},
+                {"Alive": False, "Resources": {"CPU": 8.0, "memory": float(need * 10)}},
+            ],
+        )
         with pytest.raises(ResourceError, match="needs .* of memory"):
             executor.check_resources(merger.shards)
         monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": 1.0, "memory": float(need)}}])
@@ -165,9 +208,11 @@ def test_memory_no_node_offers_is_refused(models, tmp_path, monkeypatch):
 
 
 def test_without_ray_the_option_says_how_to_get_it(models, tmp_path):
-    code = ("import sys; sys.modules['ray'] = None; from streammerge.cli import main; "
-            f"main(['merge', '--base', {os.path.join(models, 'base')!r}, '--expert', {experts_of(models)[0]!r}, "
-            f"'--method', 'task_arithmetic', '--out', {str(tmp_path / 'out')!r}, '--ray', 'local'])")
+    code = (
+        "import sys; sys.modules['ray'] = None; from streammerge.cli import main; "
+        f"main(['merge', '--base', {os.path.join(models, 'base')!r}, '--expert', {experts_of(models)[0]!r}, "
+        f"'--method', 'task_arithmetic', '--out', {str(tmp_path / 'out')!r}, '--ray', 'local'])"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 2, r.stderr
     assert r.stderr.strip() == "error: --ray needs Ray: pip install 'streammerge[ray]'"

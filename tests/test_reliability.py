@@ -5,6 +5,7 @@ fragment of the one-line message (naming the file and tensor where there is one)
 shard or index appeared under a final name. tests/FAULTS.md is the table of these cases (plus
 the faults tested elsewhere); `test_faults_table_matches_the_tests` keeps the two in step.
 """
+
 from __future__ import annotations
 
 import json
@@ -117,8 +118,13 @@ def uncastable_dtype(c: Case):
 def lora_target_absent(c: Case):
     d = os.path.join(c.tmp, "lora")
     os.makedirs(d)
-    save_file({"base_model.model.model.layers.7.self_attn.q_proj.lora_A.weight": torch.zeros(2, 64),
-               "base_model.model.model.layers.7.self_attn.q_proj.lora_B.weight": torch.zeros(64, 2)}, os.path.join(d, "adapter_model.safetensors"))
+    save_file(
+        {
+            "base_model.model.model.layers.7.self_attn.q_proj.lora_A.weight": torch.zeros(2, 64),
+            "base_model.model.model.layers.7.self_attn.q_proj.lora_B.weight": torch.zeros(64, 2),
+        },
+        os.path.join(d, "adapter_model.safetensors"),
+    )
     json.dump({"peft_type": "LORA", "r": 2, "lora_alpha": 2}, open(os.path.join(d, "adapter_config.json"), "w"))
     c.experts[0] = d
     return 3, ["targets 'model.layers.7.self_attn.q_proj', which the base has no"]
@@ -270,18 +276,47 @@ def nan_in_expert(c: Case):
     path = shard_of(e, NORM)
     header, body = raw(path)
     start = header[NORM]["data_offsets"][0]
-    body = body[:start] + torch.tensor([float("nan")], dtype=torch.bfloat16).view(torch.uint8).numpy().tobytes() + body[start + 2 :]
+    body = (
+        body[:start]
+        + torch.tensor([float("nan")], dtype=torch.bfloat16).view(torch.uint8).numpy().tobytes()
+        + body[start + 2 :]
+    )
     write_raw(path, header, body)
     return 3, [f"tensor {NORM!r} contains NaN or Inf (pass --allow-nonfinite"]
 
 
-CASES = {f.__name__: f for f in (
-    missing_and_shape_together, extra_tensor, uncastable_dtype, lora_target_absent, pickled_adapter, no_experts,
-    unknown_method, density_zero, nonfinite_lambda, drop_rate_one, unknown_parameter, bad_residual_method, out_is_input,
-    out_inside_input, out_holds_other_files, out_unwritable, bad_yaml, truncated_shard, header_not_json,
-    header_too_large, offsets_past_end, offsets_overlap, index_missing_shard, index_duplicate_key,
-    tensor_in_two_shards, config_not_json, nan_in_expert,
-)}
+CASES = {
+    f.__name__: f
+    for f in (
+        missing_and_shape_together,
+        extra_tensor,
+        uncastable_dtype,
+        lora_target_absent,
+        pickled_adapter,
+        no_experts,
+        unknown_method,
+        density_zero,
+        nonfinite_lambda,
+        drop_rate_one,
+        unknown_parameter,
+        bad_residual_method,
+        out_is_input,
+        out_inside_input,
+        out_holds_other_files,
+        out_unwritable,
+        bad_yaml,
+        truncated_shard,
+        header_not_json,
+        header_too_large,
+        offsets_past_end,
+        offsets_overlap,
+        index_missing_shard,
+        index_duplicate_key,
+        tensor_in_two_shards,
+        config_not_json,
+        nan_in_expert,
+    )
+}
 
 
 def final_outputs(out: str) -> list[str]:
@@ -315,6 +350,7 @@ def test_nan_merges_when_allowed(toy_untied, tmp_path):
 
 # --- faults during a merge -----------------------------------------------------------------
 
+
 def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "streammerge.cli", "merge", "--quiet", "--device", "cpu", *args]
 
@@ -335,7 +371,12 @@ def same_files(a: str, b: str) -> None:
 
 def mount_tmpfs(path, size: int) -> bool:
     path.mkdir(exist_ok=True)
-    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True).returncode == 0
+    return (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
+        ).returncode
+        == 0
+    )
 
 
 def test_disk_too_small_for_the_output_is_refused_up_front(toy_untied, tmp_path):
@@ -395,7 +436,13 @@ def test_injected_enospc_leaves_no_partial_file(toy_untied, tmp_path, monkeypatc
         return real_put(self, data)
 
     monkeypatch.setattr(atomic.ShardWriter, "_put", failing_put)
-    recipe = Recipe("ties", os.path.join(toy_untied, "base"), tuple(Expert(e) for e in experts_of(toy_untied)), str(tmp_path / "out"), shard_size="30KB")
+    recipe = Recipe(
+        "ties",
+        os.path.join(toy_untied, "base"),
+        tuple(Expert(e) for e in experts_of(toy_untied)),
+        str(tmp_path / "out"),
+        shard_size="30KB",
+    )
     m = Merger(recipe, device="cpu", quiet=True)
     with pytest.raises(ResourceError, match="no space left"):
         m.run()
@@ -422,7 +469,13 @@ def test_input_changed_during_merge_is_detected(toy_untied, tmp_path, monkeypatc
         return result
 
     monkeypatch.setattr(atomic.ShardWriter, "commit", commit_then_touch)
-    recipe = Recipe("ties", os.path.join(toy_untied, "base"), (Expert(expert), Expert(experts_of(toy_untied)[1])), str(tmp_path / "out"), shard_size="30KB")
+    recipe = Recipe(
+        "ties",
+        os.path.join(toy_untied, "base"),
+        (Expert(expert), Expert(experts_of(toy_untied)[1])),
+        str(tmp_path / "out"),
+        shard_size="30KB",
+    )
     m = Merger(recipe, device="cpu", quiet=True)
     with pytest.raises(InputError, match="changed during the merge"):
         m.run()
@@ -433,7 +486,9 @@ def test_input_changed_during_merge_is_detected(toy_untied, tmp_path, monkeypatc
 def test_sigint_and_sigterm_exit_130_resumable(sig, name, tmp_path):
     from tests.conftest import make_toy
 
-    folder = make_toy(str(tmp_path / "m"), "--preset", "small", "--layers", "16", "--experts", "3", "--shard-size", "1MB")
+    folder = make_toy(
+        str(tmp_path / "m"), "--preset", "small", "--layers", "16", "--experts", "3", "--shard-size", "1MB"
+    )
     args = merge_args(folder, str(tmp_path / "out"))
     args[args.index("--shard-size") + 1] = "300KB"
     args += ["--ties-scope", "model"]
@@ -470,7 +525,9 @@ def test_sigint_and_sigterm_exit_130_resumable(sig, name, tmp_path):
 def test_faults_table_matches_the_tests():
     """tests/FAULTS.md lists every case above and every test it names exists."""
     table = open(os.path.join(ROOT, "tests", "FAULTS.md")).read()
-    rows = [r for r in table.splitlines() if r.startswith("| ") and not r.startswith("| #") and not r.startswith("|---")]
+    rows = [
+        r for r in table.splitlines() if r.startswith("| ") and not r.startswith("| #") and not r.startswith("|---")
+    ]
     assert len(rows) >= 25
     names = set()
     for row in rows:
@@ -494,5 +551,7 @@ def test_nan_in_an_expert_is_named_by_every_method(method, toy_untied, tmp_path)
     c.method = method
     result = CliRunner().invoke(main, c.args(), catch_exceptions=False)
     assert result.exit_code == code, result.output
-    assert result.output.startswith("error: ") and "expert" in result.output and fragments[0] in result.output, result.output
+    assert result.output.startswith("error: ") and "expert" in result.output and fragments[0] in result.output, (
+        result.output
+    )
     assert final_outputs(c.out) == []

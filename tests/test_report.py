@@ -1,5 +1,6 @@
 """--report and `streammerge report`: every merged tensor recorded, the generic figures equal a
 direct computation, OrthoMerge and the spectral methods add theirs, the summary and plots run."""
+
 from __future__ import annotations
 
 import json
@@ -14,8 +15,21 @@ from tests.conftest import experts_of, load_all
 
 
 def run_with_report(folder: str, tmp_path, method: str, *extra: str) -> dict:
-    args = ["merge", "--quiet", "--device", "cpu", "--base", os.path.join(folder, "base"), "--method", method,
-            "--out", str(tmp_path / "o"), "--report", str(tmp_path / "r.json"), *extra]
+    args = [
+        "merge",
+        "--quiet",
+        "--device",
+        "cpu",
+        "--base",
+        os.path.join(folder, "base"),
+        "--method",
+        method,
+        "--out",
+        str(tmp_path / "o"),
+        "--report",
+        str(tmp_path / "r.json"),
+        *extra,
+    ]
     for e in experts_of(folder):
         args += ["--expert", e]
     r = CliRunner().invoke(main, args, catch_exceptions=False)

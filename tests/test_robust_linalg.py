@@ -2,6 +2,7 @@
 near-orthogonal matrix by Newton–Schulz equals the SVD's; a failing SVD is retried by the
 fallbacks; when every attempt fails the merge ends in one line naming the tensor, exit 3,
 with the finished shards kept."""
+
 from __future__ import annotations
 
 import os
@@ -23,16 +24,19 @@ def near_orthogonal(n: int, spread: float, seed: int, dtype=torch.float64) -> to
     return (q @ (torch.eye(n, dtype=torch.float64) + spread * e / torch.linalg.matrix_norm(e, 2))).to(dtype)
 
 
-@pytest.mark.parametrize("n,spread,dtype", [(64, 1e-9, torch.float64), (300, 1e-3, torch.float64), (300, 0.2, torch.float64), (256, 1e-4, torch.float32)])
+@pytest.mark.parametrize(
+    "n,spread,dtype",
+    [(64, 1e-9, torch.float64), (300, 1e-3, torch.float64), (300, 0.2, torch.float64), (256, 1e-4, torch.float32)],
+)
 def test_newton_schulz_polar_equals_the_svd_polar(n, spread, dtype):
     m = near_orthogonal(n, spread, n, dtype)
     x = robust.newton_schulz_polar(m)
     assert x is not None
     u, _, vh = torch.linalg.svd(m.double())
     tol = 1e-12 if dtype == torch.float64 else 2e-5
-    assert float(torch.linalg.matrix_norm(x.double() - u @ vh)) <= tol * n ** 0.5
+    assert float(torch.linalg.matrix_norm(x.double() - u @ vh)) <= tol * n**0.5
     eye = torch.eye(n, dtype=torch.float64)
-    assert float(torch.linalg.matrix_norm(x.double().T @ x.double() - eye)) <= tol * n ** 0.5
+    assert float(torch.linalg.matrix_norm(x.double().T @ x.double() - eye)) <= tol * n**0.5
 
 
 def test_far_from_orthogonal_goes_to_the_svd():
@@ -49,7 +53,9 @@ def test_failed_svd_is_retried(monkeypatch):
     def flaky(m, *args, **kwargs):
         calls.append(m.dtype)
         if m.dtype == torch.float32:
-            raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge because the input matrix is ill-conditioned")
+            raise torch.linalg.LinAlgError(
+                "linalg.svd: The algorithm failed to converge because the input matrix is ill-conditioned"
+            )
         return real(m, *args, **kwargs)
 
     monkeypatch.setattr(torch.linalg, "svd", flaky)
@@ -65,8 +71,22 @@ def test_merge_whose_svd_always_fails_ends_in_one_line_exit_3(toy_untied, tmp_pa
 
     monkeypatch.setattr(torch.linalg, "svd", broken)
     out = tmp_path / "o"
-    args = ["merge", "--quiet", "--device", "cpu", "--base", os.path.join(toy_untied, "base"), "--method", "orthomerge",
-            "--target", "global", "--shard-size", "60KB", "--out", str(out)]
+    args = [
+        "merge",
+        "--quiet",
+        "--device",
+        "cpu",
+        "--base",
+        os.path.join(toy_untied, "base"),
+        "--method",
+        "orthomerge",
+        "--target",
+        "global",
+        "--shard-size",
+        "60KB",
+        "--out",
+        str(out),
+    ]
     for e in experts_of(toy_untied):
         args += ["--expert", e]
     r = CliRunner().invoke(main, args)

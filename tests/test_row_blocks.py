@@ -2,6 +2,7 @@
 tensor is merged whole or streamed in small row blocks (TIES both with its N task vectors
 kept whole and streamed with histogram thresholds), for full-model and LoRA experts; the radix
 select equals a sort; the block-streamed sign election keeps the tensor's majority sign."""
+
 from __future__ import annotations
 
 import hashlib
@@ -18,9 +19,13 @@ from streammerge.methods import ties
 from tests.conftest import experts_of, make_toy
 
 CASES = [
-    ("linear", {}), ("task_arithmetic", {"lambda": 0.7}),
-    ("ties", {"density": 0.3}), ("ties", {"density": 0.5, "merge": "sum"}), ("ties", {"density": 0.2, "scope": "model"}),
-    ("dare", {"drop_rate": 0.4}), ("dare", {"drop_rate": 0.3, "combine": "ties"}),
+    ("linear", {}),
+    ("task_arithmetic", {"lambda": 0.7}),
+    ("ties", {"density": 0.3}),
+    ("ties", {"density": 0.5, "merge": "sum"}),
+    ("ties", {"density": 0.2, "scope": "model"}),
+    ("dare", {"drop_rate": 0.4}),
+    ("dare", {"drop_rate": 0.3, "combine": "ties"}),
     ("orthomerge", {"target": "conflict"}),  # its 1-D tensors and residual go through the same code
     ("gta", {"sparsify": "random", "consensus": "sum", "rescale": True, "density": 0.4}),
     ("gta", {"sparsify": "della_magprune", "normalize": True, "rescale": True, "density": 0.5}),
@@ -28,27 +33,50 @@ CASES = [
 ]
 # magnitude sparsifiers break ties at a threshold by mergekit's sort when a tensor is merged whole
 # and by row-major order when streamed (gta.py): the same with blocks, tested apart when streamed
-WHOLE_ONLY = [("gta", {"sparsify": "magnitude", "consensus": "sum", "normalize": True, "density": 0.3}),
-              ("gta", {"sparsify": "magnitude_outliers", "rescale": True, "density": 0.5, "gamma": 0.05})]
+WHOLE_ONLY = [
+    ("gta", {"sparsify": "magnitude", "consensus": "sum", "normalize": True, "density": 0.3}),
+    ("gta", {"sparsify": "magnitude_outliers", "rescale": True, "density": 0.5, "gamma": 0.05}),
+]
 
 
 @pytest.fixture(scope="module")
 def toy_lora(tmp_path_factory) -> str:
-    return make_toy(str(tmp_path_factory.mktemp("toy_lora_blocks")), "--preset", "tiny", "--experts", "3", "--kind", "lora", "--shard-size", "60KB")
+    return make_toy(
+        str(tmp_path_factory.mktemp("toy_lora_blocks")),
+        "--preset",
+        "tiny",
+        "--experts",
+        "3",
+        "--kind",
+        "lora",
+        "--shard-size",
+        "60KB",
+    )
 
 
 def shard_digests(folder: str) -> dict[str, str]:
-    return {f: hashlib.sha256(open(os.path.join(folder, f), "rb").read()).hexdigest() for f in sorted(os.listdir(folder)) if f.endswith(".safetensors")}
+    return {
+        f: hashlib.sha256(open(os.path.join(folder, f), "rb").read()).hexdigest()
+        for f in sorted(os.listdir(folder))
+        if f.endswith(".safetensors")
+    }
 
 
 def run(folder: str, out: str, method: str, params: dict, weights=(1.0, 0.5, 1.0)) -> dict[str, str]:
     experts = tuple(Expert(p, w) for p, w in zip(experts_of(folder), weights))
-    merge(Recipe(method, os.path.join(folder, "base"), experts, out, dict(params), shard_size="60KB", seed=3), device="cpu")
+    merge(
+        Recipe(method, os.path.join(folder, "base"), experts, out, dict(params), shard_size="60KB", seed=3),
+        device="cpu",
+    )
     return shard_digests(out)
 
 
 @pytest.mark.parametrize("fixture", ["toy_untied", "toy_lora"])
-@pytest.mark.parametrize("method,params", CASES + WHOLE_ONLY, ids=[f"{m}-{'-'.join(f'{k}={v}' for k, v in p.items())}" for m, p in CASES + WHOLE_ONLY])
+@pytest.mark.parametrize(
+    "method,params",
+    CASES + WHOLE_ONLY,
+    ids=[f"{m}-{'-'.join(f'{k}={v}' for k, v in p.items())}" for m, p in CASES + WHOLE_ONLY],
+)
 def test_row_blocks_give_identical_shards(fixture, method, params, request, tmp_path, monkeypatch):
     folder = request.getfixturevalue(fixture)
     whole = run(folder, str(tmp_path / "whole"), method, params)
@@ -87,10 +115,21 @@ def test_streamed_sign_election_keeps_the_majority_sign(tmp_path, monkeypatch):
     for label, block in (("whole", 10**9), ("blocked", 300)):
         monkeypatch.setattr(methods, "BLOCK_ELEMENTS", block)
         folder = str(tmp_path / label)
-        recipe = Recipe("ties", str(tmp_path / "base"), (Expert(str(tmp_path / "expert-1")), Expert(str(tmp_path / "expert-2"))), folder, {"density": 1.0})
+        recipe = Recipe(
+            "ties",
+            str(tmp_path / "base"),
+            (Expert(str(tmp_path / "expert-1")), Expert(str(tmp_path / "expert-2"))),
+            folder,
+            {"density": 1.0},
+        )
         merge(recipe, device="cpu")
         from safetensors.torch import load_file
-        out[label] = load_file(os.path.join(folder, json.load(open(os.path.join(folder, "model.safetensors.index.json")))["weight_map"]["w.weight"]))["w.weight"]
+
+        out[label] = load_file(
+            os.path.join(
+                folder, json.load(open(os.path.join(folder, "model.safetensors.index.json")))["weight_map"]["w.weight"]
+            )
+        )["w.weight"]
     assert torch.equal(out["whole"], out["blocked"])
     assert torch.equal(out["whole"][cancel], torch.full((int(cancel.sum()),), -1.0))  # the −1 expert's value
 
@@ -115,16 +154,32 @@ def test_radix_select_equals_a_sort(seed):
 @pytest.fixture(scope="module")
 def toy_conflicting(tmp_path_factory) -> str:
     """Experts sharing a per-row direction with random signs: each conflicts on ~1/4 of the rows."""
-    return make_toy(str(tmp_path_factory.mktemp("toy_conflicting_blocks")), "--preset", "tiny", "--experts", "3", "--shared", "0.7", "--shard-size", "60KB")
+    return make_toy(
+        str(tmp_path_factory.mktemp("toy_conflicting_blocks")),
+        "--preset",
+        "tiny",
+        "--experts",
+        "3",
+        "--shared",
+        "0.7",
+        "--shard-size",
+        "60KB",
+    )
 
 
 def load_outputs(folder: str) -> dict[str, torch.Tensor]:
     from tests.conftest import load_all
+
     return load_all(folder)
 
 
-@pytest.mark.parametrize("target,residual", [("global", "task_arithmetic"), ("conflict", "task_arithmetic"), ("conflict", "ties"), ("global", "dare_linear")])
-def test_orthomerge_of_tall_weights_in_row_blocks_equals_the_whole_merge(target, residual, toy_conflicting, tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "target,residual",
+    [("global", "task_arithmetic"), ("conflict", "task_arithmetic"), ("conflict", "ties"), ("global", "dare_linear")],
+)
+def test_orthomerge_of_tall_weights_in_row_blocks_equals_the_whole_merge(
+    target, residual, toy_conflicting, tmp_path, monkeypatch
+):
     """Tall weights (embeddings, lm_head, gate/up) in row blocks: Gram-based base directions and
     block-summed cross products give the whole-tensor result to round-off (float32 output)."""
     params = {"target": target, "residual_method": residual}
@@ -132,7 +187,12 @@ def test_orthomerge_of_tall_weights_in_row_blocks_equals_the_whole_merge(target,
 
     def run_with(label: str) -> dict[str, torch.Tensor]:
         out = str(tmp_path / label)
-        merge(Recipe("orthomerge", os.path.join(toy_conflicting, "base"), experts, out, dict(params), dtype="float32", seed=1), device="cpu")
+        merge(
+            Recipe(
+                "orthomerge", os.path.join(toy_conflicting, "base"), experts, out, dict(params), dtype="float32", seed=1
+            ),
+            device="cpu",
+        )
         return load_outputs(out)
 
     whole = run_with("whole")
@@ -149,19 +209,33 @@ def test_orthomerge_of_tall_weights_in_row_blocks_equals_the_whole_merge(target,
     assert moved == 2  # the tall weights were really merged (and rotated) in blocks
 
 
-@pytest.mark.parametrize("method,params", [("model_stock", {}), ("model_stock", {"filter_wise": True}), ("karcher", {}), ("karcher", {"max_iter": 2}),
-                                           ("sce", {}), ("sce", {"select_topk": 0.4}), ("sce", {"select_topk": 0.0})])
+@pytest.mark.parametrize(
+    "method,params",
+    [
+        ("model_stock", {}),
+        ("model_stock", {"filter_wise": True}),
+        ("karcher", {}),
+        ("karcher", {"max_iter": 2}),
+        ("sce", {}),
+        ("sce", {"select_topk": 0.4}),
+        ("sce", {"select_topk": 0.0}),
+    ],
+)
 def test_whole_tensor_mergekit_methods_stream_in_row_blocks(method, params, toy_conflicting, tmp_path, monkeypatch):
     """model_stock, sce and karcher merge a tensor too large for its N inputs in row blocks (their
     sums over the tensor in float64; karcher iterates on coefficients of a Gram matrix): equal to
     the whole-tensor merge to float32 round-off; with
     a top-k variance mask, to the same formula with ties at the threshold kept in row-major order."""
     from streammerge.methods import karcher, model_stock, sce
+
     experts = tuple(Expert(p) for p in experts_of(toy_conflicting))
 
     def run_with(label: str) -> dict[str, torch.Tensor]:
         out = str(tmp_path / label)
-        merge(Recipe(method, os.path.join(toy_conflicting, "base"), experts, out, dict(params), dtype="float32"), device="cpu")
+        merge(
+            Recipe(method, os.path.join(toy_conflicting, "base"), experts, out, dict(params), dtype="float32"),
+            device="cpu",
+        )
         return load_outputs(out)
 
     whole = run_with("whole")
@@ -201,8 +275,13 @@ def sce_with_row_major_ties(w0: torch.Tensor, ws: list[torch.Tensor], topk: floa
 def test_streamed_plans_of_mergekit_whole_tensor_methods_are_blocks():
     """At an 8B embedding the streamed plans need N blocks, not N copies of a 2 GB tensor."""
     from streammerge.methods import karcher, model_stock, sce
+
     shape, n = (128256, 4096), 5
-    for module, params in ((model_stock, model_stock.ModelStockParams()), (sce, sce.SceParams(select_topk=0.5)), (karcher, karcher.KarcherParams())):
+    for module, params in (
+        (model_stock, model_stock.ModelStockParams()),
+        (sce, sce.SceParams(select_topk=0.5)),
+        (karcher, karcher.KarcherParams()),
+    ):
         need = module.memory("model.embed_tokens.weight", shape, n, params, 4)
         assert need.work < 64 * methods.BLOCK_ELEMENTS * 4
         small = module.memory("w", (64, 64), n, params, 4)

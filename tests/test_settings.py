@@ -1,5 +1,6 @@
 """Gradients and filters (settings.py) follow mergekit 0.1.5's evaluate_setting, and reach the
 merge per tensor: a native recipe with a density gradient equals per-layer merges."""
+
 from __future__ import annotations
 
 import os
@@ -36,15 +37,24 @@ def test_layer_fraction():
     assert settings.count_layers(["model.layers.0.a", "model.layers.11.b", "lm_head.weight"]) == 12
 
 
-@pytest.mark.parametrize("bad,match", [
-    ([0.2, [1, 2]], "mixing values and filters"),
-    ([{"filter": 3, "value": 1}], "filter 3 is not a string"),
-    ([{"value": {"a": 1}}], "a scalar or a gradient"),
-    ([], "an empty list"),
-    ({"filter": "mlp"}, "mixing values and filters"),
-])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        ([0.2, [1, 2]], "mixing values and filters"),
+        ([{"filter": 3, "value": 1}], "filter 3 is not a string"),
+        ([{"value": {"a": 1}}], "a scalar or a gradient"),
+        ([], "an empty list"),
+        ({"filter": "mlp"}, "mixing values and filters"),
+    ],
+)
 def test_malformed_settings_are_refused_by_name(bad, match, toy_untied, tmp_path):
-    recipe = Recipe("ties", os.path.join(toy_untied, "base"), tuple(Expert(p) for p in experts_of(toy_untied)), str(tmp_path / "o"), {"density": bad})
+    recipe = Recipe(
+        "ties",
+        os.path.join(toy_untied, "base"),
+        tuple(Expert(p) for p in experts_of(toy_untied)),
+        str(tmp_path / "o"),
+        {"density": bad},
+    )
     with pytest.raises(UsageError, match=f"parameter density: .*{match}"):
         recipe.validate()
 
@@ -71,10 +81,21 @@ def test_orthomerge_takes_filtered_parameters(toy_untied, tmp_path):
     base = os.path.join(toy_untied, "base")
     experts = tuple(Expert(p) for p in experts_of(toy_untied))
     common = {"target": "global"}
-    merge(Recipe("orthomerge", base, experts, str(tmp_path / "f"), common | {"max_angle_deg": [{"filter": "o_proj", "value": 1e-3}, {"value": 90.0}]}), device="cpu")
+    merge(
+        Recipe(
+            "orthomerge",
+            base,
+            experts,
+            str(tmp_path / "f"),
+            common | {"max_angle_deg": [{"filter": "o_proj", "value": 1e-3}, {"value": 90.0}]},
+        ),
+        device="cpu",
+    )
     merge(Recipe("orthomerge", base, experts, str(tmp_path / "zero"), common | {"max_angle_deg": 1e-3}), device="cpu")
     merge(Recipe("orthomerge", base, experts, str(tmp_path / "default"), common), device="cpu")
     got, zero, default = (load_all(str(tmp_path / d)) for d in ("f", "zero", "default"))
     for name, t in got.items():
         assert torch.equal(t, (zero if "o_proj" in name else default)[name]), name
-    assert not torch.equal(zero["model.layers.0.self_attn.o_proj.weight"], default["model.layers.0.self_attn.o_proj.weight"])
+    assert not torch.equal(
+        zero["model.layers.0.self_attn.o_proj.weight"], default["model.layers.0.self_attn.o_proj.weight"]
+    )

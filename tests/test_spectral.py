@@ -2,6 +2,7 @@
 reference of its published formula on toy models, the properties that define it (Hypothesis),
 LoRA experts (SVDs from the factors) against the same adapters merged into dense models by
 PEFT, and use as OrthoMerge's residual."""
+
 from __future__ import annotations
 
 import os
@@ -89,8 +90,17 @@ REFS = {"tsv": ref_tsv, "iso_c": ref_iso_c, "iso_cts": ref_iso_cts, "ortho_svd":
 def test_matches_float64_reference_on_a_toy_model(method, toy_untied, tmp_path):
     out = str(tmp_path / "o")
     params = {"threshold": 0.05} if method == "ortho_svd" else {}  # toy experts: make some pairs interfere
-    merge(Recipe(method, os.path.join(toy_untied, "base"), tuple(Expert(p) for p in experts_of(toy_untied)), out, params,
-                 dtype="float32"), device="cpu")
+    merge(
+        Recipe(
+            method,
+            os.path.join(toy_untied, "base"),
+            tuple(Expert(p) for p in experts_of(toy_untied)),
+            out,
+            params,
+            dtype="float32",
+        ),
+        device="cpu",
+    )
     got = load_all(out)
     base = {k: v.double() for k, v in load_all(os.path.join(toy_untied, "base")).items()}
     experts = [{k: v.double() for k, v in load_all(p).items()} for p in experts_of(toy_untied)]
@@ -108,7 +118,9 @@ matrices = st.tuples(st.integers(4, 24), st.integers(4, 24), st.integers(2, 4), 
 
 def random_taus(m, n, count, seed):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(m, n, dtype=torch.float64, generator=g), [torch.randn(m, n, dtype=torch.float64, generator=g) for _ in range(count)]
+    return torch.randn(m, n, dtype=torch.float64, generator=g), [
+        torch.randn(m, n, dtype=torch.float64, generator=g) for _ in range(count)
+    ]
 
 
 @settings(max_examples=25, deadline=None)
@@ -120,7 +132,7 @@ def test_tsv_combined_factors_are_orthonormal(shape):
     keep = min(m, n) // count
     # the update is U⊥ diag(σ) V⊥ᵀ with orthonormal U⊥, V⊥: its singular values are the kept σ's
     kept = torch.sort(torch.cat([torch.linalg.svdvals(t)[:keep] for t in taus]), descending=True).values
-    torch.testing.assert_close(torch.linalg.svdvals(update)[:kept.numel()], kept, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(torch.linalg.svdvals(update)[: kept.numel()], kept, rtol=1e-9, atol=1e-9)
 
 
 @settings(max_examples=25, deadline=None)
@@ -130,7 +142,9 @@ def test_iso_c_spectrum_is_flat(shape):
     base, taus = random_taus(m, n, count, seed)
     update = iso_c.merge(task_of(base, [base + t for t in taus]), iso_c.IsoCParams()) - base
     s = torch.linalg.svdvals(update)
-    torch.testing.assert_close(s, torch.full_like(s, float(torch.linalg.svdvals(sum(taus)).mean())), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(
+        s, torch.full_like(s, float(torch.linalg.svdvals(sum(taus)).mean())), rtol=1e-9, atol=1e-9
+    )
 
 
 @settings(max_examples=25, deadline=None)
@@ -147,7 +161,10 @@ def test_ortho_svd_removes_exactly_the_weaker_of_each_interfering_pair(m, count,
     taus, comps = [], []
     for i in range(count):
         chosen = list(dict.fromkeys(slots[i].tolist()))  # distinct directions within an expert
-        cs = [(b, float(sigmas[i, j]) * (1 + j), torch.outer(basis[:, b], right[:, i * m + b])) for j, b in enumerate(chosen)]
+        cs = [
+            (b, float(sigmas[i, j]) * (1 + j), torch.outer(basis[:, b], right[:, i * m + b]))
+            for j, b in enumerate(chosen)
+        ]
         comps.append(cs)
         taus.append(sum(s * c for _, s, c in cs))
     expected = [t.clone() for t in taus]
@@ -175,13 +192,17 @@ def peft_loras(tmp_path_factory):
     peft = pytest.importorskip("peft")
     transformers = pytest.importorskip("transformers")
     work = tmp_path_factory.mktemp("spectral_lora")
-    toy = make_toy(str(work / "toy"), "--preset", "tiny", "--experts", "1", "--dtype", "float32", "--shard-size", "80KB")
+    toy = make_toy(
+        str(work / "toy"), "--preset", "tiny", "--experts", "1", "--dtype", "float32", "--shard-size", "80KB"
+    )
     base = os.path.join(toy, "base")
     adapters, dense = [], []
     for i in range(3):
         torch.manual_seed(100 + i)
         model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-        cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+        cfg = peft.LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False
+        )
         pm = peft.get_peft_model(model, cfg)
         pm.save_pretrained(str(work / f"a{i}"))
         pm.merge_and_unload().save_pretrained(str(work / f"d{i}"))
@@ -196,8 +217,14 @@ def test_lora_experts_equal_peft_merged_dense_experts(method, peft_loras, tmp_pa
     decoupling and merge are compared here, without the descent (steps 0)."""
     base, adapters, dense = peft_loras
     params = {"threshold": 0.2} if method == "ortho_svd" else {"steps": 0} if method == "do_merging" else {}
-    merge(Recipe(method, base, tuple(Expert(a) for a in adapters), str(tmp_path / "lora"), params, dtype="float32"), device="cpu")
-    merge(Recipe(method, base, tuple(Expert(d) for d in dense), str(tmp_path / "dense"), params, dtype="float32"), device="cpu")
+    merge(
+        Recipe(method, base, tuple(Expert(a) for a in adapters), str(tmp_path / "lora"), params, dtype="float32"),
+        device="cpu",
+    )
+    merge(
+        Recipe(method, base, tuple(Expert(d) for d in dense), str(tmp_path / "dense"), params, dtype="float32"),
+        device="cpu",
+    )
     a, b = load_all(str(tmp_path / "lora")), load_all(str(tmp_path / "dense"))
     w0 = load_all(base)
     changed = 0
@@ -212,7 +239,10 @@ def test_lora_experts_equal_peft_merged_dense_experts(method, peft_loras, tmp_pa
 def test_serves_as_orthomerge_residual(method, toy_untied, tmp_path):
     experts = tuple(Expert(p) for p in experts_of(toy_untied))
     base = os.path.join(toy_untied, "base")
-    merge(Recipe("orthomerge", base, experts, str(tmp_path / "o"), {"residual_method": method, "target": "global"}), device="cpu")
+    merge(
+        Recipe("orthomerge", base, experts, str(tmp_path / "o"), {"residual_method": method, "target": "global"}),
+        device="cpu",
+    )
     merge(Recipe("orthomerge", base, experts, str(tmp_path / "ta"), {"target": "global"}), device="cpu")
     a, b = load_all(str(tmp_path / "o")), load_all(str(tmp_path / "ta"))
     assert any(not torch.equal(a[k], b[k]) for k in a)
@@ -243,8 +273,17 @@ def test_row_block_streaming_equals_the_whole_tensor_merge(method, toy_untied, t
 
 @pytest.mark.parametrize("method", ["tsv", "iso_c", "iso_cts", "ortho_svd", "do_merging"])
 def test_oft_experts_merge(method, tmp_path):
-    toy = make_toy(str(tmp_path / "oft"), "--preset", "tiny", "--experts", "2", "--kind", "oft", "--oft-block-size", "8")
+    toy = make_toy(
+        str(tmp_path / "oft"), "--preset", "tiny", "--experts", "2", "--kind", "oft", "--oft-block-size", "8"
+    )
     out = str(tmp_path / "o")
-    merge(Recipe(method, os.path.join(toy, "base"), tuple(Expert(p) for p in experts_of(toy, 2)), out, {}, dtype="float32"), device="cpu")
+    merge(
+        Recipe(
+            method, os.path.join(toy, "base"), tuple(Expert(p) for p in experts_of(toy, 2)), out, {}, dtype="float32"
+        ),
+        device="cpu",
+    )
     got, base = load_all(out), load_all(os.path.join(toy, "base"))
-    assert not torch.equal(got["model.layers.0.self_attn.q_proj.weight"], base["model.layers.0.self_attn.q_proj.weight"].float())
+    assert not torch.equal(
+        got["model.layers.0.self_attn.q_proj.weight"], base["model.layers.0.self_attn.q_proj.weight"].float()
+    )

@@ -1,4 +1,5 @@
 """A merged toy model loads with transformers and runs a forward pass (test extra)."""
+
 from __future__ import annotations
 
 import os
@@ -16,7 +17,17 @@ transformers = pytest.importorskip("transformers")
 def test_merged_model_loads_and_runs_forward(fixture, request, tmp_path):
     folder = request.getfixturevalue(fixture)
     out = str(tmp_path / "merged")
-    merge(Recipe("ties", os.path.join(folder, "base"), tuple(Expert(p) for p in experts_of(folder)), out, {"density": 0.5}, shard_size="40KB"), device="cpu")
+    merge(
+        Recipe(
+            "ties",
+            os.path.join(folder, "base"),
+            tuple(Expert(p) for p in experts_of(folder)),
+            out,
+            {"density": 0.5},
+            shard_size="40KB",
+        ),
+        device="cpu",
+    )
     model = transformers.AutoModelForCausalLM.from_pretrained(out, torch_dtype=torch.float32)
     base = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(folder, "base"), torch_dtype=torch.float32)
     tok = transformers.AutoTokenizer.from_pretrained(out)

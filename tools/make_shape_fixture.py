@@ -8,6 +8,7 @@ every tensor of the model (bf16) and whose data sections are holes (sparse files
 have their full size but use no disk), plus config.json. `streammerge plan` reads only
 headers, so it plans a 5 × 8B merge from these in a second; merging them would read zeros.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -68,16 +69,27 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     hidden, inter, layers, heads, kv, vocab = SHAPES[args.shape]
     tensors = layout(hidden, inter, layers, heads, kv, vocab)
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden, "intermediate_size": inter,
-              "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv, "vocab_size": vocab,
-              "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": inter,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv,
+        "vocab_size": vocab,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+    }
     for name in ["base"] + [f"expert-{i}" for i in range(1, args.experts + 1)]:
         folder = os.path.join(args.out, name)
         write_sparse_model(folder, tensors)
         with open(os.path.join(folder, "config.json"), "w") as f:
             json.dump(config, f, indent=2)
     params = sum(math.prod(s) for _, s in tensors)
-    print(f"wrote {args.out}: base + {args.experts} experts shaped like {args.shape} ({params / 1e9:.2f} B parameters each, header only)")
+    print(
+        f"wrote {args.out}: base + {args.experts} experts shaped like {args.shape} ({params / 1e9:.2f} B parameters each, header only)"
+    )
     return 0
 
 

@@ -11,6 +11,7 @@ adapter_model.safetensors, PEFT ≥ 0.16 key layout) targeting the attention and
 Every tensor is drawn from a generator seeded by (seed, model, name),
 so the same flags always give byte-identical files. Tensors are written one at a time.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,11 +42,15 @@ PRESETS = {
 
 def generator(*key: object) -> torch.Generator:
     g = torch.Generator()
-    g.manual_seed(int.from_bytes(hashlib.sha256("\x00".join(map(str, key)).encode()).digest()[:8], "little") & (2**63 - 1))
+    g.manual_seed(
+        int.from_bytes(hashlib.sha256("\x00".join(map(str, key)).encode()).digest()[:8], "little") & (2**63 - 1)
+    )
     return g
 
 
-def llama_layout(hidden: int, inter: int, layers: int, heads: int, kv: int, vocab: int, tied: bool, bias: bool) -> list[tuple[str, tuple[int, ...]]]:
+def llama_layout(
+    hidden: int, inter: int, layers: int, heads: int, kv: int, vocab: int, tied: bool, bias: bool
+) -> list[tuple[str, tuple[int, ...]]]:
     head_dim = hidden // heads
     out = [("model.embed_tokens.weight", (vocab, hidden))]
     for i in range(layers):
@@ -85,7 +90,9 @@ def base_tensor(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
     return torch.randn(shape, generator=g) * std
 
 
-def expert_delta(name: str, base: torch.Tensor, seed: int, expert: int, kind: str, scale: float, rank: int, shared: float = 0.0) -> torch.Tensor:
+def expert_delta(
+    name: str, base: torch.Tensor, seed: int, expert: int, kind: str, scale: float, rank: int, shared: float = 0.0
+) -> torch.Tensor:
     g = generator(seed, "expert", expert, name)
     std = float(base.std()) if base.numel() > 1 else 1.0
     if kind == "full" or base.dim() != 2:
@@ -110,7 +117,9 @@ def write_adapter(folder: str, layout, seed: int, expert: int, kind: str, args) 
     """A PEFT LoRA or OFT (≥ 0.16 packed) adapter with random, deterministic parameters."""
     os.makedirs(folder, exist_ok=True)
     shapes = {n: s for n, s in layout}
-    modules = [n[: -len(".weight")] for n, s in layout if len(s) == 2 and any(f".{t}.weight" in n for t in args.targets)]
+    modules = [
+        n[: -len(".weight")] for n, s in layout if len(s) == 2 and any(f".{t}.weight" in n for t in args.targets)
+    ]
     tensors = []
     for m in modules:
         out_f, in_f = shapes[m + ".weight"]
@@ -126,13 +135,36 @@ def write_adapter(folder: str, layout, seed: int, expert: int, kind: str, args) 
                 raise SystemExit(f"--oft-block-size {bs} does not divide {m}'s input width {in_f}")
             packed = torch.randn(in_f // bs, bs * (bs - 1) // 2, generator=g) * args.scale
             tensors.append((key + ".oft_R.weight", packed))
-    config = {"peft_type": kind.upper(), "target_modules": list(args.targets), "base_model_name_or_path": None,
-              "task_type": "CAUSAL_LM", "inference_mode": True, "peft_version": "0.21.2", "bias": "none"}
+    config = {
+        "peft_type": kind.upper(),
+        "target_modules": list(args.targets),
+        "base_model_name_or_path": None,
+        "task_type": "CAUSAL_LM",
+        "inference_mode": True,
+        "peft_version": "0.21.2",
+        "bias": "none",
+    }
     if kind == "lora":
-        config |= {"r": args.rank, "lora_alpha": 2 * args.rank, "lora_dropout": 0.0, "fan_in_fan_out": False, "use_rslora": False, "use_dora": False}
+        config |= {
+            "r": args.rank,
+            "lora_alpha": 2 * args.rank,
+            "lora_dropout": 0.0,
+            "fan_in_fan_out": False,
+            "use_rslora": False,
+            "use_dora": False,
+        }
     else:
-        config |= {"r": 0, "oft_block_size": args.oft_block_size, "module_dropout": 0.0, "init_weights": True, "coft": False,
-                   "eps": 6e-5, "block_share": False, "use_cayley_neumann": not args.oft_exact, "num_cayley_neumann_terms": 5}
+        config |= {
+            "r": 0,
+            "oft_block_size": args.oft_block_size,
+            "module_dropout": 0.0,
+            "init_weights": True,
+            "coft": False,
+            "eps": 6e-5,
+            "block_share": False,
+            "use_cayley_neumann": not args.oft_exact,
+            "num_cayley_neumann_terms": 5,
+        }
     layout_out = [(k, "F32", tuple(t.shape)) for k, t in tensors]
     with ShardWriter(os.path.join(folder, "adapter_model.safetensors"), layout_out, {"format": "pt"}) as w:
         for k, t in tensors:
@@ -172,12 +204,23 @@ def write_model(folder: str, tensors, dtype: torch.dtype, shard_size: int) -> No
 def write_config(folder: str, args, preset) -> None:
     hidden, inter, layers, heads, kv, vocab = preset
     config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "hidden_size": hidden, "intermediate_size": inter, "num_hidden_layers": layers,
-        "num_attention_heads": heads, "num_key_value_heads": kv, "vocab_size": vocab,
-        "max_position_embeddings": 512, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-        "hidden_act": "silu", "tie_word_embeddings": args.tied, "attention_bias": args.bias,
-        "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": str(args.torch_dtype).removeprefix("torch."),
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": inter,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv,
+        "vocab_size": vocab,
+        "max_position_embeddings": 512,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "hidden_act": "silu",
+        "tie_word_embeddings": args.tied,
+        "attention_bias": args.bias,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "torch_dtype": str(args.torch_dtype).removeprefix("torch."),
     }
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
@@ -185,15 +228,40 @@ def write_config(folder: str, args, preset) -> None:
         json.dump({"bos_token_id": 1, "eos_token_id": 2}, f, indent=2)
     vocab_map = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"w{i}": i for i in range(3, vocab)}
     tokenizer = {
-        "version": "1.0", "truncation": None, "padding": None,
-        "added_tokens": [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False, "special": True} for t, i in list(vocab_map.items())[:3]],
-        "normalizer": None, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": None, "decoder": None,
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": [
+            {
+                "id": i,
+                "content": t,
+                "single_word": False,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "special": True,
+            }
+            for t, i in list(vocab_map.items())[:3]
+        ],
+        "normalizer": None,
+        "pre_tokenizer": {"type": "Whitespace"},
+        "post_processor": None,
+        "decoder": None,
         "model": {"type": "WordLevel", "vocab": vocab_map, "unk_token": "<unk>"},
     }
     with open(os.path.join(folder, "tokenizer.json"), "w") as f:
         json.dump(tokenizer, f)
     with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
-        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"}, f, indent=2)
+        json.dump(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "unk_token": "<unk>",
+                "bos_token": "<s>",
+                "eos_token": "</s>",
+            },
+            f,
+            indent=2,
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -202,13 +270,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     ap.add_argument("--layers", type=int, help="override the preset's layer count")
     ap.add_argument("--experts", type=int, default=3)
-    ap.add_argument("--kind", choices=["full", "lowrank", "lora", "oft"], default="full", help="full/lowrank: dense expert models; lora/oft: PEFT adapters")
+    ap.add_argument(
+        "--kind",
+        choices=["full", "lowrank", "lora", "oft"],
+        default="full",
+        help="full/lowrank: dense expert models; lora/oft: PEFT adapters",
+    )
     ap.add_argument("--targets", nargs="+", default=list(TARGETS), help="modules that lora/oft adapters target")
     ap.add_argument("--oft-block-size", type=int, default=16)
-    ap.add_argument("--oft-exact", action="store_true", help="OFT adapters use the exact Cayley map (use_cayley_neumann false)")
+    ap.add_argument(
+        "--oft-exact", action="store_true", help="OFT adapters use the exact Cayley map (use_cayley_neumann false)"
+    )
     ap.add_argument("--rank", type=int, default=8, help="rank of lowrank deltas")
     ap.add_argument("--scale", type=float, default=0.05, help="delta size relative to each tensor's std")
-    ap.add_argument("--shared", type=float, default=0.0, help="full experts: weight of a per-row direction shared by all experts with random signs (0: independent deltas, which almost never conflict)")
+    ap.add_argument(
+        "--shared",
+        type=float,
+        default=0.0,
+        help="full experts: weight of a per-row direction shared by all experts with random signs (0: independent deltas, which almost never conflict)",
+    )
     ap.add_argument("--tied", action="store_true", help="tie lm_head to embed_tokens (no lm_head tensor)")
     ap.add_argument("--bias", action="store_true", help="give q/k/v projections biases")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
@@ -222,9 +302,12 @@ def main(argv: list[str] | None = None) -> int:
     layout = llama_layout(*preset, tied=args.tied, bias=args.bias)
     shard = parse_size(args.shard_size)
     base_dir = os.path.join(args.out, "base")
-    write_model(base_dir, [(n, s, (lambda n=n, s=s: base_tensor(n, s, args.seed))) for n, s in layout], args.torch_dtype, shard)
+    write_model(
+        base_dir, [(n, s, (lambda n=n, s=s: base_tensor(n, s, args.seed))) for n, s in layout], args.torch_dtype, shard
+    )
     write_config(base_dir, args, preset)
     for e in range(1, args.experts + 1):
+
         def make(n, s, e=e):
             b = base_tensor(n, s, args.seed)
             return b + expert_delta(n, b, args.seed, e, args.kind, args.scale, args.rank, args.shared)
@@ -237,7 +320,9 @@ def main(argv: list[str] | None = None) -> int:
         write_config(d, args, preset)
     params = sum(math.prod(s) for _, s in layout)
     if args.kind in ("lora", "oft"):
-        print(f"wrote {args.out}: base of {params / 1e6:.1f} M parameters + {args.experts} {args.kind} adapters of {adapter_params / 1e6:.3f} M parameters each")
+        print(
+            f"wrote {args.out}: base of {params / 1e6:.1f} M parameters + {args.experts} {args.kind} adapters of {adapter_params / 1e6:.3f} M parameters each"
+        )
     else:
         print(f"wrote {args.out}: base + {args.experts} {args.kind} experts, {params / 1e6:.1f} M parameters each")
     return 0

@@ -7,6 +7,7 @@ interpreter's torch and transformers), for the cross-check tests and bench/vs_me
 Kept apart from the project's environment: mergekit pins and pulls packages (datasets,
 pyarrow, pydantic) that streammerge does not need.
 """
+
 from __future__ import annotations
 
 import os
@@ -20,7 +21,10 @@ MERGEKIT = "mergekit==0.1.5"
 
 
 def has_mergekit(python: str) -> bool:
-    return os.path.exists(python) and subprocess.run([python, "-c", "import mergekit"], capture_output=True).returncode == 0
+    return (
+        os.path.exists(python)
+        and subprocess.run([python, "-c", "import mergekit"], capture_output=True).returncode == 0
+    )
 
 
 def ensure_mergekit() -> str | None:
@@ -29,7 +33,9 @@ def ensure_mergekit() -> str | None:
         return PYTHON
     r = subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", VENV], capture_output=True, text=True)
     if r.returncode == 0:
-        r = subprocess.run([os.path.join(VENV, "bin", "pip"), "install", "-q", MERGEKIT], capture_output=True, text=True)
+        r = subprocess.run(
+            [os.path.join(VENV, "bin", "pip"), "install", "-q", MERGEKIT], capture_output=True, text=True
+        )
     if r.returncode != 0 or not has_mergekit(PYTHON):
         last = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["mergekit not importable"]
         print(f"{MERGEKIT} could not be installed in {VENV}: {last[0]}", file=sys.stderr)

@@ -7,6 +7,7 @@ CASES.json: [{"recipe": PATH, "out": FOLDER}, ...]. RESULTS.json gets, per case,
 first line of mergekit's error. Run with an interpreter that has mergekit 0.1.5 (the
 cross-check tests and bench/vs_mergekit.py find one: see tests/test_mergekit_crosscheck.py).
 """
+
 from __future__ import annotations
 
 import json
@@ -27,7 +28,12 @@ def main(argv: list[str]) -> int:
             text = f.read()
         try:
             config = MergeConfiguration.model_validate(yaml.safe_load(text))
-            run_merge(config, case["out"], options=MergeOptions(quiet=True, random_seed=case.get("seed", 0)), config_source=text)
+            run_merge(
+                config,
+                case["out"],
+                options=MergeOptions(quiet=True, random_seed=case.get("seed", 0)),
+                config_source=text,
+            )
             results.append("ok")
         except Exception as exc:  # recorded: the test compares what mergekit refuses with what we refuse
             results.append(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")

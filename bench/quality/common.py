@@ -4,6 +4,7 @@ Convention: a sentence's embedding is the attention-masked mean of MiniLM's last
 (as the sentence-transformers package it comes in pools); each task has its own linear head on
 it, trained with its expert and never merged. Only the encoder is merged.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -57,7 +58,7 @@ def accuracy(encoder, head, data: tuple, batch: int = 16) -> float:
     order = torch.argsort(lengths, stable=True)
     correct = 0
     for s in range(0, len(labels), batch):
-        idx = order[s:s + batch]
+        idx = order[s : s + batch]
         width = int(lengths[idx].max())
         logits = head(embed(encoder, ids[idx, :width], mask[idx, :width]))
         correct += int((logits.argmax(-1) == labels[idx]).sum())

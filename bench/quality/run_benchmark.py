@@ -21,6 +21,7 @@ Procrustes solves (RotationMemo) spares the rows that rotate the same experts th
 Each (family, seed) runs in its own process with one torch thread, `--jobs` of them side by side
 (more threads once fewer units than cores are left).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -70,16 +71,31 @@ def configs(family: str) -> list[tuple[str, str, dict, dict]]:
         # the residual method's parameters are those validation chose for it alone in this unit
         # (RESIDUAL_ROW); the rotation scale is chosen on the TA-residual row of each target and
         # taken by its TIES and TSV-M rows (SCALE_ROW)
-        om = [(f"OrthoMerge-{t[0].upper()} + {r}", "orthomerge", {"target": t, "residual_method": m}, {"scale": [0.5, 1.0]} if r == "TA" else {})
-              for t in ("global", "conflict") for r, m in (("TA", "task_arithmetic"), ("TIES", "ties"), ("TSV-M", "tsv"))]
-    ablations = [("Table 4: average R", "orthomerge", {"rotation_merge": "average_r"}, {}),
-                 ("Table 4: product R", "orthomerge", {"rotation_merge": "product_r"}, {}),
-                 ("Table 4: average Q", "orthomerge", {"rotation_merge": "average_q"}, {}),
-                 ("Table 4: magnitude-corrected (OrthoMerge)", "orthomerge", {}, {})]
-    if family != "oft":  # on dense experts the ablations use the global target, as the paper's OFT merges rotate everything,
+        om = [
+            (
+                f"OrthoMerge-{t[0].upper()} + {r}",
+                "orthomerge",
+                {"target": t, "residual_method": m},
+                {"scale": [0.5, 1.0]} if r == "TA" else {},
+            )
+            for t in ("global", "conflict")
+            for r, m in (("TA", "task_arithmetic"), ("TIES", "ties"), ("TSV-M", "tsv"))
+        ]
+    ablations = [
+        ("Table 4: average R", "orthomerge", {"rotation_merge": "average_r"}, {}),
+        ("Table 4: product R", "orthomerge", {"rotation_merge": "product_r"}, {}),
+        ("Table 4: average Q", "orthomerge", {"rotation_merge": "average_q"}, {}),
+        ("Table 4: magnitude-corrected (OrthoMerge)", "orthomerge", {}, {}),
+    ]
+    if (
+        family != "oft"
+    ):  # on dense experts the ablations use the global target, as the paper's OFT merges rotate everything,
         # and the TA residual at the λ tuned for task arithmetic (the magnitude-corrected row is then
         # OrthoMerge-G + TA at scale 1, merged once)
-        ablations = [(label, m, p | {"target": "global", "residual_method": "task_arithmetic"}, g) for label, m, p, g in ablations]
+        ablations = [
+            (label, m, p | {"target": "global", "residual_method": "task_arithmetic"}, g)
+            for label, m, p, g in ablations
+        ]
     return rows + om + ablations
 
 
@@ -94,6 +110,7 @@ def canonical(method: str, params: dict) -> str:
     """One key per distinct merge: the method's parameters with every default filled in, so that
     e.g. TA at λ = 1/N and the grid's λ = 0.2 are merged and scored once."""
     from streammerge.methods import build_params, get_method
+
     m, implied = get_method(method)
     return f"{m.name}:{build_params(m.params_type, implied | params, method)!r}"
 
@@ -108,6 +125,7 @@ class RotationMemo:
 
     def __init__(self) -> None:
         from streammerge.methods import orthomerge
+
         self.module = orthomerge
         self.solvers = {"procrustes": orthomerge.procrustes, "procrustes_from_cross": orthomerge.procrustes_from_cross}
         self.cache: dict[bytes, object] = {}
@@ -116,6 +134,7 @@ class RotationMemo:
     @staticmethod
     def digest(*parts) -> bytes:
         import hashlib
+
         h = hashlib.blake2b(digest_size=20)
         for part in parts:
             if isinstance(part, torch.Tensor):
@@ -129,7 +148,10 @@ class RotationMemo:
     @staticmethod
     def copy(rot):
         from streammerge.math.procrustes import SubspaceRotation
-        return SubspaceRotation(rot.r_w.clone(), rot.q_w.clone(), None if rot.frame is None else rot.frame.clone(), rot.clipped_planes)
+
+        return SubspaceRotation(
+            rot.r_w.clone(), rot.q_w.clone(), None if rot.frame is None else rot.frame.clone(), rot.clipped_planes
+        )
 
     def wrapped(self, name: str):
         solve = self.solvers[name]
@@ -143,6 +165,7 @@ class RotationMemo:
             else:
                 self.hits += 1
             return self.copy(self.cache[key])
+
         return memoized
 
     def __enter__(self) -> "RotationMemo":
@@ -172,12 +195,14 @@ def heads(family: str, seed: int, tasks: dict) -> dict:
 
 def score(folder: str, hs: dict, data: dict, split: str) -> dict:
     from transformers import AutoModel
+
     encoder = AutoModel.from_pretrained(folder)
     return {task: accuracy(encoder, hs[task], data[task][split]) for task in TASKS}
 
 
 def merged(method: str, params: dict, family: str, seed: int, out: str, tasks: tuple[str, ...] = TASKS) -> float:
     from streammerge import Expert, Recipe, merge
+
     experts = tuple(Expert(expert_path(family, t, seed)) for t in tasks)
     shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
@@ -185,7 +210,9 @@ def merged(method: str, params: dict, family: str, seed: int, out: str, tasks: t
     return time.perf_counter() - start
 
 
-def run_family(family: str, seed: int, data: dict, tasks: dict, work: str, only: set[str] | None, earlier: dict, threads: int = 1) -> dict:
+def run_family(
+    family: str, seed: int, data: dict, tasks: dict, work: str, only: set[str] | None, earlier: dict, threads: int = 1
+) -> dict:
     """`earlier`: this unit's result from an earlier run (with --only: its base and expert scores
     are kept, and a residual row may come from it)."""
     hs = heads(family, seed, tasks)
@@ -200,10 +227,15 @@ def run_family(family: str, seed: int, data: dict, tasks: dict, work: str, only:
             out = os.path.join(work, "alone")
             merged("linear", {}, family, seed, out, (t,))
             from transformers import AutoModel
+
             alone[t] = accuracy(AutoModel.from_pretrained(out), hs[t], data[t]["test"])
-        result = {"base": score(model_folder(), hs, data, "test"), "experts": alone,
-                  "experts_as_trained": {t: own[t]["test_accuracy"] for t in TASKS},
-                  "expert_training_seconds": sum(own[t]["seconds"] for t in TASKS), "methods": {}}
+        result = {
+            "base": score(model_folder(), hs, data, "test"),
+            "experts": alone,
+            "experts_as_trained": {t: own[t]["test_accuracy"] for t in TASKS},
+            "expert_training_seconds": sum(own[t]["seconds"] for t in TASKS),
+            "methods": {},
+        }
     earlier = earlier.get("methods", {})
     seen: dict[str, dict] = {}  # canonical merge → {"val": ..., "test": ..., "folder": ...}
     for label, method, fixed, grid in configs(family):
@@ -221,9 +253,17 @@ def run_family(family: str, seed: int, data: dict, tasks: dict, work: str, only:
             if params is None:
                 missing = f"no tuned {row_label} row to take the {what} from"
                 break
-            fixed = fixed | ({"residual": dict(params)} if what == "residual parameters" else {"scale": params["scale"]})
+            fixed = fixed | (
+                {"residual": dict(params)} if what == "residual parameters" else {"scale": params["scale"]}
+            )
         if missing:
-            result["methods"][label] = {"error": missing, "method": method, "fixed": fixed, "grid": grid, "seconds": 0.0}
+            result["methods"][label] = {
+                "error": missing,
+                "method": method,
+                "fixed": fixed,
+                "grid": grid,
+                "seconds": 0.0,
+            }
             continue
         best: dict | None = None
         points = []
@@ -258,12 +298,21 @@ def run_family(family: str, seed: int, data: dict, tasks: dict, work: str, only:
             best["test"] = chosen["test"]
             if points:
                 best["points"] = points
-        best = (best or {}) | {"method": method, "fixed": fixed, "grid": grid, "seconds": round(time.perf_counter() - started, 1)}
+        best = (best or {}) | {
+            "method": method,
+            "fixed": fixed,
+            "grid": grid,
+            "seconds": round(time.perf_counter() - started, 1),
+        }
         result["methods"][label] = best
         for merge_ in seen.values():  # scores are kept; 90 MB per merged model is not, except
             if merge_["method"] != "orthomerge":  # OrthoMerge's, which a later row may score again
                 shutil.rmtree(merge_["folder"], ignore_errors=True)
-        shown = "error " + best["error"] if "error" in best else f"test mean {statistics.fmean(best['test'].values()):.4f} {best['params']}"
+        shown = (
+            "error " + best["error"]
+            if "error" in best
+            else f"test mean {statistics.fmean(best['test'].values()):.4f} {best['params']}"
+        )
         print(f"{family} s{seed} {label:45s} {shown} ({best['seconds']} s)", flush=True)
     return result
 
@@ -300,6 +349,7 @@ def run_unit(unit: tuple) -> tuple[str, dict]:
 def _run_unit(family: str, seed: int, threads: int, only, earlier: dict) -> tuple[str, dict]:
     set_threads(threads)
     from transformers import AutoTokenizer
+
     tasks = build()
     data = tokenised(tasks, AutoTokenizer.from_pretrained(model_folder()))
     os.makedirs(os.path.join(CACHE, "merges"), exist_ok=True)
@@ -329,7 +379,10 @@ def check_memo(family: str) -> int:
     work = tempfile.mkdtemp(dir=CACHE)
     failures = 0
     try:
-        for params in ({"target": "global", "residual_method": "tsv", "scale": 0.5}, {"target": "conflict", "residual_method": "ties", "scale": 1.0}):
+        for params in (
+            {"target": "global", "residual_method": "tsv", "scale": 0.5},
+            {"target": "conflict", "residual_method": "ties", "scale": 1.0},
+        ):
             plain = os.path.join(work, "plain")
             t_plain = merged("orthomerge", params, family, 0, plain)
             with RotationMemo() as memo:
@@ -339,8 +392,11 @@ def check_memo(family: str) -> int:
                 t_warm = merged("orthomerge", params, family, 0, warm)
             same = digest(plain) == digest(cold) == digest(warm)
             failures += not same
-            print(f"{family} {params}: without memo {t_plain:.1f} s, cold memo {t_cold:.1f} s, warm memo {t_warm:.1f} s "
-                  f"({memo.misses} solves, {memo.hits} reused); outputs {'byte-identical' if same else 'DIFFER'}", flush=True)
+            print(
+                f"{family} {params}: without memo {t_plain:.1f} s, cold memo {t_cold:.1f} s, warm memo {t_warm:.1f} s "
+                f"({memo.misses} solves, {memo.hits} reused); outputs {'byte-identical' if same else 'DIFFER'}",
+                flush=True,
+            )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 1 if failures else 0
@@ -352,19 +408,28 @@ def summarise(results: dict, families: list[str], seeds: list[int]) -> str:
         runs = [results[f"{family}-s{s}"] for s in seeds if f"{family}-s{s}" in results]
         if not runs:
             continue
-        lines += [f"\n### {family.upper() if family != 'full' else 'Full fine-tunes'} ({len(runs)} seed(s): {', '.join(str(s) for s in seeds)})\n",
-                  "| | " + " | ".join(TASKS) + " | average | normalized |", "|---" * (len(TASKS) + 3) + "|"]
+        lines += [
+            f"\n### {family.upper() if family != 'full' else 'Full fine-tunes'} ({len(runs)} seed(s): {', '.join(str(s) for s in seeds)})\n",
+            "| | " + " | ".join(TASKS) + " | average | normalized |",
+            "|---" * (len(TASKS) + 3) + "|",
+        ]
 
         def row(label: str, per_seed: list[dict]) -> str:
             experts = [r["experts"] for r in runs]
             cells = []
             for t in TASKS:
                 vals = [100 * p[t] for p in per_seed]
-                cells.append(f"{statistics.fmean(vals):.1f}" + (f" ± {statistics.stdev(vals):.1f}" if len(vals) > 1 else ""))
+                cells.append(
+                    f"{statistics.fmean(vals):.1f}" + (f" ± {statistics.stdev(vals):.1f}" if len(vals) > 1 else "")
+                )
             avg = [100 * statistics.fmean(p.values()) for p in per_seed]
             norm = [100 * statistics.fmean(p[t] / e[t] for t in TASKS) for p, e in zip(per_seed, experts)]
-            sd = (lambda v: f" ± {statistics.stdev(v):.1f}" if len(v) > 1 else "")
-            return f"| {label} | " + " | ".join(cells) + f" | {statistics.fmean(avg):.1f}{sd(avg)} | {statistics.fmean(norm):.1f}{sd(norm)} |"
+            sd = lambda v: f" ± {statistics.stdev(v):.1f}" if len(v) > 1 else ""
+            return (
+                f"| {label} | "
+                + " | ".join(cells)
+                + f" | {statistics.fmean(avg):.1f}{sd(avg)} | {statistics.fmean(norm):.1f}{sd(norm)} |"
+            )
 
         lines.append(row("base encoder + expert heads", [r["base"] for r in runs]))
         lines.append(row("individual experts (each on its task)", [r["experts"] for r in runs]))
@@ -374,7 +439,15 @@ def summarise(results: dict, families: list[str], seeds: list[int]) -> str:
                 lines.append(f"| {label} | " + " | ".join(["—"] * len(TASKS)) + f" | {per[0].get('error', '')} | |")
                 continue
             shown = [p["params"] | ({"scale": p["fixed"]["scale"]} if label in SCALE_ROW else {}) for p in per]
-            chosen = "; ".join(sorted({", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in q.items()) for q in shown} - {""}))
+            chosen = "; ".join(
+                sorted(
+                    {
+                        ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in q.items())
+                        for q in shown
+                    }
+                    - {""}
+                )
+            )
             lines.append(row(label + (f" ({chosen})" if chosen else ""), [p["test"] for p in per]))
     return "\n".join(lines)
 
@@ -390,9 +463,20 @@ def headline(results: dict, seeds: list[int]) -> str:
         return f"{statistics.fmean(values):.1f}" + (f" ± {statistics.stdev(values):.1f}" if len(values) > 1 else "")
 
     names = {"oft": "OFT", "lora": "LoRA", "full": "full"}
-    lines = ["| average test accuracy (%) | " + " | ".join(names[f] for f in families) + " |", "|---" * (len(families) + 1) + "|"]
-    lines.append("| base encoder + expert heads | " + " | ".join(cell([100 * statistics.fmean(r["base"].values()) for r in runs[f]]) for f in families) + " |")
-    lines.append("| individual experts | " + " | ".join(cell([100 * statistics.fmean(r["experts"].values()) for r in runs[f]]) for f in families) + " |")
+    lines = [
+        "| average test accuracy (%) | " + " | ".join(names[f] for f in families) + " |",
+        "|---" * (len(families) + 1) + "|",
+    ]
+    lines.append(
+        "| base encoder + expert heads | "
+        + " | ".join(cell([100 * statistics.fmean(r["base"].values()) for r in runs[f]]) for f in families)
+        + " |"
+    )
+    lines.append(
+        "| individual experts | "
+        + " | ".join(cell([100 * statistics.fmean(r["experts"].values()) for r in runs[f]]) for f in families)
+        + " |"
+    )
     labels: list[str] = []
     for f in families:
         for label in runs[f][0]["methods"]:
@@ -423,11 +507,15 @@ def defaults_table(results: dict, seeds: list[int]) -> str:
                 if not m or "points" not in m:
                     continue
                 default = canonical(m["method"], m["fixed"])
-                hits = [p["val_mean"] for p in m["points"] if canonical(m["method"], m["fixed"] | p["params"]) == default]
+                hits = [
+                    p["val_mean"] for p in m["points"] if canonical(m["method"], m["fixed"] | p["params"]) == default
+                ]
                 if hits:
                     at_default.append(hits[0])
                 at_best.append(m["val_mean"])
-                chosen.append(", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in m["params"].items()))
+                chosen.append(
+                    ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in m["params"].items())
+                )
             if not at_best:
                 cells.append("—")
                 continue
@@ -440,8 +528,10 @@ def defaults_table(results: dict, seeds: list[int]) -> str:
 def orthomerge_differences(results: dict, seeds: list[int]) -> str:
     """Each OrthoMerge row minus task arithmetic (tuned λ) and minus the best other method, in
     average test accuracy points, paired by seed: mean ± standard deviation of the differences."""
-    lines = ["| OrthoMerge row − baseline, average test accuracy (points, paired by seed) | vs task arithmetic | vs its residual method alone | vs the best non-OrthoMerge method |",
-             "|---|---|---|---|"]
+    lines = [
+        "| OrthoMerge row − baseline, average test accuracy (points, paired by seed) | vs task arithmetic | vs its residual method alone | vs the best non-OrthoMerge method |",
+        "|---|---|---|---|",
+    ]
     residual_row = {"TA": "task arithmetic", "TIES": "TIES", "TSV-M": "TSV-M"}
     for family in ("oft", "lora", "full"):
         runs = [results[f"{family}-s{s}"] for s in seeds if f"{family}-s{s}" in results]
@@ -454,16 +544,28 @@ def orthomerge_differences(results: dict, seeds: list[int]) -> str:
 
         others = [label for label in runs[0]["methods"] if not label.startswith(("OrthoMerge", "Table 4"))]
         best = max(others, key=lambda label: statistics.fmean(a for r in runs if (a := avg(r, label)) is not None))
-        rows = [label for label in runs[0]["methods"] if label.startswith("OrthoMerge") or label == "Table 4: magnitude-corrected (OrthoMerge)"]
+        rows = [
+            label
+            for label in runs[0]["methods"]
+            if label.startswith("OrthoMerge") or label == "Table 4: magnitude-corrected (OrthoMerge)"
+        ]
         for label in rows:
             cells = []
             own = residual_row.get(label.rsplit("+ ", 1)[1], "") if "+ " in label else "task arithmetic"
             for against in ("task arithmetic", own, best):
-                d = [avg(r, label) - avg(r, against) for r in runs if avg(r, label) is not None and avg(r, against) is not None]  # type: ignore[operator]
+                d = [
+                    avg(r, label) - avg(r, against)
+                    for r in runs
+                    if avg(r, label) is not None and avg(r, against) is not None
+                ]  # type: ignore[operator]
                 if not d:
                     cells.append("—")
                     continue
-                cells.append(f"{statistics.fmean(d):+.1f}" + (f" ± {statistics.stdev(d):.1f}" if len(d) > 1 else "") + (f" ({against})" if against != "task arithmetic" else ""))
+                cells.append(
+                    f"{statistics.fmean(d):+.1f}"
+                    + (f" ± {statistics.stdev(d):.1f}" if len(d) > 1 else "")
+                    + (f" ({against})" if against != "task arithmetic" else "")
+                )
             lines.append(f"| {family.upper() if family != 'full' else 'full'}: {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -474,24 +576,43 @@ def write_markdown(args) -> int:
     for r in records:
         results |= r["results"]
     seeds = sorted({int(k.rsplit("-s", 1)[1]) for k in results})
-    header = ["# Merge quality on MiniLM-L6: five conflicting tasks, three expert families", "",
-              "Test accuracy (%) per task, its average, and normalized accuracy (merged / the task's own expert, averaged).",
-              "Hyper-parameters chosen on the validation split from the grid in `bench/quality/run_benchmark.py` (chosen values",
-              "in parentheses). Tasks, experts and protocol: `bench/quality/`. Runs:"]
+    header = [
+        "# Merge quality on MiniLM-L6: five conflicting tasks, three expert families",
+        "",
+        "Test accuracy (%) per task, its average, and normalized accuracy (merged / the task's own expert, averaged).",
+        "Hyper-parameters chosen on the validation split from the grid in `bench/quality/run_benchmark.py` (chosen values",
+        "in parentheses). Tasks, experts and protocol: `bench/quality/`. Runs:",
+    ]
     for r in records:
         for h in r.get("history", [r]):
             load = ", ".join(f"{x:.1f}" for x in h["load_average"]) if h.get("load_average") else "not recorded"
             took = f", {h['seconds'] / 60:.1f} min" if h.get("seconds") else ""
-            header.append(f"- `{h['command']}` — {h['date']}{took}, {r['machine']}, load average at its end {load}, torch {r['torch']}"
-                          + (f": {h['note']}" if h.get("note") else ""))
-    header += ["", "OrthoMerge's residual methods run with the parameters validation chose for that method alone (its row,",
-               "same family and seed); the rotation scale is chosen on each target's TA-residual row and taken by its TIES and",
-               "TSV-M rows; the dense Table-4 ablations use the tuned TA residual (their magnitude-corrected row is OrthoMerge-G + TA",
-               "at scale 1)."]
+            header.append(
+                f"- `{h['command']}` — {h['date']}{took}, {r['machine']}, load average at its end {load}, torch {r['torch']}"
+                + (f": {h['note']}" if h.get("note") else "")
+            )
+    header += [
+        "",
+        "OrthoMerge's residual methods run with the parameters validation chose for that method alone (its row,",
+        "same family and seed); the rotation scale is chosen on each target's TA-residual row and taken by its TIES and",
+        "TSV-M rows; the dense Table-4 ablations use the tuned TA residual (their magnitude-corrected row is OrthoMerge-G + TA",
+        "at scale 1).",
+    ]
     with open(args.markdown, "w") as f:
-        f.write("\n".join(header) + "\n\n" + headline(results, seeds) + "\n" + summarise(results, ["oft", "lora", "full"], seeds) + "\n"
-                + "\n### OrthoMerge against the baselines, paired by seed\n\n" + orthomerge_differences(results, seeds) + "\n"
-                + "\n### Defaults against the grid\n\n" + defaults_table(results, seeds) + "\n")
+        f.write(
+            "\n".join(header)
+            + "\n\n"
+            + headline(results, seeds)
+            + "\n"
+            + summarise(results, ["oft", "lora", "full"], seeds)
+            + "\n"
+            + "\n### OrthoMerge against the baselines, paired by seed\n\n"
+            + orthomerge_differences(results, seeds)
+            + "\n"
+            + "\n### Defaults against the grid\n\n"
+            + defaults_table(results, seeds)
+            + "\n"
+        )
     print(f"written: {args.markdown}")
     return 0
 
@@ -502,11 +623,21 @@ def main() -> int:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--only", nargs="*", help="run only these configuration labels (others kept from --json)")
     ap.add_argument("--json", default=os.path.join(ROOT, "bench", "results", "quality.json"))
-    ap.add_argument("--jobs", type=int, default=2, help="(family, seed) units run side by side, each in its own process")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads per unit; more while fewer units than cores are left")
+    ap.add_argument(
+        "--jobs", type=int, default=2, help="(family, seed) units run side by side, each in its own process"
+    )
+    ap.add_argument(
+        "--threads", type=int, default=1, help="torch threads per unit; more while fewer units than cores are left"
+    )
     ap.add_argument("--markdown", help="write the tables of --json (and of any --also JSON) here, and run nothing")
-    ap.add_argument("--also", nargs="*", default=[], help="other result JSONs (runs split across processes) for --markdown")
-    ap.add_argument("--check-memo", choices=["lora", "full"], help="check that the Procrustes memo leaves OrthoMerge's output byte-identical, and run nothing else")
+    ap.add_argument(
+        "--also", nargs="*", default=[], help="other result JSONs (runs split across processes) for --markdown"
+    )
+    ap.add_argument(
+        "--check-memo",
+        choices=["lora", "full"],
+        help="check that the Procrustes memo leaves OrthoMerge's output byte-identical, and run nothing else",
+    )
     args = ap.parse_args()
     if args.check_memo:
         return check_memo(args.check_memo)
@@ -521,7 +652,10 @@ def main() -> int:
             if all(os.path.exists(os.path.join(expert_dir(family, t, seed), "meta.json")) for t in TASKS):
                 units.append((family, seed, args.threads, only, results.get(f"{family}-s{seed}", {})))
             else:
-                print(f"{family} s{seed}: experts not all trained (bench/quality/train_experts.py --seeds {seed}); skipped", flush=True)
+                print(
+                    f"{family} s{seed}: experts not all trained (bench/quality/train_experts.py --seeds {seed}); skipped",
+                    flush=True,
+                )
     if not units:
         return 1
     # the slowest families first, so that the last unit to start is a short one
@@ -535,12 +669,19 @@ def main() -> int:
                 results[key]["methods"].update(fresh["methods"])
             else:
                 results[key] = fresh
-            record |= {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{os.cpu_count()} cores", "load_average": os.getloadavg(),
-                       "command": command, "torch": torch.__version__}
+            record |= {
+                "date": time.strftime("%Y-%m-%d %H:%M"),
+                "machine": f"{os.cpu_count()} cores",
+                "load_average": os.getloadavg(),
+                "command": command,
+                "torch": torch.__version__,
+            }
             with open(args.json, "w") as f:  # after each unit: an interrupted run keeps what it finished
                 json.dump(record, f, indent=2)
     record["seconds_this_run"] = round(time.perf_counter() - started)
-    record.setdefault("history", []).append({k: record[k] for k in ("command", "date", "load_average")} | {"seconds": record["seconds_this_run"]})
+    record.setdefault("history", []).append(
+        {k: record[k] for k in ("command", "date", "load_average")} | {"seconds": record["seconds_this_run"]}
+    )
     with open(args.json, "w") as f:
         json.dump(record, f, indent=2)
     seeds = sorted({int(k.rsplit("-s", 1)[1]) for k in results})

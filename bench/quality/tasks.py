@@ -11,6 +11,7 @@ experts trained on them pull the shared encoder different ways.
 Each task: TRAIN / VAL / TEST examples per class drawn without replacement by a seeded shuffle
 (the split seed is fixed, 0: the data do not vary with the training seed).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -19,17 +20,89 @@ import os
 import random
 import warnings
 
-DATA = os.environ.get("STREAMMERGE_VADER", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..", "shared", "data", "vader-icwsm2014"))
-VADER_FILES = {"tweet": "tweets_GroundTruth.txt", "movie": "movieReviewSnippets_GroundTruth.txt",
-               "amazon": "amazonReviewSnippets_GroundTruth.txt", "nyt": "nytEditorialSnippets_GroundTruth.txt"}
+DATA = os.environ.get(
+    "STREAMMERGE_VADER",
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..", "shared", "data", "vader-icwsm2014"),
+)
+VADER_FILES = {
+    "tweet": "tweets_GroundTruth.txt",
+    "movie": "movieReviewSnippets_GroundTruth.txt",
+    "amazon": "amazonReviewSnippets_GroundTruth.txt",
+    "nyt": "nytEditorialSnippets_GroundTruth.txt",
+}
 TOPICS = {
-    "files": ["os", "os.path", "shutil", "pathlib", "glob", "fnmatch", "tempfile", "subprocess", "stat", "filecmp", "zipfile", "tarfile", "io"],
-    "network": ["socket", "ssl", "http.client", "http.server", "http.cookiejar", "urllib.request", "urllib.parse", "smtplib", "ftplib", "imaplib",
-                "poplib", "email.message", "email.utils", "xmlrpc.client", "socketserver", "ipaddress", "asyncio.streams"],
-    "text": ["string", "re", "textwrap", "difflib", "csv", "json", "html", "html.parser", "xml.dom.minidom", "xml.etree.ElementTree",
-             "configparser", "codecs", "unicodedata", "base64", "tokenize", "pprint", "gettext", "locale"],
-    "numbers": ["math", "cmath", "decimal", "fractions", "statistics", "random", "numbers", "datetime", "time", "calendar", "heapq",
-                "bisect", "array", "operator", "itertools", "zoneinfo"],
+    "files": [
+        "os",
+        "os.path",
+        "shutil",
+        "pathlib",
+        "glob",
+        "fnmatch",
+        "tempfile",
+        "subprocess",
+        "stat",
+        "filecmp",
+        "zipfile",
+        "tarfile",
+        "io",
+    ],
+    "network": [
+        "socket",
+        "ssl",
+        "http.client",
+        "http.server",
+        "http.cookiejar",
+        "urllib.request",
+        "urllib.parse",
+        "smtplib",
+        "ftplib",
+        "imaplib",
+        "poplib",
+        "email.message",
+        "email.utils",
+        "xmlrpc.client",
+        "socketserver",
+        "ipaddress",
+        "asyncio.streams",
+    ],
+    "text": [
+        "string",
+        "re",
+        "textwrap",
+        "difflib",
+        "csv",
+        "json",
+        "html",
+        "html.parser",
+        "xml.dom.minidom",
+        "xml.etree.ElementTree",
+        "configparser",
+        "codecs",
+        "unicodedata",
+        "base64",
+        "tokenize",
+        "pprint",
+        "gettext",
+        "locale",
+    ],
+    "numbers": [
+        "math",
+        "cmath",
+        "decimal",
+        "fractions",
+        "statistics",
+        "random",
+        "numbers",
+        "datetime",
+        "time",
+        "calendar",
+        "heapq",
+        "bisect",
+        "array",
+        "operator",
+        "itertools",
+        "zoneinfo",
+    ],
 }
 PER_CLASS = {"train": 160, "val": 60, "test": 120}
 TASKS = ("polarity", "intensity", "source", "doc_topic", "doc_kind")
@@ -71,7 +144,11 @@ def _docstrings() -> list[tuple[str, str, str]]:
                         continue
                     if inspect.isclass(obj):
                         items.append((obj, "class"))
-                        items += [(m, "function") for k, m in sorted(vars(obj).items()) if not k.startswith("_") and inspect.isfunction(m)]
+                        items += [
+                            (m, "function")
+                            for k, m in sorted(vars(obj).items())
+                            if not k.startswith("_") and inspect.isfunction(m)
+                        ]
                     elif inspect.isfunction(obj) or inspect.isbuiltin(obj):
                         items.append((obj, "function"))
                 for obj, kind in items:
@@ -94,7 +171,7 @@ def _split(by_class: dict[str, list[str]], rng: random.Random) -> dict[str, list
         start = 0
         for split, count in PER_CLASS.items():
             k = int(count * scale)
-            out[split] += [(t, label_id) for t in texts[start:start + k]]
+            out[split] += [(t, label_id) for t in texts[start : start + k]]
             start += k
     for split in out:
         rng.shuffle(out[split])
@@ -107,7 +184,10 @@ def build(split_seed: int = 0) -> dict[str, dict]:
     vader, docs = _vader(), _docstrings()
     classes: dict[str, dict[str, list[str]]] = {
         "polarity": {"negative": [t for t, r, _ in vader if r <= -1], "positive": [t for t, r, _ in vader if r >= 1]},
-        "intensity": {"mild": [t for t, r, _ in vader if abs(r) <= 0.75], "strong": [t for t, r, _ in vader if abs(r) >= 2]},
+        "intensity": {
+            "mild": [t for t, r, _ in vader if abs(r) <= 0.75],
+            "strong": [t for t, r, _ in vader if abs(r) >= 2],
+        },
         "source": {s: [t for t, _, src in vader if src == s] for s in VADER_FILES},
         "doc_topic": {k: [t for t, topic, _ in docs if topic == k] for k in TOPICS},
         "doc_kind": {k: [t for t, _, kind in docs if kind == k] for k in ("module", "class", "function")},

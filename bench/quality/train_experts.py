@@ -12,6 +12,7 @@ seed: torch's generator seeds the head, the adapters and the batch order; one th
 Output per expert under bench/quality/.cache/experts/KIND-TASK-sSEED/: `adapter/` (PEFT
 format) or `model/` (Hugging Face folder), `head.pt`, `meta.json` (accuracies, steps, seconds).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,10 +38,12 @@ TARGETS = ["query", "key", "value", "dense"]  # every linear layer of the encode
 
 def make_encoder(kind: str, folder: str):
     from transformers import AutoModel
+
     encoder = AutoModel.from_pretrained(folder)
     if kind == "full":
         return encoder
     import peft
+
     if kind == "lora":
         config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, lora_dropout=0.0)
     else:
@@ -53,7 +56,9 @@ def train_one(kind: str, task: str, seed: int, data: dict, n_classes: int, folde
     encoder = make_encoder(kind, folder)
     head = torch.nn.Linear(384, n_classes)
     params = [p for p in encoder.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW([{"params": params, "lr": LR[kind]}, {"params": head.parameters(), "lr": HEAD_LR}], weight_decay=0.0)
+    opt = torch.optim.AdamW(
+        [{"params": params, "lr": LR[kind]}, {"params": head.parameters(), "lr": HEAD_LR}], weight_decay=0.0
+    )
     ids, mask, labels = data["train"]
     gen = torch.Generator().manual_seed(seed)
     best = (-1.0, 0, None)
@@ -62,7 +67,7 @@ def train_one(kind: str, task: str, seed: int, data: dict, n_classes: int, folde
         order = torch.randperm(len(labels), generator=gen)
         for s in range(0, len(order) - BATCH + 1, BATCH):
             encoder.train()
-            idx = order[s:s + BATCH]
+            idx = order[s : s + BATCH]
             loss = torch.nn.functional.cross_entropy(head(embed(encoder, ids[idx], mask[idx])), labels[idx])
             opt.zero_grad()
             loss.backward()
@@ -71,8 +76,14 @@ def train_one(kind: str, task: str, seed: int, data: dict, n_classes: int, folde
             if step % EVAL_EVERY == 0:
                 acc = accuracy(encoder, head, data["val"], batch=EVAL_BATCH)
                 if acc > best[0]:
-                    best = (acc, step, ({k: v.detach().clone() for k, v in encoder.state_dict().items()},
-                                        {k: v.detach().clone() for k, v in head.state_dict().items()}))
+                    best = (
+                        acc,
+                        step,
+                        (
+                            {k: v.detach().clone() for k, v in encoder.state_dict().items()},
+                            {k: v.detach().clone() for k, v in head.state_dict().items()},
+                        ),
+                    )
                     stale = 0
                 else:
                     stale += 1
@@ -86,9 +97,19 @@ def train_one(kind: str, task: str, seed: int, data: dict, n_classes: int, folde
     os.makedirs(tmp)
     encoder.save_pretrained(os.path.join(tmp, "model" if kind == "full" else "adapter"))
     torch.save(head.state_dict(), os.path.join(tmp, "head.pt"))
-    meta = {"kind": kind, "task": task, "seed": seed, "val_accuracy": best[0], "best_step": best[1], "steps": step,
-            "test_accuracy": accuracy(encoder, head, data["test"], batch=EVAL_BATCH), "seconds": round(time.perf_counter() - started, 1),
-            "trainable_parameters": sum(p.numel() for p in params), "lr": LR[kind], "batch": BATCH}
+    meta = {
+        "kind": kind,
+        "task": task,
+        "seed": seed,
+        "val_accuracy": best[0],
+        "best_step": best[1],
+        "steps": step,
+        "test_accuracy": accuracy(encoder, head, data["test"], batch=EVAL_BATCH),
+        "seconds": round(time.perf_counter() - started, 1),
+        "trainable_parameters": sum(p.numel() for p in params),
+        "lr": LR[kind],
+        "batch": BATCH,
+    }
     with open(os.path.join(tmp, "meta.json"), "w") as f:
         json.dump(meta, f, indent=2)
     shutil.rmtree(out, ignore_errors=True)
@@ -105,6 +126,7 @@ def main() -> int:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from transformers import AutoTokenizer
+
     folder = model_folder()
     tasks = build()
     data = tokenised({t: tasks[t] for t in args.tasks}, AutoTokenizer.from_pretrained(folder))

@@ -3,6 +3,7 @@
 Every output file is written to a temporary name in the same folder, fsynced, renamed over
 the final name, and the folder is fsynced: after a crash a final name is either absent or whole.
 """
+
 from __future__ import annotations
 
 import errno
@@ -81,8 +82,15 @@ class ShardWriter:
 
     keep_on_error = False
 
-    def __init__(self, final_path: str, layout: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None = None,
-                 resume: tuple[int, int] | None = None, background: bool = False, temp_tag: str = ""):
+    def __init__(
+        self,
+        final_path: str,
+        layout: list[tuple[str, str, tuple[int, ...]]],
+        metadata: dict[str, str] | None = None,
+        resume: tuple[int, int] | None = None,
+        background: bool = False,
+        temp_tag: str = "",
+    ):
         """`resume=(tensors, offset)`: continue a temporary file whose first `tensors` tensors
         (`offset` bytes, header included) were made durable by `checkpoint()`. `background`:
         hash and write each tensor on a thread while the caller computes the next (at most one
@@ -108,7 +116,11 @@ class ShardWriter:
 
     def _continue(self, header: bytes, tensors: int, offset: int) -> bool:
         """Reopen the temporary file at `offset` if its header is ours; rehash its prefix."""
-        if not os.path.isfile(self.tmp_path) or os.path.getsize(self.tmp_path) < offset or not 0 <= tensors <= len(self.layout):
+        if (
+            not os.path.isfile(self.tmp_path)
+            or os.path.getsize(self.tmp_path) < offset
+            or not 0 <= tensors <= len(self.layout)
+        ):
             return False
         f = open(self.tmp_path, "r+b")
         if f.read(len(header)) != header:
@@ -170,6 +182,7 @@ class ShardWriter:
         self._wait()
         self._next += 1
         if self._background:
+
             def put() -> None:
                 try:
                     self._put(memoryview(data))

@@ -6,6 +6,7 @@
 Tensors are memory-mapped; after each copy the mapped pages are released from this process
 (madvise DONTNEED), so page cache from inputs never counts as our resident memory.
 """
+
 from __future__ import annotations
 
 import json
@@ -46,7 +47,6 @@ def load_json(path: str) -> object:
         return json.loads(raw.decode("utf-8"), object_pairs_hook=no_duplicates)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise InputError(f"{path}: not valid JSON ({exc})") from None
-
 
 
 @dataclass
@@ -121,14 +121,19 @@ class Checkpoint:
     def file_of(self, name: str) -> str:
         return self.locations[name][0]
 
-    def get(self, name: str, dtype: torch.dtype | None = torch.float32, device: str | torch.device = "cpu",
-            rows: tuple[int, int] | None = None) -> torch.Tensor:
+    def get(
+        self,
+        name: str,
+        dtype: torch.dtype | None = torch.float32,
+        device: str | torch.device = "cpu",
+        rows: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
         """A fresh copy of tensor `name` (or of its rows [start, stop) along dim 0) in `dtype` on
         `device` (None keeps the stored dtype)."""
         path, info = self.locations[name]
         raw = self._read(path, info)
         if rows is not None:
-            raw = raw[rows[0]:rows[1]]
+            raw = raw[rows[0] : rows[1]]
         dtype = dtype or raw.dtype
         if torch.device(device).type != "cpu" and dtype != raw.dtype:
             # move, then convert there: torch converts a blocking host-to-device copy on the host,
@@ -190,6 +195,7 @@ class Checkpoint:
         """Per input file: size and the digest of its header."""
         import hashlib
 
-        return {f: {"size": os.path.getsize(f), "header_sha256": hashlib.sha256(self.headers[f].raw).hexdigest()} for f in self.files}
-
-
+        return {
+            f: {"size": os.path.getsize(f), "header_sha256": hashlib.sha256(self.headers[f].raw).hexdigest()}
+            for f in self.files
+        }

@@ -1,5 +1,6 @@
 """An expert is a model folder, a PEFT LoRA adapter or a PEFT OFT adapter; all read the same way:
 `get(name)` gives the expert's dense weight for a base tensor name, computed when read."""
+
 from __future__ import annotations
 
 from typing import Union

@@ -5,6 +5,7 @@ model statistics) and the machine-readable record of recipe and inputs once it i
 It is rewritten atomically after every finished shard, so it never claims a shard that is not
 durable under its final name.
 """
+
 from __future__ import annotations
 
 import json
@@ -60,8 +61,15 @@ class Journal:
             if doc.get("tool") != "streammerge" or doc.get("format") != FORMAT_VERSION:
                 raise ValueError("not a streammerge record of this format")
             return cls(
-                path, doc["fingerprint"], doc["recipe"], doc["inputs"], list(doc["shards"]),
-                dict(doc["finished"]), doc.get("statistics"), bool(doc.get("complete")), doc.get("partial"),
+                path,
+                doc["fingerprint"],
+                doc["recipe"],
+                doc["inputs"],
+                list(doc["shards"]),
+                dict(doc["finished"]),
+                doc.get("statistics"),
+                bool(doc.get("complete")),
+                doc.get("partial"),
                 dict(doc.get("placement") or {}),
             )
         except (OSError, ValueError, KeyError, TypeError) as exc:

@@ -1,6 +1,7 @@
 """One merge per output folder: an advisory lock (flock) on the folder itself, with the
 writer's pid in OUT/.streammerge.pid for the message the second merge prints. The OS drops the
 lock when the process dies, so a killed merge never blocks its own resume."""
+
 from __future__ import annotations
 
 import fcntl
@@ -28,7 +29,9 @@ class OutputLock:
                     pid = f.read().strip() or "?"
             except OSError:
                 pid = "?"
-            raise ResumeError(f"{self.folder}: another merge (pid {pid}) is writing there; wait for it to finish or choose another folder") from None
+            raise ResumeError(
+                f"{self.folder}: another merge (pid {pid}) is writing there; wait for it to finish or choose another folder"
+            ) from None
         self.fd = fd
         with open(self.pid_path, "w") as f:
             f.write(f"{os.getpid()}\n")

@@ -1,5 +1,6 @@
 """What every PEFT adapter folder shares: adapter_config.json, adapter_model.safetensors, and
 keys `base_model.model.<module path>.<suffix>` naming modules of the base model."""
+
 from __future__ import annotations
 
 import hashlib
@@ -53,14 +54,18 @@ class AdapterFiles:
             for suffix in suffixes:
                 if key.endswith("." + suffix):
                     module = key[: -len(suffix) - 1]
-                    module = module[len(PREFIX):] if module.startswith(PREFIX) else module
+                    module = module[len(PREFIX) :] if module.startswith(PREFIX) else module
                     out.setdefault(module, {})[suffix] = key
                     break
         return out
 
     def unknown_keys(self, suffixes: tuple[str, ...]) -> list[str]:
         """Keys that are neither adapter parameters nor absolute copies of base layers."""
-        return [k for k in self.tensors.names() if not any(k.endswith("." + s) for s in suffixes) and ".base_layer." not in k]
+        return [
+            k
+            for k in self.tensors.names()
+            if not any(k.endswith("." + s) for s in suffixes) and ".base_layer." not in k
+        ]
 
     def fingerprint(self) -> dict:
         header = self.tensors.headers[self.path]

@@ -4,6 +4,7 @@
 `alpha_pattern` or `lora_alpha`. Embeddings: ΔE = s · (B A)ᵀ. `fan_in_fan_out` transposes ΔW.
 DoRA (`use_dora`): W' = diag(m / ‖W₀ + ΔW‖_row) (W₀ + ΔW) for Linear layers.
 """
+
 from __future__ import annotations
 
 import math
@@ -41,7 +42,11 @@ class LoraExpert(AdapterExpert):
         for module, keys in self.files.modules(SUFFIXES).items():
             weight = module + ".weight"
             emb = "lora_embedding_A" in keys
-            a_key, b_key = (keys.get("lora_embedding_A"), keys.get("lora_embedding_B")) if emb else (keys.get("lora_A.weight"), keys.get("lora_B.weight"))
+            a_key, b_key = (
+                (keys.get("lora_embedding_A"), keys.get("lora_embedding_B"))
+                if emb
+                else (keys.get("lora_A.weight"), keys.get("lora_B.weight"))
+            )
             if a_key is None or b_key is None:
                 self.problems.append(f"{where}: module {module!r} has only one of the LoRA A/B matrices")
                 continue
@@ -55,7 +60,9 @@ class LoraExpert(AdapterExpert):
             if self.fan_in_fan_out and not emb:
                 want_b, want_a = (in_f, rank), (rank, out_f)
             if tuple(a_shape) != want_a or tuple(b_shape) != want_b:
-                self.problems.append(f"{where}: module {module!r}: LoRA A {list(a_shape)} / B {list(b_shape)} do not fit base {weight!r} {list(base.info(weight).shape)}")
+                self.problems.append(
+                    f"{where}: module {module!r}: LoRA A {list(a_shape)} / B {list(b_shape)} do not fit base {weight!r} {list(base.info(weight).shape)}"
+                )
                 continue
             alpha = float(pattern_value(cfg.get("alpha_pattern"), module, cfg.get("lora_alpha", 8)))
             scale = alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
@@ -65,7 +72,9 @@ class LoraExpert(AdapterExpert):
                 continue
             self.modules[weight] = LoraModule(a_key, b_key, scale, emb, magnitude)
         for key in self.files.unknown_keys(SUFFIXES):
-            self.problems.append(f"{where}: tensor {key!r} is not a LoRA parameter (modules_to_save heads are not supported)")
+            self.problems.append(
+                f"{where}: tensor {key!r} is not a LoRA parameter (modules_to_save heads are not supported)"
+            )
         if not self.modules and not self.problems:
             self.problems.append(f"{where}: no LoRA modules found")
 
@@ -76,9 +85,9 @@ class LoraExpert(AdapterExpert):
         a = self.files.tensors.get(m.a_key, dtype, device)
         b = self.files.tensors.get(m.b_key, dtype, device)
         if m.embedding or self.fan_in_fan_out:
-            d = (b @ a).T if rows is None else a[:, rows[0]:rows[1]].T @ b.T
+            d = (b @ a).T if rows is None else a[:, rows[0] : rows[1]].T @ b.T
         else:
-            d = b @ a if rows is None else b[rows[0]:rows[1]] @ a
+            d = b @ a if rows is None else b[rows[0] : rows[1]] @ a
         return d.mul_(m.scale)
 
     def factors(self, name: str, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -87,7 +96,10 @@ class LoraExpert(AdapterExpert):
         way (DoRA rescales rows). A module the adapter does not target has rank 0."""
         shape = self.base.info(name).shape
         if name not in self.modules:
-            return (torch.zeros(shape[0], 0, dtype=dtype, device=device), torch.zeros(0, shape[-1], dtype=dtype, device=device))
+            return (
+                torch.zeros(shape[0], 0, dtype=dtype, device=device),
+                torch.zeros(0, shape[-1], dtype=dtype, device=device),
+            )
         m = self.modules[name]
         if m.magnitude_key is not None:
             return None
@@ -97,7 +109,9 @@ class LoraExpert(AdapterExpert):
             return a.T.mul(m.scale), b.T.contiguous()
         return b.mul_(m.scale), a
 
-    def get(self, name: str, dtype: torch.dtype = torch.float32, device="cpu", rows: tuple[int, int] | None = None) -> torch.Tensor:
+    def get(
+        self, name: str, dtype: torch.dtype = torch.float32, device="cpu", rows: tuple[int, int] | None = None
+    ) -> torch.Tensor:
         w = self.base.get(name, dtype, device, rows)
         if name not in self.modules:
             return w
@@ -106,7 +120,7 @@ class LoraExpert(AdapterExpert):
         if m.magnitude_key is not None:  # DoRA: per output row, so rows stay independent
             mag = self.files.tensors.get(m.magnitude_key, dtype, device)
             if rows is not None:
-                mag = mag[rows[0]:rows[1]]
+                mag = mag[rows[0] : rows[1]]
             norm = w.norm(dim=1).clamp_min(torch.finfo(dtype).tiny)
             w.mul_((mag / norm).unsqueeze(1))
         return w

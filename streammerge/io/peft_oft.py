@@ -10,6 +10,7 @@ Formats (notes §3), told apart by their keys; block geometry always from tensor
 `generator(name)` gives the stored generator blocks (PEFT's own sign); OrthoMerge merges those
 directly, as the authors do, and maps back with the adapters' shared convention.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -141,21 +142,31 @@ class OftExpert(AdapterExpert):
         m = self.modules.get(name)
         return None if m is None or m.scale_key is None else self.files.tensors.get(m.scale_key, dtype, device)
 
-    def get(self, name: str, dtype: torch.dtype = torch.float32, device="cpu", rows: tuple[int, int] | None = None) -> torch.Tensor:
+    def get(
+        self, name: str, dtype: torch.dtype = torch.float32, device="cpu", rows: tuple[int, int] | None = None
+    ) -> torch.Tensor:
         q = self.generator(name, dtype, device)
         if q is None:
             return self.base.get(name, dtype, device, rows)
         if self.convention.fmt == "output_side":  # R_bdᵀ W mixes rows: rotate whole, then cut
-            w = apply_rotation(self.base.get(name, dtype, device), self.convention.rotation(q), self.modules[name], self.convention, self.row_scale(name, dtype, device))
-            return w if rows is None else w[rows[0]:rows[1]].clone()
+            w = apply_rotation(
+                self.base.get(name, dtype, device),
+                self.convention.rotation(q),
+                self.modules[name],
+                self.convention,
+                self.row_scale(name, dtype, device),
+            )
+            return w if rows is None else w[rows[0] : rows[1]].clone()
         scale = self.row_scale(name, dtype, device)
         if rows is not None and scale is not None:
-            scale = scale.reshape(-1)[rows[0]:rows[1]]
+            scale = scale.reshape(-1)[rows[0] : rows[1]]
         w = self.base.get(name, dtype, device, rows)
         return apply_rotation(w, self.convention.rotation(q), self.modules[name], self.convention, scale)
 
 
-def apply_rotation(w: torch.Tensor, r_blocks: torch.Tensor, module: OftModule, convention: Convention, row_scale: torch.Tensor | None) -> torch.Tensor:
+def apply_rotation(
+    w: torch.Tensor, r_blocks: torch.Tensor, module: OftModule, convention: Convention, row_scale: torch.Tensor | None
+) -> torch.Tensor:
     """W' for rotation blocks R [r, b, b] under the module's side and PEFT's layout.
 
     Input side: W R_bdᵀ, done per block on W viewed as [out, r, b]; embeddings: E R_bd.
@@ -202,9 +213,17 @@ def check_oft_conventions(experts: list[OftExpert]) -> None:
     first = experts[0]
     for e in experts[1:]:
         if e.convention != first.convention:
-            problems.append(f"{e.files.path}: OFT convention {e.convention} differs from {first.files.path}'s {first.convention}")
+            problems.append(
+                f"{e.files.path}: OFT convention {e.convention} differs from {first.files.path}'s {first.convention}"
+            )
         for name, mod in e.modules.items():
             other = next((x.modules[name] for x in experts if name in x.modules), None)
-            if other is not None and (other.blocks, other.block_size, other.embedding) != (mod.blocks, mod.block_size, mod.embedding):
-                problems.append(f"{e.files.path}: module {name!r} has {mod.blocks} blocks of {mod.block_size}, another expert {other.blocks} of {other.block_size}")
+            if other is not None and (other.blocks, other.block_size, other.embedding) != (
+                mod.blocks,
+                mod.block_size,
+                mod.embedding,
+            ):
+                problems.append(
+                    f"{e.files.path}: module {name!r} has {mod.blocks} blocks of {mod.block_size}, another expert {other.blocks} of {other.block_size}"
+                )
     collect(problems, InputError, "OFT adapters cannot be merged in the Lie algebra")

@@ -5,6 +5,7 @@ Each tensor entry is {"dtype", "shape", "data_offsets": [begin, end]} relative t
 section. We parse it ourselves (not via `safetensors`) so that a malformed file gives an
 error naming the file and tensor instead of a crash, and so the parser can be fuzzed.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,10 +20,18 @@ from ..errors import InputError
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # same cap as the safetensors library
 
 DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
 }
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
@@ -106,7 +115,9 @@ def parse_header(prefix: bytes, file_size: int, path: str) -> Header:
         if not 0 <= begin <= end:
             raise InputError(f"{where}: bad data_offsets {offsets!r}")
         if end > data_size:
-            raise InputError(f"{where}: data ends at {end}, past the end of the file's data ({data_size} bytes); file truncated?")
+            raise InputError(
+                f"{where}: data ends at {end}, past the end of the file's data ({data_size} bytes); file truncated?"
+            )
         expected = math.prod(shape) * itemsize(dtype)
         if end - begin != expected:
             raise InputError(f"{where}: {end - begin} bytes for shape {shape} {dtype} (expected {expected})")
@@ -135,7 +146,9 @@ def read_header(path: str) -> Header:
     return parse_header(first, size, path)
 
 
-def build_header(tensors: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None = None) -> tuple[bytes, list[int]]:
+def build_header(
+    tensors: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None = None
+) -> tuple[bytes, list[int]]:
     """Serialise a header for tensors laid out contiguously in the given order.
 
     Returns the header bytes (length prefix included, JSON padded with spaces to a multiple of

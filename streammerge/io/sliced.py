@@ -7,6 +7,7 @@ embeddings, before the layers) and from the last slice's model otherwise (final 
 as mergekit's pre- and post-weights do for Llama-style models. A tensor's `t` for gradients is
 its position in its slice, offset/(n−1) (1 for a one-layer slice), and 0 outside the layers.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -33,24 +34,50 @@ def parse_slices(slices: Any, where: str) -> tuple[dict, ...]:
         raise UsageError(f"{where}: 'slices' must be a non-empty list")
     out = []
     for i, s in enumerate(slices):
-        if not isinstance(s, dict) or "sources" not in s or set(s) - {"sources", "parameters", "base_model", "residual_weight"}:
+        if (
+            not isinstance(s, dict)
+            or "sources" not in s
+            or set(s) - {"sources", "parameters", "base_model", "residual_weight"}
+        ):
             raise UsageError(f"{where}: slices[{i}] is a mapping with 'sources' and optional 'parameters'")
         if s.get("base_model") is not None or s.get("residual_weight") is not None:
             raise UsageError(f"{where}: slices[{i}]: per-slice base_model and residual_weight are not supported")
         sources = s["sources"]
         if not isinstance(sources, list) or len(sources) != 1:
-            raise UsageError(f"{where}: slices[{i}]: passthrough takes exactly one source per slice, got {len(sources) if isinstance(sources, list) else sources!r}")
+            raise UsageError(
+                f"{where}: slices[{i}]: passthrough takes exactly one source per slice, got {len(sources) if isinstance(sources, list) else sources!r}"
+            )
         src = sources[0]
-        if not isinstance(src, dict) or set(src) - {"model", "layer_range", "parameters"} or "model" not in src or "layer_range" not in src:
-            raise UsageError(f"{where}: slices[{i}].sources[0] needs 'model' and 'layer_range' (and may have 'parameters')")
+        if (
+            not isinstance(src, dict)
+            or set(src) - {"model", "layer_range", "parameters"}
+            or "model" not in src
+            or "layer_range" not in src
+        ):
+            raise UsageError(
+                f"{where}: slices[{i}].sources[0] needs 'model' and 'layer_range' (and may have 'parameters')"
+            )
         lr = src["layer_range"]
-        if not (isinstance(lr, list) and len(lr) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in lr) and 0 <= lr[0] < lr[1]):
+        if not (
+            isinstance(lr, list)
+            and len(lr) == 2
+            and all(isinstance(x, int) and not isinstance(x, bool) for x in lr)
+            and 0 <= lr[0] < lr[1]
+        ):
             raise UsageError(f"{where}: slices[{i}]: layer_range {lr!r} is not [start, end) with 0 ≤ start < end")
         for what, params in (("source", src.get("parameters")), ("slice", s.get("parameters"))):
             if params and set(params) - {"scale"}:
-                raise UsageError(f"{where}: slices[{i}] {what} parameters: {', '.join(sorted(set(params) - {'scale'}))} (passthrough takes only scale)")
-        out.append({"model": str(src["model"]), "layer_range": [lr[0], lr[1]],
-                    "scale": (src.get("parameters") or {}).get("scale"), "slice_scale": (s.get("parameters") or {}).get("scale")})
+                raise UsageError(
+                    f"{where}: slices[{i}] {what} parameters: {', '.join(sorted(set(params) - {'scale'}))} (passthrough takes only scale)"
+                )
+        out.append(
+            {
+                "model": str(src["model"]),
+                "layer_range": [lr[0], lr[1]],
+                "scale": (src.get("parameters") or {}).get("scale"),
+                "slice_scale": (s.get("parameters") or {}).get("scale"),
+            }
+        )
     return tuple(out)
 
 

@@ -8,6 +8,7 @@ The two factors of each product commute, so each is computed as one linear solve
 PEFT's *exact* OFT branch uses the opposite sign, R = (I − Q)(I + Q)⁻¹ = cayley(−Q), while its
 Cayley–Neumann branch approximates cayley(+Q). `peft_rotation` reproduces both per version.
 """
+
 from __future__ import annotations
 
 import torch
@@ -74,7 +75,9 @@ def cayley_neumann(q: torch.Tensor, terms: int, coefficients: str = "peft>=0.18"
     return r
 
 
-def peft_rotation(q: torch.Tensor, use_cayley_neumann: bool, terms: int = 5, coefficients: str = "peft>=0.18") -> torch.Tensor:
+def peft_rotation(
+    q: torch.Tensor, use_cayley_neumann: bool, terms: int = 5, coefficients: str = "peft>=0.18"
+) -> torch.Tensor:
     """The block rotation PEFT builds from generator Q: exact branch cayley(−Q), Neumann ≈ cayley(+Q)."""
     if use_cayley_neumann:
         return cayley_neumann(q, terms, coefficients)

@@ -11,6 +11,7 @@ project's 2 cores that makes an SVD or eigh 1.4–2.0× slower than on two (1500
 bench/results/lapack-threads.md), the price of output that does not depend on the load. CUDA
 calls are left as they are.
 """
+
 from __future__ import annotations
 
 import torch

@@ -9,6 +9,7 @@ Generalised with per-expert weights w_i and the authors' variants:
 ‖D‖ = 0 (all generators zero, or cancelling exactly) gives Q* = 0, never NaN.
 For equal-norm, mutually orthogonal generators this is ΣQ_i/√N; for identical ones, Q_i.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -43,7 +44,9 @@ class LieAccumulator:
             self.plain_total = self._accumulate(self.plain_total, q, weight, frame)
 
     @staticmethod
-    def _accumulate(total: torch.Tensor | None, q: torch.Tensor, coef: float, frame: torch.Tensor | None) -> torch.Tensor:
+    def _accumulate(
+        total: torch.Tensor | None, q: torch.Tensor, coef: float, frame: torch.Tensor | None
+    ) -> torch.Tensor:
         if frame is None:
             term = q * coef
             return term if total is None else total.add_(term)
@@ -76,7 +79,13 @@ class LieAccumulator:
         return plain * (scale / s if s else 0.0)
 
 
-def magnitude_corrected_mean(qs: list[torch.Tensor], weights: list[float] | None = None, magnitude: str = "mean", direction: str = "sum", scale: float = 1.0) -> torch.Tensor:
+def magnitude_corrected_mean(
+    qs: list[torch.Tensor],
+    weights: list[float] | None = None,
+    magnitude: str = "mean",
+    direction: str = "sum",
+    scale: float = 1.0,
+) -> torch.Tensor:
     """All-at-once form of LieAccumulator, for tests and small uses."""
     acc = LieAccumulator(direction)
     for i, q in enumerate(qs):

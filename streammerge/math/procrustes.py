@@ -25,6 +25,7 @@ The rules that make R — and so its Cayley generator — well-defined (notes §
    `max_angle` are reset to the identity (the residual keeps what they carried).
 An expert equal to the base gets exactly the identity (generator 0); callers short-circuit it.
 """
+
 from __future__ import annotations
 
 import math
@@ -126,7 +127,12 @@ class SubspaceRotation:
         return self._embed(self.q_w, identity=False)
 
     def to(self, device) -> "SubspaceRotation":
-        return SubspaceRotation(self.r_w.to(device), self.q_w.to(device), None if self.frame is None else self.frame.to(device), self.clipped_planes)
+        return SubspaceRotation(
+            self.r_w.to(device),
+            self.q_w.to(device),
+            None if self.frame is None else self.frame.to(device),
+            self.clipped_planes,
+        )
 
 
 def _complete_nearest_identity(u: torch.Tensor, v: torch.Tensor, r: int) -> torch.Tensor:
@@ -149,7 +155,9 @@ def _complete_nearest_identity(u: torch.Tensor, v: torch.Tensor, r: int) -> torc
     return rot
 
 
-def procrustes(target: torch.Tensor, sub: Subspace, null_rtol: float = 1e-6, max_angle: float = 0.5 * math.pi) -> SubspaceRotation:
+def procrustes(
+    target: torch.Tensor, sub: Subspace, null_rtol: float = 1e-6, max_angle: float = 0.5 * math.pi
+) -> SubspaceRotation:
     """The rotation (rules 1–4) best taking base A to `target` B [out, in]; S must contain B's rows.
 
     M_s = Xᵀ Y with X = B P, Y = A P [out, k] has rank ≤ out. When 2·out ≤ k (wide layers) its
@@ -181,7 +189,9 @@ def procrustes(target: torch.Tensor, sub: Subspace, null_rtol: float = 1e-6, max
     return SubspaceRotation(rot.r_w, rot.q_w, frame, rot.clipped_planes)
 
 
-def procrustes_from_cross(m_s: torch.Tensor, null_rtol: float = 1e-6, max_angle: float = 0.5 * math.pi) -> SubspaceRotation:
+def procrustes_from_cross(
+    m_s: torch.Tensor, null_rtol: float = 1e-6, max_angle: float = 0.5 * math.pi
+) -> SubspaceRotation:
     """The rotation (rules 2–4) maximising tr(R_sᵀ M_s) for the k×k cross product M_s = Xᵀ Y
     (which callers may have summed over row blocks)."""
     u, s, vh = svd(m_s)

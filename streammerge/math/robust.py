@@ -11,6 +11,7 @@ crashed 12–17-minute merges. So:
   scaled to unit norm; if every attempt fails it raises `LinalgFailure`, which the method turns
   into a one-line error naming the tensor.
 """
+
 from __future__ import annotations
 
 import torch
@@ -42,7 +43,9 @@ def svd(m: torch.Tensor, full_matrices: bool = True) -> tuple[torch.Tensor, torc
             return attempt()  # type: ignore[return-value]
         except RuntimeError as exc:  # torch.linalg.LinAlgError is a RuntimeError
             errors.append(str(exc).splitlines()[0])
-    raise LinalgFailure(f"SVD of a {list(m.shape)} {str(m.dtype).removeprefix('torch.')} matrix did not converge ({errors[0]})")
+    raise LinalgFailure(
+        f"SVD of a {list(m.shape)} {str(m.dtype).removeprefix('torch.')} matrix did not converge ({errors[0]})"
+    )
 
 
 def _spectral_norm_estimate(sym: torch.Tensor, steps: int = 30) -> float:
@@ -71,7 +74,7 @@ def newton_schulz_polar(m: torch.Tensor, max_steps: int = 60) -> torch.Tensor | 
     if not _spectral_norm_estimate(g - eye) < 0.9:
         return None
     defect = float(torch.linalg.matrix_norm(g - eye))
-    floor = 8 * torch.finfo(m.dtype).eps * n ** 0.5
+    floor = 8 * torch.finfo(m.dtype).eps * n**0.5
     for _ in range(max_steps):
         x = x @ (1.5 * eye - 0.5 * g)
         g = x.T @ x

@@ -4,6 +4,7 @@ PEFT (≥ 0.16) stores an OFT block generator as the strict upper triangle of `Q
 `torch.triu_indices(b, b, 1)` order (row-major), and rebuilds `Q = U − Uᵀ`. A layer with r
 blocks stores `[r, b(b−1)/2]`; the block-diagonal generator acts on contiguous input blocks.
 """
+
 from __future__ import annotations
 
 import math

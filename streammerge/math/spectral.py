@@ -10,6 +10,7 @@ dtype. The authors' code keeps all min(m, n); for full-rank task vectors the two
 low-rank ones the noise directions would otherwise get iso_c's mean singular value and add
 arbitrary directions to the merge.
 """
+
 from __future__ import annotations
 
 import torch
@@ -28,7 +29,9 @@ def compact_svd(m: torch.Tensor, floor: float = 0.0) -> tuple[torch.Tensor, torc
     return u[:, :r], s[:r], vh[:r]
 
 
-def low_rank_svd(b: torch.Tensor, a: torch.Tensor, floor: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def low_rank_svd(
+    b: torch.Tensor, a: torch.Tensor, floor: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """compact_svd(b @ a) from its factors b [m, r], a [r, n] in O((m + n) r²): QR of b and aᵀ,
     then the SVD of the r×r core."""
     qb, rb = lapack.qr(b)
@@ -71,7 +74,7 @@ def noise_floor(task) -> float:
     m, n = task.shape
     base = task.base
     rms = float(base.double().square().mean().sqrt()) if base.numel() else 0.0
-    return 4 * torch.finfo(task.dtype).eps * rms * (m ** 0.5 + n ** 0.5)
+    return 4 * torch.finfo(task.dtype).eps * rms * (m**0.5 + n**0.5)
 
 
 def setup(task, precision: str) -> tuple[torch.dtype, float]:

@@ -1,4 +1,5 @@
 """Hypothesis strategies for the math modules (test-time only; imports hypothesis lazily)."""
+
 from __future__ import annotations
 
 import torch
@@ -6,7 +7,13 @@ from hypothesis import strategies as st
 
 
 @st.composite
-def matrices(draw, rows: int | tuple[int, int] = (1, 10), cols: int | tuple[int, int] = (1, 10), dtype: torch.dtype | None = None, scale: float = 1.0):
+def matrices(
+    draw,
+    rows: int | tuple[int, int] = (1, 10),
+    cols: int | tuple[int, int] = (1, 10),
+    dtype: torch.dtype | None = None,
+    scale: float = 1.0,
+):
     """A Gaussian matrix from a drawn seed (cheap to shrink; reproducible)."""
     r = rows if isinstance(rows, int) else draw(st.integers(*rows))
     c = cols if isinstance(cols, int) else draw(st.integers(*cols))

@@ -12,6 +12,7 @@ merging, each a map over the model's tensors (`MapPass`: locally one call over a
 Ray one task per output shard) whose partial results the method reduces; its JSON-able result is
 journalled so a resumed merge does not recompute it.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -52,13 +53,26 @@ class TensorTask:
     `task_vector(i, r)` serve methods that stream in row blocks; `new_output()` is the result
     tensor (host memory, the output dtype) that such methods fill block by block."""
 
-    def __init__(self, name: str, base, experts: ExpertTensors, weights: tuple[float, ...],
-                 densities: tuple[float | None, ...] = (), statistics: Any = None, seed: int = 0,
-                 generators: Any = None, state_device: Any = None, out_dtype: torch.dtype | None = None,
-                 shape: tuple[int, ...] | None = None, dtype: torch.dtype = torch.float32,
-                 expert_values: tuple[dict[str, Any], ...] = ()):
+    def __init__(
+        self,
+        name: str,
+        base,
+        experts: ExpertTensors,
+        weights: tuple[float, ...],
+        densities: tuple[float | None, ...] = (),
+        statistics: Any = None,
+        seed: int = 0,
+        generators: Any = None,
+        state_device: Any = None,
+        out_dtype: torch.dtype | None = None,
+        shape: tuple[int, ...] | None = None,
+        dtype: torch.dtype = torch.float32,
+        expert_values: tuple[dict[str, Any], ...] = (),
+    ):
         self.name = name
-        self.expert_values = expert_values or tuple({"weight": w} for w in weights)  # each expert's resolved values (Method.expert_params)
+        self.expert_values = expert_values or tuple(
+            {"weight": w} for w in weights
+        )  # each expert's resolved values (Method.expert_params)
         self.diagnostics: dict[str, Any] | None = None  # set by the scheduler under --report: what explains this merge
         self.experts = experts
         self.weights = weights
@@ -73,7 +87,12 @@ class TensorTask:
             self._base, self._load_base, self.shape, self.dtype = base, None, tuple(base.shape), base.dtype
         else:
             assert shape is not None, "a base loader needs the shape"
-            self._base, self._load_base, self.shape, self.dtype = None, base, tuple(shape), dtype  # dtype: the compute dtype
+            self._base, self._load_base, self.shape, self.dtype = (
+                None,
+                base,
+                tuple(shape),
+                dtype,
+            )  # dtype: the compute dtype
 
     @property
     def base(self) -> torch.Tensor:
@@ -87,7 +106,7 @@ class TensorTask:
         if rows is None:
             return self.base
         if self._base is not None:
-            return self._base[rows[0]:rows[1]]
+            return self._base[rows[0] : rows[1]]
         if self._base_block is None or self._base_block[0] != rows:
             self._base_block = None  # free the previous block before loading the next
             self._base_block = (rows, self._load_base(rows))
@@ -126,7 +145,9 @@ class TensorTask:
 
     def new_output(self, like: torch.Tensor) -> torch.Tensor:
         """The result tensor, filled block by block with `out[r0:r1].copy_(block)`."""
-        return torch.empty(self.shape, dtype=self.out_dtype or like.dtype, device="cpu" if self.out_dtype else like.device)
+        return torch.empty(
+            self.shape, dtype=self.out_dtype or like.dtype, device="cpu" if self.out_dtype else like.device
+        )
 
     def rng(self, i: int) -> torch.Generator:
         """A CPU generator seeded by (seed, tensor name, expert index): reproducible anywhere."""
@@ -169,7 +190,7 @@ def map_row_blocks(task: TensorTask, merge_block: Callable[[Rows | None], torch.
         block = merge_block(rows)
         if out is None:
             out = task.new_output(block)
-        out[rows[0]:rows[1]].copy_(block)  # type: ignore[index]
+        out[rows[0] : rows[1]].copy_(block)  # type: ignore[index]
         del block
     return out  # type: ignore[return-value]
 
@@ -211,8 +232,12 @@ class Method:
     name: str
     params_type: type
     merge: Callable[[TensorTask, Any], torch.Tensor]
-    memory: Callable[[str, tuple[int, ...], int, Any, int], Any]  # (name, shape, n_experts, params, itemsize) -> plan.Need
-    statistics: Callable[[MapPass, int, Any, list[float]], Any] | None = None  # (map_pass, n_experts, params, densities)
+    memory: Callable[
+        [str, tuple[int, ...], int, Any, int], Any
+    ]  # (name, shape, n_experts, params, itemsize) -> plan.Need
+    statistics: Callable[[MapPass, int, Any, list[float]], Any] | None = (
+        None  # (map_pass, n_experts, params, densities)
+    )
     statistics_passes: Callable[[Any], int] = field(default=lambda params: 0)
     # Statistics that only make the memory plan tight (OrthoMerge-C: conflicting rows): the pass
     # runs when the plan from `memory`'s upper bounds does not fit, and `memory` then takes them
@@ -281,10 +306,17 @@ def build_params(params_type: type, values: dict[str, Any], where: str) -> Any:
     unknown = sorted(set(values) - known)
     if unknown:
         shown = sorted(k.rstrip("_") for k in known)
-        hint = "; the residual's λ is --residual-param lambda=..." if "lambda_" in unknown and "residual" in known else ""
-        raise UsageError(f"{where}: unknown parameter(s) {', '.join(k.rstrip('_') for k in unknown)} (known: {', '.join(shown)}{hint})")
-    missing = [f.name.rstrip("_") for f in fields(params_type)
-               if f.default is MISSING and f.default_factory is MISSING and f.name not in values]  # type: ignore[misc]
+        hint = (
+            "; the residual's λ is --residual-param lambda=..." if "lambda_" in unknown and "residual" in known else ""
+        )
+        raise UsageError(
+            f"{where}: unknown parameter(s) {', '.join(k.rstrip('_') for k in unknown)} (known: {', '.join(shown)}{hint})"
+        )
+    missing = [
+        f.name.rstrip("_")
+        for f in fields(params_type)
+        if f.default is MISSING and f.default_factory is MISSING and f.name not in values
+    ]  # type: ignore[misc]
     if missing:
         raise UsageError(f"{where}: needs parameter(s) {', '.join(missing)}")
     try:
@@ -295,18 +327,37 @@ def build_params(params_type: type, values: dict[str, Any], where: str) -> Any:
 
 def _load_all() -> None:
     from . import (  # noqa: F401  (registration)
-        arcee_fusion, dare, do_merging, gta, iso_c, iso_cts, karcher, linear, model_stock, multislerp, nearswap, nuslerp, ortho_svd, orthomerge,
-        passthrough, sce, slerp, task_arithmetic, ties, tsv,
+        arcee_fusion,
+        dare,
+        do_merging,
+        gta,
+        iso_c,
+        iso_cts,
+        karcher,
+        linear,
+        model_stock,
+        multislerp,
+        nearswap,
+        nuslerp,
+        ortho_svd,
+        orthomerge,
+        passthrough,
+        sce,
+        slerp,
+        task_arithmetic,
+        ties,
+        tsv,
     )
 
 
-def check_range(name: str, value: float, low: float, high: float, low_open: bool = False, high_open: bool = False) -> None:
+def check_range(
+    name: str, value: float, low: float, high: float, low_open: bool = False, high_open: bool = False
+) -> None:
     ok_low = value > low if low_open else value >= low
     ok_high = value < high if high_open else value <= high
     if not (ok_low and ok_high):
         lo, hi = ("(" if low_open else "["), (")" if high_open else "]")
         raise ValueError(f"{name} = {value} is outside {lo}{low}, {high}{hi}")
-
 
 
 def check_finite(name: str, value: float) -> None:

@@ -7,6 +7,7 @@ Tensors over 10⁶ entries estimate the quantiles from 10⁶ entries drawn with 
 generator seeded by (seed, tensor) — mergekit draws from torch's unseeded global generator, so
 there the two tools agree in distribution, not entry by entry. Whole tensors in memory.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -45,5 +46,14 @@ def merge(task: TensorTask, params: ArceeFusionParams) -> torch.Tensor:
     return base + (expert - base) * keep
 
 
-register(Method("arcee_fusion", ArceeFusionParams, merge, memory=whole_tensor_memory(7.0), doc=__doc__ or "", propagates_nonfinite=True,
-                expert_params={}))
+register(
+    Method(
+        "arcee_fusion",
+        ArceeFusionParams,
+        merge,
+        memory=whole_tensor_memory(7.0),
+        doc=__doc__ or "",
+        propagates_nonfinite=True,
+        expert_params={},
+    )
+)

@@ -8,13 +8,24 @@ from the same generator in row order, which gives exactly the draws of the whole
 once (torch's CPU `rand` is sequential), so the block size never changes the result. Unlike
 mergekit, survivors are rescaled by 1/(1−p) as in the paper, not to match the L1 norm.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
 
-from . import ALIASES, Method, Rows, TensorTask, check_finite, check_range, elementwise_memory_blocks, map_row_blocks, register
+from . import (
+    ALIASES,
+    Method,
+    Rows,
+    TensorTask,
+    check_finite,
+    check_range,
+    elementwise_memory_blocks,
+    map_row_blocks,
+    register,
+)
 from .ties import disjoint_merge_blocks
 
 
@@ -57,7 +68,9 @@ def merge(task: TensorTask, params: DareParams) -> torch.Tensor:
         return drop_and_rescale(task.task_vector(i, rows), drop[i], params.rescale, rngs[i]).mul_(task.weights[i])
 
     if params.combine == "ties":
-        return disjoint_merge_blocks(task, lambda rows: [dropped(i, rows) for i in range(n)], params.merge, params.lambda_)
+        return disjoint_merge_blocks(
+            task, lambda rows: [dropped(i, rows) for i in range(n)], params.merge, params.lambda_
+        )
 
     def block(rows: Rows | None) -> torch.Tensor:
         merged = None

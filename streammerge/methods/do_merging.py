@@ -28,6 +28,7 @@ experts, three seeds) validation chose λ 0.3 or 0.5 every time, 1.4–3.0 point
 average magnitude put back at full length along a direction that sums N tasks overshoots. No randomness: the descent starts at δ = 0 (deterministic for any seed).
 Tensors that are not 2-D get W₀ + λ · mean τ_i. Streamed in row blocks, two reads of each expert.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -84,7 +85,9 @@ def orthogonalise_coefficients(m: torch.Tensor, params: DoMergingParams) -> torc
     return c.detach()
 
 
-def orthogonalise_factors(bs: list[torch.Tensor], as_: list[torch.Tensor], params: DoMergingParams) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def orthogonalise_factors(
+    bs: list[torch.Tensor], as_: list[torch.Tensor], params: DoMergingParams
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Perturbed LoRA factors (B̂_i, Â_i) lowering the cross-subspace overlaps (see the docstring)."""
     b0 = [b.detach() for b in bs]
     a0 = [a.detach() for a in as_]
@@ -99,16 +102,24 @@ def orthogonalise_factors(bs: list[torch.Tensor], as_: list[torch.Tensor], param
         loss = torch.zeros((), dtype=b0[0].dtype)
         for i in range(n):
             for j in range(i + 1, n):
-                loss = loss + (ah[i] @ ah[j].T).square().sum() / (ah[i].square().sum() * ah[j].square().sum()).clamp_min(1e-30)
-                loss = loss + (bh[i].T @ bh[j]).square().sum() / (bh[i].square().sum() * bh[j].square().sum()).clamp_min(1e-30)
-        loss = loss + params.gamma * sum(d.square().sum() / s for d, s in zip(db, nb)) + params.gamma * sum(d.square().sum() / s for d, s in zip(da, na))
+                loss = loss + (ah[i] @ ah[j].T).square().sum() / (
+                    ah[i].square().sum() * ah[j].square().sum()
+                ).clamp_min(1e-30)
+                loss = loss + (bh[i].T @ bh[j]).square().sum() / (
+                    bh[i].square().sum() * bh[j].square().sum()
+                ).clamp_min(1e-30)
+        loss = (
+            loss
+            + params.gamma * sum(d.square().sum() / s for d, s in zip(db, nb))
+            + params.gamma * sum(d.square().sum() / s for d, s in zip(da, na))
+        )
         grads = torch.autograd.grad(loss, db + da)
         with torch.no_grad():
             for d, g, s in zip(db + da, grads, nb + na):
                 d -= params.lr * g * s  # L(cA) = L(A), so ‖∇L‖ ~ 1/‖A‖: ‖A‖²·∇L is a step in units of ‖A‖
                 size = float(d.norm())
-                if size > params.bound * s ** 0.5:
-                    d.mul_(params.bound * s ** 0.5 / size)
+                if size > params.bound * s**0.5:
+                    d.mul_(params.bound * s**0.5 / size)
     return [b + d.detach() for b, d in zip(b0, db)], [a + d.detach() for a, d in zip(a0, da)]
 
 
@@ -132,7 +143,7 @@ def merge(task: TensorTask, params: DoMergingParams) -> torch.Tensor:
         def directions(rows: Rows | None) -> tuple[torch.Tensor, torch.Tensor]:
             direction = magnitude = None
             for b, a in zip(bs, as_):
-                d, m = row_normalised(b @ a if rows is None else b[rows[0]:rows[1]] @ a)
+                d, m = row_normalised(b @ a if rows is None else b[rows[0] : rows[1]] @ a)
                 direction = d if direction is None else direction.add_(d)
                 magnitude = m if magnitude is None else magnitude.add_(m)
             return direction, magnitude  # type: ignore[return-value]
@@ -161,5 +172,14 @@ def merge(task: TensorTask, params: DoMergingParams) -> torch.Tensor:
     return map_row_blocks(task, block)
 
 
-register(Method("do_merging", DoMergingParams, merge, memory=elementwise_memory_blocks(7.0), doc=__doc__ or "",
-                propagates_nonfinite=True, expert_params={}))
+register(
+    Method(
+        "do_merging",
+        DoMergingParams,
+        merge,
+        memory=elementwise_memory_blocks(7.0),
+        doc=__doc__ or "",
+        propagates_nonfinite=True,
+        expert_params={},
+    )
+)

@@ -36,6 +36,7 @@ sparsifier needs (thresholds, then L1 norms) and then sparsified block by block 
 order (tie counters and random generators run on across blocks), so results do not depend on
 the block size.
 """
+
 from __future__ import annotations
 
 import math
@@ -58,7 +59,9 @@ class GtaParams:
     rescale: bool = False  # restore each sparsified vector's L1 norm (mergekit's `rescale`)
     lambda_: float = 1.0  # any real number: negative values subtract (task negation)
     int8_mask: bool = False  # mergekit's mask storage; no effect on the result
-    tie_break: str = "mergekit"  # among magnitudes tied at a threshold: "mergekit" (its sort) or "index" (earliest; no sort)
+    tie_break: str = (
+        "mergekit"  # among magnitudes tied at a threshold: "mergekit" (its sort) or "index" (earliest; no sort)
+    )
 
     def __post_init__(self) -> None:
         if self.tie_break not in ("mergekit", "index"):
@@ -138,7 +141,7 @@ class Sparsifier:
         idx = eq.reshape(-1).nonzero().squeeze(1)
         seen = self.ties_seen[j]
         self.ties_seen[j] += idx.numel()
-        chosen = idx[max(0, lo - seen):max(0, hi - seen)]
+        chosen = idx[max(0, lo - seen) : max(0, hi - seen)]
         if chosen.numel():
             keep.view(-1)[chosen] = True
 
@@ -148,8 +151,14 @@ class Sparsifier:
         if self.kind == "magnitude":
             vb, above, equal = self.bounds[0]
             if self.whole_tensor and above < self.k < above + equal:
-                order = torch.argsort(tau.abs().reshape(-1).float(), descending=True)[: self.k]  # mergekit's call, its tie order
-                return tau.mul_(torch.zeros(tau.numel(), dtype=tau.dtype, device=tau.device).index_fill_(0, order, 1).view(tau.shape))
+                order = torch.argsort(tau.abs().reshape(-1).float(), descending=True)[
+                    : self.k
+                ]  # mergekit's call, its tie order
+                return tau.mul_(
+                    torch.zeros(tau.numel(), dtype=tau.dtype, device=tau.device)
+                    .index_fill_(0, order, 1)
+                    .view(tau.shape)
+                )
             bits = (magnitude_bits(tau) if bits is None else bits).view(tau.shape)
             keep = bits > vb
             self._keep_ties(keep, bits == vb, 0, 0, self.k - above)
@@ -157,9 +166,17 @@ class Sparsifier:
             if not self.selects:
                 return tau.zero_()
             lo, hi = self.window
-            if self.whole_tensor and any(self.numel - a - e < r < self.numel - a for (_, a, e), r in zip(self.bounds, (lo, hi))):
-                order = torch.sort(tau.abs().reshape(-1).float(), descending=False).indices[lo:hi]  # mergekit's call, its tie order
-                return tau.mul_(torch.zeros(tau.numel(), dtype=tau.dtype, device=tau.device).index_fill_(0, order, 1).view(tau.shape))
+            if self.whole_tensor and any(
+                self.numel - a - e < r < self.numel - a for (_, a, e), r in zip(self.bounds, (lo, hi))
+            ):
+                order = torch.sort(tau.abs().reshape(-1).float(), descending=False).indices[
+                    lo:hi
+                ]  # mergekit's call, its tie order
+                return tau.mul_(
+                    torch.zeros(tau.numel(), dtype=tau.dtype, device=tau.device)
+                    .index_fill_(0, order, 1)
+                    .view(tau.shape)
+                )
             bits = magnitude_bits(tau).view(tau.shape)
             (b_lo, above_lo, eq_lo), (b_hi, above_hi, eq_hi) = self.bounds
             keep = (bits > b_lo) & (bits < b_hi)
@@ -177,7 +194,9 @@ class Sparsifier:
             ranks.scatter_(1, order, torch.arange(rows.shape[1], device=rows.device).expand_as(order).contiguous())
             span = max(rows.shape[1] - 1, 1)
             probs = (self.density - self.eps) + ranks.to(torch.float32).div_(span).clamp_(0, 1).mul_(2 * self.eps)
-            keep = (torch.rand(rows.shape, generator=self.rng, dtype=torch.float32).to(tau.device) < probs).view(tau.shape)
+            keep = (torch.rand(rows.shape, generator=self.rng, dtype=torch.float32).to(tau.device) < probs).view(
+                tau.shape
+            )
         return tau.mul_(keep)
 
     def apply(self, tau: torch.Tensor, bits: torch.Tensor | None = None) -> torch.Tensor:
@@ -190,8 +209,10 @@ class Sparsifier:
 
 
 def sparsifiers(task: TensorTask, params: GtaParams) -> list[Sparsifier]:
-    return [Sparsifier(params.sparsify, task.expert_values[i], params.rescale, task.shape, lambda i=i: task.rng(i))
-            for i in range(len(task.weights))]
+    return [
+        Sparsifier(params.sparsify, task.expert_values[i], params.rescale, task.shape, lambda i=i: task.rng(i))
+        for i in range(len(task.weights))
+    ]
 
 
 def whole(sp: Sparsifier, tau: torch.Tensor, mergekit_ties: bool = True) -> torch.Tensor:
@@ -205,7 +226,9 @@ def whole(sp: Sparsifier, tau: torch.Tensor, mergekit_ties: bool = True) -> torc
     return sp.apply(tau, bits)
 
 
-def combine(vectors: list[torch.Tensor], weights: tuple[float, ...], base: torch.Tensor, params: GtaParams) -> torch.Tensor:
+def combine(
+    vectors: list[torch.Tensor], weights: tuple[float, ...], base: torch.Tensor, params: GtaParams
+) -> torch.Tensor:
     """W_0 + λ·(normalised) Σ of the weighted vectors v_i, with the consensus mask if any."""
     mixed = torch.zeros_like(base)
     if params.consensus == "none":
@@ -238,10 +261,13 @@ def merge(task: TensorTask, params: GtaParams) -> torch.Tensor:
     itemsize = torch.empty((), dtype=task.dtype).element_size()
     blocks = task.row_blocks()
     if blocks == [None] or n * math.prod(task.shape) * itemsize <= ties.CACHE_BYTES:
-        kept = [whole(sp, task.task_vector(i), params.tie_break == "mergekit").mul_(task.weights[i]) for i, sp in enumerate(sps)]
+        kept = [
+            whole(sp, task.task_vector(i), params.tie_break == "mergekit").mul_(task.weights[i])
+            for i, sp in enumerate(sps)
+        ]
 
         def vectors(rows: Rows | None) -> list[torch.Tensor]:
-            return kept if rows is None else [v[rows[0]:rows[1]] for v in kept]
+            return kept if rows is None else [v[rows[0] : rows[1]] for v in kept]
     else:
         for stage in range(max(sp.passes for sp in sps)):
             for sp in sps:
@@ -271,14 +297,26 @@ def memory(name: str, shape: tuple[int, ...], n: int, params: GtaParams, itemsiz
     if numel <= BLOCK_ELEMENTS:
         return Need(int((n + 7) * numel * itemsize))
     if n * numel * itemsize <= ties.CACHE_BYTES:
-        sort = 4 if params.sparsify in ("magnitude", "magnitude_outliers") and params.tie_break == "mergekit" else 0  # its indices and values
+        sort = (
+            4 if params.sparsify in ("magnitude", "magnitude_outliers") and params.tie_break == "mergekit" else 0
+        )  # its indices and values
         return Need(int((n + 1 + sort) * numel * itemsize + 7 * block * itemsize))
     return Need(int((n + 8) * block * itemsize), transfer=block)
 
 
 EXPERT_PARAMS = {"weight": REQUIRED, "density": 1.0, "gamma": 0.01, "epsilon": 0.15}
 
-register(Method("gta", GtaParams, merge, memory=memory, doc=__doc__ or "", propagates_nonfinite=True, expert_params=EXPERT_PARAMS))
+register(
+    Method(
+        "gta",
+        GtaParams,
+        merge,
+        memory=memory,
+        doc=__doc__ or "",
+        propagates_nonfinite=True,
+        expert_params=EXPERT_PARAMS,
+    )
+)
 
 # mergekit 0.1.5's generalized-task-arithmetic methods: (sparsifier, consensus, normalize, rescale) defaults
 MERGEKIT_GTA = {

@@ -7,6 +7,7 @@ numerical rank, which is the same for full-rank sums and keeps arbitrary null di
 for low-rank ones: math/spectral.py.) Whole tensors: the sum and its SVD; tall tensors larger
 than one row block stream in blocks through the Gram matrix of the sum (`merge_tall`).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -58,8 +59,13 @@ def merge_tall(task: TensorTask, params: IsoCParams, floor: float, block_sum=Non
 
 
 def merge(task: TensorTask, params: IsoCParams) -> torch.Tensor:
-    return spectral.dispatch(task, params.alpha, params.precision, lambda floor: merge_tall(task, params, floor),
-                             lambda dtype, floor: merge_whole(task, params, dtype, floor))
+    return spectral.dispatch(
+        task,
+        params.alpha,
+        params.precision,
+        lambda floor: merge_tall(task, params, floor),
+        lambda dtype, floor: merge_whole(task, params, dtype, floor),
+    )
 
 
 def merge_whole(task: TensorTask, params: IsoCParams, dtype: torch.dtype, floor: float) -> torch.Tensor:
@@ -96,4 +102,6 @@ def whole_memory(name: str, shape: tuple[int, ...], n: int, params, itemsize: in
     return Need(int(3 * numel * itemsize + lin * (3 * numel + min(m, k) * (m + k))))
 
 
-register(Method("iso_c", IsoCParams, merge, memory=memory, doc=__doc__ or "", propagates_nonfinite=True, expert_params={}))
+register(
+    Method("iso_c", IsoCParams, merge, memory=memory, doc=__doc__ or "", propagates_nonfinite=True, expert_params={})
+)

@@ -8,6 +8,7 @@ task-specific) by their mean σ̄: W = W₀ + α · σ̄ U⊥ V⊥ᵀ. Tensors t
 W₀ + α · mean τ_i. Whole tensors: the sum, one τ, and the kept factors; tall tensors larger
 than one row block stream through Gram matrices (`merge_tall`).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -64,7 +65,9 @@ def merge_tall(task: TensorTask, params: IsoCtsParams, floor: float) -> torch.Te
             for p, t in zip(ps, ts):
                 p.addmm_(u_c.T, t)
             del ts, u_c
-    specific = [spectral.top_eig(gi - p.T @ p, floor, slots) if slots else (v_c[:, :0], s_c[:0]) for gi, p in zip(grams, ps)]
+    specific = [
+        spectral.top_eig(gi - p.T @ p, floor, slots) if slots else (v_c[:, :0], s_c[:0]) for gi, p in zip(grams, ps)
+    ]
     del grams
     s_all = torch.cat([s_c] + [s for _, s in specific])
     task.note("kept_rank", int(s_all.numel()))
@@ -82,8 +85,13 @@ def merge_tall(task: TensorTask, params: IsoCtsParams, floor: float) -> torch.Te
 
 
 def merge(task: TensorTask, params: IsoCtsParams) -> torch.Tensor:
-    return spectral.dispatch(task, params.alpha, params.precision, lambda floor: merge_tall(task, params, floor),
-                             lambda dtype, floor: merge_whole(task, params, dtype, floor))
+    return spectral.dispatch(
+        task,
+        params.alpha,
+        params.precision,
+        lambda floor: merge_tall(task, params, floor),
+        lambda dtype, floor: merge_whole(task, params, dtype, floor),
+    )
 
 
 def merge_whole(task: TensorTask, params: IsoCtsParams, dtype: torch.dtype, floor: float) -> torch.Tensor:
@@ -132,4 +140,8 @@ def memory(name: str, shape: tuple[int, ...], n: int, params: IsoCtsParams, item
     return Need(need.work + lin * 4 * min(m, k) * (m + k))  # 4: the factors, their polar SVDs (measured)
 
 
-register(Method("iso_cts", IsoCtsParams, merge, memory=memory, doc=__doc__ or "", propagates_nonfinite=True, expert_params={}))
+register(
+    Method(
+        "iso_cts", IsoCtsParams, merge, memory=memory, doc=__doc__ or "", propagates_nonfinite=True, expert_params={}
+    )
+)

@@ -14,6 +14,7 @@ m = Σ β_i u_i every step above needs only the Gram matrix ⟨W_i, W_j⟩, summ
 float64; the iteration runs on β (N numbers), then one more pass writes Σ β_i u_i block by block.
 The result equals the whole-tensor merge to float32 round-off.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -68,7 +69,9 @@ def karcher_mean(tensors: list[torch.Tensor], alphas: list[float], max_iter: int
     return sum(a * nm for a, nm in zip(alphas, norms)) * mean
 
 
-def karcher_coefficients(gram: torch.Tensor, alphas: list[float], max_iter: int, tol: float) -> tuple[torch.Tensor, torch.Tensor]:
+def karcher_coefficients(
+    gram: torch.Tensor, alphas: list[float], max_iter: int, tol: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """`karcher_mean` on coefficients: given the float64 Gram matrix of the inputs, (β, norms)
     with m = Σ β_i W_i/‖W_i‖ (β_i = 0 for inputs left out)."""
     n = gram.shape[0]
@@ -150,5 +153,8 @@ def memory(name: str, shape: tuple[int, ...], n: int, params: KarcherParams, ite
     return Need(int((3 * n + 4) * BLOCK_ELEMENTS * itemsize), transfer=BLOCK_ELEMENTS)
 
 
-register(Method("karcher", KarcherParams, merge, memory=memory, doc=__doc__ or "", propagates_nonfinite=True,
-                expert_params={}))
+register(
+    Method(
+        "karcher", KarcherParams, merge, memory=memory, doc=__doc__ or "", propagates_nonfinite=True, expert_params={}
+    )
+)

@@ -1,4 +1,5 @@
 """linear: the weighted average of the experts, Σ w_i W_i / Σ w_i (model soup), per row block."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -32,4 +33,13 @@ def merge(task: TensorTask, params: LinearParams) -> torch.Tensor:
     return map_row_blocks(task, block)
 
 
-register(Method("linear", LinearParams, merge, memory=elementwise_memory_blocks(3.0), doc=__doc__ or "", propagates_nonfinite=True))
+register(
+    Method(
+        "linear",
+        LinearParams,
+        merge,
+        memory=elementwise_memory_blocks(3.0),
+        doc=__doc__ or "",
+        propagates_nonfinite=True,
+    )
+)

@@ -12,6 +12,7 @@ otherwise one pass sums the pairwise products ⟨τ_i, τ_j⟩ over the blocks (
 second pass interpolates each block with the tensor's t. The streamed t equals the whole
 tensor's to float32 round-off (its sums run in float64), so the working set is N blocks.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -34,7 +35,9 @@ def interpolation(cos: torch.Tensor, n: int) -> torch.Tensor:
     """t = N cos θ / (1 + (N−1) cos θ), 0 where the denominator is below 1e-6."""
     denominator = 1 + (n - 1) * cos
     singular = denominator.abs() < 1e-6
-    return torch.where(singular, torch.zeros_like(cos), (n * cos) / torch.where(singular, torch.ones_like(denominator), denominator))
+    return torch.where(
+        singular, torch.zeros_like(cos), (n * cos) / torch.where(singular, torch.ones_like(denominator), denominator)
+    )
 
 
 def merge_whole(w0: torch.Tensor, ws: list[torch.Tensor], filter_wise: bool, shape: tuple[int, ...]) -> torch.Tensor:
@@ -49,7 +52,7 @@ def merge_whole(w0: torch.Tensor, ws: list[torch.Tensor], filter_wise: bool, sha
     offsets = [w - w0v for w in ws]
     cosines = []
     for i, a in enumerate(offsets):
-        for b in offsets[i + 1:]:
+        for b in offsets[i + 1 :]:
             if a.dim() == 1:  # one sum over the whole tensor: in a fixed order (methods.ordered_sum)
                 norm, dot = ordered_sum(a * a).sqrt() * ordered_sum(b * b).sqrt(), ordered_sum(a * b)
             else:
@@ -72,7 +75,9 @@ def merge(task: TensorTask, params: ModelStockParams) -> torch.Tensor:
         return task.base_rows(rows), [task.expert_rows(i, rows) for i in range(n)]
 
     if params.filter_wise:  # every row whole in its block: row-local
-        return map_row_blocks(task, lambda rows: merge_whole(*block_of(rows), True, (rows[1] - rows[0], *task.shape[1:])))  # type: ignore[index]
+        return map_row_blocks(
+            task, lambda rows: merge_whole(*block_of(rows), True, (rows[1] - rows[0], *task.shape[1:]))
+        )  # type: ignore[index]
     products = torch.zeros(n, n, dtype=torch.float64)
     for rows in task.row_blocks():
         w0, ws = block_of(rows)
@@ -80,7 +85,9 @@ def merge(task: TensorTask, params: ModelStockParams) -> torch.Tensor:
         products += (taus @ taus.T).cpu()
         del taus, ws
     norms = products.diagonal().sqrt()
-    cosines = [(products[i, j] / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1, 1) for i in range(n) for j in range(i + 1, n)]
+    cosines = [
+        (products[i, j] / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1, 1) for i in range(n) for j in range(i + 1, n)
+    ]
     t = float(interpolation(torch.stack(cosines).mean().to(torch.float32), n))
 
     def block(rows: Rows | None) -> torch.Tensor:
@@ -102,5 +109,14 @@ def memory(name: str, shape: tuple[int, ...], n: int, params: ModelStockParams, 
     return Need(int((3 * n + 6) * block * itemsize), transfer=block)
 
 
-register(Method("model_stock", ModelStockParams, merge, memory=memory, doc=__doc__ or "", propagates_nonfinite=True,
-                expert_params={}))
+register(
+    Method(
+        "model_stock",
+        ModelStockParams,
+        merge,
+        memory=memory,
+        doc=__doc__ or "",
+        propagates_nonfinite=True,
+        expert_params={},
+    )
+)

@@ -8,6 +8,7 @@ are averaged linearly and more are refused (mergekit does the same) — except w
 vector is zero (a tensor no expert changed): that is the base, where mergekit stops. Whole
 tensors in memory.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -41,9 +42,11 @@ def merge(task: TensorTask, params: MultislerpParams) -> torch.Tensor:
         return task.base.clone()  # no expert changes this tensor (mergekit stops with an error here)
     if mean_norm < params.eps:
         if n == 2:
-            out = (xs[0] * w[0] + xs[1] * w[1])
+            out = xs[0] * w[0] + xs[1] * w[1]
             return out + task.base if params.relative else out
-        raise ValueError(f"tensor {task.name}: the weighted sum of the unit task vectors is zero (antipodal experts); change the weights")
+        raise ValueError(
+            f"tensor {task.name}: the weighted sum of the unit task vectors is zero (antipodal experts); change the weights"
+        )
     mean = mean / mean_norm
     tangent = ((units - (units * mean).sum(-1, keepdim=True) * mean) * w.view(-1, 1)).sum(0)
     del units
@@ -53,5 +56,14 @@ def merge(task: TensorTask, params: MultislerpParams) -> torch.Tensor:
     return out + task.base if params.relative else out
 
 
-register(Method("multislerp", MultislerpParams, merge, memory=whole_tensor_memory(6.0, 3.5), doc=__doc__ or "", propagates_nonfinite=True,
-                expert_params={"weight": REQUIRED}))
+register(
+    Method(
+        "multislerp",
+        MultislerpParams,
+        merge,
+        memory=whole_tensor_memory(6.0, 3.5),
+        doc=__doc__ or "",
+        propagates_nonfinite=True,
+        expert_params={"weight": REQUIRED},
+    )
+)

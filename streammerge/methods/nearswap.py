@@ -1,6 +1,7 @@
 """nearswap: take the expert's value where it is within t of the base's, blend toward it
 elsewhere (mergekit 0.1.5's `nearswap`): w = clamp(t / max(|W_0 − W_1|, 1e-6), 0, 1),
 W = w·W_1 + (1 − w)·W_0. Elementwise, in row blocks."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -30,5 +31,14 @@ def merge(task: TensorTask, params: NearswapParams) -> torch.Tensor:
     return map_row_blocks(task, block)
 
 
-register(Method("nearswap", NearswapParams, merge, memory=elementwise_memory_blocks(6.0), doc=__doc__ or "", propagates_nonfinite=True,
-                expert_params={}))
+register(
+    Method(
+        "nearswap",
+        NearswapParams,
+        merge,
+        memory=elementwise_memory_blocks(6.0),
+        doc=__doc__ or "",
+        propagates_nonfinite=True,
+        expert_params={},
+    )
+)

@@ -6,6 +6,7 @@ a base_model is given): W = W_0 + slerp(t, τ_1, τ_2); without: W = slerp(t, W_
 and (1−t)x + t·y where 1 − cos²θ ≤ 1e-16. `flatten` (default): θ over the whole tensor;
 otherwise per row (`row_wise`: per column). Whole tensors: inputs and result in memory.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ def nuslerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dim: int = -1, flatten
     u1 = v1 / torch.norm(v1, dim=-1, keepdim=True).clamp(min=1e-7)
     cos = torch.sum(u0 * u1, dim=-1, keepdim=True).clamp(-1, 1)
     del u0, u1
-    colinear = (1 - cos.square()) <= EPS ** 2
+    colinear = (1 - cos.square()) <= EPS**2
     theta = torch.acos(torch.where(colinear, 0, cos))
     out = (torch.sin((1 - t) * theta) * v0 + torch.sin(t * theta) * v1) / torch.sin(theta)
     out = torch.where(colinear, (1 - t) * v0 + t * v1, out)
@@ -55,5 +56,14 @@ def merge(task: TensorTask, params: NuslerpParams) -> torch.Tensor:
     return nuslerp(t, task.experts[0], task.experts[1], dim, params.nuslerp_flatten)
 
 
-register(Method("nuslerp", NuslerpParams, merge, memory=whole_tensor_memory(8.0), doc=__doc__ or "", propagates_nonfinite=True,
-                expert_params={"weight": REQUIRED}))
+register(
+    Method(
+        "nuslerp",
+        NuslerpParams,
+        merge,
+        memory=whole_tensor_memory(8.0),
+        doc=__doc__ or "",
+        propagates_nonfinite=True,
+        expert_params={"weight": REQUIRED},
+    )
+)

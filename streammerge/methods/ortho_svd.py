@@ -17,6 +17,7 @@ Streaming: pass 1 keeps each expert's top-k triplets only; pass 2 sums τ_i minu
 components; then one SVD of the sum. Tall tensors larger than one row block go through Gram
 matrices instead (`merge_tall`).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -71,7 +72,11 @@ def merge_tall(task: TensorTask, params: OrthoSvdParams, floor: float) -> torch.
     g = spectral.gram_dtype(device)
     lead = spectral.expert_right_vectors(task, floor, params.top_k, g)  # pass 1
     proj = [v / s for v, s in lead]
-    overlaps = {(i, j): torch.zeros(lead[i][1].numel(), lead[j][1].numel(), dtype=g, device=device) for i in range(n) for j in range(i + 1, n)}
+    overlaps = {
+        (i, j): torch.zeros(lead[i][1].numel(), lead[j][1].numel(), dtype=g, device=device)
+        for i in range(n)
+        for j in range(i + 1, n)
+    }
     for rows in blocks:  # pass 2: U_iᵀ U_j
         us = [task.task_vector(i, rows).to(g) @ proj[i] for i in range(n)]
         for (i, j), c in overlaps.items():
@@ -101,8 +106,13 @@ def merge_tall(task: TensorTask, params: OrthoSvdParams, floor: float) -> torch.
 
 
 def merge(task: TensorTask, params: OrthoSvdParams) -> torch.Tensor:
-    return spectral.dispatch(task, params.alpha, params.precision, lambda floor: merge_tall(task, params, floor),
-                             lambda dtype, floor: merge_whole(task, params, dtype, floor))
+    return spectral.dispatch(
+        task,
+        params.alpha,
+        params.precision,
+        lambda floor: merge_tall(task, params, floor),
+        lambda dtype, floor: merge_whole(task, params, dtype, floor),
+    )
 
 
 def merge_whole(task: TensorTask, params: OrthoSvdParams, dtype: torch.dtype, floor: float) -> torch.Tensor:
@@ -110,7 +120,7 @@ def merge_whole(task: TensorTask, params: OrthoSvdParams, dtype: torch.dtype, fl
     lead = []
     for i in range(n):
         u, s, vh = spectral.task_svd(task, i, dtype, floor)
-        lead.append((u[:, :params.top_k].clone(), s[:params.top_k].clone(), vh[:params.top_k].clone()))
+        lead.append((u[:, : params.top_k].clone(), s[: params.top_k].clone(), vh[: params.top_k].clone()))
         del u, s, vh
     removed = interfering([u for u, _, _ in lead], [s for _, s, _ in lead], params.threshold)
     task.note("removed_components", [len(r) for r in removed])
@@ -150,4 +160,14 @@ def memory(name: str, shape: tuple[int, ...], n: int, params: OrthoSvdParams, it
     return Need(need.work + 8 * n * params.top_k * (m + k + 1))
 
 
-register(Method("ortho_svd", OrthoSvdParams, merge, memory=memory, doc=__doc__ or "", propagates_nonfinite=True, expert_params={}))
+register(
+    Method(
+        "ortho_svd",
+        OrthoSvdParams,
+        merge,
+        memory=memory,
+        doc=__doc__ or "",
+        propagates_nonfinite=True,
+        expert_params={},
+    )
+)

@@ -16,6 +16,7 @@ plus the k×k rotations R_i (k ≤ min(out, in)) that the residual pass (3) need
 `rotation_merge` selects the paper's Table 4 ablations: "average_r" (Σ w_i R_i/Σ w_i, not
 orthogonal), "product_r" (R_N···R_1), "average_q" (Σ w_i Q_i/Σ w_i, no magnitude correction).
 """
+
 from __future__ import annotations
 
 import logging
@@ -31,7 +32,16 @@ from ..math import lapack
 from ..math.cayley import cayley, cayley_consuming
 from ..math.lie_mean import LieAccumulator
 from ..math.robust import LinalgFailure
-from ..math.procrustes import Subspace, SubspaceBuilder, SubspaceRotation, identity_rotation, procrustes, procrustes_from_cross, rotate_base, transpose_minus_identity
+from ..math.procrustes import (
+    Subspace,
+    SubspaceBuilder,
+    SubspaceRotation,
+    identity_rotation,
+    procrustes,
+    procrustes_from_cross,
+    rotate_base,
+    transpose_minus_identity,
+)
 from . import Method, Rows, TensorTask, build_params, check_range, get_method, map_row_blocks, register
 
 log = logging.getLogger(__name__)
@@ -184,14 +194,18 @@ def _merge_tall(task: TensorTask, params: OrthoMergeParams, res_method: Method, 
     blocks = task.row_blocks()
     device = task.base_rows(blocks[0]).device
     gram = torch.zeros(inn, inn, dtype=prec, device=device)
-    conflict = [torch.zeros(out_rows, dtype=torch.bool, device=device) for _ in range(n)] if params.target == "conflict" else None
+    conflict = (
+        [torch.zeros(out_rows, dtype=torch.bool, device=device) for _ in range(n)]
+        if params.target == "conflict"
+        else None
+    )
     for rows in blocks:  # pass 1: AᵀA, and (conflict) each expert's rows that oppose τ_mean
         a = task.base_rows(rows).to(prec)
         gram.addmm_(a.T, a)
         del a
         if conflict is not None:
             for i, rows_i in enumerate(conflicts_among([task.task_vector(i, rows) for i in range(n)])):
-                conflict[i][rows[0]:rows[1]] = rows_i  # type: ignore[index]
+                conflict[i][rows[0] : rows[1]] = rows_i  # type: ignore[index]
     evals, evecs = lapack.eigh(gram)
     del gram
     sigma = evals.clamp_(min=0).sqrt_()
@@ -210,7 +224,7 @@ def _merge_tall(task: TensorTask, params: OrthoMergeParams, res_method: Method, 
         for i in range(n):
             delta = task.task_vector(i, rows)
             if conflict is not None:
-                delta.mul_(conflict[i][rows[0]:rows[1]].unsqueeze(1))  # type: ignore[index]
+                delta.mul_(conflict[i][rows[0] : rows[1]].unsqueeze(1))  # type: ignore[index]
             if bool(delta.any()):
                 changed[i] = True
             crosses[i].addmm_(delta.to(prec).add_(a).T, a)
@@ -232,7 +246,13 @@ def _merge_tall(task: TensorTask, params: OrthoMergeParams, res_method: Method, 
             rot = procrustes_from_cross(crosses[i], params.null_rtol, max_angle)
             clipped += rot.clipped_planes
             if rot.clipped_planes:
-                log.info("%s: expert %d: %d plane(s) rotated beyond %.0f° left to the residual", task.name, i + 1, rot.clipped_planes, params.max_angle_deg)
+                log.info(
+                    "%s: expert %d: %d plane(s) rotated beyond %.0f° left to the residual",
+                    task.name,
+                    i + 1,
+                    rot.clipped_planes,
+                    params.max_angle_deg,
+                )
             r_w, q_w = rot.r_w, rot.q_w
         else:
             r_w = torch.eye(p.shape[1], dtype=prec, device=device)
@@ -247,9 +267,18 @@ def _merge_tall(task: TensorTask, params: OrthoMergeParams, res_method: Method, 
     del acc
     steps = [_rotation_step(p, r) for r in rotations]
     del rotations
-    residual_task = TensorTask(task.name, lambda rows: task.base_rows(rows) if rows is not None else task.base,
-                               _ResidualRows(task, steps), task.weights, task.densities, None, task.seed,
-                               out_dtype=task.dtype, shape=task.shape, dtype=task.dtype)
+    residual_task = TensorTask(
+        task.name,
+        lambda rows: task.base_rows(rows) if rows is not None else task.base,
+        _ResidualRows(task, steps),
+        task.weights,
+        task.densities,
+        None,
+        task.seed,
+        out_dtype=task.dtype,
+        shape=task.shape,
+        dtype=task.dtype,
+    )
     merged_residual = res_method.merge(residual_task, res_params)
     del steps, residual_task
     step_star = _rotation_step(p, r_star)
@@ -259,7 +288,7 @@ def _merge_tall(task: TensorTask, params: OrthoMergeParams, res_method: Method, 
     def merged_block(rows: Rows | None) -> torch.Tensor:  # W = W₀ + W₀D* + (merged residual − W₀)
         a = task.base_rows(rows)
         turn = (a.to(prec) @ step_star).to(a.dtype)
-        residual = merged_residual[rows[0]:rows[1]].to(a.device).sub_(a)  # type: ignore[index]
+        residual = merged_residual[rows[0] : rows[1]].to(a.device).sub_(a)  # type: ignore[index]
         if task.diagnostics is not None:
             share[0] += float(turn.square().sum())
             share[1] += float(residual.square().sum())
@@ -372,7 +401,13 @@ def _merge(task: TensorTask, params: OrthoMergeParams) -> torch.Tensor:
             rot = procrustes(delta.add_(a), basis, params.null_rtol, max_angle)
             clipped += rot.clipped_planes
             if rot.clipped_planes:
-                log.info("%s: expert %d: %d plane(s) rotated beyond %.0f° left to the residual", task.name, i + 1, rot.clipped_planes, params.max_angle_deg)
+                log.info(
+                    "%s: expert %d: %d plane(s) rotated beyond %.0f° left to the residual",
+                    task.name,
+                    i + 1,
+                    rot.clipped_planes,
+                    params.max_angle_deg,
+                )
         del delta
         if rot.frame is not None and rot.frame.shape[1] > 0:
             acc.add(rot.q_w, task.weights[i], rot.frame)
@@ -390,8 +425,14 @@ def _merge(task: TensorTask, params: OrthoMergeParams) -> torch.Tensor:
         else:  # keep what the residual pass reads, W₀R_iᵀ − W₀, not the larger frame and w×w factors
             moved = rotate_base(a, basis, rot).sub_(a)
             rotations.append(moved if task.state_device is None else moved.to(task.state_device))
-    dense = [r.to(basis.p.device).dense_r() for r in rotations] if params.rotation_merge in ("average_r", "product_r") else []
-    note_rotation(task, params, acc, clipped, conflict_fraction, basis.p.shape[1])  # before merged_rotation consumes acc
+    dense = (
+        [r.to(basis.p.device).dense_r() for r in rotations]
+        if params.rotation_merge in ("average_r", "product_r")
+        else []
+    )
+    note_rotation(
+        task, params, acc, clipped, conflict_fraction, basis.p.shape[1]
+    )  # before merged_rotation consumes acc
     r_star = merged_rotation(acc, dense, task.weights, params)
     del acc
     if running:
@@ -399,7 +440,8 @@ def _merge(task: TensorTask, params: OrthoMergeParams) -> torch.Tensor:
         merged_residual = a + residual_sum.mul_(res_params.lambda_)
     else:
         merged_residual = res_method.merge(
-            TensorTask(task.name, a, _Residuals(task, basis, rotations), task.weights, task.densities, None, task.seed), res_params
+            TensorTask(task.name, a, _Residuals(task, basis, rotations), task.weights, task.densities, None, task.seed),
+            res_params,
         )
     rotated = rotate_base(a, basis, r_star)
     residual = merged_residual.sub_(a)
@@ -409,12 +451,22 @@ def _merge(task: TensorTask, params: OrthoMergeParams) -> torch.Tensor:
     return rotated.add_(residual)
 
 
-def note_rotation(task: TensorTask, params: OrthoMergeParams, acc: LieAccumulator, clipped: int, conflict_fraction: dict[int, float], dim: int) -> None:
+def note_rotation(
+    task: TensorTask,
+    params: OrthoMergeParams,
+    acc: LieAccumulator,
+    clipped: int,
+    conflict_fraction: dict[int, float],
+    dim: int,
+) -> None:
     """What explains one rotated tensor, for `streammerge report`."""
     if task.diagnostics is None:
         return
     task.note("generator_norms", list(acc.norms))
-    task.note("merged_generator_norm", acc.magnitude(params.magnitude) * params.scale if params.rotation_merge == "magnitude_corrected" else None)
+    task.note(
+        "merged_generator_norm",
+        acc.magnitude(params.magnitude) * params.scale if params.rotation_merge == "magnitude_corrected" else None,
+    )
     total = sum(w * q for w, q in zip(acc.weights, acc.norms))
     if acc.total is not None and params.direction == "sum" and total:  # 1: the experts rotate alike; 1/√N: orthogonally
         task.note("generator_agreement", float(torch.linalg.vector_norm(acc.total)) / total)
@@ -424,7 +476,9 @@ def note_rotation(task: TensorTask, params: OrthoMergeParams, acc: LieAccumulato
         task.note("conflict_row_fraction", [conflict_fraction.get(i, 0.0) for i in range(len(task.weights))])
 
 
-def merged_generator(gens, weights: tuple[float, ...], params: OrthoMergeParams, dtype: torch.dtype, device) -> torch.Tensor:
+def merged_generator(
+    gens, weights: tuple[float, ...], params: OrthoMergeParams, dtype: torch.dtype, device
+) -> torch.Tensor:
     """Q* blocks [r, b, b] from the experts' stored generators (a missing one counts as zero)."""
     if params.rotation_merge not in ("magnitude_corrected", "average_q"):
         raise ValueError(f"rotation_merge {params.rotation_merge!r} has no generator; it needs dense output")
@@ -449,7 +503,10 @@ def merge_oft(task: TensorTask, params: OrthoMergeParams) -> torch.Tensor:
     dtype, device = task.base.dtype, task.base.device
     if params.rotation_merge in ("average_r", "product_r"):
         shape = (gens.module.blocks, gens.module.block_size, gens.module.block_size)
-        rotations = [gens.convention.rotation(torch.zeros(shape, dtype=dtype, device=device) if gens[i] is None else gens[i]) for i in range(len(gens))]
+        rotations = [
+            gens.convention.rotation(torch.zeros(shape, dtype=dtype, device=device) if gens[i] is None else gens[i])
+            for i in range(len(gens))
+        ]
         r_blocks = merged_rotation(LieAccumulator(), rotations, task.weights, params)
     else:
         r_blocks = gens.convention.rotation(merged_generator(gens, task.weights, params, dtype, device))
@@ -462,16 +519,24 @@ def merge_oft(task: TensorTask, params: OrthoMergeParams) -> torch.Tensor:
     return apply_rotation(task.base, r_blocks, gens.module, gens.convention, row_scale)
 
 
-def merged_rotation(acc: LieAccumulator, rotations: list[torch.Tensor], weights: tuple[float, ...], params: OrthoMergeParams) -> torch.Tensor:
+def merged_rotation(
+    acc: LieAccumulator, rotations: list[torch.Tensor], weights: tuple[float, ...], params: OrthoMergeParams
+) -> torch.Tensor:
     """R*_s in the base subspace, by the chosen rule."""
     if params.rotation_merge in ("magnitude_corrected", "average_q"):
-        q = acc.magnitude_corrected(params.magnitude, params.scale) if params.rotation_merge == "magnitude_corrected" else acc.simple_average(params.scale)
+        q = (
+            acc.magnitude_corrected(params.magnitude, params.scale)
+            if params.rotation_merge == "magnitude_corrected"
+            else acc.simple_average(params.scale)
+        )
         acc.total = acc.plain_total = None  # q is a fresh tensor: the k×k sums can go
         return cayley(q) if q.dim() != 2 else cayley_consuming(q)
     if params.rotation_merge == "average_r":
         total = sum(w * r for w, r in zip(weights, rotations))
         return total / sum(weights)
-    product = torch.eye(rotations[0].shape[-1], dtype=rotations[0].dtype, device=rotations[0].device).expand_as(rotations[0])
+    product = torch.eye(rotations[0].shape[-1], dtype=rotations[0].dtype, device=rotations[0].device).expand_as(
+        rotations[0]
+    )
     for r in rotations:  # R_N ··· R_1: expert 1 acts first (batched over OFT blocks)
         product = r @ product
     return product
@@ -528,7 +593,9 @@ _C_ACC, _C_FRAME = 5.0, 10.0  # wide layers: k×k sum, Cayley and rotation; w×w
 _C_TALL_BLOCKS, _C_TALL_SQUARE = 5.0, 9.0
 
 
-def memory(name: str, shape: tuple[int, ...], n: int, params: OrthoMergeParams, itemsize: int, statistics: dict | None = None):
+def memory(
+    name: str, shape: tuple[int, ...], n: int, params: OrthoMergeParams, itemsize: int, statistics: dict | None = None
+):
     """Peak bytes of one weight. k = dim S = min(in, min(out, in) + N·out) for full-rank updates
     (exact for the global target, an upper bound for the conflict target, where only conflicting
     rows add directions: given `statistics`, this tensor's conflicting rows, k is that count's
@@ -553,12 +620,21 @@ def memory(name: str, shape: tuple[int, ...], n: int, params: OrthoMergeParams, 
     if out >= inn and numel > BLOCK_ELEMENTS:
         block = BLOCK_ELEMENTS
         residual = res_method.memory(name, shape, n, res_params, itemsize)
-        work = (residual.work + residual.state + _C_TALL_BLOCKS * block * max(f, itemsize)
-                + (_C_TALL_SQUARE - (2 if params.target == "conflict" else 0) + n) * inn * inn * f + n * out)
+        work = (
+            residual.work
+            + residual.state
+            + _C_TALL_BLOCKS * block * max(f, itemsize)
+            + (_C_TALL_SQUARE - (2 if params.target == "conflict" else 0) + n) * inn * inn * f
+            + n * out
+        )
         # the merged residual is gathered in host memory on any device (new_output): on CUDA it
         # is host RAM, not GPU memory (2.1 GB for an 8B embedding: the H100 run's excess, gpu.md)
         return Need(int(work), 0, transfer=block, host=numel * itemsize)
-    k = subspace_bound(shape, n) if statistics is None else min(subspace_bound(shape, n), measured_subspace(shape, statistics))
+    k = (
+        subspace_bound(shape, n)
+        if statistics is None
+        else min(subspace_bound(shape, n), measured_subspace(shape, statistics))
+    )
     base = _C_COMPUTE * numel * itemsize + _C_OUT_IN * numel * f + _C_SIDES * (out + inn) * k * f
     ablation = params.rotation_merge in ("average_r", "product_r")  # these keep every R_i
     if 2 * out <= k:
@@ -569,6 +645,16 @@ def memory(name: str, shape: tuple[int, ...], n: int, params: OrthoMergeParams, 
     return Need(int(base + _C_SQUARE * k * k * f), 0 if running else int(n * per_expert))
 
 
-register(Method("orthomerge", OrthoMergeParams, merge, memory=memory, statistics=statistics,
-                statistics_passes=lambda p: 1 if p.target == "conflict" else 0, plan_statistics=True,
-                statistics_tensors=conflict_statistics_tensors, doc=__doc__ or ""))
+register(
+    Method(
+        "orthomerge",
+        OrthoMergeParams,
+        merge,
+        memory=memory,
+        statistics=statistics,
+        statistics_passes=lambda p: 1 if p.target == "conflict" else 0,
+        plan_statistics=True,
+        statistics_tensors=conflict_statistics_tensors,
+        doc=__doc__ or "",
+    )
+)

@@ -1,6 +1,7 @@
 """passthrough: the input tensor, times `scale` if given (mergekit 0.1.5's `passthrough`). With
 layer slices (io/sliced.py) it stacks layer ranges of models (a "frankenmerge"); `scale` may be
 set per source, per slice or for the recipe, with filters on the source tensor's name."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -26,5 +27,15 @@ def merge(task: TensorTask, params: PassthroughParams) -> torch.Tensor:
     return map_row_blocks(task, block)
 
 
-register(Method("passthrough", PassthroughParams, merge, memory=elementwise_memory_blocks(2.0), doc=__doc__ or "",
-                propagates_nonfinite=True, expert_params={}, min_experts=0))
+register(
+    Method(
+        "passthrough",
+        PassthroughParams,
+        merge,
+        memory=elementwise_memory_blocks(2.0),
+        doc=__doc__ or "",
+        propagates_nonfinite=True,
+        expert_params={},
+        min_experts=0,
+    )
+)

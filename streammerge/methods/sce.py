@@ -13,6 +13,7 @@ not torch.topk's), one pass sums each expert's Σ τ_i² (float64), and the last
 (sign election and erase are elementwise). The weights then equal the whole tensor's to float32
 round-off.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -146,7 +147,10 @@ def merge(task: TensorTask, params: SceParams) -> torch.Tensor:
     if selection is not None:
         selection.ties_seen = 0  # the merge pass draws the same mask
     weights = _normalised((squares / math.prod(task.shape)).to(task.dtype), n)
-    return map_row_blocks(task, lambda rows: erase_and_merge(task.base_rows(rows), selected(rows), weights.to(task.base_rows(rows).device)))
+    return map_row_blocks(
+        task,
+        lambda rows: erase_and_merge(task.base_rows(rows), selected(rows), weights.to(task.base_rows(rows).device)),
+    )
 
 
 def memory(name: str, shape: tuple[int, ...], n: int, params: SceParams, itemsize: int):
@@ -160,5 +164,4 @@ def memory(name: str, shape: tuple[int, ...], n: int, params: SceParams, itemsiz
     return Need(int((5 * n + 6) * BLOCK_ELEMENTS * itemsize), transfer=BLOCK_ELEMENTS)
 
 
-register(Method("sce", SceParams, merge, memory=memory, doc=__doc__ or "", propagates_nonfinite=True,
-                expert_params={}))
+register(Method("sce", SceParams, merge, memory=memory, doc=__doc__ or "", propagates_nonfinite=True, expert_params={}))

@@ -7,6 +7,7 @@ Norms below 1e-8 count as 1. `t` (0: the base, 1: the expert) may be a gradient 
 Streaming: the norms and the dot product accumulate over row blocks (float64), then the result
 is written block by block, so the working set is a few blocks.
 """
+
 from __future__ import annotations
 
 import math
@@ -58,5 +59,14 @@ def merge(task: TensorTask, params: SlerpParams) -> torch.Tensor:
     return map_row_blocks(task, block)
 
 
-register(Method("slerp", SlerpParams, merge, memory=elementwise_memory_blocks(4.0), doc=__doc__ or "", propagates_nonfinite=True,
-                expert_params={}))
+register(
+    Method(
+        "slerp",
+        SlerpParams,
+        merge,
+        memory=elementwise_memory_blocks(4.0),
+        doc=__doc__ or "",
+        propagates_nonfinite=True,
+        expert_params={},
+    )
+)

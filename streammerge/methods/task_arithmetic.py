@@ -1,4 +1,5 @@
 """task_arithmetic: W_0 + λ Σ w_i τ_i (Ilharco et al., 2022), one pass, a running sum per row block."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -37,4 +38,13 @@ def merge(task: TensorTask, params: TaskArithmeticParams) -> torch.Tensor:
     return map_row_blocks(task, block)
 
 
-register(Method("task_arithmetic", TaskArithmeticParams, merge, memory=elementwise_memory_blocks(3.0), doc=__doc__ or "", propagates_nonfinite=True))
+register(
+    Method(
+        "task_arithmetic",
+        TaskArithmeticParams,
+        merge,
+        memory=elementwise_memory_blocks(3.0),
+        doc=__doc__ or "",
+        propagates_nonfinite=True,
+    )
+)

@@ -17,6 +17,7 @@ working set is N blocks. The majority sign of a block-streamed tensor is known o
 entries whose elected sum is exactly 0 although some expert is non-zero get their value for
 both signs, and the minority one is dropped at the end (rare: an exact cancellation).
 """
+
 from __future__ import annotations
 
 import math
@@ -25,7 +26,19 @@ from dataclasses import dataclass
 
 import torch
 
-from . import BLOCK_ELEMENTS, Method, MapPass, ModelBlocks, Rows, TensorTask, check_finite, check_range, holds_whole, map_row_blocks, register
+from . import (
+    BLOCK_ELEMENTS,
+    Method,
+    MapPass,
+    ModelBlocks,
+    Rows,
+    TensorTask,
+    check_finite,
+    check_range,
+    holds_whole,
+    map_row_blocks,
+    register,
+)
 
 CACHE_BYTES = 1 << 28  # the N trimmed task vectors of one tensor are kept whole up to this size
 
@@ -185,7 +198,9 @@ class DisjointMerge:
         return out
 
 
-def disjoint_merge_blocks(task: TensorTask, vectors: Callable[[Rows | None], list[torch.Tensor]], merge_kind: str, lambda_: float) -> torch.Tensor:
+def disjoint_merge_blocks(
+    task: TensorTask, vectors: Callable[[Rows | None], list[torch.Tensor]], merge_kind: str, lambda_: float
+) -> torch.Tensor:
     """W_0 + λ · disjoint merge of `vectors(rows)` (the processed task vectors of a row block)."""
     dm = DisjointMerge(merge_kind, lambda_)
     return dm.finish(map_row_blocks(task, lambda rows: dm.block(vectors(rows), task.base_rows(rows))))
@@ -219,12 +234,16 @@ def merge(task: TensorTask, params: TiesParams) -> torch.Tensor:
         for i in range(n):
             tau = task.task_vector(i)
             bits = magnitude_bits(tau)
-            threshold = thresholds[i] if thresholds is not None else kth_largest_of_bits(bits, keep_count(tau.numel(), densities[i]))
+            threshold = (
+                thresholds[i]
+                if thresholds is not None
+                else kth_largest_of_bits(bits, keep_count(tau.numel(), densities[i]))
+            )
             kept.append(trim(tau, threshold, bits).mul_(task.weights[i]))
             del bits
 
         def vectors(rows: Rows | None) -> list[torch.Tensor]:
-            return kept if rows is None else [v[rows[0]:rows[1]] for v in kept]
+            return kept if rows is None else [v[rows[0] : rows[1]] for v in kept]
     else:
         if thresholds is None:
             thresholds = block_thresholds(task, densities)
@@ -300,7 +319,10 @@ def memory(name: str, shape: tuple[int, ...], n: int, params: TiesParams, itemsi
 
 register(
     Method(
-        "ties", TiesParams, merge, memory=memory,
+        "ties",
+        TiesParams,
+        merge,
+        memory=memory,
         statistics=statistics,
         statistics_passes=lambda p: 2 if p.scope == "model" else 0,
         doc=__doc__ or "",

@@ -9,6 +9,7 @@ W₀ + α · mean τ_i (the authors: the mean, α = 1). Whole tensors: one τ at
 triplets of all experts, then the two polar factors; tall tensors larger than one row block
 (embeddings, lm_head) stream through Gram matrices (`merge_tall`).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -54,8 +55,13 @@ def merge_tall(task: TensorTask, params: TsvParams, floor: float) -> torch.Tenso
 
 
 def merge(task: TensorTask, params: TsvParams) -> torch.Tensor:
-    return spectral.dispatch(task, params.alpha, params.precision, lambda floor: merge_tall(task, params, floor),
-                             lambda dtype, floor: merge_whole(task, params, dtype, floor))
+    return spectral.dispatch(
+        task,
+        params.alpha,
+        params.precision,
+        lambda floor: merge_tall(task, params, floor),
+        lambda dtype, floor: merge_whole(task, params, dtype, floor),
+    )
 
 
 def merge_whole(task: TensorTask, params: TsvParams, dtype: torch.dtype, floor: float) -> torch.Tensor:
