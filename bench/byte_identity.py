@@ -48,13 +48,18 @@ def experts(models: str, n: int = 3) -> list[str]:
 
 
 def digests(out: str) -> dict[str, str]:
-    """sha256 of every file the merge wrote (the journal and the model card hold paths: left out)."""
+    """sha256 of every file the merge wrote (the journal and the model card hold paths: left out;
+    an adapter config names its base by path: the checkout's folder is replaced by <work>)."""
     skip = {"streammerge.json", "README.md"}
-    return {
-        f: hashlib.sha256(open(os.path.join(out, f), "rb").read()).hexdigest()
-        for f in sorted(os.listdir(out))
-        if f not in skip and os.path.isfile(os.path.join(out, f))
-    }
+    found = {}
+    for f in sorted(os.listdir(out)):
+        if f in skip or not os.path.isfile(os.path.join(out, f)):
+            continue
+        data = open(os.path.join(out, f), "rb").read()
+        if f.endswith(".json"):
+            data = data.replace(WORK.encode(), b"<work>")
+        found[f] = hashlib.sha256(data).hexdigest()
+    return found
 
 
 def killed_and_resumed(cmd: list[str], out: str) -> None:

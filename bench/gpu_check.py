@@ -38,7 +38,7 @@ from common import load_model as load  # noqa: E402
 
 sys.path.insert(0, ROOT)
 from streammerge import Expert, Recipe  # noqa: E402
-from streammerge.scheduler import Merger  # noqa: E402
+from streammerge.engine import Merge, RunOptions  # noqa: E402
 
 METHODS = [
     ("linear", {}),
@@ -104,7 +104,7 @@ def run_merge(
         dict(params),
         seed=0,
     )
-    merger = Merger(recipe, device=device, quiet=True, max_gpu_memory=max_gpu)
+    merger = Merge(recipe, RunOptions(device=device, quiet=True, max_gpu_memory=max_gpu))
     try:
         start = time.perf_counter()
         report = merger.run()
@@ -287,7 +287,8 @@ def projection(linalg: list[dict], e2e: dict) -> dict:
         "linalg_seconds": round(linalg_s),
         "read_seconds": round(read_s),
         "total_minutes": round((linalg_s + read_s) / 60, 1),
-        "assumes": "float32 linear algebra; per-matrix times from step 3; reads at step 4's measured rate, about 4 passes",
+        "assumes": "float32 linear algebra; per-matrix times from step 3; reads at step 4's measured rate, about 4 "
+        "passes",
     }
 
 

@@ -63,15 +63,18 @@ def main() -> int:
     lines = [
         f"# Factorisations on one CPU thread against two ({doc['date']})",
         "",
-        f"`{doc['command']}` on this {doc['cores']}-core machine, torch {doc['torch']}, load average {loads[0]:.2f} before, "
-        f"{loads[1]:.2f} after; medians of three alternating calls. (For `eigh` the time includes forming A·Aᵀ, a product.)",
+        f"`{doc['command']}` on this {doc['cores']}-core machine, torch {doc['torch']}, load average {loads[0]:.2f} "
+        "before, "
+        f"{loads[1]:.2f} after; medians of three alternating calls. (For `eigh` the time includes forming A·Aᵀ, a "
+        "product.)",
         "",
         "| op | n | dtype | 1 thread | 2 threads | 1 / 2 |",
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['op']} | {r['n']} | {r['dtype']} | {r['one_thread_s']} s | {r['two_threads_s']} s | {r['one_thread_s'] / r['two_threads_s']:.2f} |"
+            f"| {r['op']} | {r['n']} | {r['dtype']} | {r['one_thread_s']} s | {r['two_threads_s']} s | "
+            f"{r['one_thread_s'] / r['two_threads_s']:.2f} |"
         )
     write_results("lapack-threads", doc, lines)
     return 0

@@ -79,7 +79,8 @@ def main(argv=None) -> int:
             }
             rows.append(row)
             print(
-                f"{text:>10} {target:8s} rel. error {err:.2e}  float64 {seconds['float64']:7.2f} s  float32 {seconds['float32']:7.2f} s",
+                f"{text:>10} {target:8s} rel. error {err:.2e}  float64 {seconds['float64']:7.2f} s  float32 "
+                f"{seconds['float32']:7.2f} s",
                 flush=True,
             )
     if args.out:

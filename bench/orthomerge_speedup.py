@@ -183,21 +183,26 @@ def main() -> int:
     lines = [
         "# OrthoMerge-C + TA: this checkout against an earlier commit, side by side",
         "",
-        f"`{command}` on {doc['machine']}, {doc['date']}: 0.5B preset cut to {args.layers} layers (hidden 1024, intermediate 4096, "
-        "32k vocabulary), three bf16 experts + base (`--shared 0.7`), float32 output, two threads each, page cache dropped before every run, "
+        f"`{command}` on {doc['machine']}, {doc['date']}: 0.5B preset cut to {args.layers} layers (hidden 1024, "
+        "intermediate 4096, "
+        "32k vocabulary), three bf16 experts + base (`--shared 0.7`), float32 output, two threads each, page cache "
+        "dropped before every run, "
         f"alternating. Baseline {commit[:7]}, this {head}.",
         "",
         "| pair | run | wall | CPU (user+sys) | peak RSS | load average before |",
         "|---|---|---|---|---|---|",
     ]
     lines += [
-        f"| {r['pair']} | {r['label']} | {r['wall_s']} s | {r['cpu_s']} s | {r['peak_rss_MB']:.0f} MB | {r['load_average_before']} |"
+        f"| {r['pair']} | {r['label']} | {r['wall_s']} s | {r['cpu_s']} s | {r['peak_rss_MB']:.0f} MB | "
+        f"{r['load_average_before']} |"
         for r in runs
     ]
     lines += [
         "",
-        f"Speedup (baseline wall / this wall), per pair: {', '.join(f'{x:.2f}' for x in ratios)}; median {doc['speedup_median']:.2f}.",
-        f"Largest ‖W_this − W_baseline‖ / ‖W_baseline − W₀‖ over the {agree['tensors']} tensors: {agree['max_relative_update_difference']:.2e} ({agree['at']}).",
+        f"Speedup (baseline wall / this wall), per pair: {', '.join(f'{x:.2f}' for x in ratios)}; median "
+        f"{doc['speedup_median']:.2f}.",
+        f"Largest ‖W_this − W_baseline‖ / ‖W_baseline − W₀‖ over the {agree['tensors']} tensors: "
+        f"{agree['max_relative_update_difference']:.2e} ({agree['at']}).",
     ]
     write_results("orthomerge-speedup", doc, lines)
     return 0

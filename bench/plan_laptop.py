@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.join(ROOT, "tools"))
 import make_shape_fixture  # noqa: E402
 
 from streammerge import Expert, Recipe  # noqa: E402
-from streammerge.scheduler import Merger  # noqa: E402
+from streammerge.engine import Merge, RunOptions  # noqa: E402
 
 CASES = [
     ("task_arithmetic", {}),
@@ -55,7 +55,7 @@ def plan(root: str, method: str, params: dict, gpu: bool):
     kw = {"max_ram": 10**13}
     if gpu:
         kw |= {"assume_gpu": 24 * 10**9, "max_gpu_memory": 22 * 10**9}
-    m = Merger(recipe, device="cpu", quiet=True, **kw)
+    m = Merge(recipe, RunOptions(device="cpu", quiet=True, **kw))
     try:
         return m.plan
     finally:
@@ -70,8 +70,10 @@ def main(argv: list[str] | None = None) -> int:
         "# Memory plans at 8B and 70B shapes",
         "",
         f"`python bench/plan_laptop.py`, {time.strftime('%Y-%m-%d')}: five experts + base, bf16, "
-        "header-only inputs. RAM = planned peak anonymous memory (process + largest working set); GPU = planned peak GPU memory "
-        "with `--assume-gpu 24GB --max-gpu-memory 22GB`; 'spilled' = tensors the GPU plan leaves on the CPU. These are plans; "
+        "header-only inputs. RAM = planned peak anonymous memory (process + largest working set); GPU = planned peak "
+        "GPU memory "
+        "with `--assume-gpu 24GB --max-gpu-memory 22GB`; 'spilled' = tensors the GPU plan leaves on the CPU. These "
+        "are plans; "
         "measured peaks are in memory-plan-vs-measured.md.",
         "",
     ]
@@ -89,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
                 cpu, gpu = plan(root, method, params, False), plan(root, method, params, True)
                 worst = max(cpu.tensors, key=lambda t: t.host_bytes)
                 lines.append(
-                    f"| {label} | {cpu.peak_host / 1e9:.2f} GB | {worst.name.split('.')[-2]} {'x'.join(map(str, worst.shape))} | "
+                    f"| {label} | {cpu.peak_host / 1e9:.2f} GB | {worst.name.split('.')[-2]} "
+                    f"{'x'.join(map(str, worst.shape))} | "
                     f"{gpu.peak_gpu / 1e9:.2f} GB | {gpu.peak_host / 1e9:.2f} GB | {len(gpu.spilled)} |"
                 )
                 print(lines[-1], flush=True)

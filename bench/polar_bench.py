@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         "# Polar factor of a near-orthogonal matrix: Newton–Schulz vs SVD",
         "",
-        f"`{doc['command']}` on {doc['machine']}, {doc['date']}; load average {load[0]:.2f} before, {doc['load_average_after'][0]:.2f} after. "
+        f"`{doc['command']}` on {doc['machine']}, {doc['date']}; load average {load[0]:.2f} before, "
+        f"{doc['load_average_after'][0]:.2f} after. "
         "Median of the repeats, alternating; error = ‖X − X_ref‖_F/√n against a float64 SVD.",
         "",
         "| n | dtype | Newton–Schulz | SVD | NS / SVD time | NS error | SVD error |",
@@ -89,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for r in rows:
         lines.append(
-            f"| {r['n']} | {r['dtype']} | {r['newton_schulz_s']:.2f} s | {r['svd_s']:.2f} s | {r['newton_schulz_s'] / r['svd_s']:.2f} | "
+            f"| {r['n']} | {r['dtype']} | {r['newton_schulz_s']:.2f} s | {r['svd_s']:.2f} s | "
+            f"{r['newton_schulz_s'] / r['svd_s']:.2f} | "
             f"{r['newton_schulz_error']:.1e} | {r['svd_error']:.1e} |"
         )
     write_results("polar", doc, lines)

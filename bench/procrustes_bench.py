@@ -64,15 +64,18 @@ def main() -> int:
             _, t_svd = timed(lambda: torch.linalg.svd(a.to(precision)), device)
             name = str(precision).removeprefix("torch.")
             rows.append(
-                f"| {text} | {name} | {sub.k} | {0 if rot.frame is None else rot.frame.shape[1]} | {t_build:.2f} s | {t_proc:.2f} s | {t_cayley:.2f} s | {t_svd:.2f} s |"
+                f"| {text} | {name} | {sub.k} | {0 if rot.frame is None else rot.frame.shape[1]} | {t_build:.2f} s | "
+                f"{t_proc:.2f} s | {t_cayley:.2f} s | {t_svd:.2f} s |"
             )
             print(rows[-1], flush=True)
     with open(args.out, "a") as f:
         f.write(
-            f"\n`python bench/procrustes_bench.py --shapes {' '.join(args.shapes)} --device {args.device}` on {os.cpu_count()} cores, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}\n\n"
+            f"\n`python bench/procrustes_bench.py --shapes {' '.join(args.shapes)} --device {args.device}` on "
+            f"{os.cpu_count()} cores, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}\n\n"
         )
         f.write(
-            "| shape | precision | k (subspace) | frame width | subspace build | Procrustes + inverse Cayley | Cayley (k×k) | plain full SVD of W₀ |\n|---|---|---|---|---|---|---|---|\n"
+            "| shape | precision | k (subspace) | frame width | subspace build | Procrustes + inverse Cayley | Cayley "
+            "(k×k) | plain full SVD of W₀ |\n|---|---|---|---|---|---|---|---|\n"
         )
         f.write("\n".join(rows) + "\n")
     return 0

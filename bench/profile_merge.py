@@ -109,7 +109,7 @@ def summarise(stacks, top: int) -> list[str]:
         out += [f"| `{line}` | {100 * k / n:.1f} % |" for line, k in ranked(lines_of[label])[:top]]
         if inclusive[label]:
             out += ["", "| function (inclusive) | share of this thread |", "|---|---|"]
-            # the scheduler's frames that every sample passes through say nothing
+            # the engine's frames that every sample passes through say nothing
             out += [
                 f"| `{f}` | {100 * k / n:.1f} % |"
                 for f, k in [(f, k) for f, k in ranked(inclusive[label]) if k < 0.95 * n][:top]
@@ -205,7 +205,8 @@ def main() -> int:
         f"`{command}` on {platform.machine()}, {os.cpu_count()} cores, "
         f"{run['date']}; load average before {load:.2f}; "
         f"page cache {'dropped' if cache_dropped else 'not dropped (not permitted)'}; wall time under py-spy "
-        f"{wall:.1f} s (sampling at {run['rate']}/s, non-blocking, adds little). Merge: `{' '.join(shlex.quote(a) for a in merge)}`.",
+        f"{wall:.1f} s (sampling at {run['rate']}/s, non-blocking, adds little). Merge: "
+        f"`{' '.join(shlex.quote(a) for a in merge)}`.",
         "",
         "Idle samples are included: a thread's share is wall time, waiting included "
         "(`wait`/`acquire` lines are a thread blocked on another).",

@@ -9,8 +9,8 @@ with conflicting rows, so OrthoMerge-C rotates). Every run merges with `--shard-
 (about one layer per shard: the unit a Ray task takes) and OrthoMerge's defaults. Runs alternate
 local / Ray×1 / Ray×2, `--pairs` rounds, page cache dropped before each. Local: `--threads 2` (this
 machine's cores). Ray: a one-node cluster started with `ray start --head --num-cpus N` on this
-machine (N one-CPU tasks at a time: N worker processes), stopped after each run; wall time includes the driver joining it,
-not starting it. Recorded: wall time, the driver's peak RSS (`/usr/bin/time -v`), each Ray worker
+machine (N one-CPU tasks at a time: N worker processes), stopped after each run; wall time includes the driver
+joining it, not starting it. Recorded: wall time, the driver's peak RSS (`/usr/bin/time -v`), each Ray worker
 process's peak anonymous RSS (sampled from /proc every 0.2 s), and whether the output equals the
 local merge byte for byte. Results: bench/results/ray-scaling.{json,md}.
 """
@@ -174,7 +174,8 @@ def main() -> int:
             runs.append(run)
             print(run, flush=True)
     table = [
-        "| run | wall (median) | × local | driver peak RSS | worker processes' peak anonymous RSS | byte-identical to local |",
+        "| run | wall (median) | × local | driver peak RSS | worker processes' peak anonymous RSS | byte-identical to "
+        "local |",
         "|---|---|---|---|---|---|",
     ]
     local = statistics.median(r["wall_s"] for r in runs if r["workers"] == 0)
@@ -191,7 +192,8 @@ def main() -> int:
     doc = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": "python bench/ray_scaling.py " + " ".join(sys.argv[1:]),
-        "models": f"python tools/make_toy_models.py {models} --preset 1.5b --layers {args.layers} --experts 3 --shard-size 1GB --shared 0.7",
+        "models": f"python tools/make_toy_models.py {models} --preset 1.5b --layers {args.layers} --experts 3 "
+        "--shard-size 1GB --shared 0.7",
         "cores": os.cpu_count(),
         "load_1min_range": [min(loads), max(loads)],
         "runs": runs,
@@ -202,7 +204,8 @@ def main() -> int:
         [
             f"# OrthoMerge-C, locally and on a local Ray cluster ({doc['date']})",
             "",
-            f"`{doc['command']}` on this {doc['cores']}-core machine; inputs `{doc['models']}`; load average before the runs "
+            f"`{doc['command']}` on this {doc['cores']}-core machine; inputs `{doc['models']}`; load average before "
+            "the runs "
             f"{min(loads)}–{max(loads)}. Local: `--threads 2`; Ray: one node offering N CPUs, `--threads 1` per task.",
             "",
             *table,

@@ -67,7 +67,8 @@ def machine() -> str:
     except (OSError, StopIteration):
         pass
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{os.cpu_count()} cores ({cpu or platform.machine()}), {mem:.0f} GiB RAM, torch {torch.__version__}, python {platform.python_version()}"
+    versions = f"torch {torch.__version__}, python {platform.python_version()}"
+    return f"{os.cpu_count()} cores ({cpu or platform.machine()}), {mem:.0f} GiB RAM, {versions}"
 
 
 def main() -> int:
@@ -133,7 +134,8 @@ def main() -> int:
                 "method": method,
                 "command": shlex.join(cmd),
                 "load_average_before": os.getloadavg(),
-                "models": f"python tools/make_toy_models.py {folder} --preset {size} --experts {n} --shard-size 1GB --shared {args.shared}",
+                "models": f"python tools/make_toy_models.py {folder} --preset {size} --experts {n} --shard-size 1GB "
+                f"--shared {args.shared}",
                 "page_cache_dropped": dropped,
                 "input_bytes": nbytes,
                 "raw_sequential_read_MBps": round(nbytes / seconds / 1e6, 1),
@@ -151,8 +153,10 @@ def main() -> int:
             with open(os.path.join(RESULTS, f"scheduler-{size}-{name}.json"), "w") as f:
                 json.dump(record, f, indent=2)
             line = (
-                f"| {size} | {name} | {record['merge_seconds']} s | {nbytes / 1e9:.2f} GB | {record['input_MBps_over_merge']} MB/s | "
-                f"{record['read_ahead_MBps']} MB/s | {record['raw_sequential_read_MBps']} MB/s | {record['peak_anon_rss_MB']} MB | "
+                f"| {size} | {name} | {record['merge_seconds']} s | {nbytes / 1e9:.2f} GB | "
+                f"{record['input_MBps_over_merge']} MB/s | "
+                f"{record['read_ahead_MBps']} MB/s | {record['raw_sequential_read_MBps']} MB/s | "
+                f"{record['peak_anon_rss_MB']} MB | "
                 f"{record['planned_peak_MB']} MB | {record['peak_rss_time_v_MB']} MB |"
             )
             with open(os.path.join(RESULTS, "scheduler.md"), "a") as f:

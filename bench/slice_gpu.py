@@ -91,7 +91,8 @@ def main() -> int:
         )
         record["inputs_made_seconds"] = round(time.perf_counter() - t0, 1)
     record["inputs"] = (
-        f"python tools/make_toy_models.py {os.path.relpath(args.work, ROOT)} --preset {args.preset} --experts {n} --shard-size 2GB --shared 0.7"
+        f"python tools/make_toy_models.py {os.path.relpath(args.work, ROOT)} --preset {args.preset} --experts {n} "
+        "--shard-size 2GB --shared 0.7"
     )
     record["load_average"] = os.getloadavg()
     save()

@@ -123,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         "# OrthoMerge with 1 and 2 CPU threads, idle and beside one busy process",
         "",
-        f"`{doc['command']}` on {doc['machine']}, {doc['date']}, load average before {load_before[0]:.2f}; one 0.5B-preset layer, "
+        f"`{doc['command']}` on {doc['machine']}, {doc['date']}, load average before {load_before[0]:.2f}; one "
+        "0.5B-preset layer, "
         "three experts, medians over the repeats; CPU is the merge process's own.",
         "",
         "| other load | threads | wall | CPU (user+sys) |",

@@ -87,7 +87,8 @@ def recipe(method: str, base: str, experts: list[str], density: float) -> str:
         for e in experts
     )
     return (
-        f"merge_method: {method}\nbase_model: {base}\nmodels:\n{models}\nparameters: {{normalize: true}}\ndtype: bfloat16\n"
+        f"merge_method: {method}\nbase_model: {base}\nmodels:\n{models}\nparameters: {{normalize: true}}\ndtype: "
+        "bfloat16\n"
         if method == "ties"
         else f"merge_method: {method}\nbase_model: {base}\nmodels:\n{models}\ndtype: bfloat16\n"
     )
@@ -161,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         ]
         floor = io_floor(files)
         for method in args.methods:
-            # "ties-index": mergekit's ties recipe, ours with `--param tie_break=index` (no sort; ties at the threshold kept by position)
+            # "ties-index": mergekit's ties recipe, ours with `--param tie_break=index` (no sort; ties at the
+            # threshold kept by position)
             mk_method, extra = (
                 (method.removesuffix("-index"), ["--param", "tie_break=index"])
                 if method.endswith("-index")
@@ -228,14 +230,16 @@ def main(argv: list[str] | None = None) -> int:
     with open(os.path.join(RESULTS, f"{args.tag}.json"), "w") as f:
         json.dump(doc, f, indent=2)
     lines = [
-        f"# streammerge beside mergekit 0.1.5",
+        "# streammerge beside mergekit 0.1.5",
         "",
         f"`{doc['command']}` on {doc['machine']}, {doc['date']}; load average before "
         f"{load_before[0]:.2f}, after {doc['load_average_after'][0]:.2f}. Three bf16 experts + base (`--shared 0.7`), "
         f"the same mergekit YAML to both tools, alternating, page cache dropped before each run "
-        f"({'yes' if rows and rows[0]['io_floor']['cache_dropped'] else 'not allowed here'}). Ratios are streammerge / mergekit, medians over the pairs.",
+        f"({'yes' if rows and rows[0]['io_floor']['cache_dropped'] else 'not allowed here'}). Ratios are streammerge "
+        "/ mergekit, medians over the pairs.",
         "",
-        "| preset | method | mergekit wall (median) | streammerge wall (median) | wall ratio | RSS ratio | streammerge / cold I/O floor | cold / warm floor | agreement |",
+        "| preset | method | mergekit wall (median) | streammerge wall (median) | wall ratio | RSS ratio | "
+        "streammerge / cold I/O floor | cold / warm floor | agreement |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -243,8 +247,10 @@ def main(argv: list[str] | None = None) -> int:
         sm = statistics.median(x["wall"] for x in r["runs"]["streammerge"])
         agree = ", ".join(f"{k} {v:.4g}" for k, v in r["agreement"].items())
         lines.append(
-            f"| {r['preset']} | {r['method']} | {mk:.1f} s | {sm:.1f} s | {r['median_wall_ratio']:.2f} | {r['median_rss_ratio']:.2f} | "
-            f"{r['median_wall_over_cold_floor']:.2f} | {r['io_floor']['cold']:.1f} s / {r['io_floor']['warm']:.1f} s | {agree} |"
+            f"| {r['preset']} | {r['method']} | {mk:.1f} s | {sm:.1f} s | {r['median_wall_ratio']:.2f} | "
+            f"{r['median_rss_ratio']:.2f} | "
+            f"{r['median_wall_over_cold_floor']:.2f} | {r['io_floor']['cold']:.1f} s / {r['io_floor']['warm']:.1f} s "
+            f"| {agree} |"
         )
     with open(os.path.join(RESULTS, f"{args.tag}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")

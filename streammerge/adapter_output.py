@@ -21,14 +21,14 @@ from .math.skew import pack_skew
 from .methods.orthomerge import merged_generator
 from . import settings
 from .recipe import Recipe
-from .scheduler import open_inputs
+from .engine.inputs import open_sources
 
 
 def _open(recipe: Recipe):
     method, _ = recipe.validate()
-    if method.name != "orthomerge":
+    if not method.merges_generators:
         raise UsageError("--output-format adapter needs method orthomerge")
-    base, experts = open_inputs(recipe)
+    base, experts, _, _ = open_sources(recipe)
     problems = [
         p
         for e in experts
@@ -55,8 +55,10 @@ def adapter_plan(recipe: Recipe) -> str:
         out_bytes = sum(m.blocks * m.block_size * (m.block_size - 1) // 2 * 4 for m in modules.values())
         work = max((m.blocks * m.block_size**2 * 8 * (len(experts) + 4) for m in modules.values()), default=0)
         return (
-            f"adapter output: {len(modules)} modules from {len(experts)} OFT adapters, {format_size(out_bytes)} written;\n"
-            f"peak working set about {format_size(out_bytes + work)} (outputs held until written, one module's generators)"
+            f"adapter output: {len(modules)} modules from {len(experts)} OFT adapters, {format_size(out_bytes)} "
+            "written;\n"
+            f"peak working set about {format_size(out_bytes + work)} (outputs held until written, one module's "
+            "generators)"
         )
     finally:
         base.close()

@@ -6,13 +6,13 @@ merge(Recipe("ties", "./base", (Expert("./math"), Expert("./code")), "./merged",
 
 from __future__ import annotations
 
+from .engine import Merge, MergeReport, RunOptions
 from .recipe import Recipe
-from .scheduler import Merger, MergeReport
 
 
 def merge(recipe: Recipe, device: str = "auto", restart: bool = False, quiet: bool = True) -> MergeReport:
     """Run (or resume) a merge; raises a StreammergeError subclass on any failure."""
-    merger = Merger(recipe, device=device, restart=restart, quiet=quiet)
+    merger = Merge(recipe, RunOptions(device=device, restart=restart, quiet=quiet))
     try:
         return merger.run()
     finally:

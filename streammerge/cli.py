@@ -21,7 +21,8 @@ import click
 
 from .errors import InputError, StreammergeError, UsageError
 from .methods import method_names
-from .recipe import Expert, Recipe, from_mapping, load_recipe_file
+from .recipe import Expert, Recipe
+from .recipe_files import from_mapping, read_recipe_file
 from .units import format_size, parse_size
 
 
@@ -93,7 +94,8 @@ _RECIPE_OPTIONS = [
     click.option("--param", "params", multiple=True, help="Any method parameter as KEY=VALUE (repeatable)."),
     click.option(
         "--shard-size",
-        help="Output shard size, e.g. 5GB, 500MiB (default 5GB); a tensor larger than it gets a shard of its own, larger than this.",
+        help="Output shard size, e.g. 5GB, 500MiB (default 5GB); a tensor larger than it gets a shard of its own, "
+        "larger than this.",
     ),
     click.option("--dtype", help="Output dtype (default: the base model's)."),
     click.option("--compute-dtype", help="Dtype the arithmetic is done in (default float32)."),
@@ -110,7 +112,9 @@ _RECIPE_OPTIONS = [
     ),
     click.option(
         "--max-ram",
-        help="Budget for this process's anonymous memory, e.g. 8GB (default: 90% of the available RAM). Given explicitly, freed memory is also returned to the OS at once, which is slower on models of many mid-sized tensors.",
+        help="Budget for this process's anonymous memory, e.g. 8GB (default: 90% of the available RAM). Given "
+        "explicitly, freed memory is also returned to the OS at once, which is slower on models of many "
+        "mid-sized tensors.",
     ),
     click.option("--max-gpu-memory", help="Budget for GPU memory, e.g. 20GB (default: 90% of the GPU's free memory)."),
     click.option(
@@ -152,7 +156,8 @@ def build_recipe(
     allow_nonfinite,
     default_out: str | None = None,
     **_: Any,
-) -> Recipe:
+) -> tuple[Recipe, dict[str, Any]]:
+    """The recipe the command line describes, and the run settings its recipe file gives."""
     if weights and len(weights) != len(experts):
         raise UsageError(
             f"give one --weight per --expert, or none ({len(weights)} --weight for {len(experts)} --expert)"
@@ -185,19 +190,20 @@ def build_recipe(
     if experts:
         overrides["experts"] = tuple(Expert(p, weights[i] if weights else None) for i, p in enumerate(experts))
     if recipe_path:
-        recipe = load_recipe_file(recipe_path, overrides, default_out)
+        recipe, run = read_recipe_file(recipe_path, overrides, default_out)
         if parameters:
             recipe = Recipe(**{**recipe.__dict__, "parameters": {**recipe.parameters, **parameters}})
-        return recipe
+        return recipe, run
     if not method:
         raise click.UsageError("give --method (or --recipe)")
-    return from_mapping({"method": method, "parameters": parameters}, "command line", overrides, default_out)
+    return from_mapping({"method": method, "parameters": parameters}, "command line", overrides, default_out), {}
 
 
 def _budgets(kw: dict) -> dict[str, int | None]:
     return {
         "max_ram": parse_size(kw["max_ram"]) if kw.get("max_ram") else None,
         "max_gpu_memory": parse_size(kw["max_gpu_memory"]) if kw.get("max_gpu_memory") else None,
+        "threads": kw.get("threads"),
     }
 
 
@@ -253,13 +259,16 @@ def main() -> None:
     "--report",
     "report_path",
     type=click.Path(dir_okay=False),
-    help="Record per-tensor diagnostics (norms, cosines, the method's own) to this JSON file; costs one more read of the inputs. Summarise with `streammerge report`.",
+    help="Record per-tensor diagnostics (norms, cosines, the method's own) to this JSON file; costs one more read of "
+    "the inputs. Summarise with `streammerge report`.",
 )
 @click.option(
     "--ray",
     "ray_address",
     metavar="local|auto|ADDRESS",
-    help="Merge the output shards as tasks on a Ray cluster (needs the `ray` extra): local starts a private one on this machine, auto or HOST:PORT joins a running one. Inputs and --out must be paths every node can read and write. Each task uses --threads CPUs (default 1). Same output as a local merge.",
+    help="Merge the output shards as tasks on a Ray cluster (needs the `ray` extra): local starts a private one on "
+    "this machine, auto or HOST:PORT joins a running one. Inputs and --out must be paths every node can read and "
+    "write. Each task uses --threads CPUs (default 1). Same output as a local merge.",
 )
 @reports_errors
 def merge(output_format, restart, quiet, memory_report, checkpoint_every, report_path, ray_address, **kw) -> None:
@@ -268,12 +277,12 @@ def merge(output_format, restart, quiet, memory_report, checkpoint_every, report
     Re-running the same command after a crash or Ctrl-C resumes where it stopped.
     """
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
-    recipe = build_recipe(**kw)
-    ray = ray_address or recipe.ray
+    recipe, run = build_recipe(**kw)
+    ray = ray_address or run.get("ray")
     if ray is not None:
         if output_format == "adapter":
             raise UsageError("--ray merges dense shards; an adapter output is written in one process")
-        from .distributed import import_ray
+        from .engine.ray import import_ray
 
         import_ray()  # a clear error before anything is written
     import torch
@@ -289,19 +298,18 @@ def merge(output_format, restart, quiet, memory_report, checkpoint_every, report
         if not quiet:
             click.echo(f"merged adapter written to {recipe.out}", err=True)
         return
-    from .scheduler import Merger
+    from .engine import Merge, RunOptions
 
-    merger = Merger(
-        recipe,
+    options = RunOptions(
         device=kw["device"],
         restart=restart,
         quiet=quiet,
         checkpoint_seconds=checkpoint_every,
         report=report_path,
         ray=ray,
-        ray_threads=kw.get("threads") or 1,
         **_budgets(kw),
     )
+    merger = Merge(recipe, options)
     try:
         report = merger.run()
     finally:
@@ -353,7 +361,8 @@ def merge(output_format, restart, quiet, memory_report, checkpoint_every, report
 @click.option(
     "--measure",
     is_flag=True,
-    help="Read the tensors whose working set depends on the data (OrthoMerge-C: wide weights, to count their conflicting rows) and plan with what they need instead of upper bounds.",
+    help="Read the tensors whose working set depends on the data (OrthoMerge-C: wide weights, to count their "
+    "conflicting rows) and plan with what they need instead of upper bounds.",
 )
 @reports_errors
 def plan(output_format, per_tensor, assume_gpu, measure, **kw) -> None:
@@ -362,21 +371,18 @@ def plan(output_format, per_tensor, assume_gpu, measure, **kw) -> None:
 
     Exits 4 when the merge would not fit the RAM budget or the disk.
     """
-    from .scheduler import Merger
+    from .engine import Merge, RunOptions
 
-    recipe = build_recipe(**kw, default_out=os.path.join(os.getcwd(), "merged"))  # plan writes nothing
+    recipe, _ = build_recipe(**kw, default_out=os.path.join(os.getcwd(), "merged"))  # plan writes nothing
     if output_format == "adapter":
         from .adapter_output import adapter_plan
 
         click.echo(adapter_plan(recipe))
         return
-    merger = Merger(
-        recipe,
-        device=kw["device"],
-        quiet=True,
-        assume_gpu=parse_size(assume_gpu) if assume_gpu else None,
-        **_budgets(kw),
+    options = RunOptions(
+        device=kw["device"], quiet=True, assume_gpu=parse_size(assume_gpu) if assume_gpu else None, **_budgets(kw)
     )
+    merger = Merge(recipe, options)
     try:
         if measure and merger.measures_plan():
             merger.plan_with(merger.measure_statistics())
@@ -446,11 +452,12 @@ def list_methods() -> None:
             f"{name:17s} {summary}\n{'':17s} parameters: {', '.join(fields) or 'none'}; per expert: {per_expert}"
         )
     click.echo(
-        "\nA mergekit recipe (one with merge_method) keeps mergekit 0.1.5's meaning: task_arithmetic, ties, dare_ties,\n"
-        "dare_linear, breadcrumbs*, della* run as gta with mergekit's defaults (weight required, density 1). The same names\n"
-        "given with --method or in our recipes are ours: ties trims to density 0.2 by default, keeps every entry tied at\n"
-        "the threshold, averages agreeing experts by count and elects the tensor's majority sign where the sum is 0;\n"
-        "dare drops with drop_rate 0.5 and rescales by 1/(1-p); weights default to 1; we compute in float32."
+        "\nA mergekit recipe (one with merge_method) keeps mergekit 0.1.5's meaning: task_arithmetic, ties,\n"
+        "dare_ties, dare_linear, breadcrumbs*, della* run as gta with mergekit's defaults (weight required,\n"
+        "density 1). The same names given with --method or in our recipes are ours: ties trims to density 0.2\n"
+        "by default, keeps every entry tied at the threshold, averages agreeing experts by count and elects the\n"
+        "tensor's majority sign where the sum is 0; dare drops with drop_rate 0.5 and rescales by 1/(1-p);\n"
+        "weights default to 1; we compute in float32."
     )
 
 

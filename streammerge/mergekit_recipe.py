@@ -25,12 +25,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import UsageError
+from .recipe import Expert, parse_dtype
 from .methods.gta import MERGEKIT_GTA
 
 TOP_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "tokenizer_source"}
 REFUSED_KEYS = {
     "modules": "per-module definitions are not supported",
-    "tokenizer": "the tokenizer block (added tokens, embedding surgery) is not supported; use tokenizer_source: base or a model path",
+    "tokenizer": "the tokenizer block (added tokens, embedding surgery) is not supported; use tokenizer_source: base "
+    "or a model path",
     "chat_template": "chat_template is not supported; the chosen tokenizer's own template is copied",
 }
 GTA_SHARED = {"normalize", "rescale", "lambda", "int8_mask"}
@@ -95,7 +97,8 @@ def parse(doc: dict, where: str) -> dict[str, Any]:
         )
     if method in METHODS_NOT_YET:
         raise UsageError(
-            f"{where}: merge_method {method!r} is mergekit's but not implemented here yet (see README, mergekit features)"
+            f"{where}: merge_method {method!r} is mergekit's but not implemented here yet (see README, mergekit "
+            "features)"
         )
     if method not in CONTRACTS and method not in MERGEKIT_GTA:
         raise UsageError(f"{where}: unknown merge_method {method!r}")
@@ -108,7 +111,8 @@ def parse(doc: dict, where: str) -> dict[str, Any]:
     bad = sorted(set(shared) - contract.shared)
     if bad:
         raise UsageError(
-            f"{where}: parameters: {', '.join(bad)} not a parameter of mergekit's {method} (known: {', '.join(sorted(contract.shared)) or 'none'})"
+            f"{where}: parameters: {', '.join(bad)} not a parameter of mergekit's {method} (known: "
+            f"{', '.join(sorted(contract.shared)) or 'none'})"
         )
     entries: list[tuple[str, dict]] = []
     for i, m in enumerate(models):
@@ -121,7 +125,8 @@ def parse(doc: dict, where: str) -> dict[str, Any]:
         bad = sorted(set(p) - contract.per_model)
         if bad:
             raise UsageError(
-                f"{where}: model {path}: {', '.join(bad)} not a per-model parameter of mergekit's {method} (known: {', '.join(sorted(contract.per_model)) or 'none'})"
+                f"{where}: model {path}: {', '.join(bad)} not a per-model parameter of mergekit's {method} (known: "
+                f"{', '.join(sorted(contract.per_model)) or 'none'})"
             )
         entries.append((path, p))
     return _fields(method, contract, base, entries, shared, where) | _dtypes(doc, where)
@@ -130,8 +135,6 @@ def parse(doc: dict, where: str) -> dict[str, Any]:
 def _fields(
     method: str, contract: Contract, base: str | None, entries: list[tuple[str, dict]], shared: dict, where: str
 ) -> dict[str, Any]:
-    from .recipe import Expert
-
     if contract.base == "required" and base is None:
         raise UsageError(f"{where}: merge_method {method} needs base_model")
     if contract.base == "ignored" or (contract.base == "optional" and base is None):
@@ -194,7 +197,8 @@ def _passthrough(doc: dict, where: str) -> dict[str, Any]:
     shared = dict(doc.get("parameters") or {})
     if set(shared) - {"scale"}:
         raise UsageError(
-            f"{where}: parameters: {', '.join(sorted(set(shared) - {'scale'}))} not a parameter of mergekit's passthrough (known: scale)"
+            f"{where}: parameters: {', '.join(sorted(set(shared) - {'scale'}))} not a parameter of mergekit's "
+            "passthrough (known: scale)"
         )
     base = _path(doc["base_model"], f"{where}: base_model") if doc.get("base_model") is not None else None
     if ("slices" in doc) == ("models" in doc):
@@ -221,8 +225,6 @@ def _passthrough(doc: dict, where: str) -> dict[str, Any]:
 
 
 def _dtypes(doc: dict, where: str) -> dict[str, Any]:
-    from .recipe import parse_dtype
-
     out: dict[str, Any] = {}
     dtype, out_dtype = doc.get("dtype"), doc.get("out_dtype")
     for key, value in (("dtype", dtype), ("out_dtype", out_dtype)):
@@ -235,7 +237,8 @@ def _dtypes(doc: dict, where: str) -> dict[str, Any]:
         source = doc["tokenizer_source"]
         if source == "union":
             raise UsageError(
-                f"{where}: tokenizer_source: union (a merged vocabulary with embedding surgery) is not supported; use base or a model path"
+                f"{where}: tokenizer_source: union (a merged vocabulary with embedding surgery) is not supported; use "
+                "base or a model path"
             )
         out["tokenizer_source"] = _path(source, f"{where}: tokenizer_source") if source != "base" else "base"
     return out

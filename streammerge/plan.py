@@ -94,13 +94,17 @@ class Plan:
         if self.peak_host > self.ram_budget:
             worst = max(self.tensors, key=lambda t: t.host_bytes)
             raise ResourceError(
-                f"the merge needs {format_size(self.peak_host)} of RAM (tensor {worst.name!r} {list(worst.shape)} on {worst.device}: "
-                f"{format_size(worst.host_bytes)}, plus {format_size(self.peak_host - worst.host_bytes)} for the process); "
-                f"--max-ram is {format_size(self.ram_budget)}: give at least --max-ram {math.ceil(self.peak_host / 1e6)}MB"
+                f"the merge needs {format_size(self.peak_host)} of RAM (tensor {worst.name!r} {list(worst.shape)} on "
+                f"{worst.device}: "
+                f"{format_size(worst.host_bytes)}, plus {format_size(self.peak_host - worst.host_bytes)} for the "
+                "process); "
+                f"--max-ram is {format_size(self.ram_budget)}: give at least --max-ram "
+                f"{math.ceil(self.peak_host / 1e6)}MB"
             )
         if self.disk_needed > self.disk_free:
             raise ResourceError(
-                f"the output needs {format_size(self.disk_needed)} more disk space, {format_size(self.disk_free)} is free"
+                f"the output needs {format_size(self.disk_needed)} more disk space, {format_size(self.disk_free)} is "
+                "free"
             )
 
     def table(self, groups: bool = True) -> str:
@@ -110,7 +114,8 @@ class Plan:
             key = (_kind(t.name), t.shape, t.device, t.note) if groups else (t.name, t.shape, t.device, t.note)
             rows.setdefault(key, []).append(t)
         lines = [
-            f"{'tensor':44s} {'count':>5s} {'shape':>16s} {'device':>6s} {'peak GPU':>10s} {'peak RAM':>10s} {'read':>10s} {'written':>10s}"
+            f"{'tensor':44s} {'count':>5s} {'shape':>16s} {'device':>6s} {'peak GPU':>10s} {'peak RAM':>10s} "
+            f"{'read':>10s} {'written':>10s}"
         ]
         for (kind, shape, device, note), ts in rows.items():
             lines.append(
@@ -145,7 +150,8 @@ class Plan:
                 if self.statistics_read
                 else ""
             ),
-            f"written: {format_size(self.write_total)}; disk needed {format_size(self.disk_needed)}, free {format_size(self.disk_free)}",
+            f"written: {format_size(self.write_total)}; disk needed {format_size(self.disk_needed)}, free "
+            f"{format_size(self.disk_free)}",
             *self.notes,
         ]
         return "\n".join(lines)

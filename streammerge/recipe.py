@@ -1,4 +1,4 @@
-"""What to merge: the Recipe value, its YAML forms (ours and mergekit's), and its validation."""
+"""What to merge: the Recipe value and its validation (recipe_files.py reads it from YAML)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
-from .errors import InputError, UsageError, collect
-from . import mergekit_recipe, settings
+from .errors import UsageError, collect
+from . import settings
 from .methods import REQUIRED, Method, build_params, get_method
 from .units import parse_size
 
@@ -87,9 +87,6 @@ class Recipe:
     slices: tuple[dict, ...] | None = (
         None  # passthrough layer stacking (io/sliced.py); `base` then gives config and tokenizer
     )
-    ray: str | None = (
-        None  # merge the shards on a Ray cluster: "local", "auto" or an address (distributed.py); not part of the result
-    )
     recipe_text: str | None = field(default=None, compare=False)  # the YAML as given, for the model card
 
     def __post_init__(self) -> None:
@@ -126,7 +123,8 @@ class Recipe:
                 if value is None:
                     if default is REQUIRED:
                         raise UsageError(
-                            f"{where}: expert {e.path} has no '{key}' (this method requires one per model, as mergekit does)"
+                            f"{where}: expert {e.path} has no '{key}' (this method requires one per model, as "
+                            "mergekit does)"
                         )
                     value = default
                 values[key] = value
@@ -134,7 +132,8 @@ class Recipe:
             unknown += [k for k in ("weight", "density") if e.setting(k) is not None and k not in method.expert_params]
             if unknown:
                 raise UsageError(
-                    f"{where}: expert {e.path}: unknown per-expert parameter(s) {', '.join(unknown)} (known: {', '.join(method.expert_params)})"
+                    f"{where}: expert {e.path}: unknown per-expert parameter(s) {', '.join(unknown)} (known: "
+                    f"{', '.join(method.expert_params)})"
                 )
             if isinstance(values.get("weight"), (int, float)) and not math.isfinite(float(values["weight"])):
                 raise UsageError(f"{where}: expert {e.path}: weight {values['weight']} is not finite")
@@ -169,13 +168,10 @@ class Recipe:
             try:
                 method, values = self.method_and_values("", 0.0)
                 resolved = (method, values.params)
-                if (
-                    getattr(values.params, "normalize", False)
-                    and method.name == "linear"
-                    and self.experts
-                    and sum(values.weights) == 0
-                ):
-                    problems.append("linear: the expert weights sum to zero, so they cannot be normalised")
+                try:
+                    method.check_experts(values.params, values.experts)
+                except ValueError as exc:
+                    problems.append(str(exc))
             except UsageError as exc:
                 problems.append(str(exc))
         if resolved is not None and len(self.experts) < resolved[0].min_experts:
@@ -202,7 +198,6 @@ class Recipe:
         doc = dataclasses.asdict(self)
         doc.pop("out")
         doc.pop("recipe_text")
-        doc.pop("ray")  # where it runs does not change the result: a merge started locally resumes on Ray
         doc["method"] = method.name
         doc["parameters"] = dataclasses.asdict(params)
         doc["base"] = os.path.realpath(self.base)
@@ -212,100 +207,3 @@ class Recipe:
 
     def to_json(self) -> str:
         return json.dumps(self.fingerprint_doc() | {"out": os.path.realpath(self.out)}, indent=2, sort_keys=True)
-
-
-def _expert(entry: Any, where: str) -> Expert:
-    if isinstance(entry, str):
-        return Expert(entry)
-    if not isinstance(entry, dict):
-        raise UsageError(f"{where}: each expert is a path or a mapping with 'path'")
-    known = {"path", "weight", "density", "peft_version", "parameters"}
-    if set(entry) - known or "path" not in entry:
-        raise UsageError(
-            f"{where}: expert entry {entry!r} needs 'path' and may have 'weight', 'density', 'peft_version', 'parameters'"
-        )
-    version = entry.get("peft_version")
-    extra = entry.get("parameters") or {}
-    if not isinstance(extra, dict):
-        raise UsageError(f"{where}: expert {entry['path']}: 'parameters' is a mapping")
-    return Expert(
-        str(entry["path"]),
-        entry.get("weight"),
-        entry.get("density"),
-        None if version is None else str(version),
-        dict(extra),
-    )
-
-
-def from_mapping(
-    doc: Any, where: str, overrides: dict[str, Any] | None = None, default_out: str | None = None
-) -> Recipe:
-    """A Recipe from a parsed YAML document, native or mergekit-style; `overrides` win;
-    `default_out` serves where neither names an output folder (plan)."""
-    if not isinstance(doc, dict):
-        raise UsageError(f"{where}: a recipe is a mapping")
-    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-    try:
-        fields_ = mergekit_recipe.parse(doc, where) if "merge_method" in doc else _native(doc, where)
-    except (TypeError, ValueError) as exc:
-        raise UsageError(f"{where}: {exc}") from None
-    implied = fields_.pop("_implied", ())
-    if overrides.get("method") and overrides["method"] != fields_.get("method"):
-        # another method than the recipe's: drop what the recipe's method implied, keep what the user wrote
-        fields_["parameters"] = {k: v for k, v in fields_.get("parameters", {}).items() if k not in implied}
-    fields_.update(overrides)
-    if not fields_.get("out") and default_out:
-        fields_["out"] = default_out
-    if not fields_.get("out"):
-        raise UsageError(f"{where}: no output folder (give 'out' in the recipe or --out)")
-    if not fields_.get("base"):
-        raise UsageError(f"{where}: no base model")
-    return Recipe(**fields_)
-
-
-_NATIVE_KEYS = {
-    "method",
-    "base",
-    "experts",
-    "out",
-    "parameters",
-    "dtype",
-    "compute_dtype",
-    "shard_size",
-    "seed",
-    "allow_nonfinite",
-    "tokenizer_source",
-    "slices",
-    "ray",
-}
-
-
-def _native(doc: dict, where: str) -> dict[str, Any]:
-    unknown = sorted(set(doc) - _NATIVE_KEYS)
-    if unknown:
-        raise UsageError(f"{where}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(_NATIVE_KEYS))})")
-    if "method" not in doc:
-        raise UsageError(f"{where}: no 'method'")
-    out = {k: doc[k] for k in doc if k not in ("experts", "parameters", "slices")}
-    if "slices" in doc:
-        from .io.sliced import parse_slices
-
-        out["slices"] = parse_slices(doc["slices"], where)
-        out.setdefault("base", out["slices"][0]["model"])
-    out["experts"] = tuple(_expert(e, where) for e in (doc.get("experts") or []))
-    out["parameters"] = dict(doc.get("parameters") or {})
-    return out
-
-
-def load_recipe_file(path: str, overrides: dict[str, Any] | None = None, default_out: str | None = None) -> Recipe:
-    import yaml  # a YAML recipe is the file format users bring from mergekit
-
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-        doc = yaml.safe_load(text)
-    except OSError as exc:
-        raise InputError(f"{path}: cannot read ({exc.strerror})") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise UsageError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    return dataclasses.replace(from_mapping(doc, path, overrides, default_out), recipe_text=text)

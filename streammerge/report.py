@@ -125,13 +125,16 @@ def summary(doc: dict) -> str:
     lines = [
         f"{doc.get('method', '?')} over {len(doc['tensors'])} tensors, {doc.get('experts', '?')} experts",
         "",
-        "| tensor kind | n | mean cos(τ_i, τ_j) | ‖ΔW‖ / mean ‖τ_i‖ | rotation share | ‖Σ Q_i‖ / Σ ‖Q_i‖ | conflicting rows | planes reset | kept rank | components removed |",
+        "| tensor kind | n | mean cos(τ_i, τ_j) | ‖ΔW‖ / mean ‖τ_i‖ | rotation share | ‖Σ Q_i‖ / Σ ‖Q_i‖ | "
+        "conflicting rows | planes reset | kept rank | components removed |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows(doc):
         lines.append(
-            f"| {r['kind']} | {r['tensors']} | {f(r['mean_cosine'])} | {f(r['update_over_mean_tau'])} | {f(r['rotation_share'])} | "
-            f"{f(r['generator_agreement'])} | {f(r['conflict_rows'], '{:.1%}')} | {r['planes_reset']} | {f(r['kept_rank'], '{:.0f}')} | {r['removed_components']} |"
+            f"| {r['kind']} | {r['tensors']} | {f(r['mean_cosine'])} | {f(r['update_over_mean_tau'])} | "
+            f"{f(r['rotation_share'])} | "
+            f"{f(r['generator_agreement'])} | {f(r['conflict_rows'], '{:.1%}')} | {r['planes_reset']} | "
+            f"{f(r['kept_rank'], '{:.0f}')} | {r['removed_components']} |"
         )
     return "\n".join(lines)
 

@@ -106,4 +106,5 @@ def verify_output(out: str) -> str:
     merged.close()
     base.close()
     collect(problems, InputError, f"{out}: verification failed")
-    return f"{out}: OK — {len(merged.files)} shard(s), {len(merged.locations)} tensors, {format_size(data_bytes)}, checksums match"
+    counts = f"{len(merged.files)} shard(s), {len(merged.locations)} tensors, {format_size(data_bytes)}"
+    return f"{out}: OK — {counts}, checksums match"

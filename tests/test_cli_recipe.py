@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from streammerge.cli import main
 from streammerge.errors import UsageError
-from streammerge.recipe import load_recipe_file
+from streammerge.recipe_files import load_recipe_file
 from tests.conftest import experts_of
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 
-import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -14,7 +13,6 @@ from hypothesis import strategies as st
 from streammerge import Expert, Recipe, merge
 from streammerge.methods import do_merging
 from tests.conftest import experts_of, load_all, make_toy
-from tests.test_spectral import task_of
 
 P = do_merging.DoMergingParams()
 

@@ -126,5 +126,6 @@ def test_sigkill_at_random_points_then_resume_is_byte_identical(small_models, tm
     for f in os.listdir(reference):
         assert filecmp.cmp(os.path.join(out, f), os.path.join(reference, f), shallow=False), f
     print(
-        f"{method}: {kills} SIGKILLs ({resumed_mid_shard} left a mid-shard checkpoint), every resumed output byte-identical"
+        f"{method}: {kills} SIGKILLs ({resumed_mid_shard} left a mid-shard checkpoint), every resumed output "
+        "byte-identical"
     )

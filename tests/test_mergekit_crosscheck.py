@@ -5,8 +5,9 @@ bench/.venv-mergekit (made by tools/mergekit_env.py, which tools/run_tests.sh ru
 every test here skips with a message. All cases run in one mergekit process (tools/run_mergekit.py) at the start.
 
 What "agree" means per case: `exact` — every entry equal to 1e-6 of the largest input magnitude there
-(float32 summation order; both tools compute in float32: the recipes say `dtype: float32`); `bf16` — mergekit computes in bfloat16,
-we in float32: every entry within 4 bf16 steps of the largest magnitude among the results and inputs there; `tie_rate` — magnitude selection
+(float32 summation order; both tools compute in float32: the recipes say `dtype: float32`); `bf16` —
+mergekit computes in bfloat16, we in float32: every entry within 4 bf16 steps of the largest magnitude
+among the results and inputs there; `tie_rate` — magnitude selection
 may keep different entries among those tied at the threshold (mergekit's argsort is unstable),
 on at most 0.1 % of the entries; `l1` — random masks (ours are seeded, mergekit's are not) agree
 in distribution: the task vector's L1 norm within 10 % per large tensor; `refused` — both tools
@@ -297,7 +298,8 @@ def crosscheck(tmp_path_factory):
     python = mergekit_python()
     if python is None:
         pytest.skip(
-            "mergekit 0.1.5 is not installed (python tools/mergekit_env.py, pip install -e '.[mergekit]', or set MERGEKIT_PYTHON): cross-check skipped"
+            "mergekit 0.1.5 is not installed (python tools/mergekit_env.py, pip install -e '.[mergekit]', or set "
+            "MERGEKIT_PYTHON): cross-check skipped"
         )
     work = tmp_path_factory.mktemp("mergekit")
     toy = make_toy(str(work / "toy"), "--preset", "tiny", "--experts", "3", "--shared", "0.5", "--shard-size", "60KB")

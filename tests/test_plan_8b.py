@@ -10,7 +10,7 @@ import os
 import pytest
 
 from streammerge import Expert, Recipe
-from streammerge.scheduler import Merger
+from streammerge.engine import Merge, RunOptions
 from streammerge.units import parse_size
 from tests.conftest import _load_tool
 
@@ -50,7 +50,7 @@ def llama8b(tmp_path_factory) -> str:
 def plan_of(root: str, method: str, params: dict, **budgets):
     experts = tuple(Expert(os.path.join(root, f"expert-{i}")) for i in range(1, 6))
     recipe = Recipe(method, os.path.join(root, "base"), experts, os.path.join(root, "out"), dict(params))
-    merger = Merger(recipe, device="cpu", quiet=True, **budgets)
+    merger = Merge(recipe, RunOptions(device="cpu", quiet=True, **budgets))
     try:
         return merger.plan
     finally:
@@ -70,7 +70,8 @@ def test_five_8b_experts_fit_a_laptop(method, params, llama8b):
     assert gpu.peak_gpu <= GPU
     assert not gpu.spilled, [t.name for t in gpu.spilled][:3]  # everything computes on the GPU
     print(
-        f"{method} {params}: CPU {cpu.peak_host / 1e9:.2f} GB RAM; GPU {gpu.peak_gpu / 1e9:.2f} GB + {gpu.peak_host / 1e9:.2f} GB RAM"
+        f"{method} {params}: CPU {cpu.peak_host / 1e9:.2f} GB RAM; GPU {gpu.peak_gpu / 1e9:.2f} GB + "
+        f"{gpu.peak_host / 1e9:.2f} GB RAM"
     )
 
 

@@ -19,7 +19,7 @@ from streammerge.errors import ResourceError
 from streammerge.io.atomic import ShardWriter
 from streammerge.io.journal import Journal, journal_path
 from streammerge.plan import Need, Plan, TensorPlan, place
-from streammerge.scheduler import Merger
+from streammerge.engine import Merge, RunOptions
 from tests.conftest import experts_of, make_toy
 
 BIG = (4096, 2048)  # one tensor whose working set dominates, so the estimate is really tested
@@ -123,7 +123,7 @@ def test_orthomerge_c_measures_its_plan_when_the_upper_bound_does_not_fit(one_wi
     recipe = Recipe(
         "orthomerge", os.path.join(one_wide_tensor, "base"), experts, str(tmp_path / "plan"), {"target": "conflict"}
     )
-    merger = Merger(recipe, device="cpu", quiet=True)
+    merger = Merge(recipe, RunOptions(device="cpu", quiet=True))
     try:
         bound = merger.plan.peak_host
         found = merger.measure_statistics()
@@ -148,16 +148,19 @@ def test_orthomerge_c_measures_its_plan_when_the_upper_bound_does_not_fit(one_wi
     shard = "model-00001-of-00001.safetensors"
     assert open(tmp_path / "tight" / shard, "rb").read() == open(tmp_path / "free" / shard, "rb").read()
     # a resumed merge plans from the journal's statistics and does not measure again
-    merger = Merger(dataclasses.replace(recipe, out=str(tmp_path / "tight")), device="cpu", quiet=True, max_ram=budget)
+    merger = Merge(
+        dataclasses.replace(recipe, out=str(tmp_path / "tight")), RunOptions(device="cpu", quiet=True, max_ram=budget)
+    )
     try:
         monkeypatch.setattr(merger, "measure_statistics", lambda: pytest.fail("measured again"))
         journal.statistics = found
-        merger._tighten_plan(journal)
+        merger.tighten_plan(journal)
         assert merger.plan.peak_host == pytest.approx(measured_plan, rel=0.2)  # the process baseline differs
     finally:
         merger.close()
     print(
-        f"conflicting rows {conflicts}: plan {bound / 1e6:.0f} MB as bounded, {tight['planned_peak_ram'] / 1e6:.0f} MB measured; "
+        f"conflicting rows {conflicts}: plan {bound / 1e6:.0f} MB as bounded, {tight['planned_peak_ram'] / 1e6:.0f} "
+        "MB measured; "
         f"--max-ram {budget / 1e6:.0f} MB: measured peak {tight['measured_peak_ram'] / 1e6:.0f} MB"
     )
 
@@ -183,7 +186,8 @@ def test_inputs_many_times_the_ram_budget_merge_under_it(method, many_layers, tm
     assert report["measured_peak_ram"] <= budget
     assert abs(report["planned_peak_ram"] - report["measured_peak_ram"]) <= 0.25 * report["measured_peak_ram"]
     print(
-        f"{method}: inputs {inputs / 1e9:.2f} GB, budget {budget / 1e6:.0f} MB, measured peak {report['measured_peak_ram'] / 1e6:.0f} MB"
+        f"{method}: inputs {inputs / 1e9:.2f} GB, budget {budget / 1e6:.0f} MB, measured peak "
+        f"{report['measured_peak_ram'] / 1e6:.0f} MB"
     )
 
 
@@ -307,7 +311,7 @@ def test_resume_computes_each_tensor_where_the_first_run_did(toy_untied, tmp_pat
     import dataclasses
 
     from streammerge.recipe import Expert, Recipe
-    from streammerge.scheduler import Merger
+    from streammerge.engine import Merge, RunOptions
 
     recipe = Recipe(
         "task_arithmetic",
@@ -315,18 +319,20 @@ def test_resume_computes_each_tensor_where_the_first_run_did(toy_untied, tmp_pat
         tuple(Expert(e) for e in experts_of(toy_untied)),
         str(tmp_path / "o"),
     )
-    m = Merger(recipe, device="cpu", quiet=True)
+    m = Merge(recipe, RunOptions(device="cpu", quiet=True))
     m.run()
     record = json.load(open(tmp_path / "o" / "streammerge.json"))
     assert record["placement"] and set(record["placement"].values()) == {"cpu"}
     name = next(iter(record["placement"]))
-    m._placement[name] = dataclasses.replace(m._placement[name], device="cuda")  # as if free GPU memory had grown
-    m.reuse_placement({name: "cpu"})
-    assert m._placement[name].device == "cpu"
+    m.placement.tensors[name] = dataclasses.replace(
+        m.placement.tensors[name], device="cuda"
+    )  # as if free GPU memory had grown
+    m.placement.reuse({name: "cpu"})
+    assert m.placement.tensors[name].device == "cpu"
     if not torch.cuda.is_available():
         with pytest.raises(ResourceError, match="started on a GPU"):
-            m._placement[name] = dataclasses.replace(m._placement[name], device="cpu")
-            m.reuse_placement({name: "cuda"})
+            m.placement.tensors[name] = dataclasses.replace(m.placement.tensors[name], device="cpu")
+            m.placement.reuse({name: "cuda"})
     m.close()
 
 

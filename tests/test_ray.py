@@ -1,4 +1,4 @@
-"""The same merge on a Ray cluster (streammerge/distributed.py), all on this machine.
+"""The same merge on a Ray cluster (streammerge/engine/ray.py), all on this machine.
 
 A head (no CPUs, so it runs no task) and two worker nodes of one CPU each, started by the test
 with Ray's own test cluster and torn down at the end. They listen on this machine's own address:
@@ -179,17 +179,16 @@ def test_a_task_no_node_can_run_is_refused_up_front(cluster, models, tmp_path):
 
 def test_memory_no_node_offers_is_refused(models, tmp_path, monkeypatch):
     """The check against the cluster's nodes, with the nodes' resources as Ray reports them."""
-    from streammerge.distributed import RayExecutor
     from streammerge.errors import ResourceError
     from streammerge.recipe import Expert, Recipe
-    from streammerge.scheduler import Merger
+    from streammerge.engine import Merge, RunOptions
 
     recipe = Recipe(
         "ties", os.path.join(models, "base"), tuple(Expert(e) for e in experts_of(models)), str(tmp_path / "out")
     )
-    merger = Merger(recipe, device="cpu", quiet=True)
+    merger = Merge(recipe, RunOptions(device="cpu", quiet=True, ray="auto"))
     try:
-        executor = RayExecutor(merger, "auto", 1)
+        executor = merger.executor()
         need = max(executor.needs(s)["memory"] for s in merger.shards)
         monkeypatch.setattr(
             ray,
@@ -222,24 +221,55 @@ def test_without_ray_the_option_says_how_to_get_it(models, tmp_path):
 def test_ray_in_a_recipe_is_not_part_of_the_result(tmp_path):
     """`ray:` in a recipe selects where the merge runs; the fingerprint (what a resume must match)
     leaves it out, so a merge started locally resumes on Ray and the other way round."""
-    from streammerge.recipe import load_recipe_file
+    from streammerge.recipe_files import read_recipe_file
 
     path = tmp_path / "r.yaml"
     path.write_text("method: task_arithmetic\nbase: b\nexperts: [e1, e2]\nout: o\nray: auto\n")
-    on_ray = load_recipe_file(str(path))
-    assert on_ray.ray == "auto"
+    on_ray, run = read_recipe_file(str(path))
+    assert run["ray"] == "auto"
     path.write_text("method: task_arithmetic\nbase: b\nexperts: [e1, e2]\nout: o\n")
-    local = load_recipe_file(str(path))
-    assert local.ray is None and on_ray.fingerprint_doc() == local.fingerprint_doc()
+    local, run = read_recipe_file(str(path))
+    assert run.get("ray") is None and on_ray.fingerprint_doc() == local.fingerprint_doc()
 
 
 def test_report_with_ray_is_refused_before_anything_is_written(models, tmp_path):
     from streammerge.errors import UsageError
     from streammerge.recipe import Expert, Recipe
-    from streammerge.scheduler import Merger
+    from streammerge.engine import Merge, RunOptions
 
     out = tmp_path / "out"
     recipe = Recipe("ties", os.path.join(models, "base"), tuple(Expert(e) for e in experts_of(models)), str(out))
     with pytest.raises(UsageError, match="--report"):
-        Merger(recipe, device="cpu", quiet=True, ray="local", report=str(tmp_path / "r.json"))
+        Merge(recipe, RunOptions(device="cpu", quiet=True, ray="local", report=str(tmp_path / "r.json")))
     assert not out.exists()
+
+
+def test_a_ray_task_neither_validates_nor_plans(models, tmp_path, monkeypatch):
+    """A shard task receives the driver's decisions (a TensorJob) and only opens the inputs: with
+    validation and planning made to fail, it still writes the shard a local merge writes."""
+    from streammerge.engine import Merge, RunOptions, inputs, placement
+    from streammerge.engine import ray as ray_executor
+    from streammerge.recipe import Expert, Recipe
+
+    experts = tuple(Expert(e) for e in experts_of(models))
+    recipe = Recipe("ties", os.path.join(models, "base"), experts, str(tmp_path / "local"), shard_size="1MB")
+    merger = Merge(recipe, RunOptions(device="cpu", quiet=True))
+    try:
+        merger.run()
+        shard = merger.shards[1]
+        job = merger.job().for_tensors(t.name for t in shard.tensors)
+    finally:
+        merger.close()
+    local = json.load(open(tmp_path / "local" / "streammerge.json"))["finished"][shard.filename]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a Ray task validated or planned")
+
+    for module, name in [(inputs, "check_compatible"), (inputs, "check_config"), (inputs, "open_merge"),
+                         (placement, "make_plan"), (Recipe, "validate")]:  # fmt: skip
+        monkeypatch.setattr(module, name, refuse)
+    (tmp_path / "task").mkdir()
+    task_recipe = Recipe("ties", recipe.base, recipe.experts, str(tmp_path / "task"), shard_size="1MB")
+    name, sha, size = ray_executor.merge_shard_task(task_recipe, RunOptions(device="cpu"), job, shard, None)
+    assert (name, sha, size) == (shard.filename, local["sha256"], local["size"])
+    assert filecmp.cmp(tmp_path / "task" / name, tmp_path / "local" / name, shallow=False)

@@ -423,7 +423,7 @@ def test_injected_enospc_leaves_no_partial_file(toy_untied, tmp_path, monkeypatc
 
     from streammerge.errors import ResourceError
     from streammerge.io import atomic
-    from streammerge.scheduler import Merger
+    from streammerge.engine import Merge, RunOptions
     from streammerge.recipe import Expert, Recipe
 
     calls = {"n": 0}
@@ -443,7 +443,7 @@ def test_injected_enospc_leaves_no_partial_file(toy_untied, tmp_path, monkeypatc
         str(tmp_path / "out"),
         shard_size="30KB",
     )
-    m = Merger(recipe, device="cpu", quiet=True)
+    m = Merge(recipe, RunOptions(device="cpu", quiet=True))
     with pytest.raises(ResourceError, match="no space left"):
         m.run()
     m.close()
@@ -457,7 +457,7 @@ def test_input_changed_during_merge_is_detected(toy_untied, tmp_path, monkeypatc
     from streammerge.errors import InputError
     from streammerge.io import atomic
     from streammerge.recipe import Expert, Recipe
-    from streammerge.scheduler import Merger
+    from streammerge.engine import Merge, RunOptions
 
     expert = shutil.copytree(experts_of(toy_untied)[0], str(tmp_path / "e1"))
     real_commit = atomic.ShardWriter.commit
@@ -476,7 +476,7 @@ def test_input_changed_during_merge_is_detected(toy_untied, tmp_path, monkeypatc
         str(tmp_path / "out"),
         shard_size="30KB",
     )
-    m = Merger(recipe, device="cpu", quiet=True)
+    m = Merge(recipe, RunOptions(device="cpu", quiet=True))
     with pytest.raises(InputError, match="changed during the merge"):
         m.run()
     m.close()

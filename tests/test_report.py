@@ -7,7 +7,6 @@ import json
 import os
 
 import pytest
-import torch
 from click.testing import CliRunner
 
 from streammerge.cli import main

@@ -80,7 +80,7 @@ def run(folder: str, out: str, method: str, params: dict, weights=(1.0, 0.5, 1.0
 def test_row_blocks_give_identical_shards(fixture, method, params, request, tmp_path, monkeypatch):
     folder = request.getfixturevalue(fixture)
     whole = run(folder, str(tmp_path / "whole"), method, params)
-    monkeypatch.setattr(methods, "BLOCK_ELEMENTS", 1000)  # tiny tensors: up to 17 blocks each
+    monkeypatch.setattr(methods.base, "BLOCK_ELEMENTS", 1000)  # tiny tensors: up to 17 blocks each
     blocked = run(folder, str(tmp_path / "blocked"), method, params)
     if (method, params) in WHOLE_ONLY:
         assert whole == blocked
@@ -113,7 +113,7 @@ def test_streamed_sign_election_keeps_the_majority_sign(tmp_path, monkeypatch):
         write_model(str(tmp_path / name), {"w.weight": w})
     out = {}
     for label, block in (("whole", 10**9), ("blocked", 300)):
-        monkeypatch.setattr(methods, "BLOCK_ELEMENTS", block)
+        monkeypatch.setattr(methods.base, "BLOCK_ELEMENTS", block)
         folder = str(tmp_path / label)
         recipe = Recipe(
             "ties",
@@ -196,7 +196,7 @@ def test_orthomerge_of_tall_weights_in_row_blocks_equals_the_whole_merge(
         return load_outputs(out)
 
     whole = run_with("whole")
-    monkeypatch.setattr(methods, "BLOCK_ELEMENTS", 1000)
+    monkeypatch.setattr(methods.base, "BLOCK_ELEMENTS", 1000)
     blocked = run_with("blocked")
     base = load_outputs(os.path.join(toy_conflicting, "base"))
     moved = 0
@@ -239,7 +239,7 @@ def test_whole_tensor_mergekit_methods_stream_in_row_blocks(method, params, toy_
         return load_outputs(out)
 
     whole = run_with("whole")
-    monkeypatch.setattr(methods, "BLOCK_ELEMENTS", 1000)
+    monkeypatch.setattr(methods.base, "BLOCK_ELEMENTS", 1000)
     monkeypatch.setattr(model_stock, "WHOLE_BYTES", 0)
     monkeypatch.setattr(sce, "WHOLE_BYTES", 0)
     monkeypatch.setattr(karcher, "WHOLE_BYTES", 0)

@@ -18,7 +18,7 @@ from tests.conftest import experts_of, load_all, make_toy
 
 
 class Fresh:
-    """In-memory experts that hand out copies, as the scheduler's lazy experts do."""
+    """In-memory experts that hand out copies, as the engine's lazy experts do."""
 
     def __init__(self, tensors):
         self.tensors = tensors
@@ -258,7 +258,7 @@ def test_row_block_streaming_equals_the_whole_tensor_merge(method, toy_untied, t
     base = os.path.join(toy_untied, "base")
     params = {"threshold": 0.05} if method == "ortho_svd" else {}
     merge(Recipe(method, base, experts, str(tmp_path / "whole"), params, dtype="float32"), device="cpu")
-    monkeypatch.setattr(methods, "BLOCK_ELEMENTS", 1000)
+    monkeypatch.setattr(methods.base, "BLOCK_ELEMENTS", 1000)
     merge(Recipe(method, base, experts, str(tmp_path / "blocks"), params, dtype="float32"), device="cpu")
     a, b = load_all(str(tmp_path / "whole")), load_all(str(tmp_path / "blocks"))
     w0 = load_all(base)

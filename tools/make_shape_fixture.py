@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
             json.dump(config, f, indent=2)
     params = sum(math.prod(s) for _, s in tensors)
     print(
-        f"wrote {args.out}: base + {args.experts} experts shaped like {args.shape} ({params / 1e9:.2f} B parameters each, header only)"
+        f"wrote {args.out}: base + {args.experts} experts shaped like {args.shape} ({params / 1e9:.2f} B parameters "
+        "each, header only)"
     )
     return 0
 

@@ -287,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
         "--shared",
         type=float,
         default=0.0,
-        help="full experts: weight of a per-row direction shared by all experts with random signs (0: independent deltas, which almost never conflict)",
+        help="full experts: weight of a per-row direction shared by all experts with random signs (0: independent "
+        "deltas, which almost never conflict)",
     )
     ap.add_argument("--tied", action="store_true", help="tie lm_head to embed_tokens (no lm_head tensor)")
     ap.add_argument("--bias", action="store_true", help="give q/k/v projections biases")
@@ -321,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     params = sum(math.prod(s) for _, s in layout)
     if args.kind in ("lora", "oft"):
         print(
-            f"wrote {args.out}: base of {params / 1e6:.1f} M parameters + {args.experts} {args.kind} adapters of {adapter_params / 1e6:.3f} M parameters each"
+            f"wrote {args.out}: base of {params / 1e6:.1f} M parameters + {args.experts} {args.kind} adapters of "
+            f"{adapter_params / 1e6:.3f} M parameters each"
         )
     else:
         print(f"wrote {args.out}: base + {args.experts} {args.kind} experts, {params / 1e6:.1f} M parameters each")

@@ -409,7 +409,8 @@ def summarise(results: dict, families: list[str], seeds: list[int]) -> str:
         if not runs:
             continue
         lines += [
-            f"\n### {family.upper() if family != 'full' else 'Full fine-tunes'} ({len(runs)} seed(s): {', '.join(str(s) for s in seeds)})\n",
+            f"\n### {family.upper() if family != 'full' else 'Full fine-tunes'} ({len(runs)} seed(s): "
+            f"{', '.join(str(s) for s in seeds)})\n",
             "| | " + " | ".join(TASKS) + " | average | normalized |",
             "|---" * (len(TASKS) + 3) + "|",
         ]
@@ -529,7 +530,8 @@ def orthomerge_differences(results: dict, seeds: list[int]) -> str:
     """Each OrthoMerge row minus task arithmetic (tuned λ) and minus the best other method, in
     average test accuracy points, paired by seed: mean ± standard deviation of the differences."""
     lines = [
-        "| OrthoMerge row − baseline, average test accuracy (points, paired by seed) | vs task arithmetic | vs its residual method alone | vs the best non-OrthoMerge method |",
+        "| OrthoMerge row − baseline, average test accuracy (points, paired by seed) | vs task arithmetic | vs its "
+        "residual method alone | vs the best non-OrthoMerge method |",
         "|---|---|---|---|",
     ]
     residual_row = {"TA": "task arithmetic", "TIES": "TIES", "TSV-M": "TSV-M"}
@@ -580,7 +582,8 @@ def write_markdown(args) -> int:
         "# Merge quality on MiniLM-L6: five conflicting tasks, three expert families",
         "",
         "Test accuracy (%) per task, its average, and normalized accuracy (merged / the task's own expert, averaged).",
-        "Hyper-parameters chosen on the validation split from the grid in `bench/quality/run_benchmark.py` (chosen values",
+        "Hyper-parameters chosen on the validation split from the grid in `bench/quality/run_benchmark.py` (chosen "
+        "values",
         "in parentheses). Tasks, experts and protocol: `bench/quality/`. Runs:",
     ]
     for r in records:
@@ -588,14 +591,15 @@ def write_markdown(args) -> int:
             load = ", ".join(f"{x:.1f}" for x in h["load_average"]) if h.get("load_average") else "not recorded"
             took = f", {h['seconds'] / 60:.1f} min" if h.get("seconds") else ""
             header.append(
-                f"- `{h['command']}` — {h['date']}{took}, {r['machine']}, load average at its end {load}, torch {r['torch']}"
-                + (f": {h['note']}" if h.get("note") else "")
+                f"- `{h['command']}` — {h['date']}{took}, {r['machine']}, load average at its end {load}, torch "
+                f"{r['torch']}" + (f": {h['note']}" if h.get("note") else "")
             )
     header += [
         "",
         "OrthoMerge's residual methods run with the parameters validation chose for that method alone (its row,",
-        "same family and seed); the rotation scale is chosen on each target's TA-residual row and taken by its TIES and",
-        "TSV-M rows; the dense Table-4 ablations use the tuned TA residual (their magnitude-corrected row is OrthoMerge-G + TA",
+        "same family and seed); the rotation scale is chosen on each target's TA-residual row and taken by its TIES",
+        "and TSV-M rows; the dense Table-4 ablations use the tuned TA residual (their magnitude-corrected row is "
+        "OrthoMerge-G + TA",
         "at scale 1).",
     ]
     with open(args.markdown, "w") as f:
@@ -653,7 +657,8 @@ def main() -> int:
                 units.append((family, seed, args.threads, only, results.get(f"{family}-s{seed}", {})))
             else:
                 print(
-                    f"{family} s{seed}: experts not all trained (bench/quality/train_experts.py --seeds {seed}); skipped",
+                    f"{family} s{seed}: experts not all trained (bench/quality/train_experts.py --seeds {seed}); "
+                    "skipped",
                     flush=True,
                 )
     if not units:

@@ -30,7 +30,8 @@ class OutputLock:
             except OSError:
                 pid = "?"
             raise ResumeError(
-                f"{self.folder}: another merge (pid {pid}) is writing there; wait for it to finish or choose another folder"
+                f"{self.folder}: another merge (pid {pid}) is writing there; wait for it to finish or choose another "
+                "folder"
             ) from None
         self.fd = fd
         with open(self.pid_path, "w") as f:

@@ -61,7 +61,8 @@ class LoraExpert(AdapterExpert):
                 want_b, want_a = (in_f, rank), (rank, out_f)
             if tuple(a_shape) != want_a or tuple(b_shape) != want_b:
                 self.problems.append(
-                    f"{where}: module {module!r}: LoRA A {list(a_shape)} / B {list(b_shape)} do not fit base {weight!r} {list(base.info(weight).shape)}"
+                    f"{where}: module {module!r}: LoRA A {list(a_shape)} / B {list(b_shape)} do not fit base "
+                    f"{weight!r} {list(base.info(weight).shape)}"
                 )
                 continue
             alpha = float(pattern_value(cfg.get("alpha_pattern"), module, cfg.get("lora_alpha", 8)))

@@ -112,7 +112,8 @@ class OftExpert(AdapterExpert):
             covered = mod.blocks * mod.block_size
             if covered != width and not (side == "output" and covered >= width):
                 self.problems.append(
-                    f"{where}: module {module!r}: {mod.blocks} blocks of size {mod.block_size} do not cover its {side} width {width} "
+                    f"{where}: module {module!r}: {mod.blocks} blocks of size {mod.block_size} do not cover its "
+                    f"{side} width {width} "
                     "(the OFT block size must divide it)"
                 )
                 continue
@@ -224,6 +225,7 @@ def check_oft_conventions(experts: list[OftExpert]) -> None:
                 mod.embedding,
             ):
                 problems.append(
-                    f"{e.files.path}: module {name!r} has {mod.blocks} blocks of {mod.block_size}, another expert {other.blocks} of {other.block_size}"
+                    f"{e.files.path}: module {name!r} has {mod.blocks} blocks of {mod.block_size}, another expert "
+                    f"{other.blocks} of {other.block_size}"
                 )
     collect(problems, InputError, "OFT adapters cannot be merged in the Lie algebra")

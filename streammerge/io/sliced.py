@@ -45,7 +45,8 @@ def parse_slices(slices: Any, where: str) -> tuple[dict, ...]:
         sources = s["sources"]
         if not isinstance(sources, list) or len(sources) != 1:
             raise UsageError(
-                f"{where}: slices[{i}]: passthrough takes exactly one source per slice, got {len(sources) if isinstance(sources, list) else sources!r}"
+                f"{where}: slices[{i}]: passthrough takes exactly one source per slice, got "
+                f"{len(sources) if isinstance(sources, list) else sources!r}"
             )
         src = sources[0]
         if (
@@ -68,7 +69,8 @@ def parse_slices(slices: Any, where: str) -> tuple[dict, ...]:
         for what, params in (("source", src.get("parameters")), ("slice", s.get("parameters"))):
             if params and set(params) - {"scale"}:
                 raise UsageError(
-                    f"{where}: slices[{i}] {what} parameters: {', '.join(sorted(set(params) - {'scale'}))} (passthrough takes only scale)"
+                    f"{where}: slices[{i}] {what} parameters: {', '.join(sorted(set(params) - {'scale'}))} "
+                    "(passthrough takes only scale)"
                 )
         out.append(
             {

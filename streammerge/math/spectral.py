@@ -53,8 +53,6 @@ def isotropic(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) -> torch.Tenso
     return (u * s.mean()) @ vh
 
 
-# -- what the spectral methods share (they receive a methods.TensorTask) --------------------------
-
 AUTO_FLOAT64_MAX = 2048  # precision "auto": float64 on the CPU up to this min(m, n), float32 above and on CUDA
 
 
@@ -62,48 +60,6 @@ def linalg_dtype(precision: str, shape: tuple[int, ...], device: torch.device) -
     if precision != "auto":
         return getattr(torch, precision)
     return torch.float64 if device.type == "cpu" and min(shape) <= AUTO_FLOAT64_MAX else torch.float32
-
-
-def check_precision(precision: str) -> None:
-    if precision not in ("auto", "float32", "float64"):
-        raise ValueError(f"precision = {precision!r} must be 'auto', 'float32' or 'float64'")
-
-
-def noise_floor(task) -> float:
-    """4·eps·rms(W₀)·(√m + √n): the σ_max of W₀'s rounding errors in the task vectors' dtype."""
-    m, n = task.shape
-    base = task.base
-    rms = float(base.double().square().mean().sqrt()) if base.numel() else 0.0
-    return 4 * torch.finfo(task.dtype).eps * rms * (m**0.5 + n**0.5)
-
-
-def setup(task, precision: str) -> tuple[torch.dtype, float]:
-    """(the linear-algebra dtype, the noise floor) of one 2-D tensor's merge."""
-    return linalg_dtype(precision, task.shape, task.base.device), noise_floor(task)
-
-
-def task_svd(task, i: int, dtype: torch.dtype, floor: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """compact_svd(τ_i), from a LoRA expert's factors when it has them."""
-    factors = task.task_factors(i)
-    if factors is not None:
-        b, a = factors
-        if b.shape[1] == 0:
-            return b.to(dtype), torch.zeros(0, dtype=dtype, device=b.device), a.to(dtype)
-        return low_rank_svd(b.to(dtype), a.to(dtype), floor)
-    return compact_svd(task.task_vector(i).to(dtype), floor)
-
-
-def task_sum(task, rows=None) -> torch.Tensor:
-    """Σ τ_i (of a row block, if given), one expert at a time."""
-    total = task.task_vector(0, rows)
-    for i in range(1, len(task.weights)):
-        total.add_(task.task_vector(i, rows))
-    return total
-
-
-def mean_update(task, alpha: float) -> torch.Tensor:
-    """W₀ + α · mean τ_i: what every spectral method does with tensors that are not 2-D."""
-    return task.base + task_sum(task).mul_(alpha / len(task.weights))
 
 
 def gram_dtype(device: torch.device) -> torch.dtype:
@@ -121,54 +77,7 @@ def top_eig(gram: torch.Tensor, floor: float, limit: int) -> tuple[torch.Tensor,
     return v[:, order[:r]], sigma[:r]
 
 
-def expert_right_vectors(task, floor: float, limit: int, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Each τ_i's leading right singular vectors and values from its Gram matrix τ_iᵀτ_i, summed
-    over row blocks, one expert at a time (one read of each)."""
-    cols = task.shape[1]
-    out = []
-    for i in range(len(task.weights)):
-        gram = None
-        for rows in task.row_blocks():
-            t = task.task_vector(i, rows).to(dtype)
-            gram = t.T @ t if gram is None else gram.addmm_(t.T, t)
-            del t
-        out.append(top_eig(gram if gram is not None else torch.zeros(cols, cols, dtype=dtype), floor, limit))
-        del gram
-    return out
-
-
-def streams_tall(task) -> bool:
-    """A tall 2-D tensor larger than one row block: merged through Gram matrices, block by block."""
-    return task.row_blocks() != [None] and task.shape[0] >= task.shape[1]
-
-
 def inverse_sqrt(gram: torch.Tensor) -> torch.Tensor:
     """(UᵀU)^(-1/2) from UᵀU (symmetric, positive definite on the columns kept)."""
     evals, v = lapack.eigh(gram)
     return (v * evals.clamp_min(torch.finfo(gram.dtype).tiny).rsqrt()) @ v.T
-
-
-def polar_blocks(task, left, vhs: list[torch.Tensor], sigma: torch.Tensor, alpha: float):
-    """W₀ + α · polar(L) diag(σ) polar(Vᵀ) for a tall tensor whose concatenated left vectors L
-    come block by block from `left(rows)`: polar(L) = L (LᵀL)^(-1/2), LᵀL summed over the
-    blocks (one pass), then the output blocks (another)."""
-    from ..methods import map_row_blocks
-
-    ltl = None
-    for rows in task.row_blocks():
-        lb = left(rows)
-        ltl = lb.T @ lb if ltl is None else ltl.addmm_(lb.T, lb)
-        del lb
-    right = (inverse_sqrt(ltl) * sigma) @ polar_factor(torch.cat(vhs, dim=0))
-    del ltl
-    return map_row_blocks(task, lambda rows: task.base_rows(rows) + (left(rows) @ right).mul_(alpha).to(task.dtype))
-
-
-def dispatch(task, alpha: float, precision: str, tall, whole):
-    """The shape of every spectral method: not 2-D → W₀ + α·mean τ_i; tall and larger than a
-    block → `tall(floor)`; otherwise `whole(dtype, floor)`."""
-    if len(task.shape) != 2:
-        return mean_update(task, alpha)
-    if streams_tall(task):
-        return tall(noise_floor(task))
-    return whole(*setup(task, precision))

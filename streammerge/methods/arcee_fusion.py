@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from . import Method, TensorTask, register, whole_tensor_memory
+from .base import Method, TensorTask, whole_tensor_memory
 
 SAMPLE = 1_000_000
 
@@ -46,14 +46,12 @@ def merge(task: TensorTask, params: ArceeFusionParams) -> torch.Tensor:
     return base + (expert - base) * keep
 
 
-register(
-    Method(
-        "arcee_fusion",
-        ArceeFusionParams,
-        merge,
-        memory=whole_tensor_memory(7.0),
-        doc=__doc__ or "",
-        propagates_nonfinite=True,
-        expert_params={},
-    )
+METHOD = Method(
+    "arcee_fusion",
+    ArceeFusionParams,
+    merge,
+    memory=whole_tensor_memory(7.0),
+    doc=__doc__ or "",
+    propagates_nonfinite=True,
+    expert_params={},
 )

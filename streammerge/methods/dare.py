@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from . import (
-    ALIASES,
+from .base import (
+    check_choice,
     Method,
     Rows,
     TensorTask,
@@ -24,7 +24,6 @@ from . import (
     check_range,
     elementwise_memory_blocks,
     map_row_blocks,
-    register,
 )
 from .ties import disjoint_merge_blocks
 
@@ -40,10 +39,8 @@ class DareParams:
     def __post_init__(self) -> None:
         check_range("drop_rate", self.drop_rate, 0.0, 1.0, high_open=True)
         check_finite("lambda", self.lambda_)  # negative: task negation, as mergekit allows
-        if self.combine not in ("task_arithmetic", "ties"):
-            raise ValueError(f"combine = {self.combine!r} must be 'task_arithmetic' or 'ties'")
-        if self.merge not in ("mean", "sum"):
-            raise ValueError(f"merge = {self.merge!r} must be 'mean' or 'sum'")
+        check_choice("combine", self.combine, ("task_arithmetic", "ties"))
+        check_choice("merge", self.merge, ("mean", "sum"))
 
 
 def drop_and_rescale(tau: torch.Tensor, p: float, rescale: bool, rng: torch.Generator) -> torch.Tensor:
@@ -94,6 +91,5 @@ def memory(name: str, shape: tuple[int, ...], n: int, params: DareParams, itemsi
     return elementwise_memory_blocks(buffers)(name, shape, n, params, itemsize)
 
 
-register(Method("dare", DareParams, merge, memory=memory, doc=__doc__ or "", propagates_nonfinite=True))
-ALIASES["dare_linear"] = ("dare", {"combine": "task_arithmetic"})
-ALIASES["dare_ties"] = ("dare", {"combine": "ties"})
+METHOD = Method("dare", DareParams, merge, memory=memory, doc=__doc__ or "", propagates_nonfinite=True)
+ALIASES = {"dare_linear": ("dare", {"combine": "task_arithmetic"}), "dare_ties": ("dare", {"combine": "ties"})}

@@ -25,7 +25,8 @@ Defaults: steps 100, lr 0.1, γ 1, ε 0.1, λ 0.5 — the overlap loss is scale-
 step of 0.1 moves a unit-norm direction by at most a few percent, and ε = 0.1 lets each direction
 turn by at most ~6°. λ = 0.5, not 1: on bench/quality (MiniLM, five tasks, OFT, LoRA and full
 experts, three seeds) validation chose λ 0.3 or 0.5 every time, 1.4–3.0 points above λ 1; the
-average magnitude put back at full length along a direction that sums N tasks overshoots. No randomness: the descent starts at δ = 0 (deterministic for any seed).
+average magnitude put back at full length along a direction that sums N tasks overshoots. No
+randomness: the descent starts at δ = 0 (deterministic for any seed).
 Tensors that are not 2-D get W₀ + λ · mean τ_i. Streamed in row blocks, two reads of each expert.
 """
 
@@ -35,8 +36,9 @@ from dataclasses import dataclass
 
 import torch
 
-from . import Method, Rows, TensorTask, check_finite, elementwise_memory_blocks, map_row_blocks, register
-from ..math import lapack, spectral
+from . import spectral_common
+from .base import Method, Rows, TensorTask, check_finite, elementwise_memory_blocks, map_row_blocks
+from ..math import lapack
 
 
 @dataclass(frozen=True)
@@ -133,11 +135,12 @@ def merge(task: TensorTask, params: DoMergingParams) -> torch.Tensor:
     """Two passes over row blocks (everything here is per row but the N×N Gram matrix and the
     small LoRA factors): the orthogonalisation's inputs, then the merged rows."""
     if len(task.shape) != 2:
-        return spectral.mean_update(task, params.lambda_)
+        return spectral_common.mean_update(task, params.lambda_)
     n = len(task.weights)
     factors = [task.task_factors(i) for i in range(n)]
     if all(f is not None for f in factors):  # LoRA experts: orthogonalise the factors
-        bs, as_ = orthogonalise_factors([f[0].double() for f in factors], [f[1].double() for f in factors], params)  # type: ignore[index]
+        # type: ignore[index]
+        bs, as_ = orthogonalise_factors([f[0].double() for f in factors], [f[1].double() for f in factors], params)
         bs, as_ = [b.to(task.dtype) for b in bs], [a.to(task.dtype) for a in as_]
 
         def directions(rows: Rows | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,14 +175,12 @@ def merge(task: TensorTask, params: DoMergingParams) -> torch.Tensor:
     return map_row_blocks(task, block)
 
 
-register(
-    Method(
-        "do_merging",
-        DoMergingParams,
-        merge,
-        memory=elementwise_memory_blocks(7.0),
-        doc=__doc__ or "",
-        propagates_nonfinite=True,
-        expert_params={},
-    )
+METHOD = Method(
+    "do_merging",
+    DoMergingParams,
+    merge,
+    memory=elementwise_memory_blocks(7.0),
+    doc=__doc__ or "",
+    propagates_nonfinite=True,
+    expert_params={},
 )

@@ -2,7 +2,7 @@
 weight it, optionally elect a sign, sum, optionally normalise, scale by λ.
 
 mergekit recipes for task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs,
-breadcrumbs_ties, della and della_linear run here (recipe.py maps each name onto these
+breadcrumbs_ties, della and della_linear run here (mergekit_recipe.py maps each name onto these
 parameters with mergekit's defaults), so a mergekit recipe means what it means there. Per
 expert i and tensor (settings.py resolves gradients and filters):
 
@@ -44,7 +44,9 @@ from dataclasses import dataclass
 
 import torch
 
-from . import ALIASES, REQUIRED, Method, Rows, TensorTask, map_row_blocks, register, ties
+from ..plan import Need
+from .base import check_choice, REQUIRED, Method, Rows, TensorTask, map_row_blocks
+from . import ties
 from .ties import RadixSelect, _bits_of, magnitude_bits
 
 SPARSIFIERS = ("none", "magnitude", "random", "magnitude_outliers", "della_magprune")
@@ -64,12 +66,9 @@ class GtaParams:
     )
 
     def __post_init__(self) -> None:
-        if self.tie_break not in ("mergekit", "index"):
-            raise ValueError(f"tie_break = {self.tie_break!r} must be 'mergekit' or 'index'")
-        if self.sparsify not in SPARSIFIERS:
-            raise ValueError(f"sparsify = {self.sparsify!r} must be one of {', '.join(SPARSIFIERS)}")
-        if self.consensus not in ("none", "sum", "count"):
-            raise ValueError(f"consensus = {self.consensus!r} must be 'none', 'sum' or 'count'")
+        check_choice("tie_break", self.tie_break, ("mergekit", "index"))
+        check_choice("sparsify", self.sparsify, SPARSIFIERS)
+        check_choice("consensus", self.consensus, ("none", "sum", "count"))
         if not math.isfinite(self.lambda_):
             raise ValueError(f"lambda = {self.lambda_} is not finite")
 
@@ -289,8 +288,7 @@ def merge(task: TensorTask, params: GtaParams) -> torch.Tensor:
 def memory(name: str, shape: tuple[int, ...], n: int, params: GtaParams, itemsize: int):
     """As TIES: the N vectors (whole when they fit CACHE_BYTES, else per block) plus about 7
     block-sized temporaries (masks, sign election, divisor); whole, also a sort's workspace."""
-    from ..plan import Need
-    from . import BLOCK_ELEMENTS
+    from .base import BLOCK_ELEMENTS
 
     numel = math.prod(shape)
     block = min(numel, BLOCK_ELEMENTS)
@@ -306,16 +304,14 @@ def memory(name: str, shape: tuple[int, ...], n: int, params: GtaParams, itemsiz
 
 EXPERT_PARAMS = {"weight": REQUIRED, "density": 1.0, "gamma": 0.01, "epsilon": 0.15}
 
-register(
-    Method(
-        "gta",
-        GtaParams,
-        merge,
-        memory=memory,
-        doc=__doc__ or "",
-        propagates_nonfinite=True,
-        expert_params=EXPERT_PARAMS,
-    )
+METHOD = Method(
+    "gta",
+    GtaParams,
+    merge,
+    memory=memory,
+    doc=__doc__ or "",
+    propagates_nonfinite=True,
+    expert_params=EXPERT_PARAMS,
 )
 
 # mergekit 0.1.5's generalized-task-arithmetic methods: (sparsifier, consensus, normalize, rescale) defaults
@@ -329,6 +325,8 @@ MERGEKIT_GTA = {
     "della": ("della_magprune", "sum", True, True),
     "della_linear": ("della_magprune", "none", False, True),
 }
-for _name, (_sp, _cons, _norm, _resc) in MERGEKIT_GTA.items():
-    if _name not in ("task_arithmetic", "ties", "dare_ties", "dare_linear"):  # those names are our own methods
-        ALIASES[_name] = ("gta", {"sparsify": _sp, "consensus": _cons, "normalize": _norm, "rescale": _resc})
+ALIASES = {
+    name: ("gta", {"sparsify": sp, "consensus": cons, "normalize": norm, "rescale": resc})
+    for name, (sp, cons, norm, resc) in MERGEKIT_GTA.items()
+    if name not in ("task_arithmetic", "ties", "dare_ties", "dare_linear")  # those names are our own methods
+}

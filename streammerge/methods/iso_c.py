@@ -15,7 +15,16 @@ from dataclasses import dataclass
 import torch
 
 from ..math import spectral
-from . import Method, Rows, TensorTask, check_finite, map_row_blocks, register
+from ..plan import Need
+from . import spectral_common
+from .base import (
+    check_choice,
+    PRECISIONS,
+    Rows,
+    TensorTask,
+    check_finite,
+    map_row_blocks,
+)
 
 
 @dataclass(frozen=True)
@@ -25,7 +34,7 @@ class IsoCParams:
 
     def __post_init__(self) -> None:
         check_finite("alpha", self.alpha)
-        spectral.check_precision(self.precision)
+        check_choice("precision", self.precision, PRECISIONS)
 
 
 def merge_tall(task: TensorTask, params: IsoCParams, floor: float, block_sum=None) -> torch.Tensor:
@@ -37,7 +46,9 @@ def merge_tall(task: TensorTask, params: IsoCParams, floor: float, block_sum=Non
     Σ τ_i)."""
     blocks = task.row_blocks()
     gdtype = spectral.gram_dtype(task.base_rows(blocks[0]).device)
-    block_sum = block_sum or (lambda rows: spectral.task_sum(task, rows))  # ortho_svd passes its deconflicted sum
+    block_sum = block_sum or (
+        lambda rows: spectral_common.task_sum(task, rows)
+    )  # ortho_svd passes its deconflicted sum
     gram = None
     for rows in blocks:
         s_blk = block_sum(rows).to(gdtype)
@@ -58,18 +69,8 @@ def merge_tall(task: TensorTask, params: IsoCParams, floor: float, block_sum=Non
     return map_row_blocks(task, block)
 
 
-def merge(task: TensorTask, params: IsoCParams) -> torch.Tensor:
-    return spectral.dispatch(
-        task,
-        params.alpha,
-        params.precision,
-        lambda floor: merge_tall(task, params, floor),
-        lambda dtype, floor: merge_whole(task, params, dtype, floor),
-    )
-
-
 def merge_whole(task: TensorTask, params: IsoCParams, dtype: torch.dtype, floor: float) -> torch.Tensor:
-    u, s, vh = spectral.compact_svd(spectral.task_sum(task).to(dtype), floor)
+    u, s, vh = spectral.compact_svd(spectral_common.task_sum(task).to(dtype), floor)
     task.note("rank", int(s.numel()))
     return task.base + spectral.isotropic(u, s, vh).mul_(params.alpha).to(task.base.dtype)
 
@@ -77,8 +78,7 @@ def merge_whole(task: TensorTask, params: IsoCParams, dtype: torch.dtype, floor:
 def memory(name: str, shape: tuple[int, ...], n: int, params, itemsize: int):
     """Tall tensors in blocks: three float64 blocks (the sum, the update) and two n×n float64
     matrices (Gram or eigenvectors, coef), fitted to measured peaks; others: `whole_memory`."""
-    from ..plan import Need
-    from . import BLOCK_ELEMENTS
+    from .base import BLOCK_ELEMENTS
 
     numel = 1
     for d in shape:
@@ -90,7 +90,6 @@ def memory(name: str, shape: tuple[int, ...], n: int, params, itemsize: int):
 
 def whole_memory(name: str, shape: tuple[int, ...], n: int, params, itemsize: int):
     """The base, the sum, one τ, and the SVD of the sum (U, Vᵀ and LAPACK's workspace)."""
-    from ..plan import Need
 
     numel = 1
     for d in shape:
@@ -102,6 +101,5 @@ def whole_memory(name: str, shape: tuple[int, ...], n: int, params, itemsize: in
     return Need(int(3 * numel * itemsize + lin * (3 * numel + min(m, k) * (m + k))))
 
 
-register(
-    Method("iso_c", IsoCParams, merge, memory=memory, doc=__doc__ or "", propagates_nonfinite=True, expert_params={})
-)
+METHOD = spectral_common.spectral_method("iso_c", IsoCParams, merge_tall, merge_whole, memory, __doc__ or "")
+merge = METHOD.merge

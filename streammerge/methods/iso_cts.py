@@ -16,7 +16,17 @@ from dataclasses import dataclass
 import torch
 
 from ..math import spectral
-from . import Method, Rows, TensorTask, check_finite, check_range, map_row_blocks, register
+from ..plan import Need
+from . import spectral_common
+from .base import (
+    check_choice,
+    PRECISIONS,
+    Rows,
+    TensorTask,
+    check_finite,
+    check_range,
+    map_row_blocks,
+)
 from .iso_c import whole_memory as iso_memory
 
 
@@ -29,7 +39,7 @@ class IsoCtsParams:
     def __post_init__(self) -> None:
         check_finite("alpha", self.alpha)
         check_range("common_fraction", self.common_fraction, 0.0, 1.0)
-        spectral.check_precision(self.precision)
+        check_choice("precision", self.precision, PRECISIONS)
 
 
 def merge_tall(task: TensorTask, params: IsoCtsParams, floor: float) -> torch.Tensor:
@@ -81,22 +91,12 @@ def merge_tall(task: TensorTask, params: IsoCtsParams, floor: float) -> torch.Te
         return torch.cat(parts, dim=1)
 
     vhs = [v_c.T] + [v.T for v, _ in specific]
-    return spectral.polar_blocks(task, left, vhs, s_all.mean().expand_as(s_all), params.alpha)  # passes 3 and 4
-
-
-def merge(task: TensorTask, params: IsoCtsParams) -> torch.Tensor:
-    return spectral.dispatch(
-        task,
-        params.alpha,
-        params.precision,
-        lambda floor: merge_tall(task, params, floor),
-        lambda dtype, floor: merge_whole(task, params, dtype, floor),
-    )
+    return spectral_common.polar_blocks(task, left, vhs, s_all.mean().expand_as(s_all), params.alpha)  # passes 3 and 4
 
 
 def merge_whole(task: TensorTask, params: IsoCtsParams, dtype: torch.dtype, floor: float) -> torch.Tensor:
     n = len(task.weights)
-    u, s, vh = spectral.compact_svd(spectral.task_sum(task).to(dtype), floor)
+    u, s, vh = spectral.compact_svd(spectral_common.task_sum(task).to(dtype), floor)
     rank = min(task.shape)
     c = min(int(rank * params.common_fraction), s.numel())
     us, ss, vhs = [u[:, :c]], [s[:c]], [vh[:c]]
@@ -124,8 +124,7 @@ def merge_whole(task: TensorTask, params: IsoCtsParams, dtype: torch.dtype, floo
 def memory(name: str, shape: tuple[int, ...], n: int, params: IsoCtsParams, itemsize: int):
     """iso_c's, plus the concatenated factors and their polar factors (≤ min(m, n) columns);
     tall tensors in blocks: N + 4 float64 n×n matrices and about N + 4 float64 blocks."""
-    from ..plan import Need
-    from . import BLOCK_ELEMENTS
+    from .base import BLOCK_ELEMENTS
 
     numel = 1
     for d in shape:
@@ -140,8 +139,5 @@ def memory(name: str, shape: tuple[int, ...], n: int, params: IsoCtsParams, item
     return Need(need.work + lin * 4 * min(m, k) * (m + k))  # 4: the factors, their polar SVDs (measured)
 
 
-register(
-    Method(
-        "iso_cts", IsoCtsParams, merge, memory=memory, doc=__doc__ or "", propagates_nonfinite=True, expert_params={}
-    )
-)
+METHOD = spectral_common.spectral_method("iso_cts", IsoCtsParams, merge_tall, merge_whole, memory, __doc__ or "")
+merge = METHOD.merge

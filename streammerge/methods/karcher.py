@@ -23,7 +23,8 @@ import torch
 
 import math
 
-from . import BLOCK_ELEMENTS, Method, Rows, TensorTask, holds_whole, map_row_blocks, ordered_sum, register
+from ..plan import Need
+from .base import BLOCK_ELEMENTS, Method, Rows, TensorTask, holds_whole, map_row_blocks, ordered_sum
 
 WHOLE_BYTES = 1 << 28  # the N inputs of one tensor are held whole up to this size
 
@@ -145,7 +146,6 @@ def merge(task: TensorTask, params: KarcherParams) -> torch.Tensor:
 def memory(name: str, shape: tuple[int, ...], n: int, params: KarcherParams, itemsize: int):
     """Whole: about 4 + 2N copies of the tensor; streamed: N blocks, their float64 stack and
     the output block."""
-    from ..plan import Need
 
     numel = math.prod(shape)
     if numel <= BLOCK_ELEMENTS or n * numel * itemsize <= WHOLE_BYTES:
@@ -153,8 +153,6 @@ def memory(name: str, shape: tuple[int, ...], n: int, params: KarcherParams, ite
     return Need(int((3 * n + 4) * BLOCK_ELEMENTS * itemsize), transfer=BLOCK_ELEMENTS)
 
 
-register(
-    Method(
-        "karcher", KarcherParams, merge, memory=memory, doc=__doc__ or "", propagates_nonfinite=True, expert_params={}
-    )
+METHOD = Method(
+    "karcher", KarcherParams, merge, memory=memory, doc=__doc__ or "", propagates_nonfinite=True, expert_params={}
 )

@@ -6,12 +6,17 @@ from dataclasses import dataclass
 
 import torch
 
-from . import Method, Rows, TensorTask, elementwise_memory_blocks, map_row_blocks, register
+from .base import Method, Rows, TensorTask, elementwise_memory_blocks, map_row_blocks, weighted_sum
 
 
 @dataclass(frozen=True)
 class LinearParams:
     normalize: bool = True  # divide by Σ w_i (mergekit's default); False gives Σ w_i W_i
+
+
+def check_experts(params: LinearParams, experts: tuple[dict, ...]) -> None:
+    if params.normalize and experts and sum(float(e.get("weight", 1.0)) for e in experts) == 0:
+        raise ValueError("linear: the expert weights sum to zero, so they cannot be normalised")
 
 
 def merge(task: TensorTask, params: LinearParams) -> torch.Tensor:
@@ -20,26 +25,18 @@ def merge(task: TensorTask, params: LinearParams) -> torch.Tensor:
         raise ValueError("linear: the expert weights sum to zero")
 
     def block(rows: Rows | None) -> torch.Tensor:
-        total = None
-        for i, w in enumerate(task.weights):
-            w_i = task.expert_rows(i, rows)
-            if total is None:
-                total = torch.zeros_like(w_i)
-            total.add_(w_i, alpha=w)
-            del w_i
-        assert total is not None, "no experts"
+        total = weighted_sum(task, rows, task.expert_rows)
         return total.div_(s) if params.normalize else total
 
     return map_row_blocks(task, block)
 
 
-register(
-    Method(
-        "linear",
-        LinearParams,
-        merge,
-        memory=elementwise_memory_blocks(3.0),
-        doc=__doc__ or "",
-        propagates_nonfinite=True,
-    )
+METHOD = Method(
+    "linear",
+    LinearParams,
+    merge,
+    memory=elementwise_memory_blocks(3.0),
+    doc=__doc__ or "",
+    propagates_nonfinite=True,
+    check_experts=check_experts,
 )

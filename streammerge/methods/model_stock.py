@@ -21,7 +21,8 @@ import torch
 
 import math
 
-from . import BLOCK_ELEMENTS, Method, Rows, TensorTask, holds_whole, map_row_blocks, ordered_sum, register
+from ..plan import Need
+from .base import BLOCK_ELEMENTS, Method, Rows, TensorTask, holds_whole, map_row_blocks, ordered_sum
 
 WHOLE_BYTES = 1 << 28  # the N task vectors of one tensor are held whole up to this size
 
@@ -100,7 +101,6 @@ def merge(task: TensorTask, params: ModelStockParams) -> torch.Tensor:
 def memory(name: str, shape: tuple[int, ...], n: int, params: ModelStockParams, itemsize: int):
     """Whole: about 5 + 2N copies of the tensor; streamed: N blocks, their float64 stack and a
     few temporaries."""
-    from ..plan import Need
 
     numel = math.prod(shape)
     if numel <= BLOCK_ELEMENTS or n * numel * itemsize <= WHOLE_BYTES:
@@ -109,14 +109,12 @@ def memory(name: str, shape: tuple[int, ...], n: int, params: ModelStockParams, 
     return Need(int((3 * n + 6) * block * itemsize), transfer=block)
 
 
-register(
-    Method(
-        "model_stock",
-        ModelStockParams,
-        merge,
-        memory=memory,
-        doc=__doc__ or "",
-        propagates_nonfinite=True,
-        expert_params={},
-    )
+METHOD = Method(
+    "model_stock",
+    ModelStockParams,
+    merge,
+    memory=memory,
+    doc=__doc__ or "",
+    propagates_nonfinite=True,
+    expert_params={},
 )

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import REQUIRED, Method, TensorTask, register, whole_tensor_memory
+from .base import REQUIRED, Method, TensorTask, whole_tensor_memory
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,8 @@ def merge(task: TensorTask, params: MultislerpParams) -> torch.Tensor:
             out = xs[0] * w[0] + xs[1] * w[1]
             return out + task.base if params.relative else out
         raise ValueError(
-            f"tensor {task.name}: the weighted sum of the unit task vectors is zero (antipodal experts); change the weights"
+            f"tensor {task.name}: the weighted sum of the unit task vectors is zero (antipodal experts); change the "
+            "weights"
         )
     mean = mean / mean_norm
     tangent = ((units - (units * mean).sum(-1, keepdim=True) * mean) * w.view(-1, 1)).sum(0)
@@ -56,14 +57,12 @@ def merge(task: TensorTask, params: MultislerpParams) -> torch.Tensor:
     return out + task.base if params.relative else out
 
 
-register(
-    Method(
-        "multislerp",
-        MultislerpParams,
-        merge,
-        memory=whole_tensor_memory(6.0, 3.5),
-        doc=__doc__ or "",
-        propagates_nonfinite=True,
-        expert_params={"weight": REQUIRED},
-    )
+METHOD = Method(
+    "multislerp",
+    MultislerpParams,
+    merge,
+    memory=whole_tensor_memory(6.0, 3.5),
+    doc=__doc__ or "",
+    propagates_nonfinite=True,
+    expert_params={"weight": REQUIRED},
 )

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import Method, Rows, TensorTask, check_finite, elementwise_memory_blocks, map_row_blocks, register
+from .base import Method, Rows, TensorTask, check_finite, elementwise_memory_blocks, map_row_blocks
 
 
 @dataclass(frozen=True)
@@ -31,14 +31,12 @@ def merge(task: TensorTask, params: NearswapParams) -> torch.Tensor:
     return map_row_blocks(task, block)
 
 
-register(
-    Method(
-        "nearswap",
-        NearswapParams,
-        merge,
-        memory=elementwise_memory_blocks(6.0),
-        doc=__doc__ or "",
-        propagates_nonfinite=True,
-        expert_params={},
-    )
+METHOD = Method(
+    "nearswap",
+    NearswapParams,
+    merge,
+    memory=elementwise_memory_blocks(6.0),
+    doc=__doc__ or "",
+    propagates_nonfinite=True,
+    expert_params={},
 )

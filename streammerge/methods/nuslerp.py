@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import REQUIRED, Method, TensorTask, register, whole_tensor_memory
+from .base import REQUIRED, Method, TensorTask, whole_tensor_memory
 
 EPS = 1e-8
 
@@ -56,14 +56,12 @@ def merge(task: TensorTask, params: NuslerpParams) -> torch.Tensor:
     return nuslerp(t, task.experts[0], task.experts[1], dim, params.nuslerp_flatten)
 
 
-register(
-    Method(
-        "nuslerp",
-        NuslerpParams,
-        merge,
-        memory=whole_tensor_memory(8.0),
-        doc=__doc__ or "",
-        propagates_nonfinite=True,
-        expert_params={"weight": REQUIRED},
-    )
+METHOD = Method(
+    "nuslerp",
+    NuslerpParams,
+    merge,
+    memory=whole_tensor_memory(8.0),
+    doc=__doc__ or "",
+    propagates_nonfinite=True,
+    expert_params={"weight": REQUIRED},
 )

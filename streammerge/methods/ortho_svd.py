@@ -25,7 +25,9 @@ from dataclasses import dataclass
 import torch
 
 from ..math import spectral
-from . import Method, Rows, TensorTask, check_finite, check_range, register
+from ..plan import Need
+from . import spectral_common
+from .base import check_choice, PRECISIONS, Rows, TensorTask, check_finite, check_range
 from .iso_c import whole_memory as iso_memory
 
 
@@ -41,7 +43,7 @@ class OrthoSvdParams:
         if self.top_k < 1:
             raise ValueError(f"top_k = {self.top_k} must be at least 1")
         check_finite("alpha", self.alpha)
-        spectral.check_precision(self.precision)
+        check_choice("precision", self.precision, PRECISIONS)
 
 
 def interfering(us: list[torch.Tensor], ss: list[torch.Tensor], threshold: float) -> list[set[int]]:
@@ -70,7 +72,7 @@ def merge_tall(task: TensorTask, params: OrthoSvdParams, floor: float) -> torch.
     n = len(task.weights)
     device = task.base_rows(blocks[0]).device
     g = spectral.gram_dtype(device)
-    lead = spectral.expert_right_vectors(task, floor, params.top_k, g)  # pass 1
+    lead = spectral_common.expert_right_vectors(task, floor, params.top_k, g)  # pass 1
     proj = [v / s for v, s in lead]
     overlaps = {
         (i, j): torch.zeros(lead[i][1].numel(), lead[j][1].numel(), dtype=g, device=device)
@@ -105,21 +107,11 @@ def merge_tall(task: TensorTask, params: OrthoSvdParams, floor: float) -> torch.
     return iso_tall(task, params, floor, deconflicted_sum)  # type: ignore[arg-type]
 
 
-def merge(task: TensorTask, params: OrthoSvdParams) -> torch.Tensor:
-    return spectral.dispatch(
-        task,
-        params.alpha,
-        params.precision,
-        lambda floor: merge_tall(task, params, floor),
-        lambda dtype, floor: merge_whole(task, params, dtype, floor),
-    )
-
-
 def merge_whole(task: TensorTask, params: OrthoSvdParams, dtype: torch.dtype, floor: float) -> torch.Tensor:
     n = len(task.weights)
     lead = []
     for i in range(n):
-        u, s, vh = spectral.task_svd(task, i, dtype, floor)
+        u, s, vh = spectral_common.task_svd(task, i, dtype, floor)
         lead.append((u[:, : params.top_k].clone(), s[: params.top_k].clone(), vh[: params.top_k].clone()))
         del u, s, vh
     removed = interfering([u for u, _, _ in lead], [s for _, s, _ in lead], params.threshold)
@@ -142,8 +134,7 @@ def memory(name: str, shape: tuple[int, ...], n: int, params: OrthoSvdParams, it
     """iso_c's (one full SVD at a time), plus each expert's top-k triplets; tall tensors in
     blocks: iso_c's tall path plus one block (fitted to measured peaks: the pass-1 Gram matrix is
     freed before iso_c's)."""
-    from ..plan import Need
-    from . import BLOCK_ELEMENTS
+    from .base import BLOCK_ELEMENTS
     from .iso_c import memory as iso_tall_memory
 
     numel = 1
@@ -160,14 +151,5 @@ def memory(name: str, shape: tuple[int, ...], n: int, params: OrthoSvdParams, it
     return Need(need.work + 8 * n * params.top_k * (m + k + 1))
 
 
-register(
-    Method(
-        "ortho_svd",
-        OrthoSvdParams,
-        merge,
-        memory=memory,
-        doc=__doc__ or "",
-        propagates_nonfinite=True,
-        expert_params={},
-    )
-)
+METHOD = spectral_common.spectral_method("ortho_svd", OrthoSvdParams, merge_tall, merge_whole, memory, __doc__ or "")
+merge = METHOD.merge

@@ -42,7 +42,19 @@ from ..math.procrustes import (
     rotate_base,
     transpose_minus_identity,
 )
-from . import Method, Rows, TensorTask, build_params, check_range, get_method, map_row_blocks, register
+from ..plan import Need
+from .base import (
+    check_choice,
+    PRECISIONS,
+    auto_precision_on_gpu,
+    Method,
+    Rows,
+    TensorTask,
+    build_params,
+    check_range,
+    map_row_blocks,
+)
+from .registry import get_method
 
 log = logging.getLogger(__name__)
 
@@ -67,16 +79,11 @@ class OrthoMergeParams:
     def __post_init__(self) -> None:
         object.__setattr__(self, "exclude", tuple(self.exclude))
         object.__setattr__(self, "residual", dict(self.residual))
-        if self.target not in ("global", "conflict"):
-            raise ValueError(f"target = {self.target!r} must be 'global' or 'conflict'")
-        if self.rotation_merge not in ROTATION_MERGES:
-            raise ValueError(f"rotation_merge = {self.rotation_merge!r} must be one of {', '.join(ROTATION_MERGES)}")
-        if self.magnitude not in ("mean", "median", "max"):
-            raise ValueError(f"magnitude = {self.magnitude!r} must be mean, median or max")
-        if self.direction not in ("sum", "uniform"):
-            raise ValueError(f"direction = {self.direction!r} must be 'sum' or 'uniform'")
-        if self.precision not in ("auto", "float32", "float64"):
-            raise ValueError(f"precision = {self.precision!r} must be auto, float32 or float64")
+        check_choice("target", self.target, ("global", "conflict"))
+        check_choice("rotation_merge", self.rotation_merge, ROTATION_MERGES)
+        check_choice("magnitude", self.magnitude, ("mean", "median", "max"))
+        check_choice("direction", self.direction, ("sum", "uniform"))
+        check_choice("precision", self.precision, PRECISIONS)
         check_range("scale", self.scale, 0.0, float("inf"))
         check_range("base_rtol", self.base_rtol, 0.0, 1.0, high_open=True)
         check_range("null_rtol", self.null_rtol, 0.0, 1.0, high_open=True)
@@ -91,7 +98,7 @@ class OrthoMergeParams:
 
 # precision "auto": float64 where the subspace is small enough for it to be cheap, float32 above
 # (an 8B down_proj has k = 14,336: float64 would need 17 GB, float32 9 GB; the update differs by
-# ~1e-4 relative, bench/results/orthomerge-precision.md). The scheduler turns auto into float32
+# ~1e-4 relative, bench/results/orthomerge-precision.md). Method.for_device turns auto into float32
 # on CUDA, where float64 runs at 1/32–1/64 of the speed on consumer GPUs.
 AUTO_FLOAT64_MAX_K = 4096
 
@@ -563,7 +570,9 @@ def _count_conflicts(blocks) -> dict[str, dict[str, list]]:
     return found
 
 
-def statistics(map_pass, n_experts: int, params: OrthoMergeParams, densities=None) -> dict[str, dict[str, list]] | None:
+def statistics(
+    map_pass, n_experts: int, params: OrthoMergeParams, model_values=None
+) -> dict[str, dict[str, list]] | None:
     """The conflicting rows of every wide weight, for a tight plan (Method.plan_statistics)."""
     if params.target != "conflict":
         return None
@@ -601,14 +610,13 @@ def memory(
     rows add directions: given `statistics`, this tensor's conflicting rows, k is that count's
     bound instead, measured_subspace). Three regimes, as `merge` takes them:
     * tall, bigger than a row block: row blocks; held are the merged residual (compute dtype,
-      in host memory on any device), the residual method's own working set, in×in matrices (Gram, P, the N cross products then
-      rotations, the solves) and a few blocks;
+      in host memory on any device), the residual method's own working set, in×in matrices (Gram, P,
+      the N cross products then rotations, the solves) and a few blocks;
     * wide (2·out ≤ k: down_proj, GQA k/v): the weight's compute and `precision` copies, the
       out×k and in×k factors, the k×k generator sum and merged rotation, w×w frame solves
       (w = 2·out); the residual is a running sum (task arithmetic) or the N rotations are state;
     * otherwise: whole, with k×k solves, the N rotations as state unless the residual is a sum."""
-    from . import BLOCK_ELEMENTS
-    from ..plan import Need
+    from .base import BLOCK_ELEMENTS
 
     res_method, res_params = residual_method(params, max(n, 1))
     if not rotates(name, shape, params):
@@ -645,16 +653,16 @@ def memory(
     return Need(int(base + _C_SQUARE * k * k * f), 0 if running else int(n * per_expert))
 
 
-register(
-    Method(
-        "orthomerge",
-        OrthoMergeParams,
-        merge,
-        memory=memory,
-        statistics=statistics,
-        statistics_passes=lambda p: 1 if p.target == "conflict" else 0,
-        plan_statistics=True,
-        statistics_tensors=conflict_statistics_tensors,
-        doc=__doc__ or "",
-    )
+METHOD = Method(
+    "orthomerge",
+    OrthoMergeParams,
+    merge,
+    memory=memory,
+    statistics=statistics,
+    statistics_passes=lambda p: 1 if p.target == "conflict" else 0,
+    plan_statistics=True,
+    statistics_tensors=conflict_statistics_tensors,
+    for_device=auto_precision_on_gpu,
+    merges_generators=True,
+    doc=__doc__ or "",
 )

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import Method, Rows, TensorTask, elementwise_memory_blocks, map_row_blocks, register
+from .base import Method, Rows, TensorTask, elementwise_memory_blocks, map_row_blocks
 
 
 @dataclass(frozen=True)
@@ -27,15 +27,13 @@ def merge(task: TensorTask, params: PassthroughParams) -> torch.Tensor:
     return map_row_blocks(task, block)
 
 
-register(
-    Method(
-        "passthrough",
-        PassthroughParams,
-        merge,
-        memory=elementwise_memory_blocks(2.0),
-        doc=__doc__ or "",
-        propagates_nonfinite=True,
-        expert_params={},
-        min_experts=0,
-    )
+METHOD = Method(
+    "passthrough",
+    PassthroughParams,
+    merge,
+    memory=elementwise_memory_blocks(2.0),
+    doc=__doc__ or "",
+    propagates_nonfinite=True,
+    expert_params={},
+    min_experts=0,
 )

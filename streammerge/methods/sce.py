@@ -22,7 +22,8 @@ import torch
 
 import math
 
-from . import BLOCK_ELEMENTS, Method, Rows, TensorTask, holds_whole, map_row_blocks, register
+from ..plan import Need
+from .base import BLOCK_ELEMENTS, Method, Rows, TensorTask, holds_whole, map_row_blocks
 from .ties import RadixSelect, _bits_of
 
 WHOLE_BYTES = 1 << 28  # the N task vectors of one tensor are held whole up to this size
@@ -156,7 +157,6 @@ def merge(task: TensorTask, params: SceParams) -> torch.Tensor:
 def memory(name: str, shape: tuple[int, ...], n: int, params: SceParams, itemsize: int):
     """Whole: about 4 + 3N copies of the tensor; streamed: N blocks and their float64 squares,
     the variance and mask, and the erase temporaries."""
-    from ..plan import Need
 
     numel = math.prod(shape)
     if numel <= BLOCK_ELEMENTS or n * numel * itemsize <= WHOLE_BYTES:
@@ -164,4 +164,4 @@ def memory(name: str, shape: tuple[int, ...], n: int, params: SceParams, itemsiz
     return Need(int((5 * n + 6) * BLOCK_ELEMENTS * itemsize), transfer=BLOCK_ELEMENTS)
 
 
-register(Method("sce", SceParams, merge, memory=memory, doc=__doc__ or "", propagates_nonfinite=True, expert_params={}))
+METHOD = Method("sce", SceParams, merge, memory=memory, doc=__doc__ or "", propagates_nonfinite=True, expert_params={})

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import Method, Rows, TensorTask, check_finite, elementwise_memory_blocks, map_row_blocks, register
+from .base import Method, Rows, TensorTask, check_finite, elementwise_memory_blocks, map_row_blocks
 
 DOT_THRESHOLD = 0.9995
 EPS = 1e-8
@@ -59,14 +59,12 @@ def merge(task: TensorTask, params: SlerpParams) -> torch.Tensor:
     return map_row_blocks(task, block)
 
 
-register(
-    Method(
-        "slerp",
-        SlerpParams,
-        merge,
-        memory=elementwise_memory_blocks(4.0),
-        doc=__doc__ or "",
-        propagates_nonfinite=True,
-        expert_params={},
-    )
+METHOD = Method(
+    "slerp",
+    SlerpParams,
+    merge,
+    memory=elementwise_memory_blocks(4.0),
+    doc=__doc__ or "",
+    propagates_nonfinite=True,
+    expert_params={},
 )

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import Method, Rows, TensorTask, check_finite, elementwise_memory_blocks, map_row_blocks, register
+from .base import Method, Rows, TensorTask, check_finite, elementwise_memory_blocks, map_row_blocks, weighted_sum
 
 
 @dataclass(frozen=True)
@@ -19,15 +19,7 @@ class TaskArithmeticParams:
 
 def merged_task_vector(task: TensorTask, rows: Rows | None = None) -> torch.Tensor:
     """Σ w_i τ_i over rows `rows` (all rows: None)."""
-    total = None
-    for i, w in enumerate(task.weights):
-        tau = task.task_vector(i, rows)
-        if total is None:
-            total = torch.zeros_like(tau)
-        total.add_(tau, alpha=w)
-        del tau
-    assert total is not None, "no experts"
-    return total
+    return weighted_sum(task, rows, task.task_vector)
 
 
 def merge(task: TensorTask, params: TaskArithmeticParams) -> torch.Tensor:
@@ -38,13 +30,11 @@ def merge(task: TensorTask, params: TaskArithmeticParams) -> torch.Tensor:
     return map_row_blocks(task, block)
 
 
-register(
-    Method(
-        "task_arithmetic",
-        TaskArithmeticParams,
-        merge,
-        memory=elementwise_memory_blocks(3.0),
-        doc=__doc__ or "",
-        propagates_nonfinite=True,
-    )
+METHOD = Method(
+    "task_arithmetic",
+    TaskArithmeticParams,
+    merge,
+    memory=elementwise_memory_blocks(3.0),
+    doc=__doc__ or "",
+    propagates_nonfinite=True,
 )

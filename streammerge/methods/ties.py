@@ -26,7 +26,9 @@ from dataclasses import dataclass
 
 import torch
 
-from . import (
+from ..plan import Need
+from .base import (
+    check_choice,
     BLOCK_ELEMENTS,
     Method,
     MapPass,
@@ -37,7 +39,6 @@ from . import (
     check_range,
     holds_whole,
     map_row_blocks,
-    register,
 )
 
 CACHE_BYTES = 1 << 28  # the N trimmed task vectors of one tensor are kept whole up to this size
@@ -53,10 +54,8 @@ class TiesParams:
     def __post_init__(self) -> None:
         check_range("density", self.density, 0.0, 1.0, low_open=True)
         check_finite("lambda", self.lambda_)  # negative: task negation, as mergekit allows
-        if self.merge not in ("mean", "sum"):
-            raise ValueError(f"merge = {self.merge!r} must be 'mean' or 'sum'")
-        if self.scope not in ("tensor", "model"):
-            raise ValueError(f"scope = {self.scope!r} must be 'tensor' or 'model'")
+        check_choice("merge", self.merge, ("mean", "sum"))
+        check_choice("scope", self.scope, ("tensor", "model"))
 
 
 def keep_count(numel: int, density: float) -> int:
@@ -294,17 +293,20 @@ def model_thresholds(map_pass: MapPass, n_experts: int, densities: list[float]) 
     return [s.value() for s in selects]
 
 
-def statistics(map_pass: MapPass, n_experts: int, params: TiesParams, densities: list[float] | None = None):
+def statistics(map_pass: MapPass, n_experts: int, params: TiesParams, model_values=None):
+    """Each expert's magnitude threshold over its whole model (scope model); `model_values`: each
+    expert's density (None: the method's)."""
     if params.scope != "model":
         return None
-    return model_thresholds(map_pass, n_experts, densities or [params.density] * n_experts)
+    values = model_values or [{}] * n_experts
+    densities = [v.get("density") if v.get("density") is not None else params.density for v in values]
+    return model_thresholds(map_pass, n_experts, densities)
 
 
 def memory(name: str, shape: tuple[int, ...], n: int, params: TiesParams, itemsize: int):
     """One block: the N trimmed vectors plus about 6 tensor-sized temporaries of the sign
     election; cached: the N vectors and the base whole, temporaries per block; streamed: all
     of it per block."""
-    from ..plan import Need
 
     numel = 1
     for d in shape:
@@ -317,15 +319,14 @@ def memory(name: str, shape: tuple[int, ...], n: int, params: TiesParams, itemsi
     return Need(int((n + 7) * block * itemsize), transfer=block)
 
 
-register(
-    Method(
-        "ties",
-        TiesParams,
-        merge,
-        memory=memory,
-        statistics=statistics,
-        statistics_passes=lambda p: 2 if p.scope == "model" else 0,
-        doc=__doc__ or "",
-        propagates_nonfinite=True,
-    )
+METHOD = Method(
+    "ties",
+    TiesParams,
+    merge,
+    memory=memory,
+    statistics=statistics,
+    statistics_passes=lambda p: 2 if p.scope == "model" else 0,
+    statistics_values=("density",),
+    doc=__doc__ or "",
+    propagates_nonfinite=True,
 )

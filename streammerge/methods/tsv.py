@@ -17,7 +17,16 @@ from dataclasses import dataclass
 import torch
 
 from ..math import spectral
-from . import Method, Rows, TensorTask, check_finite, map_row_blocks, register
+from ..plan import Need
+from . import spectral_common
+from .base import (
+    check_choice,
+    PRECISIONS,
+    Rows,
+    TensorTask,
+    check_finite,
+    map_row_blocks,
+)
 
 
 @dataclass(frozen=True)
@@ -27,7 +36,7 @@ class TsvParams:
 
     def __post_init__(self) -> None:
         check_finite("alpha", self.alpha)
-        spectral.check_precision(self.precision)
+        check_choice("precision", self.precision, PRECISIONS)
 
 
 def merge_tall(task: TensorTask, params: TsvParams, floor: float) -> torch.Tensor:
@@ -40,7 +49,7 @@ def merge_tall(task: TensorTask, params: TsvParams, floor: float) -> torch.Tenso
     device = task.base_rows(blocks[0]).device
     gdtype = spectral.gram_dtype(device)
     keep = max(1, min(task.shape) // n)
-    lead = spectral.expert_right_vectors(task, floor, keep, gdtype)  # read 1: V_i, σ_i
+    lead = spectral_common.expert_right_vectors(task, floor, keep, gdtype)  # read 1: V_i, σ_i
     vs, sigmas = [v for v, _ in lead], [s for _, s in lead]
     s_all = torch.cat(sigmas)
     task.note("kept_rank", int(s_all.numel()))
@@ -51,17 +60,7 @@ def merge_tall(task: TensorTask, params: TsvParams, floor: float) -> torch.Tenso
     def left(rows: Rows | None) -> torch.Tensor:
         return torch.cat([task.task_vector(i, rows).to(gdtype) @ proj[i] for i in range(n)], dim=1)
 
-    return spectral.polar_blocks(task, left, [v.T for v in vs], s_all, params.alpha)  # reads 2 and 3
-
-
-def merge(task: TensorTask, params: TsvParams) -> torch.Tensor:
-    return spectral.dispatch(
-        task,
-        params.alpha,
-        params.precision,
-        lambda floor: merge_tall(task, params, floor),
-        lambda dtype, floor: merge_whole(task, params, dtype, floor),
-    )
+    return spectral_common.polar_blocks(task, left, [v.T for v in vs], s_all, params.alpha)  # reads 2 and 3
 
 
 def merge_whole(task: TensorTask, params: TsvParams, dtype: torch.dtype, floor: float) -> torch.Tensor:
@@ -69,7 +68,7 @@ def merge_whole(task: TensorTask, params: TsvParams, dtype: torch.dtype, floor: 
     keep = max(1, min(task.shape) // n)
     us, ss, vhs = [], [], []
     for i in range(n):
-        u, s, vh = spectral.task_svd(task, i, dtype, floor)
+        u, s, vh = spectral_common.task_svd(task, i, dtype, floor)
         us.append(u[:, :keep])
         ss.append(s[:keep])
         vhs.append(vh[:keep])
@@ -86,9 +85,8 @@ def merge_whole(task: TensorTask, params: TsvParams, dtype: torch.dtype, floor: 
 def memory(name: str, shape: tuple[int, ...], n: int, params: TsvParams, itemsize: int):
     """The base, one τ and its SVD, the kept factors (≤ min(m, n) columns of m + n each) and their
     polar factors, in the linear-algebra dtype (8 bytes where float64 may be chosen)."""
-    from ..plan import Need
 
-    from . import BLOCK_ELEMENTS
+    from .base import BLOCK_ELEMENTS
 
     numel = 1
     for d in shape:
@@ -103,4 +101,5 @@ def memory(name: str, shape: tuple[int, ...], n: int, params: TsvParams, itemsiz
     return Need(int(3 * numel * itemsize + lin * (2 * numel + 3 * r * (m + k) + r * r)))
 
 
-register(Method("tsv", TsvParams, merge, memory=memory, doc=__doc__ or "", propagates_nonfinite=True, expert_params={}))
+METHOD = spectral_common.spectral_method("tsv", TsvParams, merge_tall, merge_whole, memory, __doc__ or "")
+merge = METHOD.merge

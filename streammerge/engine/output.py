@@ -1,0 +1,142 @@
+"""The output folder: its fingerprint, prepared for a new merge or a resume (or cleared with
+--restart), the inputs watched for changes, and finished with the index written last.
+
+A folder holds a complete merge exactly when its index exists: the index is written after every
+shard, the config, tokenizer and card are in place and the journal says complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+
+from ..errors import InputError, ResumeError
+from ..io.atomic import TMP_SUFFIX, os_error, temp_name, write_bytes_atomic
+from ..io.checkpoint import INDEX_NAME, load_json
+from ..io.journal import Journal, journal_path
+from ..io.lock import PID_NAME
+from ..output_files import CARD_NAME, CONFIG_FILES, TOKENIZER_FILES, copy_model_files, write_card
+from .inputs import MergeInputs, inputs_fingerprint
+from .placement import Placement
+
+log = logging.getLogger(__name__)
+
+
+def fingerprint(inputs: MergeInputs, device_type: str) -> tuple[str, dict, dict]:
+    """What a resume must match: the recipe's meaning, the device kind, and the input files."""
+    recipe_doc = inputs.recipe.fingerprint_doc() | {"device_type": device_type}
+    files = inputs_fingerprint(inputs.sources)
+    blob = json.dumps({"recipe": recipe_doc, "inputs": files}, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest(), recipe_doc, files
+
+
+def _clear(out: str, old: Journal) -> None:
+    ours = set(old.shards) | {INDEX_NAME, CARD_NAME, *CONFIG_FILES, *TOKENIZER_FILES}
+    for f in os.listdir(out):
+        if f in ours or f.endswith(TMP_SUFFIX):
+            os.remove(os.path.join(out, f))
+    os.remove(old.path)
+    log.info("--restart: removed the previous merge in %s", out)
+
+
+def prepare(inputs: MergeInputs, placement: Placement, restart: bool) -> Journal:
+    """The journal of a new merge, or of the one this folder holds (its finished shards checked,
+    its devices reused); refuses a folder that holds anything else."""
+    out = inputs.recipe.out
+    try:
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, ".streammerge-probe" + TMP_SUFFIX)
+        with open(probe, "wb"):
+            pass
+        os.remove(probe)
+    except OSError as exc:
+        raise os_error(exc, out) from None
+    digest, recipe_doc, files = fingerprint(inputs, placement.device.type)
+    jpath = journal_path(out)
+    names = [s.filename for s in inputs.shards]
+    if os.path.exists(jpath):
+        old = Journal.load(jpath)
+        if old.fingerprint == digest and old.shards == names:
+            keep = os.path.basename(temp_name(os.path.join(out, old.partial["shard"]))) if old.partial else None
+            for tmp in os.listdir(out):
+                if tmp.endswith(TMP_SUFFIX) and tmp != keep:
+                    os.remove(os.path.join(out, tmp))
+            old.finished = {
+                n: v
+                for n, v in old.finished.items()
+                if os.path.isfile(os.path.join(out, n)) and os.path.getsize(os.path.join(out, n)) == v["size"]
+            }
+            placement.reuse(old.placement)
+            return old
+        if not restart:
+            raise ResumeError(
+                f"{out}: holds a merge of a different recipe or different inputs; pass --restart to discard it and "
+                "start over"
+            )
+        _clear(out, old)
+    else:
+        foreign = [f for f in os.listdir(out) if not f.endswith(TMP_SUFFIX) and f != PID_NAME]
+        if foreign:
+            raise ResumeError(
+                f"{out}: not empty and not a streammerge output ({foreign[0]!r} ...); choose another folder"
+            )
+    journal = Journal(jpath, digest, recipe_doc, files, names)
+    journal.placement = placement.devices()
+    journal.save()
+    return journal
+
+
+def file_state(paths: list[str]) -> dict[str, tuple[int, int]]:
+    state = {}
+    for f in paths:
+        try:
+            st = os.stat(f)
+        except OSError:
+            state[f] = (-1, -1)
+            continue
+        state[f] = (st.st_size, st.st_mtime_ns)
+    return state
+
+
+class InputWatch:
+    """Refuses to go on once an input file changed under the merge."""
+
+    def __init__(self, inputs: MergeInputs):
+        self.paths = list(inputs_fingerprint(inputs.sources))
+        self.initial = file_state(self.paths)
+
+    def check(self) -> None:
+        if file_state(self.paths) != self.initial:
+            changed = next(p for p in self.paths if file_state([p]) != {p: self.initial[p]})
+            raise InputError(
+                f"{changed}: changed during the merge; the shards merged from the old contents no longer match — "
+                "rerun with --restart"
+            )
+
+
+def finish(inputs: MergeInputs, journal: Journal, report=None) -> None:
+    """Config, tokenizer, card and report in place, the journal complete, then the index."""
+    recipe, out = inputs.recipe, inputs.recipe.out
+    copy_model_files(recipe, out)
+    write_card(recipe, out)
+    config_path = os.path.join(out, "config.json")
+    if (inputs.out_dtype is not None or inputs.stacked_layers is not None) and os.path.isfile(config_path):
+        config = load_json(config_path)
+        if inputs.out_dtype is not None:
+            config["torch_dtype"] = str(inputs.out_dtype).removeprefix("torch.")
+        if inputs.stacked_layers is not None:
+            config["num_hidden_layers"] = inputs.stacked_layers
+        write_bytes_atomic(config_path, (json.dumps(config, indent=2) + "\n").encode())
+    if report is not None:
+        header = {"method": inputs.method.name, "experts": len(inputs.experts), "recipe": journal.recipe}
+        report.finish(header, [t.name for t in inputs.merged_tensors()])
+    journal.complete = True
+    journal.save()
+    shards = inputs.shards
+    index = {
+        "metadata": {"total_size": sum(s.nbytes for s in shards), "merged_by": "streammerge"},
+        "weight_map": {t.name: s.filename for s in shards for t in s.tensors},
+    }
+    write_bytes_atomic(os.path.join(out, INDEX_NAME), (json.dumps(index, indent=2) + "\n").encode())

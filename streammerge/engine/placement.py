@@ -1,0 +1,115 @@
+"""Placement: the memory plan of a merge (plan.py's rules applied to its tensors) and where each
+tensor is computed.
+
+The device of every merged tensor is journalled on the first run; a resumed merge and every Ray
+task compute each tensor where that run did, so the output does not depend on the free memory
+of the moment (GPU and CPU results may differ in the last bits).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+
+import torch
+
+from ..errors import ResourceError
+from ..io.checkpoint import Checkpoint
+from ..plan import Plan, TensorPlan, default_gpu_budget, default_ram_budget, free_disk, place
+from ..memwatch import rss_anon
+from .inputs import MergeInputs
+from .options import RunOptions
+
+log = logging.getLogger(__name__)
+
+
+def make_plan(inputs: MergeInputs, device: torch.device, options: RunOptions, statistics: dict | None = None) -> Plan:
+    """Device and peak memory of every tensor under the budgets (see plan.py); `statistics`:
+    what a plan_statistics method measured (then its tensors' needs are measured, not bounds)."""
+    method = inputs.method
+    use_gpu = device.type == "cuda"
+    if options.assume_gpu:
+        gpu_budget = min(options.max_gpu_memory or options.assume_gpu, options.assume_gpu)
+    else:
+        gpu_budget = (options.max_gpu_memory or default_gpu_budget()) if use_gpu else None
+    ram_budget = options.max_ram or default_ram_budget()
+    itemsize = torch.empty((), dtype=inputs.compute_dtype).element_size()
+    n = len(inputs.experts)
+    tensors = []
+    previous_out = 0
+    for shard in inputs.shards:
+        for t in shard.tensors:
+            base_bytes = inputs.base.info(t.name).nbytes
+            if not t.merged:  # copied from the base: the experts' copies are not read
+                tensors.append(
+                    TensorPlan(t.name, t.shape, "copy", 0, 2 * base_bytes + previous_out, base_bytes, t.nbytes)
+                )
+                previous_out = t.nbytes
+                continue
+            read = base_bytes + sum(e.info(t.name).nbytes for e in inputs.experts if isinstance(e, Checkpoint))
+            params = inputs.values[t.name].params
+            measured = statistics.get(t.name) if statistics else None
+            if measured is None:
+                need = method.memory(t.name, t.shape, n, params, itemsize)
+            else:
+                need = method.memory(t.name, t.shape, n, params, itemsize, statistics=measured)
+            # the result is held until written; the writer thread may still be writing the previous one
+            numel = math.prod(t.shape)
+            placed, gpu_bytes, host_bytes, note = place(
+                need, numel, itemsize, use_gpu, gpu_budget, t.nbytes + previous_out
+            )
+            previous_out = t.nbytes
+            tensors.append(TensorPlan(t.name, t.shape, placed, gpu_bytes, host_bytes, read, t.nbytes, note))
+    passes = 0 if method.plan_statistics else method.statistics_passes(inputs.params)
+    total = sum(s.nbytes for s in inputs.shards)
+    plan = Plan(tensors, rss_anon(), ram_budget, gpu_budget, free_disk(inputs.recipe.out), total, passes)
+    if statistics and method.plan_statistics:
+        plan.statistics_read = sum(t.read_bytes for t in tensors if t.name in statistics)
+    elif measures_plan(inputs):
+        plan.notes.append(
+            f"{method.name}: upper bounds where the working set depends on the data "
+            "(plan --measure measures them; a merge does when the bounds do not fit)"
+        )
+    plan.spilled = [t for t in tensors if t.note]
+    return plan
+
+
+def measures_plan(inputs: MergeInputs) -> bool:
+    """Whether this merge's plan has upper bounds a statistics pass can make tight."""
+    method = inputs.method
+    return method.plan_statistics and bool(method.statistics_passes(inputs.params)) and not inputs.generators
+
+
+class Placement:
+    """The plan of one merge and each tensor's device, as the first run (or the driver) decided."""
+
+    def __init__(self, inputs: MergeInputs, device: torch.device, options: RunOptions):
+        self.inputs, self.device, self.options = inputs, device, options
+        self.replan()
+
+    def replan(self, statistics: dict | None = None) -> None:
+        self.plan = make_plan(self.inputs, self.device, self.options, statistics)
+        self.tensors = {t.name: t for t in self.plan.tensors}
+
+    def devices(self) -> dict[str, str]:
+        """Where each merged tensor is computed: the journal records it, Ray tasks follow it."""
+        return {name: t.device for name, t in self.tensors.items() if t.device != "copy"}
+
+    def reuse(self, recorded: dict[str, str]) -> None:
+        """Compute every tensor where the first run did: byte-identical output."""
+        for name, device in recorded.items():
+            placed = self.tensors.get(name)
+            if placed is None or placed.device == device:
+                continue
+            if device == "cuda" and not torch.cuda.is_available():
+                raise ResourceError(
+                    f"{self.inputs.recipe.out}: this merge started on a GPU; resume it where CUDA is available (or "
+                    "pass --restart)"
+                )
+            log.info("%s: computed on %s as in the first run (the plan now says %s)", name, device, placed.device)
+            self.tensors[name] = dataclasses.replace(placed, device=device)
+
+    def of_shard(self, names) -> dict[str, TensorPlan]:
+        """The placement a Ray task receives for its shard's tensors."""
+        return {n: self.tensors[n] for n in names}

@@ -1,0 +1,213 @@
+"""One merge run: inputs → placement → output folder → executor → shard loop → index.
+
+SIGINT and SIGTERM anywhere leave a resumable state: rerunning the same command resumes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from tqdm import tqdm
+
+from ..errors import Interrupted, UsageError
+from ..io.atomic import os_error
+from ..io.checkpoint import INDEX_NAME
+from ..io.journal import Journal
+from ..io.lock import OutputLock
+from ..memwatch import PeakSampler, return_freed_memory_to_os
+from ..plan import Plan, free_disk
+from ..units import format_size
+from . import output
+from .inputs import open_merge
+from .options import RunOptions, compute_device
+from .placement import Placement, measures_plan
+from .shards import LocalExecutor, Progress
+from .statistics import merge_statistics, plan_statistics
+from .tensors import TensorComputer, TensorJob
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class MergeReport:
+    out: str
+    shards: int
+    shards_resumed: int
+    bytes_written: int
+    seconds: float
+    device: str
+    planned_peak_ram: int = 0
+    measured_peak_ram: int = 0  # anonymous memory, sampled
+    bytes_read_ahead: int = 0
+    read_throughput: float = 0.0  # bytes/s of the read-ahead thread
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM behaves like Ctrl-C: the current shard is abandoned cleanly, the merge resumable."""
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class Merge:
+    """A validated, planned merge of one recipe under one set of run options."""
+
+    def __init__(self, recipe, options: RunOptions = RunOptions()):
+        if options.ray is not None and options.report is not None:  # refused before anything is written
+            raise UsageError("--report records diagnostics in one process: merge without --ray to write it")
+        self.options = options
+        self.report = None
+        if options.report is not None:
+            from ..report import ReportWriter
+
+            self.report = ReportWriter(options.report)
+        if options.max_ram is not None:
+            # an explicit budget is a promise: keep allocator slack out of it (costs some speed on
+            # models made of many mid-sized tensors, so only when asked)
+            return_freed_memory_to_os()
+        self.device = compute_device(options)
+        self.inputs = open_merge(recipe, self.device.type)
+        try:
+            self.placement = Placement(self.inputs, self.device, options)
+        except BaseException:
+            self.inputs.close()
+            raise
+
+    @property
+    def plan(self) -> Plan:
+        return self.placement.plan
+
+    @property
+    def shards(self):
+        return self.inputs.shards
+
+    def job(self) -> TensorJob:
+        i = self.inputs
+        return TensorJob(
+            i.method.name, i.values, dict(self.placement.tensors), i.compute_dtype, i.generators,
+            i.recipe.seed, i.recipe.allow_nonfinite, plan_only=bool(self.options.assume_gpu),
+        )  # fmt: skip
+
+    def computer(self) -> TensorComputer:
+        return TensorComputer(self.job(), self.inputs.base, self.inputs.experts, self.report)
+
+    def measures_plan(self) -> bool:
+        return measures_plan(self.inputs)
+
+    def measure_statistics(self):
+        """The pass a plan_statistics method needs (OrthoMerge-C: conflicting rows of wide weights)."""
+        return plan_statistics(self.inputs, self.computer(), not self.options.quiet)
+
+    def plan_with(self, statistics) -> None:
+        self.placement.replan(statistics)
+
+    def tighten_plan(self, journal: Journal) -> None:
+        """Where the upper-bound plan does not fit (RAM, or a tensor spilled off the GPU), measure
+        what the working sets depend on, once (journalled: a resume plans the same), and replan."""
+        if not self.measures_plan():
+            return
+        fresh = journal.statistics is None
+        if fresh:
+            if self.plan.peak_host <= self.plan.ram_budget and not self.plan.spilled:
+                return
+            spill = f" and spill {len(self.plan.spilled)} tensor(s) to the CPU" if self.plan.spilled else ""
+            log.info("the plan's upper bounds need %s of RAM%s: measuring the data-dependent working sets "
+                     "(one read of those tensors)", format_size(self.plan.peak_host), spill)  # fmt: skip
+            journal.statistics = self.measure_statistics()
+        self.plan_with(journal.statistics)
+        if fresh:  # the counts and the placement they give, together
+            journal.placement = self.placement.devices()
+            journal.save()
+        else:
+            self.placement.reuse(journal.placement)
+
+    def executor(self):
+        if self.options.ray is None:
+            return LocalExecutor(self.computer(), self.shards, self.inputs.recipe.out, self.options.checkpoint_seconds,
+                                 self.options.quiet)  # fmt: skip
+        from .ray import RayExecutor
+
+        return RayExecutor(self.inputs.recipe, self.options, self.job(), self.shards, self.plan)
+
+    def run(self) -> MergeReport:
+        """Merge (or resume); SIGINT/SIGTERM anywhere leave a resumable state and raise Interrupted."""
+        if self.options.assume_gpu:
+            raise UsageError("--assume-gpu plans only; merge on a machine that has the GPU")
+        with sigterm_as_interrupt():
+            try:
+                with PeakSampler() as sampler:
+                    try:
+                        os.makedirs(self.inputs.recipe.out, exist_ok=True)
+                    except OSError as exc:
+                        raise os_error(exc, self.inputs.recipe.out) from None
+                    with OutputLock(self.inputs.recipe.out):
+                        report = self._run_locked()
+                report.planned_peak_ram = self.plan.peak_host
+                report.measured_peak_ram = sampler.peak
+                return report
+            except KeyboardInterrupt:
+                raise Interrupted(
+                    "interrupted; the finished shards are kept — rerun the same command to resume"
+                ) from None
+
+    def _run_locked(self) -> MergeReport:
+        started = time.monotonic()
+        inputs, out = self.inputs, self.inputs.recipe.out
+        journal = output.prepare(inputs, self.placement, self.options.restart)
+        shards = inputs.shards
+        if journal.complete and os.path.exists(os.path.join(out, INDEX_NAME)):
+            log.info("%s: already complete", out)
+            return MergeReport(out, len(shards), len(shards), 0, 0.0, self.device.type)
+        todo = [s for s in shards if s.filename not in journal.finished]
+        if todo:
+            self.tighten_plan(journal)
+        self.plan.disk_needed = sum(s.nbytes for s in todo)
+        self.plan.disk_free = free_disk(out)
+        self.plan.check()
+        for t in self.plan.spilled:
+            log.info("%s: %s", t.name, t.note)
+        executor = self.executor()
+        executor.start()
+        try:
+            executor.check_resources(todo)  # before any work, as the local plan check
+            if inputs.method.whole_model_statistics(inputs.params) and journal.statistics is None and todo:
+                journal.statistics = merge_statistics(inputs, executor.map_pass)
+                journal.save()
+            statistics = (
+                None if inputs.method.plan_statistics else journal.statistics
+            )  # plan-only: nothing to merge with
+            watch = output.InputWatch(inputs)
+            total = sum(s.nbytes for s in shards)
+            desc = f"merging ({inputs.method.name}, {self.device.type}{executor.label})"
+            done = total - sum(s.nbytes for s in todo)
+            with tqdm(total=total, initial=done, unit="B", unit_scale=True, desc=desc, disable=self.options.quiet,
+                      smoothing=0.1) as bar:  # fmt: skip
+                written = executor.merge(todo, journal, Progress(bar), watch.check, statistics)
+        finally:
+            executor.stop()
+        output.finish(inputs, journal, self.report)
+        report = MergeReport(
+            out, len(shards), len(shards) - len(todo), written, time.monotonic() - started, self.device.type
+        )
+        report.bytes_read_ahead, report.read_throughput = executor.read_stats()
+        return report
+
+    def close(self) -> None:
+        self.inputs.close()

@@ -1,0 +1,158 @@
+"""The shard loop: each output shard's tensors computed in order and streamed into the shard file,
+which is committed atomically under its final name; and the local executor that runs it.
+
+Resume works per shard: a shard is either finished (durable, in the journal) or continued from
+its last checkpoint, and every tensor's result depends only on the inputs and its name, so a
+resumed output is byte-identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+
+from ..io.atomic import ShardWriter
+from ..io.checkpoint import Checkpoint
+from ..io.journal import Journal
+from ..prefetch import ReadAhead
+from .inputs import Shard
+from .statistics import local_map_pass
+from .tensors import TensorComputer
+
+log = logging.getLogger(__name__)
+
+
+class Progress:
+    """The merge's progress bar: output bytes done, and the rate at which inputs are consumed."""
+
+    def __init__(self, bar):
+        self.bar, self.consumed, self.started = bar, 0, time.monotonic()
+
+    def skip(self, nbytes: int) -> None:
+        self.bar.update(nbytes)
+
+    def done(self, out_bytes: int, read_bytes: int) -> None:
+        self.bar.update(out_bytes)
+        self.consumed += read_bytes
+        rate = self.consumed / max(time.monotonic() - self.started, 1e-9) / 1e6
+        self.bar.set_postfix_str(f"inputs {rate:.0f} MB/s", refresh=False)
+
+
+def input_ranges(computer: TensorComputer, shards: list[Shard]) -> list[tuple[str, int, int]]:
+    """(file, offset, length) of every input tensor the shards read, in order."""
+    ranges = []
+    for shard in shards:
+        for t in shard.tensors:
+            for src in (
+                (computer.base, *computer.experts) if t.merged else (computer.base,)
+            ):  # copies read the base only
+                if isinstance(src, Checkpoint):
+                    info = src.info(t.name)
+                    ranges.append((src.file_of(t.name), info.offset, info.nbytes))
+    return ranges
+
+
+def write_shard(
+    computer: TensorComputer,
+    shard: Shard,
+    statistics,
+    out: str,
+    journal: Journal | None = None,
+    progress: Progress | None = None,
+    read_ahead: ReadAhead | None = None,
+    temp_tag: str = "",
+    checkpoint_seconds: float = 10.0,
+) -> tuple[str, int]:
+    """Merge the tensors of `shard` and write it atomically under its final name; (sha256, size).
+
+    With a journal, progress inside the shard is made durable every `checkpoint_seconds` and a
+    recorded partial shard is continued; without one (a Ray task) the shard is written from its
+    start to a temporary name of its own (`temp_tag`), so that a retried or orphaned attempt
+    never writes into another's file."""
+    layout = [(t.name, t.dtype, t.shape) for t in shard.tensors]
+    partial = (
+        journal.partial
+        if journal is not None and journal.partial and journal.partial["shard"] == shard.filename
+        else None
+    )
+    resume = (partial["tensors"], partial["offset"]) if partial else None
+    read_bytes = {n: p.read_bytes for n, p in computer.job.placement.items()}
+    path = os.path.join(out, shard.filename)
+    with ShardWriter(path, layout, {"format": "pt"}, resume=resume, background=True, temp_tag=temp_tag) as writer:
+        writer.keep_on_error = journal is not None  # what a checkpoint made durable survives an interrupt
+        done = writer.tensors_written
+        if done:
+            log.info("%s: resuming after %d of its %d tensors", shard.filename, done, len(shard.tensors))
+            if progress is not None:
+                progress.skip(sum(t.nbytes for t in shard.tensors[:done]))
+            if read_ahead is not None:
+                read_ahead.advance(sum(read_bytes[t.name] for t in shard.tensors[:done]))
+        last_checkpoint = time.monotonic()
+        for t in shard.tensors[done:]:
+            writer.write(t.name, computer.merge(t, statistics))
+            if read_ahead is not None:
+                read_ahead.advance(read_bytes[t.name])
+            if progress is not None:
+                progress.done(t.nbytes, read_bytes[t.name])
+            due = time.monotonic() - last_checkpoint >= checkpoint_seconds
+            if journal is not None and due and writer.tensors_written < len(layout):
+                journal.partial = {
+                    "shard": shard.filename,
+                    "tensors": writer.tensors_written,
+                    "offset": writer.checkpoint(),
+                }
+                journal.save()
+                last_checkpoint = time.monotonic()
+        return writer.commit()
+
+
+class LocalExecutor:
+    """Merges the unfinished shards in this process, in order, reading ahead of the computation."""
+
+    label = ""
+
+    def __init__(self, computer: TensorComputer, shards: list[Shard], out: str, checkpoint_seconds: float, quiet: bool):
+        self.computer, self.shards, self.out = computer, shards, out
+        self.checkpoint_seconds, self.quiet = checkpoint_seconds, quiet
+        self.read_ahead: ReadAhead | None = None
+
+    def start(self) -> None:
+        pass
+
+    def check_resources(self, shards: list[Shard]) -> None:
+        pass  # the plan checked this machine
+
+    def map_pass(self, fn, *args) -> list:
+        """The whole model in one part (statistics.py)."""
+        tensors = [t for s in self.shards for t in s.tensors]
+        return local_map_pass(self.computer, tensors, not self.quiet)(fn, *args)
+
+    def merge(
+        self, todo: list[Shard], journal: Journal, progress: Progress, check_inputs: Callable[[], None], statistics
+    ) -> int:
+        """Every shard in `todo`, each journalled once durable; bytes written."""
+        self.read_ahead = ReadAhead(input_ranges(self.computer, todo)).start()
+        written = 0
+        try:
+            for shard in todo:
+                check_inputs()
+                sha, size = write_shard(
+                    self.computer, shard, statistics, self.out, journal, progress, self.read_ahead,
+                    checkpoint_seconds=self.checkpoint_seconds,
+                )  # fmt: skip
+                journal.finished[shard.filename] = {"sha256": sha, "size": size}
+                journal.partial = None
+                journal.save()
+                written += size
+        finally:
+            self.read_ahead.stop()
+        return written
+
+    def read_stats(self) -> tuple[int, float]:
+        """Bytes the read-ahead thread read and its rate."""
+        return (self.read_ahead.read, self.read_ahead.throughput()) if self.read_ahead else (0, 0.0)
+
+    def stop(self) -> None:
+        pass

@@ -1,0 +1,360 @@
+"""The method contract: what a merge method receives (`TensorTask`) and declares (`Method`), and
+the helpers methods share.
+
+A method is pure tensor code over one weight name at a time. It receives a `TensorTask`:
+the base tensor (compute dtype, on the compute device) and `experts`, a lazy sequence where
+`experts[i]` loads expert i's tensor from its memory map. A method streams simply by
+indexing experts one at a time, as many passes as it needs (task arithmetic: one; TIES: sign
+election then disjoint mean; conflict-aware OrthoMerge: τ_mean then Procrustes), so at most
+one expert tensor plus the method's accumulators is alive. `memory` states the peak bytes
+for the planner (plan.py). A method that needs statistics over each expert's whole model (TIES at
+model scope) declares `statistics`, run by the engine as passes over the model before
+merging, each a map over the model's tensors (`MapPass`: locally one call over all of them, on
+Ray one task per output shard) whose partial results the method reduces; its JSON-able result is
+journalled so a resumed merge does not recompute it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, Protocol
+
+import torch
+
+from ..errors import UsageError
+from ..plan import Need
+
+
+REQUIRED = object()  # an expert parameter without a default
+Rows = tuple[int, int]  # rows [start, stop) along dim 0: a row block
+
+# Row blocks: methods whose arithmetic is row-local (task arithmetic, linear, TIES, DARE) stream
+# a large tensor in blocks of at most this many elements, so their working set is a few blocks
+# plus the output, never several copies of a 128k-vocabulary embedding. Results do not depend
+# on the block size (every formula is elementwise, thresholds are exact, DARE's generator runs on
+# across blocks), so it is an engineering constant, not part of a recipe.
+BLOCK_ELEMENTS = 1 << 22
+
+
+class ExpertTensors(Protocol):
+    """Lazy per-expert tensors for one weight name; each access loads (and copies) anew.
+    Sources that can also load a row block define `rows(i, start, stop)`."""
+
+    def __len__(self) -> int: ...
+    def __getitem__(self, i: int) -> torch.Tensor: ...
+
+
+class TensorTask:
+    """One weight name to merge: the base (a tensor, or a loader `rows -> tensor` called with
+    None for the whole tensor), the lazy experts, and the recipe's per-expert values.
+
+    `base` is the whole base tensor, loaded on first use; `row_blocks()`, `base_rows(r)` and
+    `task_vector(i, r)` serve methods that stream in row blocks; `new_output()` is the result
+    tensor (host memory, the output dtype) that such methods fill block by block."""
+
+    def __init__(
+        self,
+        name: str,
+        base,
+        experts: ExpertTensors,
+        weights: tuple[float, ...],
+        densities: tuple[float | None, ...] = (),
+        statistics: Any = None,
+        seed: int = 0,
+        generators: Any = None,
+        state_device: Any = None,
+        out_dtype: torch.dtype | None = None,
+        shape: tuple[int, ...] | None = None,
+        dtype: torch.dtype = torch.float32,
+        expert_values: tuple[dict[str, Any], ...] = (),
+    ):
+        self.name = name
+        self.expert_values = expert_values or tuple(
+            {"weight": w} for w in weights
+        )  # each expert's resolved values (Method.expert_params)
+        self.diagnostics: dict[str, Any] | None = None  # set by the engine under --report: what explains this merge
+        self.experts = experts
+        self.weights = weights
+        self.densities = densities  # per-expert override, None: the method's own
+        self.statistics = statistics  # what the method's `statistics` returned, if it has one
+        self.seed = seed
+        self.generators = generators  # OFT experts only: per-expert generator blocks (io.peft_oft.OftGenerators)
+        self.state_device = state_device  # where per-expert state goes (the plan may keep it in host RAM)
+        self.out_dtype = out_dtype  # dtype of new_output() (None: the compute dtype)
+        self._base_block: tuple[Rows, torch.Tensor] | None = None
+        if isinstance(base, torch.Tensor):
+            self._base, self._load_base, self.shape, self.dtype = base, None, tuple(base.shape), base.dtype
+        else:
+            assert shape is not None, "a base loader needs the shape"
+            self._base, self._load_base, self.shape, self.dtype = (
+                None,
+                base,
+                tuple(shape),
+                dtype,
+            )  # dtype: the compute dtype
+
+    @property
+    def base(self) -> torch.Tensor:
+        if self._base is None:
+            self._base = self._load_base(None)
+        return self._base
+
+    def base_rows(self, rows: Rows | None) -> torch.Tensor:
+        """The base's rows (read-only: callers never write into it). The last block loaded is
+        kept, since a method reads the same base block once per expert."""
+        if rows is None:
+            return self.base
+        if self._base is not None:
+            return self._base[rows[0] : rows[1]]
+        if self._base_block is None or self._base_block[0] != rows:
+            self._base_block = None  # free the previous block before loading the next
+            self._base_block = (rows, self._load_base(rows))
+        return self._base_block[1]
+
+    def expert_rows(self, i: int, rows: Rows | None) -> torch.Tensor:
+        if rows is None:
+            return self.experts[i]
+        return self.experts.rows(i, rows[0], rows[1])  # type: ignore[attr-defined]
+
+    def task_vector(self, i: int, rows: Rows | None = None) -> torch.Tensor:
+        """τ_i = W_i − W_0 (of rows `rows` only, if given), in the compute dtype."""
+        return self.expert_rows(i, rows).sub_(self.base_rows(rows))
+
+    def note(self, key: str, value: Any) -> None:
+        """Record a diagnostic for `streammerge report` (a no-op unless --report is given)."""
+        if self.diagnostics is not None:
+            self.diagnostics[key] = value
+
+    def task_factors(self, i: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """τ_i as low-rank factors (B', A'), τ_i = B' A', when expert i is a LoRA adapter; None
+        otherwise (then use task_vector)."""
+        get = getattr(self.experts, "factors", None)
+        return None if get is None else get(i)
+
+    def row_blocks(self, max_elements: int | None = None) -> list[Rows | None]:
+        """The row blocks a streaming method visits in order; [None] (the whole tensor at once)
+        for scalars, small tensors and experts that cannot load rows."""
+        max_elements = max_elements or BLOCK_ELEMENTS
+        numel = math.prod(self.shape)
+        if not self.shape or numel <= max_elements or not hasattr(self.experts, "rows"):
+            return [None]
+        row = max(1, numel // self.shape[0])
+        step = max(1, max_elements // row)
+        return [(s, min(s + step, self.shape[0])) for s in range(0, self.shape[0], step)]
+
+    def new_output(self, like: torch.Tensor) -> torch.Tensor:
+        """The result tensor, filled block by block with `out[r0:r1].copy_(block)`."""
+        return torch.empty(
+            self.shape, dtype=self.out_dtype or like.dtype, device="cpu" if self.out_dtype else like.device
+        )
+
+    def rng(self, i: int) -> torch.Generator:
+        """A CPU generator seeded by (seed, tensor name, expert index): reproducible anywhere."""
+        key = f"{self.seed}\x00{self.name}\x00{i}".encode()
+        g = torch.Generator(device="cpu")
+        g.manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:8], "little") & (2**63 - 1))
+        return g
+
+
+def ordered_sum(x: torch.Tensor) -> torch.Tensor:
+    """Σ of all of x with the same bits on any CPU thread count. torch sums a large tensor to one
+    value in as many pieces as it has threads (a 30M-element float32 sum differs between one and
+    two threads; math/lapack.py says why that matters); sums along the rows of a matrix run one
+    row per thread. So: rows of 1024, then rows of their sums, until a few thousand values remain,
+    which torch sums on one thread."""
+    x = x.reshape(-1)
+    while x.numel() > 4096:
+        pad = (-x.numel()) % 1024
+        if pad:
+            x = torch.cat([x, x.new_zeros(pad)])
+        x = x.reshape(-1, 1024).sum(dim=1)
+    return x.sum()
+
+
+def holds_whole(task: TensorTask, n: int, limit: int) -> bool:
+    """Whether a method keeps the N per-expert copies of this tensor whole: it is one row block,
+    or the N copies in the compute dtype fit `limit` bytes (above it: passes over row blocks)."""
+    itemsize = torch.empty((), dtype=task.dtype).element_size()
+    return len(task.row_blocks()) == 1 or n * math.prod(task.shape) * itemsize <= limit
+
+
+def map_row_blocks(task: TensorTask, merge_block: Callable[[Rows | None], torch.Tensor]) -> torch.Tensor:
+    """The result of a row-local method: `merge_block(rows)` for each row block in order, gathered
+    into `task.new_output` (or returned as it is when the tensor is one block)."""
+    blocks = task.row_blocks()
+    if blocks == [None]:
+        return merge_block(None)
+    out = None
+    for rows in blocks:
+        block = merge_block(rows)
+        if out is None:
+            out = task.new_output(block)
+        out[rows[0] : rows[1]].copy_(block)  # type: ignore[index]
+        del block
+    return out  # type: ignore[return-value]
+
+
+def elementwise_memory_blocks(buffers: float, cached: float = 0.0) -> Callable[..., Any]:
+    """Peak of a row-block method: `buffers` compute-dtype blocks alive at once (the output is
+    counted by the planner), plus `cached` compute-dtype copies of the whole tensor."""
+
+    def memory(name: str, shape: tuple[int, ...], n_experts: int, params: Any, itemsize: int) -> Need:
+        numel = math.prod(shape)
+        block = min(numel, BLOCK_ELEMENTS) if shape else numel
+        return Need(int(buffers * block * itemsize + cached * numel * itemsize), transfer=block)
+
+    return memory
+
+
+def whole_tensor_memory(copies: float, per_expert: float = 0.0) -> Callable[..., Any]:
+    """Peak of a method that holds whole tensors: `copies` compute-dtype copies of the tensor,
+    plus `per_expert` more per expert."""
+
+    def memory(name: str, shape: tuple[int, ...], n_experts: int, params: Any, itemsize: int) -> Need:
+        return Need(int((copies + per_expert * n_experts) * math.prod(shape) * itemsize))
+
+    return memory
+
+
+# One pass over (part of) the model: (name, base, experts) for each row block of each mergeable tensor.
+ModelBlocks = Iterator[tuple[str, torch.Tensor, ExpertTensors]]
+# map_pass(fn, *args): [fn(blocks, *args) for each part of the model], in the model's order; fn is
+# a module-level function (it may run in another process) and its results are reduced exactly
+# (integer sums), so how the model is cut into parts cannot change the statistics.
+MapPass = Callable[..., list]
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    params_type: type
+    merge: Callable[[TensorTask, Any], torch.Tensor]
+    memory: Callable[
+        [str, tuple[int, ...], int, Any, int], Any
+    ]  # (name, shape, n_experts, params, itemsize) -> plan.Need
+    # (map_pass, n_experts, params, model_values): model_values holds each expert's values named
+    # in `statistics_values`, one per expert for the whole model (None for a plan-only pass)
+    statistics: Callable[[MapPass, int, Any, Any], Any] | None = None
+    statistics_passes: Callable[[Any], int] = field(default=lambda params: 0)
+    # Statistics that only make the memory plan tight (OrthoMerge-C: conflicting rows): the pass
+    # runs when the plan from `memory`'s upper bounds does not fit, and `memory` then takes them
+    # as `statistics=` (this tensor's entry). `statistics_tensors(name, shape, params)`: which
+    # tensors such a pass reads (None: every merged tensor).
+    plan_statistics: bool = False
+    statistics_tensors: Callable[[str, tuple[int, ...], Any], bool] | None = None
+    doc: str = ""
+    # True where NaN/Inf in any input always reaches the result (sums, products, masks: NaN·0 is
+    # NaN): the engine then checks the result only, and looks for the culprit input if it is
+    # not finite — one pass over each result instead of one over every input.
+    propagates_nonfinite: bool = False
+    # Values each expert has (resolved per tensor from the expert's entry, then the recipe's
+    # parameter of that name) with their defaults; REQUIRED: no default, as in mergekit.
+    expert_params: dict[str, Any] = field(default_factory=lambda: {"weight": 1.0, "density": None})
+    min_experts: int = 1
+    # Per-expert values a whole-model statistics pass takes (TIES at model scope: density); the
+    # engine refuses a gradient or filter on them, before anything is written.
+    statistics_values: tuple[str, ...] = ()
+    # The method merges OFT experts' stored generators when every expert is an OFT adapter
+    # (OrthoMerge, section 3.2): the engine then hands each task the generators.
+    merges_generators: bool = False
+    # The parameters as they run on a device kind ("cpu", "cuda"): e.g. precision "auto" → float32
+    # on a GPU, where float64 is 32–64× slower.
+    for_device: Callable[[Any, str], Any] = field(default=lambda params, device_type: params)
+    # Checks of the experts' values against the parameters that need no tensor (raise ValueError).
+    check_experts: Callable[[Any, tuple[dict[str, Any], ...]], None] = field(default=lambda params, experts: None)
+
+    def whole_model_statistics(self, params: Any) -> bool:
+        """Whether merging needs statistics passes over the whole model first."""
+        return self.statistics is not None and not self.plan_statistics and bool(self.statistics_passes(params))
+
+    @property
+    def literal_params(self) -> set[str]:
+        """Parameters whose value is itself a list or mapping (orthomerge's `exclude`, `residual`):
+        taken as written, never read as a gradient or filter list."""
+        out = set()
+        for f in fields(self.params_type):
+            default = f.default_factory() if f.default_factory is not MISSING else f.default  # type: ignore[misc]
+            if isinstance(default, (list, tuple, dict)):
+                out.add(f.name.rstrip("_"))
+        return out
+
+    @property
+    def shared_params(self) -> set[str]:
+        """Parameter names of the method itself (its params dataclass; `lambda` for `lambda_`)."""
+        return {f.name.rstrip("_") for f in fields(self.params_type)}
+
+
+def build_params(params_type: type, values: dict[str, Any], where: str) -> Any:
+    """Instantiate a frozen params dataclass from a dict, refusing unknown keys."""
+    # `lambda` is a Python keyword: the dataclass field is `lambda_`.
+    values = {("lambda_" if k == "lambda" else k): v for k, v in values.items()}
+    known = {f.name for f in fields(params_type)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        shown = sorted(k.rstrip("_") for k in known)
+        hint = (
+            "; the residual's λ is --residual-param lambda=..." if "lambda_" in unknown and "residual" in known else ""
+        )
+        raise UsageError(
+            f"{where}: unknown parameter(s) {', '.join(k.rstrip('_') for k in unknown)} (known: "
+            f"{', '.join(shown)}{hint})"
+        )
+    missing = [
+        f.name.rstrip("_")
+        for f in fields(params_type)
+        if f.default is MISSING and f.default_factory is MISSING and f.name not in values
+    ]  # type: ignore[misc]
+    if missing:
+        raise UsageError(f"{where}: needs parameter(s) {', '.join(missing)}")
+    try:
+        return params_type(**values)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"{where}: {exc}") from None
+
+
+def check_range(
+    name: str, value: float, low: float, high: float, low_open: bool = False, high_open: bool = False
+) -> None:
+    ok_low = value > low if low_open else value >= low
+    ok_high = value < high if high_open else value <= high
+    if not (ok_low and ok_high):
+        lo, hi = ("(" if low_open else "["), (")" if high_open else "]")
+        raise ValueError(f"{name} = {value} is outside {lo}{low}, {high}{hi}")
+
+
+def check_finite(name: str, value: float) -> None:
+    if not math.isfinite(value):
+        raise ValueError(f"{name} = {value} is not finite")
+
+
+PRECISIONS = ("auto", "float32", "float64")  # the linear-algebra dtype of a method's factorisations
+
+
+def check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
+    """The one check of a parameter that takes one of a few values."""
+    if value not in choices:
+        raise ValueError(f"{name} = {value!r} must be one of {', '.join(repr(c) for c in choices)}")
+
+
+def auto_precision_on_gpu(params: Any, device_type: str) -> Any:
+    """Method.for_device of methods with a `precision` parameter: "auto" is float32 on a GPU."""
+    if device_type == "cuda" and params.precision == "auto":
+        return dataclasses.replace(params, precision="float32")
+    return params
+
+
+def weighted_sum(task: TensorTask, rows: Rows | None, term: Callable[[int, Rows | None], torch.Tensor]) -> torch.Tensor:
+    """Σ w_i term(i, rows), one expert at a time (linear: the experts; task arithmetic: τ_i)."""
+    total = None
+    for i, w in enumerate(task.weights):
+        t_i = term(i, rows)
+        if total is None:
+            total = torch.zeros_like(t_i)
+        total.add_(t_i, alpha=w)
+        del t_i
+    assert total is not None, "no experts"
+    return total
