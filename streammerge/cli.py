@@ -40,7 +40,8 @@ _RECIPE_OPTIONS = [
         "--recipe",
         "recipe_path",
         type=click.Path(dir_okay=False),
-        help="YAML recipe (ours or mergekit's); flags given beside it override it.",
+        help="YAML recipe (ours or mergekit's); flags given beside it override it (--density, --weight: for "
+        "every expert).",
     ),
     click.option("--base", help="Base model folder (model.safetensors or sharded with an index)."),
     click.option(
@@ -125,10 +126,45 @@ _RECIPE_OPTIONS = [
 ]
 
 
+# mergekit-yaml's flags, answered with what to do here instead of click's "no such option"
+MERGEKIT_FLAGS = {
+    "--cuda": (True, "--cuda is mergekit's flag: here --device cuda (the default, auto, takes a GPU if there is one)"),
+    "--lazy-unpickle": (True, "--lazy-unpickle is mergekit's flag: not needed here (inputs are memory-mapped, "
+                              "pickled weights never loaded)"),
+    "--allow-crimes": (True, "--allow-crimes is mergekit's flag: not needed here (experts of another architecture are "
+                             "refused by their config and shapes)"),
+    "--copy-tokenizer": (True, "--copy-tokenizer is mergekit's flag: the base's tokenizer files are always copied "
+                               "(tokenizer_source in a recipe picks another model's)"),
+    "--low-cpu-memory": (True, "--low-cpu-memory is mergekit's flag: memory is planned here (--max-ram)"),
+    "--out-shard-size": (False, "--out-shard-size is mergekit's flag: here --shard-size"),
+    "--trust-remote-code": (True, "--trust-remote-code is mergekit's flag: no model code is run here"),
+}  # fmt: skip
+
+
+def _mergekit_flag(hint: str):
+    def refuse(ctx, param, value):
+        if value:
+            raise UsageError(hint)
+
+    return refuse
+
+
+def positional_recipe(positional: tuple[str, ...], kw: dict) -> None:
+    """mergekit's argument order, `merge RECIPE.yaml OUT`, as --recipe RECIPE.yaml --out OUT."""
+    if len(positional) > 2:
+        raise UsageError(f"at most two arguments, RECIPE and OUT (got {len(positional)}): {' '.join(positional)}")
+    for key, flag, value in zip(("recipe_path", "out"), ("--recipe", "--out"), positional):
+        if kw.get(key) not in (None, value):
+            raise UsageError(f"{value!r} given as an argument and {kw[key]!r} as {flag}: give it once")
+        kw[key] = value
+
+
 def recipe_options(f):
     for option in reversed(_RECIPE_OPTIONS):
         f = option(f)
-    return f
+    for flag, (is_flag, hint) in MERGEKIT_FLAGS.items():
+        f = click.option(flag, is_flag=is_flag, hidden=True, expose_value=False, callback=_mergekit_flag(hint))(f)
+    return click.argument("positional", nargs=-1, metavar="[RECIPE [OUT]]")(f)
 
 
 def build_recipe(
@@ -158,7 +194,7 @@ def build_recipe(
     **_: Any,
 ) -> tuple[Recipe, dict[str, Any]]:
     """The recipe the command line describes, and the run settings its recipe file gives."""
-    if weights and len(weights) != len(experts):
+    if weights and len(weights) != len(experts) and not (recipe_path and not experts):
         raise UsageError(
             f"give one --weight per --expert, or none ({len(weights)} --weight for {len(experts)} --expert)"
         )
@@ -191,12 +227,35 @@ def build_recipe(
         overrides["experts"] = tuple(Expert(p, weights[i] if weights else None) for i, p in enumerate(experts))
     if recipe_path:
         recipe, run = read_recipe_file(recipe_path, overrides, default_out)
-        if parameters:
-            recipe = Recipe(**{**recipe.__dict__, "parameters": {**recipe.parameters, **parameters}})
-        return recipe, run
+        return override_values(recipe, parameters, weights if not experts else ()), run
     if not method:
         raise click.UsageError("give --method (or --recipe)")
     return from_mapping({"method": method, "parameters": parameters}, "command line", overrides, default_out), {}
+
+
+def override_values(recipe: Recipe, parameters: dict[str, Any], weights: tuple[float, ...]) -> Recipe:
+    """Flags beside --recipe win over every value the recipe holds: a parameter flag replaces the
+    recipe's parameter and, for a per-expert value (weight, density, …), each expert's own; --weight
+    gives the recipe's experts their weights in order."""
+    import dataclasses
+
+    from .methods import get_method
+
+    experts = recipe.experts
+    if weights:
+        if len(weights) != len(experts):
+            raise UsageError(
+                f"give one --weight per expert of the recipe ({len(weights)} --weight, {len(experts)} experts)"
+            )
+        experts = tuple(dataclasses.replace(e, weight=w) for e, w in zip(experts, weights))
+    per_expert = set(get_method(recipe.method)[0].expert_params)
+    for key in set(parameters) & per_expert:
+        experts = tuple(
+            dataclasses.replace(e, **{key: None}) if key in ("weight", "density")
+            else dataclasses.replace(e, parameters={k: v for k, v in e.parameters.items() if k != key})
+            for e in experts
+        )  # fmt: skip
+    return dataclasses.replace(recipe, experts=experts, parameters={**recipe.parameters, **parameters})
 
 
 def _budgets(kw: dict) -> dict[str, int | None]:
@@ -224,7 +283,19 @@ def reports_errors(f):
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class Commands(click.Group):
+    """The command group; a project error raised while a command's arguments are read (a
+    mergekit flag's hint) ends as one line and its exit code, as errors inside commands do."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except StreammergeError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+
+
+@click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="streammerge")
 def main() -> None:
     """Merge fine-tuned models out of core, one tensor at a time."""
@@ -271,13 +342,18 @@ def main() -> None:
     "write. Each task uses --threads CPUs (default 1). Same output as a local merge.",
 )
 @reports_errors
-def merge(output_format, restart, quiet, memory_report, checkpoint_every, report_path, ray_address, **kw) -> None:
-    """Merge EXPERTs into BASE with METHOD and write a Hugging Face model folder to OUT.
+def merge(output_format, restart, quiet, memory_report, checkpoint_every, report_path, ray_address, positional, **kw):
+    """Merge EXPERTs into BASE with METHOD and write a Hugging Face model folder to OUT
+    (or `merge RECIPE.yaml OUT`, mergekit's order).
 
     Re-running the same command after a crash or Ctrl-C resumes where it stopped.
     """
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
+    positional_recipe(positional, kw)
     recipe, run = build_recipe(**kw)
+    from .engine.options import check_output_file
+
+    check_output_file(memory_report, "--memory-report")
     ray = ray_address or run.get("ray")
     if ray is not None:
         if output_format == "adapter":
@@ -287,13 +363,11 @@ def merge(output_format, restart, quiet, memory_report, checkpoint_every, report
         import_ray()  # a clear error before anything is written
     import torch
 
-    from .cpu import choose_threads
-
-    torch.set_num_threads(choose_threads(kw.get("threads")))
-    logging.getLogger(__name__).info("%d CPU thread(s)", torch.get_num_threads())
     if output_format == "adapter":
         from .adapter_output import merge_to_adapter
+        from .cpu import choose_threads
 
+        torch.set_num_threads(choose_threads(kw.get("threads")))
         merge_to_adapter(recipe)
         if not quiet:
             click.echo(f"merged adapter written to {recipe.out}", err=True)
@@ -338,7 +412,8 @@ def merge(output_format, restart, quiet, memory_report, checkpoint_every, report
         resumed = f", {report.shards_resumed} resumed" if report.shards_resumed else ""
         click.echo(
             f"merged into {report.out}: {report.shards} shard(s){resumed}, "
-            f"{format_size(report.bytes_written)} written in {report.seconds:.1f} s on {report.device}; "
+            f"{format_size(report.bytes_written)} written in {report.seconds:.1f} s on {report.device} "
+            f"({report.threads} thread(s)); "
             f"peak RAM {format_size(report.measured_peak_ram)} (planned {format_size(report.planned_peak_ram)})",
             err=True,
         )
@@ -364,8 +439,14 @@ def merge(output_format, restart, quiet, memory_report, checkpoint_every, report
     help="Read the tensors whose working set depends on the data (OrthoMerge-C: wide weights, to count their "
     "conflicting rows) and plan with what they need instead of upper bounds.",
 )
+@click.option(
+    "--estimate/--no-estimate",
+    default=True,
+    show_default=True,
+    help="Estimate the merge's time on this machine (about a second of calibration and a 128 MB read).",
+)
 @reports_errors
-def plan(output_format, per_tensor, assume_gpu, measure, **kw) -> None:
+def plan(output_format, per_tensor, assume_gpu, measure, estimate, positional, **kw) -> None:
     """Print the memory plan of a merge (same arguments as merge; --out is optional: without it
     the disk check uses the current folder) without merging or writing anything.
 
@@ -373,6 +454,7 @@ def plan(output_format, per_tensor, assume_gpu, measure, **kw) -> None:
     """
     from .engine import Merge, RunOptions
 
+    positional_recipe(positional, kw)
     recipe, _ = build_recipe(**kw, default_out=os.path.join(os.getcwd(), "merged"))  # plan writes nothing
     if output_format == "adapter":
         from .adapter_output import adapter_plan
@@ -387,13 +469,15 @@ def plan(output_format, per_tensor, assume_gpu, measure, **kw) -> None:
         if measure and merger.measures_plan():
             merger.plan_with(merger.measure_statistics())
         click.echo(merger.plan.table(groups=not per_tensor))
+        if estimate and not assume_gpu:  # calibrated on this machine's devices: not for a GPU planned elsewhere
+            click.echo(merger.estimate().line())
         merger.plan.check()
     finally:
         merger.close()
 
 
 @main.command()
-@click.argument("out", type=click.Path(file_okay=False))
+@click.argument("out")
 @reports_errors
 def verify(out) -> None:
     """Check a finished merge in OUT: index, shard files, headers, every base tensor, checksums."""
@@ -403,7 +487,7 @@ def verify(out) -> None:
 
 
 @main.command("report")
-@click.argument("report_file", type=click.Path(exists=True, dir_okay=False))
+@click.argument("report_file", type=click.Path(dir_okay=False))
 @click.option(
     "--plots",
     type=click.Path(file_okay=False),
@@ -414,8 +498,12 @@ def report_cmd(report_file, plots) -> None:
     """Summarise a --report file: per tensor kind, cosines between experts, update size and the
     method's own diagnostics (OrthoMerge's rotation share, ‖Q*‖, conflicts; kept ranks)."""
     from .io.checkpoint import load_json
-    from .report import plot, summary
+    from .report import plot, pyplot, summary
 
+    if plots:
+        pyplot()  # refused before anything is printed where matplotlib is missing
+    if not os.path.isfile(report_file):
+        raise InputError(f"{report_file}: no such file")
     doc = load_json(report_file)
     if not isinstance(doc, dict) or "tensors" not in doc:
         raise InputError(f"{report_file}: not a streammerge report (no 'tensors')")

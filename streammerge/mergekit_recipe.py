@@ -80,21 +80,19 @@ def _path(ref: Any, where: str) -> str:
 
 def parse(doc: dict, where: str) -> dict[str, Any]:
     """Recipe fields (recipe.Recipe) for a mergekit YAML document."""
-    for key in doc:
-        if key in REFUSED_KEYS:
-            raise UsageError(f"{where}: mergekit key '{key}': {REFUSED_KEYS[key]}")
-    unknown = sorted(set(doc) - TOP_KEYS)
+    problems = [f"mergekit key '{key}': {REFUSED_KEYS[key]}" for key in doc if key in REFUSED_KEYS]
+    unknown = sorted(set(doc) - TOP_KEYS - set(REFUSED_KEYS))
     if unknown:
-        raise UsageError(
-            f"{where}: unknown mergekit key(s) {', '.join(unknown)} (read here: {', '.join(sorted(TOP_KEYS))})"
-        )
+        problems.append(f"unknown mergekit key(s) {', '.join(unknown)} (read here: {', '.join(sorted(TOP_KEYS))})")
+    if problems:  # every key at once
+        raise UsageError(f"{where}: " + "; ".join(problems))
     method = str(doc["merge_method"])
     if method == "passthrough":
         return _passthrough(doc, where) | _dtypes(doc, where)
     if "slices" in doc:
-        raise UsageError(
-            f"{where}: slices are supported with merge_method passthrough only (merging within slices is not)"
-        )
+        if "models" in doc:
+            raise UsageError(f"{where}: give either 'slices' or 'models'")
+        doc = {**{k: v for k, v in doc.items() if k != "slices"}, "models": _whole_model_slices(doc["slices"], where)}
     if method in METHODS_NOT_YET:
         raise UsageError(
             f"{where}: merge_method {method!r} is mergekit's but not implemented here yet (see README, mergekit "
@@ -188,6 +186,46 @@ def _fields(
         "parameters": implied | shared,
         "_implied": tuple(k for k in implied if k not in shared),
     }
+
+
+def _whole_model_slices(slices: Any, where: str) -> list[dict]:
+    """mergekit's `slices:` form of a merge of whole models (its README's slerp example: one slice
+    whose sources each span all of their model's layers) as the equivalent `models:` list; a slice
+    over part of the layers (merging within slices) is refused with how to write it."""
+    how = "write the merge with 'models:' (whole models), or stack layers with merge_method passthrough"
+    if (
+        not isinstance(slices, list)
+        or len(slices) != 1
+        or not isinstance(slices[0], dict)
+        or set(slices[0]) != {"sources"}
+    ):
+        raise UsageError(f"{where}: slices with a merge method other than passthrough: only one slice of whole "
+                         f"models is supported; {how}")  # fmt: skip
+    models = []
+    for i, src in enumerate(slices[0]["sources"] or []):
+        if not isinstance(src, dict) or "model" not in src or set(src) - {"model", "layer_range", "parameters"}:
+            raise UsageError(f"{where}: slices[0].sources[{i}] is a mapping with model, layer_range and parameters")
+        path = _path(src["model"], f"{where}: slices[0].sources[{i}]")
+        layers = _layer_count(path)
+        span = src.get("layer_range")
+        if layers is None or span != [0, layers]:
+            have = f"{layers} layers" if layers is not None else "no num_hidden_layers in its config.json"
+            raise UsageError(f"{where}: slices[0].sources[{i}]: layer_range {span} of {path} ({have}) is not the "
+                             f"whole model; merging within slices is not supported: {how}")  # fmt: skip
+        models.append({"model": path, **({"parameters": src["parameters"]} if src.get("parameters") else {})})
+    return models
+
+
+def _layer_count(path: str) -> int | None:
+    import json
+    import os
+
+    try:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+            value = json.load(f).get("num_hidden_layers")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) else None
 
 
 def _passthrough(doc: dict, where: str) -> dict[str, Any]:

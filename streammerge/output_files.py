@@ -107,6 +107,21 @@ def recipe_yaml(recipe: Recipe) -> str:
     return yaml.safe_dump(doc, sort_keys=False)
 
 
+def method_asked(recipe: Recipe) -> str:
+    """The method as the user named it: a mergekit recipe's `merge_method` (which may run as our
+    `gta`), else the recipe's method."""
+    if recipe.recipe_text:
+        import yaml
+
+        try:
+            doc = yaml.safe_load(recipe.recipe_text)
+        except yaml.YAMLError:
+            doc = None
+        if isinstance(doc, dict) and "merge_method" in doc:
+            return f"{doc['merge_method']}` (a mergekit recipe, with mergekit 0.1.5's meaning)"
+    return f"{recipe.method}`"
+
+
 def write_card(recipe: Recipe, out: str) -> None:
     experts = "\n".join(
         f"- `{e.path}`" + (f" (weight {e.weight})" if e.weight is not None else "") for e in recipe.experts
@@ -114,8 +129,8 @@ def write_card(recipe: Recipe, out: str) -> None:
     text = (
         f"---\nbase_model: {recipe.base}\ntags:\n- merge\n- streammerge\n---\n"
         "# Merged model\n\n"
-        f"This model was merged with [streammerge](https://pypi.org/project/streammerge/) {streammerge_version()}, "
-        f"method `{recipe.method}`, into the base model `{recipe.base}`.\n\n"
+        f"This model was merged with streammerge {streammerge_version()}, "
+        f"method `{method_asked(recipe)}, into the base model `{recipe.base}`.\n\n"
         f"## Models merged\n\n{experts}\n\n"
         f"## Recipe\n\n```yaml\n{recipe_yaml(recipe)}```\n"
     )

@@ -91,6 +91,10 @@ class Plan:
 
     def check(self) -> None:
         """Refuse before any work what cannot fit in RAM or on disk."""
+        self.check_memory()
+        self.check_disk()
+
+    def check_memory(self) -> None:
         if self.peak_host > self.ram_budget:
             worst = max(self.tensors, key=lambda t: t.host_bytes)
             raise ResourceError(
@@ -101,6 +105,8 @@ class Plan:
                 f"--max-ram is {format_size(self.ram_budget)}: give at least --max-ram "
                 f"{math.ceil(self.peak_host / 1e6)}MB"
             )
+
+    def check_disk(self) -> None:
         if self.disk_needed > self.disk_free:
             raise ResourceError(
                 f"the output needs {format_size(self.disk_needed)} more disk space, {format_size(self.disk_free)} is "

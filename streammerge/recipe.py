@@ -40,6 +40,19 @@ def parse_dtype(name: str | None, what: str) -> torch.dtype | None:
     return DTYPE_ALIASES[str(name).lower()]
 
 
+def expert_count_problems(method: Method, n: int) -> list[str]:
+    """How many experts the method takes (Method.min_experts, max_experts), checked with the recipe."""
+    low, high = method.min_experts, method.max_experts
+    if low <= n and (high is None or n <= high):
+        return []
+    if high is None:
+        return ["at least one expert is needed" if low == 1 else f"{method.name} takes at least {low} experts, got {n}"]
+    if high == 0:
+        return [f"{method.name} takes one model (or layer slices) and no experts, got {n}"]
+    return [f"{method.name} takes exactly {low} expert(s), got {n}" if low == high else
+            f"{method.name} takes {low} to {high} experts, got {n}"]  # fmt: skip
+
+
 @dataclass(frozen=True)
 class Expert:
     """One expert and its own settings (settings.py: a value, a gradient or filters). A setting
@@ -135,6 +148,9 @@ class Recipe:
                     f"{where}: expert {e.path}: unknown per-expert parameter(s) {', '.join(unknown)} (known: "
                     f"{', '.join(method.expert_params)})"
                 )
+            for key, value in values.items():  # every per-expert value is a number (or unset)
+                if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                    raise UsageError(f"{where}: expert {e.path}: {key} must be a number, not {value!r}")
             if isinstance(values.get("weight"), (int, float)) and not math.isfinite(float(values["weight"])):
                 raise UsageError(f"{where}: expert {e.path}: weight {values['weight']} is not finite")
             if values.get("density") is not None and not 0 < float(values["density"]) <= 1:
@@ -148,7 +164,9 @@ class Recipe:
         resolved = None
         literal: set[str] = set()
         try:
-            literal = get_method(self.method)[0].literal_params
+            method = get_method(self.method)[0]
+            literal = method.literal_params
+            problems += expert_count_problems(method, len(self.experts))  # first: before values per expert
         except UsageError:
             pass  # reported below
         for key, setting in self.parameters.items():
@@ -169,13 +187,11 @@ class Recipe:
                 method, values = self.method_and_values("", 0.0)
                 resolved = (method, values.params)
                 try:
-                    method.check_experts(values.params, values.experts)
+                    method.check_experts(values.params, values.experts)  # raises ValueError
                 except ValueError as exc:
-                    problems.append(str(exc))
+                    problems.append(f"method {method.name}: {exc}")
             except UsageError as exc:
                 problems.append(str(exc))
-        if resolved is not None and len(self.experts) < resolved[0].min_experts:
-            problems.append("at least one expert is needed")
         if self.slices is not None and self.method != "passthrough":
             problems.append(f"layer slices go with method passthrough, not {self.method}")
         for what, name in (("dtype", self.dtype), ("compute_dtype", self.compute_dtype)):

@@ -45,6 +45,20 @@ def from_mapping(
     if not isinstance(doc, dict):
         raise UsageError(f"{where}: a recipe is a mapping")
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    experts = doc.get("experts")
+    moe_experts = isinstance(experts, list) and any(
+        isinstance(e, dict) and ({"source_model", "positive_prompts"} & set(e)) for e in experts
+    )
+    if "gate_mode" in doc or moe_experts:
+        raise UsageError(
+            f"{where}: a mergekit-moe recipe (gate_mode, experts with source_model/positive_prompts): "
+            "mixture-of-experts models are not supported; streammerge merges into one dense model"
+        )
+    if "merge_method" in doc and overrides.get("method"):
+        raise UsageError(
+            f"{where}: --method cannot change a mergekit recipe's merge_method (its parameters mean what mergekit "
+            "says); edit merge_method in the file, or write the merge as our recipe"
+        )
     try:
         fields_ = mergekit_recipe.parse(doc, where) if "merge_method" in doc else _native(doc, where)
     except (TypeError, ValueError) as exc:
@@ -114,8 +128,13 @@ def read_recipe_file(
         doc = yaml.safe_load(text)
     except OSError as exc:
         raise InputError(f"{path}: cannot read ({exc.strerror})") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise UsageError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{path}: not valid YAML (not UTF-8 text: {exc.reason} at byte {exc.start})") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else path
+        what = "; ".join(str(p) for p in (getattr(exc, "problem", None), getattr(exc, "context", None)) if p)
+        raise UsageError(f"{where}: not valid YAML ({what or str(exc).splitlines()[0]})") from None
     recipe = dataclasses.replace(from_mapping(doc, path, overrides, default_out), recipe_text=text)
     run = {k: doc[k] for k in RUN_KEYS if isinstance(doc, dict) and doc.get(k) is not None}
     return recipe, run

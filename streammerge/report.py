@@ -22,10 +22,12 @@ import json
 import math
 import os
 import statistics
+import textwrap
 from typing import Any
 
 import torch
 
+from .errors import UsageError
 from .io.atomic import write_bytes_atomic
 from .settings import layer_index, with_layer
 
@@ -118,67 +120,116 @@ def rows(doc: dict) -> list[dict[str, Any]]:
     return out
 
 
-def summary(doc: dict) -> str:
-    def f(v, fmt="{:.3f}"):
-        return "—" if v is None else fmt.format(v)
+# (row key, column heading, format, what a record must hold for the column to apply)
+COLUMNS = [
+    ("mean_cosine", "mean cos(τ_i, τ_j)", "{:.3f}", "cosines"),
+    ("update_over_mean_tau", "‖ΔW‖ / mean ‖τ_i‖", "{:.3f}", "task_vector_norms"),
+    ("rotation_share", "rotation share", "{:.3f}", "rotation_share"),
+    ("generator_agreement", "‖Σ Q_i‖ / Σ ‖Q_i‖", "{:.3f}", "generator_agreement"),
+    ("conflict_rows", "conflicting rows", "{:.1%}", "conflict_row_fraction"),
+    ("planes_reset", "planes reset", "{}", "planes_reset"),
+    ("kept_rank", "kept rank", "{:.0f}", ("kept_rank", "rank")),
+    ("removed_components", "components removed", "{}", "removed_components"),
+]
 
+
+def summary(doc: dict) -> str:
+    """One row per tensor kind, with only the columns this method's records hold."""
+    recs = list(doc["tensors"].values())
+
+    def applies(needs) -> bool:
+        needs = needs if isinstance(needs, tuple) else (needs,)
+        return any(k in r for r in recs for k in needs)
+
+    columns = [c for c in COLUMNS if applies(c[3])]
     lines = [
         f"{doc.get('method', '?')} over {len(doc['tensors'])} tensors, {doc.get('experts', '?')} experts",
         "",
-        "| tensor kind | n | mean cos(τ_i, τ_j) | ‖ΔW‖ / mean ‖τ_i‖ | rotation share | ‖Σ Q_i‖ / Σ ‖Q_i‖ | "
-        "conflicting rows | planes reset | kept rank | components removed |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| tensor kind | n | " + " | ".join(c[1] for c in columns) + " |",
+        "|---|---|" + "---|" * len(columns),
     ]
     for r in rows(doc):
-        lines.append(
-            f"| {r['kind']} | {r['tensors']} | {f(r['mean_cosine'])} | {f(r['update_over_mean_tau'])} | "
-            f"{f(r['rotation_share'])} | "
-            f"{f(r['generator_agreement'])} | {f(r['conflict_rows'], '{:.1%}')} | {r['planes_reset']} | "
-            f"{f(r['kept_rank'], '{:.0f}')} | {r['removed_components']} |"
-        )
+        cells = ["—" if r[key] is None else fmt.format(r[key]) for key, _, fmt, _ in columns]
+        lines.append(f"| {r['kind']} | {r['tensors']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def plot(doc: dict, folder: str) -> list[str]:
-    """Per-layer curves of the quantities above, one PNG per quantity (needs matplotlib)."""
+def pyplot():
+    """matplotlib's pyplot on a file backend, or the one-line error that says how to get it."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise SystemExit(
-            "plots need matplotlib: pip install 'streammerge[report]' (the text summary works without it)"
+        raise UsageError(
+            "--plots needs matplotlib: pip install -e '.[report]' in the clone (the text summary works without it)"
         ) from None
+    return plt
+
+
+# what each plot shows, and which way is good: printed under it
+PLOTS = {
+    "rotation_share": (
+        "rotation share of the update",
+        "The share of each merged update that the rotation carries (the paper's Figure 4): 0 means "
+        "OrthoMerge reduced to its residual method there; higher, the rotation did more of the work.",
+    ),
+    "mean_cosine": (
+        "mean cos(τ_i, τ_j)",
+        "How alike the experts' changes are: near 1 they agree and any method will do; near 0 or below "
+        "they interfere, which is where the choice of method matters.",
+    ),
+    "update_over_mean_tau": (
+        "‖ΔW‖ / mean ‖τ_i‖",
+        "The merged update against an average expert's: near 1 keeps an expert's strength; far below 1, "
+        "the experts' changes cancel (raise λ or α, or use a method that resolves conflicts).",
+    ),
+    "conflict_rows": (
+        "conflicting rows",
+        "The fraction of each expert's rows that point against the experts' mean (OrthoMerge-C's targets): "
+        "more conflict, more for the rotation to resolve.",
+    ),
+    "kept_rank": (
+        "kept rank",
+        "The rank the spectral method kept of each weight: higher keeps more of each expert; it is at most "
+        "min(rows, columns).",
+    ),
+}
+
+
+def plot(doc: dict, folder: str) -> list[str]:
+    """Per-layer curves of the quantities above, one PNG per quantity (needs matplotlib): integer
+    layer ticks, the legend beside the axes, and a sentence under each saying how to read it."""
+    from matplotlib.ticker import MaxNLocator
+
+    plt = pyplot()
     os.makedirs(folder, exist_ok=True)
     written = []
-    quantities = {
-        "rotation_share": "rotation share of the update",
-        "mean_cosine": "mean cos(τ_i, τ_j)",
-        "update_over_mean_tau": "‖ΔW‖ / mean ‖τ_i‖",
-    }
-    per_layer: dict[str, dict[str, dict[int, float]]] = {q: {} for q in quantities}
+    per_layer: dict[str, dict[str, dict[int, float]]] = {q: {} for q in PLOTS}
     for name, rec in doc["tensors"].items():
         layer = layer_index(name)
         if layer is None:
             continue
         kind = name.split(f"layers.{layer}.", 1)[1].removesuffix(".weight")
         one = rows({"tensors": {name: rec}})[0]
-        for q in quantities:
+        for q in PLOTS:
             if one[q] is not None:
                 per_layer[q].setdefault(kind, {})[layer] = one[q]
-    for q, label in quantities.items():
+    for q, (label, sentence) in PLOTS.items():
         if not per_layer[q]:
             continue
-        fig, ax = plt.subplots(figsize=(7, 4))
+        fig, ax = plt.subplots(figsize=(8, 4.5))
         for kind, series in sorted(per_layer[q].items()):
             xs = sorted(series)
             ax.plot(xs, [series[x] for x in xs], marker="o", label=kind)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("layer")
         ax.set_ylabel(label)
         ax.set_title(f"{doc.get('method', '')}: {label}")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+        fig.text(0.01, 0.01, textwrap.fill(sentence, 110), fontsize=7, va="bottom")
+        fig.tight_layout(rect=(0, 0.08, 1, 1))
         path = os.path.join(folder, f"{q}.png")
         fig.savefig(path, dpi=100)
         plt.close(fig)

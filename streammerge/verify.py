@@ -54,10 +54,45 @@ def verify_adapter(out: str) -> str:
     return f"{out}: OK — merged adapter, {len(header.tensors)} tensors, {format_size(os.path.getsize(path))}"
 
 
+def loader_file_problems(out: str, recipe: dict, merged: Checkpoint) -> list[str]:
+    """What a loader needs besides the tensors: the config files the base had, agreeing with the
+    tensors, and the tokenizer files of the base (or of the recipe's tokenizer_source)."""
+    from .output_files import CONFIG_FILES, TOKENIZER_FILES
+    from .settings import count_layers
+
+    base = recipe.get("base", "")
+    source = recipe.get("tokenizer_source")
+    donor = base if source in (None, "base") else source
+    problems = [
+        f"{out}/{f}: missing (the base has it; loaders need it)"
+        for f in CONFIG_FILES
+        if os.path.isfile(os.path.join(base, f)) and not os.path.isfile(os.path.join(out, f))
+    ]
+    problems += [
+        f"{out}/{f}: missing ({'the base' if donor == base else donor} has it; the tokenizer needs it)"
+        for f in TOKENIZER_FILES
+        if os.path.isfile(os.path.join(donor, f)) and not os.path.isfile(os.path.join(out, f))
+    ]
+    config_path = os.path.join(out, "config.json")
+    config = load_json(config_path) if os.path.isfile(config_path) else None
+    if not isinstance(config, dict):
+        return problems
+    embed = next((n for n in merged.names() if n.endswith("embed_tokens.weight")), None)
+    expected = {"num_hidden_layers": count_layers(merged.names())}
+    if embed is not None and len(merged.info(embed).shape) == 2:
+        expected["vocab_size"], expected["hidden_size"] = merged.info(embed).shape
+    for key, value in expected.items():
+        if key in config and value and config[key] != value:
+            problems.append(f"{config_path}: {key} is {config[key]!r}, the tensors say {value}")
+    return problems
+
+
 def verify_output(out: str) -> str:
     out = os.path.abspath(out)
-    if not os.path.isdir(out):
+    if not os.path.exists(out):
         raise InputError(f"{out}: no such folder")
+    if not os.path.isdir(out):
+        raise InputError(f"{out}: not a folder (a merge's output is a folder)")
     from .io.peft_adapter import WEIGHTS_NAME
 
     if os.path.isfile(os.path.join(out, WEIGHTS_NAME)) and not os.path.isfile(os.path.join(out, INDEX_NAME)):
@@ -103,6 +138,7 @@ def verify_output(out: str) -> str:
             problems.append(f"{f}: not recorded as finished")
         elif os.path.getsize(f) != record["size"] or sha256_of(f) != record["sha256"]:
             problems.append(f"{f}: checksum differs from the one recorded when it was written")
+    problems += loader_file_problems(out, journal.recipe, merged)
     merged.close()
     base.close()
     collect(problems, InputError, f"{out}: verification failed")

@@ -26,7 +26,7 @@ LAYERS = [
     ["streammerge.engine.ray"],
     ["streammerge.engine.shards"],
     ["streammerge.engine.statistics"],
-    ["streammerge.engine.tensors", "streammerge.engine.output"],
+    ["streammerge.engine.tensors", "streammerge.engine.output", "streammerge.engine.estimate"],
     ["streammerge.engine.placement"],
     ["streammerge.engine.inputs"],
     ["streammerge.engine.options"],

@@ -147,7 +147,9 @@ def test_plan_needs_no_out_and_writes_nothing(toy_untied, tmp_path, monkeypatch)
     assert os.listdir(tmp_path) == []
 
 
-def test_mergekit_recipe_retargeted_reports_only_what_the_user_wrote(toy_untied, tmp_path):
+def test_method_flag_beside_a_mergekit_recipe_is_refused(toy_untied, tmp_path):
+    """A mergekit recipe's parameters mean what mergekit says: another method beside it would give
+    them our meaning (#24: --method switched semantics and then rejected mergekit's normalize)."""
     recipe = {
         "merge_method": "ties",
         "base_model": os.path.join(toy_untied, "base"),
@@ -155,29 +157,11 @@ def test_mergekit_recipe_retargeted_reports_only_what_the_user_wrote(toy_untied,
         "parameters": {"normalize": True},
     }
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
-    r = cli(
-        "merge",
-        "--quiet",
-        "--recipe",
-        str(tmp_path / "r.yaml"),
-        "--method",
-        "task_arithmetic",
-        "--out",
-        str(tmp_path / "o"),
-    )
-    assert r.exit_code == 2 and "unknown parameter(s) normalize" in r.output and "sparsify" not in r.output, r.output
-    del recipe["parameters"]
-    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
-    r = cli(
-        "merge",
-        "--quiet",
-        "--recipe",
-        str(tmp_path / "r.yaml"),
-        "--method",
-        "task_arithmetic",
-        "--out",
-        str(tmp_path / "o"),
-    )
+    r = cli("merge", "--quiet", "--recipe", str(tmp_path / "r.yaml"), "--method", "task_arithmetic",
+            "--out", str(tmp_path / "o"))  # fmt: skip
+    assert r.exit_code == 2 and "--method cannot change a mergekit recipe's merge_method" in r.output, r.output
+    assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+    r = cli("merge", "--quiet", "--recipe", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "o"))
     assert r.exit_code == 0, r.output
 
 
@@ -258,3 +242,393 @@ def test_expert_without_an_integer_buffer_of_the_base_merges(tmp_path):
                 "task_arithmetic", str(tmp_path / "base"), (Expert(str(tmp_path / "no_float")),), str(tmp_path / "out2")
             )
         )
+
+
+# -- a user's first hour (#24) -------------------------------------------------------------------
+
+
+def merge_cli(toy: str, out, *args: str, n: int = 2):
+    return cli("merge", "--quiet", *flags(toy, n), "--out", str(out), *args)
+
+
+def one_line(r) -> bool:
+    return len(r.output.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "method,n,params,message",
+    [
+        ("slerp", 2, ["--param", "t=0.5"], "slerp takes exactly 1 expert(s), got 2"),
+        ("nearswap", 2, ["--param", "t=0.5"], "nearswap takes exactly 1 expert(s), got 2"),
+        ("arcee_fusion", 2, [], "arcee_fusion takes exactly 1 expert(s), got 2"),
+        ("nuslerp", 3, [], "nuslerp takes exactly 2 expert(s), got 3"),
+        ("passthrough", 1, [], "passthrough takes one model (or layer slices) and no experts, got 1"),
+    ],
+)
+def test_expert_counts_are_checked_before_anything_is_written(toy_untied, tmp_path, method, n, params, message):
+    """#24.1: checked with the recipe (exit 2), not at the first tensor, and nothing under --out."""
+    out = tmp_path / "o"
+    r = merge_cli(toy_untied, out, "--method", method, *params, n=n)
+    assert r.exit_code == 2 and message in r.output and one_line(r), r.output
+    assert not out.exists()
+
+
+def test_a_journal_with_no_finished_work_never_blocks_a_different_command(toy_untied, tmp_path):
+    """#24.1: a merge that stopped before finishing a shard (here: NaN in an expert) leaves its
+    journal; the corrected command replaces it without --restart. A --max-ram refusal writes nothing."""
+    bad = tmp_path / "bad"
+    shutil.copytree(experts_of(toy_untied)[1], bad)
+    index = json.load(open(bad / "model.safetensors.index.json"))
+    name = "model.norm.weight"
+    from safetensors.torch import load_file, save_file
+
+    shard = bad / index["weight_map"][name]
+    tensors = load_file(str(shard))
+    tensors[name][0] = float("nan")
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    out = tmp_path / "o"
+    r = cli("merge", "--quiet", "--base", os.path.join(toy_untied, "base"), "--expert", experts_of(toy_untied)[0],
+            "--expert", str(bad), "--method", "ties", "--out", str(out), "--shard-size", "5GB")  # fmt: skip
+    assert r.exit_code == 3 and "contains NaN or Inf" in r.output
+    assert (out / "streammerge.json").exists() and not json.load(open(out / "streammerge.json"))["finished"]
+    r = merge_cli(toy_untied, out, "--method", "ties", "--shard-size", "5GB")
+    assert r.exit_code == 0, r.output
+    assert cli("verify", str(out)).exit_code == 0
+    r = merge_cli(toy_untied, tmp_path / "small", "--method", "ties", "--max-ram", "1MB")
+    assert r.exit_code == 4 and "give at least --max-ram" in r.output and one_line(r)
+    assert not (tmp_path / "small").exists()
+
+
+@pytest.mark.parametrize("flag", ["--report", "--memory-report"])
+def test_output_files_are_checked_before_any_work(toy_untied, tmp_path, flag):
+    """#24.2: a report path in a folder that does not exist is refused up front, not mid-merge."""
+    out = tmp_path / "o"
+    r = merge_cli(toy_untied, out, "--method", "ties", flag, str(tmp_path / "nodir" / "r.json"))
+    assert r.exit_code == 2 and f"{flag} " in r.output and "does not exist" in r.output and one_line(r), r.output
+    assert not out.exists()
+
+
+def test_flags_beside_a_recipe_override_every_value_it_holds(toy_untied, tmp_path):
+    """#24.3: --density beside per-model densities, and --weight beside a recipe's experts, win."""
+    recipe = {
+        "merge_method": "ties",
+        "base_model": os.path.join(toy_untied, "base"),
+        "models": [{"model": e, "parameters": {"weight": 1.0, "density": 0.3}} for e in experts_of(toy_untied, 2)],
+    }
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert cli("merge", "--quiet", "--recipe", str(path), "--out", str(tmp_path / "a")).exit_code == 0
+    r = cli("merge", "--quiet", "--recipe", str(path), "--density", "0.9", "--out", str(tmp_path / "b"))
+    assert r.exit_code == 0, r.output
+    for model in recipe["models"]:
+        model["parameters"]["density"] = 0.9
+    path.write_text(yaml.safe_dump(recipe))
+    assert cli("merge", "--quiet", "--recipe", str(path), "--out", str(tmp_path / "c")).exit_code == 0
+    shards = lambda out: {f: open(out / f, "rb").read() for f in os.listdir(out) if f.startswith("model-")}  # noqa: E731
+    assert shards(tmp_path / "b") == shards(tmp_path / "c") != shards(tmp_path / "a")
+    r = cli("merge", "--quiet", "--recipe", str(path), "--weight", "0.5", "--weight", "2", "--out", str(tmp_path / "d"))
+    assert r.exit_code == 0, r.output
+    for model, w in zip(recipe["models"], (0.5, 2)):
+        model["parameters"]["weight"] = w
+    path.write_text(yaml.safe_dump(recipe))
+    assert cli("merge", "--quiet", "--recipe", str(path), "--out", str(tmp_path / "e")).exit_code == 0
+    assert shards(tmp_path / "d") == shards(tmp_path / "e")
+    r = cli("merge", "--quiet", "--recipe", str(path), "--weight", "1", "--out", str(tmp_path / "f"))
+    assert r.exit_code == 2 and "give one --weight per expert of the recipe" in r.output and one_line(r)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--method", "task_arithmetic", "--density", "0.9"], "unknown parameter(s) density (known: lambda)"),
+        (["--method", "linear", "--density", "0.9"], "unknown parameter(s) density (known: normalize)"),
+        (["--method", "orthomerge", "--density", "0.5"], "density is a parameter of the residual method"),
+        (["--method", "ties", "--drop-rate", "0.5"], "unknown parameter(s) drop_rate"),
+    ],
+)
+def test_a_parameter_the_method_does_not_use_is_refused(toy_untied, tmp_path, args, message):
+    """#24.4: nothing accepted and ignored."""
+    r = merge_cli(toy_untied, tmp_path / "o", *args)
+    assert r.exit_code == 2 and message in r.output and one_line(r), r.output
+    r = cli("plan", *flags(toy_untied), "--method", "orthomerge", "--density", "0.5", "--residual-method", "ties")
+    assert r.exit_code == 0, r.output
+
+
+def test_resume_refuses_inputs_that_changed_and_names_the_file(toy_untied, tmp_path):
+    """#24.5: an expert saved over with other values of the same shapes after some shards were
+    merged: the resume is refused (exit 5) naming that file, and --restart merges again."""
+    expert = tmp_path / "e1"
+    shutil.copytree(experts_of(toy_untied)[0], expert)
+    bad = tmp_path / "e2"
+    shutil.copytree(experts_of(toy_untied)[1], bad)
+    from safetensors.torch import load_file, save_file
+
+    last = sorted(f for f in os.listdir(bad) if f.endswith(".safetensors"))[-1]
+    good = load_file(str(bad / last))
+    broken = {k: v.clone() for k, v in good.items()}
+    first = next(iter(broken))
+    broken[first].view(-1)[0] = float("nan")
+    save_file(broken, str(bad / last), metadata={"format": "pt"})
+    out = tmp_path / "o"
+    args = ["--base", os.path.join(toy_untied, "base"), "--expert", str(expert), "--expert", str(bad),
+            "--method", "ties", "--out", str(out), "--shard-size", "30KB"]  # fmt: skip
+    r = cli("merge", "--quiet", *args)
+    assert r.exit_code == 3, r.output  # NaN in a later shard: the first shards are finished
+    assert json.load(open(out / "streammerge.json"))["finished"]
+    save_file(good, str(bad / last), metadata={"format": "pt"})  # the culprit mended …
+    retrained = sorted(f for f in os.listdir(expert) if f.endswith(".safetensors"))[0]
+    tensors = load_file(str(expert / retrained))
+    save_file(
+        {k: v * 1.5 for k, v in tensors.items()}, str(expert / retrained), metadata={"format": "pt"}
+    )  # … and e1 retrained
+    r = cli("merge", "--quiet", *args)
+    assert r.exit_code == 5 and str(expert / retrained) in r.output and "changed since" in r.output, r.output
+    assert one_line(r)
+    r = cli("merge", "--quiet", *args, "--restart")
+    assert r.exit_code == 0, r.output
+    assert cli("verify", str(out)).exit_code == 0
+
+
+def test_the_python_api_uses_the_free_cores_as_the_cli_does(toy_untied, tmp_path, monkeypatch):
+    """#24.6: merge() chooses its threads like the CLI (cpu.choose_threads), not torch's default."""
+    import torch
+
+    from streammerge import Expert, Recipe, merge
+    from streammerge import cpu
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(cpu, "choose_threads", lambda requested=None: 1)
+    try:
+        torch.set_num_threads(2)
+        recipe = Recipe("ties", os.path.join(toy_untied, "base"), tuple(Expert(e) for e in experts_of(toy_untied)),
+                        str(tmp_path / "o"))  # fmt: skip
+        assert merge(recipe).threads == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--method", "ties", "--param", "density=abc"], "method ties: density must be a number, not 'abc'"),
+        (["--method", "ties", "--param", "lambda=abc"], "method ties: lambda must be a number, not 'abc'"),
+        (["--method", "karcher", "--param", "max_iter=2.5"], "max_iter must be a whole number, not 2.5"),
+        (["--method", "linear", "--param", "normalize=maybe"], "normalize must be true or false, not 'maybe'"),
+    ],
+)
+def test_parameter_types_are_named(toy_untied, tmp_path, args, message):
+    """#24.8: the parameter and the type it takes, not a Python comparison error."""
+    r = merge_cli(toy_untied, tmp_path / "o", *args)
+    assert r.exit_code == 2 and message in r.output and one_line(r), r.output
+
+
+def test_recipe_files_name_the_bad_value_and_where(toy_untied, tmp_path):
+    """#24.8: `density: abc` in a recipe (top level and per expert), YAML errors with line and column,
+    and every unsupported mergekit key at once."""
+    base, (e1, e2) = os.path.join(toy_untied, "base"), experts_of(toy_untied, 2)
+    path = tmp_path / "r.yaml"
+
+    def run(doc) -> object:
+        path.write_text(doc if isinstance(doc, str) else yaml.safe_dump(doc))
+        return cli("merge", "--quiet", "--recipe", str(path), "--out", str(tmp_path / "o"))
+
+    r = run({"method": "ties", "base": base, "experts": [e1, e2], "parameters": {"density": "abc"}})
+    assert r.exit_code == 2 and "density must be a number, not 'abc'" in r.output and one_line(r), r.output
+    r = run({"method": "ties", "base": base, "experts": [{"path": e1, "density": "abc"}, e2]})
+    assert r.exit_code == 2 and f"expert {e1}: density must be a number, not 'abc'" in r.output, r.output
+    r = run("method: ties\nbase: x\nexperts: [a, b\nout: o\n")
+    assert r.exit_code == 2 and f"{path}:4:4: not valid YAML (" in r.output and one_line(r), r.output
+    r = run({"merge_method": "ties", "base_model": base, "models": [e1], "modules": {}, "foo": 1, "bar": 2})
+    assert r.exit_code == 2 and "'modules'" in r.output and "bar, foo" in r.output and one_line(r), r.output
+
+
+def test_messages_are_consistent_and_true(toy_untied, tmp_path):
+    """#24.9: no thread-count line before an error; `no such folder` / `not a folder` alike in merge
+    and verify; --out naming a file; a missing recipe or report file is exit 3 alike."""
+    r = CliRunner().invoke(main, ["merge", *flags(toy_untied), "--method", "tiez", "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and one_line(r), r.output
+    r = cli("merge", "--quiet", "--base", str(tmp_path / "nope"), "--expert", experts_of(toy_untied)[0],
+            "--method", "ties", "--out", str(tmp_path / "o"))  # fmt: skip
+    assert r.exit_code == 3 and f"{tmp_path / 'nope'}: no such folder" in r.output
+    (tmp_path / "file").write_text("x")
+    r = cli("verify", str(tmp_path / "file"))
+    assert r.exit_code == 3 and "not a folder" in r.output
+    r = merge_cli(toy_untied, tmp_path / "file", "--method", "ties")
+    assert r.exit_code == 4 and "is a file, not a folder" in r.output and one_line(r), r.output
+    r = cli("merge", "--quiet", "--recipe", str(tmp_path / "missing.yaml"))
+    assert r.exit_code == 3 and one_line(r)
+    r = cli("report", str(tmp_path / "missing.json"))
+    assert r.exit_code == 3 and "no such file" in r.output and one_line(r)
+
+
+def test_report_plots_without_matplotlib_say_how_to_get_it(tmp_path):
+    argv = ["streammerge", "report", str(tmp_path / "r.json"), "--plots", str(tmp_path)]
+    code = (
+        f"import sys; sys.modules['matplotlib'] = None; from streammerge.cli import main; sys.argv = {argv!r}; main()"
+    )
+    (tmp_path / "r.json").write_text(json.dumps({"tensors": {}}))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 2 and "pip install -e '.[report]'" in r.stderr and r.stdout == "", r.stderr
+
+
+def test_mergekit_habits(toy_untied, tmp_path):
+    """#24.10: `merge RECIPE OUT` (mergekit's order), its flags answered with ours, a mergekit-moe
+    recipe refused as such, and the README's slerp recipe written with `slices:` merged as with `models:`."""
+    base, (e1,) = os.path.join(toy_untied, "base"), experts_of(toy_untied, 1)
+    layers = json.load(open(os.path.join(base, "config.json")))["num_hidden_layers"]
+    sliced = {
+        "merge_method": "slerp",
+        "base_model": base,
+        "slices": [
+            {"sources": [{"model": base, "layer_range": [0, layers]}, {"model": e1, "layer_range": [0, layers]}]}
+        ],
+        "parameters": {"t": [{"filter": "self_attn", "value": [0, 0.5, 1]}, {"value": 0.5}]},
+    }
+    (tmp_path / "sliced.yaml").write_text(yaml.safe_dump(sliced))
+    r = cli("merge", "--quiet", str(tmp_path / "sliced.yaml"), str(tmp_path / "a"))
+    assert r.exit_code == 0, r.output
+    models = {k: v for k, v in sliced.items() if k != "slices"} | {"models": [{"model": base}, {"model": e1}]}
+    (tmp_path / "models.yaml").write_text(yaml.safe_dump(models))
+    assert (
+        cli("merge", "--quiet", "--recipe", str(tmp_path / "models.yaml"), "--out", str(tmp_path / "b")).exit_code == 0
+    )
+    shards = lambda out: {f: open(out / f, "rb").read() for f in os.listdir(out) if f.startswith("model-")}  # noqa: E731
+    assert shards(tmp_path / "a") == shards(tmp_path / "b")
+    sliced["slices"][0]["sources"][1]["layer_range"] = [0, 1]
+    (tmp_path / "sliced.yaml").write_text(yaml.safe_dump(sliced))
+    r = cli("merge", "--quiet", str(tmp_path / "sliced.yaml"), str(tmp_path / "c"))
+    assert r.exit_code == 2 and "is not the whole model" in r.output and "models:" in r.output and one_line(r)
+    r = cli("merge", "--cuda", str(tmp_path / "models.yaml"), str(tmp_path / "d"))
+    assert r.exit_code == 2 and "--device cuda" in r.output and one_line(r), r.output
+    moe = {"base_model": base, "gate_mode": "hidden", "experts": [{"source_model": e1, "positive_prompts": ["x"]}]}
+    (tmp_path / "moe.yaml").write_text(yaml.safe_dump(moe))
+    r = cli("merge", "--quiet", str(tmp_path / "moe.yaml"), str(tmp_path / "e"))
+    assert r.exit_code == 2 and "mixture-of-experts models are not supported" in r.output and one_line(r)
+
+
+def test_verify_checks_what_a_loader_needs(toy_untied, tmp_path):
+    """#24.13: config and tokenizer files the base had, and a config that agrees with the tensors."""
+    out = tmp_path / "o"
+    assert merge_cli(toy_untied, out, "--method", "ties").exit_code == 0
+    assert cli("verify", str(out)).exit_code == 0
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps(config | {"hidden_size": config["hidden_size"] + 1}))
+    r = cli("verify", str(out))
+    assert r.exit_code == 3 and "hidden_size is" in r.output and "the tensors say" in r.output, r.output
+    os.remove(out / "config.json")
+    tokenizer = next(f for f in ("tokenizer.json", "tokenizer_config.json") if (out / f).exists())
+    os.remove(out / tokenizer)
+    r = cli("verify", str(out))
+    assert r.exit_code == 3 and "config.json: missing" in r.output and f"{tokenizer}: missing" in r.output, r.output
+
+
+def test_the_demo_experts_conflict_so_orthomerge_rotates(tmp_path):
+    """#24.14: tools/demo.sh's experts (--shared 0.7) make OrthoMerge do something: its report
+    shows a rotation share above 0."""
+    demo = open(os.path.join(ROOT, "tools", "demo.sh")).read()
+    assert "--shared 0.7" in demo and "--report" in demo
+    toy = make_toy(str(tmp_path / "demo"), "--preset", "tiny", "--experts", "3", "--shared", "0.7")
+    r = cli("merge", "--quiet", *flags(toy, 3), "--method", "orthomerge", "--out", str(tmp_path / "o"),
+            "--report", str(tmp_path / "r.json"))  # fmt: skip
+    assert r.exit_code == 0, r.output
+    shares = [t.get("rotation_share", 0.0) for t in json.load(open(tmp_path / "r.json"))["tensors"].values()]
+    assert max(shares) > 0.05
+
+
+def test_install_scripts_choose_the_cpu_build_without_a_gpu():
+    """#24.16: the set-up asks for PyTorch's CPU build where there is no GPU, and both scripts use it."""
+    script = open(os.path.join(ROOT, "tools", "install_torch.sh")).read()
+    assert "nvidia-smi" in script and "whl/cpu" in script
+    for name in ("demo.sh", "run_tests.sh"):
+        assert "bash tools/install_torch.sh" in open(os.path.join(ROOT, "tools", name)).read()
+
+
+def test_names_that_exist(toy_untied, tmp_path):
+    """#24.17: install hints name the clone's extras; the card links nowhere that does not exist and
+    names the method the user asked for."""
+    for path in ("streammerge/report.py", "streammerge/engine/ray.py", "README.md", "docs/diagnostics.md"):
+        assert "streammerge[" not in open(os.path.join(ROOT, path)).read(), path
+    recipe = {
+        "merge_method": "ties",
+        "base_model": os.path.join(toy_untied, "base"),
+        "models": [{"model": e, "parameters": {"weight": 1.0, "density": 0.5}} for e in experts_of(toy_untied, 2)],
+    }
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    assert cli("merge", "--quiet", "--recipe", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "o")).exit_code == 0
+    card = (tmp_path / "o" / "README.md").read_text()
+    assert "method `ties` (a mergekit recipe" in card and "gta" not in card and "pypi.org" not in card
+
+
+def test_progress_moves_inside_long_tensors(tmp_path):
+    """#24.11: OrthoMerge reports its steps inside a tensor (targets, Procrustes solves), and a
+    row-block method its blocks, so the bar and its estimate move during a tensor of many minutes."""
+    from streammerge.engine import Merge, RunOptions
+    from streammerge.methods import base as method_base
+    from streammerge.recipe import Expert, Recipe
+
+    toy = make_toy(str(tmp_path / "toy"), "--preset", "tiny", "--experts", "3", "--shared", "0.7")
+    experts = tuple(Expert(e) for e in experts_of(toy, 3))
+    for method, shrink in (("orthomerge", False), ("task_arithmetic", True)):
+        merger = Merge(
+            Recipe(method, os.path.join(toy, "base"), experts, str(tmp_path / method)), RunOptions(quiet=True)
+        )
+        try:
+            computer = merger.computer()
+            tensor = max((t for s in merger.shards for t in s.tensors if len(t.shape) == 2), key=lambda t: t.nbytes)
+            seen: list[float] = []
+            old = method_base.BLOCK_ELEMENTS
+            method_base.BLOCK_ELEMENTS = 1000 if shrink else old
+            try:
+                computer.merge(tensor, None, seen.append)
+            finally:
+                method_base.BLOCK_ELEMENTS = old
+        finally:
+            merger.close()
+        assert len(seen) >= 4 and seen == sorted(seen) and 0 <= seen[0] and seen[-1] <= 1, (method, seen)
+
+
+def test_progress_counts_resumed_bytes_as_done_not_as_speed(monkeypatch):
+    """#24.11: after a resume, the estimate comes from the bytes merged since the start only; off a
+    terminal the progress is a log line, never a carriage return."""
+    from streammerge.engine.shards import Progress, resumed_bytes
+    from streammerge.engine.inputs import OutputTensor, Shard
+
+    shard = Shard(
+        "model-00001-of-00001.safetensors", tuple(OutputTensor(f"t{i}", "F32", (25,), True) for i in range(4))
+    )
+    assert resumed_bytes([shard], {"shard": shard.filename, "tensors": 3, "offset": 0}) == 300
+    p = Progress(total=1000, initial=600, desc="merging", quiet=False)  # stderr under pytest: no terminal
+    assert p.bar is None
+    p.started -= 10.0  # ten seconds since the start
+    p.within(100)(0.5)
+    p.done(100, 0)
+    assert p.n == 700 and "700 B of 1.00 KB (70 %), about 30 s left" in p.line()
+
+
+def test_no_carriage_returns_off_a_terminal(toy_untied, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "streammerge.cli", "merge", *flags(toy_untied), "--method", "ties",
+                        "--out", str(tmp_path / "o")], capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 0 and "\r" not in r.stderr and "merged into" in r.stderr, r.stderr
+
+
+def test_whole_model_density_gradients_and_other_architectures_are_refused_first(toy_untied, tmp_path):
+    """#24.1 and #24.7: a TIES scope=model recipe with a density gradient is refused before the
+    output folder exists; an expert of another architecture gets the one config line, not one line
+    per tensor; `--param tie_break=index` with our ties says where tie_break belongs."""
+    base, (e1, e2) = os.path.join(toy_untied, "base"), experts_of(toy_untied, 2)
+    recipe = {
+        "method": "ties",
+        "base": base,
+        "experts": [e1, e2],
+        "parameters": {"scope": "model", "density": [0.2, 0.5]},
+    }
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    r = cli("merge", "--quiet", "--recipe", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "o"))
+    assert r.exit_code == 2 and "density must be one value per expert" in r.output and one_line(r), r.output
+    assert not (tmp_path / "o").exists()
+    other = make_toy(str(tmp_path / "other"), "--preset", "small", "--layers", "2", "--experts", "1")
+    r = cli("merge", "--quiet", "--base", base, "--expert", e1, "--expert", experts_of(other, 1)[0],
+            "--method", "ties", "--out", str(tmp_path / "o"))  # fmt: skip
+    assert r.exit_code == 3 and "hidden_size is" in r.output and one_line(r), r.output
+    r = merge_cli(toy_untied, tmp_path / "o", "--method", "ties", "--param", "tie_break=index")
+    assert r.exit_code == 2 and "tie_break belongs to mergekit's ties" in r.output and one_line(r), r.output

@@ -83,3 +83,29 @@ def test_orthomerge_on_a_gpu_counts_its_merged_residual_in_ram(llama8b):
     residual, output = 128256 * 4096 * 4, 128256 * 4096 * 2
     assert embed.device == "cuda" and embed.host_bytes >= residual + output
     assert embed.gpu_bytes < residual  # row blocks and in×in matrices only
+
+
+def test_plan_says_when_a_merge_will_take_hours(llama8b):
+    """#24.12: `plan` estimates the time from rates calibrated here; OrthoMerge of five 8B experts on
+    a CPU is hours (one recorded down_proj took 38 min on these cores), task arithmetic is not."""
+    from streammerge.engine.estimate import calibrate
+
+    experts = tuple(Expert(os.path.join(llama8b, f"expert-{i}")) for i in range(1, 6))
+    found = {}
+    for method in ("orthomerge", "task_arithmetic"):
+        recipe = Recipe(method, os.path.join(llama8b, "base"), experts, os.path.join(llama8b, "out"))
+        merger = Merge(recipe, RunOptions(device="cpu", quiet=True))
+        try:
+            found[method] = merger.estimate()
+            rates = calibrate(merger.inputs, merger.device)
+        finally:
+            merger.close()
+    assert found["orthomerge"].compute_seconds > 3600 and "will take hours" in found["orthomerge"].line()
+    assert found["task_arithmetic"].compute_seconds < 3600
+    # the cost model against the recorded run: one 8B down_proj, five experts, 38 min on two cores
+    from streammerge.methods.orthomerge import OrthoMergeParams, cost
+
+    c = cost("model.layers.0.mlp.down_proj.weight", (4096, 14336), 5, OrthoMergeParams())
+    seconds = c.flops / rates.matmul + c.factorisation / rates.factorisation
+    print(f"down_proj: estimated {seconds / 60:.0f} min against 38 min recorded; {found['orthomerge'].line()}")
+    assert 38 * 60 / 4 < seconds < 38 * 60 * 4

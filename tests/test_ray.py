@@ -214,7 +214,7 @@ def test_without_ray_the_option_says_how_to_get_it(models, tmp_path):
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 2, r.stderr
-    assert r.stderr.strip() == "error: --ray needs Ray: pip install 'streammerge[ray]'"
+    assert r.stderr.strip() == "error: --ray needs Ray: pip install -e '.[ray]' in the clone"
     assert not os.path.exists(tmp_path / "out")
 
 

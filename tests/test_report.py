@@ -73,3 +73,46 @@ def test_report_of_a_non_report_is_refused(tmp_path):
     (tmp_path / "x.json").write_text(json.dumps({"a": 1}))
     r = CliRunner().invoke(main, ["report", str(tmp_path / "x.json")])
     assert r.exit_code == 3 and "not a streammerge report" in r.output
+
+
+def test_summary_shows_the_columns_that_apply_and_plots_explain_themselves(toy_untied, tmp_path):
+    """#24.15: TIES has no rotation columns; OrthoMerge-C plots its conflicting rows and a spectral
+    method its kept ranks; every plot has integer layer ticks, its legend beside the axes and a
+    sentence saying how to read it."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    from streammerge import report
+
+    for sub in ("ties", "om", "tsv"):
+        (tmp_path / sub).mkdir()
+    doc = run_with_report(toy_untied, tmp_path / "ties", "ties")
+    table = report.summary(doc)
+    assert "mean cos" in table and "rotation share" not in table and "kept rank" not in table
+    doc = run_with_report(toy_untied, tmp_path / "om", "orthomerge", "--target", "conflict")
+    assert "rotation share" in report.summary(doc) and "kept rank" not in report.summary(doc)
+    figures = []
+    original = Figure.savefig
+
+    def keep(self, *args, **kwargs):
+        done = original(self, *args, **kwargs)  # drawn: the extents are known
+        ax, renderer = self.axes[0], self.canvas.get_renderer()
+        legend = ax.get_legend().get_window_extent(renderer)
+        figures.append(
+            (list(ax.get_xticks()), legend.x0, ax.get_window_extent(renderer).x1, [t.get_text() for t in self.texts])
+        )
+        return done
+
+    Figure.savefig = keep
+    try:
+        written = report.plot(doc, str(tmp_path / "plots"))
+        written += report.plot(run_with_report(toy_untied, tmp_path / "tsv", "tsv"), str(tmp_path / "plots2"))
+    finally:
+        Figure.savefig = original
+    names = {os.path.basename(p) for p in written}
+    assert {"rotation_share.png", "conflict_rows.png", "kept_rank.png"} <= names, names
+    assert len(figures) == len(written)
+    for ticks, legend_x0, axes_x1, texts in figures:
+        assert all(float(t).is_integer() for t in ticks)
+        assert legend_x0 >= axes_x1  # beside the axes, never over the data
+        assert any("near" in t or "higher" in t or "more" in t for t in texts), texts

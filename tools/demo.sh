@@ -4,12 +4,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-# The CPU wheel of torch that lies on disk; a bare `torch` would fetch a multi-GB CUDA build.
-$PY -c "import torch" 2>/dev/null || $PY -m pip install -q torch==2.13.0
+# PyTorch first, the CPU build where there is no GPU (a bare `torch` would fetch a multi-GB CUDA build)
+bash tools/install_torch.sh
 $PY -m pip install -q -e .
-$PY tools/make_toy_models.py demo --preset small --experts 3 --shard-size 2MB
+# experts whose rows conflict (--shared 0.7), as fine-tunes of one base do: OrthoMerge then rotates
+$PY tools/make_toy_models.py demo --preset small --experts 3 --shared 0.7 --shard-size 2MB
 rm -rf demo/merged
 $PY -m streammerge.cli merge --base demo/base \
     --expert demo/expert-1 --expert demo/expert-2 --expert demo/expert-3 \
-    --method "${1:-ties}" --out demo/merged --shard-size 2MB
+    --method "${1:-ties}" --out demo/merged --shard-size 2MB --report demo/report.json
 ls -l demo/merged
+# what explains the merge, per tensor kind (OrthoMerge: the rotation's share of the update)
+$PY -m streammerge.cli report demo/report.json

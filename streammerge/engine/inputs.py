@@ -118,9 +118,13 @@ def check_config(base: Checkpoint, experts: list[ExpertSource]) -> None:
         if not isinstance(config, dict):
             problems.append(f"{path}: not a JSON object")
             continue
-        for key in ARCHITECTURE_KEYS if base_config is not None else ():
-            if key in base_config and key in config and config[key] != base_config[key]:
-                problems.append(f"{path}: {key} is {config[key]!r}, the base's {base_config[key]!r}")
+        differ = [
+            f"{key} is {config[key]!r}, the base's {base_config[key]!r}"
+            for key in (ARCHITECTURE_KEYS if base_config is not None else ())
+            if key in base_config and key in config and config[key] != base_config[key]  # type: ignore[operator]
+        ]
+        if differ:  # one line per expert: another architecture, whatever its tensors
+            problems.append(f"{path}: " + "; ".join(differ))
     collect(problems, InputError, "experts' config.json do not match the base")
 
 

@@ -7,11 +7,12 @@ differ in the last bits; the journal pins each tensor's device, see placement.py
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 
-from ..errors import ResourceError
+from ..errors import ResourceError, UsageError
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,19 @@ class RunOptions:
     def task_threads(self) -> int:
         """CPUs one Ray task asks for and uses."""
         return self.threads or 1
+
+
+def check_output_file(path: str | None, flag: str) -> None:
+    """A file the run will write, refused before any work (exit 2) where it cannot be written."""
+    if path is None:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise UsageError(f"{flag} {path}: is a folder; give a file name")
+    if not os.path.isdir(folder):
+        raise UsageError(f"{flag} {path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise UsageError(f"{flag} {path}: the folder {folder} is not writable")
 
 
 def resolve_device(device: str) -> torch.device:

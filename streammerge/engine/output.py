@@ -41,6 +41,21 @@ def _clear(out: str, old: Journal) -> None:
     log.info("--restart: removed the previous merge in %s", out)
 
 
+def refusal(out: str, old: Journal, recipe_doc: dict, files: dict) -> str:
+    """Why the merge in `out` cannot be resumed by this command: the input file that changed since
+    (size, modification time or inode: rsync's quick check), or the recipe."""
+    for path, now in files.items():
+        before = old.inputs.get(path)
+        if before is not None and before != now:
+            return (
+                f"{path}: changed since the merge in {out} started (its finished shards were merged from the old "
+                "contents); pass --restart to merge again from the current files"
+            )
+    same_recipe = json.dumps(old.recipe, sort_keys=True) == json.dumps(recipe_doc, sort_keys=True, default=list)
+    what = "other inputs" if same_recipe else "a different recipe"
+    return f"{out}: holds a merge of {what}; pass --restart to discard it and start over"
+
+
 def prepare(inputs: MergeInputs, placement: Placement, restart: bool) -> Journal:
     """The journal of a new merge, or of the one this folder holds (its finished shards checked,
     its devices reused); refuses a folder that holds anything else."""
@@ -70,11 +85,10 @@ def prepare(inputs: MergeInputs, placement: Placement, restart: bool) -> Journal
             }
             placement.reuse(old.placement)
             return old
+        if not restart and (old.finished or old.partial):
+            raise ResumeError(refusal(out, old, recipe_doc, files))
         if not restart:
-            raise ResumeError(
-                f"{out}: holds a merge of a different recipe or different inputs; pass --restart to discard it and "
-                "start over"
-            )
+            log.info("%s: replacing a merge of another recipe or other inputs that had not finished a shard", out)
         _clear(out, old)
     else:
         foreign = [f for f in os.listdir(out) if not f.endswith(TMP_SUFFIX) and f != PID_NAME]

@@ -16,7 +16,7 @@ result as it arrives and writes the index last, so:
 - a driver killed at any point is resumed by rerunning the same command: journalled shards are
   kept, the rest are merged again.
 
-Ray is optional (`pip install -e '.[ray]'`).
+Ray is optional (`pip install -e '.[ray]'` in the clone).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def import_ray():
     try:
         import ray
     except ImportError:
-        raise UsageError("--ray needs Ray: pip install 'streammerge[ray]'") from None
+        raise UsageError("--ray needs Ray: pip install -e '.[ray]' in the clone") from None
     return ray
 
 
@@ -99,6 +99,7 @@ class RayExecutor:
     """Runs the unfinished shards of one merge as Ray tasks; the driver side."""
 
     label = ", Ray"
+    continues_partial_shard = False  # a task writes its shard from the start
 
     def __init__(self, recipe: Recipe, options: RunOptions, job: TensorJob, shards: list[Shard], plan: Plan):
         self.recipe, self.options, self.job, self.shards, self.plan = recipe, options, job, shards, plan

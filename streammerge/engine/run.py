@@ -13,8 +13,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from tqdm import tqdm
-
 from ..errors import Interrupted, UsageError
 from ..io.atomic import os_error
 from ..io.checkpoint import INDEX_NAME
@@ -25,9 +23,9 @@ from ..plan import Plan, free_disk
 from ..units import format_size
 from . import output
 from .inputs import open_merge
-from .options import RunOptions, compute_device
+from .options import RunOptions, check_output_file, compute_device
 from .placement import Placement, measures_plan
-from .shards import LocalExecutor, Progress
+from .shards import LocalExecutor, Progress, resumed_bytes
 from .statistics import merge_statistics, plan_statistics
 from .tensors import TensorComputer, TensorJob
 
@@ -42,6 +40,7 @@ class MergeReport:
     bytes_written: int
     seconds: float
     device: str
+    threads: int = 1  # CPU threads the arithmetic ran on
     planned_peak_ram: int = 0
     measured_peak_ram: int = 0  # anonymous memory, sampled
     bytes_read_ahead: int = 0
@@ -73,6 +72,7 @@ class Merge:
         if options.ray is not None and options.report is not None:  # refused before anything is written
             raise UsageError("--report records diagnostics in one process: merge without --ray to write it")
         self.options = options
+        check_output_file(options.report, "--report")
         self.report = None
         if options.report is not None:
             from ..report import ReportWriter
@@ -115,6 +115,14 @@ class Merge:
         """The pass a plan_statistics method needs (OrthoMerge-C: conflicting rows of wide weights)."""
         return plan_statistics(self.inputs, self.computer(), not self.options.quiet)
 
+    def estimate(self):
+        """How long this merge will take here (engine/estimate.py)."""
+        from .estimate import calibrate, estimate
+
+        plan = self.plan
+        read = sum(t.read_bytes for t in plan.tensors) * (1 + plan.extra_passes) + plan.statistics_read
+        return estimate(self.inputs, read, calibrate(self.inputs, self.device))
+
     def plan_with(self, statistics) -> None:
         self.placement.replan(statistics)
 
@@ -150,6 +158,13 @@ class Merge:
         """Merge (or resume); SIGINT/SIGTERM anywhere leave a resumable state and raise Interrupted."""
         if self.options.assume_gpu:
             raise UsageError("--assume-gpu plans only; merge on a machine that has the GPU")
+        import torch
+
+        from ..cpu import choose_threads
+
+        torch.set_num_threads(choose_threads(self.options.threads))  # the free cores, as from the CLI
+        if not self.measures_plan():  # else the bounds may tighten once measured (tighten_plan)
+            self.plan.check_memory()  # before the output folder is touched
         with sigterm_as_interrupt():
             try:
                 with PeakSampler() as sampler:
@@ -160,6 +175,7 @@ class Merge:
                     with OutputLock(self.inputs.recipe.out):
                         report = self._run_locked()
                 report.planned_peak_ram = self.plan.peak_host
+                report.threads = torch.get_num_threads()
                 report.measured_peak_ram = sampler.peak
                 return report
             except KeyboardInterrupt:
@@ -195,11 +211,15 @@ class Merge:
             )  # plan-only: nothing to merge with
             watch = output.InputWatch(inputs)
             total = sum(s.nbytes for s in shards)
-            desc = f"merging ({inputs.method.name}, {self.device.type}{executor.label})"
             done = total - sum(s.nbytes for s in todo)
-            with tqdm(total=total, initial=done, unit="B", unit_scale=True, desc=desc, disable=self.options.quiet,
-                      smoothing=0.1) as bar:  # fmt: skip
-                written = executor.merge(todo, journal, Progress(bar), watch.check, statistics)
+            if executor.continues_partial_shard:
+                done += resumed_bytes(todo, journal.partial)
+            desc = f"merging ({inputs.method.name}, {self.device.type}{executor.label})"
+            progress = Progress(total, done, desc, self.options.quiet)
+            try:
+                written = executor.merge(todo, journal, progress, watch.check, statistics)
+            finally:
+                progress.close()
         finally:
             executor.stop()
         output.finish(inputs, journal, self.report)

@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from collections.abc import Callable
+
+from tqdm import tqdm
 
 from ..io.atomic import ShardWriter
 from ..io.checkpoint import Checkpoint
 from ..io.journal import Journal
 from ..prefetch import ReadAhead
+from ..units import format_duration, format_size
 from .inputs import Shard
 from .statistics import local_map_pass
 from .tensors import TensorComputer
@@ -25,19 +29,65 @@ log = logging.getLogger(__name__)
 
 
 class Progress:
-    """The merge's progress bar: output bytes done, and the rate at which inputs are consumed."""
+    """Output bytes done (inside long tensors too, as their methods report) and the rate at which
+    inputs are consumed: a bar on a terminal, a log line every LOG_SECONDS elsewhere (no carriage
+    returns in a log file). `initial`: bytes a resumed merge had done, which count as done, not
+    as throughput."""
 
-    def __init__(self, bar):
-        self.bar, self.consumed, self.started = bar, 0, time.monotonic()
+    LOG_SECONDS = 30.0
 
-    def skip(self, nbytes: int) -> None:
-        self.bar.update(nbytes)
+    def __init__(self, total: int, initial: int, desc: str, quiet: bool):
+        self.total, self.initial, self.n, self.desc, self.quiet = total, initial, initial, desc, quiet
+        self.consumed, self.credited = 0, 0
+        self.started = self.last_line = time.monotonic()
+        self.bar = None
+        if not quiet and sys.stderr.isatty():
+            self.bar = tqdm(total=total, initial=initial, unit="B", unit_scale=True, desc=desc, smoothing=0.1)
+
+    def _add(self, nbytes: int) -> None:
+        self.n += nbytes
+        if self.bar is not None:
+            self.bar.update(nbytes)
+        elif not self.quiet and time.monotonic() - self.last_line >= self.LOG_SECONDS:
+            self.last_line = time.monotonic()
+            log.info("%s", self.line())
+
+    def line(self) -> str:
+        elapsed = time.monotonic() - self.started
+        rate = (self.n - self.initial) / elapsed if elapsed > 0 else 0.0
+        left = f", about {format_duration((self.total - self.n) / rate)} left" if rate > 0 else ""
+        share = 100 * self.n / self.total if self.total else 100.0
+        return f"{self.desc}: {format_size(self.n)} of {format_size(self.total)} ({share:.0f} %){left}"
+
+    def within(self, nbytes: int) -> Callable[[float], None]:
+        """A callback for the fraction of the next tensor (of `nbytes` output) its method has done."""
+        self.credited = 0
+
+        def on_fraction(fraction: float) -> None:
+            want = int(fraction * nbytes)
+            if want > self.credited:
+                self._add(want - self.credited)
+                self.credited = want
+
+        return on_fraction
 
     def done(self, out_bytes: int, read_bytes: int) -> None:
-        self.bar.update(out_bytes)
+        self._add(out_bytes - self.credited)
+        self.credited = 0
         self.consumed += read_bytes
-        rate = self.consumed / max(time.monotonic() - self.started, 1e-9) / 1e6
-        self.bar.set_postfix_str(f"inputs {rate:.0f} MB/s", refresh=False)
+        if self.bar is not None:
+            rate = self.consumed / max(time.monotonic() - self.started, 1e-9) / 1e6
+            self.bar.set_postfix_str(f"inputs {rate:.0f} MB/s", refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def resumed_bytes(shards: list[Shard], partial: dict | None) -> int:
+    """Output bytes of the tensors a partial shard already holds (the journal's `partial`)."""
+    shard = next((s for s in shards if partial and s.filename == partial["shard"]), None)
+    return sum(t.nbytes for t in shard.tensors[: partial["tensors"]]) if shard is not None else 0  # type: ignore[index]
 
 
 def input_ranges(computer: TensorComputer, shards: list[Shard]) -> list[tuple[str, int, int]]:
@@ -83,15 +133,13 @@ def write_shard(
     with ShardWriter(path, layout, {"format": "pt"}, resume=resume, background=True, temp_tag=temp_tag) as writer:
         writer.keep_on_error = journal is not None  # what a checkpoint made durable survives an interrupt
         done = writer.tensors_written
-        if done:
+        if done:  # the progress counted these as done when it started (resumed_bytes)
             log.info("%s: resuming after %d of its %d tensors", shard.filename, done, len(shard.tensors))
-            if progress is not None:
-                progress.skip(sum(t.nbytes for t in shard.tensors[:done]))
             if read_ahead is not None:
                 read_ahead.advance(sum(read_bytes[t.name] for t in shard.tensors[:done]))
         last_checkpoint = time.monotonic()
         for t in shard.tensors[done:]:
-            writer.write(t.name, computer.merge(t, statistics))
+            writer.write(t.name, computer.merge(t, statistics, progress.within(t.nbytes) if progress else None))
             if read_ahead is not None:
                 read_ahead.advance(read_bytes[t.name])
             if progress is not None:
@@ -112,6 +160,7 @@ class LocalExecutor:
     """Merges the unfinished shards in this process, in order, reading ahead of the computation."""
 
     label = ""
+    continues_partial_shard = True  # a shard checkpointed mid-way is continued, not rewritten
 
     def __init__(self, computer: TensorComputer, shards: list[Shard], out: str, checkpoint_seconds: float, quiet: bool):
         self.computer, self.shards, self.out = computer, shards, out

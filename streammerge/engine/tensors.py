@@ -143,11 +143,13 @@ class TensorComputer:
             expert_values=values.experts,
         )
 
-    def merge(self, t: OutputTensor, statistics: Any) -> torch.Tensor:
-        """The output tensor `t`, in its output dtype, in host memory."""
+    def merge(self, t: OutputTensor, statistics: Any, progress=None) -> torch.Tensor:
+        """The output tensor `t`, in its output dtype, in host memory; `progress(fraction)` hears how
+        far its method has come."""
         if not t.merged:
             return self.base.get(t.name, dtype=None)
         task = self.task(t, statistics)
+        task.progress = progress
         if self.report is not None:
             task.diagnostics = {}
         try:

@@ -38,6 +38,8 @@ def os_error(exc: OSError, path: str) -> Exception:
     """Map an OSError while writing `path` to the project error with the right exit code."""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         return ResourceError(f"{path}: no space left on the device ({exc.strerror})")
+    if exc.errno == errno.EEXIST and os.path.isfile(path):
+        return ResourceError(f"{path}: is a file, not a folder; give --out a folder to create or resume")
     return ResourceError(f"{path}: cannot write ({exc.strerror or exc})")
 
 

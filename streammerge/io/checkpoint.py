@@ -26,6 +26,12 @@ _PAGE = mmap.PAGESIZE
 MAX_JSON_BYTES = 64 * 1024 * 1024
 
 
+def file_identity(path: str) -> dict:
+    """What says a file is the one seen before without reading it: size, mtime (ns) and inode."""
+    st = os.stat(path)
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
+
+
 def load_json(path: str) -> object:
     """json.load with duplicate keys refused and every failure an InputError naming the file."""
 
@@ -62,8 +68,10 @@ class Checkpoint:
     @classmethod
     def open(cls, folder: str) -> "Checkpoint":
         folder = os.path.abspath(folder)
+        if not os.path.exists(folder):
+            raise InputError(f"{folder}: no such folder")
         if not os.path.isdir(folder):
-            raise InputError(f"{folder}: not a folder")
+            raise InputError(f"{folder}: not a folder (a model is a folder of safetensors files)")
         index_path = os.path.join(folder, INDEX_NAME)
         single_path = os.path.join(folder, SINGLE_NAME)
         if os.path.exists(index_path):
@@ -192,10 +200,10 @@ class Checkpoint:
         self._maps.clear()
 
     def fingerprint(self) -> dict:
-        """Per input file: size and the digest of its header."""
+        """Per input file: size, modification time and inode (rsync's quick check: a file saved
+        over with other values of the same shapes changes them) and the digest of its header."""
         import hashlib
 
         return {
-            f: {"size": os.path.getsize(f), "header_sha256": hashlib.sha256(self.headers[f].raw).hexdigest()}
-            for f in self.files
+            f: file_identity(f) | {"header_sha256": hashlib.sha256(self.headers[f].raw).hexdigest()} for f in self.files
         }

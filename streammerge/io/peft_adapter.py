@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass
 
 from ..errors import InputError
-from .checkpoint import Checkpoint, load_json
+from .checkpoint import Checkpoint, file_identity, load_json
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -70,7 +70,7 @@ class AdapterFiles:
     def fingerprint(self) -> dict:
         header = self.tensors.headers[self.path]
         return {
-            self.path: {"size": os.path.getsize(self.path), "header_sha256": hashlib.sha256(header.raw).hexdigest()},
+            self.path: file_identity(self.path) | {"header_sha256": hashlib.sha256(header.raw).hexdigest()},
             os.path.join(self.folder, CONFIG_NAME): {"sha256": self.config_sha256},
         }
 

@@ -77,6 +77,7 @@ class TensorTask:
             {"weight": w} for w in weights
         )  # each expert's resolved values (Method.expert_params)
         self.diagnostics: dict[str, Any] | None = None  # set by the engine under --report: what explains this merge
+        self.progress: Callable[[float], None] | None = None  # set by the engine: the fraction of this tensor done
         self.experts = experts
         self.weights = weights
         self.densities = densities  # per-expert override, None: the method's own
@@ -123,6 +124,12 @@ class TensorTask:
     def task_vector(self, i: int, rows: Rows | None = None) -> torch.Tensor:
         """τ_i = W_i − W_0 (of rows `rows` only, if given), in the compute dtype."""
         return self.expert_rows(i, rows).sub_(self.base_rows(rows))
+
+    def advance(self, done: int, total: int) -> None:
+        """Say how far a long merge of this tensor has come (`done` of `total` steps), so that the
+        progress bar moves inside a tensor that takes minutes (a no-op unless the engine listens)."""
+        if self.progress is not None and total > 0:
+            self.progress(min(done / total, 1.0))
 
     def note(self, key: str, value: Any) -> None:
         """Record a diagnostic for `streammerge report` (a no-op unless --report is given)."""
@@ -189,8 +196,9 @@ def map_row_blocks(task: TensorTask, merge_block: Callable[[Rows | None], torch.
     if blocks == [None]:
         return merge_block(None)
     out = None
-    for rows in blocks:
+    for j, rows in enumerate(blocks):
         block = merge_block(rows)
+        task.advance(j + 1, len(blocks))
         if out is None:
             out = task.new_output(block)
         out[rows[0] : rows[1]].copy_(block)  # type: ignore[index]
@@ -229,6 +237,17 @@ MapPass = Callable[..., list]
 
 
 @dataclass(frozen=True)
+class Cost:
+    """The dominant work of one tensor's merge, for the time estimate of `streammerge plan`:
+    elementwise passes over the N inputs, matrix-product flops, and factorisations (SVD, eigh)
+    counted as Σ m·n·min(m, n)."""
+
+    passes: float = 3.0
+    flops: float = 0.0
+    factorisation: float = 0.0
+
+
+@dataclass(frozen=True)
 class Method:
     name: str
     params_type: type
@@ -253,8 +272,9 @@ class Method:
     propagates_nonfinite: bool = False
     # Values each expert has (resolved per tensor from the expert's entry, then the recipe's
     # parameter of that name) with their defaults; REQUIRED: no default, as in mergekit.
-    expert_params: dict[str, Any] = field(default_factory=lambda: {"weight": 1.0, "density": None})
+    expert_params: dict[str, Any] = field(default_factory=lambda: {"weight": 1.0})
     min_experts: int = 1
+    max_experts: int | None = None  # checked with the recipe, before any input is opened
     # Per-expert values a whole-model statistics pass takes (TIES at model scope: density); the
     # engine refuses a gradient or filter on them, before anything is written.
     statistics_values: tuple[str, ...] = ()
@@ -266,6 +286,8 @@ class Method:
     for_device: Callable[[Any, str], Any] = field(default=lambda params, device_type: params)
     # Checks of the experts' values against the parameters that need no tensor (raise ValueError).
     check_experts: Callable[[Any, tuple[dict[str, Any], ...]], None] = field(default=lambda params, experts: None)
+    # Its work per tensor, (name, shape, n_experts, params) -> Cost (default: a few elementwise passes)
+    cost: Callable[[str, tuple[int, ...], int, Any], Cost] = field(default=lambda name, shape, n, params: Cost())
 
     def whole_model_statistics(self, params: Any) -> bool:
         """Whether merging needs statistics passes over the whole model first."""
@@ -288,6 +310,31 @@ class Method:
         return {f.name.rstrip("_") for f in fields(self.params_type)}
 
 
+# what a parameter's annotation admits, and how a message names it
+SCALAR_TYPES = {
+    "float": ((int, float), "a number"),
+    "int": ((int,), "a whole number"),
+    "bool": ((bool,), "true or false"),  # 0 and 1 too, as YAML writers use them
+    "str": ((str,), "a string"),
+}
+
+
+def check_type(what: str, value: Any, annotation: Any) -> None:
+    """Refuse a value its parameter's type does not admit, naming the parameter and the type
+    (a string where a number belongs would otherwise fail deep inside a method)."""
+    options = [a.strip() for a in str(annotation).split("|")]
+    if value is None and "None" in options:
+        return
+    allowed = [SCALAR_TYPES[o] for o in options if o in SCALAR_TYPES]
+    if len(allowed) != len([o for o in options if o != "None"]):
+        return  # a container or other annotation: the dataclass checks it
+    ok = any(isinstance(value, types) and not (isinstance(value, bool) and bool not in types) for types, _ in allowed)
+    ok = ok or ("bool" in options and not isinstance(value, bool) and value in (0, 1))
+    if not ok:
+        names = " or ".join(name for _, name in allowed) + (" or null" if "None" in options else "")
+        raise UsageError(f"{what} must be {names}, not {value!r}")
+
+
 def build_params(params_type: type, values: dict[str, Any], where: str) -> Any:
     """Instantiate a frozen params dataclass from a dict, refusing unknown keys."""
     # `lambda` is a Python keyword: the dataclass field is `lambda_`.
@@ -299,10 +346,15 @@ def build_params(params_type: type, values: dict[str, Any], where: str) -> Any:
         hint = (
             "; the residual's λ is --residual-param lambda=..." if "lambda_" in unknown and "residual" in known else ""
         )
+        if "tie_break" in unknown:  # mergekit's ties runs as gta, which has it; ours keeps every tied entry
+            hint += "; tie_break belongs to mergekit's ties: a mergekit recipe, or --method gta"
         raise UsageError(
             f"{where}: unknown parameter(s) {', '.join(k.rstrip('_') for k in unknown)} (known: "
             f"{', '.join(shown)}{hint})"
         )
+    for f in fields(params_type):
+        if f.name in values:
+            check_type(f"{where}: {f.name.rstrip('_')}", values[f.name], f.type)
     missing = [
         f.name.rstrip("_")
         for f in fields(params_type)

@@ -91,5 +91,13 @@ def memory(name: str, shape: tuple[int, ...], n: int, params: DareParams, itemsi
     return elementwise_memory_blocks(buffers)(name, shape, n, params, itemsize)
 
 
-METHOD = Method("dare", DareParams, merge, memory=memory, doc=__doc__ or "", propagates_nonfinite=True)
+METHOD = Method(
+    "dare",
+    DareParams,
+    merge,
+    memory=memory,
+    doc=__doc__ or "",
+    propagates_nonfinite=True,
+    expert_params={"weight": 1.0, "density": None},  # density: the keep rate, 1 − drop_rate (mergekit's)
+)
 ALIASES = {"dare_linear": ("dare", {"combine": "task_arithmetic"}), "dare_ties": ("dare", {"combine": "ties"})}

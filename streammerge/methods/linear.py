@@ -16,7 +16,7 @@ class LinearParams:
 
 def check_experts(params: LinearParams, experts: tuple[dict, ...]) -> None:
     if params.normalize and experts and sum(float(e.get("weight", 1.0)) for e in experts) == 0:
-        raise ValueError("linear: the expert weights sum to zero, so they cannot be normalised")
+        raise ValueError("the expert weights sum to zero, so they cannot be normalised")
 
 
 def merge(task: TensorTask, params: LinearParams) -> torch.Tensor:

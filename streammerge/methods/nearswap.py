@@ -39,4 +39,5 @@ METHOD = Method(
     doc=__doc__ or "",
     propagates_nonfinite=True,
     expert_params={},
+    max_experts=1,
 )

@@ -64,4 +64,6 @@ METHOD = Method(
     doc=__doc__ or "",
     propagates_nonfinite=True,
     expert_params={"weight": REQUIRED},
+    min_experts=2,
+    max_experts=2,
 )

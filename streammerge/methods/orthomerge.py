@@ -44,6 +44,8 @@ from ..math.procrustes import (
 )
 from ..plan import Need
 from .base import (
+    BLOCK_ELEMENTS,
+    Cost,
     check_choice,
     PRECISIONS,
     auto_precision_on_gpu,
@@ -133,6 +135,31 @@ def residual_method(params: OrthoMergeParams, n_experts: int) -> tuple[Method, A
         raise ValueError(str(exc)) from None
 
 
+def check_experts(params: OrthoMergeParams, experts: tuple[dict[str, Any], ...]) -> None:
+    """A per-expert density is the residual method's: refused where that method takes none."""
+    if any(e.get("density") is not None for e in experts):
+        method, _ = get_method(params.residual_method)
+        if "density" not in method.expert_params:
+            raise ValueError(
+                f"density is a parameter of the residual method, and {method.name} takes none "
+                "(e.g. --residual-method ties)"
+            )
+
+
+def cost(name: str, shape: tuple[int, ...], n: int, params: OrthoMergeParams) -> Cost:
+    """The work of one weight (the time estimate of `plan`): tall weights in row blocks form a Gram
+    matrix and N cross products over the blocks and solve in×in problems; the others take the base's
+    SVD, one per target for the subspace, and N Procrustes solves in a frame of width ≤ 2·out."""
+    if not rotates(name, shape, params):
+        return Cost()
+    out, inn = shape
+    if out >= inn and out * inn > BLOCK_ELEMENTS:
+        return Cost(passes=4.0, flops=2.0 * out * inn * inn * (n + 2), factorisation=(n + 1) * inn**3)
+    width = min(subspace_bound(shape, n), 2 * min(out, inn))
+    svds = out * inn * min(out, inn) * (n + 1) + n * width**3
+    return Cost(passes=4.0, flops=4.0 * n * out * inn * width, factorisation=svds)
+
+
 def rotates(name: str, shape: torch.Size, params: OrthoMergeParams) -> bool:
     return len(shape) == 2 and min(shape) > 0 and not any(re.search(p, name) for p in params.exclude)
 
@@ -206,7 +233,9 @@ def _merge_tall(task: TensorTask, params: OrthoMergeParams, res_method: Method, 
         if params.target == "conflict"
         else None
     )
-    for rows in blocks:  # pass 1: AᵀA, and (conflict) each expert's rows that oppose τ_mean
+    steps = 3 * len(blocks) + n  # progress: two passes over the blocks, n solves, the output blocks
+    for j, rows in enumerate(blocks):  # pass 1: AᵀA, and (conflict) each expert's rows that oppose τ_mean
+        task.advance(j, steps)
         a = task.base_rows(rows).to(prec)
         gram.addmm_(a.T, a)
         del a
@@ -226,7 +255,8 @@ def _merge_tall(task: TensorTask, params: OrthoMergeParams, res_method: Method, 
     # and expert (two, with P applied per block)
     crosses = [torch.zeros(inn, inn, dtype=prec, device=device) for _ in range(n)]
     changed = [False] * n
-    for rows in blocks:
+    for j, rows in enumerate(blocks):
+        task.advance(len(blocks) + j, steps)
         a = task.base_rows(rows).to(prec)
         for i in range(n):
             delta = task.task_vector(i, rows)
@@ -249,6 +279,7 @@ def _merge_tall(task: TensorTask, params: OrthoMergeParams, res_method: Method, 
     rotations = []
     clipped = 0
     for i in range(n):
+        task.advance(2 * len(blocks) + i, steps)
         if changed[i]:
             rot = procrustes_from_cross(crosses[i], params.null_rtol, max_angle)
             clipped += rot.clipped_planes
@@ -368,7 +399,9 @@ def _merge(task: TensorTask, params: OrthoMergeParams) -> torch.Tensor:
         return tau.mul_(rows.unsqueeze(1))
 
     builder = None  # S = span(rows of W₀ and of every target); built on the first target ≠ base
+    steps = 2 * n + 1  # progress: n targets into S, n Procrustes solves, the residual merge
     for i in range(n):
+        task.advance(i, steps)
         delta = target_delta(i)
         if not bool(delta.any()):
             continue  # adds no direction
@@ -401,6 +434,7 @@ def _merge(task: TensorTask, params: OrthoMergeParams) -> torch.Tensor:
     max_angle = math.radians(params.max_angle_deg)
     clipped = 0
     for i in range(n):
+        task.advance(n + i, steps)
         delta = target_delta(i)
         if not bool(delta.any()):
             rot = identity_rotation(basis)  # target == base: exactly no rotation
@@ -665,4 +699,7 @@ METHOD = Method(
     for_device=auto_precision_on_gpu,
     merges_generators=True,
     doc=__doc__ or "",
+    expert_params={"weight": 1.0, "density": None},  # density: the residual method's (ties, dare)
+    check_experts=check_experts,
+    cost=cost,
 )

@@ -36,4 +36,5 @@ METHOD = Method(
     propagates_nonfinite=True,
     expert_params={},
     min_experts=0,
+    max_experts=0,
 )

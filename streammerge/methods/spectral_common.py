@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from ..math.spectral import compact_svd, inverse_sqrt, linalg_dtype, low_rank_svd, polar_factor, top_eig
-from .base import Method, TensorTask, auto_precision_on_gpu, map_row_blocks
+from .base import Cost, Method, TensorTask, auto_precision_on_gpu, map_row_blocks
 
 
 def noise_floor(task) -> float:
@@ -119,4 +119,12 @@ def spectral_method(name: str, params_type: type, tall, whole, memory, doc: str)
     "auto" as float32 on a GPU, NaN carried to the result, no per-expert values."""
     merge = spectral_merge(tall, whole)
     return Method(name, params_type, merge, memory=memory, for_device=auto_precision_on_gpu, doc=doc,
-                  propagates_nonfinite=True, expert_params={})  # fmt: skip
+                  propagates_nonfinite=True, expert_params={}, cost=cost)  # fmt: skip
+
+
+def cost(name: str, shape: tuple[int, ...], n: int, params: Any) -> Cost:
+    """About one SVD per expert and two more (the sum or polar factors) of each 2-D tensor."""
+    if len(shape) != 2:
+        return Cost()
+    m, k = shape
+    return Cost(passes=4.0, factorisation=(n + 2) * m * k * min(m, k))

@@ -327,6 +327,7 @@ METHOD = Method(
     statistics=statistics,
     statistics_passes=lambda p: 2 if p.scope == "model" else 0,
     statistics_values=("density",),
+    expert_params={"weight": 1.0, "density": None},
     doc=__doc__ or "",
     propagates_nonfinite=True,
 )
