@@ -25,6 +25,7 @@ TOKENIZER_FILES = (
     "chat_template.json",
 )
 CARD_NAME = "README.md"
+MERGEKIT_CONFIG_NAME = "mergekit_config.yml"  # a mergekit recipe, as mergekit writes it beside its output
 
 
 def tokenizer_donor(recipe: Recipe) -> str:
@@ -107,27 +108,40 @@ def recipe_yaml(recipe: Recipe) -> str:
     return yaml.safe_dump(doc, sort_keys=False)
 
 
-def method_asked(recipe: Recipe) -> str:
-    """The method as the user named it: a mergekit recipe's `merge_method` (which may run as our
-    `gta`), else the recipe's method."""
-    if recipe.recipe_text:
-        import yaml
+def mergekit_method(recipe: Recipe) -> str | None:
+    """A mergekit recipe's `merge_method` as written (it may run as our `gta`); None for ours."""
+    if not recipe.recipe_text:
+        return None
+    import yaml
 
-        try:
-            doc = yaml.safe_load(recipe.recipe_text)
-        except yaml.YAMLError:
-            doc = None
-        if isinstance(doc, dict) and "merge_method" in doc:
-            return f"{doc['merge_method']}` (a mergekit recipe, with mergekit 0.1.5's meaning)"
-    return f"{recipe.method}`"
+    try:
+        doc = yaml.safe_load(recipe.recipe_text)
+    except yaml.YAMLError:
+        return None
+    return str(doc["merge_method"]) if isinstance(doc, dict) and "merge_method" in doc else None
+
+
+def method_asked(recipe: Recipe) -> str:
+    """The method as the user named it."""
+    asked = mergekit_method(recipe)
+    return f"{asked}` (a mergekit recipe, with mergekit 0.1.5's meaning)" if asked else f"{recipe.method}`"
 
 
 def write_card(recipe: Recipe, out: str) -> None:
     experts = "\n".join(
         f"- `{e.path}`" + (f" (weight {e.weight})" if e.weight is not None else "") for e in recipe.experts
     )
+    import yaml
+
+    # the front matter the Hub reads: every input as base_model, related to them by a merge
+    front = {
+        "base_model": [recipe.base, *(e.path for e in recipe.experts)],
+        "base_model_relation": "merge",
+        "library_name": "transformers",
+        "tags": ["merge", "streammerge"],
+    }
     text = (
-        f"---\nbase_model: {recipe.base}\ntags:\n- merge\n- streammerge\n---\n"
+        f"---\n{yaml.safe_dump(front, sort_keys=False)}---\n"
         "# Merged model\n\n"
         f"This model was merged with streammerge {streammerge_version()}, "
         f"method `{method_asked(recipe)}, into the base model `{recipe.base}`.\n\n"
@@ -135,3 +149,5 @@ def write_card(recipe: Recipe, out: str) -> None:
         f"## Recipe\n\n```yaml\n{recipe_yaml(recipe)}```\n"
     )
     write_bytes_atomic(os.path.join(out, CARD_NAME), text.encode())
+    if mergekit_method(recipe) is not None:  # Hub tooling reads a mergekit recipe here
+        write_bytes_atomic(os.path.join(out, MERGEKIT_CONFIG_NAME), recipe_yaml(recipe).encode())

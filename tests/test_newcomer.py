@@ -632,3 +632,27 @@ def test_whole_model_density_gradients_and_other_architectures_are_refused_first
     assert r.exit_code == 3 and "hidden_size is" in r.output and one_line(r), r.output
     r = merge_cli(toy_untied, tmp_path / "o", "--method", "ties", "--param", "tie_break=index")
     assert r.exit_code == 2 and "tie_break belongs to mergekit's ties" in r.output and one_line(r), r.output
+
+
+def test_what_the_hub_expects_of_a_merged_model(toy_untied, toy_tied, tmp_path):
+    """#25.6–7: the card's front matter names every input and the relation; a mergekit recipe is
+    also written as mergekit_config.yml; the output dtype is in config.json under both names; a
+    base that ties lm_head to the embedding gives an output without a separate lm_head."""
+    base, (e1, e2) = os.path.join(toy_untied, "base"), experts_of(toy_untied, 2)
+    recipe = {"merge_method": "ties", "base_model": base, "dtype": "float32",
+              "models": [{"model": e, "parameters": {"weight": 1.0, "density": 0.5}} for e in (e1, e2)]}  # fmt: skip
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    out = tmp_path / "o"
+    assert cli("merge", "--quiet", str(tmp_path / "r.yaml"), str(out)).exit_code == 0
+    front = yaml.safe_load((out / "README.md").read_text().split("---\n")[1])
+    assert front["base_model"] == [base, e1, e2] and front["base_model_relation"] == "merge"
+    assert front["library_name"] == "transformers" and "merge" in front["tags"]
+    assert (out / "mergekit_config.yml").read_text() == (tmp_path / "r.yaml").read_text()
+    config = json.loads((out / "config.json").read_text())
+    assert config["dtype"] == config["torch_dtype"] == "float32"
+    assert cli("verify", str(out)).exit_code == 0
+    tied = tmp_path / "tied"
+    assert merge_cli(toy_tied, tied, "--method", "task_arithmetic").exit_code == 0
+    names = json.load(open(tied / "model.safetensors.index.json"))["weight_map"]
+    assert "lm_head.weight" not in names and "model.embed_tokens.weight" in names
+    assert not (tied / "mergekit_config.yml").exists()

@@ -17,7 +17,7 @@ from ..io.atomic import TMP_SUFFIX, os_error, temp_name, write_bytes_atomic
 from ..io.checkpoint import INDEX_NAME, load_json
 from ..io.journal import Journal, journal_path
 from ..io.lock import PID_NAME
-from ..output_files import CARD_NAME, CONFIG_FILES, TOKENIZER_FILES, copy_model_files, write_card
+from ..output_files import CARD_NAME, CONFIG_FILES, MERGEKIT_CONFIG_NAME, TOKENIZER_FILES, copy_model_files, write_card
 from .inputs import MergeInputs, inputs_fingerprint
 from .placement import Placement
 
@@ -33,7 +33,7 @@ def fingerprint(inputs: MergeInputs, device_type: str) -> tuple[str, dict, dict]
 
 
 def _clear(out: str, old: Journal) -> None:
-    ours = set(old.shards) | {INDEX_NAME, CARD_NAME, *CONFIG_FILES, *TOKENIZER_FILES}
+    ours = set(old.shards) | {INDEX_NAME, CARD_NAME, MERGEKIT_CONFIG_NAME, *CONFIG_FILES, *TOKENIZER_FILES}
     for f in os.listdir(out):
         if f in ours or f.endswith(TMP_SUFFIX):
             os.remove(os.path.join(out, f))
@@ -138,8 +138,8 @@ def finish(inputs: MergeInputs, journal: Journal, report=None) -> None:
     config_path = os.path.join(out, "config.json")
     if (inputs.out_dtype is not None or inputs.stacked_layers is not None) and os.path.isfile(config_path):
         config = load_json(config_path)
-        if inputs.out_dtype is not None:
-            config["torch_dtype"] = str(inputs.out_dtype).removeprefix("torch.")
+        if inputs.out_dtype is not None:  # under both names: transformers 5 reads `dtype`, earlier ones `torch_dtype`
+            config["torch_dtype"] = config["dtype"] = str(inputs.out_dtype).removeprefix("torch.")
         if inputs.stacked_layers is not None:
             config["num_hidden_layers"] = inputs.stacked_layers
         write_bytes_atomic(config_path, (json.dumps(config, indent=2) + "\n").encode())

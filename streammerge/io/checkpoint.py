@@ -19,6 +19,7 @@ import torch
 
 from ..errors import InputError
 from .safetensors_format import DTYPES, Header, TensorInfo, read_header
+from .torch_bin import BIN_INDEX_NAME, BIN_NAME, read_bin_header
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -74,6 +75,12 @@ class Checkpoint:
             raise InputError(f"{folder}: not a folder (a model is a folder of safetensors files)")
         index_path = os.path.join(folder, INDEX_NAME)
         single_path = os.path.join(folder, SINGLE_NAME)
+        if not os.path.exists(index_path) and not os.path.exists(single_path):
+            # a pytorch_model.bin checkpoint (sharded or not), read without unpickling (torch_bin.py)
+            if os.path.exists(os.path.join(folder, BIN_INDEX_NAME)):
+                index_path = os.path.join(folder, BIN_INDEX_NAME)
+            elif os.path.exists(os.path.join(folder, BIN_NAME)):
+                single_path = os.path.join(folder, BIN_NAME)
         if os.path.exists(index_path):
             index = load_json(index_path)
             weight_map = index.get("weight_map") if isinstance(index, dict) else None
@@ -90,7 +97,7 @@ class Checkpoint:
         elif os.path.exists(single_path):
             weight_map, files = None, [single_path]
         else:
-            raise InputError(f"{folder}: no {SINGLE_NAME} or {INDEX_NAME}")
+            raise InputError(f"{folder}: no {SINGLE_NAME}, {INDEX_NAME}, {BIN_NAME} or {BIN_INDEX_NAME}")
         return cls._from_files(folder, files, weight_map, index_path)
 
     @classmethod
@@ -103,7 +110,7 @@ class Checkpoint:
 
     @classmethod
     def _from_files(cls, folder: str, files: list[str], weight_map: dict | None, index_path: str) -> "Checkpoint":
-        headers = {f: read_header(f) for f in files}
+        headers = {f: read_bin_header(f) if f.endswith(".bin") else read_header(f) for f in files}
         locations: dict[str, tuple[str, TensorInfo]] = {}
         for f in files:
             for name, info in headers[f].tensors.items():
