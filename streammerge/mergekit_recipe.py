@@ -37,7 +37,7 @@ REFUSED_KEYS = {
 }
 GTA_SHARED = {"normalize", "rescale", "lambda", "int8_mask"}
 GTA_PER_MODEL = {"weight", "density", "gamma", "epsilon"}
-METHODS_NOT_YET = ("ram", "ramplus_tl")
+METHODS_NOT_YET: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,8 @@ CONTRACTS = {
     "sce": Contract("required", frozenset({"select_topk", "int8_mask"})),
     "nearswap": Contract("required", frozenset({"t"}), non_base=(1, 1)),
     "arcee_fusion": Contract("required", frozenset(), non_base=(1, 1)),
+    "ram": Contract("required", frozenset({"epsilon"})),
+    "ramplus_tl": Contract("required", frozenset({"r", "alpha", "epsilon"})),
 }
 GTA_CONTRACT = Contract("required", frozenset(GTA_SHARED | GTA_PER_MODEL), frozenset(GTA_PER_MODEL))
 

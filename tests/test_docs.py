@@ -75,3 +75,31 @@ def test_ci_runs_the_test_command_the_readme_gives():
 def test_readme_stays_a_front_door():
     lines = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read().count("\n")
     assert lines <= 200, f"README.md has {lines} lines: move the detail to docs/"
+
+
+def parameters_line(name: str) -> str:
+    """The line docs/methods.md gives a method's parameters and per-expert values, from the code."""
+    import dataclasses
+
+    from streammerge.methods import REGISTRY, REQUIRED
+
+    def shown(v) -> str:
+        return "required" if v is REQUIRED or v is dataclasses.MISSING else f"`{v!r}`"
+
+    method = REGISTRY[name]
+    params = []
+    for f in dataclasses.fields(method.params_type):
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)  # type: ignore[misc]  # fmt: skip
+        key = f.name.rstrip("_")
+        params.append(f"`{key}` (required)" if default is dataclasses.MISSING else f"`{key}` = {shown(default)}")
+    per = [f"`{k}` (required)" if v is REQUIRED else f"`{k}` = {shown(v)}" for k, v in method.expert_params.items()]
+    return f"**Parameters** (defaults): {', '.join(params) or 'none'}. **Per expert:** {', '.join(per) or 'none'}."
+
+
+def test_the_methods_reference_states_each_methods_parameters_as_the_code_has_them():
+    from streammerge.methods import REGISTRY
+
+    text = open(os.path.join(ROOT, "docs", "methods.md"), encoding="utf-8").read()
+    stale = [name for name in REGISTRY if parameters_line(name) not in text]
+    assert not stale, f"docs/methods.md: parameters of {stale} differ from the code"

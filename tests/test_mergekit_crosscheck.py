@@ -272,6 +272,23 @@ def cases(b: str, e1: str, e2: str, e3: str) -> dict[str, tuple[dict, str]]:
             "exact",
         ),
         "passthrough_model_scaled": ({"merge_method": "passthrough", "models": [m(e1, scale=0.5)]} | f32, "exact"),
+        # RAM (#25.8): ε = 0.003, about the median |τ|: a third of the entries changed by one expert, a third by 2-3
+        "ram_default": ({"merge_method": "ram", "base_model": b, "models": [m(e1), m(e2), m(e3)]} | f32, "exact"),
+        "ram_epsilon": (
+            {"merge_method": "ram", "base_model": b, "models": [m(e1), m(e2), m(e3)], "parameters": {"epsilon": 0.003}}
+            | f32,
+            "exact",
+        ),
+        "ramplus_tl": (
+            {
+                "merge_method": "ramplus_tl",
+                "base_model": b,
+                "models": [m(b), m(e1), m(e2), m(e3)],
+                "parameters": {"epsilon": 0.003, "r": 0.5, "alpha": 0.3},
+            }
+            | f32,
+            "exact",
+        ),
         # refused by both
         "ties_weight_missing": (
             {"merge_method": "ties", "base_model": b, "models": [m(e1), m(e2, weight=1.0)]},

@@ -37,6 +37,8 @@ CASES = [
     ("model_stock", {}),
     ("sce", {"select_topk": 0.5}),
     ("karcher", {}),  # mergekit's, streamed past WHOLE_BYTES
+    ("ram", {}),
+    ("ramplus_tl", {}),
 ]
 
 

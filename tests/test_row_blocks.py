@@ -286,3 +286,12 @@ def test_streamed_plans_of_mergekit_whole_tensor_methods_are_blocks():
         assert need.work < 64 * methods.BLOCK_ELEMENTS * 4
         small = module.memory("w", (64, 64), n, params, 4)
         assert small.work >= 4 * 64 * 64 * 4  # whole: several copies of the tensor
+
+
+@pytest.mark.parametrize("method,params", [("ram", {"epsilon": 0.003}), ("ramplus_tl", {"epsilon": 0.003, "r": 0.5})])
+def test_ram_methods_in_row_blocks_give_identical_shards(method, params, toy_untied, tmp_path, monkeypatch):
+    """RAM's per-entry masks are row-local; RAM+'s per-expert counts are integers summed over the
+    blocks: both exact at any block size (#25.8)."""
+    whole = run(toy_untied, str(tmp_path / "whole"), method, params, weights=(None, None, None))
+    monkeypatch.setattr(methods.base, "BLOCK_ELEMENTS", 1000)
+    assert run(toy_untied, str(tmp_path / "blocked"), method, params, weights=(None, None, None)) == whole

@@ -25,6 +25,8 @@ from . import (
     nuslerp,
     ortho_svd,
     passthrough,
+    ram,
+    ramplus_tl,
     sce,
     slerp,
     task_arithmetic,
@@ -35,7 +37,7 @@ from .base import Method
 
 MODULES = (
     arcee_fusion, dare, do_merging, gta, iso_c, iso_cts, karcher, linear, model_stock, multislerp, nearswap,
-    nuslerp, ortho_svd, passthrough, sce, slerp, task_arithmetic, ties, tsv,
+    nuslerp, ortho_svd, passthrough, ram, ramplus_tl, sce, slerp, task_arithmetic, ties, tsv,
 )  # fmt: skip
 REGISTRY: dict[str, Method] = {m.METHOD.name: m.METHOD for m in MODULES}
 ALIASES: dict[str, tuple[str, dict[str, Any]]] = {k: v for m in MODULES for k, v in getattr(m, "ALIASES", {}).items()}
