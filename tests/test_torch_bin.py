@@ -91,3 +91,22 @@ def test_what_a_weights_only_reader_would_not_load_is_refused(tmp_path, write, m
     with pytest.raises(InputError, match=message) as exc:
         Checkpoint.open(str(folder))
     assert len(str(exc.value).splitlines()) == 1 and str(folder / "pytorch_model.bin") in str(exc.value)
+
+
+def test_a_transformers_state_dict_with_tied_weights(tmp_path):
+    """What `torch.save(model.state_dict())` writes for a Llama with tied embeddings: lm_head and
+    the embedding share one storage; both read back exactly, in bf16."""
+    transformers = pytest.importorskip("transformers")
+    shape = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    config = transformers.LlamaConfig(**shape, num_key_value_heads=2, tie_word_embeddings=True)
+    state = transformers.LlamaForCausalLM(config).to(torch.bfloat16).state_dict()
+    (tmp_path / "m").mkdir()
+    torch.save(state, str(tmp_path / "m" / "pytorch_model.bin"))
+    ck = Checkpoint.open(str(tmp_path / "m"))
+    try:
+        assert sorted(ck.names()) == sorted(state)
+        assert ck.info("lm_head.weight").offset == ck.info("model.embed_tokens.weight").offset
+        for name, t in state.items():
+            assert torch.equal(ck.get(name, dtype=None), t), name
+    finally:
+        ck.close()
