@@ -136,7 +136,7 @@ def pickled_adapter(c: Case):
     open(os.path.join(d, "adapter_model.bin"), "wb").write(b"\x80\x04")
     json.dump({"peft_type": "LORA"}, open(os.path.join(d, "adapter_config.json"), "w"))
     c.experts[0] = d
-    return 3, ["found adapter_model.bin: convert it to safetensors"]
+    return 3, ["adapter_model.bin: not a zip archive (the pre-1.6 torch.save format, or not a checkpoint)"]
 
 
 def no_experts(c: Case):

@@ -110,3 +110,23 @@ def test_a_transformers_state_dict_with_tied_weights(tmp_path):
             assert torch.equal(ck.get(name, dtype=None), t), name
     finally:
         ck.close()
+
+
+def test_a_peft_adapter_saved_as_bin_merges_as_its_safetensors_copy(tmp_path):
+    from safetensors.torch import load_file
+
+    from tests.conftest import make_toy
+
+    toy = make_toy(str(tmp_path / "lora"), "--preset", "tiny", "--experts", "2", "--kind", "lora")
+    base, (a1, a2) = os.path.join(toy, "base"), experts_of(toy, 2)
+    binned = tmp_path / "a1-bin"
+    shutil.copytree(a1, binned, ignore=shutil.ignore_patterns("*.safetensors"))
+    torch.save(load_file(os.path.join(a1, "adapter_model.safetensors")), str(binned / "adapter_model.bin"))
+
+    def merge(adapter: str, out: str) -> dict[str, bytes]:
+        r = CliRunner().invoke(main, ["merge", "--quiet", "--base", base, "--expert", adapter, "--expert", a2,
+                                      "--method", "task_arithmetic", "--out", out])  # fmt: skip
+        assert r.exit_code == 0, r.output
+        return {f: open(os.path.join(out, f), "rb").read() for f in os.listdir(out) if f.startswith("model-")}
+
+    assert merge(str(binned), str(tmp_path / "a")) == merge(a1, str(tmp_path / "b"))

@@ -13,6 +13,7 @@ from .checkpoint import Checkpoint, file_identity, load_json
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+BIN_WEIGHTS_NAME = "adapter_model.bin"  # older PEFT versions' torch.save file
 PREFIX = "base_model.model."
 
 
@@ -35,10 +36,10 @@ class AdapterFiles:
         if not isinstance(config, dict):
             raise InputError(f"{config_path}: not a JSON object")
         weights = os.path.join(folder, WEIGHTS_NAME)
+        if not os.path.isfile(weights) and os.path.isfile(os.path.join(folder, BIN_WEIGHTS_NAME)):
+            weights = os.path.join(folder, BIN_WEIGHTS_NAME)  # read without unpickling (torch_bin.py)
         if not os.path.isfile(weights):
-            other = [f for f in os.listdir(folder) if f.startswith("adapter_model.")]
-            hint = f" (found {other[0]}: convert it to safetensors; pickled weights are not loaded)" if other else ""
-            raise InputError(f"{folder}: no {WEIGHTS_NAME}{hint}")
+            raise InputError(f"{folder}: no {WEIGHTS_NAME} or {BIN_WEIGHTS_NAME}")
         with open(config_path, "rb") as f:
             sha = hashlib.sha256(f.read()).hexdigest()
         return cls(folder, config, sha, Checkpoint.open_file(weights))
