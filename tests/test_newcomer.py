@@ -344,12 +344,20 @@ def test_flags_beside_a_recipe_override_every_value_it_holds(toy_untied, tmp_pat
         (["--method", "linear", "--density", "0.9"], "unknown parameter(s) density (known: normalize)"),
         (["--method", "orthomerge", "--density", "0.5"], "density is a parameter of the residual method"),
         (["--method", "ties", "--drop-rate", "0.5"], "unknown parameter(s) drop_rate"),
+        # #24.8: the parameter and the type it takes, not a Python comparison error
+        (["--method", "ties", "--param", "density=abc"], "method ties: density must be a number, not 'abc'"),
+        (["--method", "ties", "--param", "lambda=abc"], "method ties: lambda must be a number, not 'abc'"),
+        (["--method", "karcher", "--param", "max_iter=2.5"], "max_iter must be a whole number, not 2.5"),
+        (["--method", "linear", "--param", "normalize=maybe"], "normalize must be true or false, not 'maybe'"),
     ],
 )
-def test_a_parameter_the_method_does_not_use_is_refused(toy_untied, tmp_path, args, message):
-    """#24.4: nothing accepted and ignored."""
+def test_a_parameter_the_method_does_not_use_or_of_the_wrong_type_is_refused(toy_untied, tmp_path, args, message):
+    """#24.4 and #24.8: nothing accepted and ignored; a wrong type named with the parameter."""
     r = merge_cli(toy_untied, tmp_path / "o", *args)
     assert r.exit_code == 2 and message in r.output and one_line(r), r.output
+
+
+def test_density_goes_to_a_residual_method_that_takes_it(toy_untied):
     r = cli("plan", *flags(toy_untied), "--method", "orthomerge", "--density", "0.5", "--residual-method", "ties")
     assert r.exit_code == 0, r.output
 
@@ -405,21 +413,6 @@ def test_the_python_api_uses_the_free_cores_as_the_cli_does(toy_untied, tmp_path
         assert merge(recipe).threads == 1
     finally:
         torch.set_num_threads(before)
-
-
-@pytest.mark.parametrize(
-    "args,message",
-    [
-        (["--method", "ties", "--param", "density=abc"], "method ties: density must be a number, not 'abc'"),
-        (["--method", "ties", "--param", "lambda=abc"], "method ties: lambda must be a number, not 'abc'"),
-        (["--method", "karcher", "--param", "max_iter=2.5"], "max_iter must be a whole number, not 2.5"),
-        (["--method", "linear", "--param", "normalize=maybe"], "normalize must be true or false, not 'maybe'"),
-    ],
-)
-def test_parameter_types_are_named(toy_untied, tmp_path, args, message):
-    """#24.8: the parameter and the type it takes, not a Python comparison error."""
-    r = merge_cli(toy_untied, tmp_path / "o", *args)
-    assert r.exit_code == 2 and message in r.output and one_line(r), r.output
 
 
 def test_recipe_files_name_the_bad_value_and_where(toy_untied, tmp_path):

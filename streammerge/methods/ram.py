@@ -33,16 +33,21 @@ def stacked(task: TensorTask, rows: Rows | None) -> torch.Tensor:
     return torch.stack([task.task_vector(i, rows) for i in range(len(task.weights))]).view(len(task.weights), -1)
 
 
-def merge(task: TensorTask, params: RamParams) -> torch.Tensor:
-    def block(rows: Rows | None) -> torch.Tensor:
-        base = task.base_rows(rows)
-        taus = stacked(task, rows)
-        nonzero, counts, overlap, unique = masks(taus, params.epsilon)
-        taus = taus * nonzero
-        merged = ((taus * unique) + (taus * overlap / counts.clamp(min=1))).sum(dim=0, keepdim=True)
-        return base + merged.reshape_as(base)
+def merged_block(
+    task: TensorTask, rows: Rows | None, epsilon: float, scale: torch.Tensor | None = None
+) -> torch.Tensor:
+    """W₀ + the RAM merge of one row block; `scale` [N, 1]: RAM+'s factor on each expert's unique entries."""
+    base = task.base_rows(rows)
+    taus = stacked(task, rows)
+    nonzero, counts, overlap, unique = masks(taus, epsilon)
+    taus = taus * nonzero
+    own = taus * unique if scale is None else taus * unique * scale.to(device=taus.device, dtype=torch.float32)
+    merged = (own + (taus * overlap / counts.clamp(min=1))).sum(dim=0, keepdim=True)
+    return base + merged.reshape_as(base)
 
-    return map_row_blocks(task, block)
+
+def merge(task: TensorTask, params: RamParams) -> torch.Tensor:
+    return map_row_blocks(task, lambda rows: merged_block(task, rows, params.epsilon))
 
 
 METHOD = Method(

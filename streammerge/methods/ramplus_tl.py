@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import Method, Rows, TensorTask, check_finite, check_range, elementwise_memory_blocks, map_row_blocks
-from .ram import masks, stacked
+from .base import Method, TensorTask, check_finite, check_range, elementwise_memory_blocks, map_row_blocks
+from .ram import masks, merged_block, stacked
 
 
 @dataclass(frozen=True)
@@ -36,17 +36,7 @@ def merge(task: TensorTask, params: RamPlusParams) -> torch.Tensor:
         unique_counts += (nonzero & unique).sum(dim=1).cpu()
     rho = shared / unique_counts.clamp(min=params.epsilon)
     lambda_ = (1 + params.r * rho.clamp(min=0, max=params.alpha)).unsqueeze(-1)
-
-    def block(rows: Rows | None) -> torch.Tensor:
-        base = task.base_rows(rows)
-        taus = stacked(task, rows)
-        nonzero, counts, overlap, unique = masks(taus, params.epsilon)
-        taus = taus * nonzero
-        scale = lambda_.to(device=taus.device, dtype=torch.float32)
-        merged = ((taus * unique * scale) + (taus * overlap / counts.clamp(min=1))).sum(dim=0, keepdim=True)
-        return base + merged.reshape_as(base)
-
-    return map_row_blocks(task, block)
+    return map_row_blocks(task, lambda rows: merged_block(task, rows, params.epsilon, lambda_))
 
 
 METHOD = Method(
