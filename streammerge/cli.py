@@ -43,7 +43,9 @@ _RECIPE_OPTIONS = [
         help="YAML recipe (ours or mergekit's); flags given beside it override it (--density, --weight: for "
         "every expert).",
     ),
-    click.option("--base", help="Base model folder (model.safetensors or sharded with an index)."),
+    click.option(
+        "--base", help="Base model folder (model.safetensors, pytorch_model.bin, or either sharded with an index)."
+    ),
     click.option(
         "--expert",
         "experts",
@@ -51,11 +53,19 @@ _RECIPE_OPTIONS = [
         help="Expert: a model folder or a PEFT LoRA/OFT adapter folder; repeat for each.",
     ),
     click.option(
-        "--weight", "weights", multiple=True, type=float, help="Per-expert weight, in --expert order (default 1 each)."
+        "--weight",
+        "weights",
+        multiple=True,
+        type=float,
+        help="Per-expert weight, in --expert order (or the recipe's experts' order); default 1 each.",
     ),
     click.option("--method", help=f"Merge method: {', '.join(method_names())}."),
     click.option("--out", help="Output folder (created; rerunning the same command resumes into it)."),
-    click.option("--density", type=float, help="ties: fraction of each task vector kept (default 0.2)."),
+    click.option(
+        "--density",
+        type=float,
+        help="ties, dare, gta: fraction of each task vector kept, for every expert (ties default 0.2).",
+    ),
     click.option("--lambda", "lambda_", type=float, help="Scale of the merged task vector (default 1.0)."),
     click.option("--drop-rate", type=float, help="dare: probability of dropping an entry (default 0.5)."),
     click.option(
