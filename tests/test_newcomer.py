@@ -649,3 +649,20 @@ def test_what_the_hub_expects_of_a_merged_model(toy_untied, toy_tied, tmp_path):
     names = json.load(open(tied / "model.safetensors.index.json"))["weight_map"]
     assert "lm_head.weight" not in names and "model.embed_tokens.weight" in names
     assert not (tied / "mergekit_config.yml").exists()
+
+
+def test_a_record_from_before_file_times_asks_for_restart(toy_untied, tmp_path):
+    """A merge journalled by a version whose fingerprint held no file times is not resumed blindly."""
+    out = tmp_path / "o"
+    r = merge_cli(toy_untied, out, "--method", "ties", "--shard-size", "30KB", "--param", "lambda=0.5")
+    assert r.exit_code == 0
+    record = json.load(open(out / "streammerge.json"))
+    for entry in record["inputs"].values():
+        entry.pop("mtime_ns", None)
+        entry.pop("inode", None)
+    record["complete"] = False
+    record["fingerprint"] = "0" * 64  # that version hashed its record without the times
+    (out / "streammerge.json").write_text(json.dumps(record))
+    os.remove(out / "model.safetensors.index.json")
+    r = merge_cli(toy_untied, out, "--method", "ties", "--shard-size", "30KB", "--param", "lambda=0.5")
+    assert r.exit_code == 5 and "started by an earlier streammerge" in r.output and one_line(r), r.output

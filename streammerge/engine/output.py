@@ -44,6 +44,11 @@ def _clear(out: str, old: Journal) -> None:
 def refusal(out: str, old: Journal, recipe_doc: dict, files: dict) -> str:
     """Why the merge in `out` cannot be resumed by this command: the input file that changed since
     (size, modification time or inode: rsync's quick check), or the recipe."""
+    if any(isinstance(v, dict) and "size" in v and "mtime_ns" not in v for v in old.inputs.values()):
+        return (
+            f"{out}: holds a merge started by an earlier streammerge, whose record lacks the input files' times; "
+            "pass --restart to merge again"
+        )
     for path, now in files.items():
         before = old.inputs.get(path)
         if before is not None and before != now:
