@@ -221,6 +221,12 @@ def cases(b: str, e1: str, e2: str, e3: str) -> dict[str, tuple[dict, str]]:
             "exact",
         ),
         "karcher_base_added": ({"merge_method": "karcher", "base_model": b, "models": [m(e1), m(e2)]} | f32, "exact"),
+        # typed scalars (#25.8): an int and a float parameter of one method
+        "karcher_max_iter": (
+            {"merge_method": "karcher", "models": [m(e1), m(e2), m(e3)], "parameters": {"max_iter": 3, "tol": 1e-3}}
+            | f32,
+            "exact",
+        ),
         "model_stock": (
             {"merge_method": "model_stock", "base_model": b, "models": [m(e1), m(e2), m(e3)]} | f32,
             "exact",
