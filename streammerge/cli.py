@@ -276,6 +276,12 @@ def _budgets(kw: dict) -> dict[str, int | None]:
     }
 
 
+def exit_with(exc: StreammergeError) -> None:
+    """A project error as one line on stderr and its exit code."""
+    click.echo(f"error: {exc}", err=True)
+    sys.exit(exc.exit_code)
+
+
 def reports_errors(f):
     """Turn project errors into one line on stderr and their exit code."""
 
@@ -284,8 +290,7 @@ def reports_errors(f):
         try:
             return f(*args, **kwargs)
         except StreammergeError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(exc.exit_code)
+            exit_with(exc)
         except KeyboardInterrupt:
             click.echo("error: interrupted before the merge started; nothing was written", err=True)
             sys.exit(130)
@@ -301,8 +306,7 @@ class Commands(click.Group):
         try:
             return super().invoke(ctx)
         except StreammergeError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(exc.exit_code)
+            exit_with(exc)
 
 
 @click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"]})

@@ -121,13 +121,13 @@ def mergekit_method(recipe: Recipe) -> str | None:
     return str(doc["merge_method"]) if isinstance(doc, dict) and "merge_method" in doc else None
 
 
-def method_asked(recipe: Recipe) -> str:
-    """The method as the user named it."""
-    asked = mergekit_method(recipe)
+def method_asked(recipe: Recipe, asked: str | None) -> str:
+    """The method as the user named it (`asked`: a mergekit recipe's merge_method)."""
     return f"{asked}` (a mergekit recipe, with mergekit 0.1.5's meaning)" if asked else f"{recipe.method}`"
 
 
 def write_card(recipe: Recipe, out: str) -> None:
+    asked = mergekit_method(recipe)
     experts = "\n".join(
         f"- `{e.path}`" + (f" (weight {e.weight})" if e.weight is not None else "") for e in recipe.experts
     )
@@ -144,10 +144,10 @@ def write_card(recipe: Recipe, out: str) -> None:
         f"---\n{yaml.safe_dump(front, sort_keys=False)}---\n"
         "# Merged model\n\n"
         f"This model was merged with streammerge {streammerge_version()}, "
-        f"method `{method_asked(recipe)}, into the base model `{recipe.base}`.\n\n"
+        f"method `{method_asked(recipe, asked)}, into the base model `{recipe.base}`.\n\n"
         f"## Models merged\n\n{experts}\n\n"
         f"## Recipe\n\n```yaml\n{recipe_yaml(recipe)}```\n"
     )
     write_bytes_atomic(os.path.join(out, CARD_NAME), text.encode())
-    if mergekit_method(recipe) is not None:  # Hub tooling reads a mergekit recipe here
+    if asked is not None:  # Hub tooling reads a mergekit recipe here (as the user wrote it)
         write_bytes_atomic(os.path.join(out, MERGEKIT_CONFIG_NAME), recipe_yaml(recipe).encode())

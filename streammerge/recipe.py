@@ -127,7 +127,7 @@ class Recipe:
             value = setting if key in method.literal_params else settings.evaluate(setting, tensor_name, t)
             if value is not None:
                 shared[key] = value
-        params = build_params(method.params_type, {**implied, **shared}, where)
+        params = build_params(method.params_type, {**implied, **shared}, where, method.param_hints)
         experts = []
         for e in self.experts:
             values = {}

@@ -528,10 +528,31 @@ def test_the_demo_experts_conflict_so_orthomerge_rotates(tmp_path):
     assert max(shares) > 0.05
 
 
-def test_install_scripts_choose_the_cpu_build_without_a_gpu():
-    """#24.16: the set-up asks for PyTorch's CPU build where there is no GPU, and both scripts use it."""
-    script = open(os.path.join(ROOT, "tools", "install_torch.sh")).read()
-    assert "nvidia-smi" in script and "whl/cpu" in script
+@pytest.mark.parametrize("gpu", [False, True])
+def test_install_scripts_choose_the_cpu_build_without_a_gpu(tmp_path, gpu):
+    """#24.16: with no torch installed, tools/install_torch.sh asks PyTorch's CPU index where there
+    is no NVIDIA GPU and a plain install where there is one; both set-up scripts call it. Run with
+    a stand-in Python that has no torch and records what pip is asked."""
+    calls = tmp_path / "calls"
+    fake = tmp_path / "python"
+    fake.write_text(
+        "#!/bin/sh\n"
+        'if [ "$1" = "-c" ]; then [ -e "$CALLS" ] && exit 0; exit 1; fi\n'  # no torch until pip ran
+        'echo "$@" >> "$CALLS"\n'
+    )
+    fake.chmod(0o755)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    if gpu:
+        (bin_dir / "nvidia-smi").write_text("#!/bin/sh\nexit 0\n")
+        (bin_dir / "nvidia-smi").chmod(0o755)
+    env = {**os.environ, "PYTHON": str(fake), "CALLS": str(calls), "PATH": f"{bin_dir}:/usr/bin:/bin"}
+    r = subprocess.run(
+        ["bash", os.path.join(ROOT, "tools", "install_torch.sh")], env=env, capture_output=True, text=True
+    )
+    assert r.returncode == 0, r.stderr
+    first = calls.read_text().splitlines()[0]
+    assert "torch==2.13.0" in first and ("whl/cpu" in first) == (not gpu), first
     for name in ("demo.sh", "run_tests.sh"):
         assert "bash tools/install_torch.sh" in open(os.path.join(ROOT, "tools", name)).read()
 

@@ -14,7 +14,7 @@ import os
 
 from ..errors import InputError, ResumeError
 from ..io.atomic import TMP_SUFFIX, os_error, temp_name, write_bytes_atomic
-from ..io.checkpoint import INDEX_NAME, load_json
+from ..io.checkpoint import INDEX_NAME, file_identity, load_json
 from ..io.journal import Journal, journal_path
 from ..io.lock import PID_NAME
 from ..output_files import CARD_NAME, CONFIG_FILES, MERGEKIT_CONFIG_NAME, TOKENIZER_FILES, copy_model_files, write_card
@@ -107,15 +107,14 @@ def prepare(inputs: MergeInputs, placement: Placement, restart: bool) -> Journal
     return journal
 
 
-def file_state(paths: list[str]) -> dict[str, tuple[int, int]]:
-    state = {}
+def file_state(paths: list[str]) -> dict[str, dict | None]:
+    """Each file's identity as the fingerprint records it (None: gone)."""
+    state: dict[str, dict | None] = {}
     for f in paths:
         try:
-            st = os.stat(f)
+            state[f] = file_identity(f)
         except OSError:
-            state[f] = (-1, -1)
-            continue
-        state[f] = (st.st_size, st.st_mtime_ns)
+            state[f] = None
     return state
 
 

@@ -12,6 +12,7 @@ anything beyond tensors and ordered dicts is refused with one line naming the fi
 
 from __future__ import annotations
 
+import io
 import math
 import pickle
 import struct
@@ -132,8 +133,6 @@ def read_bin_header(path: str) -> Header:
         prefix = pkl[: -len("data.pkl")]
         raw = archive.read(pkl)
         try:
-            import io
-
             table = _TableUnpickler(io.BytesIO(raw), path).load()
         except InputError:
             raise

@@ -286,6 +286,8 @@ class Method:
     for_device: Callable[[Any, str], Any] = field(default=lambda params, device_type: params)
     # Checks of the experts' values against the parameters that need no tensor (raise ValueError).
     check_experts: Callable[[Any, tuple[dict[str, Any], ...]], None] = field(default=lambda params, experts: None)
+    # What to say of an unknown parameter that belongs elsewhere (its dataclass field name: `lambda_`)
+    param_hints: dict[str, str] = field(default_factory=dict)
     # Its work per tensor, (name, shape, n_experts, params) -> Cost (default: a few elementwise passes)
     cost: Callable[[str, tuple[int, ...], int, Any], Cost] = field(default=lambda name, shape, n, params: Cost())
 
@@ -335,19 +337,16 @@ def check_type(what: str, value: Any, annotation: Any) -> None:
         raise UsageError(f"{what} must be {names}, not {value!r}")
 
 
-def build_params(params_type: type, values: dict[str, Any], where: str) -> Any:
-    """Instantiate a frozen params dataclass from a dict, refusing unknown keys."""
+def build_params(params_type: type, values: dict[str, Any], where: str, hints: dict[str, str] | None = None) -> Any:
+    """Instantiate a frozen params dataclass from a dict, refusing unknown keys; `hints`: what to
+    say of an unknown key that belongs elsewhere (Method.param_hints)."""
     # `lambda` is a Python keyword: the dataclass field is `lambda_`.
     values = {("lambda_" if k == "lambda" else k): v for k, v in values.items()}
     known = {f.name for f in fields(params_type)}
     unknown = sorted(set(values) - known)
     if unknown:
         shown = sorted(k.rstrip("_") for k in known)
-        hint = (
-            "; the residual's λ is --residual-param lambda=..." if "lambda_" in unknown and "residual" in known else ""
-        )
-        if "tie_break" in unknown:  # mergekit's ties runs as gta, which has it; ours keeps every tied entry
-            hint += "; tie_break belongs to mergekit's ties: a mergekit recipe, or --method gta"
+        hint = "".join(f"; {text}" for key, text in (hints or {}).items() if key in unknown)
         raise UsageError(
             f"{where}: unknown parameter(s) {', '.join(k.rstrip('_') for k in unknown)} (known: "
             f"{', '.join(shown)}{hint})"

@@ -135,6 +135,11 @@ def residual_method(params: OrthoMergeParams, n_experts: int) -> tuple[Method, A
         raise ValueError(str(exc)) from None
 
 
+def log_clipped(task: TensorTask, i: int, planes: int, params: OrthoMergeParams) -> None:
+    log.info("%s: expert %d: %d plane(s) rotated beyond %.0f° left to the residual", task.name, i + 1, planes,
+             params.max_angle_deg)  # fmt: skip
+
+
 def check_experts(params: OrthoMergeParams, experts: tuple[dict[str, Any], ...]) -> None:
     """A per-expert density is the residual method's: refused where that method takes none."""
     if any(e.get("density") is not None for e in experts):
@@ -284,13 +289,7 @@ def _merge_tall(task: TensorTask, params: OrthoMergeParams, res_method: Method, 
             rot = procrustes_from_cross(crosses[i], params.null_rtol, max_angle)
             clipped += rot.clipped_planes
             if rot.clipped_planes:
-                log.info(
-                    "%s: expert %d: %d plane(s) rotated beyond %.0f° left to the residual",
-                    task.name,
-                    i + 1,
-                    rot.clipped_planes,
-                    params.max_angle_deg,
-                )
+                log_clipped(task, i, rot.clipped_planes, params)
             r_w, q_w = rot.r_w, rot.q_w
         else:
             r_w = torch.eye(p.shape[1], dtype=prec, device=device)
@@ -442,13 +441,7 @@ def _merge(task: TensorTask, params: OrthoMergeParams) -> torch.Tensor:
             rot = procrustes(delta.add_(a), basis, params.null_rtol, max_angle)
             clipped += rot.clipped_planes
             if rot.clipped_planes:
-                log.info(
-                    "%s: expert %d: %d plane(s) rotated beyond %.0f° left to the residual",
-                    task.name,
-                    i + 1,
-                    rot.clipped_planes,
-                    params.max_angle_deg,
-                )
+                log_clipped(task, i, rot.clipped_planes, params)
         del delta
         if rot.frame is not None and rot.frame.shape[1] > 0:
             acc.add(rot.q_w, task.weights[i], rot.frame)
@@ -702,4 +695,5 @@ METHOD = Method(
     expert_params={"weight": 1.0, "density": None},  # density: the residual method's (ties, dare)
     check_experts=check_experts,
     cost=cost,
+    param_hints={"lambda_": "the residual's λ is --residual-param lambda=..."},
 )

@@ -50,13 +50,16 @@ def merge(task: TensorTask, params: RamParams) -> torch.Tensor:
     return map_row_blocks(task, lambda rows: merged_block(task, rows, params.epsilon))
 
 
+def memory(name: str, shape: tuple[int, ...], n: int, params, itemsize: int):
+    """A row block of the N stacked task vectors, their masked copy and the products: ~3N + 6 blocks."""
+    return elementwise_memory_blocks(3 * n + 6)(name, shape, n, params, itemsize)
+
+
 METHOD = Method(
     "ram",
     RamParams,
     merge,
-    memory=lambda name, shape, n, params, itemsize: elementwise_memory_blocks(3 * n + 6)(
-        name, shape, n, params, itemsize
-    ),
+    memory=memory,
     doc=__doc__ or "",
     propagates_nonfinite=True,
     expert_params={},

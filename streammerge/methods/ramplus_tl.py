@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import Method, TensorTask, check_finite, check_range, elementwise_memory_blocks, map_row_blocks
-from .ram import masks, merged_block, stacked
+from .base import Method, TensorTask, check_finite, check_range, map_row_blocks
+from .ram import masks, memory, merged_block, stacked
 
 
 @dataclass(frozen=True)
@@ -43,9 +43,7 @@ METHOD = Method(
     "ramplus_tl",
     RamPlusParams,
     merge,
-    memory=lambda name, shape, n, params, itemsize: elementwise_memory_blocks(3 * n + 6)(
-        name, shape, n, params, itemsize
-    ),
+    memory=memory,
     doc=__doc__ or "",
     propagates_nonfinite=True,
     expert_params={},

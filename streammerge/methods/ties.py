@@ -330,4 +330,6 @@ METHOD = Method(
     expert_params={"weight": 1.0, "density": None},
     doc=__doc__ or "",
     propagates_nonfinite=True,
+    # mergekit's ties runs as gta, which has it; ours keeps every entry tied at the threshold
+    param_hints={"tie_break": "tie_break belongs to mergekit's ties: a mergekit recipe, or --method gta"},
 )
