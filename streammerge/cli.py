@@ -44,13 +44,15 @@ _RECIPE_OPTIONS = [
         "every expert).",
     ),
     click.option(
-        "--base", help="Base model folder (model.safetensors, pytorch_model.bin, or either sharded with an index)."
+        "--base",
+        help="Base model folder (model.safetensors, pytorch_model.bin, or either sharded with an index), or a Hub "
+        "repo id ORG/NAME[@REVISION] (the hub extra; checked from headers before any download).",
     ),
     click.option(
         "--expert",
         "experts",
         multiple=True,
-        help="Expert: a model folder or a PEFT LoRA/OFT adapter folder; repeat for each.",
+        help="Expert: a model folder or a PEFT LoRA/OFT adapter folder, or a Hub repo id of either; repeat for each.",
     ),
     click.option(
         "--weight",
@@ -380,9 +382,15 @@ def merge(output_format, restart, quiet, memory_report, checkpoint_every, report
     if output_format == "adapter":
         from .adapter_output import merge_to_adapter
         from .cpu import choose_threads
+        from .engine.remote import RemoteInputs
 
         torch.set_num_threads(choose_threads(kw.get("threads")))
-        merge_to_adapter(recipe)
+        remote = RemoteInputs(recipe, quiet)  # Hub adapters: small files, downloaded whole
+        try:
+            with remote.named():
+                merge_to_adapter(remote.fetch(quiet))
+        finally:
+            remote.close()
         if not quiet:
             click.echo(f"merged adapter written to {recipe.out}", err=True)
         return
@@ -467,13 +475,19 @@ def plan(output_format, per_tensor, assume_gpu, measure, estimate, positional, *
     Exits 4 when the merge would not fit the RAM budget or the disk.
     """
     from .engine import Merge, RunOptions
+    from .engine.remote import RemoteInputs
 
     positional_recipe(positional, kw)
     recipe, _ = build_recipe(**kw, default_out=os.path.join(os.getcwd(), "merged"))  # plan writes nothing
     if output_format == "adapter":
         from .adapter_output import adapter_plan
 
-        click.echo(adapter_plan(recipe))
+        remote = RemoteInputs(recipe)
+        try:
+            with remote.named():
+                click.echo(adapter_plan(remote.planning))
+        finally:
+            remote.close()
         return
     options = RunOptions(
         device=kw["device"], quiet=True, assume_gpu=parse_size(assume_gpu) if assume_gpu else None, **_budgets(kw)
@@ -485,7 +499,11 @@ def plan(output_format, per_tensor, assume_gpu, measure, estimate, positional, *
         click.echo(merger.plan.table(groups=not per_tensor))
         if estimate and not assume_gpu:  # calibrated on this machine's devices: not for a GPU planned elsewhere
             click.echo(merger.estimate().line())
+        downloads = merger.remote.download_line()
+        if downloads:
+            click.echo(downloads)
         merger.plan.check()
+        merger.remote.check_disk(recipe.out, sum(s.nbytes for s in merger.shards))
     finally:
         merger.close()
 

@@ -94,11 +94,16 @@ def recipe_yaml(recipe: Recipe) -> str:
         return recipe.recipe_text.rstrip() + "\n"
     import yaml
 
+    hub = dict(recipe.origins)
     doc = {
         "method": recipe.method,
-        "base": recipe.base,
+        "base": hub.get(recipe.base, recipe.base),
         "experts": [
-            {k: v for k, v in (("path", e.path), ("weight", e.weight), ("density", e.density)) if v is not None}
+            {
+                k: v
+                for k, v in (("path", hub.get(e.path, e.path)), ("weight", e.weight), ("density", e.density))
+                if v is not None
+            }  # fmt: skip
             for e in recipe.experts
         ],
         "parameters": recipe.parameters,
@@ -128,14 +133,19 @@ def method_asked(recipe: Recipe, asked: str | None) -> str:
 
 def write_card(recipe: Recipe, out: str) -> None:
     asked = mergekit_method(recipe)
+    hub = dict(recipe.origins)  # a Hub input is named by its repo id (and commit), not its cache folder
+
+    def name(path: str) -> str:
+        return hub.get(path, path)
+
     experts = "\n".join(
-        f"- `{e.path}`" + (f" (weight {e.weight})" if e.weight is not None else "") for e in recipe.experts
+        f"- `{name(e.path)}`" + (f" (weight {e.weight})" if e.weight is not None else "") for e in recipe.experts
     )
     import yaml
 
-    # the front matter the Hub reads: every input as base_model, related to them by a merge
+    # the front matter the Hub reads: every input as base_model (a repo id without its commit)
     front = {
-        "base_model": [recipe.base, *(e.path for e in recipe.experts)],
+        "base_model": [name(p).split("@")[0] for p in (recipe.base, *(e.path for e in recipe.experts))],
         "base_model_relation": "merge",
         "library_name": "transformers",
         "tags": ["merge", "streammerge"],
@@ -144,7 +154,7 @@ def write_card(recipe: Recipe, out: str) -> None:
         f"---\n{yaml.safe_dump(front, sort_keys=False)}---\n"
         "# Merged model\n\n"
         f"This model was merged with streammerge {streammerge_version()}, "
-        f"method `{method_asked(recipe, asked)}, into the base model `{recipe.base}`.\n\n"
+        f"method `{method_asked(recipe, asked)}, into the base model `{name(recipe.base)}`.\n\n"
         f"## Models merged\n\n{experts}\n\n"
         f"## Recipe\n\n```yaml\n{recipe_yaml(recipe)}```\n"
     )

@@ -101,6 +101,9 @@ class Recipe:
         None  # passthrough layer stacking (io/sliced.py); `base` then gives config and tokenizer
     )
     recipe_text: str | None = field(default=None, compare=False)  # the YAML as given, for the model card
+    # Hub inputs (engine/remote.py): (cache folder, "org/name@commit") each; the commit is part of
+    # what a resume must match
+    origins: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         # Accept human sizes and lists from Python callers; the value stays immutable.
@@ -214,6 +217,8 @@ class Recipe:
         doc = dataclasses.asdict(self)
         doc.pop("out")
         doc.pop("recipe_text")
+        if not self.origins:
+            doc.pop("origins")  # local inputs only: the same record as before Hub inputs existed
         doc["method"] = method.name
         doc["parameters"] = dataclasses.asdict(params)
         doc["base"] = os.path.realpath(self.base)

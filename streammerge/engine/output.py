@@ -49,6 +49,14 @@ def refusal(out: str, old: Journal, recipe_doc: dict, files: dict) -> str:
             f"{out}: holds a merge started by an earlier streammerge, whose record lacks the input files' times; "
             "pass --restart to merge again"
         )
+    commits = {ref.split("@")[0]: ref.split("@")[1] for _, ref in recipe_doc.get("origins", ())}
+    for _, ref in old.recipe.get("origins", ()):
+        repo, was = ref.split("@")
+        if commits.get(repo, was) != was:
+            return (
+                f"{repo}: is now at commit {commits[repo][:12]}, the merge in {out} was started from commit "
+                f"{was[:12]}; pass --restart to merge the new commit, or name the old one as {repo}@{was}"
+            )
     for path, now in files.items():
         before = old.inputs.get(path)
         if before is not None and before != now:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,6 +26,7 @@ from . import output
 from .inputs import open_merge
 from .options import RunOptions, check_output_file, compute_device
 from .placement import Placement, measures_plan
+from .remote import RemoteInputs
 from .shards import LocalExecutor, Progress, resumed_bytes
 from .statistics import merge_statistics, plan_statistics
 from .tensors import TensorComputer, TensorJob
@@ -54,15 +56,13 @@ def sigterm_as_interrupt() -> Iterator[None]:
     def handler(signum, frame):
         raise KeyboardInterrupt
 
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread
-        yield
-        return
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, handler) if main_thread else None
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 class Merge:
@@ -83,12 +83,26 @@ class Merge:
             # models made of many mid-sized tensors, so only when asked)
             return_freed_memory_to_os()
         self.device = compute_device(options)
-        self.inputs = open_merge(recipe, self.device.type)
+        self.remote = RemoteInputs(recipe, options.quiet)  # Hub repo ids: resolved, headers read, nothing downloaded
+        self._open(self.remote.planning)
+
+    def _open(self, recipe) -> None:
+        self.inputs = None
         try:
-            self.placement = Placement(self.inputs, self.device, options)
+            with self.remote.named():
+                self.inputs = open_merge(recipe, self.device.type)
+                self.placement = Placement(self.inputs, self.device, self.options)
         except BaseException:
-            self.inputs.close()
+            self.close()
             raise
+
+    def _download(self) -> None:
+        """Hub inputs checked and planned from their headers: their weights now, checked again."""
+        if self.remote.planning is not self.remote.recipe:
+            self.remote.check_disk(self.inputs.recipe.out, sum(s.nbytes for s in self.shards))
+            recipe = self.remote.fetch(self.options.quiet)
+            self.close()
+            self._open(recipe)
 
     @property
     def plan(self) -> Plan:
@@ -167,6 +181,7 @@ class Merge:
             self.plan.check_memory()  # before the output folder is touched
         with sigterm_as_interrupt():
             try:
+                self._download()
                 with PeakSampler() as sampler:
                     try:
                         os.makedirs(self.inputs.recipe.out, exist_ok=True)
@@ -230,4 +245,6 @@ class Merge:
         return report
 
     def close(self) -> None:
-        self.inputs.close()
+        if self.inputs is not None:
+            self.inputs.close()
+        self.remote.close()

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import fcntl
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from ..errors import ResumeError
 
@@ -46,3 +48,16 @@ class OutputLock:
                 pass
             os.close(self.fd)
             self.fd = None
+
+
+@contextmanager
+def exclusive_file(f, path: str) -> Iterator[None]:
+    """An open file held by this process alone (a download two merges might share)."""
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise ResumeError(f"{path}: another process is writing it; wait for it to finish") from None
+    try:
+        yield
+    finally:
+        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
