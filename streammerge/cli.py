@@ -321,10 +321,27 @@ def main() -> None:
 @recipe_options
 @click.option(
     "--output-format",
-    type=click.Choice(["dense", "adapter"]),
+    type=click.Choice(["dense", "adapter", "lora"]),
     default="dense",
     show_default=True,
-    help="adapter: orthomerge of PEFT OFT adapters written as one merged PEFT adapter.",
+    help="adapter: orthomerge of PEFT OFT adapters written as one merged PEFT adapter; lora: the merge's update "
+    "W - W0 of every linear weight as a PEFT LoRA adapter of rank --rank (truncated SVD, mergekit-extract-lora's "
+    "meaning).",
+)
+@click.option("--rank", type=click.IntRange(min=1), help="--output-format lora: the LoRA rank (required there).")
+@click.option(
+    "--sv-epsilon",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    help="--output-format lora: also drop singular values at or below this (a smaller rank where the update has one).",
+)
+@click.option(
+    "--embeddings",
+    type=click.Choice(["full", "lora", "skip"]),
+    default="full",
+    show_default=True,
+    help="--output-format lora: embeddings and lm_head saved whole (modules_to_save), decomposed too, or left out.",
 )
 @click.option(
     "--restart", is_flag=True, help="Discard a previous merge in --out made from a different recipe or inputs."
@@ -358,7 +375,8 @@ def main() -> None:
     "write. Each task uses --threads CPUs (default 1). Same output as a local merge.",
 )
 @reports_errors
-def merge(output_format, restart, quiet, memory_report, checkpoint_every, report_path, ray_address, positional, **kw):
+def merge(output_format, rank, sv_epsilon, embeddings, restart, quiet, memory_report, checkpoint_every, report_path,
+          ray_address, positional, **kw):  # fmt: skip
     """Merge EXPERTs into BASE with METHOD and write a Hugging Face model folder to OUT
     (or `merge RECIPE.yaml OUT`, mergekit's order).
 
@@ -371,9 +389,10 @@ def merge(output_format, restart, quiet, memory_report, checkpoint_every, report
 
     check_output_file(memory_report, "--memory-report")
     ray = ray_address or run.get("ray")
+    lora = lora_options(output_format, rank, sv_epsilon, embeddings)
     if ray is not None:
-        if output_format == "adapter":
-            raise UsageError("--ray merges dense shards; an adapter output is written in one process")
+        if output_format != "dense":
+            raise UsageError(f"--ray merges dense shards; an {output_format} output is written in one process")
         from .engine.ray import import_ray
 
         import_ray()  # a clear error before anything is written
@@ -407,6 +426,9 @@ def merge(output_format, restart, quiet, memory_report, checkpoint_every, report
     )
     merger = Merge(recipe, options)
     try:
+        if lora is not None:
+            merge_lora(merger, lora, restart, quiet)
+            return
         report = merger.run()
     finally:
         merger.close()
@@ -441,14 +463,39 @@ def merge(output_format, restart, quiet, memory_report, checkpoint_every, report
         )
 
 
+def lora_options(output_format: str, rank: int | None, sv_epsilon: float, embeddings: str):
+    """The LoRA output's options, refused before any work where they do not fit the format."""
+    if output_format != "lora":
+        if rank is not None:
+            raise UsageError("--rank goes with --output-format lora")
+        return None
+    if rank is None:
+        raise UsageError("--output-format lora needs --rank R (the LoRA rank)")
+    from .lora_output import LoraOptions
+
+    return LoraOptions(rank, sv_epsilon, embeddings)
+
+
+def merge_lora(merger, lora, restart: bool, quiet: bool) -> None:
+    from .io.lock import OutputLock
+    from .lora_output import merge_to_lora, summary
+
+    merger.download_inputs()  # Hub inputs: the weights, after every check
+    os.makedirs(merger.inputs.recipe.out, exist_ok=True)
+    with OutputLock(merger.inputs.recipe.out):
+        out, report = merge_to_lora(merger, lora, restart)
+    if not quiet:
+        click.echo(f"LoRA adapter (rank {lora.rank}) written to {out}: {summary(report)}", err=True)
+
+
 @main.command()
 @recipe_options
 @click.option(
     "--output-format",
-    type=click.Choice(["dense", "adapter"]),
+    type=click.Choice(["dense", "adapter", "lora"]),
     default="dense",
     show_default=True,
-    help="Plan a dense merge or an OFT adapter merge.",
+    help="Plan a dense merge, an OFT adapter merge, or a LoRA output (the dense plan and one SVD).",
 )
 @click.option("--per-tensor", is_flag=True, help="One line per tensor instead of per tensor kind.")
 @click.option(
@@ -499,6 +546,10 @@ def plan(output_format, per_tensor, assume_gpu, measure, estimate, positional, *
         click.echo(merger.plan.table(groups=not per_tensor))
         if estimate and not assume_gpu:  # calibrated on this machine's devices: not for a GPU planned elsewhere
             click.echo(merger.estimate().line())
+        if output_format == "lora":
+            from .lora_output import plan_line
+
+            click.echo(plan_line(merger))
         downloads = merger.remote.download_line()
         if downloads:
             click.echo(downloads)

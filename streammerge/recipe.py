@@ -13,7 +13,7 @@ import torch
 
 from .errors import UsageError, collect
 from . import settings
-from .methods import REQUIRED, Method, build_params, get_method
+from .methods import REQUIRED, Method, build_params, get_method, param_kind
 from .units import parse_size
 
 DTYPE_ALIASES: dict[str, torch.dtype] = {
@@ -127,7 +127,9 @@ class Recipe:
         for key, setting in self.parameters.items():
             if key in method.expert_params and key not in method.shared_params:
                 continue  # a default for every expert (mergekit's top-level `weight`), resolved below
-            value = setting if key in method.literal_params else settings.evaluate(setting, tensor_name, t)
+            kind = param_kind(method.params_type, key)
+            value = setting if key in method.literal_params else settings.evaluate(setting, tensor_name, t, kind,
+                                                                                   f"{where}: {key}")  # fmt: skip
             if value is not None:
                 shared[key] = value
         params = build_params(method.params_type, {**implied, **shared}, where, method.param_hints)
@@ -135,7 +137,8 @@ class Recipe:
         for e in self.experts:
             values = {}
             for key, default in method.expert_params.items():
-                value = settings.resolve([e.setting(key), self.parameters.get(key)], tensor_name, t)
+                value = settings.resolve([e.setting(key), self.parameters.get(key)], tensor_name, t, "float",
+                                         f"{where}: expert {e.path}: {key}")  # fmt: skip
                 if value is None:
                     if default is REQUIRED:
                         raise UsageError(

@@ -4,7 +4,11 @@ A setting is what a recipe gives for one parameter:
 - a scalar: the same value for every tensor;
 - a list of scalars, a gradient: numbers are interpolated linearly over the layers (t = i/(L−1)
   for layer i of L; t = 0 for tensors outside the layers: embeddings, final norm, lm_head),
-  booleans and strings pick the entry ⌊t·(n−1)⌋;
+  booleans and strings pick the entry ⌊t·(n−1)⌋. Each entry is first read as the parameter's type
+  (`coerce`, pydantic's lax rules as mergekit applies them: "1e-3" is a number for a float
+  parameter and a label for a string one, 0/1 and "yes"/"off" are booleans for a boolean one), so
+  the parameter's type decides whether a gradient interpolates or picks; an interpolated whole
+  number must land on a whole number (mergekit refuses 7.5 for an int too);
 - a list of {filter, value} mappings: the first whose `filter` is a substring of the tensor's
   name (or is absent or "*") gives the value, itself a scalar or a gradient; none matching
   means "not set here" (the next level of the recipe, then the default, applies).
@@ -55,27 +59,71 @@ def check_setting(setting: Any, where: str) -> None:
         check_setting(cond["value"], where)
 
 
-def evaluate(setting: Any, tensor_name: str, t: float) -> Any:
-    """The value of `setting` for one tensor at layer fraction `t` (None: not set here)."""
+BOOLEAN_WORDS = {"1": True, "on": True, "t": True, "true": True, "y": True, "yes": True,
+                 "0": False, "off": False, "f": False, "false": False, "n": False, "no": False}  # fmt: skip
+KIND_NAMES = {"float": "a number", "int": "a whole number", "bool": "true or false", "str": "a string"}
+
+
+def coerce(value: Any, kind: str | None, where: str) -> Any:
+    """`value` read as a parameter of scalar type `kind` (float, int, bool, str; None: as it is),
+    by pydantic's lax rules, which mergekit validates every setting with."""
+    if kind is None or value is None:
+        return value
+    out: Any = None
+    if kind == "float":
+        if isinstance(value, bool):
+            out = float(value)
+        elif isinstance(value, (int, float)):
+            out = value  # an int stays an int: the same arithmetic, the same record as before
+        elif isinstance(value, str):
+            try:
+                out = float(value)
+            except ValueError:
+                pass
+    elif kind == "int":
+        if isinstance(value, (bool, int)):
+            out = int(value)
+        elif isinstance(value, float) and value.is_integer():
+            out = int(value)
+        elif isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
+            out = int(value)
+    elif kind == "bool":
+        if isinstance(value, bool):
+            out = value
+        elif isinstance(value, (int, float)) and value in (0, 1):
+            out = bool(value)
+        elif isinstance(value, str):
+            out = BOOLEAN_WORDS.get(value.strip().lower())
+    elif kind == "str":
+        out = value if isinstance(value, str) else None
+    if out is None:
+        raise UsageError(f"{where}: {value!r} is not {KIND_NAMES[kind]}")
+    return out
+
+
+def evaluate(setting: Any, tensor_name: str, t: float, kind: str | None = None, where: str = "") -> Any:
+    """The value of `setting` for one tensor at layer fraction `t` (None: not set here), read as
+    a parameter of scalar type `kind` (see `coerce`)."""
     if isinstance(setting, dict):
         setting = [setting]
     if is_constant(setting):
-        return setting
+        return coerce(setting, kind, where)
     if not setting:
         return None
     if all(is_constant(e) for e in setting):
-        numeric = all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in setting)
+        values = [coerce(e, kind, where) for e in setting]
+        numeric = all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in values)
         if not numeric:
-            return setting[int(t * (len(setting) - 1))]
-        scaled = t * (len(setting) - 1)
+            return values[int(t * (len(values) - 1))]
+        scaled = t * (len(values) - 1)
         i0 = int(scaled)
-        i1 = min(len(setting) - 1, i0 + 1)
+        i1 = min(len(values) - 1, i0 + 1)
         frac = scaled - i0
-        return (1 - frac) * setting[i0] + frac * setting[i1]
+        return coerce((1 - frac) * values[i0] + frac * values[i1], kind, where)
     for cond in setting:
         f = cond.get("filter")
         if f is None or f == "*" or (tensor_name and f in tensor_name):
-            return evaluate(cond["value"], tensor_name, t)
+            return evaluate(cond["value"], tensor_name, t, kind, where)
     return None
 
 
@@ -103,12 +151,12 @@ def count_layers(names: list[str]) -> int:
     return max(indices) + 1 if indices else 0
 
 
-def resolve(levels: list[Any], tensor_name: str, t: float) -> Any:
+def resolve(levels: list[Any], tensor_name: str, t: float, kind: str | None = None, where: str = "") -> Any:
     """The first level (most specific first) whose setting gives a value; None if none does."""
     for setting in levels:
         if setting is None:
             continue
-        value = evaluate(setting, tensor_name, t)
+        value = evaluate(setting, tensor_name, t, kind, where)
         if value is not None:
             return value
     return None

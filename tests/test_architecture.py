@@ -20,7 +20,7 @@ PACKAGE = os.path.join(ROOT, "streammerge")
 LAYERS = [
     ["streammerge.cli"],
     ["streammerge", "streammerge.api"],
-    ["streammerge.adapter_output", "streammerge.verify"],
+    ["streammerge.adapter_output", "streammerge.verify", "streammerge.lora_output"],
     ["streammerge.engine"],
     ["streammerge.engine.run"],
     ["streammerge.engine.ray"],

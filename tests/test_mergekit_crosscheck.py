@@ -27,7 +27,9 @@ import torch
 import yaml
 from click.testing import CliRunner
 
+from streammerge import settings
 from streammerge.cli import main
+from streammerge.errors import UsageError
 from tests.conftest import ROOT, load_all, make_toy
 
 VENV_PYTHON = os.path.join(ROOT, "bench", ".venv-mergekit", "bin", "python")
@@ -227,6 +229,26 @@ def cases(b: str, e1: str, e2: str, e3: str) -> dict[str, tuple[dict, str]]:
             | f32,
             "exact",
         ),
+        # typed gradients (#25.8): each entry read as the parameter's type first, so an int gradient
+        # interpolates to whole numbers, "1e-3" is a number for a float, and words are booleans that pick
+        "karcher_typed_gradient": (
+            {
+                "merge_method": "karcher",
+                "models": [m(e1), m(e2)],
+                "parameters": {"max_iter": [2, "6"], "tol": ["1e-3", 0.01]},
+            }
+            | f32,
+            "exact",
+        ),  # fmt: skip
+        "nuslerp_bool_gradient": (
+            {
+                "merge_method": "nuslerp",
+                "models": [m(e1, weight="1"), m(e2, weight=0.5)],
+                "parameters": {"nuslerp_flatten": ["off", 1], "nuslerp_row_wise": ["yes", "no"]},
+            }
+            | f32,
+            "exact",
+        ),  # fmt: skip
         "model_stock": (
             {"merge_method": "model_stock", "base_model": b, "models": [m(e1), m(e2), m(e3)]} | f32,
             "exact",
@@ -401,3 +423,41 @@ def test_same_recipe_same_weights_as_mergekit(crosscheck, name):
         mismatched += bad
     if mode == "tie_rate":
         assert mismatched <= 0.001 * total, f"{mismatched} of {total} entries differ (> 0.1 %)"
+
+
+SETTING_CASES = [  # (setting, t, the parameter's type)
+    (s, t, kind)
+    for kind in ("float", "int", "bool", "str")
+    for s in (0.3, 2, True, "1e-3", "5", "yes", "off", "maybe", [2, "6"], [5, 8], [0.1, "0.5"], [True, False],
+              [0, 1], ["off", 1], ["a", "b", "c"], [{"filter": "mlp", "value": [1, 3]}, {"value": "t"}])
+    for t in (0.0, 0.5, 1.0)
+]  # fmt: skip
+
+
+def test_settings_are_read_as_mergekit_reads_them():
+    """settings.evaluate against mergekit 0.1.5's own evaluate_setting with pydantic's validators,
+    for every scalar type: same value, or both refuse."""
+    python = mergekit_python()
+    if python is None:
+        pytest.skip("mergekit 0.1.5 not installed (tools/run_tests.sh installs it)")
+    code = (
+        "import json, sys\nfrom pydantic import TypeAdapter\nfrom mergekit.config import evaluate_setting\n"
+        "from mergekit.config import ConditionalParameter\nout = []\n"
+        "for s, t, kind in json.load(sys.stdin):\n"
+        "    if isinstance(s, list) and s and isinstance(s[0], dict): s = [ConditionalParameter(**c) for c in s]\n"
+        "    v = TypeAdapter({'float': float, 'int': int, 'bool': bool, 'str': str}[kind]).validate_python\n"
+        "    try: out.append(evaluate_setting('model.layers.0.mlp.up_proj.weight', s, t, validate=v))\n"
+        "    except Exception: out.append('REFUSED')\n"
+        "print(json.dumps(out))\n"
+    )
+    r = subprocess.run([python, "-c", code], input=json.dumps(SETTING_CASES), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    theirs = json.loads(r.stdout)
+    for (setting, t, kind), expected in zip(SETTING_CASES, theirs):
+        try:
+            ours = settings.evaluate(setting, "model.layers.0.mlp.up_proj.weight", t, kind, "x")
+        except UsageError:
+            ours = "REFUSED"
+        assert ours == expected and type(ours) is type(expected) or (kind == "float" and float(ours) == expected), (
+            setting, t, kind, ours, expected,
+        )  # fmt: skip

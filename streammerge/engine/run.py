@@ -96,7 +96,7 @@ class Merge:
             self.close()
             raise
 
-    def _download(self) -> None:
+    def download_inputs(self) -> None:
         """Hub inputs checked and planned from their headers: their weights now, checked again."""
         if self.remote.planning is not self.remote.recipe:
             self.remote.check_disk(self.inputs.recipe.out, sum(s.nbytes for s in self.shards))
@@ -181,7 +181,7 @@ class Merge:
             self.plan.check_memory()  # before the output folder is touched
         with sigterm_as_interrupt():
             try:
-                self._download()
+                self.download_inputs()
                 with PeakSampler() as sampler:
                     try:
                         os.makedirs(self.inputs.recipe.out, exist_ok=True)

@@ -23,6 +23,7 @@ from .base import (
     Rows,
     TensorTask,
     build_params,
+    param_kind,
     holds_whole,
     map_row_blocks,
     ordered_sum,
@@ -43,5 +44,5 @@ def method_names() -> list[str]:
 
 __all__ = [
     "BLOCK_ELEMENTS", "REQUIRED", "ExpertTensors", "MapPass", "Method", "ModelBlocks", "Rows", "TensorTask",
-    "build_params", "get_method", "holds_whole", "map_row_blocks", "method_names", "ordered_sum",
+    "build_params", "param_kind", "get_method", "holds_whole", "map_row_blocks", "method_names", "ordered_sum",
 ]  # fmt: skip

@@ -321,6 +321,17 @@ SCALAR_TYPES = {
 }
 
 
+def param_kind(params_type: type, key: str) -> str | None:
+    """The scalar type (float, int, bool, str) of a method's parameter, None for any other
+    annotation or an unknown key (build_params reports those)."""
+    name = "lambda_" if key == "lambda" else key
+    for f in fields(params_type):
+        if f.name == name:
+            options = [a.strip() for a in str(f.type).split("|") if a.strip() != "None"]
+            return options[0] if len(options) == 1 and options[0] in SCALAR_TYPES else None
+    return None
+
+
 def check_type(what: str, value: Any, annotation: Any) -> None:
     """Refuse a value its parameter's type does not admit, naming the parameter and the type
     (a string where a number belongs would otherwise fail deep inside a method)."""
