@@ -34,6 +34,7 @@ class FakeHub:
     def __init__(self) -> None:
         self.repos: dict[str, Repo] = {}
         self.requests: list[tuple[str, str, str | None]] = []  # (method, path, Range header)
+        self.authorization: list[str | None] = []  # each request's Authorization header
         self.weight_bytes = 0
         self.stall_after: dict[str, int] = {}  # "org/name/file" -> stop sending after this many bytes (once)
         self.lock = threading.Lock()
@@ -100,6 +101,7 @@ class FakeHub:
         path = unquote(h.path.split("?")[0])
         with self.lock:
             self.requests.append((h.command, path, h.headers.get("Range")))
+            self.authorization.append(h.headers.get("Authorization"))
         m = re.fullmatch(r"/api/models/([^/]+/[^/]+)/revision/(.+)", path)
         if m:
             found = self._commit(m.group(1), m.group(2))

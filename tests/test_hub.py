@@ -46,9 +46,12 @@ def hub(toy_untied, tmp_path_factory):
     server.stop()
 
 
-def cli(hub: FakeHub, cache: str, *args: str, offline: bool = False) -> subprocess.CompletedProcess:
+def cli(hub: FakeHub, cache: str, *args: str, offline: bool = False, token: str | None = None):
     env = dict(os.environ, HF_ENDPOINT=hub.url, HF_HUB_CACHE=str(cache), HF_HUB_DISABLE_TELEMETRY="1")
     env.pop("HF_HUB_OFFLINE", None)
+    env.pop("HF_TOKEN", None)
+    if token:
+        env["HF_TOKEN"] = token
     if offline:
         env["HF_HUB_OFFLINE"] = "1"
     return subprocess.run([sys.executable, "-m", "streammerge.cli", *args], cwd=ROOT, env=env, capture_output=True,
@@ -74,14 +77,16 @@ def local_ties(toy_untied, tmp_path_factory) -> str:
 def filled_cache(hub, local_ties, tmp_path_factory):
     """A merge of repo ids, after `plan` on them; the cache it filled and its output."""
     cache, out = tmp_path_factory.mktemp("cache"), str(tmp_path_factory.mktemp("hubout") / "out")
-    before = hub.weight_bytes
+    before, n = hub.weight_bytes, len(hub.requests)
     plan = cli(hub, cache, "plan", *TIES, "--base", "org/base", "--expert", "org/e1@main", "--expert", "org/e2",
                "--no-estimate")  # fmt: skip
     assert plan.returncode == 0, plan.stderr
     assert hub.weight_bytes == before  # headers only
     merged = cli(hub, cache, "merge", *TIES, "--base", "org/base", "--expert", "org/e1@main", "--expert", "org/e2",
-                 "--out", out, "-q")  # fmt: skip
+                 "--out", out, "-q", token="hf_test_token")  # fmt: skip
     assert merged.returncode == 0, merged.stderr
+    sent = [a for r, a in zip(hub.requests[n:], hub.authorization[n:]) if "/org/" in r[1]]
+    assert sent and all(a == "Bearer hf_test_token" for a in sent[len(sent) - 30 :])  # HF_TOKEN on every request
     return cache, out, plan.stdout
 
 
@@ -211,3 +216,24 @@ def test_a_peft_adapter_on_the_hub_merges_like_its_local_folder(hub, tmp_path_fa
             "org/lora", "--out", str(tmp_path / "out"), "-q")  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert shards(str(tmp_path / "out")) == shards(local)
+
+
+def test_a_bin_checkpoint_on_the_hub_is_downloaded_before_its_checks_and_merges_like_local(
+    hub, toy_untied, local_ties, tmp_path
+):
+    """A .bin keeps its tensor table at its end: downloaded first (said so), then merged the same."""
+    from test_torch_bin import as_bin
+
+    hub.add("org/e2-bin", as_bin(f"{toy_untied}/expert-2", str(tmp_path / "e2bin"), shards=2))
+    before = hub.weight_bytes
+    r = cli(hub, tmp_path / "cache", "plan", *TIES, "--base", "org/base", "--expert", "org/e1", "--expert",
+            "org/e2-bin", "--no-estimate")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "a .bin checkpoint is read whole to be checked: downloading it first" in r.stderr
+    assert hub.weight_bytes > before  # the .bin files, and only them: the others' headers
+    assert "to download: 10 weight file(s)" in r.stdout
+    out = str(tmp_path / "out")
+    r = cli(hub, tmp_path / "cache", "merge", *TIES, "--base", "org/base", "--expert", "org/e1", "--expert",
+            "org/e2-bin", "--out", out, "-q")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert shards(out) == shards(local_ties)

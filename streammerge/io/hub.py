@@ -294,7 +294,7 @@ def stage(model: HubModel, root: str, quiet: bool) -> str:
     os.makedirs(folder)
     for name in model.missing:
         if not name.endswith(".safetensors"):
-            log.info("%s/%s: a .bin checkpoint is read whole to be checked: downloading it first", model.ref, name)
+            log.warning("%s/%s: a .bin checkpoint is read whole to be checked: downloading it first", model.ref, name)
             download(model, name, quiet)
     for name in sorted(os.listdir(model.snapshot)) if os.path.isdir(model.snapshot) else ():
         os.symlink(os.path.join(model.snapshot, name), os.path.join(folder, name))
