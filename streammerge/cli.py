@@ -19,7 +19,7 @@ from typing import Any
 
 import click
 
-from .errors import InputError, StreammergeError, UsageError
+from .errors import InputError, Interrupted, StreammergeError, UsageError
 from .methods import method_names
 from .recipe import Expert, Recipe
 from .recipe_files import from_mapping, read_recipe_file
@@ -321,12 +321,17 @@ def main() -> None:
 @recipe_options
 @click.option(
     "--output-format",
-    type=click.Choice(["dense", "adapter", "lora"]),
+    type=click.Choice(["dense", "adapter", "lora", "gguf"]),
     default="dense",
     show_default=True,
     help="adapter: orthomerge of PEFT OFT adapters written as one merged PEFT adapter; lora: the merge's update "
     "W - W0 of every linear weight as a PEFT LoRA adapter of rank --rank (truncated SVD, mergekit-extract-lora's "
-    "meaning).",
+    "meaning); gguf: one GGUF file for llama.cpp (--out NAME.gguf; Llama, Mistral, Qwen2 with BPE tokenizers).",
+)
+@click.option(
+    "--gguf-type",
+    type=click.Choice(["f32", "f16", "bf16", "q8_0"]),
+    help="--output-format gguf: the type of the 2-D weights (default: the input's float type; 1-D tensors f32).",
 )
 @click.option("--rank", type=click.IntRange(min=1), help="--output-format lora: the LoRA rank (required there).")
 @click.option(
@@ -375,8 +380,8 @@ def main() -> None:
     "write. Each task uses --threads CPUs (default 1). Same output as a local merge.",
 )
 @reports_errors
-def merge(output_format, rank, sv_epsilon, embeddings, restart, quiet, memory_report, checkpoint_every, report_path,
-          ray_address, positional, **kw):  # fmt: skip
+def merge(output_format, gguf_type, rank, sv_epsilon, embeddings, restart, quiet, memory_report, checkpoint_every,
+          report_path, ray_address, positional, **kw):  # fmt: skip
     """Merge EXPERTs into BASE with METHOD and write a Hugging Face model folder to OUT
     (or `merge RECIPE.yaml OUT`, mergekit's order).
 
@@ -390,6 +395,8 @@ def merge(output_format, rank, sv_epsilon, embeddings, restart, quiet, memory_re
     check_output_file(memory_report, "--memory-report")
     ray = ray_address or run.get("ray")
     lora = lora_options(output_format, rank, sv_epsilon, embeddings)
+    if gguf_type is not None and output_format != "gguf":
+        raise UsageError("--gguf-type goes with --output-format gguf")
     if ray is not None:
         if output_format != "dense":
             raise UsageError(f"--ray merges dense shards; an {output_format} output is written in one process")
@@ -426,8 +433,17 @@ def merge(output_format, rank, sv_epsilon, embeddings, restart, quiet, memory_re
     )
     merger = Merge(recipe, options)
     try:
-        if lora is not None:
-            merge_lora(merger, lora, restart, quiet)
+        if output_format in ("lora", "gguf"):
+            from .engine.run import sigterm_as_interrupt
+
+            try:
+                with sigterm_as_interrupt():
+                    if lora is not None:
+                        merge_lora(merger, lora, restart, quiet)
+                    else:
+                        merge_gguf(merger, gguf_type, restart, checkpoint_every, quiet)
+            except KeyboardInterrupt:
+                raise Interrupted("interrupted; what is finished is kept — rerun the same command to resume") from None
             return
         report = merger.run()
     finally:
@@ -488,15 +504,25 @@ def merge_lora(merger, lora, restart: bool, quiet: bool) -> None:
         click.echo(f"LoRA adapter (rank {lora.rank}) written to {out}: {summary(report)}", err=True)
 
 
+def merge_gguf(merger, gguf_type: str | None, restart: bool, checkpoint_every: float, quiet: bool) -> None:
+    from .gguf_output import merge_to_gguf
+
+    path = merge_to_gguf(merger, gguf_type, restart, checkpoint_every, quiet)
+    if not quiet:
+        click.echo(f"merged into {path} ({format_size(os.path.getsize(path))})", err=True)
+
+
 @main.command()
 @recipe_options
 @click.option(
     "--output-format",
-    type=click.Choice(["dense", "adapter", "lora"]),
+    type=click.Choice(["dense", "adapter", "lora", "gguf"]),
     default="dense",
     show_default=True,
-    help="Plan a dense merge, an OFT adapter merge, or a LoRA output (the dense plan and one SVD).",
+    help="Plan a dense merge, an OFT adapter merge, a LoRA output (the dense plan and one SVD) or a GGUF file "
+    "(the dense plan; checks the architecture and tokenizer).",
 )
+@click.option("--gguf-type", type=click.Choice(["f32", "f16", "bf16", "q8_0"]), help="As for merge.")
 @click.option("--per-tensor", is_flag=True, help="One line per tensor instead of per tensor kind.")
 @click.option(
     "--assume-gpu",
@@ -515,7 +541,7 @@ def merge_lora(merger, lora, restart: bool, quiet: bool) -> None:
     help="Estimate the merge's time on this machine (about a second of calibration and a 128 MB read).",
 )
 @reports_errors
-def plan(output_format, per_tensor, assume_gpu, measure, estimate, positional, **kw) -> None:
+def plan(output_format, gguf_type, per_tensor, assume_gpu, measure, estimate, positional, **kw) -> None:
     """Print the memory plan of a merge (same arguments as merge; --out is optional: without it
     the disk check uses the current folder) without merging or writing anything.
 
@@ -525,7 +551,8 @@ def plan(output_format, per_tensor, assume_gpu, measure, estimate, positional, *
     from .engine.remote import RemoteInputs
 
     positional_recipe(positional, kw)
-    recipe, _ = build_recipe(**kw, default_out=os.path.join(os.getcwd(), "merged"))  # plan writes nothing
+    default_out = os.path.join(os.getcwd(), "merged.gguf" if output_format == "gguf" else "merged")
+    recipe, _ = build_recipe(**kw, default_out=default_out)  # plan writes nothing
     if output_format == "adapter":
         from .adapter_output import adapter_plan
 
@@ -550,6 +577,12 @@ def plan(output_format, per_tensor, assume_gpu, measure, estimate, positional, *
             from .lora_output import plan_line
 
             click.echo(plan_line(merger))
+        if output_format == "gguf":
+            from .gguf_output import GgufLayout
+
+            layout = GgufLayout(merger.inputs, recipe.out, gguf_type)
+            what = f"GGUF ({layout.arch}, {layout.gguf_type}, tokenizer pre {layout.tokenizer[2]!r})"
+            click.echo(f"{what}: {len(layout.tensors)} tensors, {format_size(layout.size)} written to {recipe.out}")
         downloads = merger.remote.download_line()
         if downloads:
             click.echo(downloads)

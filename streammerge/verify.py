@@ -89,6 +89,10 @@ def loader_file_problems(out: str, recipe: dict, merged: Checkpoint) -> list[str
 
 def verify_output(out: str) -> str:
     out = os.path.abspath(out)
+    if out.endswith(".gguf") and os.path.isfile(out):
+        from .gguf_output import verify_gguf
+
+        return verify_gguf(out)
     if not os.path.exists(out):
         raise InputError(f"{out}: no such folder")
     if not os.path.isdir(out):

@@ -20,7 +20,7 @@ PACKAGE = os.path.join(ROOT, "streammerge")
 LAYERS = [
     ["streammerge.cli"],
     ["streammerge", "streammerge.api"],
-    ["streammerge.adapter_output", "streammerge.verify", "streammerge.lora_output"],
+    ["streammerge.adapter_output", "streammerge.verify", "streammerge.lora_output", "streammerge.gguf_output"],
     ["streammerge.engine"],
     ["streammerge.engine.run"],
     ["streammerge.engine.ray"],
@@ -42,7 +42,7 @@ LAYERS = [
     ["streammerge.methods.base"],
     ["streammerge.plan", "streammerge.prefetch", "streammerge.memwatch", "streammerge.cpu"],
     ["streammerge.io", "streammerge.io.*"],
-    ["streammerge.settings", "streammerge.units", "streammerge.errors"],
+    ["streammerge.settings", "streammerge.units", "streammerge.errors", "streammerge.gguf_pre"],
     ["streammerge.math", "streammerge.math.*"],
 ]
 ENGINE_MODULE_MAX_LINES = 250
