@@ -237,3 +237,17 @@ def test_a_bin_checkpoint_on_the_hub_is_downloaded_before_its_checks_and_merges_
             "org/e2-bin", "--out", out, "-q")  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert shards(out) == shards(local_ties)
+
+
+def test_an_unreachable_hub_falls_back_to_the_cache_or_says_so(filled_cache, tmp_path):
+    cache, _, _ = filled_cache
+    env = dict(os.environ, HF_ENDPOINT="http://127.0.0.1:9", HF_HUB_DISABLE_TELEMETRY="1")  # nothing listens there
+    env.pop("HF_HUB_OFFLINE", None)
+    args = [sys.executable, "-m", "streammerge.cli", "plan", *TIES, "--base", "org/base", "--expert", "org/e1",
+            "--no-estimate"]  # fmt: skip
+    r = subprocess.run(args, cwd=ROOT, env=env | {"HF_HUB_CACHE": str(cache)}, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "org/base: the Hub cannot be reached (ConnectError); using the cache" in r.stderr
+    r = subprocess.run(args, cwd=ROOT, env=env | {"HF_HUB_CACHE": str(tmp_path)}, capture_output=True, text=True)
+    assert r.returncode == 3 and "org/e1: not in the Hugging Face cache" in r.stderr
+    assert "Traceback" not in r.stderr

@@ -20,6 +20,8 @@ import logging
 import os
 import re
 import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from ..errors import InputError, UsageError
@@ -109,11 +111,33 @@ def _remote_commit(hf, ref: str, repo: str, revision: str) -> tuple[str, list[st
         if exc.response is not None and exc.response.status_code == 404:
             raise InputError(f"{ref}: no such folder, and no repo {repo} on the Hub") from None
         raise InputError(f"{ref}: the Hub refused: {str(exc).splitlines()[0]}") from None
-    except (OSError, ConnectionError) as exc:
+    except Exception as exc:
+        if not unreachable(exc):
+            raise
         log.warning("%s: the Hub cannot be reached (%s); using the cache", ref, type(exc).__name__)
         return None
     files = [s.rfilename for s in info.siblings or () if "/" not in s.rfilename]
     return info.sha, files
+
+
+def unreachable(exc: BaseException) -> bool:
+    """A network failure (no route, refused, timed out), whatever the HTTP client's own classes."""
+    names = {c.__name__ for c in type(exc).__mro__}
+    return bool(names & {"OSError", "ConnectionError", "TransportError", "TimeoutException", "RequestError"})
+
+
+@contextmanager
+def hub_errors(what: str) -> Iterator[None]:
+    """The Hub's refusals and network failures during `what` as one line each."""
+    hf = hub_client()
+    try:
+        yield
+    except hf.errors.HfHubHTTPError as exc:
+        raise InputError(f"{what}: the Hub refused: {str(exc).splitlines()[0]}") from None
+    except Exception as exc:
+        if not unreachable(exc):
+            raise
+        raise InputError(f"{what}: the Hub cannot be reached ({type(exc).__name__}: {exc})") from None
 
 
 def model_weights(folder: str, files: list[str], ref: str) -> list[str]:
@@ -157,7 +181,8 @@ def resolve(ref: str) -> HubModel:
         for name in files:
             if not name.endswith(WEIGHT_SUFFIXES) and name != ".gitattributes":
                 if not os.path.isfile(os.path.join(snapshot, name)):
-                    hf.hf_hub_download(repo, name, revision=commit)
+                    with hub_errors(f"{ref}/{name}"):
+                        hf.hf_hub_download(repo, name, revision=commit)
     model = HubModel(ref, repo, revision, commit, snapshot, model_weights(snapshot, files, ref))
     if remote is None and model.missing:
         raise InputError(f"{ref}: {model.missing[0]} of commit {commit[:12]} is not in the cache and the Hub cannot "
@@ -167,7 +192,8 @@ def resolve(ref: str) -> HubModel:
 
 def _url_and_size(hf, model: HubModel, name: str) -> tuple[str, object]:
     url = hf.hf_hub_url(model.repo, name, revision=model.commit)
-    meta = hf.get_hf_file_metadata(url)
+    with hub_errors(f"{model.ref}/{name}"):
+        meta = hf.get_hf_file_metadata(url)
     if meta.size is None or meta.etag is None:
         raise InputError(f"{model.ref}/{name}: the Hub gave no size or ETag for it")
     return url, meta
@@ -181,8 +207,9 @@ def read_header(model: HubModel, name: str) -> tuple[bytes, int]:
     model.sizes[name] = meta.size
 
     def get(begin: int, end: int) -> bytes:
-        r = hf.utils.get_session().get(url, headers=hf.utils.build_hf_headers() | {"Range": f"bytes={begin}-{end}"})
-        hf.utils.hf_raise_for_status(r)
+        with hub_errors(f"{model.ref}/{name}"):
+            r = hf.utils.get_session().get(url, headers=hf.utils.build_hf_headers() | {"Range": f"bytes={begin}-{end}"})
+            hf.utils.hf_raise_for_status(r)
         return r.content[: end - begin + 1]
 
     # the length first, then exactly the header: not one byte of tensor data leaves the server
