@@ -342,6 +342,14 @@ def main() -> None:
     help="--output-format lora: also drop singular values at or below this (a smaller rank where the update has one).",
 )
 @click.option(
+    "--energy",
+    type=click.FloatRange(min=0, max=1, min_open=True),
+    default=1.0,
+    show_default=True,
+    help="--output-format lora: per matrix, the smallest rank (at most --rank) whose singular values hold this share "
+    "of the update's energy (sum of squares); 1 keeps --rank.",
+)
+@click.option(
     "--embeddings",
     type=click.Choice(["full", "lora", "skip"]),
     default="full",
@@ -380,8 +388,8 @@ def main() -> None:
     "write. Each task uses --threads CPUs (default 1). Same output as a local merge.",
 )
 @reports_errors
-def merge(output_format, gguf_type, rank, sv_epsilon, embeddings, restart, quiet, memory_report, checkpoint_every,
-          report_path, ray_address, positional, **kw):  # fmt: skip
+def merge(output_format, gguf_type, rank, sv_epsilon, energy, embeddings, restart, quiet, memory_report,
+          checkpoint_every, report_path, ray_address, positional, **kw):  # fmt: skip
     """Merge EXPERTs into BASE with METHOD and write a Hugging Face model folder to OUT
     (or `merge RECIPE.yaml OUT`, mergekit's order).
 
@@ -394,7 +402,7 @@ def merge(output_format, gguf_type, rank, sv_epsilon, embeddings, restart, quiet
 
     check_output_file(memory_report, "--memory-report")
     ray = ray_address or run.get("ray")
-    lora = lora_options(output_format, rank, sv_epsilon, embeddings)
+    lora = lora_options(output_format, rank, sv_epsilon, energy, embeddings)
     if gguf_type is not None and output_format != "gguf":
         raise UsageError("--gguf-type goes with --output-format gguf")
     if ray is not None:
@@ -479,7 +487,7 @@ def merge(output_format, gguf_type, rank, sv_epsilon, embeddings, restart, quiet
         )
 
 
-def lora_options(output_format: str, rank: int | None, sv_epsilon: float, embeddings: str):
+def lora_options(output_format: str, rank: int | None, sv_epsilon: float, energy: float, embeddings: str):
     """The LoRA output's options, refused before any work where they do not fit the format."""
     if output_format != "lora":
         if rank is not None:
@@ -489,7 +497,7 @@ def lora_options(output_format: str, rank: int | None, sv_epsilon: float, embedd
         raise UsageError("--output-format lora needs --rank R (the LoRA rank)")
     from .lora_output import LoraOptions
 
-    return LoraOptions(rank, sv_epsilon, embeddings)
+    return LoraOptions(rank, sv_epsilon, embeddings, energy)
 
 
 def merge_lora(merger, lora, restart: bool, quiet: bool) -> None:

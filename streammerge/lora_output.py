@@ -4,7 +4,8 @@ matrix at a time from the dense merge's own tensors (no dense copy on disk).
 
 Per tensor of the base, in its order:
 - a linear layer's weight: ΔW = W − W₀ (W as the dense merge would store it, both in float32),
-  U S Vᵀ its SVD, r = min(--rank, singular values above --sv-epsilon); A = √S_r V_rᵀ,
+  U S Vᵀ its SVD, r = min(--rank, singular values above --sv-epsilon, the fewest whose share of
+  Σ s² reaches --energy); A = √S_r V_rᵀ,
   B = U_r √S_r (mergekit's --distribute-scale) and `lora_alpha` = r, so PEFT's scale is 1 and
   B A = U_r S_r V_rᵀ, the best rank-r approximation (Eckart–Young). Modules with r below --rank go
   in `rank_pattern`/`alpha_pattern`, as mergekit writes them.
@@ -58,12 +59,15 @@ class LoraOptions:
     rank: int
     sv_epsilon: float = 0.0
     embeddings: str = "full"  # full, lora or skip
+    energy: float = 1.0  # keep the smallest rank whose share of Σ s² reaches this (capped by `rank`)
 
     def check(self) -> None:
         if self.rank < 1:
             raise UsageError(f"--rank {self.rank}: a LoRA rank is at least 1")
         if self.embeddings not in ("full", "lora", "skip"):
             raise UsageError(f"--embeddings {self.embeddings}: choose full, lora or skip")
+        if not 0 < self.energy <= 1:
+            raise UsageError(f"--energy {self.energy}: a share of the update's energy, in (0, 1]")
 
 
 def _kind(name: str, shape: tuple[int, ...]) -> str:
@@ -77,14 +81,19 @@ def _kind(name: str, shape: tuple[int, ...]) -> str:
     return "whole"
 
 
-def decompose(delta: torch.Tensor, rank: int, sv_epsilon: float) -> tuple[torch.Tensor, torch.Tensor, int, float]:
+def decompose(
+    delta: torch.Tensor, rank: int, sv_epsilon: float, energy: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor, int, float]:
     """(A, B, r, energy kept) of a float32 update: B A its best rank-r approximation."""
     u, s, vh = torch.linalg.svd(delta, full_matrices=False)
     r = min(rank, s.shape[0])
     if sv_epsilon > 0:
         r = min(r, int((s > sv_epsilon).sum()))
-    r = max(r, 1)  # PEFT needs r ≥ 1; a zero update gives zero factors
     total = float((s.double() ** 2).sum())
+    if energy < 1 and total > 0:  # the first r whose cumulative share reaches `energy`
+        share = (s.double() ** 2).cumsum(0) / total
+        r = min(r, int((share < energy).sum()) + 1)
+    r = max(r, 1)  # PEFT needs r ≥ 1; a zero update gives zero factors
     kept = float((s[:r].double() ** 2).sum()) / total if total > 0 else 1.0
     root = s[:r].sqrt()
     return root[:, None] * vh[:r], u[:, :r] * root[None, :], r, kept
@@ -126,7 +135,8 @@ class LoraWriter:
             return [(PREFIX + name, merged)]
         delta = merged.to(self.compute_dtype) - base.to(self.compute_dtype)
         embedding = kind == "embedding"
-        a, b, r, kept = decompose(delta.T if embedding else delta, self.options.rank, self.options.sv_epsilon)
+        o = self.options
+        a, b, r, kept = decompose(delta.T if embedding else delta, o.rank, o.sv_epsilon, o.energy)
         self.targets[module] = r
         self.report[name] = {"rank": r, "energy_kept": kept}
         stem = PREFIX + module + (".lora_embedding_" if embedding else ".lora_")

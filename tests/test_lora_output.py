@@ -133,3 +133,28 @@ def test_embeddings_decomposed_on_request(outputs, toy_untied, tmp_path):
         approx, _ = best_rank(want[name].double() - w0[name].double(), RANK)
         ref = w0[name].double() + approx
         assert (merged[name].double() - ref).abs().max().item() <= 1e-5 * ref.abs().max().item(), name
+
+
+def test_an_energy_threshold_keeps_the_fewest_directions_that_reach_it(outputs, toy_untied, tmp_path):
+    dense, _ = outputs
+    r = CliRunner().invoke(main, ["merge", *flags(toy_untied), "--out", str(tmp_path / "e"), "--output-format", "lora",
+                                  "--rank", "20", "--energy", "0.5", "-q"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    report = json.load(open(tmp_path / "e" / "lora_report.json"))
+    config = json.load(open(tmp_path / "e" / "adapter_config.json"))
+    want, w0 = load_all(dense), load_all(f"{toy_untied}/base")
+    for name, row in report.items():
+        s = torch.linalg.svdvals(want[name].double() - w0[name].double())
+        share = (s**2).cumsum(0) / (s**2).sum()
+        assert row["rank"] == int((share < 0.5).sum()) + 1 <= 20, name  # the fewest reaching half
+        assert row["energy_kept"] >= 0.5
+        module = name.rsplit(".", 1)[0]
+        assert config["rank_pattern"].get(module, config["r"]) == row["rank"]
+    peft = pytest.importorskip("peft")
+    base = pytest.importorskip("transformers").AutoModelForCausalLM.from_pretrained(f"{toy_untied}/base",
+                                                                                   dtype=torch.float32)  # fmt: skip
+    merged = peft.PeftModel.from_pretrained(base, str(tmp_path / "e")).merge_and_unload().state_dict()
+    for name, row in report.items():  # PEFT reads each module's own rank from rank_pattern
+        approx, _ = best_rank(want[name].double() - w0[name].double(), row["rank"])
+        ref = w0[name].double() + approx
+        assert (merged[name].double() - ref).abs().max().item() <= 1e-5 * ref.abs().max().item(), name
