@@ -589,7 +589,7 @@ def plan(output_format, gguf_type, per_tensor, assume_gpu, measure, estimate, po
             from .gguf_output import GgufLayout
 
             layout = GgufLayout(merger.inputs, recipe.out, gguf_type)
-            what = f"GGUF ({layout.arch}, {layout.gguf_type}, tokenizer pre {layout.tokenizer[2]!r})"
+            what = f"GGUF ({layout.arch}, {layout.gguf_type}, tokenizer {layout.vocab.model}/{layout.vocab.pre})"
             click.echo(f"{what}: {len(layout.tensors)} tensors, {format_size(layout.size)} written to {recipe.out}")
         downloads = merger.remote.download_line()
         if downloads:

@@ -13,9 +13,10 @@ What it follows from the converter, per tensor, in the base's order:
 - Llama 3's rope scaling becomes a generated `rope_freqs.weight`, as the converter computes it.
 
 Supported (anything else is refused up front, with one line): architectures LlamaForCausalLM,
-MistralForCausalLM and Qwen2ForCausalLM; rope scaling none, linear, yarn or llama3; BPE tokenizers
-(`tokenizer.json`) whose pre-tokenizer llama.cpp knows (streammerge/gguf_pre.py). Needs the `gguf`
-extra (the `gguf` package and transformers, which reads the tokenizer as the converter does).
+MistralForCausalLM and Qwen2ForCausalLM; rope scaling none, linear, yarn or llama3; SentencePiece
+tokenizers and BPE ones whose pre-tokenizer llama.cpp knows (streammerge/gguf_vocab.py). Needs the
+`gguf` extra (the `gguf` package, sentencepiece, and transformers, which reads tokenizers as the
+converter does).
 
 Resumable: the file is written to OUT.partial, its progress made durable every few seconds in
 OUT.streammerge.json; rerunning the command continues from the last durable tensor, and the file
@@ -34,6 +35,7 @@ import numpy as np
 import torch
 
 from .errors import InputError, ResumeError, UsageError
+from .gguf_vocab import read_vocab
 from .io.checkpoint import load_json
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
@@ -142,7 +144,9 @@ class GgufLayout:
                           "q8_0": ft.MOSTLY_Q8_0}[self.gguf_type]  # fmt: skip
         main_type = {"f32": q.F32, "f16": q.F16, "bf16": q.BF16, "q8_0": q.Q8_0}[self.gguf_type]
         self.tokenizer_folder = self._tokenizer_folder()
-        self.tokenizer = self._tokenizer()  # refused here if llama.cpp would not know it
+        self.vocab = read_vocab(
+            self.tokenizer_folder, self.arch, config, gguf
+        )  # refused here if llama.cpp would not know it
         names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, self.arch.upper()), config["num_hidden_layers"])
         specs: list[tuple[str | None, str, tuple[int, ...], int]] = []
         if rope_type == "llama3":
@@ -173,53 +177,6 @@ class GgufLayout:
 
         donor = tokenizer_donor(self.inputs.recipe)
         return donor if donor else self.inputs.base.folder
-
-    def _tokenizer(self) -> tuple[list[str], list[int], str]:
-        """The converter's vocabulary (get_vocab_base): tokens, their types and the pre-tokenizer."""
-        from .gguf_pre import CHECK_TEXT, PRE_TOKENIZERS
-
-        folder, gguf = self.tokenizer_folder, self.gguf
-        path = os.path.join(folder, "tokenizer.json")
-        if not os.path.isfile(path):
-            what = "a SentencePiece tokenizer.model" if os.path.isfile(os.path.join(folder, "tokenizer.model")) else (
-                "no tokenizer.json")  # fmt: skip
-            raise InputError(f"{folder}: {what}; the GGUF output writes BPE tokenizers (tokenizer.json) only")
-        model = load_json(path).get("model", {}).get("type")  # type: ignore[union-attr]
-        if model != "BPE":
-            raise InputError(f"{path}: a {model} tokenizer; the GGUF output writes BPE tokenizers only")
-        try:
-            from transformers import AutoTokenizer
-        except ImportError:
-            raise UsageError("--output-format gguf needs transformers to read the tokenizer: pip install "
-                             "'streammerge[gguf]'") from None  # fmt: skip
-        tok = AutoTokenizer.from_pretrained(folder)
-        digest = hashlib.sha256(str(tok.encode(CHECK_TEXT)).encode()).hexdigest()
-        pre = PRE_TOKENIZERS.get(digest)
-        if pre is None:
-            raise InputError(f"{path}: llama.cpp does not know this tokenizer's pre-tokenizer (check hash "
-                             f"{digest[:16]}…); it cannot be written as GGUF")  # fmt: skip
-        vocab_size = self.config.get("vocab_size", len(tok.vocab))
-        reverse = {i: t for t, i in tok.vocab.items()}
-        added, decoder = tok.get_added_vocab(), tok.added_tokens_decoder
-        tokens, types = [], []
-        for i in range(vocab_size):
-            if i not in reverse:
-                tokens.append(f"[PAD{i}]")
-                types.append(gguf.TokenType.UNUSED)
-                continue
-            token = reverse[i]
-            if token in added:
-                if not decoder[i].normalized:  # llama.cpp takes control and user tokens as normalised
-                    token = tok.decode(tok.encode(token, add_special_tokens=False))
-                if decoder[i].special or looks_special(token):
-                    types.append(gguf.TokenType.CONTROL)
-                else:
-                    token = token.replace("\u2581", " ")
-                    types.append(gguf.TokenType.USER_DEFINED)
-            else:
-                types.append(gguf.TokenType.NORMAL)
-            tokens.append(token)
-        return tokens, [int(t) for t in types], pre
 
     def _prefix(self, specs) -> bytes:
         """The header, metadata and tensor table, as gguf's writer lays them out."""
@@ -257,7 +214,7 @@ class GgufLayout:
             w.add_file_type(self.file_type)
             w.add_vocab_size(config["vocab_size"])
             w.add_rope_dimension_count(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
-            self._add_tokenizer(w)
+            self.vocab.add_to(w, gguf, self.tokenizer_folder, self.arch, config)
             w.add_quantization_version(gguf.GGML_QUANT_VERSION)
             for _, name, shape, qtype, nbytes in specs:
                 w.add_tensor_info(name, shape, np.dtype(np.float32), nbytes, raw_dtype=gguf.GGMLQuantizationType(qtype))
@@ -270,22 +227,6 @@ class GgufLayout:
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
-
-    def _add_tokenizer(self, w) -> None:
-        tokens, types, pre = self.tokenizer
-        folder = self.tokenizer_folder
-        config_path = os.path.join(folder, "tokenizer_config.json")
-        if os.path.isfile(config_path):
-            prefix_space = load_json(config_path).get("add_prefix_space")  # type: ignore[union-attr]
-            if prefix_space is not None:
-                w.add_add_space_prefix(prefix_space)
-        w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre(pre)
-        w.add_token_list(tokens)
-        w.add_token_types(types)
-        self.gguf.SpecialVocab(folder, load_merges=True).add_to_gguf(w)
-        if self.arch == "llama" and self.config.get("vocab_size") == 49152:
-            w.add_add_bos_token(False)  # the converter's rule for that vocabulary (Granite, SmolLM2)
 
     def encode(self, t: GgufTensor, merged: torch.Tensor | None) -> bytes:
         """One tensor's bytes in the file: as the converter reads, reorders and quantizes it."""
@@ -303,16 +244,6 @@ class GgufLayout:
         if len(raw) != t.nbytes:
             raise AssertionError(f"{t.name}: {len(raw)} bytes, the layout says {t.nbytes}")
         return raw
-
-
-def looks_special(token: str) -> bool:
-    """The converter's does_token_look_special: added tokens some models leave unmarked."""
-    return (
-        token in ("<pad>", "<mask>", "<2mass>", "[@BOS@]")
-        or (token.startswith("<|") and token.endswith("|>"))
-        or (token.startswith("<｜") and token.endswith("｜>"))
-        or (token.startswith("<unused") and token.endswith(">"))
-    )
 
 
 def merge_to_gguf(merger, gguf_type: str | None, restart: bool, checkpoint_seconds: float, quiet: bool) -> str:

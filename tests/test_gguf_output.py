@@ -57,6 +57,48 @@ def bpe_toy(tmp_path_factory) -> str:
     return str(root)
 
 
+@pytest.fixture(scope="module")
+def spm_toy(tmp_path_factory) -> dict[str, str]:
+    """The same toy shape with a SentencePiece tokenizer trained here (BPE, byte fallback, 400 pieces),
+    as `tokenizer.model` (the converter's SentencePiece path) and as the Llama-2-style tokenizer.json
+    transformers makes of it (its LlamaHfVocab path)."""
+    spm = pytest.importorskip("sentencepiece")
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("spm_toy")
+    corpus = root / "corpus.txt"
+    corpus.write_text("\n".join(m.__doc__ for m in (json, os, subprocess, pytest)))  # any text; fixed here
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(root / "sp"), vocab_size=400,
+                                   model_type="bpe", byte_fallback=True, character_coverage=1.0, num_threads=1,
+                                   unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)  # fmt: skip
+    tokenizer_config = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
+                        "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False}  # fmt: skip
+    config = transformers.LlamaConfig(vocab_size=400, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                      tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)  # fmt: skip
+    config.architectures = ["LlamaForCausalLM"]
+    torch.manual_seed(1)
+    base = {k: v.detach().to(torch.bfloat16) for k, v in transformers.LlamaForCausalLM(config).state_dict().items()}
+    out = {}
+    for form in ("tokenizer.model", "tokenizer.json"):
+        for name, seed in (("base", None), ("expert-1", 1), ("expert-2", 2)):
+            folder = root / form / name
+            folder.mkdir(parents=True)
+            g = torch.Generator().manual_seed(seed or 0)
+            tensors = base if seed is None else {
+                k: (v.float() + 0.01 * torch.randn(v.shape, generator=g)).to(torch.bfloat16) for k, v in base.items()
+            }  # fmt: skip
+            save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+            config.save_pretrained(folder)
+            (folder / "tokenizer.model").write_bytes((root / "sp.model").read_bytes())
+            (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+            if form == "tokenizer.json":  # what transformers makes of it, without the .model
+                transformers.AutoTokenizer.from_pretrained(folder).save_pretrained(folder)
+                os.remove(folder / "tokenizer.model")
+        out[form] = str(root / form)
+    return out
+
+
 def merge(toy: str, out: str, *extra: str) -> None:
     r = CliRunner().invoke(main, ["merge", "--base", f"{toy}/base", "--expert", f"{toy}/expert-1", "--expert",
                                   f"{toy}/expert-2", "--method", "ties", "--density", "0.5", "--out", out, "-q",
@@ -87,6 +129,31 @@ def test_the_same_file_as_llama_cpps_converter_on_the_dense_output(bpe_toy, tmp_
     assert ours.keys() == theirs.keys() and len(ours) == 2 + 9 * 2 + 1  # embeddings, output, norm, 9 per layer
     assert [n for n in ours if ours[n] != theirs[n]] == []  # names, types, shapes and bytes
     assert fields(str(tmp_path / "ours.gguf")) == fields(str(tmp_path / "conv.gguf"))  # all but descriptive general.*
+
+
+@pytest.mark.parametrize("form", ["tokenizer.model", "tokenizer.json"])
+def test_a_sentencepiece_tokenizer_as_llama_cpps_converter_writes_it(spm_toy, tmp_path, form):
+    if not os.path.isfile(CONVERTER):
+        pytest.skip("llama.cpp's converter not fetched (tools/run_tests.sh runs tools/llama_cpp_source.py)")
+    toy = spm_toy[form]
+    merge(toy, str(tmp_path / "dense"))
+    merge(toy, str(tmp_path / "ours.gguf"), "--output-format", "gguf", "--gguf-type", "f16")
+    env = dict(os.environ, PYTHONPATH=os.path.join(os.path.dirname(CONVERTER), "gguf-py"))
+    r = subprocess.run([sys.executable, CONVERTER, str(tmp_path / "dense"), "--outfile", str(tmp_path / "conv.gguf"),
+                        "--outtype", "f16"], env=env, capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    ours = fields(str(tmp_path / "ours.gguf"))
+    assert ours["tokenizer.ggml.model"] == "llama" and len(ours["tokenizer.ggml.tokens"]) == 400
+    assert ("tokenizer.ggml.scores" in ours) and ours == fields(str(tmp_path / "conv.gguf"))
+    assert tensors(str(tmp_path / "ours.gguf")) == tensors(str(tmp_path / "conv.gguf"))
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed (the llamacpp extra)")
+    import sentencepiece
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=os.path.join(spm_toy["tokenizer.model"], "base",
+                                                                      "tokenizer.model"))  # fmt: skip
+    llm = llama_cpp.Llama(str(tmp_path / "ours.gguf"), n_ctx=64, verbose=False, n_threads=2)
+    for text in ("Hello, world!", "Numbers 3 33 333 and émojis 🦙", "import json"):
+        assert llm.tokenize(text.encode(), add_bos=True) == [1, *sp.encode(text)], text
 
 
 def test_transformers_loads_it_with_the_dense_folders_logits(bpe_toy, tmp_path):
@@ -167,7 +234,9 @@ def test_what_cannot_be_written_is_refused_before_anything_is(bpe_toy, toy_untie
         return r.output.strip()
 
     assert "give a name ending in .gguf" in run(f"{bpe_toy}/base", str(tmp_path / "folder"))
-    assert "the GGUF output writes BPE tokenizers only" in run(f"{toy_untied}/base", str(tmp_path / "a.gguf"))
+    assert "a WordLevel tokenizer; the GGUF output writes BPE and SentencePiece tokenizers" in run(
+        f"{toy_untied}/base", str(tmp_path / "a.gguf")
+    )
     config = json.load(open(f"{bpe_toy}/base/config.json"))
     for model in ("base", "expert-1"):  # the same tensors, said to be another architecture
         other = tmp_path / "gpt2" / model
