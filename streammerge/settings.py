@@ -97,7 +97,7 @@ def coerce(value: Any, kind: str | None, where: str) -> Any:
     elif kind == "str":
         out = value if isinstance(value, str) else None
     if out is None:
-        raise UsageError(f"{where}: {value!r} is not {KIND_NAMES[kind]}")
+        raise UsageError(f"{where} must be {KIND_NAMES[kind]}, not {value!r}")
     return out
 
 
