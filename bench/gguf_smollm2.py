@@ -94,17 +94,22 @@ def compare(a: str, b: str) -> dict:
     }  # fmt: skip
 
 
-def llama_cpp_check(work: str, gguf_f32: str, gguf_q8: str) -> dict:
+def llama_cpp_check(work: str) -> dict:
+    """Per GGUF type, llama.cpp against transformers (float32 compute) on the dense folder of the same
+    stored weights: float32 output against the float32 merge, the others against the bf16 one."""
     import llama_cpp
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     ref = AutoTokenizer.from_pretrained(f"{work}/base")
-    dense = AutoModelForCausalLM.from_pretrained(f"{work}/dense32", dtype=torch.float32)
     ids = ref.encode(PROMPT)
-    with torch.no_grad():
-        want = dense(torch.tensor([ids])).logits[0]
+    wants = {}
+    for folder in ("dense32", "dense16"):
+        dense = AutoModelForCausalLM.from_pretrained(f"{work}/{folder}", dtype=torch.float32)
+        with torch.no_grad():
+            wants[folder] = dense(torch.tensor([ids])).logits[0]
     doc: dict = {}
-    for label, path in (("f32", gguf_f32), ("q8_0", gguf_q8)):
+    for label in ("f32", "bf16", "f16", "q8_0"):
+        path, want = f"{work}/m-{label}.gguf", wants["dense32" if label == "f32" else "dense16"]
         llm = llama_cpp.Llama(path, n_ctx=128, logits_all=True, verbose=False, n_threads=2, type_k=0, type_v=0)
         doc[f"{label}_tokens_equal"] = all(
             llm.tokenize(t.encode(), add_bos=False, special=True) == ref.encode(t) for t in TEXTS
@@ -142,9 +147,11 @@ def main() -> int:
         load.append(os.getloadavg()[0])
         same = compare(f"{work}/m.gguf", f"{work}/conv.gguf")
         cli(work, f"{work}/dense32", "--dtype", "float32")
-        cli(work, f"{work}/m32.gguf", "--dtype", "float32", "--output-format", "gguf")
-        cli(work, f"{work}/m8.gguf", "--output-format", "gguf", "--gguf-type", "q8_0")
-        runs = llama_cpp_check(work, f"{work}/m32.gguf", f"{work}/m8.gguf")
+        cli(work, f"{work}/dense16")  # the base's bf16
+        cli(work, f"{work}/m-f32.gguf", "--dtype", "float32", "--output-format", "gguf")
+        for t in ("bf16", "f16", "q8_0"):
+            cli(work, f"{work}/m-{t}.gguf", "--output-format", "gguf", "--gguf-type", t)
+        runs = llama_cpp_check(work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     doc = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "load_average": load,
@@ -165,14 +172,12 @@ def main() -> int:
         f"| metadata fields equal (all but general.*) | {same['fields_equal']} of {same['fields']} |",
         f"| wall: straight to GGUF / dense merge + converter | {ratio:.2f} (median of {len(direct)} pairs; "
         f"{', '.join(f'{d:.1f} s / {v:.1f} s' for d, v in zip(direct, via_dense))}) |",
-        f"| llama.cpp tokens equal transformers' ({len(TEXTS)} strings) | f32 {runs['f32_tokens_equal']}, "
-        f"q8_0 {runs['q8_0_tokens_equal']} |",
-        f"| llama.cpp logits vs transformers on the dense folder, f32 GGUF | max error "
-        f"{runs['f32_max_abs_logit_error']:.2e} of range {runs['logit_range']:.1f}; top-1 agreement "
-        f"{runs['f32_top1_agreement']:.2f} |",
-        f"| the same, q8_0 GGUF (the quantisation's error) | max error {runs['q8_0_max_abs_logit_error']:.2e}; "
-        f"top-1 agreement {runs['q8_0_top1_agreement']:.2f} |",
-    ]
+        f"| llama.cpp tokens equal transformers' ({len(TEXTS)} strings) | "
+        + ", ".join(f"{t} {runs[f'{t}_tokens_equal']}" for t in ("f32", "bf16", "f16", "q8_0")) + " |",
+        *[f"| llama.cpp next-token logits vs transformers (float32) on the dense folder, {t} GGUF | max error "
+          f"{runs[f'{t}_max_abs_logit_error']:.2e} of range {runs['logit_range']:.1f}; top-1 agreement "
+          f"{runs[f'{t}_top1_agreement']:.2f} |" for t in ("f32", "bf16", "f16", "q8_0")],
+    ]  # fmt: skip
     write_results("gguf-smollm2", doc, lines)
     return 0
 
