@@ -30,7 +30,7 @@ LAYERS = [
     ["streammerge.engine.placement"],
     ["streammerge.engine.inputs", "streammerge.engine.remote"],
     ["streammerge.engine.options"],
-    ["streammerge.report", "streammerge.output_files"],
+    ["streammerge.report", "streammerge.output_files", "streammerge.gguf_vocab"],
     ["streammerge.recipe_files"],
     ["streammerge.mergekit_recipe"],
     ["streammerge.recipe"],
