@@ -151,6 +151,9 @@ def main() -> int:
         cli(work, f"{work}/m-f32.gguf", "--dtype", "float32", "--output-format", "gguf")
         for t in ("bf16", "f16", "q8_0"):
             cli(work, f"{work}/m-{t}.gguf", "--output-format", "gguf", "--gguf-type", t)
+        for t in ("q8_0", "f16"):  # the other types against the converter too (CI's test does bf16)
+            convert(f"{work}/dense16", f"{work}/conv-{t}.gguf", t)
+            same[t] = compare(f"{work}/m-{t}.gguf", f"{work}/conv-{t}.gguf")
         runs = llama_cpp_check(work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -170,6 +173,8 @@ def main() -> int:
         f"| tensors identical to llama.cpp's converter on the dense output (bf16) | {same['tensors_identical']} of "
         f"{same['tensors']} |",
         f"| metadata fields equal (all but general.*) | {same['fields_equal']} of {same['fields']} |",
+        *[f"| the same, {t} | {same[t]['tensors_identical']} of {same[t]['tensors']} tensors, "
+          f"{same[t]['fields_equal']} of {same[t]['fields']} fields |" for t in ("q8_0", "f16")],
         f"| wall: straight to GGUF / dense merge + converter | {ratio:.2f} (median of {len(direct)} pairs; "
         f"{', '.join(f'{d:.1f} s / {v:.1f} s' for d, v in zip(direct, via_dense))}) |",
         f"| llama.cpp tokens equal transformers' ({len(TEXTS)} strings) | "

@@ -103,10 +103,10 @@ def test_planned_peak_is_within_25_percent_of_measured(method, extra, one_big_te
     first = run_merge(one_big_tensor, str(tmp_path / "a"), method, *extra, "--max-ram", "20GB")
     planned, measured = first["planned_peak_ram"], first["measured_peak_ram"]
     assert abs(planned - measured) <= 0.25 * measured, (planned / 1e6, measured / 1e6)
-    # and a budget just above the plan is honoured
-    budget = int(planned * 1.1)
-    second = run_merge(one_big_tensor, str(tmp_path / "b"), method, *extra, "--max-ram", str(budget))
-    assert second["measured_peak_ram"] <= budget
+    # and a budget just above the plan would be honoured: a merge under it plans the same (the plan
+    # fits), so its peak is this one (merging again under that budget doubled the test's time; merges
+    # held to a budget are test_inputs_many_times_the_ram_budget_merge_under_it's)
+    assert measured <= int(planned * 1.1), (planned / 1e6, measured / 1e6)
     print(f"{method} {' '.join(extra)}: planned {planned / 1e6:.0f} MB, measured {measured / 1e6:.0f} MB")
 
 
