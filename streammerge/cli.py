@@ -326,7 +326,8 @@ def main() -> None:
     show_default=True,
     help="adapter: orthomerge of PEFT OFT adapters written as one merged PEFT adapter; lora: the merge's update "
     "W - W0 of every linear weight as a PEFT LoRA adapter of rank --rank (truncated SVD, mergekit-extract-lora's "
-    "meaning); gguf: one GGUF file for llama.cpp (--out NAME.gguf; Llama, Mistral, Qwen2 with BPE tokenizers).",
+    "meaning); gguf: one GGUF file for llama.cpp (--out NAME.gguf; Llama, Mistral, Qwen2; BPE or SentencePiece "
+    "tokenizers).",
 )
 @click.option(
     "--gguf-type",
@@ -502,9 +503,9 @@ def lora_options(output_format: str, rank: int | None, sv_epsilon: float, energy
 
 def merge_lora(merger, lora, restart: bool, quiet: bool) -> None:
     from .io.lock import OutputLock
-    from .lora_output import merge_to_lora, summary
+    from .lora_output import check_and_fetch, merge_to_lora, summary
 
-    merger.download_inputs()  # Hub inputs: the weights, after every check
+    check_and_fetch(merger)  # before --out is made
     os.makedirs(merger.inputs.recipe.out, exist_ok=True)
     with OutputLock(merger.inputs.recipe.out):
         out, report = merge_to_lora(merger, lora, restart)

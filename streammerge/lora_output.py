@@ -164,8 +164,8 @@ def fingerprint(merger, options: LoraOptions) -> str:
     return hashlib.sha256(f"{digest} {options}".encode()).hexdigest()
 
 
-def merge_to_lora(merger, options: LoraOptions, restart: bool) -> tuple[str, dict]:
-    """Run the merge `merger` plans and write its LoRA adapter to the recipe's `out`."""
+def check_and_fetch(merger) -> None:
+    """Everything a LoRA merge can refuse before --out is made; then Hub inputs' weights."""
     inputs = merger.inputs
     if inputs.method.whole_model_statistics(inputs.params):
         raise UsageError(f"{inputs.method.name} with statistics over the whole model: --output-format lora "
@@ -176,6 +176,13 @@ def merge_to_lora(merger, options: LoraOptions, restart: bool) -> tuple[str, dic
     if need > plan.ram_budget:
         raise ResourceError(f"the merge and the largest update's SVD need {format_size(need)} of RAM, the budget is "
                             f"{format_size(plan.ram_budget)}")  # fmt: skip
+    merger.download_inputs()
+
+
+def merge_to_lora(merger, options: LoraOptions, restart: bool) -> tuple[str, dict]:
+    """Run the merge `merger` plans and write its LoRA adapter to the recipe's `out` (checked by
+    check_and_fetch first)."""
+    inputs = merger.inputs
     out = inputs.recipe.out
     ours = {PARTS, JOURNAL, WEIGHTS_NAME, CONFIG_NAME, REPORT, PID_NAME}
     foreign = sorted(set(os.listdir(out)) - ours) if os.path.isdir(out) else []

@@ -179,11 +179,16 @@ def default_gpu_budget() -> int | None:
     return int(free * (1 - RAM_MARGIN))
 
 
-def free_disk(folder: str) -> int:
-    probe = os.path.abspath(folder)
+def existing_folder(path: str) -> str:
+    """`path`, or its nearest ancestor that exists (an output folder not made yet)."""
+    probe = os.path.abspath(path)
     while not os.path.exists(probe):
         probe = os.path.dirname(probe)
-    return shutil.disk_usage(probe).free
+    return probe
+
+
+def free_disk(folder: str) -> int:
+    return shutil.disk_usage(existing_folder(folder)).free
 
 
 def place(

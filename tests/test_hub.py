@@ -77,16 +77,17 @@ def local_ties(toy_untied, tmp_path_factory) -> str:
 def filled_cache(hub, local_ties, tmp_path_factory):
     """A merge of repo ids, after `plan` on them; the cache it filled and its output."""
     cache, out = tmp_path_factory.mktemp("cache"), str(tmp_path_factory.mktemp("hubout") / "out")
-    before, n = hub.weight_bytes, len(hub.requests)
+    before = hub.weight_bytes
     plan = cli(hub, cache, "plan", *TIES, "--base", "org/base", "--expert", "org/e1@main", "--expert", "org/e2",
                "--no-estimate")  # fmt: skip
     assert plan.returncode == 0, plan.stderr
     assert hub.weight_bytes == before  # headers only
+    n = len(hub.requests)
     merged = cli(hub, cache, "merge", *TIES, "--base", "org/base", "--expert", "org/e1@main", "--expert", "org/e2",
                  "--out", out, "-q", token="hf_test_token")  # fmt: skip
     assert merged.returncode == 0, merged.stderr
     sent = [a for r, a in zip(hub.requests[n:], hub.authorization[n:]) if "/org/" in r[1]]
-    assert sent and all(a == "Bearer hf_test_token" for a in sent[len(sent) - 30 :])  # HF_TOKEN on every request
+    assert sent and all(a == "Bearer hf_test_token" for a in sent)  # HF_TOKEN on every request of the merge
     return cache, out, plan.stdout
 
 
@@ -182,7 +183,6 @@ def test_a_resume_never_mixes_two_revisions(filled_cache, hub, toy_untied, tmp_p
         hub.repos["org/e2"].branches["main"] = old
     assert r.returncode == 5, r.stderr
     assert f"org/e2: is now at commit {new[:12]}, the merge in {out} was started from commit {old[:12]}" in r.stderr
-    assert not os.listdir(os.path.join(cache, "models--org--e2", "snapshots", new)) or True
 
 
 def test_without_huggingface_hub_a_repo_id_names_the_extra(tmp_path):

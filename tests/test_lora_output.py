@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from streammerge import Recipe
 from streammerge.cli import main
 from streammerge.engine import Merge, RunOptions
-from streammerge.lora_output import LoraOptions, LoraWriter, merge_to_lora
+from streammerge.lora_output import LoraOptions, LoraWriter, check_and_fetch, merge_to_lora
 from tests.conftest import load_all
 
 RANK = 3
@@ -96,6 +96,7 @@ def test_an_interrupted_lora_merge_resumes_to_the_same_bytes(outputs, toy_untied
         return convert(self, name, merged)
 
     monkeypatch.setattr(LoraWriter, "convert", interrupted)
+    check_and_fetch(merger)
     with pytest.raises(KeyboardInterrupt):
         merge_to_lora(merger, LoraOptions(RANK), restart=False)
     monkeypatch.setattr(LoraWriter, "convert", convert)

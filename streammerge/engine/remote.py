@@ -17,7 +17,7 @@ from contextlib import contextmanager
 
 from ..errors import InputError, ResourceError, StreammergeError, collect
 from ..io import hub
-from ..plan import free_disk
+from ..plan import existing_folder, free_disk
 from ..recipe import Recipe
 from ..units import format_size
 
@@ -103,7 +103,7 @@ class RemoteInputs:
             return
         cache = hub.hub_client().constants.HF_HUB_CACHE
         need = self.download_bytes
-        if _device(cache) == _device(out):
+        if os.stat(existing_folder(cache)).st_dev == os.stat(existing_folder(out)).st_dev:
             need += out_bytes
         if need > free_disk(cache):
             raise ResourceError(
@@ -125,10 +125,3 @@ class RemoteInputs:
         if self.stage_root is not None:
             shutil.rmtree(self.stage_root, ignore_errors=True)
             self.stage_root = None
-
-
-def _device(path: str) -> int:
-    probe = os.path.abspath(path)
-    while not os.path.exists(probe):
-        probe = os.path.dirname(probe)
-    return os.stat(probe).st_dev
