@@ -292,6 +292,31 @@ def projection(linalg: list[dict], e2e: dict) -> dict:
     }
 
 
+def step_tie_order() -> dict:
+    """mergekit's TIES selection line on CUDA (issue #27: is its tie order a contract?): the same
+    synthetic |τ| as bench/tie_order.py, argsort on the GPU against the earliest tied entries
+    (`tie_break: index`) and against the CPU's argsort."""
+    torch.manual_seed(0)
+    base = (torch.randn(4096, 4096) * 0.02).to(torch.bfloat16)
+    expert = (base.float() + torch.randn(4096, 4096) * 0.002).to(torch.bfloat16)
+    w = (expert.float() - base.float()).abs().reshape(-1)
+    k = int(0.2 * w.numel())
+
+    def mask(order: torch.Tensor) -> torch.Tensor:
+        m = torch.zeros(w.numel(), dtype=torch.bool)
+        m[order[:k].cpu()] = True
+        return m
+
+    cuda = mask(torch.argsort(w.cuda(), descending=True))
+    earliest = mask(torch.argsort(w, descending=True, stable=True))
+    cpu = mask(torch.argsort(w, descending=True))
+    return {
+        "kept": k,
+        "cuda_vs_earliest_kept_differ": int((cuda != earliest).sum()) // 2,
+        "cuda_vs_cpu_kept_differ": int((cuda != cpu).sum()) // 2,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "gpu-check.json"))
@@ -326,6 +351,10 @@ def main(argv: list[str] | None = None) -> int:
         if not cuda:
             log("3-5. skipped: no CUDA device")
         else:
+            log("2b. mergekit's TIES tie order on CUDA")
+            record["tie_order"] = step_tie_order()
+            log(f"  {record['tie_order']}")
+            save()
             log("3. OrthoMerge linear algebra at Llama-3.1-8B shapes")
             record["linalg_8b"] = step_linalg(cuda)
             save()

@@ -162,11 +162,12 @@ def main(argv: list[str] | None = None) -> int:
         ]
         floor = io_floor(files)
         for method in args.methods:
-            # "ties-index": mergekit's ties recipe, ours with `--param tie_break=index` (no sort; ties at the
-            # threshold kept by position)
+            # "ties-mergekit-order": mergekit's ties recipe, ours with `--param tie_break=mergekit` (its sort
+            # of every task vector where ties straddle the threshold); plain "ties": our default, the
+            # earliest tied entries (no sort)
             mk_method, extra = (
-                (method.removesuffix("-index"), ["--param", "tie_break=index"])
-                if method.endswith("-index")
+                (method.removesuffix("-mergekit-order"), ["--param", "tie_break=mergekit"])
+                if method.endswith("-mergekit-order")
                 else (method, [])
             )
             yaml_path = os.path.join(args.work, f"{preset}-{mk_method}.yaml")

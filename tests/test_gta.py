@@ -67,6 +67,10 @@ def test_magnitude_sparsifiers_equal_a_sort(rows, cols, density, gamma, kind, re
     torch.testing.assert_close(whole, reference(kind, t, density, gamma, rescale, stable=False), rtol=1e-6, atol=0)
     blocked = streamed(gta.Sparsifier(kind, values, rescale, (rows, cols), lambda: None), t, block)
     torch.testing.assert_close(blocked, reference(kind, t, density, gamma, rescale, stable=True), rtol=1e-6, atol=0)
+    # tie_break "index" (the default): a whole tensor keeps the earliest ties too
+    earliest = gta.whole(gta.Sparsifier(kind, values, rescale, (rows, cols), lambda: None), t.clone(), False)
+    torch.testing.assert_close(earliest, reference(kind, t, density, gamma, rescale, stable=True), rtol=1e-6, atol=0)
+    assert gta.GtaParams().tie_break == "index"
 
 
 @pytest.mark.parametrize("kind", ["random", "della_magprune"])

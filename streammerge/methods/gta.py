@@ -16,13 +16,15 @@ expert i and tensor (settings.py resolves gradients and filters):
 Sparsifiers (density ≥ 1 keeps τ unchanged, without rescaling):
 - magnitude: the k = max(1, ⌊density·n⌋) largest |τ|, exactly k;
 - magnitude_outliers (breadcrumbs): drop the ⌊gamma·n⌋ largest, keep the next ⌊density·n⌋;
-  for both, which of the entries tied at a threshold are kept is decided as mergekit does, by
-  torch's (unstable) sort of the whole |τ|, when the tensor is merged whole (`tie_break:
-  mergekit`, the default). The sort runs only where ties straddle the threshold (the radix select
-  says so) — in bf16 models, almost always — and costs about what mergekit's does. `tie_break:
-  index` keeps the earliest tied entries in row-major order instead, without a sort; so does a
-  tensor streamed in row blocks (its N vectors larger than CACHE_BYTES), which may then differ
-  from mergekit on those tied entries only;
+  for both, which of the entries tied at a threshold are kept: `tie_break: index` (the
+  default) keeps the earliest in row-major order, without a sort, the same on every machine and
+  device and whether the tensor is merged whole or in row blocks. mergekit keeps whatever
+  torch's unstable sort of the whole |τ| leaves first, and that depends on the machine: on one
+  CPU and one torch, mergekit's own TIES output differs in 0.5 % of its entries between torch's
+  AVX2 and plain kernels (bench/results/tie-order.md), so its order is not a contract.
+  `tie_break: mergekit` makes that same sort here (where ties straddle the threshold; it costs
+  what mergekit's does) and so matches mergekit run on the same machine, for whole tensors
+  (a tensor streamed in row blocks keeps the earliest);
 - random (DARE): keep each entry with probability density;
 - della_magprune: keep with probability density − ε + 2ε·r, r the entry's magnitude rank in
   its row scaled to [0, 1].
@@ -44,6 +46,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..math import fused
 from ..plan import Need
 from .base import check_choice, REQUIRED, Method, Rows, TensorTask, map_row_blocks
 from . import ties
@@ -61,9 +64,7 @@ class GtaParams:
     rescale: bool = False  # restore each sparsified vector's L1 norm (mergekit's `rescale`)
     lambda_: float = 1.0  # any real number: negative values subtract (task negation)
     int8_mask: bool = False  # mergekit's mask storage; no effect on the result
-    tie_break: str = (
-        "mergekit"  # among magnitudes tied at a threshold: "mergekit" (its sort) or "index" (earliest; no sort)
-    )
+    tie_break: str = "index"  # among magnitudes tied at a threshold: "index" (earliest) or "mergekit" (its sort)
 
     def __post_init__(self) -> None:
         check_choice("tie_break", self.tie_break, ("mergekit", "index"))
@@ -121,6 +122,10 @@ class Sparsifier:
             self.before += float(tau.abs().sum(dtype=torch.float64))
             self.after += float(self._masked(tau.clone(), bits).abs().sum(dtype=torch.float64))
             return
+        if bits is None and fused.available(tau):
+            for s in self.selects:
+                s.add_high_values(tau) if what == "high" else s.add_low_values(tau)
+            return
         if bits is None:
             bits = magnitude_bits(tau)
         for s in self.selects:
@@ -158,6 +163,9 @@ class Sparsifier:
                     .index_fill_(0, order, 1)
                     .view(tau.shape)
                 )
+            if bits is None and fused.finite_bound(vb) and fused.available(tau):
+                self.ties_seen[0] += fused.mask_magnitude(tau, vb, 0, self.k - above, self.ties_seen[0], 1.0)
+                return tau
             bits = (magnitude_bits(tau) if bits is None else bits).view(tau.shape)
             keep = bits > vb
             self._keep_ties(keep, bits == vb, 0, 0, self.k - above)
@@ -216,7 +224,8 @@ def sparsifiers(task: TensorTask, params: GtaParams) -> list[Sparsifier]:
 
 def whole(sp: Sparsifier, tau: torch.Tensor, mergekit_ties: bool = True) -> torch.Tensor:
     """τ̂ of a tensor held in memory: every observation pass over it, then apply."""
-    bits = magnitude_bits(tau) if sp.selects else None  # once, for the thresholds and the mask
+    # |τ|'s bit patterns once, for the thresholds and the mask (the fused kernels read τ itself)
+    bits = magnitude_bits(tau) if sp.selects and not fused.available(tau) else None
     for stage in range(sp.passes):
         sp.begin(stage)
         sp.observe(stage, tau, bits)
@@ -229,6 +238,8 @@ def combine(
     vectors: list[torch.Tensor], weights: tuple[float, ...], base: torch.Tensor, params: GtaParams
 ) -> torch.Tensor:
     """W_0 + λ·(normalised) Σ of the weighted vectors v_i, with the consensus mask if any."""
+    if fused.available(base, *vectors):
+        return fused.combine(vectors, weights, base, params.consensus, params.normalize, params.lambda_)
     mixed = torch.zeros_like(base)
     if params.consensus == "none":
         for v in vectors:

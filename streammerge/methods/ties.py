@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..math import fused
 from ..plan import Need
 from .base import (
     check_choice,
@@ -88,6 +89,15 @@ class RadixSelect:
 
     def add_high(self, bits: torch.Tensor) -> None:
         self.high += torch.bincount(bits >> 16, minlength=1 << 16).cpu()
+
+    def add_high_values(self, values: torch.Tensor) -> None:
+        """add_high of float32 `values` themselves, in one fused pass (math/fused.py)."""
+        fused.histogram_high(values, self.high)
+
+    def add_low_values(self, values: torch.Tensor) -> None:
+        if self.bin is None:
+            self._choose_bin()
+        fused.histogram_low(values, self.bin, self.low)
 
     def _choose_bin(self) -> None:
         from_top = self.high.flip(0).cumsum(0)

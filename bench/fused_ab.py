@@ -1,0 +1,143 @@
+#!/usr/bin/env python3
+"""The fused kernels (streammerge/math/fused.py, numba) against torch's code, side by side on the
+same merge, alternating, page cache dropped before every run; outputs compared byte for byte.
+
+    python bench/fused_ab.py [--recipe bench/.work/tie-order-0.5b.yaml] [--pairs 2] [--param K=V ...]
+
+Also, warm (inputs in the page cache): each side's throughput in GB/s of input, beside `cat` of the
+same files and a plain numpy sum of the same arrays (the memory-bandwidth bound of one pass).
+Results: bench/results/fused-ab-TAG.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import drop_caches, write_results  # noqa: E402
+
+
+def digest(folder: str) -> str:
+    h = hashlib.sha256()
+    for f in sorted(os.listdir(folder)):
+        if f.endswith(".safetensors"):
+            with open(os.path.join(folder, f), "rb") as fh:
+                while chunk := fh.read(1 << 24):
+                    h.update(chunk)
+    return h.hexdigest()
+
+
+def inputs(recipe: str) -> list[str]:
+    import yaml
+
+    doc = yaml.safe_load(open(recipe))
+    folders = [doc["base_model"], *[m["model"] for m in doc["models"]]]
+    return [os.path.join(d, f) for d in folders for f in sorted(os.listdir(d)) if f.endswith(".safetensors")]
+
+
+def numpy_sum(files: list[str]) -> float:
+    """Seconds to read every tensor of the inputs from the page cache and sum it in float32 with
+    numpy (bf16 widened to float32 by a shift of its bits, as a load into float32 must)."""
+    import numpy as np
+    import torch
+    from safetensors import safe_open
+
+    start = time.perf_counter()
+    for f in files:
+        with safe_open(f, "pt") as h:
+            for name in h.keys():
+                t = h.get_tensor(name)
+                if t.dtype == torch.bfloat16:
+                    a = (t.view(torch.int16).numpy().astype(np.int32) << 16).view(np.float32)
+                else:
+                    a = t.float().numpy()
+                np.add.reduce(a, axis=None)
+    return time.perf_counter() - start
+
+
+def run(recipe: str, out: str, fused: bool, params: list[str]) -> float:
+    shutil.rmtree(out, ignore_errors=True)
+    env = dict(os.environ)
+    env.pop("STREAMMERGE_NO_NUMBA", None)
+    if not fused:
+        env["STREAMMERGE_NO_NUMBA"] = "1"
+    cmd = [sys.executable, "-m", "streammerge.cli", "merge", "--recipe", recipe, "--out", out, "--device", "cpu",
+           "--quiet", *params]  # fmt: skip
+    start = time.perf_counter()
+    subprocess.run(cmd, env=env, check=True, cwd=ROOT)
+    return time.perf_counter() - start
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--recipe", default=os.path.join(ROOT, "bench", ".work", "tie-order-0.5b.yaml"))
+    ap.add_argument("--pairs", type=int, default=2)
+    ap.add_argument("--param", action="append", default=[], help="passed to merge as --param K=V")
+    ap.add_argument("--tag", default="ties-0.5b")
+    args = ap.parse_args()
+    params = [x for p in args.param for x in ("--param", p)]
+    files = inputs(args.recipe)
+    size = sum(os.path.getsize(f) for f in files)
+    work = tempfile.mkdtemp(prefix="fused-ab-")
+    load_before = os.getloadavg()
+    cold: dict[str, list[float]] = {"fused": [], "torch": []}
+    digests = {}
+    for pair in range(args.pairs):
+        for side in ("fused", "torch") if pair % 2 == 0 else ("torch", "fused"):
+            drop_caches()
+            out = os.path.join(work, side)
+            cold[side].append(run(args.recipe, out, side == "fused", params))
+            digests[side] = digest(out)
+    warm: dict[str, float] = {}
+    subprocess.run(["cat", *files], stdout=subprocess.DEVNULL, check=True)
+    start = time.perf_counter()
+    subprocess.run(["cat", *files], stdout=subprocess.DEVNULL, check=True)
+    warm["cat"] = time.perf_counter() - start
+    warm["numpy sum"] = numpy_sum(files)
+    for side in ("fused", "torch"):
+        warm[side] = run(args.recipe, os.path.join(work, side), side == "fused", params)
+    shutil.rmtree(work, ignore_errors=True)
+    doc = {
+        "command": "python bench/fused_ab.py " + " ".join(sys.argv[1:]),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "cores": os.cpu_count(),
+        "load_before": load_before,
+        "load_after": os.getloadavg(),
+        "input_bytes": size,
+        "cold_seconds": cold,
+        "warm_seconds": warm,
+        "outputs_identical": digests["fused"] == digests["torch"],
+        "ratio_cold_median": sorted(f / t for f, t in zip(cold["fused"], cold["torch"]))[len(cold["fused"]) // 2],
+    }
+    gb = size / 1e9
+    lines = [
+        f"# Fused kernels against torch's code: {args.tag}",
+        "",
+        f"`{doc['command']}`, {doc['date']}, {doc['cores']} cores, load {load_before[0]:.1f} before, "
+        f"{doc['load_after'][0]:.1f} after; inputs {gb:.2f} GB; outputs byte-identical: {doc['outputs_identical']}.",
+        "",
+        "| page cache dropped | fused (s) | torch (s) | fused / torch |",
+        "|---|---|---|---|",
+        *[
+            f"| pair {i + 1} | {f:.1f} | {t:.1f} | {f / t:.2f} |"
+            for i, (f, t) in enumerate(zip(cold["fused"], cold["torch"]))
+        ],
+        "",
+        "| warm (inputs cached) | seconds | GB/s of input |",
+        "|---|---|---|",
+        *[f"| {k} | {v:.1f} | {gb / v:.2f} |" for k, v in warm.items()],
+    ]
+    write_results(f"fused-ab-{args.tag}", doc, lines)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,270 @@
+#!/usr/bin/env python3
+"""Merge the decoder-LLM benchmark's cached experts with every method and score them.
+
+    python bench/quality/llm_train.py --seeds 0 1 2          # once (cached)
+    python bench/quality/llm_benchmark.py --seeds 0 1 2      # → bench/results/quality-llm.json
+    python bench/quality/llm_benchmark.py --markdown bench/results/quality-llm.md   # its tables
+    python bench/quality/llm_benchmark.py --smoke            # the harness on a toy model (CI)
+
+For each family (OFT and LoRA adapters of SmolLM2-135M-Instruct) and seed, the five task experts
+are merged by each row below with streammerge's Python API and the merged model answers every
+task's prompts greedily through its own LM head (exact match, llm_common.py). Each row's
+parameters are chosen on the validation split (mean exact match over the five tasks) from the
+grid beside it; the test split is scored once, at the chosen point, with every prompt's
+correctness kept (for paired bootstrap intervals) and the perplexity of held-out text. A choice
+on the edge of its grid is flagged (`edge`). Also per unit: the base, each expert on every task
+(the interference table), and the multi-task adapter (the upper bound).
+OrthoMerge's residual methods take the parameters validation chose for them alone (same unit);
+on LoRA its rotation scale is chosen on the TA-residual rows. Results accumulate in the JSON
+(keyed by unit and row) so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import random
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch  # noqa: E402
+from llm_common import base_folder, exact_match, gguf_tokenizer, load_model, perplexity, tokenizer  # noqa: E402
+from llm_tasks import TASKS, build  # noqa: E402
+from llm_train import expert_dir  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+RESULTS = os.path.join(ROOT, "bench", "results", "quality-llm.json")
+ALPHAS = [0.5, 1.0, 2.0, 3.0]  # the spectral methods' α: up to 3, as the TSV-M authors search
+LAMBDAS = [0.2, 0.4, 0.7, 1.0, 1.5]
+SCALES = [0.25, 0.5, 0.75, 1.0, 1.25, 1.5]
+
+
+def configs(family: str) -> list[tuple[str, str, dict, dict]]:
+    """(row, method, fixed parameters, grid) for one family."""
+    rows = [
+        ("task arithmetic", "task_arithmetic", {}, {"lambda": LAMBDAS}),
+        ("TIES", "ties", {}, {"density": [0.2, 0.5], "lambda": [0.7, 1.0, 1.5]}),
+        ("DARE-TIES", "dare_ties", {}, {"lambda": [0.7, 1.0, 1.5]}),
+        ("TSV-M", "tsv", {}, {"alpha": ALPHAS}),
+        ("Iso-C", "iso_c", {}, {"alpha": ALPHAS}),
+        ("Iso-CTS", "iso_cts", {}, {"alpha": ALPHAS}),
+        ("SVD Ortho-Merge", "ortho_svd", {}, {"alpha": ALPHAS}),
+        ("DO-Merging", "do_merging", {}, {"lambda": [0.5, 1.0, 1.5]}),
+        ("model_stock", "model_stock", {}, {}),
+        ("karcher", "karcher", {}, {}),
+    ]
+    if family == "oft":
+        rows += [
+            ("OrthoMerge (generators)", "orthomerge", {}, {"scale": SCALES}),
+            ("Table 4: average R", "orthomerge", {"rotation_merge": "average_r"}, {}),
+            ("Table 4: product R", "orthomerge", {"rotation_merge": "product_r"}, {}),
+            ("Table 4: average Q", "orthomerge", {"rotation_merge": "average_q"}, {}),
+            ("Table 4: magnitude-corrected", "orthomerge", {}, {}),
+        ]
+    else:
+        rows += [
+            (f"OrthoMerge-{t[0].upper()} + {r}", "orthomerge", {"target": t, "residual_method": m},
+             {"scale": [0.5, 1.0, 1.5]} if r == "TA" else {})
+            for t in ("global", "conflict") for r, m in (("TA", "task_arithmetic"), ("TSV-M", "tsv"))
+        ]  # fmt: skip
+    return rows
+
+
+RESIDUAL_ROW = {"task_arithmetic": "task arithmetic", "tsv": "TSV-M"}
+SCALE_ROW = {"OrthoMerge-G + TSV-M": "OrthoMerge-G + TA", "OrthoMerge-C + TSV-M": "OrthoMerge-C + TA"}
+
+
+def experts_of(family: str, seed: int, tasks=TASKS) -> tuple[str, ...]:
+    return tuple(os.path.join(expert_dir(family, t, seed), "adapter") for t in tasks)
+
+
+def merge_to(method: str, params: dict, experts: tuple[str, ...], out: str, base: str, seed: int) -> float:
+    from streammerge import Expert, Recipe, merge
+
+    shutil.rmtree(out, ignore_errors=True)
+    start = time.perf_counter()
+    merge(Recipe(method, base, tuple(Expert(e) for e in experts), out, dict(params), seed=seed), device="cpu")
+    return time.perf_counter() - start
+
+
+def score(folder: str, tok, data: dict, split: str, ppl: bool = False) -> dict:
+    model = load_model(folder)
+    out = {"correct": {t: "".join("1" if ok else "0" for ok in exact_match(model, tok, data[t][split])) for t in TASKS}}
+    out["accuracy"] = {t: c.count("1") / len(c) for t, c in out["correct"].items()}
+    out["mean"] = statistics.fmean(out["accuracy"].values())
+    if ppl:
+        out["perplexity"] = perplexity(model, tok)
+    return out
+
+
+def run_unit(family: str, seed: int, data: dict, tok, work: str, done: dict, save) -> dict:
+    base = base_folder()
+    unit = done.setdefault(f"{family}-s{seed}", {"family": family, "seed": seed, "rows": {}})
+    if "base" not in unit:
+        unit["base"] = score(base, tok, data, "test", ppl=True)
+        save()
+    if "experts" not in unit:  # each expert alone (its adapter merged into the base), every task
+        unit["experts"] = {}
+        for t, path in zip(TASKS, experts_of(family, seed)):
+            out = os.path.join(work, "alone")
+            merge_to("linear", {}, (path,), out, base, seed)
+            unit["experts"][t] = score(out, tok, data, "test")
+        save()
+    if "multitask" not in unit:
+        out = os.path.join(work, "multitask")
+        merge_to("linear", {}, (os.path.join(expert_dir("multitask", "all", seed), "adapter"),), out, base, seed)
+        unit["multitask"] = score(out, tok, data, "test", ppl=True)
+        save()
+    for label, method, fixed, grid in configs(family):
+        if label in unit["rows"]:
+            continue
+        borrowed = [(RESIDUAL_ROW[fixed["residual_method"]], "residual")] if "residual_method" in fixed else []
+        borrowed += [(SCALE_ROW[label], "scale")] if label in SCALE_ROW else []
+        for row, key in borrowed:
+            chosen = unit["rows"][row]["params"]
+            fixed = fixed | ({"residual": dict(chosen)} if key == "residual" else {"scale": chosen["scale"]})
+        started, points, best = time.perf_counter(), [], None
+        keys = list(grid)
+        for values in itertools.product(*(grid[k] for k in keys)) if keys else [()]:
+            params = dict(zip(keys, values))
+            folder = os.path.join(work, "m-" + "-".join(map(str, values)))
+            merge_seconds = merge_to(method, fixed | params, experts_of(family, seed), folder, base, seed)
+            val = score(folder, tok, data, "val") if keys else {"mean": 0.0}
+            points.append({"params": params, "val_mean": val["mean"], "merge_seconds": round(merge_seconds, 1)})
+            if best is None or val["mean"] > best[0]:  # ties: the first (smallest) point
+                best = (val["mean"], params, folder)
+        _, params, folder = best  # type: ignore[misc]
+        edge = [k for k in keys if len(grid[k]) > 1 and params[k] in (grid[k][0], grid[k][-1])]
+        result = {"method": method, "fixed": fixed, "grid": grid, "params": params, "edge": edge, "points": points}
+        result |= score(folder, tok, data, "test", ppl=True)
+        result["seconds"] = round(time.perf_counter() - started, 1)
+        for p in os.listdir(work):
+            if p.startswith("m-"):
+                shutil.rmtree(os.path.join(work, p), ignore_errors=True)
+        unit["rows"][label] = result
+        save()
+        print(f"{family} s{seed} {label:32s} test {result['mean']:.4f} {params} edge={edge} ({result['seconds']} s)",
+              flush=True)  # fmt: skip
+    return unit
+
+
+def bootstrap(a: str, b: str, draws: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean of a − b over paired prompts (strings of 0/1), and its 95 % paired bootstrap interval."""
+    x = torch.tensor([int(c) for c in a], dtype=torch.float32) - torch.tensor([int(c) for c in b], dtype=torch.float32)
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, len(x), (draws, len(x)), generator=g)
+    means = x[idx].mean(dim=1).sort().values
+    return float(x.mean()), float(means[int(0.025 * draws)]), float(means[int(0.975 * draws) - 1])
+
+
+def joined(result: dict) -> str:
+    return "".join(result["correct"][t] for t in TASKS)
+
+
+def markdown(doc: dict) -> list[str]:
+    lines = ["# Merge quality on a decoder LLM (SmolLM2-135M-Instruct)", "", f"`{doc.get('command', '')}`", ""]
+    for family in ("oft", "lora"):
+        units = [u for u in doc["units"].values() if u["family"] == family and u.get("rows")]
+        if not units:
+            continue
+        lines += [f"## {family.upper()} experts ({len(units)} seed(s))", "",
+                  "| row | " + " | ".join(TASKS) + " | mean | vs TA (95 % CI) | perplexity | chosen | edge |",
+                  "|---|" + "---|" * (len(TASKS) + 5)]  # fmt: skip
+        labels = ["base", "multitask"] + list(units[0]["rows"])
+        for label in labels:
+            rs = [u[label] if label in ("base", "multitask") else u["rows"].get(label) for u in units]
+            if any(r is None for r in rs):
+                continue
+            acc = [statistics.fmean(r["accuracy"][t] for r in rs) for t in TASKS]
+            ta = [u["rows"].get("task arithmetic") for u in units]
+            vs = ""
+            if all(ta) and label != "task arithmetic":
+                m, lo, hi = bootstrap("".join(joined(r) for r in rs), "".join(joined(t) for t in ta))
+                vs = f"{m:+.3f} ({lo:+.3f}, {hi:+.3f})"
+            ppl = statistics.fmean(r["perplexity"] for r in rs) if all("perplexity" in r for r in rs) else float("nan")
+            chosen = (
+                "; ".join(json.dumps(r.get("params", {})) for r in rs) if label not in ("base", "multitask") else ""
+            )
+            edge = "; ".join(",".join(r.get("edge", [])) for r in rs) if label not in ("base", "multitask") else ""
+            lines.append(f"| {label} | " + " | ".join(f"{a:.3f}" for a in acc) +
+                         f" | {statistics.fmean(acc):.3f} | {vs} | {ppl:.2f} | {chosen} | {edge} |")  # fmt: skip
+        lines += ["", "Each expert alone (rows) on every task (columns), test exact match:", "",
+                  "| expert | " + " | ".join(TASKS) + " |", "|---|" + "---|" * len(TASKS)]  # fmt: skip
+        for t in TASKS:
+            cells = [statistics.fmean(u["experts"][t]["accuracy"][c] for u in units) for c in TASKS]
+            lines.append(f"| {t} | " + " | ".join(f"{x:.3f}" for x in cells) + " |")
+        lines.append("")
+    return lines
+
+
+def smoke(work: str) -> None:
+    """The harness end to end on a toy Llama with random-token tasks: two adapters, two rows."""
+    import peft
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    base = os.path.join(work, "base")
+    tok = gguf_tokenizer()
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(base)
+    tok.save_pretrained(base)
+    tok = tokenizer(base)
+    rows = {t: [(f"{t} {i}\nAnswer:", "yes") for i in range(2)] for t in TASKS}
+    data = {t: {"val": rows[t], "test": rows[t]} for t in TASKS}
+    adapters = []
+    for i in range(2):
+        config = peft.LoraConfig(r=2, target_modules=["q_proj", "down_proj"], init_lora_weights=False)
+        model = peft.get_peft_model(LlamaForCausalLM.from_pretrained(base), config)
+        adapters.append(os.path.join(work, f"a{i}"))
+        model.save_pretrained(adapters[-1])
+    for method, params in (("task_arithmetic", {"lambda": 0.5}), ("ties", {"density": 0.5})):
+        out = os.path.join(work, method)
+        merge_to(method, params, tuple(adapters), out, base, 0)
+        result = score(out, tok, data, "test")
+        assert set(result["accuracy"]) == set(TASKS) and all(len(c) == 2 for c in result["correct"].values())
+    print("smoke: harness ran", flush=True)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0])
+    ap.add_argument("--families", nargs="+", default=["oft", "lora"], choices=["oft", "lora"])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--markdown", help="write the tables from the JSON to this file, run nothing")
+    ap.add_argument("--smoke", action="store_true", help="run the harness on a toy model (CI), write nothing")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.smoke:
+        with tempfile.TemporaryDirectory() as work:
+            smoke(work)
+        return 0
+    doc = json.load(open(RESULTS)) if os.path.exists(RESULTS) else {"units": {}}
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write("\n".join(markdown(doc)) + "\n")
+        return 0
+    doc["command"] = "python bench/quality/llm_benchmark.py " + " ".join(sys.argv[1:])
+
+    def save() -> None:
+        with open(RESULTS + ".tmp", "w") as f:
+            json.dump(doc, f)
+        os.replace(RESULTS + ".tmp", RESULTS)
+
+    data, tok = build(), tokenizer()
+    random.seed(0)
+    with tempfile.TemporaryDirectory() as work:
+        for seed in args.seeds:
+            for family in args.families:
+                run_unit(family, seed, data, tok, work, doc["units"], save)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

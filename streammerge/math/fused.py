@@ -1,0 +1,114 @@
+"""Fused elementwise kernels for the TIES family (numba, the `fast` extra), each one pass over
+memory where the torch code makes several; torch's code (methods/gta.py, ties.py) stays the
+reference and the fallback, and these give the same bytes (tests/test_fused.py).
+
+Every kernel repeats the torch code's float32 operations in the same order per entry
+(sequential sums over experts in their order, the same products by 0/1 masks, IEEE division),
+and numba's default, non-fastmath arithmetic contracts nothing into FMAs, so results are
+bitwise equal. Entries are independent, so splitting them over threads changes nothing; the
+one sequential rule (the earliest tied entries are kept) runs as a per-chunk count, a prefix
+sum and a second parallel pass. Used for float32 CPU tensors of at least MIN_ELEMENTS entries:
+smaller ones are not worth a kernel call, and the first call in a process compiles (a few
+seconds, cached on disk after that).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from types import ModuleType
+
+import torch
+
+MIN_ELEMENTS = 1 << 16
+
+_kernels: ModuleType | None = None  # compiled on first use: importing numba takes most of a second
+_tried = False
+
+
+def installed() -> bool:
+    """numba is importable and not switched off (STREAMMERGE_NO_NUMBA=1 forces torch's code)."""
+    return not os.environ.get("STREAMMERGE_NO_NUMBA") and importlib.util.find_spec("numba") is not None
+
+
+def available(*tensors: torch.Tensor) -> bool:
+    """Whether the kernels take these tensors: numba present, float32, CPU, contiguous, large."""
+    return (
+        tensors[0].numel() >= MIN_ELEMENTS
+        and all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+        and _load() is not None
+    )
+
+
+def _flat(t: torch.Tensor):
+    return t.detach().view(-1).numpy()
+
+
+def _threads() -> int:
+    """As many threads as torch uses (--threads), within numba's pool; returns that count."""
+    import numba
+
+    n = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    numba.set_num_threads(n)
+    return n
+
+
+def _load() -> ModuleType | None:
+    global _kernels, _tried
+    if not _tried:
+        _tried = True
+        if installed():
+            from . import fused_kernels
+
+            _kernels = fused_kernels
+    return _kernels
+
+
+def histogram_high(values: torch.Tensor, hist: torch.Tensor) -> None:
+    """hist += bincount(magnitude bits >> 16) of float32 `values` (RadixSelect.add_high)."""
+    _load()._histogram(_flat(values), -1, hist.numpy(), _threads())
+
+
+def histogram_low(values: torch.Tensor, chosen: int, hist: torch.Tensor) -> None:
+    """hist += bincount of the low 16 bits of the magnitudes in high bin `chosen` (add_low)."""
+    _load()._histogram(_flat(values), chosen, hist.numpy(), _threads())
+
+
+def finite_bound(bound: int) -> bool:
+    """Whether the bit pattern `bound` (a threshold's) is a finite float32: the mask compares
+    floats, which order like the bit patterns of non-negative finite values (NaN, above ∞ in bit
+    order, is kept as the torch code keeps it)."""
+    return 0 <= bound < 0x7F800000
+
+
+def mask_magnitude(values: torch.Tensor, bound: int, lo: int, hi: int, seen: int, weight: float) -> int:
+    """In place: keep magnitudes above `bound` (bits of a finite float32, finite_bound) and the
+    ties at it numbered [lo, hi) (counting `seen` before this tensor), times `weight`; returns the
+    ties counted here."""
+    value = float(torch.tensor([bound], dtype=torch.int32).view(torch.float32)[0])
+    return int(_load()._mask_magnitude(_flat(values), value, lo, hi, seen, weight, _threads()))
+
+
+def combine(vectors: list[torch.Tensor], weights, base: torch.Tensor, consensus: str, normalize: bool,
+            lambda_: float) -> torch.Tensor:  # fmt: skip
+    """gta.combine in one pass: W₀ + λ·(normalised) Σ v_i with the consensus mask."""
+    out = torch.empty_like(base)
+    divisor = float(sum(weights))
+    if abs(divisor) < 1e-8:
+        divisor = 1.0
+    code = {"none": 0, "sum": 1, "count": 2}[consensus]
+    import numpy as np
+
+    w32 = np.asarray(weights, dtype=np.float32)
+    _threads()
+    _load()._combine(
+        tuple(_flat(v) for v in vectors),
+        w32,
+        _flat(base),
+        _flat(out),
+        code,
+        normalize,
+        np.float32(divisor),
+        float(lambda_),
+    )
+    return out

@@ -1,0 +1,109 @@
+"""The numba kernels behind math/fused.py (imported only when numba is installed and a kernel is
+first needed; see fused.py for what each repeats of torch's code and why the bytes are the same)."""
+
+import os
+
+import numba
+import numpy as np
+
+CHUNK = 1 << 16  # entries per parallel work item
+
+if "NUMBA_THREADING_LAYER" not in os.environ:
+    # numba's own pool: its OpenMP layer would start a second OpenMP runtime beside torch's
+    numba.config.THREADING_LAYER = "workqueue"
+_jit = numba.njit(parallel=True, cache=True, nogil=True)
+
+
+@_jit
+def _histogram(values, chosen, hist_out, parts_n):  # pragma: no cover - compiled
+    """chosen < 0: hist_out += counts of the high 16 bits of |v|; else of the low 16 bits of the
+    |v| whose high bits are `chosen`. One private histogram per part (one part per thread) over a
+    contiguous range (integer counts: the sum does not depend on how the entries were split)."""
+    n = values.size
+    parts = np.zeros((parts_n, 1 << 16), dtype=np.int64)
+    bits = values.view(np.int32)
+    step = (n + parts_n - 1) // parts_n
+    for p in numba.prange(parts_n):
+        h = parts[p]
+        if chosen < 0:
+            for j in range(p * step, min(n, (p + 1) * step)):
+                h[(bits[j] & 0x7FFFFFFF) >> 16] += 1
+        else:
+            for j in range(p * step, min(n, (p + 1) * step)):
+                b = bits[j] & 0x7FFFFFFF
+                if (b >> 16) == chosen:
+                    h[b & 0xFFFF] += 1
+    for p in range(parts_n):
+        hist_out += parts[p]
+
+
+@_jit
+def _mask_magnitude(values, bound, lo, hi, seen_before, weight, parts_n):  # pragma: no cover - compiled
+    """values ← values·keep·weight, keep = |v| above `bound` (a finite float32) or NaN (the bit
+    order fused.py states), or the tie at it whose row-major index among all ties (counting
+    `seen_before` earlier ones) is in [lo, hi). Returns the ties seen here. Parts of contiguous
+    entries: their ties are counted, a prefix sum gives each part its first tie's index, then
+    each part masks its entries."""
+    n = values.size
+    step = (n + parts_n - 1) // parts_n
+    ties = np.zeros(parts_n + 1, dtype=np.int64)
+    for p in numba.prange(parts_n):
+        t = 0
+        for j in range(p * step, min(n, (p + 1) * step)):
+            t += abs(values[j]) == bound
+        ties[p + 1] = t
+    for p in range(parts_n):
+        ties[p + 1] += ties[p]
+    w = np.float32(weight)
+    one, zero = np.float32(1.0), np.float32(0.0)
+    for p in numba.prange(parts_n):
+        tie = seen_before + ties[p]
+        for j in range(p * step, min(n, (p + 1) * step)):
+            v = values[j]
+            a = abs(v)
+            keep = np.float32((a > bound) | (a != a))  # no branch: half the entries go each way
+            if a == bound:
+                keep = one if lo <= tie < hi else zero
+                tie += 1
+            values[j] = (v * keep) * w
+    return ties[parts_n]
+
+
+@numba.njit(cache=True)
+def _sign(x):  # pragma: no cover - compiled; as torch.sign: ±1, and +0 for ±0 and for NaN (no branch)
+    return np.float32(x > 0) - np.float32(x < 0)
+
+
+@_jit
+def _combine(vectors, weights, base, out, consensus, normalize, divisor_none, lam):  # pragma: no cover
+    """gta.combine, entry by entry (consensus 0 none, 1 sum, 2 count)."""
+    n_exp = len(vectors)
+    n = base.size
+    chunks = (n + CHUNK - 1) // CHUNK
+    one, zero = np.float32(1.0), np.float32(0.0)
+    lam32 = np.float32(lam)
+    for c in numba.prange(chunks):
+        for j in range(c * CHUNK, min(n, (c + 1) * CHUNK)):
+            mixed = zero
+            if consensus == 0:
+                for i in range(n_exp):
+                    mixed += vectors[i][j]
+                if normalize:
+                    mixed = mixed / divisor_none
+            else:
+                for i in range(n_exp):
+                    mixed += vectors[i][j] if consensus == 1 else _sign(vectors[i][j])
+                majority = np.float32(mixed >= 0) * np.float32(2.0) - one  # NaN: −1, as torch.where
+                mixed = zero
+                divisor = zero
+                for i in range(n_exp):
+                    v = vectors[i][j]
+                    agree = np.float32(_sign(v) == majority)
+                    mixed += v * agree
+                    divisor += agree * weights[i]
+                divisor += np.float32(divisor == 0)  # 0 (or −0) → 1, as masked_fill
+                if normalize:
+                    mixed = mixed / divisor
+            if lam != 1:
+                mixed = mixed * lam32
+            out[j] = mixed + base[j]

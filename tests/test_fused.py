@@ -1,0 +1,124 @@
+"""The fused kernels (math/fused.py, numba) give the bytes of the torch code they replace: gta's
+combine for every consensus, normalisation, λ and weights (with ±0, NaN and ∞ among the inputs),
+and whole gta merges for every sparsifier, whole and streamed in row blocks. Entries that are NaN
+are compared as NaN (which NaN bit pattern arithmetic leaves is the instruction's choice, in
+torch's vectorised code as in numba's)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from streammerge.math import fused
+from streammerge.methods import gta
+from streammerge.methods.base import TensorTask
+
+pytestmark = pytest.mark.skipif(not fused.installed(), reason="numba is not installed (the `fast` extra)")
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Entries whose bits differ, NaN against NaN counted equal."""
+    differ = a.view(torch.int32) != b.view(torch.int32)
+    return int((differ & ~(a.isnan() & b.isnan())).sum())
+
+
+def vectors(n: int, nonfinite: bool, seed: int = 0) -> tuple[list[torch.Tensor], torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for scale in (1.0, 0.5, 0.3):
+        v = (torch.randn(n, generator=g) * 0.01).to(torch.bfloat16).float() * scale  # bf16 steps: ties
+        v[torch.rand(n, generator=g) < 0.4] = 0.0
+        v[torch.rand(n, generator=g) < 0.05] = -0.0
+        if nonfinite:
+            v[torch.rand(n, generator=g) < 0.001] = float("nan")
+            v[torch.rand(n, generator=g) < 0.001] = float("-inf")
+        out.append(v)
+    base = (torch.randn(n, generator=g) * 0.02).to(torch.bfloat16).float()
+    base[torch.rand(n, generator=g) < 0.02] = -0.0
+    return out, base
+
+
+@pytest.mark.parametrize("nonfinite", [False, True])
+def test_combine_gives_torchs_bytes(nonfinite):
+    vs, base = vectors(fused.MIN_ELEMENTS + 12345, nonfinite)
+    for consensus, normalize, lam, weights in itertools.product(
+        ("none", "sum", "count"), (False, True), (1.0, 0.7, -1.0), ((1.0, 0.5, 0.3), (1.0, -1.0, 0.0))
+    ):
+        params = gta.GtaParams(consensus=consensus, normalize=normalize, lambda_=lam)
+        assert fused.available(base, *vs)
+        ours = fused.combine([v.clone() for v in vs], weights, base.clone(), consensus, normalize, lam)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(fused, "available", lambda *t: False)
+            theirs = gta.combine([v.clone() for v in vs], weights, base.clone(), params)
+        assert same_bits(ours, theirs) == 0, (consensus, normalize, lam, weights)
+
+
+class Rowed:
+    """Experts that load row blocks, so gta streams a tensor above the block size."""
+
+    def __init__(self, tensors: list[torch.Tensor]):
+        self.tensors = tensors
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.tensors[i].clone()
+
+    def rows(self, i: int, start: int, stop: int) -> torch.Tensor:
+        return self.tensors[i][start:stop].clone()
+
+
+def merged(params: gta.GtaParams, base, experts, values, use_fused: bool, block: int | None) -> torch.Tensor:
+    task = TensorTask("model.layers.0.mlp.up_proj.weight", base.clone(), Rowed(experts), (1.0, 0.7, 0.4),
+                      expert_values=values, seed=3)  # fmt: skip
+    with pytest.MonkeyPatch.context() as mp:
+        if not use_fused:
+            mp.setattr(fused, "available", lambda *t: False)
+        if block is not None:  # stream in row blocks: a small block size and no whole-tensor cache
+            mp.setattr(gta.ties, "CACHE_BYTES", 0)
+            mp.setattr(TensorTask, "row_blocks", lambda self, m=None, _r=TensorTask.row_blocks: _r(self, block))
+        return gta.merge(task, params)
+
+
+@pytest.mark.parametrize("block", [None, 1 << 17])
+@pytest.mark.parametrize(
+    "sparsify,consensus,rescale,tie_break",
+    [
+        ("magnitude", "sum", False, "index"),
+        ("magnitude", "sum", False, "mergekit"),
+        ("magnitude", "none", True, "index"),
+        ("magnitude_outliers", "sum", False, "index"),
+        ("random", "sum", True, "index"),
+        ("della_magprune", "sum", True, "index"),
+        ("none", "count", False, "index"),
+    ],
+)
+def test_gta_merges_are_byte_identical_with_the_kernels(sparsify, consensus, rescale, tie_break, block):
+    g = torch.Generator().manual_seed(1)
+    base = (torch.randn(384, 640, generator=g) * 0.02).to(torch.bfloat16).float()
+    experts = [(base + (torch.randn(384, 640, generator=g) * 0.002).to(torch.bfloat16).float()) for _ in range(3)]
+    values = tuple(
+        {"weight": w, "density": d, "gamma": 0.01, "epsilon": 0.1} for w, d in ((1.0, 0.3), (0.7, 0.5), (0.4, 0.2))
+    )
+    params = gta.GtaParams(sparsify=sparsify, consensus=consensus, normalize=True, rescale=rescale, tie_break=tie_break)
+    ours = merged(params, base, experts, values, True, block)
+    theirs = merged(params, base, experts, values, False, block)
+    assert same_bits(ours, theirs) == 0
+
+
+def test_the_kernels_keep_the_earliest_tied_entries():
+    """mask_magnitude keeps ties [lo, hi) in row-major order across calls (the streamed case)."""
+    t = torch.tensor([0.5, -0.25, 0.25, 0.75, -0.25, 0.25] * (fused.MIN_ELEMENTS // 6 + 1))
+    k = t.numel() // 2  # every 0.75 and 0.5, and the first ties at 0.25
+    above = int((t.abs() > 0.25).sum())
+    bound = int(torch.tensor([0.25]).view(torch.int32))
+    first, second = t[: t.numel() // 3].clone(), t[t.numel() // 3 :].clone()
+    seen = fused.mask_magnitude(first, bound, 0, k - above, 0, 1.0)
+    fused.mask_magnitude(second, bound, 0, k - above, seen, 1.0)
+    kept = torch.cat([first, second]) != 0
+    ties = (t.abs() == 0.25).nonzero().squeeze(1)
+    assert int(kept.sum()) == k
+    assert bool(kept[ties[: k - above]].all()) and not bool(kept[ties[k - above :]].any())

