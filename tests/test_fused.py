@@ -122,3 +122,28 @@ def test_the_kernels_keep_the_earliest_tied_entries():
     ties = (t.abs() == 0.25).nonzero().squeeze(1)
     assert int(kept.sum()) == k
     assert bool(kept[ties[: k - above]].all()) and not bool(kept[ties[k - above :]].any())
+
+
+@pytest.mark.parametrize("merge", ["mean", "sum"])
+@pytest.mark.parametrize("block", [None, 1 << 17])
+def test_ties_merges_are_byte_identical_with_the_kernels(merge, block):
+    """Our own ties (every tie at the threshold kept, exact cancellations to the majority sign)."""
+    from streammerge.methods import ties
+
+    g = torch.Generator().manual_seed(2)
+    base = (torch.randn(384, 640, generator=g) * 0.02).to(torch.bfloat16).float()
+    experts = [(base + (torch.randn(384, 640, generator=g) * 0.002).to(torch.bfloat16).float()) for _ in range(3)]
+    experts[1][:8] = 2 * base[:8] - experts[0][:8]  # exact cancellations: the elected sum is 0 there
+    params = ties.TiesParams(density=0.4, merge=merge, lambda_=0.8)
+
+    def run(use_fused: bool) -> torch.Tensor:
+        task = TensorTask("model.layers.0.mlp.up_proj.weight", base.clone(), Rowed(experts), (1.0, 1.0, 0.5))
+        with pytest.MonkeyPatch.context() as mp:
+            if not use_fused:
+                mp.setattr(fused, "available", lambda *t: False)
+            if block is not None:
+                mp.setattr(ties, "CACHE_BYTES", 0)
+                mp.setattr(TensorTask, "row_blocks", lambda self, m=None, _r=TensorTask.row_blocks: _r(self, block))
+            return ties.merge(task, params)
+
+    assert same_bits(run(True), run(False)) == 0

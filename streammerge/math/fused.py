@@ -112,3 +112,15 @@ def combine(vectors: list[torch.Tensor], weights, base: torch.Tensor, consensus:
         float(lambda_),
     )
     return out
+
+
+def disjoint(vectors: list[torch.Tensor], base: torch.Tensor, mean: bool, lambda_: float):
+    """ties.DisjointMerge.block in one pass: (W₀ + λ·disjoint merge, the undecided entries' mask
+    (bool), Σ sign(elected sum))."""
+    out = torch.empty_like(base)
+    undecided = torch.empty(base.shape, dtype=torch.bool)
+    balance = _load()._disjoint(
+        tuple(_flat(v) for v in vectors), _flat(base), _flat(out), undecided.view(-1).numpy(), mean,
+        float(lambda_), _threads(),
+    )  # fmt: skip
+    return out, undecided, int(balance)

@@ -107,3 +107,40 @@ def _combine(vectors, weights, base, out, consensus, normalize, divisor_none, la
             if lam != 1:
                 mixed = mixed * lam32
             out[j] = mixed + base[j]
+
+
+@_jit
+def _disjoint(vectors, base, out, undecided, mean, lam, parts_n):  # pragma: no cover - compiled
+    """ties.DisjointMerge.block, entry by entry: the elected sign (+1 where the sum is 0), the
+    agreeing entries' sum (÷ their count for the mean), W₀ + λ·that; undecided[j] = 1 where the
+    sum was exactly 0 with some expert agreeing (the caller computes those entries' −1 value).
+    Returns Σ sign(elected sum) (the tensor's majority, an exact integer)."""
+    n_exp = len(vectors)
+    n = base.size
+    step = (n + parts_n - 1) // parts_n
+    balances = np.zeros(parts_n, dtype=np.int64)
+    one, zero = np.float32(1.0), np.float32(0.0)
+    lam32 = np.float32(lam)
+    for p in numba.prange(parts_n):
+        balance = 0
+        for j in range(p * step, min(n, (p + 1) * step)):
+            total = zero
+            for i in range(n_exp):
+                total += vectors[i][j]
+            sign = _sign(total)
+            balance += np.int64(sign)
+            zero_sum = sign == 0
+            sign += np.float32(zero_sum)
+            total = zero
+            count = zero
+            for i in range(n_exp):
+                v = vectors[i][j]
+                agree = np.float32((_sign(v) == sign) & (v != 0))
+                total += v * agree
+                count += agree
+            undecided[j] = zero_sum & (count > 0)
+            if mean:
+                total = total / max(count, one)
+            out[j] = base[j] + lam32 * total
+        balances[p] = balance
+    return balances.sum()

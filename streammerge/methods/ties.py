@@ -162,6 +162,13 @@ class DisjointMerge:
         self.alternatives: list[tuple[torch.Tensor, torch.Tensor]] = []  # (flat index, value if −1)
 
     def block(self, vectors: list[torch.Tensor], base: torch.Tensor) -> torch.Tensor:
+        if fused.available(base, *vectors):
+            out, undecided, balance = fused.disjoint(vectors, base, self.merge_kind == "mean", self.lambda_)
+            self.balance += balance
+            if bool(undecided.any()):
+                self._alternative(vectors, base, undecided.reshape(-1).nonzero().squeeze(1))
+            self.offset += base.numel()
+            return out
         total = torch.zeros_like(base)
         for v in vectors:
             total.add_(v)
@@ -242,6 +249,18 @@ def merge(task: TensorTask, params: TiesParams) -> torch.Tensor:
         kept = []  # each expert read once: threshold, trim and weight in memory
         for i in range(n):
             tau = task.task_vector(i)
+            if fused.available(tau):  # the same threshold and mask in one pass each (math/fused.py)
+                if thresholds is not None:
+                    threshold = thresholds[i]
+                else:
+                    select = RadixSelect(keep_count(tau.numel(), densities[i]))
+                    select.add_high_values(tau)
+                    select.add_low_values(tau)
+                    threshold = select.value()
+                if fused.finite_bound(_bits_of(threshold)):  # every tie at it is kept: [0, numel)
+                    fused.mask_magnitude(tau, _bits_of(threshold), 0, tau.numel(), 0, task.weights[i])
+                    kept.append(tau)
+                    continue
             bits = magnitude_bits(tau)
             threshold = (
                 thresholds[i]
