@@ -39,7 +39,10 @@ def inputs(recipe: str) -> list[str]:
     import yaml
 
     doc = yaml.safe_load(open(recipe))
-    folders = [doc["base_model"], *[m["model"] for m in doc["models"]]]
+    if "merge_method" in doc:  # mergekit's recipe
+        folders = [doc["base_model"], *[m["model"] for m in doc["models"]]]
+    else:  # ours
+        folders = [doc["base"], *[e if isinstance(e, str) else e["path"] for e in doc["experts"]]]
     return [os.path.join(d, f) for d in folders for f in sorted(os.listdir(d)) if f.endswith(".safetensors")]
 
 

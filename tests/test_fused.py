@@ -147,3 +147,20 @@ def test_ties_merges_are_byte_identical_with_the_kernels(merge, block):
             return ties.merge(task, params)
 
     assert same_bits(run(True), run(False)) == 0
+
+
+def test_the_kernels_give_the_same_bytes_on_any_thread_count():
+    g = torch.Generator().manual_seed(4)
+    base = (torch.randn(512, 700, generator=g) * 0.02).to(torch.bfloat16).float()
+    experts = [(base + (torch.randn(512, 700, generator=g) * 0.002).to(torch.bfloat16).float()) for _ in range(3)]
+    values = tuple({"weight": 1.0, "density": 0.3} for _ in range(3))
+    params = gta.GtaParams(sparsify="magnitude", consensus="sum", normalize=True)
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            outs.append(merged(params, base, experts, values, True, None))
+    finally:
+        torch.set_num_threads(threads)
+    assert same_bits(outs[0], outs[1]) == 0 and same_bits(outs[0], outs[2]) == 0
