@@ -504,6 +504,9 @@ def test_sigint_and_sigterm_exit_130_resumable(sig, name, tmp_path):
             continue
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=60)
+        if proc.returncode == 0 and "interrupted" not in err:  # it finished between poll() and the signal
+            shutil.rmtree(tmp_path / "out")
+            continue
         assert proc.returncode == 130, err
         assert "rerun the same command to resume" in err or "nothing was written" in err
         break
