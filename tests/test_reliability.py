@@ -493,11 +493,11 @@ def test_sigint_and_sigterm_exit_130_resumable(sig, name, tmp_path):
     args[args.index("--shard-size") + 1] = "300KB"
     args += ["--ties-scope", "model"]
     journal = tmp_path / "out" / "streammerge.json"
-    for delay in (0.3, 0.1, 0.6, 0.05, 1.0):
+    for delay in (0.3, 0.1, 0.6, 0.05, 1.0, 0.02, 0.0, 0.0):
         proc = subprocess.Popen(cli(*args), stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 60
         while not journal.exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)  # signal the merge, not the interpreter's start-up imports
+            time.sleep(0.005)  # signal the merge, not the interpreter's start-up imports
         time.sleep(delay)
         if proc.poll() is not None:
             shutil.rmtree(tmp_path / "out")
