@@ -11,6 +11,8 @@ psutil and PyYAML must be there). Steps, each recorded with its figures:
     torch.cuda.max_memory_allocated against --max-gpu-memory;
  3. per-matrix OrthoMerge linear algebra at Llama-3.1-8B shapes (subspace build, Procrustes,
     Cayley) in float32 and float64;
+ 3b. OrthoMerge-G's lean wide path on one Llama-3-70B down_proj (8192×28672, five experts):
+    peak GPU memory against its plan, time, projected to 80 layers (#29);
  4. one end-to-end OrthoMerge-C + TIES-residual merge of three synthetic 1.5 B experts;
  5. a projection of OrthoMerge-C + TIES over five 8B experts on this GPU: per-layer linear
     algebra from step 3 plus reading 6 × 16 GB at the read rate measured in step 4.
@@ -236,6 +238,50 @@ def step_linalg(cuda: bool) -> list[dict]:
     return rows
 
 
+def step_wide_70b() -> dict:
+    """#29: OrthoMerge-G's lean wide path on one Llama-3-70B down_proj (8192×28672, five dense
+    experts made on the GPU, float32): peak GPU memory above the inputs against the plan
+    (orthomerge.memory), and the time, projected to 80 layers."""
+    from streammerge.methods import TensorTask
+    from streammerge.methods.orthomerge import OrthoMergeParams, lean_wide, memory, merge
+
+    shape, n = (8192, 28672), 5
+    params = OrthoMergeParams(target="global", precision="float32")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    try:
+        a = torch.randn(shape, generator=g, device="cuda") / math.sqrt(shape[1])
+        experts = [a + 0.02 * torch.randn(shape, generator=g, device="cuda") / math.sqrt(shape[1]) for _ in range(n)]
+
+        class Fresh(list):
+            def __getitem__(self, i):
+                return super().__getitem__(i).clone()
+
+        sync()
+        torch.cuda.reset_peak_memory_stats()
+        inputs = torch.cuda.memory_allocated()
+        t0 = time.perf_counter()
+        out = merge(TensorTask("model.layers.0.mlp.down_proj.weight", a, Fresh(experts), (1.0,) * n), params)
+        sync()
+        seconds = time.perf_counter() - t0
+        row = {
+            "shape": list(shape),
+            "experts": n,
+            "lean_path": lean_wide(shape, n, params),
+            "seconds": round(seconds, 1),
+            "projected_80_layers_h": round(80 * seconds / 3600, 2),
+            "peak_gpu_above_inputs": torch.cuda.max_memory_allocated() - inputs,
+            "planned_work": memory("x", shape, n, params, 4).work,
+            "finite": bool(torch.isfinite(out).all()),
+            "relative_update": float((out - a).norm() / a.norm()),
+        }
+        del a, experts, out
+    except RuntimeError as exc:  # out of memory, say: recorded, not fatal
+        row = {"shape": list(shape), "error": str(exc).splitlines()[0]}
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    return row
+
+
 def step_end_to_end(work: str) -> dict:
     experts = toy(
         os.path.join(work, "big"), "--preset", "1.5b", "--experts", "3", "--shared", "0.7", "--shard-size", "2GB"
@@ -357,6 +403,10 @@ def main(argv: list[str] | None = None) -> int:
             save()
             log("3. OrthoMerge linear algebra at Llama-3.1-8B shapes")
             record["linalg_8b"] = step_linalg(cuda)
+            save()
+            log("3b. OrthoMerge's lean wide path: one Llama-3-70B down_proj, five experts")
+            record["wide_70b"] = step_wide_70b()
+            log(f"  {record['wide_70b']}")
             save()
             if not args.skip_end_to_end:
                 log("4. end to end: OrthoMerge-C + TIES residual, three 1.5 B experts")

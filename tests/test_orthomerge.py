@@ -278,3 +278,81 @@ def test_lora_experts_rotate_in_their_factors_row_space_and_equal_dense_experts(
     for k, v in from_adapters.items():
         update = float((from_dense[k].double() - reference[k].double()).norm())
         assert float((v.double() - from_dense[k].double()).norm()) <= 1e-5 * max(update, 1e-12), k
+
+
+LEAN_CASES = [
+    {"target": "global"},
+    {"target": "conflict"},
+    {"target": "global", "residual_method": "ties", "residual": {"density": 0.5}},
+    {"target": "conflict", "direction": "uniform", "magnitude": "median"},
+    {"target": "global", "rotation_merge": "average_q", "precision": "float32"},
+    {"target": "global", "max_angle_deg": 3.0},  # planes reset: the angle rule's eigh path
+]
+
+
+def conflicting_wide(shape, n=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out, inn = shape
+    a = torch.randn(shape, generator=g) / math.sqrt(inn)
+    common = torch.randn(shape, generator=g) / math.sqrt(inn)
+    experts = []
+    for _ in range(n):
+        signs = torch.randint(0, 2, (out, 1), generator=g) * 2.0 - 1
+        experts.append(a + 0.05 * (signs * common + 0.3 * torch.randn(shape, generator=g) / math.sqrt(inn)))
+    return a, experts
+
+
+@pytest.mark.parametrize("params", LEAN_CASES, ids=lambda p: "-".join(f"{k}={v}" for k, v in p.items()))
+@pytest.mark.parametrize("shape", [(24, 90), (40, 90)])  # frame solves (2·out ≤ k) for both targets, and not
+def test_lean_wide_path_equals_the_whole_path(params, shape, monkeypatch):
+    """#29: wide weights whose subspace may exceed LEAN_WIDE_K (a 70B down_proj) go through
+    math/procrustes_wide.py: the same subspace, rotations and Q*, the same merge to float32
+    round-off, the same diagnostics; and the result does not depend on the thread count."""
+    from streammerge.methods import orthomerge as om
+
+    a, ws = conflicting_wide(shape)
+    weights = (1.0, 0.7, 1.2)
+
+    def merged(lean: bool):
+        monkeypatch.setattr(om, "LEAN_WIDE_K", 0 if lean else 10**9)
+        task = TensorTask("layer.weight", a.clone(), Experts(ws), weights)
+        task.diagnostics = {}
+        return om.merge(task, build_params(OrthoMergeParams, params, "test")), task.diagnostics
+
+    (whole, d_whole), (lean, d_lean) = merged(False), merged(True)
+    update = (whole - a).norm()
+    assert (lean - whole).norm() <= 2e-5 * update
+    assert d_lean["rotation_subspace_dim"] == d_whole["rotation_subspace_dim"]
+    assert d_lean["rotation_share"] == pytest.approx(d_whole["rotation_share"], rel=1e-4)
+    assert d_lean["generator_norms"] == pytest.approx(d_whole["generator_norms"], rel=1e-4)
+    assert d_lean["planes_reset"] == d_whole["planes_reset"] and (d_lean["planes_reset"] > 0) == (
+        "max_angle_deg" in params
+    )
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one_thread, _ = merged(True)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one_thread, lean) or threads == 1
+
+
+def test_lean_wide_path_keeps_the_paths_exact_cases(monkeypatch):
+    """Copies of one expert give it back; experts equal to the base leave it bit for bit."""
+    from streammerge.methods import orthomerge as om
+
+    monkeypatch.setattr(om, "LEAN_WIDE_K", 0)
+    a, ws = conflicting_wide((16, 64), n=1, seed=5)
+    for target in ("global", "conflict"):
+        torch.testing.assert_close(run(a, [ws[0]] * 4, target=target), ws[0], atol=2e-5, rtol=1e-5)
+        assert torch.equal(run(a, [a, a, a], target=target), a)
+
+
+def test_only_weights_beyond_8b_take_the_lean_wide_path():
+    from streammerge.methods.orthomerge import lean_wide
+
+    p = OrthoMergeParams()
+    assert not lean_wide((4096, 14336), 5, p)  # Llama-3.1-8B down_proj: the whole path, its bytes kept
+    assert lean_wide((8192, 28672), 5, p)  # Llama-3-70B down_proj
+    assert not lean_wide((1024, 8192), 5, p)  # 70B k_proj/v_proj: k ≤ 6144
+    assert not lean_wide((8192, 28672), 5, OrthoMergeParams(rotation_merge="product_r"))

@@ -287,3 +287,32 @@ def test_oft_experts_merge(method, tmp_path):
     assert not torch.equal(
         got["model.layers.0.self_attn.q_proj.weight"], base["model.layers.0.self_attn.q_proj.weight"].float()
     )
+
+
+def test_iso_cts_wide_tensors_through_gram_matrices(toy_untied, tmp_path, monkeypatch):
+    """#29: a wide tensor above WIDE_GRAM_ELEMENTS (a 70B down_proj) is merged through m×m Gram
+    matrices one expert at a time: equal to the published formula (float64), and through the
+    engine equal to the whole-tensor merge to float32 round-off."""
+    from streammerge.methods import iso_cts, spectral_common
+
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(24, 90, dtype=torch.float64, generator=g)
+    taus = [torch.randn(24, 90, dtype=torch.float64, generator=g) * (i + 1) for i in range(3)]
+    task = task_of(base, [base + t for t in taus])
+    got = iso_cts.merge_wide(task, iso_cts.IsoCtsParams(alpha=1.5), 0.0)
+    want = base + ref_iso_cts(taus, alpha=1.5)
+    assert (got - want).norm() <= 1e-10 * (want - base).norm()
+
+    experts = tuple(Expert(p) for p in experts_of(toy_untied))
+    root = os.path.join(toy_untied, "base")
+    merge(Recipe("iso_cts", root, experts, str(tmp_path / "whole"), dtype="float32"), device="cpu")
+    monkeypatch.setattr(spectral_common, "WIDE_GRAM_ELEMENTS", 0)
+    taken = []
+    real = spectral_common.gram_wide
+    monkeypatch.setattr(spectral_common, "gram_wide", lambda t: real(t) and not taken.append(t.name))
+    merge(Recipe("iso_cts", root, experts, str(tmp_path / "wide"), dtype="float32"), device="cpu")
+    assert any("down_proj" in name for name in taken), taken
+    a, b, w0 = load_all(str(tmp_path / "whole")), load_all(str(tmp_path / "wide")), load_all(root)
+    for name in taken:
+        update = (a[name] - w0[name].float()).norm()
+        assert (a[name] - b[name]).norm() <= 1e-5 * update + 1e-7, name

@@ -17,9 +17,9 @@ from __future__ import annotations
 import torch
 
 
-def _one_thread(name: str):
+def _one_thread(name: str, namespace=torch.linalg):
     def call(a: torch.Tensor, *args, **kwargs):
-        fn = getattr(torch.linalg, name)  # looked up per call, so a test may replace it
+        fn = getattr(namespace, name)  # looked up per call, so a test may replace it
         threads = torch.get_num_threads()
         if a.device.type != "cpu" or threads == 1:
             return fn(a, *args, **kwargs)
@@ -30,7 +30,7 @@ def _one_thread(name: str):
             torch.set_num_threads(threads)
 
     call.__name__ = call.__qualname__ = name
-    call.__doc__ = f"torch.linalg.{name} on one thread on the CPU."
+    call.__doc__ = f"torch.{'linalg.' if namespace is torch.linalg else ''}{name} on one thread on the CPU."
     return call
 
 
@@ -42,3 +42,9 @@ solve_ex = _one_thread("solve_ex")
 inv = _one_thread("inv")
 pinv = _one_thread("pinv")
 det = _one_thread("det")
+# In place where given `out=` the input itself, on a column-major view (`m.T` of a row-major m):
+# what the wide OrthoMerge path uses to factor 3 GB matrices without a copy (math/procrustes_wide.py)
+lu_factor_ex = _one_thread("lu_factor_ex")
+lu_solve = _one_thread("lu_solve")
+householder_product = _one_thread("householder_product")
+geqrf = _one_thread("geqrf", torch)

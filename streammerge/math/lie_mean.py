@@ -31,6 +31,7 @@ class LieAccumulator:
     plain_total: torch.Tensor | None = None  # Σ w_i Q_i, for the "average_q" ablation
     norms: list[float] = field(default_factory=list)
     weights: list[float] = field(default_factory=list)
+    chunk_rows: int | None = None  # framed terms added this many rows at a time (no [k, w] product)
 
     def add(self, q: torch.Tensor, weight: float = 1.0, frame: torch.Tensor | None = None) -> None:
         """Add Q_i, or with `frame` F [k, w] (orthonormal columns) the generator F Q_i Fᵀ given
@@ -43,16 +44,21 @@ class LieAccumulator:
         if self.direction != "sum":  # with "sum", total is Σ w_i Q_i already: no second k×k sum
             self.plain_total = self._accumulate(self.plain_total, q, weight, frame)
 
-    @staticmethod
     def _accumulate(
-        total: torch.Tensor | None, q: torch.Tensor, coef: float, frame: torch.Tensor | None
+        self, total: torch.Tensor | None, q: torch.Tensor, coef: float, frame: torch.Tensor | None
     ) -> torch.Tensor:
         if frame is None:
             term = q * coef
             return term if total is None else total.add_(term)
         if total is None:
             total = q.new_zeros(frame.shape[0], frame.shape[0])
-        return total.addmm_(frame @ (q * coef), frame.T)
+        if self.chunk_rows is None:
+            return total.addmm_(frame @ (q * coef), frame.T)
+        scaled = q * coef
+        for start in range(0, frame.shape[0], self.chunk_rows):
+            rows = slice(start, start + self.chunk_rows)
+            total[rows].addmm_(frame[rows] @ scaled, frame.T)
+        return total
 
     def magnitude(self, kind: str) -> float:
         if kind == "mean":
@@ -64,19 +70,22 @@ class LieAccumulator:
             return max(self.norms)
         raise ValueError(f"unknown magnitude {kind!r}")
 
-    def magnitude_corrected(self, magnitude: str = "mean", scale: float = 1.0) -> torch.Tensor:
+    def magnitude_corrected(self, magnitude: str = "mean", scale: float = 1.0, in_place: bool = False) -> torch.Tensor:
+        """Q*; `in_place`: in the sum's own storage (a k×k matrix less; the sum is gone)."""
         assert self.total is not None, "no generator added"
         d_norm = float(torch.linalg.vector_norm(self.total))
         if d_norm <= TINY:
-            return torch.zeros_like(self.total)
-        return self.total * (scale * self.magnitude(magnitude) / d_norm)
+            return self.total.zero_() if in_place else torch.zeros_like(self.total)
+        coef = scale * self.magnitude(magnitude) / d_norm
+        return self.total.mul_(coef) if in_place else self.total * coef
 
-    def simple_average(self, scale: float = 1.0) -> torch.Tensor:
+    def simple_average(self, scale: float = 1.0, in_place: bool = False) -> torch.Tensor:
         """The "Simple Average Q" ablation: Σ w_i Q_i / Σ w_i."""
         plain = self.plain_total if self.plain_total is not None else self.total
         assert plain is not None, "no generator added"
         s = sum(self.weights)
-        return plain * (scale / s if s else 0.0)
+        coef = scale / s if s else 0.0
+        return plain.mul_(coef) if in_place else plain * coef
 
 
 def magnitude_corrected_mean(

@@ -56,6 +56,13 @@ class Subspace:
         return self.p.shape[1] == self.p.shape[0]
 
 
+def nonzero_rows(rows: torch.Tensor) -> torch.Tensor:
+    """`rows` without its zero rows, which add no direction to a subspace: a conflict target
+    changes about a quarter of the rows, and an SVD costs in proportion to the rows it is given."""
+    nonzero = rows.any(dim=1)
+    return rows if bool(nonzero.all()) else rows[nonzero]
+
+
 class SubspaceBuilder:
     """Grows P: the base's strong directions, then target-row directions outside its row space."""
 
@@ -76,12 +83,7 @@ class SubspaceBuilder:
     def add(self, rows: torch.Tensor) -> None:
         if self.full:
             return
-        # zero rows add no direction: a conflict target changes about a quarter of the rows,
-        # and the SVD below costs in proportion to the rows it is given
-        nonzero = rows.any(dim=1)
-        if not bool(nonzero.all()):
-            rows = rows[nonzero]
-        rows = rows.to(self.known.dtype)
+        rows = nonzero_rows(rows).to(self.known.dtype)
         rest = rows - (rows @ self.known) @ self.known.T
         _, s, vh = svd(rest, full_matrices=False)
         scale = max(self.scale, float(torch.linalg.matrix_norm(rows, ord=2)))

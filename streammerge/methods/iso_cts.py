@@ -6,7 +6,8 @@ s = ⌊(r − c)/N⌋ slots with the top triplets of its residual τ_i − U_c U
 left and right vectors are replaced by their polar factors, every singular value (common and
 task-specific) by their mean σ̄: W = W₀ + α · σ̄ U⊥ V⊥ᵀ. Tensors that are not 2-D get
 W₀ + α · mean τ_i. Whole tensors: the sum, one τ, and the kept factors; tall tensors larger
-than one row block stream through Gram matrices (`merge_tall`).
+than one row block stream through Gram matrices (`merge_tall`), and so do wide tensors above
+spectral_common.WIDE_GRAM_ELEMENTS (`merge_wide`: m×m Gram matrices, one expert at a time).
 """
 
 from __future__ import annotations
@@ -94,6 +95,52 @@ def merge_tall(task: TensorTask, params: IsoCtsParams, floor: float) -> torch.Te
     return spectral_common.polar_blocks(task, left, vhs, s_all.mean().expand_as(s_all), params.alpha)  # passes 3 and 4
 
 
+def merge_wide(task: TensorTask, params: IsoCtsParams, floor: float) -> torch.Tensor:
+    """A wide tensor [m, n] (m < n) through m×m Gram matrices (float64 on the CPU), one expert at
+    a time: S = Σ τ_i gives U_c, σ_c from SSᵀ and V_c = SᵀU_c σ_c⁻¹; each residual
+    R_i = τ_i − U_c U_cᵀ τ_i (column-local) gives U_i, σ_i from R_i R_iᵀ and V_i = R_iᵀ U_i σ_i⁻¹;
+    polar(U) by an SVD of U [m, r], polar(Vᵀ) = (VᵀV)^(-1/2) Vᵀ. Held: the sum or one τ_i, the
+    right vectors V [n, r ≤ m] and m×m matrices; float64 conversions one column chunk at a time."""
+    n_exp, (m, n) = len(task.weights), task.shape
+    chunks = spectral_common.column_chunks(task.shape)
+    total = spectral_common.task_sum(task)
+    g = spectral.gram_dtype(total.device)
+
+    def gram_of(x: torch.Tensor, project=None) -> torch.Tensor:
+        gram = torch.zeros(m, m, dtype=g, device=x.device)
+        for c in chunks:
+            blk = x[:, c].to(g) if project is None else project(x[:, c].to(g))
+            gram.addmm_(blk, blk.T)
+        return gram
+
+    u_c, s_c = spectral.top_eig(gram_of(total), floor, int(m * params.common_fraction))
+    slots = (m - s_c.numel()) // n_exp
+    v = torch.empty(n, s_c.numel() + n_exp * slots, dtype=g, device=total.device)
+    for c in chunks:
+        v[c, : s_c.numel()] = (total[:, c].to(g).T @ u_c).div_(s_c)
+    del total
+    residual = lambda blk: blk - u_c @ (u_c.T @ blk)  # noqa: E731  (I − U_c U_cᵀ) τ, column by column
+    us, ss, col = [u_c], [s_c], s_c.numel()
+    for i in range(n_exp if slots else 0):
+        tau = task.task_vector(i)
+        u_i, s_i = spectral.top_eig(gram_of(tau, residual), floor, slots)
+        for c in chunks:
+            v[c, col : col + s_i.numel()] = (residual(tau[:, c].to(g)).T @ u_i).div_(s_i)
+        del tau
+        us.append(u_i), ss.append(s_i)
+        col += s_i.numel()
+    v = v[:, :col]
+    s_all = torch.cat(ss)
+    task.note("kept_rank", int(s_all.numel()))
+    if s_all.numel() == 0:
+        return task.base.clone()
+    coef = (spectral.polar_factor(torch.cat(us, dim=1)) * s_all.mean()) @ spectral.inverse_sqrt(v.T @ v)
+    out = torch.empty_like(task.base)
+    for c in chunks:
+        out[:, c] = task.base[:, c] + (coef @ v[c].T).mul_(params.alpha).to(task.base.dtype)
+    return out
+
+
 def merge_whole(task: TensorTask, params: IsoCtsParams, dtype: torch.dtype, floor: float) -> torch.Tensor:
     n = len(task.weights)
     u, s, vh = spectral.compact_svd(spectral_common.task_sum(task).to(dtype), floor)
@@ -131,6 +178,9 @@ def memory(name: str, shape: tuple[int, ...], n: int, params: IsoCtsParams, item
         numel *= d
     if len(shape) == 2 and numel > BLOCK_ELEMENTS and shape[0] >= shape[1]:
         return Need(int((n + 4) * BLOCK_ELEMENTS * 8 + (n + 4) * shape[1] ** 2 * 8), transfer=BLOCK_ELEMENTS)
+    if len(shape) == 2 and shape[0] < shape[1] and numel > spectral_common.WIDE_GRAM_ELEMENTS:
+        m, k = shape  # merge_wide: base, sum or τ, result; V [n, m] float64; m×m solves; chunks (fitted)
+        return Need(int(3 * numel * itemsize + k * m * 8 + 4 * m * m * 8 + 2 * BLOCK_ELEMENTS * 8))
     need = iso_memory(name, shape, n, params, itemsize)
     if len(shape) != 2:
         return need
@@ -139,5 +189,7 @@ def memory(name: str, shape: tuple[int, ...], n: int, params: IsoCtsParams, item
     return Need(need.work + lin * 4 * min(m, k) * (m + k))  # 4: the factors, their polar SVDs (measured)
 
 
-METHOD = spectral_common.spectral_method("iso_cts", IsoCtsParams, merge_tall, merge_whole, memory, __doc__ or "")
+METHOD = spectral_common.spectral_method(
+    "iso_cts", IsoCtsParams, merge_tall, merge_whole, memory, __doc__ or "", wide=merge_wide
+)
 merge = METHOD.merge

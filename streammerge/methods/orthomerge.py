@@ -32,6 +32,7 @@ from ..math import lapack
 from ..math.cayley import cayley, cayley_consuming
 from ..math.lie_mean import LieAccumulator
 from ..math.robust import LinalgFailure
+from ..math.procrustes_wide import CHUNK_ELEMENTS, SubspaceBuffer, cayley_moved_base, frame_rotation, moved_base
 from ..math.procrustes import (
     Subspace,
     SubspaceBuilder,
@@ -356,6 +357,139 @@ def conflicts_among(taus: list[torch.Tensor]) -> list[torch.Tensor]:
     return [conflict_rows(t, tau_mean) for t in taus]
 
 
+class _Targets:
+    """W_i^target − W₀ per expert: τ_i, or (conflict) only its rows that oppose τ_mean, which is
+    summed when this is made; `fraction[i]`: expert i's share of conflicting rows."""
+
+    def __init__(self, task: TensorTask, params: OrthoMergeParams):
+        self.task, self.mean, self.fraction = task, None, {}
+        if params.target == "conflict":
+            n = len(task.weights)
+            self.mean = torch.zeros_like(task.base)
+            for i in range(n):
+                self.mean.add_(task.task_vector(i))
+            self.mean.div_(n)
+
+    def delta(self, i: int) -> torch.Tensor:
+        tau = self.task.task_vector(i)
+        if self.mean is None:
+            return tau
+        rows = conflict_rows(tau, self.mean)
+        self.fraction[i] = float(rows.float().mean())
+        return tau.mul_(rows.unsqueeze(1))
+
+
+# Wide weights whose rotation subspace may exceed this many dimensions take the lean path
+# (math/procrustes_wide.py): a 70B down_proj (k up to 28,672, 3.3 GB per k×k float32 matrix)
+# would need 37 GB on the whole path. Every 8B weight is below it (down_proj: k ≤ 14,336), so 8B
+# merges keep the whole path's bytes; where both run, they agree to float32 round-off.
+LEAN_WIDE_K = 16384
+
+
+def lean_wide(shape: tuple[int, ...], n: int, params: OrthoMergeParams) -> bool:
+    """A wide 2-D weight above LEAN_WIDE_K, merged by a rule with one generator sum (the R-space
+    ablations keep N dense rotations, so they stay on the whole path, planned as such)."""
+    return (
+        len(shape) == 2
+        and 0 < shape[0] < shape[1]
+        and subspace_bound(shape, n) > LEAN_WIDE_K
+        and params.rotation_merge in ("magnitude_corrected", "average_q")
+    )
+
+
+def _merge_wide_lean(task: TensorTask, params: OrthoMergeParams, res_method: Method, res_params: Any) -> torch.Tensor:
+    """_merge's wide branch through procrustes_wide: the same S, rotations, Q* and residuals,
+    without copying a k×k or [k, 2·out] matrix. Held: P [in, k], Σ w_i Q_i [k, k], A P and the QR
+    of (A P)ᵀ, the running residual (or the N moved bases W₀R_iᵀ − W₀ as state), one expert's
+    frame solve."""
+    n = len(task.weights)
+    prec = linalg_dtype(params, task.shape, n)
+    a = task.base
+    targets = _Targets(task, params)
+    steps = 2 * n + 1
+    builder = None
+    for i in range(n):
+        task.advance(i, steps)
+        delta = targets.delta(i)
+        if not bool(delta.any()):
+            continue
+        if builder is None:
+            builder = SubspaceBuffer(a, params.base_rtol, prec, subspace_bound(task.shape, n))
+        if builder.full:
+            break
+        factors = task.task_factors(i)
+        builder.add(delta if factors is None else factors[1])  # why the factors: see _merge
+        del delta, factors
+    if builder is None:  # every target is the base: the residual merge alone (as in _merge)
+        task.note("rotation_share", 0.0)
+        if targets.fraction:
+            task.note("conflict_row_fraction", [targets.fraction.get(i, 0.0) for i in range(n)])
+        return res_method.merge(task, res_params)
+    basis = builder.build()
+    del builder
+    framed = 2 * task.shape[0] <= basis.k
+    qy, ry = lapack.qr(basis.ap.T) if framed else (None, None)
+    running = res_method.name == "task_arithmetic"
+    acc = LieAccumulator(params.direction, chunk_rows=max(1, CHUNK_ELEMENTS // max(1, basis.k)))
+    max_angle = math.radians(params.max_angle_deg)
+    kept: list[torch.Tensor] = []
+    residual_sum = None
+    clipped = 0
+    for i in range(n):
+        task.advance(n + i, steps)
+        delta = targets.delta(i)
+        if not bool(delta.any()):
+            rot = identity_rotation(basis)
+        elif framed:
+            x = delta.add_(a).to(prec) @ basis.p
+            del delta
+            rot = frame_rotation(x, qy, ry, params.null_rtol, max_angle)
+            del x
+        else:
+            rot = procrustes(delta.add_(a), basis, params.null_rtol, max_angle)
+        delta = None
+        clipped += rot.clipped_planes
+        if rot.clipped_planes:
+            log_clipped(task, i, rot.clipped_planes, params)
+        acc.add(rot.q_w, task.weights[i], rot.frame)
+        moved = moved_base(a, basis, rot)  # W₀R_iᵀ − W₀
+        del rot
+        if running:  # τ of the pseudo-expert W₀ + ρ_i, summed at once (as in _merge)
+            term = task.experts[i].sub_(moved).sub_(a)
+            residual_sum = torch.zeros_like(a) if residual_sum is None else residual_sum
+            residual_sum.add_(term, alpha=task.weights[i])
+            del term
+        else:
+            kept.append(moved if task.state_device is None else moved.to(task.state_device))
+        del moved
+    del qy, ry
+    note_rotation(task, params, acc, clipped, targets.fraction, basis.k)
+    if params.rotation_merge == "magnitude_corrected":
+        q_star = acc.magnitude_corrected(params.magnitude, params.scale, in_place=True)
+    else:
+        q_star = acc.simple_average(params.scale, in_place=True)
+    acc.total = acc.plain_total = None
+    if running:
+        assert residual_sum is not None
+        merged = residual_sum.mul_(res_params.lambda_).add_(a)
+    else:
+        merged = res_method.merge(
+            TensorTask(task.name, a, _Residuals(task, basis, kept), task.weights, task.densities, None, task.seed),
+            res_params,
+        )
+        del kept
+    share = None
+    if task.diagnostics is not None:
+        share = [0.0]
+        residual_norm = float((merged - a).norm())
+    cayley_moved_base(q_star, basis, merged, share)  # W = merged residual + W₀R*ᵀ − W₀
+    del q_star
+    if share is not None:
+        r_norm = math.sqrt(share[0])
+        task.note("rotation_share", r_norm / (r_norm + residual_norm) if r_norm + residual_norm else 0.0)
+    return merged
+
+
 def merge(task: TensorTask, params: OrthoMergeParams) -> torch.Tensor:
     try:
         return _merge(task, params)
@@ -378,24 +512,11 @@ def _merge(task: TensorTask, params: OrthoMergeParams) -> torch.Tensor:
         merged = _merge_tall(task, params, res_method, res_params)
         if merged is not None:
             return merged
+    if lean_wide(task.shape, n, params):
+        return _merge_wide_lean(task, params, res_method, res_params)
     a = task.base
-    tau_mean = None
-    if params.target == "conflict":
-        tau_mean = torch.zeros_like(a)
-        for i in range(n):
-            tau_mean.add_(task.task_vector(i))
-        tau_mean.div_(n)
-
-    conflict_fraction: dict[int, float] = {}
-
-    def target_delta(i: int) -> torch.Tensor:
-        """W_i^target − W₀: τ_i, or its conflicting rows only."""
-        tau = task.task_vector(i)
-        if tau_mean is None:
-            return tau
-        rows = conflict_rows(tau, tau_mean)
-        conflict_fraction[i] = float(rows.float().mean())
-        return tau.mul_(rows.unsqueeze(1))
+    targets = _Targets(task, params)
+    target_delta, conflict_fraction = targets.delta, targets.fraction
 
     builder = None  # S = span(rows of W₀ and of every target); built on the first target ≠ base
     steps = 2 * n + 1  # progress: n targets into S, n Procrustes solves, the residual merge
@@ -652,6 +773,8 @@ def memory(
     f = 8 if linalg_dtype(params, shape, n) == torch.float64 else 4
     numel = out * inn
     running = res_method.name == "task_arithmetic" and params.rotation_merge not in ("average_r", "product_r")
+    if lean_wide(shape, n, params):
+        return lean_wide_memory(shape, n, params, itemsize, f, running, statistics)
     if out >= inn and numel > BLOCK_ELEMENTS:
         block = BLOCK_ELEMENTS
         residual = res_method.memory(name, shape, n, res_params, itemsize)
@@ -678,6 +801,34 @@ def memory(
         return Need(int(base + _C_ACC * k * k * f + _C_FRAME * w * w * f), 0 if running else int(n * per_expert))
     per_expert = 2 * k * k * f if ablation else min(2 * k * k * f, numel * itemsize)
     return Need(int(base + _C_SQUARE * k * k * f), 0 if running else int(n * per_expert))
+
+
+# The lean wide path's peak (_merge_wide_lean), fitted to measured peaks
+# (bench/results/wide-memory-*.md): weight-sized buffers (base, target, running residual, moved
+# base, expert); per-expert frame buffers [k, 2·out]; frame solves [2·out, 2·out].
+_C_LEAN_WEIGHT, _C_LEAN_FRAME, _C_LEAN_SOLVE = 4.0, 1.5, 5.0
+
+
+def lean_wide_memory(
+    shape: tuple[int, ...], n: int, params: OrthoMergeParams, itemsize: int, f: int, running: bool, statistics
+) -> Need:
+    """Held: the subspace buffer [in, bound], Σ w_i Q_i [k, k] (two with direction "uniform"),
+    A P and Q_y [out, k], τ_mean (conflict), weight-sized buffers; per expert the frame and its
+    solves (when 2·out ≤ k); the N moved bases as state unless the residual is a running sum."""
+    out, inn = shape
+    numel = out * inn
+    bound = subspace_bound(shape, n)
+    k = bound if statistics is None else min(bound, measured_subspace(shape, statistics))
+    sums = 2 if params.direction == "uniform" else 1
+    held = inn * bound * f + sums * k * k * f + 2 * out * k * f + _C_LEAN_WEIGHT * numel * max(f, itemsize)
+    if params.target == "conflict":
+        held += numel * itemsize
+    w = 2 * out
+    solve = _C_LEAN_FRAME * k * w * f + _C_LEAN_SOLVE * w * w * f if w <= k else 2 * k * k * f
+    if not running:  # the residual method's merge comes after the last frame solve
+        res_method, res_params = residual_method(params, n)
+        solve = max(solve, res_method.memory("", shape, n, res_params, itemsize).work)
+    return Need(int(held + solve), 0 if running else int(n * numel * itemsize))
 
 
 METHOD = Method(

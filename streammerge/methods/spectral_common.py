@@ -86,21 +86,48 @@ def polar_blocks(task, left, vhs: list[torch.Tensor], sigma: torch.Tensor, alpha
     return map_row_blocks(task, lambda rows: task.base_rows(rows) + (left(rows) @ right).mul_(alpha).to(task.dtype))
 
 
-def dispatch(task, alpha: float, precision: str, tall, whole):
+# Wide 2-D tensors (m < n) with more elements than this go through m×m Gram matrices, one
+# expert at a time, where a method has that path (`wide`): a Llama-3-70B down_proj (8192×28672,
+# 235 M elements) would otherwise hold its whole SVD factors (#29). Every 8B tensor is below it,
+# so 8B merges keep the whole path's bytes.
+WIDE_GRAM_ELEMENTS = 1 << 27
+
+
+def gram_wide(task) -> bool:
+    """A wide 2-D tensor above WIDE_GRAM_ELEMENTS: merged through its m×m Gram matrices."""
+    m, n = task.shape
+    return m < n and m * n > WIDE_GRAM_ELEMENTS
+
+
+def column_chunks(shape: tuple[int, ...]) -> list[slice]:
+    """Column ranges of a wide [m, n] matrix, about BLOCK_ELEMENTS each: what a Gram-matrix pass
+    converts to float64 at once."""
+    from . import base
+
+    m, n = shape
+    step = max(1, base.BLOCK_ELEMENTS // max(1, m))
+    return [slice(c, min(c + step, n)) for c in range(0, n, step)]
+
+
+def dispatch(task, alpha: float, precision: str, tall, whole, wide=None):
     """The shape of every spectral method: not 2-D → W₀ + α·mean τ_i; tall and larger than a
-    block → `tall(floor)`; otherwise `whole(dtype, floor)`."""
+    block → `tall(floor)`; wide and above WIDE_GRAM_ELEMENTS → `wide(floor)` (methods with
+    that path); otherwise `whole(dtype, floor)`."""
     if len(task.shape) != 2:
         return mean_update(task, alpha)
     if streams_tall(task):
         return tall(noise_floor(task))
+    if wide is not None and gram_wide(task):
+        return wide(noise_floor(task))
     return whole(*setup(task, precision))
 
 
 def spectral_merge(
-    tall: Callable[..., torch.Tensor], whole: Callable[..., torch.Tensor]
+    tall: Callable[..., torch.Tensor], whole: Callable[..., torch.Tensor], wide: Callable[..., torch.Tensor] | None
 ) -> Callable[[TensorTask, Any], torch.Tensor]:
     """A spectral method's `merge`: `tall(task, params, floor)` for tall tensors larger than a
-    block, `whole(task, params, dtype, floor)` for other 2-D tensors, W₀ + α·mean τ_i otherwise."""
+    block, `wide(task, params, floor)` (if given) for wide ones above WIDE_GRAM_ELEMENTS,
+    `whole(task, params, dtype, floor)` for other 2-D tensors, W₀ + α·mean τ_i otherwise."""
 
     def merge(task: TensorTask, params: Any) -> torch.Tensor:
         return dispatch(
@@ -109,15 +136,16 @@ def spectral_merge(
             params.precision,
             lambda floor: tall(task, params, floor),
             lambda dtype, floor: whole(task, params, dtype, floor),
+            None if wide is None else (lambda floor: wide(task, params, floor)),
         )
 
     return merge
 
 
-def spectral_method(name: str, params_type: type, tall, whole, memory, doc: str) -> Method:
+def spectral_method(name: str, params_type: type, tall, whole, memory, doc: str, wide=None) -> Method:
     """The declaration the four spectral methods share: one `merge` (spectral_merge), precision
     "auto" as float32 on a GPU, NaN carried to the result, no per-expert values."""
-    merge = spectral_merge(tall, whole)
+    merge = spectral_merge(tall, whole, wide)
     return Method(name, params_type, merge, memory=memory, for_device=auto_precision_on_gpu, doc=doc,
                   propagates_nonfinite=True, expert_params={}, cost=cost)  # fmt: skip
 
