@@ -38,3 +38,23 @@ def test_cuda_merge_matches_cpu(method, params, toy_untied, tmp_path):
     for name, w in outs["cpu"].items():
         update = float((w - base[name].float()).norm()) or 1.0
         assert float((outs["cuda"][name] - w).norm()) <= 1e-3 * update, name
+
+
+@pytest.mark.parametrize("target", ["global", "conflict"])
+def test_cuda_lean_wide_orthomerge_matches_cpu(target, toy_untied, tmp_path, monkeypatch):
+    """#29: OrthoMerge's lean wide path (in-place QR and LU on CUDA) merges like the CPU."""
+    from streammerge.methods import orthomerge
+
+    monkeypatch.setattr(orthomerge, "LEAN_WIDE_K", 0)  # the toy's wide weights take it (same process)
+    experts = tuple(Expert(p) for p in experts_of(toy_untied))
+    outs = {}
+    for device in ("cpu", "cuda"):
+        out = str(tmp_path / device)
+        recipe = Recipe("orthomerge", os.path.join(toy_untied, "base"), experts, out, {"target": target},
+                        dtype="float32", seed=0)  # fmt: skip
+        merge(recipe, device=device)
+        outs[device] = load_all(out)
+    base = load_all(os.path.join(toy_untied, "base"))
+    for name, w in outs["cpu"].items():
+        update = float((w - base[name].float()).norm()) or 1.0
+        assert float((outs["cuda"][name] - w).norm()) <= 1e-3 * update, name
