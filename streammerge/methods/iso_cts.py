@@ -98,7 +98,8 @@ def merge_tall(task: TensorTask, params: IsoCtsParams, floor: float) -> torch.Te
 def merge_wide(task: TensorTask, params: IsoCtsParams, floor: float) -> torch.Tensor:
     """A wide tensor [m, n] (m < n) through m×m Gram matrices (float64 on the CPU), one expert at
     a time: S = Σ τ_i gives U_c, σ_c from SSᵀ and V_c = SᵀU_c σ_c⁻¹; each residual
-    R_i = τ_i − U_c U_cᵀ τ_i (column-local) gives U_i, σ_i from R_i R_iᵀ and V_i = R_iᵀ U_i σ_i⁻¹;
+    R_i = τ_i − U_c U_cᵀ τ_i gives U_i, σ_i from R_i R_iᵀ (projected from τ_iτ_iᵀ) and
+    V_i = R_iᵀ U_i σ_i⁻¹ = τ_iᵀ(I − U_c U_cᵀ)U_i σ_i⁻¹ (one pass over τ_i for each);
     polar(U) by an SVD of U [m, r], polar(Vᵀ) = (VᵀV)^(-1/2) Vᵀ. Held: the sum or one τ_i, the
     right vectors V [n, r ≤ m] and m×m matrices; float64 conversions one column chunk at a time."""
     n_exp, (m, n) = len(task.weights), task.shape
@@ -106,10 +107,10 @@ def merge_wide(task: TensorTask, params: IsoCtsParams, floor: float) -> torch.Te
     total = spectral_common.task_sum(task)
     g = spectral.gram_dtype(total.device)
 
-    def gram_of(x: torch.Tensor, project=None) -> torch.Tensor:
+    def gram_of(x: torch.Tensor) -> torch.Tensor:
         gram = torch.zeros(m, m, dtype=g, device=x.device)
         for c in chunks:
-            blk = x[:, c].to(g) if project is None else project(x[:, c].to(g))
+            blk = x[:, c].to(g)
             gram.addmm_(blk, blk.T)
         return gram
 
@@ -119,13 +120,17 @@ def merge_wide(task: TensorTask, params: IsoCtsParams, floor: float) -> torch.Te
     for c in chunks:
         v[c, : s_c.numel()] = (total[:, c].to(g).T @ u_c).div_(s_c)
     del total
-    residual = lambda blk: blk - u_c @ (u_c.T @ blk)  # noqa: E731  (I − U_c U_cᵀ) τ, column by column
     us, ss, col = [u_c], [s_c], s_c.numel()
     for i in range(n_exp if slots else 0):
         tau = task.task_vector(i)
-        u_i, s_i = spectral.top_eig(gram_of(tau, residual), floor, slots)
+        gram = gram_of(tau)  # R Rᵀ = (I − U_c U_cᵀ) τ τᵀ (I − U_c U_cᵀ), as merge_tall's τᵀτ − PᵀP
+        gram.sub_(u_c @ (u_c.T @ gram))
+        gram.sub_((gram @ u_c) @ u_c.T)
+        u_i, s_i = spectral.top_eig(gram, floor, slots)
+        del gram
+        right = (u_i - u_c @ (u_c.T @ u_i)).div_(s_i)  # V_i = Rᵀ U_i σ_i⁻¹ = τᵀ (I − U_c U_cᵀ) U_i σ_i⁻¹
         for c in chunks:
-            v[c, col : col + s_i.numel()] = (residual(tau[:, c].to(g)).T @ u_i).div_(s_i)
+            v[c, col : col + s_i.numel()] = tau[:, c].to(g).T @ right
         del tau
         us.append(u_i), ss.append(s_i)
         col += s_i.numel()
