@@ -71,9 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"`python bench/plan_laptop.py`, {time.strftime('%Y-%m-%d')}: five experts + base, bf16, "
         "header-only inputs. RAM = planned peak anonymous memory (process + largest working set); GPU = planned peak "
-        "GPU memory "
-        "with `--assume-gpu 24GB --max-gpu-memory 22GB`; 'spilled' = tensors the GPU plan leaves on the CPU. These "
-        "are plans; "
+        "GPU memory with `--assume-gpu 24GB --max-gpu-memory 22GB`; 'spilled' = tensors the GPU plan leaves on the "
+        "CPU (one merged on the GPU with its per-expert state in RAM is not). These are plans; "
         "measured peaks are in memory-plan-vs-measured.md.",
         "",
     ]

@@ -8,7 +8,7 @@ one wide weight [out, in] (out < in), a base and N experts, merged on the CPU.
 The wide paths are taken above a size (spectral_common.WIDE_GRAM_ELEMENTS for the spectral
 methods, orthomerge.LEAN_WIDE_K for OrthoMerge) that only 70B-sized weights pass; `--force`
 (the default) lowers that size in the merge's own process so that a weight that fits this
-machine's time takes the path. Each merge runs in a fresh process with `--max-ram 20GB` (freed
+machine's time takes the path. Each merge runs in a fresh process with `--max-ram 20GB` (or as given; freed
 blocks go back to the OS, so the working set is measured: memwatch.py) and writes
 `--memory-report`. Experts: the base plus a shared update with a random sign per row and expert
 and noise (each conflicts with the mean on about a quarter of the rows), LoRA-like with
@@ -81,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lora-rank", type=int, default=None)
     ap.add_argument("--no-force", action="store_true", help="keep the size at which the wide path starts")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--max-ram", default="20GB", help="the merge's budget; below its upper-bound plan, OrthoMerge-C "
+                    "measures its conflicting rows and plans with them")  # fmt: skip
     ap.add_argument("--tag", required=True)
     args = ap.parse_args(argv)
     shape = tuple(args.shape)
@@ -94,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             cmd += ["--param", p]
         if args.threads:
             cmd += ["--threads", str(args.threads)]
-        cmd += ["--out", out, "--max-ram", "20GB", "--memory-report", report]
+        cmd += ["--out", out, "--max-ram", args.max_ram, "--memory-report", report]
         load = os.getloadavg()[0]
         start = time.perf_counter()
         subprocess.run([sys.executable, "-c", RUN, "keep" if args.no_force else "force", *cmd], check=True)

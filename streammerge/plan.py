@@ -65,7 +65,8 @@ class Plan:
     extra_passes: int = 0  # statistics passes (re-read every input once each)
     statistics_read: int = 0  # bytes a pass over some tensors only re-reads (Method.plan_statistics)
     notes: list[str] = field(default_factory=list)
-    spilled: list[TensorPlan] = field(default_factory=list)
+    spilled: list[TensorPlan] = field(default_factory=list)  # merged on the CPU: too big for the GPU
+    state_in_ram: list[TensorPlan] = field(default_factory=list)  # on the GPU, per-expert state in RAM
 
     @property
     def peak_host(self) -> int:
@@ -148,7 +149,12 @@ class Plan:
                 if self.gpu_budget is not None
                 else " (no GPU used)"
             ),
-            f"tensors spilled to the CPU: {len(self.spilled)}",
+            f"tensors spilled to the CPU: {len(self.spilled)}"
+            + (
+                f" (on the GPU with their per-expert state in RAM: {len(self.state_in_ram)})"
+                if self.state_in_ram
+                else ""
+            ),
             f"read: {format_size(self.read_total)}"
             + (f" ({self.extra_passes} statistics pass(es) re-read the inputs)" if self.extra_passes else "")
             + (

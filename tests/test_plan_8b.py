@@ -87,6 +87,18 @@ def test_orthomerge_on_a_gpu_counts_its_merged_residual_in_ram(llama8b):
     assert embed.gpu_bytes < residual  # row blocks and in×in matrices only
 
 
+def test_state_in_ram_is_not_a_spill(tmp_path_factory):
+    """At 70B with a TIES residual each down_proj merges on the GPU with its per-expert state in RAM:
+    the plan says so, and does not count it as spilled to the CPU (which would run it on the CPU)."""
+    root = str(tmp_path_factory.mktemp("llama70b_state"))
+    assert fixture_tool.main([root, "--shape", "llama-3.1-70b", "--experts", "5"]) == 0
+    gpu = plan_of(root, "orthomerge", {"residual_method": "ties"}, max_ram=RAM, max_gpu_memory=GPU, assume_gpu=CARD)
+    assert not gpu.spilled
+    assert {t.name.split(".")[-2] for t in gpu.state_in_ram} == {"down_proj"} and len(gpu.state_in_ram) == 80
+    assert all(t.device == "cuda" for t in gpu.state_in_ram)
+    assert "tensors spilled to the CPU: 0 (on the GPU with their per-expert state in RAM: 80)" in gpu.table()
+
+
 def test_plan_says_when_a_merge_will_take_hours(llama8b):
     """#24.12: `plan` estimates the time from rates calibrated here; OrthoMerge of five 8B experts on
     a CPU is hours (one recorded down_proj took 38 min on these cores), task arithmetic is not."""
@@ -141,6 +153,8 @@ def test_five_70b_experts_fit_a_laptop_or_are_listed_with_the_reason(method, par
     assert gpu.peak_host <= RAM and gpu.peak_gpu <= GPU, (
         f"{method} {params} at 70B with a 24 GB GPU: {gpu.peak_gpu / 1e9:.2f} GB + {gpu.peak_host / 1e9:.2f} GB RAM"
     )
+    if params.get("precision") != "float64":  # float64 (never the GPU default) spills its down_proj
+        assert not gpu.spilled, [t.name for t in gpu.spilled][:3]
     limit = CPU_ONLY_AT_70B.get(method, (RAM, ""))[0]
     assert cpu.peak_host <= limit, f"{method} {params} at 70B on the CPU alone: {cpu.peak_host / 1e9:.2f} GB"
     if method in CPU_ONLY_AT_70B:

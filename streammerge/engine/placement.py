@@ -71,7 +71,8 @@ def make_plan(inputs: MergeInputs, device: torch.device, options: RunOptions, st
             f"{method.name}: upper bounds where the working set depends on the data "
             "(plan --measure measures them; a merge does when the bounds do not fit)"
         )
-    plan.spilled = [t for t in tensors if t.note]
+    plan.spilled = [t for t in tensors if t.note and t.device == "cpu"]  # computed off the GPU
+    plan.state_in_ram = [t for t in tensors if t.note and t.device == "cuda"]
     return plan
 
 

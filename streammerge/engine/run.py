@@ -147,9 +147,11 @@ class Merge:
             return
         fresh = journal.statistics is None
         if fresh:
-            if self.plan.peak_host <= self.plan.ram_budget and not self.plan.spilled:
+            if self.plan.peak_host <= self.plan.ram_budget and not self.plan.spilled and not self.plan.state_in_ram:
                 return
             spill = f" and spill {len(self.plan.spilled)} tensor(s) to the CPU" if self.plan.spilled else ""
+            if self.plan.state_in_ram:
+                spill += f" and keep the per-expert state of {len(self.plan.state_in_ram)} tensor(s) in RAM"
             log.info("the plan's upper bounds need %s of RAM%s: measuring the data-dependent working sets "
                      "(one read of those tensors)", format_size(self.plan.peak_host), spill)  # fmt: skip
             journal.statistics = self.measure_statistics()
@@ -212,7 +214,7 @@ class Merge:
         self.plan.disk_needed = sum(s.nbytes for s in todo)
         self.plan.disk_free = free_disk(out)
         self.plan.check()
-        for t in self.plan.spilled:
+        for t in self.plan.spilled + self.plan.state_in_ram:
             log.info("%s: %s", t.name, t.note)
         executor = self.executor()
         executor.start()
