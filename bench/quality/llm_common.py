@@ -18,8 +18,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-CACHE = os.environ.get("STREAMMERGE_QUALITY_CACHE", os.path.join(HERE, ".cache"))
+from common import CACHE  # noqa: E402
+
 LLM_CACHE = os.path.join(CACHE, "llm")
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MAX_NEW = 8
