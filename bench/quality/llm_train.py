@@ -11,7 +11,8 @@ tasks' mixed training sets, so it sees what the five experts see together), answ
 in the loss, one fixed learning rate per kind. Deterministic for a seed (torch's generator seeds
 the adapters and the batch order). Every linear layer of every block is adapted (q, k, v, o,
 gate, up, down): LoRA r = 8, α = 16; OFT blocks of 32 (the paper's setting, peft's OFT).
-Output per expert under ~/.cache/streammerge-quality/llm/experts/ (STREAMMERGE_QUALITY_CACHE)/KIND-TASK-sSEED/: `adapter/` (PEFT
+Output per expert under ~/.cache/streammerge-quality/llm/experts/KIND-TASK-sSEED/ (the folder
+STREAMMERGE_QUALITY_CACHE names, if set, for ~/.cache/streammerge-quality): `adapter/` (PEFT
 format) and `meta.json` (validation exact match of every task, steps, seconds, loss curve).
 """
 

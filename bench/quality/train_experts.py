@@ -9,7 +9,8 @@ Training: AdamW, batch 16, sequences cut at 64 tokens; validation accuracy every
 steps; stops after PATIENCE evaluations without improvement or at MAX_STEPS, and keeps the best
 validation state (converged on the validation split, as the benchmark asks). Deterministic for a
 seed: torch's generator seeds the head, the adapters and the batch order; one thread.
-Output per expert under ~/.cache/streammerge-quality/experts/ (STREAMMERGE_QUALITY_CACHE)/KIND-TASK-sSEED/: `adapter/` (PEFT
+Output per expert under ~/.cache/streammerge-quality/experts/KIND-TASK-sSEED/ (the folder
+STREAMMERGE_QUALITY_CACHE names, if set, for ~/.cache/streammerge-quality): `adapter/` (PEFT
 format) or `model/` (Hugging Face folder), `head.pt`, `meta.json` (accuracies, steps, seconds).
 """
 
