@@ -337,6 +337,37 @@ def test_lean_wide_path_equals_the_whole_path(params, shape, monkeypatch):
     assert torch.equal(one_thread, lean) or threads == 1
 
 
+@pytest.mark.parametrize("params", [{"target": "conflict"}, {"target": "conflict", "residual_method": "tsv"}])
+@pytest.mark.parametrize("shape", [(24, 90), (40, 90)])
+def test_lean_buffer_is_as_wide_as_the_conflicting_rows_need(params, shape, monkeypatch):
+    """The conflict target's subspace buffer holds what its conflicting rows can add (the count the
+    plan measures), not the full-rank bound, and the merge is bit for bit the one with the bound's."""
+    from streammerge.methods import orthomerge as om
+
+    monkeypatch.setattr(om, "LEAN_WIDE_K", 0)
+    a, ws = conflicting_wide(shape)
+    widths = []
+
+    class Spy(om.SubspaceBuffer):
+        def __init__(self, a, base_rtol, dtype, capacity):
+            widths.append(capacity)
+            super().__init__(a, base_rtol, dtype, capacity)
+
+    monkeypatch.setattr(om, "SubspaceBuffer", Spy)
+
+    def merged():
+        return om.merge(TensorTask("layer.weight", a.clone(), Experts(ws), (1.0, 0.7, 1.2)),
+                        build_params(OrthoMergeParams, params, "test"))  # fmt: skip
+
+    narrow = merged()
+    taus = [w - a for w in ws]
+    counts = [int(r.sum()) for r in om.conflicts_among(taus)]
+    expected = om.measured_subspace(shape, {"conflicts": counts, "ranks": [None] * 3})
+    assert widths == [expected] and expected < om.subspace_bound(shape, 3), (widths, counts)
+    monkeypatch.setattr(om._Targets, "capacity", lambda self, n: om.subspace_bound(shape, n))
+    assert torch.equal(merged(), narrow) and widths[-1] == om.subspace_bound(shape, 3)
+
+
 def test_lean_wide_path_keeps_the_paths_exact_cases(monkeypatch):
     """Copies of one expert give it back; experts equal to the base leave it bit for bit."""
     from streammerge.methods import orthomerge as om

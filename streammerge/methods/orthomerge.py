@@ -378,6 +378,20 @@ class _Targets:
         self.fraction[i] = float(rows.float().mean())
         return tau.mul_(rows.unsqueeze(1))
 
+    def capacity(self, n: int) -> int:
+        """The most directions the targets can add to S: the bound for full-rank updates or, with the
+        conflict target, what its conflicting rows (or a LoRA expert's A rows) can add, counted
+        as the plan's statistics pass counts them (measured_subspace)."""
+        bound = subspace_bound(self.task.shape, n)
+        if self.mean is None:
+            return bound
+        conflicts, ranks = [], []
+        for i in range(n):
+            conflicts.append(int(conflict_rows(self.task.task_vector(i), self.mean).sum()))
+            factors = self.task.task_factors(i)
+            ranks.append(None if factors is None else int(factors[1].shape[0]))
+        return min(bound, measured_subspace(self.task.shape, {"conflicts": conflicts, "ranks": ranks}))
+
 
 # Wide weights whose rotation subspace may exceed this many dimensions take the lean path
 # (math/procrustes_wide.py): a 70B down_proj (k up to 28,672, 3.3 GB per k×k float32 matrix)
@@ -407,14 +421,14 @@ def _merge_wide_lean(task: TensorTask, params: OrthoMergeParams, res_method: Met
     a = task.base
     targets = _Targets(task, params)
     steps = 2 * n + 1
-    builder = None
+    builder, capacity = None, targets.capacity(n)  # the buffer's width: S never grows past it
     for i in range(n):
         task.advance(i, steps)
         delta = targets.delta(i)
         if not bool(delta.any()):
             continue
         if builder is None:
-            builder = SubspaceBuffer(a, params.base_rtol, prec, subspace_bound(task.shape, n))
+            builder = SubspaceBuffer(a, params.base_rtol, prec, capacity)
         if builder.full:
             break
         factors = task.task_factors(i)
@@ -812,7 +826,8 @@ _C_LEAN_WEIGHT, _C_LEAN_FRAME, _C_LEAN_SOLVE = 4.0, 1.5, 5.0
 def lean_wide_memory(
     shape: tuple[int, ...], n: int, params: OrthoMergeParams, itemsize: int, f: int, running: bool, statistics
 ) -> Need:
-    """Held: the subspace buffer [in, bound], Σ w_i Q_i [k, k] (two with direction "uniform"),
+    """Held: the subspace buffer [in, k] (k: the bound, or with statistics the measured count),
+    Σ w_i Q_i [k, k] (two with direction "uniform"),
     A P and Q_y [out, k], τ_mean (conflict), weight-sized buffers; per expert the frame and its
     solves (when 2·out ≤ k); the N moved bases as state unless the residual is a running sum."""
     out, inn = shape
@@ -820,7 +835,7 @@ def lean_wide_memory(
     bound = subspace_bound(shape, n)
     k = bound if statistics is None else min(bound, measured_subspace(shape, statistics))
     sums = 2 if params.direction == "uniform" else 1
-    held = inn * bound * f + sums * k * k * f + 2 * out * k * f + _C_LEAN_WEIGHT * numel * max(f, itemsize)
+    held = inn * k * f + sums * k * k * f + 2 * out * k * f + _C_LEAN_WEIGHT * numel * max(f, itemsize)
     if params.target == "conflict":
         held += numel * itemsize
     w = 2 * out
