@@ -368,6 +368,27 @@ def test_lean_buffer_is_as_wide_as_the_conflicting_rows_need(params, shape, monk
     assert torch.equal(merged(), narrow) and widths[-1] == om.subspace_bound(shape, 3)
 
 
+@pytest.mark.parametrize("params", [{"target": "global"}, {"target": "conflict", "residual_method": "tsv"}])
+def test_lean_wide_path_does_not_depend_on_its_chunk_size(params, monkeypatch):
+    """#29.4: the lean path's column and row chunks (of P F, the moved bases, the generator sum)
+    change how much is held, not the bytes of the result."""
+    from streammerge.math import procrustes_wide
+    from streammerge.methods import orthomerge as om
+
+    monkeypatch.setattr(om, "LEAN_WIDE_K", 0)
+    a, ws = conflicting_wide((40, 90))
+
+    def merged(chunk: int):
+        monkeypatch.setattr(procrustes_wide, "CHUNK_ELEMENTS", chunk)
+        monkeypatch.setattr(om, "CHUNK_ELEMENTS", chunk)
+        task = TensorTask("layer.weight", a.clone(), Experts(ws), (1.0, 0.7, 1.2))
+        return om.merge(task, build_params(OrthoMergeParams, params, "test"))
+
+    whole = merged(1 << 22)  # one chunk at this size
+    for chunk in (1 << 9, 1000, 1 << 11):  # 5 to 22 columns of P F, 5 to 22 rows of the sum per chunk
+        assert torch.equal(merged(chunk), whole), chunk
+
+
 def test_lean_wide_path_keeps_the_paths_exact_cases(monkeypatch):
     """Copies of one expert give it back; experts equal to the base leave it bit for bit."""
     from streammerge.methods import orthomerge as om
