@@ -302,6 +302,15 @@ def test_iso_cts_wide_tensors_through_gram_matrices(toy_untied, tmp_path, monkey
     got = iso_cts.merge_wide(task, iso_cts.IsoCtsParams(alpha=1.5), 0.0)
     want = base + ref_iso_cts(taus, alpha=1.5)
     assert (got - want).norm() <= 1e-10 * (want - base).norm()
+    # its column chunks are a constant of the code (no budget changes them); other chunk sizes sum
+    # the Gram matrices in another order: the same result to round-off
+    from streammerge.methods import base as method_base
+
+    monkeypatch.setattr(method_base, "BLOCK_ELEMENTS", 24 * 7)  # 7-column chunks
+    assert len(spectral_common.column_chunks((24, 90))) == 13
+    chunked = iso_cts.merge_wide(task_of(base, [base + t for t in taus]), iso_cts.IsoCtsParams(alpha=1.5), 0.0)
+    assert (chunked - got).norm() <= 1e-12 * (want - base).norm()
+    monkeypatch.undo()
 
     experts = tuple(Expert(p) for p in experts_of(toy_untied))
     root = os.path.join(toy_untied, "base")
