@@ -88,13 +88,43 @@ def experts_of(family: str, seed: int, tasks=TASKS) -> tuple[str, ...]:
     return tuple(os.path.join(expert_dir(family, t, seed), "adapter") for t in tasks)
 
 
-def merge_to(method: str, params: dict, experts: tuple[str, ...], out: str, base: str, seed: int) -> float:
-    from streammerge import Expert, Recipe, merge
+def merge_to(
+    method: str, params: dict, experts: tuple[str, ...], out: str, base: str, seed: int, report: str | None = None
+) -> float:
+    """Merge into `out` (anew); `report`: also write streammerge's diagnostics (merge --report) there."""
+    from streammerge import Expert, Recipe
+    from streammerge.engine import Merge, RunOptions
 
     shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
-    merge(Recipe(method, base, tuple(Expert(e) for e in experts), out, dict(params), seed=seed), device="cpu")
+    recipe = Recipe(method, base, tuple(Expert(e) for e in experts), out, dict(params), seed=seed)
+    merger = Merge(recipe, RunOptions(device="cpu", quiet=True, report=report))
+    try:
+        merger.run()
+    finally:
+        merger.close()
     return time.perf_counter() - start
+
+
+def rotation_summary(report: str) -> dict:
+    """How far OrthoMerge's merged rotations move (from its --report), over the tensors it could
+    rotate: how many it did rotate, the mean share of the update that is rotation (0: the rotation
+    did nothing and the row is its residual method), the mean norm of the merged generator Q*
+    (magnitude-corrected rule) and of the whole update W − W₀."""
+    tensors = json.load(open(report))["tensors"].values()
+    rotated = [t for t in tensors if "rotation_share" in t]
+
+    def mean(key: str) -> float | None:
+        values = [t[key] for t in rotated if t.get(key) is not None]
+        return statistics.fmean(values) if values else None
+
+    return {
+        "tensors_rotated": sum(1 for t in rotated if t["rotation_share"] > 0),
+        "tensors": len(rotated),
+        "rotation_share_mean": mean("rotation_share"),
+        "merged_generator_norm_mean": mean("merged_generator_norm"),
+        "update_norm_mean": mean("update_norm"),
+    }
 
 
 def score(folder: str, tok, data: dict, split: str, ppl: bool = False) -> dict:
@@ -160,8 +190,8 @@ def run_unit(
         borrowed = [(RESIDUAL_ROW[fixed["residual_method"]], "residual")] if "residual_method" in fixed else []
         borrowed += [(SCALE_ROW[label], "scale")] if label in SCALE_ROW else []
         for row, key in borrowed:
-            chosen = unit["rows"][row]["params"]
-            fixed = fixed | ({"residual": dict(chosen)} if key == "residual" else {"scale": chosen["scale"]})
+            picked = unit["rows"][row]["params"]
+            fixed = fixed | ({"residual": dict(picked)} if key == "residual" else {"scale": picked["scale"]})
         started, points, best = time.perf_counter(), [], None
         keys = list(grid)
         for values in itertools.product(*(grid[k] for k in keys)) if keys else [()]:
@@ -179,6 +209,10 @@ def run_unit(
         result = {"method": method, "fixed": fixed, "grid": grid, "params": params, "edge": edge, "points": points}
         result["chosen_on"] = seed if chosen is None else chosen["seed"]
         result |= score(folder, tok, data, "test", ppl=True)
+        if method == "orthomerge":  # the chosen point again, with diagnostics
+            report = os.path.join(work, "report.json")
+            merge_to(method, fixed | params, experts, os.path.join(work, "m-report"), base, seed, report)
+            result["rotation"] = rotation_summary(report)
         result["seconds"] = round(time.perf_counter() - started, 1)
         for p in os.listdir(work):
             if p.startswith("m-"):
@@ -234,9 +268,21 @@ def markdown(doc: dict) -> list[str]:
             edge = "; ".join(",".join(r.get("edge", [])) for r in rs) if label not in ("base", "multitask") else ""
             lines.append(f"| {label} | " + " | ".join(f"{a:.3f}" for a in acc) +
                          f" | {statistics.fmean(acc):.3f} | {vs} | {ppl:.2f} | {chosen} | {edge} |")  # fmt: skip
+        rotated = [label for label in units[0]["rows"] if "rotation" in units[0]["rows"][label]]
+        if rotated:
+            lines += ["", "How far OrthoMerge's merged rotations move (its --report, means over the seeds): tensors "
+                      "rotated of those it could rotate, the share of the update that is rotation (0: the row is "
+                      "its residual method), the merged generator's norm ‖Q*‖:", "",
+                      "| row | rotated | rotation share | ‖Q*‖ |", "|---|---|---|---|"]  # fmt: skip
+            for label in rotated:
+                rs = [u["rows"][label]["rotation"] for u in units if "rotation" in u["rows"].get(label, {})]
+                share = statistics.fmean(r["rotation_share_mean"] or 0.0 for r in rs)
+                norms = [r["merged_generator_norm_mean"] for r in rs if r["merged_generator_norm_mean"] is not None]
+                q = f"{statistics.fmean(norms):.3g}" if norms else "—"
+                lines.append(f"| {label} | {rs[0]['tensors_rotated']}/{rs[0]['tensors']} | {share:.3f} | {q} |")
         lines += ["", "Each expert alone (rows) on every task (columns), test exact match:", "",
                   "| expert | " + " | ".join(TASKS) + " |", "|---|" + "---|" * len(TASKS)]  # fmt: skip
-        for t in TASKS:
+        for t in units[0]["experts"]:  # every task's expert (the smoke test's toy has two)
             cells = [statistics.fmean(u["experts"][t]["accuracy"][c] for u in units) for c in TASKS]
             lines.append(f"| {t} | " + " | ".join(f"{x:.3f}" for x in cells) + " |")
         lines.append("")
@@ -267,6 +313,12 @@ def smoke(work: str) -> None:
     table = [
         ("task arithmetic", "task_arithmetic", {}, {"lambda": [0.5, 1.0]}),
         ("TIES", "ties", {}, {"density": [0.5]}),
+        (
+            "OrthoMerge-G + TA",
+            "orthomerge",
+            {"target": "global", "residual_method": "task_arithmetic"},
+            {"scale": [1.0]},
+        ),
     ]
     done: dict = {}
     for seed in (0, 1):  # seed 1 reuses seed 0's choices
@@ -281,6 +333,10 @@ def smoke(work: str) -> None:
             assert len(row["points"]) == (
                 0 if seed else len(table[0][3]["lambda"]) if label == "task arithmetic" else 1
             )
+        rotation = unit["rows"]["OrthoMerge-G + TA"]["rotation"]
+        assert rotation["tensors"] > 0 and 0 < rotation["rotation_share_mean"] < 1, rotation
+    report = "\n".join(markdown({"units": done, "command": "smoke"}))
+    assert "| OrthoMerge-G + TA | " in report and "How far OrthoMerge's merged rotations move" in report, report
     print("smoke: harness ran", flush=True)
 
 
