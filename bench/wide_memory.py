@@ -72,6 +72,24 @@ def make_models(root: str, shape: tuple[int, int], experts: int, lora_rank: int 
         del w
 
 
+def subspace_of(root: str, args) -> dict:
+    """OrthoMerge's k for these inputs, counted as its plan counts it: every row for the global
+    target (full-rank updates: bf16 rounding makes even LoRA-like ones so), the conflicting rows
+    for the conflict target."""
+    from safetensors.torch import load_file
+
+    from streammerge.methods.orthomerge import conflicts_among, measured_subspace, subspace_bound
+
+    name = "model.layers.0.mlp.down_proj.weight"
+    load = lambda folder: load_file(os.path.join(root, folder, "model.safetensors"))[name].float()  # noqa: E731
+    shape, n = tuple(args.shape), args.experts
+    if "target=global" in args.param:
+        return {"k": subspace_bound(shape, n), "conflicts": None}
+    base = load("base")
+    counts = [int(r.sum()) for r in conflicts_among([load(f"expert-{i}").sub_(base) for i in range(1, n + 1)])]
+    return {"k": measured_subspace(shape, {"conflicts": counts, "ranks": [None] * n}), "conflicts": counts}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--method", required=True)
@@ -102,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         subprocess.run([sys.executable, "-c", RUN, "keep" if args.no_force else "force", *cmd], check=True)
         seconds = time.perf_counter() - start
         rec = json.load(open(report))
+        k = subspace_of(tmp, args) if args.method == "orthomerge" else None
     planned, measured = rec["planned_peak_ram"], rec["measured_peak_ram"]
     doc = {
         "method": args.method,
@@ -110,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         "experts": args.experts,
         "lora_rank": args.lora_rank,
         "forced": not args.no_force,
+        "subspace_k": k,
         "planned_peak_ram": planned,
         "measured_peak_ram": measured,
         "seconds": round(seconds, 1),
@@ -128,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         f"(measured/planned {measured / planned:.2f})",
         f"- wall time {seconds:.1f} s (the whole merge command, including start-up and writing)",
     ]
+    if k is not None:
+        lines.append(f"- rotation subspace k = {k['k']} (conflicting rows per expert: {k['conflicts']})")
     write_results(f"wide-memory-{args.tag}", doc, lines)
     return 0
 
