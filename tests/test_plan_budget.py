@@ -351,6 +351,11 @@ def test_measured_subspace_counts_what_the_subspace_builder_adds():
     measured = memory("w", shape, 3, params, 4, statistics={"conflicts": [260, 242, 279], "ranks": [None] * 3})
     everything = memory("w", shape, 3, params, 4, statistics={"conflicts": [1024] * 3, "ranks": [None] * 3})
     assert measured.work < 0.6 * bound.work and everything == bound  # every row conflicting: the bound
+    # no row conflicting (e.g. unrelated LoRA experts): the residual merge alone, after finding that out
+    from streammerge.methods.task_arithmetic import METHOD as TA
+
+    none = memory("w", shape, 3, params, 4, statistics={"conflicts": [0, 0, 0], "ranks": [16, 16, 16]})
+    assert none.work == TA.memory("w", shape, 3, None, 4).work + 5 * shape[0] * shape[1] * 4
 
 
 FORCE_WIDE = (

@@ -19,6 +19,7 @@ orthogonal), "product_r" (R_N···R_1), "average_q" (Σ w_i Q_i/Σ w_i, no magn
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import re
@@ -787,6 +788,11 @@ def memory(
     f = 8 if linalg_dtype(params, shape, n) == torch.float64 else 4
     numel = out * inn
     running = res_method.name == "task_arithmetic" and params.rotation_merge not in ("average_r", "product_r")
+    if statistics is not None and params.target == "conflict" and not any(statistics["conflicts"]):
+        # no row conflicts: every target is the base, and `merge` runs the residual merge alone
+        # after finding that out with the base, τ_mean, one τ_i and the row cosines' temporaries
+        residual = res_method.memory(name, shape, n, res_params, itemsize)
+        return dataclasses.replace(residual, work=residual.work + 5 * numel * itemsize)
     if lean_wide(shape, n, params):
         return lean_wide_memory(shape, n, params, itemsize, f, running, statistics)
     if out >= inn and numel > BLOCK_ELEMENTS:
