@@ -90,6 +90,14 @@ class Plan:
     def write_total(self) -> int:
         return sum(t.write_bytes for t in self.tensors)
 
+    def gpu_shortfall(self) -> str:
+        """What the GPU budget left off the GPU, as the end of a log line ("" if nothing)."""
+        spill = f" and spill {len(self.spilled)} tensor(s) to the CPU" if self.spilled else ""
+        state = (
+            f" and keep the per-expert state of {len(self.state_in_ram)} tensor(s) in RAM" if self.state_in_ram else ""
+        )
+        return spill + state
+
     def check(self) -> None:
         """Refuse before any work what cannot fit in RAM or on disk."""
         self.check_memory()

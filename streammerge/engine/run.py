@@ -147,13 +147,10 @@ class Merge:
             return
         fresh = journal.statistics is None
         if fresh:
-            if self.plan.peak_host <= self.plan.ram_budget and not self.plan.spilled and not self.plan.state_in_ram:
+            if self.plan.peak_host <= self.plan.ram_budget and not self.plan.gpu_shortfall():
                 return
-            spill = f" and spill {len(self.plan.spilled)} tensor(s) to the CPU" if self.plan.spilled else ""
-            if self.plan.state_in_ram:
-                spill += f" and keep the per-expert state of {len(self.plan.state_in_ram)} tensor(s) in RAM"
-            log.info("the plan's upper bounds need %s of RAM%s: measuring the data-dependent working sets "
-                     "(one read of those tensors)", format_size(self.plan.peak_host), spill)  # fmt: skip
+            log.info("the plan's upper bounds need %s of RAM%s: measuring the data-dependent working sets (one "
+                     "read of those tensors)", format_size(self.plan.peak_host), self.plan.gpu_shortfall())  # fmt: skip
             journal.statistics = self.measure_statistics()
         self.plan_with(journal.statistics)
         if fresh:  # the counts and the placement they give, together
