@@ -3,6 +3,12 @@
 same merge, alternating, page cache dropped before every run; outputs compared byte for byte.
 
     python bench/fused_ab.py [--recipe bench/.work/tie-order-0.5b.yaml] [--pairs 2] [--param K=V ...]
+    python bench/fused_ab.py --recipe bench/.work/0.5b-ta.yaml --baseline COMMIT   # against a commit
+
+With `--baseline COMMIT` the other side is that commit (a `git worktree` under bench/.work), with
+the kernels too, in place of torch's code. Each pair also times `cat` of the inputs with the page
+cache dropped (the cold read) and writing as many bytes as the merged output with an fsync (the
+cold write): the floors a streaming merge can reach.
 
 Also, warm (inputs in the page cache): each side's throughput in GB/s of input, beside `cat` of the
 same files and a plain numpy sum of the same arrays (the memory-bandwidth bound of one pass).
@@ -66,7 +72,8 @@ def numpy_sum(files: list[str]) -> float:
     return time.perf_counter() - start
 
 
-def run(recipe: str, out: str, fused: bool, params: list[str]) -> float:
+def run(recipe: str, out: str, fused: bool, params: list[str], cwd: str = ROOT) -> float:
+    """Seconds for one merge, run from `cwd` (`python -m` imports the streammerge found there)."""
     shutil.rmtree(out, ignore_errors=True)
     env = dict(os.environ)
     env.pop("STREAMMERGE_NO_NUMBA", None)
@@ -75,8 +82,31 @@ def run(recipe: str, out: str, fused: bool, params: list[str]) -> float:
     cmd = [sys.executable, "-m", "streammerge.cli", "merge", "--recipe", recipe, "--out", out, "--device", "cpu",
            "--quiet", *params]  # fmt: skip
     start = time.perf_counter()
-    subprocess.run(cmd, env=env, check=True, cwd=ROOT)
+    subprocess.run(cmd, env=env, check=True, cwd=cwd)
     return time.perf_counter() - start
+
+
+def cold_write(folder: str, nbytes: int) -> float:
+    """Seconds to write `nbytes` of incompressible bytes to a file in `folder` and fsync it: the
+    disk's part of writing the merged output, the other floor a merge cannot go below."""
+    block = os.urandom(1 << 24)
+    path = os.path.join(folder, "write-floor")
+    start = time.perf_counter()
+    with open(path, "wb") as f:
+        for done in range(0, nbytes, len(block)):
+            f.write(block[: min(len(block), nbytes - done)])
+        f.flush()
+        os.fsync(f.fileno())
+    seconds = time.perf_counter() - start
+    os.remove(path)
+    return seconds
+
+
+def worktree(commit: str) -> str:
+    path = os.path.join(ROOT, "bench", ".work", f"baseline-{commit}")
+    if not os.path.isdir(path):
+        subprocess.run(["git", "worktree", "add", "--detach", path, commit], cwd=ROOT, check=True)
+    return path
 
 
 def main() -> int:
@@ -85,28 +115,43 @@ def main() -> int:
     ap.add_argument("--pairs", type=int, default=2)
     ap.add_argument("--param", action="append", default=[], help="passed to merge as --param K=V")
     ap.add_argument("--tag", default="ties-0.5b")
+    ap.add_argument("--baseline", help="a commit to run as the other side (with the kernels), in place of torch's code")
     args = ap.parse_args()
+    args.recipe = os.path.abspath(args.recipe)  # the baseline runs from its own folder
+    other = "baseline" if args.baseline else "torch"
+    baseline = worktree(args.baseline) if args.baseline else ROOT
+
+    def merge(side: str, out: str) -> float:
+        return run(args.recipe, out, side != "torch", params, baseline if side == "baseline" else ROOT)
+
     params = [x for p in args.param for x in ("--param", p)]
     files = inputs(args.recipe)
     size = sum(os.path.getsize(f) for f in files)
     work = tempfile.mkdtemp(prefix="fused-ab-")
     load_before = os.getloadavg()
-    cold: dict[str, list[float]] = {"fused": [], "torch": []}
+    cold: dict[str, list[float]] = {"fused": [], other: [], "cat": [], "write": []}
     digests = {}
     for pair in range(args.pairs):
-        for side in ("fused", "torch") if pair % 2 == 0 else ("torch", "fused"):
+        drop_caches()
+        start = time.perf_counter()
+        subprocess.run(["cat", *files], stdout=subprocess.DEVNULL, check=True)
+        cold["cat"].append(time.perf_counter() - start)
+        for side in ("fused", other) if pair % 2 == 0 else (other, "fused"):
             drop_caches()
             out = os.path.join(work, side)
-            cold[side].append(run(args.recipe, out, side == "fused", params))
+            cold[side].append(merge(side, out))
             digests[side] = digest(out)
+        out_bytes = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out))
+        drop_caches()
+        cold["write"].append(cold_write(work, out_bytes))
     warm: dict[str, float] = {}
     subprocess.run(["cat", *files], stdout=subprocess.DEVNULL, check=True)
     start = time.perf_counter()
     subprocess.run(["cat", *files], stdout=subprocess.DEVNULL, check=True)
     warm["cat"] = time.perf_counter() - start
     warm["numpy sum"] = numpy_sum(files)
-    for side in ("fused", "torch"):
-        warm[side] = run(args.recipe, os.path.join(work, side), side == "fused", params)
+    for side in ("fused", other):
+        warm[side] = merge(side, os.path.join(work, side))
     shutil.rmtree(work, ignore_errors=True)
     doc = {
         "command": "python bench/fused_ab.py " + " ".join(sys.argv[1:]),
@@ -117,21 +162,24 @@ def main() -> int:
         "input_bytes": size,
         "cold_seconds": cold,
         "warm_seconds": warm,
-        "outputs_identical": digests["fused"] == digests["torch"],
-        "ratio_cold_median": sorted(f / t for f, t in zip(cold["fused"], cold["torch"]))[len(cold["fused"]) // 2],
+        "other_side": f"commit {args.baseline}" if args.baseline else "torch's code (STREAMMERGE_NO_NUMBA=1)",
+        "outputs_identical": digests["fused"] == digests[other],
+        "ratio_cold_median": sorted(f / t for f, t in zip(cold["fused"], cold[other]))[len(cold["fused"]) // 2],
+        "cold_read_ratio_median": sorted(f / c for f, c in zip(cold["fused"], cold["cat"]))[len(cold["cat"]) // 2],
     }
     gb = size / 1e9
     lines = [
-        f"# Fused kernels against torch's code: {args.tag}",
+        f"# This checkout (fused kernels) against {doc['other_side']}: {args.tag}",
         "",
         f"`{doc['command']}`, {doc['date']}, {doc['cores']} cores, load {load_before[0]:.1f} before, "
         f"{doc['load_after'][0]:.1f} after; inputs {gb:.2f} GB; outputs byte-identical: {doc['outputs_identical']}.",
         "",
-        "| page cache dropped | fused (s) | torch (s) | fused / torch |",
-        "|---|---|---|---|",
+        f"| page cache dropped | cold read, `cat` (s) | write + fsync of the output's size (s) | fused (s) "
+        f"| {other} (s) | fused / {other} | fused / cold read | fused / (read + write) |",
+        "|---|---|---|---|---|---|---|---|",
         *[
-            f"| pair {i + 1} | {f:.1f} | {t:.1f} | {f / t:.2f} |"
-            for i, (f, t) in enumerate(zip(cold["fused"], cold["torch"]))
+            f"| pair {i + 1} | {c:.1f} | {w:.1f} | {f:.1f} | {t:.1f} | {f / t:.2f} | {f / c:.1f} | {f / (c + w):.1f} |"
+            for i, (c, w, f, t) in enumerate(zip(cold["cat"], cold["write"], cold["fused"], cold[other]))
         ],
         "",
         "| warm (inputs cached) | seconds | GB/s of input |",

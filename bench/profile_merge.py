@@ -174,9 +174,10 @@ def main() -> int:
             text=True,
         )
         wall = time.perf_counter() - start
-        if proc.returncode != 0:
+        failed = proc.returncode != 0 or not os.path.isdir(os.path.join(out, "merged"))  # py-spy's 0 hides it
+        if failed:
             sys.stderr.write(proc.stdout + proc.stderr)
-            return proc.returncode
+            return proc.returncode or 1
         run = {
             "stacks": open(raw).read(),
             "merge": merge[1:],

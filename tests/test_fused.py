@@ -164,3 +164,40 @@ def test_the_kernels_give_the_same_bytes_on_any_thread_count():
     finally:
         torch.set_num_threads(threads)
     assert same_bits(outs[0], outs[1]) == 0 and same_bits(outs[0], outs[2]) == 0
+
+
+@pytest.mark.parametrize("block", [None, 1 << 17])
+@pytest.mark.parametrize("stored_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(
+    "consensus,normalize,lam,density", [("none", False, 0.7, 1.0), ("sum", True, 1.0, 1.0), ("none", True, -1.0, 1.5)]
+)
+def test_unsparsified_gta_reads_the_stored_tensors_with_the_same_bytes(consensus, normalize, lam, density, stored_dtype,
+                                                                      block):  # fmt: skip
+    """Task arithmetic and its like (no sparsifier) read the inputs as stored (TensorTask.stored)
+    and widen bf16 in the kernel: the bytes of widening each input to float32 first, with NaN and
+    ±Inf among them, whole and in row blocks, with the kernel and with torch's code."""
+    g = torch.Generator().manual_seed(5)
+    base = (torch.randn(384, 640, generator=g) * 0.02).to(stored_dtype)
+    stored = [(base.float() + torch.randn(384, 640, generator=g) * 0.002).to(stored_dtype) for _ in range(3)]
+    stored[1][3, :5] = float("nan")
+    stored[2][7, 2] = float("-inf")
+    values = tuple({"weight": w, "density": density} for w in (1.0, 0.7, 0.4))
+    params = gta.GtaParams(consensus=consensus, normalize=normalize, lambda_=lam)
+    theirs = merged(params, base.float(), [e.float() for e in stored], values, True, block)
+
+    def read(i, rows):
+        t = base if i is None else stored[i]
+        return (t if rows is None else t[rows[0] : rows[1]]).clone()
+
+    for use_kernel in (True, False):
+        task = TensorTask("model.layers.0.mlp.up_proj.weight", base.float(), Rowed([e.float() for e in stored]),
+                          (1.0, 0.7, 0.4), expert_values=values, seed=3)  # fmt: skip
+        task.stored = read
+        with pytest.MonkeyPatch.context() as mp:
+            if not use_kernel:
+                mp.setattr(fused, "stored_bf16", lambda *t: False)
+                mp.setattr(fused, "available", lambda *t: False)
+            if block is not None:
+                mp.setattr(TensorTask, "row_blocks", lambda self, m=None, _r=TensorTask.row_blocks: _r(self, block))
+            ours = gta.merge(task, params)
+        assert same_bits(ours, theirs) == 0, use_kernel

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import os
 import random
 import shutil
@@ -194,10 +195,15 @@ def run_unit(
             fixed = fixed | ({"residual": dict(picked)} if key == "residual" else {"scale": picked["scale"]})
         started, points, best = time.perf_counter(), [], None
         keys = list(grid)
+        points_n = math.prod(len(grid[k]) for k in keys)
+        # OrthoMerge's diagnostics (--report) come with the merge where there is one point, else
+        # with the chosen point merged again
+        report = os.path.join(work, "report.json") if method == "orthomerge" else None
         for values in itertools.product(*(grid[k] for k in keys)) if keys else [()]:
             params = dict(zip(keys, values))
             folder = os.path.join(work, "m-" + "-".join(map(str, values)))
-            merge_seconds = merge_to(method, fixed | params, experts, folder, base, seed)
+            merge_seconds = merge_to(method, fixed | params, experts, folder, base, seed,
+                                     report if points_n == 1 else None)  # fmt: skip
             val = score(folder, tok, data, "val") if chosen is None and keys else {"mean": 0.0}
             points.append({"params": params, "val_mean": val["mean"], "merge_seconds": round(merge_seconds, 1)})
             if best is None or val["mean"] > best[0]:  # ties: the first (smallest) point
@@ -209,9 +215,9 @@ def run_unit(
         result = {"method": method, "fixed": fixed, "grid": grid, "params": params, "edge": edge, "points": points}
         result["chosen_on"] = seed if chosen is None else chosen["seed"]
         result |= score(folder, tok, data, "test", ppl=True)
-        if method == "orthomerge":  # the chosen point again, with diagnostics
-            report = os.path.join(work, "report.json")
-            merge_to(method, fixed | params, experts, os.path.join(work, "m-report"), base, seed, report)
+        if report is not None:
+            if points_n > 1:
+                merge_to(method, fixed | params, experts, os.path.join(work, "m-report"), base, seed, report)
             result["rotation"] = rotation_summary(report)
         result["seconds"] = round(time.perf_counter() - started, 1)
         for p in os.listdir(work):

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from ..errors import InputError, NonFiniteError
+from ..io.checkpoint import Checkpoint
 from ..io.peft_oft import OftGenerators
 from ..io.safetensors_format import DTYPES
 from ..methods import Method, TensorTask, get_method
@@ -122,6 +123,14 @@ class TensorComputer:
             raise nonfinite_input(self.base.file_of(name), name)
         return t
 
+    def load_stored(self, name: str, i: int | None, rows: tuple[int, int] | None) -> torch.Tensor:
+        """Expert i's tensor `name` (the base's for i = None) in its stored dtype (TensorTask.stored)."""
+        src = self.base if i is None else self.experts[i]
+        t = src.get(name, None, self.device_of(name), rows)
+        if self.check_inputs and not all_finite(t):
+            raise nonfinite_input(src.file_of(name), name)
+        return t
+
     def task(self, t: OutputTensor, statistics: Any = None) -> TensorTask:
         job, values, device = self.job, self.job.values[t.name], self.device_of(t.name)
         placed = job.placement.get(t.name)
@@ -150,6 +159,8 @@ class TensorComputer:
             return self.base.get(t.name, dtype=None)
         task = self.task(t, statistics)
         task.progress = progress
+        if all(isinstance(src, Checkpoint) for src in (self.base, *self.experts)):
+            task.stored = lambda i, rows: self.load_stored(t.name, i, rows)
         if self.report is not None:
             task.diagnostics = {}
         try:

@@ -114,6 +114,40 @@ def combine(vectors: list[torch.Tensor], weights, base: torch.Tensor, consensus:
     return out
 
 
+def stored_bf16(*tensors: torch.Tensor) -> bool:
+    """Whether combine_bf16 takes these tensors (as stored: bf16, CPU, contiguous, large)."""
+    return (
+        tensors[0].numel() >= MIN_ELEMENTS
+        and all(t.dtype == torch.bfloat16 and t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+        and _load() is not None
+    )
+
+
+def combine_bf16(experts: list[torch.Tensor], weights, base: torch.Tensor, consensus: str, normalize: bool,
+                 lambda_: float) -> torch.Tensor:  # fmt: skip
+    """combine of the weighted task vectors (W_i − W₀)·w_i, read from the bf16 tensors as stored
+    and widened in the kernel: one pass where widening every input to float32 first takes two
+    more and twice the memory. Returns float32."""
+    import numpy as np
+
+    out = torch.empty(base.shape, dtype=torch.float32)
+    divisor = float(sum(weights))
+    if abs(divisor) < 1e-8:
+        divisor = 1.0
+    _load()._combine_bf16(
+        tuple(e.detach().view(-1).view(torch.int16).numpy().view(np.uint16) for e in experts),
+        np.asarray(weights, dtype=np.float32),
+        base.detach().view(-1).view(torch.int16).numpy().view(np.uint16),
+        _flat(out),
+        {"none": 0, "sum": 1, "count": 2}[consensus],
+        normalize,
+        np.float32(divisor),
+        float(lambda_),
+        _threads(),
+    )
+    return out
+
+
 def disjoint(vectors: list[torch.Tensor], base: torch.Tensor, mean: bool, lambda_: float):
     """ties.DisjointMerge.block in one pass: (W₀ + λ·disjoint merge, the undecided entries' mask
     (bool), Σ sign(elected sum))."""

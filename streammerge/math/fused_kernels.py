@@ -74,39 +74,81 @@ def _sign(x):  # pragma: no cover - compiled; as torch.sign: ±1, and +0 for ±0
     return np.float32(x > 0) - np.float32(x < 0)
 
 
+@numba.njit(inline="always")
+def _mixed(vectors, j, weights, consensus, normalize, divisor_none, lam, lam32):  # pragma: no cover
+    """gta.combine's merged update of entry j, before W₀ is added (consensus 0 none, 1 sum,
+    2 count); vectors[i][j] is expert i's weighted task vector there."""
+    n_exp = len(weights)
+    one, zero = np.float32(1.0), np.float32(0.0)
+    mixed = zero
+    if consensus == 0:
+        for i in range(n_exp):
+            mixed += vectors[i][j]
+        if normalize:
+            mixed = mixed / divisor_none
+    else:
+        for i in range(n_exp):
+            mixed += vectors[i][j] if consensus == 1 else _sign(vectors[i][j])
+        majority = np.float32(mixed >= 0) * np.float32(2.0) - one  # NaN: −1, as torch.where
+        mixed = zero
+        divisor = zero
+        for i in range(n_exp):
+            v = vectors[i][j]
+            agree = np.float32(_sign(v) == majority)
+            mixed += v * agree
+            divisor += agree * weights[i]
+        divisor += np.float32(divisor == 0)  # 0 (or −0) → 1, as masked_fill
+        if normalize:
+            mixed = mixed / divisor
+    if lam != 1:
+        mixed = mixed * lam32
+    return mixed
+
+
 @_jit
 def _combine(vectors, weights, base, out, consensus, normalize, divisor_none, lam):  # pragma: no cover
-    """gta.combine, entry by entry (consensus 0 none, 1 sum, 2 count)."""
-    n_exp = len(vectors)
+    """gta.combine, entry by entry."""
     n = base.size
     chunks = (n + CHUNK - 1) // CHUNK
-    one, zero = np.float32(1.0), np.float32(0.0)
     lam32 = np.float32(lam)
     for c in numba.prange(chunks):
         for j in range(c * CHUNK, min(n, (c + 1) * CHUNK)):
-            mixed = zero
-            if consensus == 0:
-                for i in range(n_exp):
-                    mixed += vectors[i][j]
-                if normalize:
-                    mixed = mixed / divisor_none
-            else:
-                for i in range(n_exp):
-                    mixed += vectors[i][j] if consensus == 1 else _sign(vectors[i][j])
-                majority = np.float32(mixed >= 0) * np.float32(2.0) - one  # NaN: −1, as torch.where
-                mixed = zero
-                divisor = zero
-                for i in range(n_exp):
-                    v = vectors[i][j]
-                    agree = np.float32(_sign(v) == majority)
-                    mixed += v * agree
-                    divisor += agree * weights[i]
-                divisor += np.float32(divisor == 0)  # 0 (or −0) → 1, as masked_fill
-                if normalize:
-                    mixed = mixed / divisor
-            if lam != 1:
-                mixed = mixed * lam32
-            out[j] = mixed + base[j]
+            out[j] = _mixed(vectors, j, weights, consensus, normalize, divisor_none, lam, lam32) + base[j]
+
+
+WIDEN = 2048  # entries widened at a time by _combine_bf16 (its buffers stay in the L1/L2 cache)
+
+
+@_jit
+def _combine_bf16(experts, weights, base, out, consensus, normalize, divisor_none, lam, parts_n):  # pragma: no cover
+    """gta.combine of inputs as stored in bf16 (their uint16 bit patterns): each widened to
+    float32 (exact: the bits shifted up by 16, as torch converts), the weighted task vectors
+    (W_i − W₀)·w_i formed in float32 as TensorTask.task_vector and gta.merge form them, then
+    _combine's arithmetic. Contiguous parts, one per thread, in blocks of WIDEN entries."""
+    n_exp = len(experts)
+    n = base.size
+    step = (n + parts_n - 1) // parts_n
+    lam32 = np.float32(lam)
+    for p in numba.prange(parts_n):
+        bits = np.empty((n_exp + 1, WIDEN), dtype=np.uint32)
+        wide = bits.view(np.float32)
+        w0 = wide[n_exp]
+        end = min(n, (p + 1) * step)
+        for j0 in range(p * step, end, WIDEN):
+            m = min(WIDEN, end - j0)
+            for k in range(m):
+                bits[n_exp, k] = np.uint32(base[j0 + k]) << np.uint32(16)
+            for i in range(n_exp):
+                e = experts[i]
+                row = bits[i]
+                for k in range(m):
+                    row[k] = np.uint32(e[j0 + k]) << np.uint32(16)
+                tau = wide[i]
+                w = weights[i]
+                for k in range(m):
+                    tau[k] = (tau[k] - w0[k]) * w
+            for k in range(m):
+                out[j0 + k] = _mixed(wide, k, weights, consensus, normalize, divisor_none, lam, lam32) + w0[k]
 
 
 @_jit

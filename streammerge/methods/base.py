@@ -78,6 +78,9 @@ class TensorTask:
         )  # each expert's resolved values (Method.expert_params)
         self.diagnostics: dict[str, Any] | None = None  # set by the engine under --report: what explains this merge
         self.progress: Callable[[float], None] | None = None  # set by the engine: the fraction of this tensor done
+        # set by the engine where every input is a stored checkpoint: stored(i, rows) is expert i's
+        # tensor (the base's for i = None) as stored, in its file's dtype, for a method that widens it
+        self.stored: Callable[[int | None, Rows | None], torch.Tensor] | None = None
         self.experts = experts
         self.weights = weights
         self.densities = densities  # per-expert override, None: the method's own

@@ -265,9 +265,24 @@ def combine(
     return mixed.add_(base)
 
 
+def combine_stored(task: TensorTask, rows: Rows | None, params: GtaParams) -> torch.Tensor:
+    """combine of the unsparsified task vectors of rows `rows`, read as stored: bf16 inputs go to
+    the fused kernel, which widens them as it reads; others are widened here, as task_vector does."""
+    base = task.stored(None, rows)
+    experts = [task.stored(i, rows) for i in range(len(task.weights))]
+    if fused.stored_bf16(base, *experts):
+        return fused.combine_bf16(experts, task.weights, base, params.consensus, params.normalize, params.lambda_)
+    wide = base.to(task.dtype)
+    vectors = [e.to(task.dtype).sub_(wide).mul_(w) for e, w in zip(experts, task.weights)]
+    del experts
+    return combine(vectors, task.weights, wide, params)
+
+
 def merge(task: TensorTask, params: GtaParams) -> torch.Tensor:
     n = len(task.weights)
     sps = sparsifiers(task, params)
+    if task.stored is not None and all(sp.kind == "none" for sp in sps):  # task arithmetic and its like
+        return map_row_blocks(task, lambda rows: combine_stored(task, rows, params))
     itemsize = torch.empty((), dtype=task.dtype).element_size()
     blocks = task.row_blocks()
     if blocks == [None] or n * math.prod(task.shape) * itemsize <= ties.CACHE_BYTES:
