@@ -62,6 +62,36 @@ def plan(root: str, method: str, params: dict, gpu: bool):
         m.close()
 
 
+def conflict_working_sets() -> list[str]:
+    """OrthoMerge-C's working set for one 70B `down_proj` of five experts once its conflicting rows
+    are counted (what `plan` does when the upper bound does not fit): orthomerge.memory given
+    the counts, for LoRA-like and dense experts with a share of rows conflicting."""
+    from streammerge.methods import orthomerge
+
+    shape, n, params = (8192, 28672), 5, orthomerge.OrthoMergeParams(target="conflict")
+    cases = [
+        ("upper bound (no counts)", None),
+        ("LoRA rank 16, conflicting rows in every expert", {"conflicts": [100] * n, "ranks": [16] * n}),
+        ("LoRA, no conflicting row (the residual merge alone)", {"conflicts": [0] * n, "ranks": [16] * n}),
+        ("dense, 1/8 of the rows conflicting per expert", {"conflicts": [shape[0] // 8] * n, "ranks": [None] * n}),
+        ("dense, 1/4 of the rows conflicting per expert", {"conflicts": [shape[0] // 4] * n, "ranks": [None] * n}),
+    ]
+    lines = [
+        "## OrthoMerge-C, one 70B `down_proj` (8192x28672, five bf16 experts), by its counted conflicts",
+        "",
+        "`orthomerge.memory` with the conflicting rows `plan` counts (float32, CPU): the working set of that tensor.",
+        "",
+        "| experts | subspace k | working set |",
+        "|---|---|---|",
+    ]
+    for label, stats in cases:
+        need = orthomerge.memory("model.layers.0.mlp.down_proj.weight", shape, n, params, 2, stats)
+        k = orthomerge.subspace_bound(shape, n) if stats is None else orthomerge.measured_subspace(shape, stats)
+        lines.append(f"| {label} | {k} | {(need.work + need.state) / 1e9:.1f} GB |")
+        print(lines[-1], flush=True)
+    return lines + [""]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "plan-8b-70b.md"))
@@ -96,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 print(lines[-1], flush=True)
             lines.append("")
+    lines += conflict_working_sets()
     with open(args.out, "w") as f:
         f.write("\n".join(lines) + "\n")
     return 0

@@ -125,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     doc = {
         "method": args.method,
         "params": args.param,
+        "threads": args.threads,
         "shape": shape,
         "experts": args.experts,
         "lora_rank": args.lora_rank,
