@@ -94,12 +94,6 @@ def train_one(kind: str, task: str, seed: int, data: dict, n_classes: int, folde
                 break
     encoder.load_state_dict(best[2][0])
     head.load_state_dict(best[2][1])
-    out = expert_dir(kind, task, seed)
-    tmp = out + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    encoder.save_pretrained(os.path.join(tmp, "model" if kind == "full" else "adapter"))
-    torch.save(head.state_dict(), os.path.join(tmp, "head.pt"))
     meta = {
         "kind": kind,
         "task": task,
@@ -113,11 +107,22 @@ def train_one(kind: str, task: str, seed: int, data: dict, n_classes: int, folde
         "lr": LR[kind],
         "batch": BATCH,
     }
+    save(expert_dir(kind, task, seed), kind, encoder, head.state_dict(), meta)
+    return meta
+
+
+def save(out: str, kind: str, encoder, head_state: dict, meta: dict) -> None:
+    """The encoder (a PEFT adapter, or the whole model for `full`), its head(s) and meta, written
+    under a temporary name and renamed: a cached expert is complete or absent."""
+    tmp = out + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    encoder.save_pretrained(os.path.join(tmp, "model" if kind == "full" else "adapter"))
+    torch.save(head_state, os.path.join(tmp, "head.pt"))
     with open(os.path.join(tmp, "meta.json"), "w") as f:
         json.dump(meta, f, indent=2)
     shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)  # a cached expert is complete or absent
-    return meta
+    os.replace(tmp, out)
 
 
 def train_multitask(kind: str, seed: int, data: dict, n_classes: dict, folder: str) -> dict:
@@ -168,12 +173,6 @@ def train_multitask(kind: str, seed: int, data: dict, n_classes: dict, folder: s
                 stale += 1
     encoder.load_state_dict(best[2][0])
     heads.load_state_dict(best[2][1])
-    out = expert_dir(kind, "multitask", seed)
-    tmp = out + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    encoder.save_pretrained(os.path.join(tmp, "model" if kind == "full" else "adapter"))
-    torch.save({t: h.state_dict() for t, h in heads.items()}, os.path.join(tmp, "head.pt"))
     meta = {
         "kind": kind,
         "task": "multitask",
@@ -186,10 +185,7 @@ def train_multitask(kind: str, seed: int, data: dict, n_classes: dict, folder: s
         "lr": LR[kind],
         "batch": BATCH,
     }
-    with open(os.path.join(tmp, "meta.json"), "w") as f:
-        json.dump(meta, f, indent=2)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    save(expert_dir(kind, "multitask", seed), kind, encoder, {t: h.state_dict() for t, h in heads.items()}, meta)
     return meta
 
 
