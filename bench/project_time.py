@@ -1,13 +1,16 @@
 #!/usr/bin/env python3
-"""A whole 70B merge's time on this CPU, projected from one measured tensor.
+"""A whole model's merge time on this CPU, projected from one measured tensor.
 
-    python bench/project_70b.py bench/results/wide-memory-iso-cts-70b-down.json
+    python bench/project_time.py bench/results/wide-memory-iso-cts-70b-down.json
+    python bench/project_time.py --model llama-3.1-8b --method orthomerge --param target=global \
+        --shape 4096 14336 --experts 5 --threads 2 --seconds 1000
 
 `streammerge plan`'s cost model (Method.cost at rates calibrated here, engine/estimate.py, with the
-record's thread count) gives the measured tensor's estimate and every tensor's of five
-Llama-3-70B-shaped experts (80 layers, tools/make_shape_fixture.py's layout); the projection is
-the model's estimate times the measured tensor's ratio measured / estimated (its compute only:
-reading 6 × 141 GB of inputs adds its own time at the disk's rate). The ratio corrects the model
+record's thread count) gives the measured tensor's estimate and every tensor's of five experts of
+`--model`'s shape (default Llama-3-70B, 80 layers; tools/make_shape_fixture.py's layouts); the
+projection is the model's estimate times the measured tensor's ratio measured / estimated (its
+compute only: reading the inputs adds its own time at the disk's rate). The measurement comes from
+a `bench/wide_memory.py` record or from the flags. The ratio corrects the model
 where it is off for the method at hand, on the assumption that it is off alike for the layer's
 other tensors, and that the measured tensor took the path the model prices (not, say, OrthoMerge-C
 finding no conflicting row and merging only its residual). Prints one markdown table; `--append`
@@ -47,11 +50,23 @@ def compute_seconds(method, name: str, shape: tuple[int, ...], n: int, params, r
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("record", help="a bench/results/wide-memory-*.json of a tensor at a 70B shape")
+    ap.add_argument("record", nargs="?", help="a bench/results/wide-memory-*.json of one tensor")
+    ap.add_argument("--model", default="llama-3.1-70b", choices=sorted(make_shape_fixture.SHAPES))
+    ap.add_argument("--method", help="without a record: the method measured")
+    ap.add_argument("--param", action="append", default=[], help="without a record: KEY=VALUE")
+    ap.add_argument("--shape", nargs=2, type=int, help="without a record: the tensor's [out, in]")
+    ap.add_argument("--experts", type=int, default=5)
+    ap.add_argument("--seconds", type=float, help="without a record: the measured seconds")
     ap.add_argument("--threads", type=int, default=None, help="default: the record's, else 1")
     ap.add_argument("--append", action="store_true", help="append the table to the record's .md")
     args = ap.parse_args(argv)
-    record = json.load(open(args.record))
+    if args.record:
+        record = json.load(open(args.record))
+    else:
+        if not (args.method and args.shape and args.seconds):
+            ap.error("give a record, or --method, --shape and --seconds")
+        record = {"method": args.method, "params": args.param, "shape": args.shape, "experts": args.experts,
+                  "seconds": args.seconds}  # fmt: skip
     torch.set_num_threads(args.threads or record.get("threads") or 1)
     method = get_method(record["method"])[0]
     import yaml
@@ -64,11 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     name = "model.layers.0.mlp.down_proj.weight" if shape[0] < shape[1] else "model.layers.0.mlp.up_proj.weight"
     one = compute_seconds(method, name, shape, n, params, rates)
     ratio = record["seconds"] / one
-    tensors = make_shape_fixture.layout(*make_shape_fixture.SHAPES["llama-3.1-70b"])
+    tensors = make_shape_fixture.layout(*make_shape_fixture.SHAPES[args.model])
     total = sum(compute_seconds(method, t, s, n, params, rates) for t, s in tensors if len(s) == 2)
     lines = [
         "",
-        f"### Projected to a whole 70B merge (`python bench/project_70b.py {args.record}`)",
+        f"### Projected to a whole {args.model} merge (`python bench/project_time.py {' '.join(sys.argv[1:])}`)",
         "",
         f"{torch.get_num_threads()} thread(s); calibrated rates: matmul {rates.matmul / 1e9:.1f} GFLOP/s, "
         f"factorisation {rates.factorisation / 1e9:.2f} G units/s, memory {rates.memory / 1e9:.1f} GB/s.",
@@ -77,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         "|---|---|",
         f"| this tensor, measured | {record['seconds']:.0f} |",
         f"| this tensor, `plan`'s cost model | {one:.0f} (measured / model = {ratio:.2f}) |",
-        f"| every 2-D tensor of five 70B experts, cost model | {total:.0f} ({format_duration(total)}) |",
+        f"| every 2-D tensor of {n} {args.model} experts, cost model | {total:.0f} ({format_duration(total)}) |",
         f"| the same × {ratio:.2f} (projection, compute only) | {total * ratio:.0f} "
         f"({format_duration(total * ratio)}) |",
     ]
