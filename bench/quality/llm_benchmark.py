@@ -186,8 +186,6 @@ def run_unit(
         unit["multitask"] = score(out, tok, data, "test", ppl=True)
         save()
     for label, method, fixed, grid in rows or configs(family):
-        if label in unit["rows"]:
-            continue
         if chosen is not None:  # tuned on another seed: one merge at its choice
             grid = {k: [v] for k, v in chosen["rows"][label]["params"].items()}
         borrowed = [(RESIDUAL_ROW[fixed["residual_method"]], "residual")] if "residual_method" in fixed else []
@@ -195,6 +193,17 @@ def run_unit(
         for row, key in borrowed:
             picked = unit["rows"][row]["params"]
             fixed = fixed | ({"residual": dict(picked)} if key == "residual" else {"scale": picked["scale"]})
+        done_row = unit["rows"].get(label)
+        if (
+            done_row is not None
+            and done_row["fixed"] == fixed
+            and (
+                done_row["params"] == chosen["rows"][label]["params"]
+                if chosen is not None
+                else done_row["grid"] == grid
+            )
+        ):
+            continue  # one chosen on another grid, from another choice or borrowing other values is merged again
         started, points, best = time.perf_counter(), [], None
         keys = list(grid)
         points_n = math.prod(len(grid[k]) for k in keys)
@@ -343,6 +352,12 @@ def smoke(work: str) -> None:
             )
         rotation = unit["rows"]["OrthoMerge-G + TA"]["rotation"]
         assert rotation["tensors"] > 0 and 0 < rotation["rotation_share_mean"] < 1, rotation
+    # resumed: rows of the same grids are kept (the same objects); a changed grid merges that row again
+    before = dict(done["lora-s0"]["rows"])
+    table[1] = ("TIES", "ties", {}, {"density": [0.5, 0.7]})
+    after = run_unit("lora", 0, data, tok, work, done, lambda: None, None, base, tuple(adapters), adapters[0], table)
+    assert after["rows"]["TIES"] is not before["TIES"] and len(after["rows"]["TIES"]["points"]) == 2
+    assert all(after["rows"][k] is before[k] for k in before if k != "TIES")
     report = "\n".join(markdown({"units": done, "command": "smoke"}))
     assert "| OrthoMerge-G + TA | " in report and "How far OrthoMerge's merged rotations move" in report, report
     print("smoke: harness ran", flush=True)
