@@ -88,6 +88,8 @@ def filled_cache(hub, local_ties, tmp_path_factory):
     assert merged.returncode == 0, merged.stderr
     sent = [a for r, a in zip(hub.requests[n:], hub.authorization[n:]) if "/org/" in r[1]]
     assert sent and all(a == "Bearer hf_test_token" for a in sent)  # HF_TOKEN on every request of the merge
+    heads = [r[1] for r in hub.requests[n:] if r[0] == "HEAD" and r[1].endswith(".safetensors")]
+    assert heads and len(heads) == len(set(heads)), heads  # each file's size and ETag asked once
     return cache, out, plan.stdout
 
 

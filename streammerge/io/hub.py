@@ -23,6 +23,7 @@ import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..errors import InputError, UsageError
 from .lock import exclusive_file
@@ -70,6 +71,7 @@ class HubModel:
     snapshot: str  # the cache's snapshots/COMMIT folder
     weights: list[str]  # the files the model's tensors are read from
     sizes: dict[str, int] = field(default_factory=dict)  # of the weights not yet in the cache
+    metas: dict[str, Any] = field(default_factory=dict)  # the Hub's size and ETag per file, asked once
 
     @property
     def missing(self) -> list[str]:
@@ -191,11 +193,16 @@ def resolve(ref: str) -> HubModel:
 
 
 def _url_and_size(hf, model: HubModel, name: str) -> tuple[str, object]:
+    """The file's URL and the Hub's metadata for it (its size and ETag: fixed for a commit, so the
+    header read and the download ask once)."""
     url = hf.hf_hub_url(model.repo, name, revision=model.commit)
-    with hub_errors(f"{model.ref}/{name}"):
-        meta = hf.get_hf_file_metadata(url)
-    if meta.size is None or meta.etag is None:
-        raise InputError(f"{model.ref}/{name}: the Hub gave no size or ETag for it")
+    meta = model.metas.get(name)
+    if meta is None:
+        with hub_errors(f"{model.ref}/{name}"):
+            meta = hf.get_hf_file_metadata(url)
+        if meta.size is None or meta.etag is None:
+            raise InputError(f"{model.ref}/{name}: the Hub gave no size or ETag for it")
+        model.metas[name] = meta
     return url, meta
 
 
