@@ -1,5 +1,5 @@
 """Helpers the benchmark scripts share: dropping the page cache, loading a model folder whole,
-writing a result as JSON and Markdown."""
+writing a result as JSON and Markdown, a checkout of another commit to run beside this one."""
 
 from __future__ import annotations
 
@@ -19,6 +19,21 @@ def drop_caches() -> bool:
         return True
     except OSError:
         return False
+
+
+def checkout(commit: str, path: str) -> str:
+    """A `git worktree` of `commit` at `path` (made anew where it holds another commit): a baseline
+    run beside this checkout (`python -m streammerge.cli` from there imports its own package)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def rev(ref: str, where: str) -> str:
+        return subprocess.run(["git", "rev-parse", ref], cwd=where, capture_output=True, text=True).stdout.strip()
+
+    if os.path.exists(path) and rev("HEAD", path) != rev(commit, root):
+        subprocess.run(["git", "worktree", "remove", "--force", path], cwd=root, check=True)
+    if not os.path.exists(path):
+        subprocess.run(["git", "worktree", "add", "--detach", path, rev(commit, root)], cwd=root, check=True)
+    return path
 
 
 def load_model(folder: str) -> dict[str, torch.Tensor]:

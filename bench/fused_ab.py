@@ -28,7 +28,7 @@ import time
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import drop_caches, write_results  # noqa: E402
+from common import checkout, drop_caches, write_results  # noqa: E402
 
 
 def digest(folder: str) -> str:
@@ -102,13 +102,6 @@ def cold_write(folder: str, nbytes: int) -> float:
     return seconds
 
 
-def worktree(commit: str) -> str:
-    path = os.path.join(ROOT, "bench", ".work", f"baseline-{commit}")
-    if not os.path.isdir(path):
-        subprocess.run(["git", "worktree", "add", "--detach", path, commit], cwd=ROOT, check=True)
-    return path
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipe", default=os.path.join(ROOT, "bench", ".work", "tie-order-0.5b.yaml"))
@@ -119,7 +112,11 @@ def main() -> int:
     args = ap.parse_args()
     args.recipe = os.path.abspath(args.recipe)  # the baseline runs from its own folder
     other = "baseline" if args.baseline else "torch"
-    baseline = worktree(args.baseline) if args.baseline else ROOT
+    baseline = (
+        checkout(args.baseline, os.path.join(ROOT, "bench", ".work", f"baseline-{args.baseline}"))
+        if args.baseline
+        else ROOT
+    )
 
     def merge(side: str, out: str) -> float:
         return run(args.recipe, out, side != "torch", params, baseline if side == "baseline" else ROOT)

@@ -30,7 +30,7 @@ import time
 ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 WORK = os.path.join(ROOT, "bench", ".work", "om-speedup")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import drop_caches, load_model, write_results  # noqa: E402
+from common import checkout, drop_caches, load_model, write_results  # noqa: E402
 
 
 def timed(label: str, code_root: str, args: list[str], out: str) -> dict:
@@ -128,16 +128,8 @@ def main() -> int:
             ],
             check=True,
         )
-    baseline = os.path.join(WORK, "baseline")
-    commit = subprocess.run(
-        ["git", "rev-parse", args.baseline], cwd=ROOT, capture_output=True, text=True, check=True
-    ).stdout.strip()
-    if os.path.exists(baseline):
-        have = subprocess.run(["git", "rev-parse", "HEAD"], cwd=baseline, capture_output=True, text=True).stdout.strip()
-        if have != commit:
-            subprocess.run(["git", "worktree", "remove", "--force", baseline], cwd=ROOT, check=True)
-    if not os.path.exists(baseline):
-        subprocess.run(["git", "worktree", "add", "--detach", baseline, commit], cwd=ROOT, check=True)
+    baseline = checkout(args.baseline, os.path.join(WORK, "baseline"))
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=baseline, capture_output=True, text=True).stdout.strip()
     head = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
     ).stdout.strip()

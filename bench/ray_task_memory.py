@@ -27,6 +27,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
+import common  # noqa: E402
 from common import drop_caches, write_results  # noqa: E402
 from ray_scaling import WorkerPeaks  # noqa: E402
 
@@ -50,9 +51,7 @@ def main() -> int:
     if not os.path.exists(os.path.join(models, "expert-3", "model.safetensors.index.json")):
         toy = [models, "--preset", "0.5b", "--layers", "4", "--experts", "3", "--shared", "0.7", "--shard-size", "1GB"]
         subprocess.run([sys.executable, os.path.join(ROOT, "tools", "make_toy_models.py"), *toy], check=True)
-    baseline = os.path.join(WORK, f"checkout-{args.baseline}")
-    if not os.path.exists(baseline):
-        subprocess.run(["git", "worktree", "add", "--detach", baseline, args.baseline], cwd=ROOT, check=True)
+    baseline = common.checkout(args.baseline, os.path.join(WORK, f"checkout-{args.baseline}"))
     runs = []
     for round_ in range(args.pairs):
         for label, checkout in (("before", baseline), ("after", ROOT)):
