@@ -105,6 +105,8 @@ class TensorComputer:
     def __init__(self, job: TensorJob, base, experts: list, report=None):
         self.job, self.base, self.experts, self.report = job, base, experts, report
         self.method: Method = get_method(job.method)[0]
+        # every input a stored checkpoint (no adapter computing its weights): tasks may read them as stored
+        self.all_stored = all(isinstance(src, Checkpoint) for src in (base, *experts))
 
     def device_of(self, name: str) -> torch.device:
         placed = self.job.placement.get(name)
@@ -118,15 +120,13 @@ class TensorComputer:
         return not self.job.allow_nonfinite and not self.method.propagates_nonfinite
 
     def load_base(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        t = self.base.get(name, self.job.compute_dtype, self.device_of(name), rows)
-        if self.check_inputs and not all_finite(t):
-            raise nonfinite_input(self.base.file_of(name), name)
-        return t
+        return self.load(name, None, rows, self.job.compute_dtype)
 
-    def load_stored(self, name: str, i: int | None, rows: tuple[int, int] | None) -> torch.Tensor:
-        """Expert i's tensor `name` (the base's for i = None) in its stored dtype (TensorTask.stored)."""
+    def load(self, name: str, i: int | None, rows: tuple[int, int] | None, dtype: torch.dtype | None) -> torch.Tensor:
+        """Expert i's tensor `name` (the base's for i = None), its rows `rows`, in `dtype` (None: as
+        stored, for TensorTask.stored), checked for NaN/Inf where the method needs it."""
         src = self.base if i is None else self.experts[i]
-        t = src.get(name, None, self.device_of(name), rows)
+        t = src.get(name, dtype, self.device_of(name), rows)
         if self.check_inputs and not all_finite(t):
             raise nonfinite_input(src.file_of(name), name)
         return t
@@ -135,7 +135,7 @@ class TensorComputer:
         job, values, device = self.job, self.job.values[t.name], self.device_of(t.name)
         placed = job.placement.get(t.name)
         state_on_host = placed is not None and device.type == "cuda" and "state" in placed.note
-        return TensorTask(
+        task = TensorTask(
             t.name,
             lambda rows: self.load_base(t.name, rows),
             LazyExperts(self.experts, t.name, job.compute_dtype, device, self.check_inputs),
@@ -151,6 +151,9 @@ class TensorComputer:
             dtype=job.compute_dtype,
             expert_values=values.experts,
         )
+        if self.all_stored:
+            task.stored = lambda i, rows: self.load(t.name, i, rows, None)
+        return task
 
     def merge(self, t: OutputTensor, statistics: Any, progress=None) -> torch.Tensor:
         """The output tensor `t`, in its output dtype, in host memory; `progress(fraction)` hears how
@@ -159,8 +162,6 @@ class TensorComputer:
             return self.base.get(t.name, dtype=None)
         task = self.task(t, statistics)
         task.progress = progress
-        if all(isinstance(src, Checkpoint) for src in (self.base, *self.experts)):
-            task.stored = lambda i, rows: self.load_stored(t.name, i, rows)
         if self.report is not None:
             task.diagnostics = {}
         try:

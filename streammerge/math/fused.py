@@ -31,11 +31,11 @@ def installed() -> bool:
     return not os.environ.get("STREAMMERGE_NO_NUMBA") and importlib.util.find_spec("numba") is not None
 
 
-def available(*tensors: torch.Tensor) -> bool:
-    """Whether the kernels take these tensors: numba present, float32, CPU, contiguous, large."""
+def available(*tensors: torch.Tensor, dtype: torch.dtype = torch.float32) -> bool:
+    """Whether the kernels take these tensors: numba present, `dtype`, CPU, contiguous, large."""
     return (
         tensors[0].numel() >= MIN_ELEMENTS
-        and all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+        and all(t.dtype == dtype and t.device.type == "cpu" and t.is_contiguous() for t in tensors)
         and _load() is not None
     )
 
@@ -93,34 +93,26 @@ def combine(vectors: list[torch.Tensor], weights, base: torch.Tensor, consensus:
             lambda_: float) -> torch.Tensor:  # fmt: skip
     """gta.combine in one pass: W₀ + λ·(normalised) Σ v_i with the consensus mask."""
     out = torch.empty_like(base)
-    divisor = float(sum(weights))
-    if abs(divisor) < 1e-8:
-        divisor = 1.0
-    code = {"none": 0, "sum": 1, "count": 2}[consensus]
-    import numpy as np
-
-    w32 = np.asarray(weights, dtype=np.float32)
     _threads()
     _load()._combine(
         tuple(_flat(v) for v in vectors),
-        w32,
         _flat(base),
         _flat(out),
-        code,
-        normalize,
-        np.float32(divisor),
-        float(lambda_),
+        *_combine_args(weights, consensus, normalize, lambda_),
     )
     return out
 
 
-def stored_bf16(*tensors: torch.Tensor) -> bool:
-    """Whether combine_bf16 takes these tensors (as stored: bf16, CPU, contiguous, large)."""
-    return (
-        tensors[0].numel() >= MIN_ELEMENTS
-        and all(t.dtype == torch.bfloat16 and t.device.type == "cpu" and t.is_contiguous() for t in tensors)
-        and _load() is not None
-    )
+def _combine_args(weights, consensus: str, normalize: bool, lambda_: float) -> tuple:
+    """The combine kernels' weights (float32), consensus code, normalisation, divisor of the
+    consensus-free sum (Σ w_i, or 1 where it is about 0, as gta.combine) and λ."""
+    import numpy as np
+
+    divisor = float(sum(weights))
+    if abs(divisor) < 1e-8:
+        divisor = 1.0
+    code = {"none": 0, "sum": 1, "count": 2}[consensus]
+    return np.asarray(weights, dtype=np.float32), code, normalize, np.float32(divisor), float(lambda_)
 
 
 def combine_bf16(experts: list[torch.Tensor], weights, base: torch.Tensor, consensus: str, normalize: bool,
@@ -128,23 +120,10 @@ def combine_bf16(experts: list[torch.Tensor], weights, base: torch.Tensor, conse
     """combine of the weighted task vectors (W_i − W₀)·w_i, read from the bf16 tensors as stored
     and widened in the kernel: one pass where widening every input to float32 first takes two
     more and twice the memory. Returns float32."""
-    import numpy as np
-
     out = torch.empty(base.shape, dtype=torch.float32)
-    divisor = float(sum(weights))
-    if abs(divisor) < 1e-8:
-        divisor = 1.0
-    _load()._combine_bf16(
-        tuple(e.detach().view(-1).view(torch.int16).numpy().view(np.uint16) for e in experts),
-        np.asarray(weights, dtype=np.float32),
-        base.detach().view(-1).view(torch.int16).numpy().view(np.uint16),
-        _flat(out),
-        {"none": 0, "sum": 1, "count": 2}[consensus],
-        normalize,
-        np.float32(divisor),
-        float(lambda_),
-        _threads(),
-    )
+    bits = tuple(_flat(t.view(torch.int16)).view("uint16") for t in (base, *experts))
+    _load()._combine_bf16(bits[1:], bits[0], _flat(out), *_combine_args(weights, consensus, normalize, lambda_),
+                          _threads())  # fmt: skip
     return out
 
 

@@ -106,7 +106,7 @@ def _mixed(vectors, j, weights, consensus, normalize, divisor_none, lam, lam32):
 
 
 @_jit
-def _combine(vectors, weights, base, out, consensus, normalize, divisor_none, lam):  # pragma: no cover
+def _combine(vectors, base, out, weights, consensus, normalize, divisor_none, lam):  # pragma: no cover
     """gta.combine, entry by entry."""
     n = base.size
     chunks = (n + CHUNK - 1) // CHUNK
@@ -120,7 +120,7 @@ WIDEN = 2048  # entries widened at a time by _combine_bf16 (its buffers stay in 
 
 
 @_jit
-def _combine_bf16(experts, weights, base, out, consensus, normalize, divisor_none, lam, parts_n):  # pragma: no cover
+def _combine_bf16(experts, base, out, weights, consensus, normalize, divisor_none, lam, parts_n):  # pragma: no cover
     """gta.combine of inputs as stored in bf16 (their uint16 bit patterns): each widened to
     float32 (exact: the bits shifted up by 16, as torch converts), the weighted task vectors
     (W_i − W₀)·w_i formed in float32 as TensorTask.task_vector and gta.merge form them, then

@@ -270,7 +270,7 @@ def combine_stored(task: TensorTask, rows: Rows | None, params: GtaParams) -> to
     the fused kernel, which widens them as it reads; others are widened here, as task_vector does."""
     base = task.stored(None, rows)
     experts = [task.stored(i, rows) for i in range(len(task.weights))]
-    if fused.stored_bf16(base, *experts):
+    if fused.available(base, *experts, dtype=torch.bfloat16):
         return fused.combine_bf16(experts, task.weights, base, params.consensus, params.normalize, params.lambda_)
     wide = base.to(task.dtype)
     vectors = [e.to(task.dtype).sub_(wide).mul_(w) for e, w in zip(experts, task.weights)]
