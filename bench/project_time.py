@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import types
@@ -33,19 +32,9 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 import make_shape_fixture  # noqa: E402
 
-from streammerge.engine.estimate import calibrate  # noqa: E402
+from streammerge.engine.estimate import calibrate, tensor_compute_seconds  # noqa: E402
 from streammerge.methods import get_method  # noqa: E402
 from streammerge.units import format_duration  # noqa: E402
-
-
-def compute_seconds(method, name: str, shape: tuple[int, ...], n: int, params, rates) -> float:
-    """As engine/estimate.py's estimate, for one tensor."""
-    cost = method.cost(name, shape, n, params)
-    return (
-        cost.passes * math.prod(shape) * n * 4 / rates.memory
-        + cost.flops / rates.matmul
-        + (cost.factorisation / rates.factorisation)
-    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,10 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     n, shape = record["experts"], tuple(record["shape"])
     rates = calibrate(types.SimpleNamespace(sources=[]), torch.device("cpu"))
     name = "model.layers.0.mlp.down_proj.weight" if shape[0] < shape[1] else "model.layers.0.mlp.up_proj.weight"
-    one = compute_seconds(method, name, shape, n, params, rates)
+    one = tensor_compute_seconds(method.cost(name, shape, n, params), shape, n, rates)
     ratio = record["seconds"] / one
     tensors = make_shape_fixture.layout(*make_shape_fixture.SHAPES[args.model])
-    total = sum(compute_seconds(method, t, s, n, params, rates) for t, s in tensors if len(s) == 2)
+    total = sum(tensor_compute_seconds(method.cost(t, s, n, params), s, n, rates) for t, s in tensors if len(s) == 2)
     lines = [
         "",
         f"### Projected to a whole {args.model} merge (`python bench/project_time.py {' '.join(sys.argv[1:])}`)",

@@ -101,13 +101,18 @@ class Estimate:
         return text
 
 
+def tensor_compute_seconds(cost: Cost, shape: tuple[int, ...], n: int, rates: Rates) -> float:
+    """One tensor's compute at the calibrated rates: its elementwise passes over the N experts'
+    float32 copies, its matrix products and its factorisations."""
+    passes = cost.passes * math.prod(shape) * n * 4 / rates.memory
+    return passes + cost.flops / rates.matmul + cost.factorisation / rates.factorisation
+
+
 def estimate(inputs: MergeInputs, read_bytes: int, rates: Rates) -> Estimate:
     """Reads at the measured rate; each merged tensor's Method.cost at the calibrated rates."""
     method, n = inputs.method, len(inputs.experts)
-    compute = 0.0
-    for t in inputs.merged_tensors():
-        cost: Cost = method.cost(t.name, t.shape, n, inputs.values[t.name].params)
-        numel = math.prod(t.shape)
-        compute += cost.passes * numel * n * 4 / rates.memory
-        compute += cost.flops / rates.matmul + cost.factorisation / rates.factorisation
+    compute = sum(
+        tensor_compute_seconds(method.cost(t.name, t.shape, n, inputs.values[t.name].params), t.shape, n, rates)
+        for t in inputs.merged_tensors()
+    )
     return Estimate(read_bytes / rates.read if read_bytes else 0.0, compute, read_bytes, rates)
