@@ -271,6 +271,7 @@ def step_wide_70b() -> dict:
             "projected_80_layers_h": round(80 * seconds / 3600, 2),
             "peak_gpu_above_inputs": torch.cuda.max_memory_allocated() - inputs,
             "planned_work": memory("x", shape, n, params, 4).work,
+            "planned_work_cuda": memory("x", shape, n, params, 4).on_gpu,
             "finite": bool(torch.isfinite(out).all()),
             "relative_update": float((out - a).norm() / a.norm()),
         }

@@ -124,6 +124,7 @@ def main() -> int:
     ap.add_argument("--rate", type=int, default=100, help="samples per second (default 100)")
     ap.add_argument("--top", type=int, default=12, help="rows per table (default 12)")
     ap.add_argument("--threads", type=int, help="pass --threads N to the merge")
+    ap.add_argument("--device", default="cpu", help="the merge's --device (default cpu)")
     ap.add_argument(
         "--again",
         action="store_true",
@@ -136,18 +137,22 @@ def main() -> int:
         run = json.load(open(kept))
     else:
         pyspy = shutil.which("py-spy") or sys.exit("py-spy is not installed (pip install py-spy)")
-        streammerge = shutil.which("streammerge") or sys.exit("streammerge is not installed (pip install -e .)")
+        # the installed command, else this checkout's package (a machine without pip, say)
+        streammerge = shutil.which("streammerge")
+        launch = [streammerge] if streammerge else [sys.executable, "-m", "streammerge.cli"]
+        if not streammerge:
+            os.environ["PYTHONPATH"] = ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")
         out = tempfile.mkdtemp(prefix="profile-")
         raw = os.path.join(out, "stacks.txt")
         merge = [
-            streammerge,
+            *launch,
             "merge",
             *(["--recipe", args.recipe] if args.recipe else []),
             *args.merge_args,
             "--out",
             os.path.join(out, "merged"),
             "--device",
-            "cpu",
+            args.device,
             "--quiet",
             *(["--threads", str(args.threads)] if args.threads else []),
         ]
@@ -180,7 +185,7 @@ def main() -> int:
             return proc.returncode or 1
         run = {
             "stacks": open(raw).read(),
-            "merge": merge[1:],
+            "merge": merge[len(launch) :],
             "wall": wall,
             "load": load[0],
             "cache_dropped": cache_dropped,

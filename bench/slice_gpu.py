@@ -11,6 +11,10 @@ peak anonymous RSS (sampled) against the plan, torch.cuda.max_memory_allocated a
 The record is rewritten after every run, so a run cut short keeps what it measured. The time per
 layer is projected to 32 layers: (merge time − embedding/lm_head share) is not separable from
 outside, so the projection scales the whole slice by its parameter count (see `projection`).
+The floor a merge is measured against (#27: TA and TIES within 1.5× of it): `cat` of the inputs
+with the page cache dropped (cold) and in it (warm); with --cold each merge starts with the cache
+dropped too (where the kernel allows it: recorded). --code DIR runs the merges with the package
+of another checkout (a baseline, side by side: --tag names its rows).
 Runs from the project folder with no pip (a CUDA machine without network).
 """
 
@@ -25,6 +29,9 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import drop_caches  # noqa: E402
+
 RUNS = {
     "orthomerge-C+TA": ["--method", "orthomerge"],
     "orthomerge-C+TIES": ["--method", "orthomerge", "--residual-method", "ties"],
@@ -35,6 +42,14 @@ RUNS = {
 # parameters of the slice and of Llama-3.1-8B (embedding + lm_head untied, 32 layers)
 EMBED = 2 * 128256 * 4096
 LAYER = 2 * 4096 * 4096 + 2 * 1024 * 4096 + 3 * 14336 * 4096
+
+
+def jobs_for(experts: int) -> int:
+    """Processes that make the inputs at once: each holds a few float32 copies of the 2.1 GB
+    embedding (about 12 GB), and no more than the folders or half the cores."""
+    import psutil
+
+    return max(1, min(experts + 1, (os.cpu_count() or 2) // 2, psutil.virtual_memory().available // (12 * 10**9)))
 
 
 def cli(*args: str) -> list[str]:
@@ -49,8 +64,13 @@ def main() -> int:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--preset", default="8b-slice", help="another make_toy_models preset (a quicker, smaller check)")
     ap.add_argument("--experts", type=int, default=5)
+    ap.add_argument("--jobs", type=int, default=0, help="processes making the inputs (default: as memory allows)")
+    ap.add_argument("--cold", action="store_true", help="drop the page cache before each merge")
+    ap.add_argument("--floor", action="store_true", help="time cat of the inputs, cold and warm, first")
+    ap.add_argument("--code", default=ROOT, help="the checkout whose package merges (default: this one)")
+    ap.add_argument("--tag", default="", help="appended to each run's name in the record")
     args = ap.parse_args()
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, PYTHONPATH=os.path.abspath(args.code) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     import torch
 
     record: dict = {
@@ -63,6 +83,10 @@ def main() -> int:
         "budgets": "--max-gpu-memory 22GB --max-ram 12GB",
         "runs": {},
     }
+
+    if os.path.exists(args.out):  # what another call recorded (another --code, the floor) is kept
+        with open(args.out) as f:
+            record = json.load(f) | {k: v for k, v in record.items() if k != "runs"}
 
     def save() -> None:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -85,6 +109,8 @@ def main() -> int:
                 "2GB",
                 "--shared",
                 "0.7",
+                "--jobs",
+                str(args.jobs or jobs_for(n)),
             ],
             check=True,
             stdout=subprocess.DEVNULL,
@@ -95,6 +121,20 @@ def main() -> int:
         "--shard-size 2GB --shared 0.7"
     )
     record["load_average"] = os.getloadavg()
+    files = sorted(
+        os.path.join(args.work, d, f)
+        for d in ["base", *(f"expert-{i}" for i in range(1, n + 1))]
+        for f in os.listdir(os.path.join(args.work, d))
+        if f.endswith(".safetensors")
+    )
+    record["input_bytes"] = sum(os.path.getsize(f) for f in files)
+    if args.floor:
+        record["floor"] = {"cache_dropped": drop_caches()}
+        for state in ("cold", "warm"):
+            t0 = time.perf_counter()
+            subprocess.run(["cat", *files], stdout=subprocess.DEVNULL, check=True)
+            record["floor"][f"cat_{state}_seconds"] = round(time.perf_counter() - t0, 2)
+        print("floor", json.dumps(record["floor"]), flush=True)
     save()
     for name in args.runs:
         out = os.path.join(args.work, f"out-{name}")
@@ -115,10 +155,18 @@ def main() -> int:
         for i in range(1, n + 1):
             cmd += ["--expert", os.path.join(args.work, f"expert-{i}")]
         cmd += [*RUNS[name], "--out", out, "--memory-report", report]
+        dropped = drop_caches() if args.cold else False
+        load = os.getloadavg()[0]
         t0 = time.perf_counter()
         done = subprocess.run(cli(*cmd), env=env, capture_output=True, text=True)
         wall = time.perf_counter() - t0
-        row: dict = {"command": "streammerge " + " ".join(cmd), "wall_seconds": round(wall, 1)}
+        row: dict = {
+            "command": "streammerge " + " ".join(cmd),
+            "code": os.path.relpath(os.path.abspath(args.code), ROOT),
+            "cache_dropped": dropped,
+            "load_average": round(load, 2),
+            "wall_seconds": round(wall, 1),
+        }
         if done.returncode != 0:
             row["error"] = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"
         else:
@@ -137,8 +185,8 @@ def main() -> int:
             }
             if args.preset == "8b-slice":
                 row["projected_8b_minutes"] = round(mem["seconds"] * (EMBED + 32 * LAYER) / (EMBED + 2 * LAYER) / 60, 1)
-        record["runs"][name] = row
-        print(name, json.dumps(row), flush=True)
+        record["runs"][name + args.tag] = row
+        print(name + args.tag, json.dumps(row), flush=True)
         save()
         subprocess.run(["rm", "-rf", out])
     return 0

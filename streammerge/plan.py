@@ -40,6 +40,11 @@ class Need:
     state: int = 0
     transfer: int = 1 << 62  # elements loaded at once (row-block methods: one block)
     host: int = 0  # e.g. a tall OrthoMerge weight's merged residual, gathered in host RAM
+    gpu_work: int | None = None  # the working set on a CUDA device, where it differs from `work`
+
+    @property
+    def on_gpu(self) -> int:
+        return self.work if self.gpu_work is None else self.gpu_work
 
 
 @dataclass(frozen=True)
@@ -212,12 +217,12 @@ def place(
     the output dtype, held in host memory while its shard is written."""
     if use_gpu and gpu_budget is not None:
         transfer = min(numel, need.transfer) * itemsize  # loads pass through host memory a block at a time
-        if need.work + need.state <= gpu_budget:
-            return "cuda", need.work + need.state, 2 * transfer + need.host + out_bytes, ""
-        if need.work <= gpu_budget:
+        if need.on_gpu + need.state <= gpu_budget:
+            return "cuda", need.on_gpu + need.state, 2 * transfer + need.host + out_bytes, ""
+        if need.on_gpu <= gpu_budget:
             return (
                 "cuda",
-                need.work,
+                need.on_gpu,
                 2 * transfer + need.state + need.host + out_bytes,
                 f"per-expert state ({format_size(need.state)}) kept in RAM",
             )
@@ -225,6 +230,6 @@ def place(
             "cpu",
             0,
             need.work + need.state + need.host + out_bytes,
-            f"spilled: needs {format_size(need.work)} on the GPU",
+            f"spilled: needs {format_size(need.on_gpu)} on the GPU",
         )
     return "cpu", 0, need.work + need.state + need.host + out_bytes, ""

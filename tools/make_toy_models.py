@@ -264,6 +264,32 @@ def write_config(folder: str, args, preset) -> None:
         )
 
 
+def write_folder(job) -> int:
+    """base/ (expert None) or expert-E/; returns an adapter's parameter count (else 0)."""
+    args, preset, layout, e = job
+    shard = parse_size(args.shard_size)
+    if args.jobs > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.jobs))
+    if e is None:
+        d = os.path.join(args.out, "base")
+        write_model(
+            d, [(n, s, (lambda n=n, s=s: base_tensor(n, s, args.seed))) for n, s in layout], args.torch_dtype, shard
+        )
+        write_config(d, args, preset)
+        return 0
+
+    def make(n, s):
+        b = base_tensor(n, s, args.seed)
+        return b + expert_delta(n, b, args.seed, e, args.kind, args.scale, args.rank, args.shared)
+
+    d = os.path.join(args.out, f"expert-{e}")
+    if args.kind in ("lora", "oft"):
+        return write_adapter(d, layout, args.seed, e, args.kind, args)
+    write_model(d, [(n, s, (lambda n=n, s=s: make(n, s))) for n, s in layout], args.torch_dtype, shard)
+    write_config(d, args, preset)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out", help="folder to create base/ and expert-i/ in")
@@ -295,30 +321,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--shard-size", default="200MB")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--jobs", type=int, default=1, help="make the base and the experts in this many processes")
     args = ap.parse_args(argv)
     args.torch_dtype = getattr(torch, args.dtype)
     preset = list(PRESETS[args.preset])
     if args.layers:
         preset[2] = args.layers
     layout = llama_layout(*preset, tied=args.tied, bias=args.bias)
-    shard = parse_size(args.shard_size)
-    base_dir = os.path.join(args.out, "base")
-    write_model(
-        base_dir, [(n, s, (lambda n=n, s=s: base_tensor(n, s, args.seed))) for n, s in layout], args.torch_dtype, shard
-    )
-    write_config(base_dir, args, preset)
-    for e in range(1, args.experts + 1):
+    folders = [None, *range(1, args.experts + 1)]  # the base, then each expert
+    if args.jobs > 1:
+        # each folder depends on the seed alone, so they are made in parallel with the same bytes
+        import concurrent.futures
+        import multiprocessing
 
-        def make(n, s, e=e):
-            b = base_tensor(n, s, args.seed)
-            return b + expert_delta(n, b, args.seed, e, args.kind, args.scale, args.rank, args.shared)
-
-        d = os.path.join(args.out, f"expert-{e}")
-        if args.kind in ("lora", "oft"):
-            adapter_params = write_adapter(d, layout, args.seed, e, args.kind, args)
-            continue
-        write_model(d, [(n, s, (lambda n=n, s=s: make(n, s))) for n, s in layout], args.torch_dtype, shard)
-        write_config(d, args, preset)
+        ctx = multiprocessing.get_context("fork")
+        with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=ctx) as pool:
+            sizes = list(pool.map(write_folder, [(args, preset, layout, e) for e in folders]))
+    else:
+        sizes = [write_folder((args, preset, layout, e)) for e in folders]
+    adapter_params = sizes[-1]
     params = sum(math.prod(s) for _, s in layout)
     if args.kind in ("lora", "oft"):
         print(

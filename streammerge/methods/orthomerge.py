@@ -827,6 +827,10 @@ def memory(
 # (bench/results/wide-memory-*.md): weight-sized buffers (base, target, running residual, moved
 # base, expert); per-expert frame buffers [k, 2·out]; frame solves [2·out, 2·out].
 _C_LEAN_WEIGHT, _C_LEAN_FRAME, _C_LEAN_SOLVE = 4.0, 1.5, 5.0
+# On CUDA the same path peaked 1.20× that (a 70B down_proj, five experts, H200: 24.6 GB against
+# 20.4 GB; bench/results/gpu-check-h200.json, step 3b): torch's CUDA QR and LU copy what the
+# CPU's factor in place. One shape measured; planned with a margin.
+_C_LEAN_CUDA = 1.25
 
 
 def lean_wide_memory(
@@ -849,7 +853,8 @@ def lean_wide_memory(
     if not running:  # the residual method's merge comes after the last frame solve
         res_method, res_params = residual_method(params, n)
         solve = max(solve, res_method.memory("", shape, n, res_params, itemsize).work)
-    return Need(int(held + solve), 0 if running else int(n * numel * itemsize))
+    work = int(held + solve)
+    return Need(work, 0 if running else int(n * numel * itemsize), gpu_work=int(_C_LEAN_CUDA * work))
 
 
 METHOD = Method(
