@@ -558,3 +558,25 @@ def test_nan_in_an_expert_is_named_by_every_method(method, toy_untied, tmp_path)
         result.output
     )
     assert final_outputs(c.out) == []
+
+
+def test_ctrl_c_while_the_command_starts_is_one_line_and_130():
+    """Ctrl-C during the command's imports (a second or more, torch): the entry point answers it
+    as it answers one later, not with a traceback. The import is made to raise it."""
+    code = (
+        "import sys, types\n"
+        "cli = types.ModuleType('streammerge.cli')\n"
+        "def stop(name):\n"
+        "    raise KeyboardInterrupt\n"
+        "cli.__getattr__ = stop\n"
+        "sys.modules['streammerge.cli'] = cli\n"
+        "from streammerge.console import entry\n"
+        "entry()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert done.returncode == 130, done
+    assert "Traceback" not in done.stderr and "interrupted while starting" in done.stderr, done.stderr
+    assert "torch" not in subprocess.run(
+        [sys.executable, "-c", "import sys, streammerge; print(sorted(sys.modules))"],
+        capture_output=True, text=True, cwd=ROOT, timeout=60,
+    ).stdout  # fmt: skip

@@ -39,7 +39,15 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
-from llm_common import base_folder, exact_match, gguf_tokenizer, load_model, perplexity, tokenizer  # noqa: E402
+from llm_common import (  # noqa: E402
+    PPL_WINDOWS,
+    base_folder,
+    exact_match,
+    gguf_tokenizer,
+    load_model,
+    perplexity,
+    tokenizer,
+)
 from llm_tasks import TASKS, build  # noqa: E402
 from llm_train import expert_dir  # noqa: E402
 
@@ -49,6 +57,32 @@ RESULTS = os.path.join(ROOT, "bench", "results", "quality-llm.json")
 ALPHAS = [0.25, 0.5, 1.0, 2.0, 3.0]
 LAMBDAS = [0.1, 0.15, 0.2, 0.3, 0.4, 0.7, 1.0, 1.5]  # OFT experts chose the lowest of 0.2–1.5 (seed 0)
 SCALES = [0.25, 0.5, 0.75, 1.0, 1.25, 1.5]
+VAL_PER_TASK = 40  # validation prompts per task a choice is made on (the first 40 of 80)
+MULTITASK_SEED = 0  # one multi-task adapter: the upper bound in every seed's units
+# Methods whose parameter scales the merged update (W − W₀ ∝ it; checked on toy models to float32
+# round-off, and at every chosen point: `scaled_deviation`): a grid over it merges once, at 1, and
+# its other points are W₀ + v·(W₁ − W₀); the chosen point is then merged directly for the test.
+LINEAR = {
+    "task_arithmetic": "lambda",
+    "ties": "lambda",
+    "dare_ties": "lambda",
+    "tsv": "alpha",
+    "iso_c": "alpha",
+    "iso_cts": "alpha",
+    "ortho_svd": "alpha",
+    "do_merging": "lambda",
+}
+# rows merged on the choosing seed only (the paper's ablations and OrthoMerge's other variants):
+# the other seeds' units merge the methods a user would choose between
+ABLATIONS = {
+    "Table 4: average R",
+    "Table 4: product R",
+    "Table 4: average Q",
+    "Table 4: magnitude-corrected",
+    "OrthoMerge-G + TA",
+    "OrthoMerge-G + TSV-M",
+    "OrthoMerge-C + TSV-M",
+}
 
 
 def configs(family: str) -> list[tuple[str, str, dict, dict]]:
@@ -130,9 +164,42 @@ def rotation_summary(report: str) -> dict:
     }
 
 
-def score(folder: str, tok, data: dict, split: str, ppl: bool = False) -> dict:
+def scaled(base: dict, unit: str, v: float, out: str) -> None:
+    """The model W₀ + v·(W₁ − W₀) in `out`, W₁ the merge in `unit` (its files otherwise copied)."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(unit, out)
+    for name in os.listdir(unit):
+        if name.endswith(".safetensors"):
+            merged = load_file(os.path.join(unit, name))
+            for k, w in merged.items():
+                if w.is_floating_point():
+                    merged[k] = (base[k].float() + v * (w.float() - base[k].float())).to(w.dtype)
+            save_file(merged, os.path.join(out, name), metadata={"format": "pt"})
+
+
+def load_tensors(folder: str) -> dict:
+    from safetensors.torch import load_file
+
+    files = sorted(n for n in os.listdir(folder) if n.endswith(".safetensors"))
+    return {k: v for n in files for k, v in load_file(os.path.join(folder, n)).items()}
+
+
+def deviation(base: dict, a: str, b: str) -> float:
+    """max over tensors of ‖A − B‖ / ‖B − W₀‖: how far a direct merge is from its scaled twin."""
+    ta, tb = load_tensors(a), load_tensors(b)
+    worst = 0.0
+    for k, w in tb.items():
+        if w.is_floating_point():
+            update = float((w.float() - base[k].float()).norm())
+            diff = float((ta[k].float() - w.float()).norm())
+            worst = max(worst, diff / update if update > 0 else diff)
+    return worst
+
+
+def score(folder: str, tok, data: dict, split: str, ppl: bool = False, tasks=TASKS) -> dict:
     model = load_model(folder)
-    out = {"correct": {t: "".join("1" if ok else "0" for ok in exact_match(model, tok, data[t][split])) for t in TASKS}}
+    out = {"correct": {t: "".join("1" if ok else "0" for ok in exact_match(model, tok, data[t][split])) for t in tasks}}
     out["accuracy"] = {t: c.count("1") / len(c) for t, c in out["correct"].items()}
     out["mean"] = statistics.fmean(out["accuracy"].values())
     if ppl:
@@ -145,7 +212,14 @@ SEEDS_PER_TEST = 3  # seed s scores test prompts s, s + 3, s + 6, ... of each ta
 
 def test_slice(data: dict, seed: int) -> dict:
     """This seed's share of each task's test prompts (strided: the label balance is kept)."""
-    return {t: {"val": d["val"], "test": d["test"][seed % SEEDS_PER_TEST :: SEEDS_PER_TEST]} for t, d in data.items()}
+    return {
+        t: {"val": d["val"][:VAL_PER_TASK], "test": d["test"][seed % SEEDS_PER_TEST :: SEEDS_PER_TEST]}
+        for t, d in data.items()
+    }
+
+
+# what a recorded unit was measured with: a unit recorded otherwise is measured again
+PROTOCOL = {"val_per_task": VAL_PER_TASK, "perplexity_windows": PPL_WINDOWS, "multitask_seed": MULTITASK_SEED}
 
 
 def run_unit(
@@ -166,19 +240,23 @@ def run_unit(
     choose here); `base`, `experts`, `multitask` and `rows` default to the cached SmolLM2 ones."""
     base = base or base_folder()
     experts = experts or experts_of(family, seed)
-    multitask = multitask or os.path.join(expert_dir("multitask", "all", seed), "adapter")
+    multitask = multitask or os.path.join(expert_dir("multitask", "all", MULTITASK_SEED), "adapter")
     data = test_slice(data, seed)
-    unit = done.setdefault(f"{family}-s{seed}", {"family": family, "seed": seed, "rows": {}})
+    key = f"{family}-s{seed}"
+    if done.get(key, {}).get("protocol") != PROTOCOL:
+        done[key] = {"family": family, "seed": seed, "rows": {}, "protocol": PROTOCOL}
+    unit = done[key]
     unit["test_prompts"] = sum(len(d["test"]) for d in data.values())
+    base_tensors: dict = {}
     if "base" not in unit:
         unit["base"] = score(base, tok, data, "test", ppl=True)
         save()
-    if "experts" not in unit:  # each expert alone (its adapter merged into the base), every task
-        unit["experts"] = {}
+    if "experts" not in unit:  # each expert alone (its adapter merged into the base): on every task
+        unit["experts"] = {}  # where this unit chooses (the interference table), else on its own
         for t, path in zip(TASKS, experts):
             out = os.path.join(work, "alone")
             merge_to("linear", {}, (path,), out, base, seed)
-            unit["experts"][t] = score(out, tok, data, "test")
+            unit["experts"][t] = score(out, tok, data, "test", tasks=TASKS if chosen is None else (t,))
         save()
     if "multitask" not in unit:
         out = os.path.join(work, "multitask")
@@ -187,6 +265,8 @@ def run_unit(
         save()
     for label, method, fixed, grid in rows or configs(family):
         if chosen is not None:  # tuned on another seed: one merge at its choice
+            if label in ABLATIONS:
+                continue
             grid = {k: [v] for k, v in chosen["rows"][label]["params"].items()}
         borrowed = [(RESIDUAL_ROW[fixed["residual_method"]], "residual")] if "residual_method" in fixed else []
         borrowed += [(SCALE_ROW[label], "scale")] if label in SCALE_ROW else []
@@ -210,11 +290,21 @@ def run_unit(
         # OrthoMerge's diagnostics (--report) come with the merge where there is one point, else
         # with the chosen point merged again
         report = os.path.join(work, "report.json") if method == "orthomerge" else None
+        lin = LINEAR.get(method)
+        lin = lin if chosen is None and lin in grid and len(grid[lin]) > 1 else None
         for values in itertools.product(*(grid[k] for k in keys)) if keys else [()]:
             params = dict(zip(keys, values))
             folder = os.path.join(work, "m-" + "-".join(map(str, values)))
-            merge_seconds = merge_to(method, fixed | params, experts, folder, base, seed,
-                                     report if points_n == 1 else None)  # fmt: skip
+            if lin is None:
+                merge_seconds = merge_to(method, fixed | params, experts, folder, base, seed,
+                                         report if points_n == 1 else None)  # fmt: skip
+            else:  # one merge at 1 per value of the other parameters; this point scaled from it
+                one = os.path.join(work, "m-one-" + "-".join(str(v) for k, v in params.items() if k != lin))
+                merge_seconds = 0.0
+                if not os.path.exists(one):
+                    merge_seconds = merge_to(method, fixed | params | {lin: 1.0}, experts, one, base, seed)
+                base_tensors = base_tensors or load_tensors(base)
+                scaled(base_tensors, one, params[lin], folder)
             val = score(folder, tok, data, "val") if chosen is None and keys else {"mean": 0.0}
             points.append({"params": params, "val_mean": val["mean"], "merge_seconds": round(merge_seconds, 1)})
             if best is None or val["mean"] > best[0]:  # ties: the first (smallest) point
@@ -225,6 +315,11 @@ def run_unit(
             edge, grid, points = chosen["rows"][label]["edge"], chosen["rows"][label]["grid"], []
         result = {"method": method, "fixed": fixed, "grid": grid, "params": params, "edge": edge, "points": points}
         result["chosen_on"] = seed if chosen is None else chosen["seed"]
+        if lin is not None:  # the test scores the chosen point merged directly
+            direct = os.path.join(work, "m-direct")
+            merge_to(method, fixed | params, experts, direct, base, seed)
+            result["scaled_deviation"] = deviation(base_tensors, direct, folder)
+            folder = direct
         result |= score(folder, tok, data, "test", ppl=True)
         if report is not None:
             if points_n > 1:
@@ -265,15 +360,16 @@ def markdown(doc: dict) -> list[str]:
         if not units:
             continue
         lines += [f"## {family.upper()} experts ({len(units)} seed(s))", "",
-                  "| row | " + " | ".join(TASKS) + " | mean | vs TA (95 % CI) | perplexity | chosen | edge |",
-                  "|---|" + "---|" * (len(TASKS) + 5)]  # fmt: skip
+                  "| row | seeds | " + " | ".join(TASKS) + " | mean | vs TA (95 % CI) | perplexity | chosen | edge |",
+                  "|---|---|" + "---|" * (len(TASKS) + 5)]  # fmt: skip
         labels = ["base", "multitask"] + list(units[0]["rows"])
         for label in labels:
-            rs = [u[label] if label in ("base", "multitask") else u["rows"].get(label) for u in units]
-            if any(r is None for r in rs):
+            has = [u for u in units if label in ("base", "multitask") or label in u["rows"]]  # ablations: seed 0
+            rs = [u[label] if label in ("base", "multitask") else u["rows"][label] for u in has]
+            if not rs:
                 continue
             acc = [statistics.fmean(r["accuracy"][t] for r in rs) for t in TASKS]
-            ta = [u["rows"].get("task arithmetic") for u in units]
+            ta = [u["rows"].get("task arithmetic") for u in has]
             vs = ""
             if all(ta) and label != "task arithmetic":
                 m, lo, hi = bootstrap("".join(joined(r) for r in rs), "".join(joined(t) for t in ta))
@@ -283,7 +379,7 @@ def markdown(doc: dict) -> list[str]:
                 "; ".join(json.dumps(r.get("params", {})) for r in rs) if label not in ("base", "multitask") else ""
             )
             edge = "; ".join(",".join(r.get("edge", [])) for r in rs) if label not in ("base", "multitask") else ""
-            lines.append(f"| {label} | " + " | ".join(f"{a:.3f}" for a in acc) +
+            lines.append(f"| {label} | {len(rs)} | " + " | ".join(f"{a:.3f}" for a in acc) +
                          f" | {statistics.fmean(acc):.3f} | {vs} | {ppl:.2f} | {chosen} | {edge} |")  # fmt: skip
         rotated = [label for label in units[0]["rows"] if "rotation" in units[0]["rows"][label]]
         if rotated:
@@ -299,8 +395,9 @@ def markdown(doc: dict) -> list[str]:
                 lines.append(f"| {label} | {rs[0]['tensors_rotated']}/{rs[0]['tensors']} | {share:.3f} | {q} |")
         lines += ["", "Each expert alone (rows) on every task (columns), test exact match:", "",
                   "| expert | " + " | ".join(TASKS) + " |", "|---|" + "---|" * len(TASKS)]  # fmt: skip
-        for t in units[0]["experts"]:  # every task's expert (the smoke test's toy has two)
-            cells = [statistics.fmean(u["experts"][t]["accuracy"][c] for u in units) for c in TASKS]
+        full = [u for u in units if all(len(e["accuracy"]) == len(TASKS) for e in u["experts"].values())]
+        for t in full[0]["experts"] if full else []:  # every task's expert (the smoke test's toy has two)
+            cells = [statistics.fmean(u["experts"][t]["accuracy"][c] for u in full) for c in TASKS]
             lines.append(f"| {t} | " + " | ".join(f"{x:.3f}" for x in cells) + " |")
         lines.append("")
     return lines
@@ -350,8 +447,15 @@ def smoke(work: str) -> None:
             assert len(row["points"]) == (
                 0 if seed else len(table[0][3]["lambda"]) if label == "task arithmetic" else 1
             )
-        rotation = unit["rows"]["OrthoMerge-G + TA"]["rotation"]
-        assert rotation["tensors"] > 0 and 0 < rotation["rotation_share_mean"] < 1, rotation
+        # the expert table on every task where the unit chooses, else each expert on its own task
+        assert [len(e["accuracy"]) for e in unit["experts"].values()] == [len(TASKS) if seed == 0 else 1] * 2
+        if seed == 0:
+            # λ's grid: one merge, the other point scaled; the chosen one merged directly agrees
+            assert unit["rows"]["task arithmetic"]["scaled_deviation"] < 1e-4, unit["rows"]["task arithmetic"]
+            rotation = unit["rows"]["OrthoMerge-G + TA"]["rotation"]
+            assert rotation["tensors"] > 0 and 0 < rotation["rotation_share_mean"] < 1, rotation
+        else:
+            assert "OrthoMerge-G + TA" not in unit["rows"]  # an ablation: on the choosing seed only
     # resumed: rows of the same grids are kept (the same objects); a changed grid merges that row again
     before = dict(done["lora-s0"]["rows"])
     table[1] = ("TIES", "ties", {}, {"density": [0.5, 0.7]})
@@ -359,7 +463,7 @@ def smoke(work: str) -> None:
     assert after["rows"]["TIES"] is not before["TIES"] and len(after["rows"]["TIES"]["points"]) == 2
     assert all(after["rows"][k] is before[k] for k in before if k != "TIES")
     report = "\n".join(markdown({"units": done, "command": "smoke"}))
-    assert "| OrthoMerge-G + TA | " in report and "How far OrthoMerge's merged rotations move" in report, report
+    assert "| OrthoMerge-G + TA | 1 | " in report and "How far OrthoMerge's merged rotations move" in report, report
     print("smoke: harness ran", flush=True)
 
 
