@@ -9,15 +9,17 @@
 For each family (OFT and LoRA adapters of SmolLM2-135M-Instruct) and seed, the five task experts
 are merged by each row below with streammerge's Python API and the merged model answers every
 task's prompts greedily through its own LM head (exact match, llm_common.py). Each row's
-parameters are chosen on the validation split (mean exact match over the five tasks) from the
-grid beside it, on the first seed given (`--choose-on`): the other seeds' units merge at the
-parameters it chose, with no validation pass (tuned once, as a user would; it keeps the whole run
-within two hours on two cores). The test split is scored once per row and unit, at the chosen
-point, with every prompt's correctness kept (for paired bootstrap intervals) and the perplexity of
-held-out text; seed s scores every third test prompt of each task from the s-th (80 of 240), so
-three seeds score all 1,200 test prompts once each. A choice on the edge of its grid is flagged
-(`edge`). Also per unit: the base, each expert on every task
-(the interference table), and the multi-task adapter (the upper bound).
+parameters are chosen on the validation split (mean exact match over the five tasks, the first
+VAL_PER_TASK prompts of each) from the grid beside it, on the first seed given (`--choose-on`): the
+other seeds' units merge at the parameters it chose, with no validation pass (tuned once, as a user
+would), and leave out the ABLATIONS rows. A grid over a parameter that scales the update (LINEAR)
+merges once and scales. The test split is scored once per row and unit, at the chosen point, with
+every prompt's correctness kept (for paired bootstrap intervals) and the perplexity of held-out
+text; seed s scores every third test prompt of each task from the s-th (80 of 240), so three seeds
+score all 1,200 test prompts once each. A choice on the edge of its grid is flagged (`edge`). Also
+per unit: the base, each expert (on every task where the unit chooses: the interference table; on
+its own task elsewhere), and the multi-task adapter of seed MULTITASK_SEED (the upper bound).
+Sizing and its projected time: bench/quality/README.md.
 OrthoMerge's residual methods take the parameters validation chose for them alone (same unit);
 on LoRA its rotation scale is chosen on the TA-residual rows. Results accumulate in the JSON
 (keyed by unit and row) so an interrupted run resumes where it stopped.
