@@ -18,6 +18,7 @@ PACKAGE = os.path.join(ROOT, "streammerge")
 # Top to bottom: a module may import from its own layer (without a cycle) or from layers below.
 # A name ending in ".*" stands for every module below that package not named elsewhere.
 LAYERS = [
+    ["streammerge.console"],  # the command's entry point: imports cli once it can answer Ctrl-C
     ["streammerge.cli"],
     ["streammerge", "streammerge.api"],
     ["streammerge.adapter_output", "streammerge.verify", "streammerge.lora_output", "streammerge.gguf_output"],
