@@ -356,33 +356,58 @@ def markdown(doc: dict) -> list[str]:
              "Each row's parameters were chosen on the validation split (mean exact match over the five tasks) "
              "with the experts of the seed in `chosen_on` and reused for the other seeds; seed s scores every "
              "third test prompt of each task from the s-th, so the seeds together score each test prompt once. "
-             "Intervals: paired bootstrap over every (seed, prompt) pair, 2,000 draws.", ""]  # fmt: skip
+             "Intervals: paired bootstrap over every (seed, prompt) pair the two rows share, 2,000 draws. "
+             "'of experts': each task's accuracy over its own expert's, 'of multitask': the mean over the "
+             "multi-task adapter's (normalized accuracy). 'vs best other': against the row with the highest "
+             "mean other than this one.", ""]  # fmt: skip
     for family in ("oft", "lora"):
         units = [u for u in doc["units"].values() if u["family"] == family and u.get("rows")]
         if not units:
             continue
         lines += [f"## {family.upper()} experts ({len(units)} seed(s))", "",
-                  "| row | seeds | " + " | ".join(TASKS) + " | mean | vs TA (95 % CI) | perplexity | chosen | edge |",
-                  "|---|---|" + "---|" * (len(TASKS) + 5)]  # fmt: skip
-        labels = ["base", "multitask"] + list(units[0]["rows"])
-        for label in labels:
-            has = [u for u in units if label in ("base", "multitask") or label in u["rows"]]  # ablations: seed 0
-            rs = [u[label] if label in ("base", "multitask") else u["rows"][label] for u in has]
+                  "| row | seeds | " + " | ".join(TASKS) + " | mean | of experts | of multitask | vs TA (95 % CI) "
+                  "| vs best other (95 % CI) | perplexity | chosen | edge |",
+                  "|---|---|" + "---|" * (len(TASKS) + 8)]  # fmt: skip
+
+        def of(label: str) -> dict:  # unit key → that unit's result for this row
+            fixed = label in ("base", "multitask")
+            return {
+                k: u[label] if fixed else u["rows"][label]
+                for k, u in doc["units"].items()
+                if u in units and (fixed or label in u["rows"])
+            }
+
+        def versus(a: dict, b: dict) -> str:  # paired over the units both have
+            common = [k for k in a if k in b]
+            m, lo, hi = bootstrap("".join(joined(a[k]) for k in common), "".join(joined(b[k]) for k in common))
+            return f"{m:+.3f} ({lo:+.3f}, {hi:+.3f})"
+
+        methods = list(units[0]["rows"])
+        overall = {label: statistics.fmean(r["mean"] for r in of(label).values()) for label in methods}
+        ranked = sorted(methods, key=lambda label: -overall[label])
+        for label in ["base", "multitask"] + methods:
+            rs = of(label)
             if not rs:
                 continue
-            acc = [statistics.fmean(r["accuracy"][t] for r in rs) for t in TASKS]
-            ta = [u["rows"].get("task arithmetic") for u in has]
-            vs = ""
-            if all(ta) and label != "task arithmetic":
-                m, lo, hi = bootstrap("".join(joined(r) for r in rs), "".join(joined(t) for t in ta))
-                vs = f"{m:+.3f} ({lo:+.3f}, {hi:+.3f})"
-            ppl = statistics.fmean(r["perplexity"] for r in rs) if all("perplexity" in r for r in rs) else float("nan")
-            chosen = (
-                "; ".join(json.dumps(r.get("params", {})) for r in rs) if label not in ("base", "multitask") else ""
-            )
-            edge = "; ".join(",".join(r.get("edge", [])) for r in rs) if label not in ("base", "multitask") else ""
-            lines.append(f"| {label} | {len(rs)} | " + " | ".join(f"{a:.3f}" for a in acc) +
-                         f" | {statistics.fmean(acc):.3f} | {vs} | {ppl:.2f} | {chosen} | {edge} |")  # fmt: skip
+            acc = [statistics.fmean(r["accuracy"][t] for r in rs.values()) for t in TASKS]
+            # normalized accuracy: each task against its own expert (where that scored above 0), and the
+            # mean against the multi-task adapter's, per unit, averaged
+            own = [r["accuracy"][t] / doc["units"][k]["experts"][t]["accuracy"][t] for k, r in rs.items()
+                   for t in doc["units"][k]["experts"] if doc["units"][k]["experts"][t]["accuracy"][t] > 0]  # fmt: skip
+            upper = [r["mean"] / doc["units"][k]["multitask"]["mean"] for k, r in rs.items()
+                     if doc["units"][k]["multitask"]["mean"] > 0]  # fmt: skip
+            ta = of("task arithmetic")
+            vs_ta = versus(rs, ta) if ta and label not in ("task arithmetic", "base", "multitask") else ""
+            best = next((b for b in ranked if b != label), None)
+            vs_best = f"{best}: {versus(rs, of(best))}" if best and label in methods else ""
+            ppl = statistics.fmean(r.get("perplexity", float("nan")) for r in rs.values())
+            method_row = label not in ("base", "multitask")
+            chosen = "; ".join(json.dumps(r.get("params", {})) for r in rs.values()) if method_row else ""
+            edge = "; ".join(",".join(r.get("edge", [])) for r in rs.values()) if method_row else ""
+            cells = [f"{a:.3f}" for a in acc] + [f"{statistics.fmean(acc):.3f}",
+                     f"{statistics.fmean(own):.3f}" if own else "—", f"{statistics.fmean(upper):.3f}" if upper else "—",
+                     vs_ta, vs_best, f"{ppl:.2f}", chosen, edge]  # fmt: skip
+            lines.append(f"| {label} | {len(rs)} | " + " | ".join(cells) + " |")
         rotated = [label for label in units[0]["rows"] if "rotation" in units[0]["rows"][label]]
         if rotated:
             lines += ["", "How far OrthoMerge's merged rotations move (its --report, means over the seeds): tensors "
@@ -466,6 +491,8 @@ def smoke(work: str) -> None:
     assert all(after["rows"][k] is before[k] for k in before if k != "TIES")
     report = "\n".join(markdown({"units": done, "command": "smoke"}))
     assert "| OrthoMerge-G + TA | 1 | " in report and "How far OrthoMerge's merged rotations move" in report, report
+    assert "| of experts | of multitask | vs TA (95 % CI) | vs best other (95 % CI) |" in report, report
+    assert "| TIES | 2 | " in report and "| task arithmetic: +" in report, report
     print("smoke: harness ran", flush=True)
 
 
