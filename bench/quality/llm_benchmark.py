@@ -91,9 +91,10 @@ def configs(family: str) -> list[tuple[str, str, dict, dict]]:
     """(row, method, fixed parameters, grid) for one family."""
     rows = [
         ("task arithmetic", "task_arithmetic", {}, {"lambda": LAMBDAS}),
-        # seed 0's OFT experts chose the lowest density and λ of the first grids (0.2; 0.7)
-        ("TIES", "ties", {}, {"density": [0.1, 0.2, 0.5], "lambda": [0.3, 0.5, 0.7, 1.0, 1.5]}),
-        ("DARE-TIES", "dare_ties", {}, {"lambda": [0.3, 0.5, 0.7, 1.0, 1.5]}),
+        # seed 0's OFT experts chose the lowest density of the first two grids (0.2, then 0.1; λ 0.7
+        # both times) and DARE-TIES the lowest λ of 0.3–1.5 twice: widened downwards again
+        ("TIES", "ties", {}, {"density": [0.05, 0.1, 0.2], "lambda": [0.5, 0.7, 1.0, 1.5]}),
+        ("DARE-TIES", "dare_ties", {}, {"lambda": [0.1, 0.15, 0.2, 0.3, 0.5, 0.7, 1.0]}),
         ("TSV-M", "tsv", {}, {"alpha": ALPHAS}),
         ("Iso-C", "iso_c", {}, {"alpha": ALPHAS}),
         ("Iso-CTS", "iso_cts", {}, {"alpha": ALPHAS}),
