@@ -99,7 +99,7 @@ def configs(family: str) -> list[tuple[str, str, dict, dict]]:
         ("Iso-C", "iso_c", {}, {"alpha": ALPHAS}),
         ("Iso-CTS", "iso_cts", {}, {"alpha": ALPHAS}),
         ("SVD Ortho-Merge", "ortho_svd", {}, {"alpha": ALPHAS}),
-        ("DO-Merging", "do_merging", {}, {"lambda": [0.5, 1.0, 1.5]}),
+        ("DO-Merging", "do_merging", {}, {"lambda": [0.2, 0.3, 0.5, 1.0, 1.5]}),  # OFT s0 chose 0.5 of 0.5–1.5
         ("model_stock", "model_stock", {}, {}),
         ("karcher", "karcher", {}, {}),
     ]
