@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import sys
 
-INTERRUPTED = 130  # errors.Interrupted.exit_code, without importing the package's modules
+from .errors import Interrupted  # no imports of its own
 
 
 def entry() -> None:
@@ -16,5 +16,5 @@ def entry() -> None:
     except KeyboardInterrupt:
         sys.stderr.write("streammerge: interrupted while starting; nothing was written\n")
         sys.stderr.flush()
-        os._exit(INTERRUPTED)  # as cli.entry leaves on an interrupt (why: there)
+        os._exit(Interrupted.exit_code)  # as cli.entry leaves on an interrupt (why: there)
     run()

@@ -580,3 +580,17 @@ def test_ctrl_c_while_the_command_starts_is_one_line_and_130():
         [sys.executable, "-c", "import sys, streammerge; print(sorted(sys.modules))"],
         capture_output=True, text=True, cwd=ROOT, timeout=60,
     ).stdout  # fmt: skip
+
+
+def test_toy_models_made_in_parallel_have_the_same_bytes(tmp_path):
+    """tools/make_toy_models.py --jobs: each folder depends on the seed alone (bench/slice_gpu.py
+    makes its 17.8 GB inputs this way)."""
+    from tests.conftest import toy
+
+    sums = []
+    for jobs in (1, 3):
+        out = tmp_path / f"j{jobs}"
+        assert toy.main([str(out), "--experts", "2", "--shared", "0.5", "--jobs", str(jobs)]) == 0
+        files = sorted(p for p in out.rglob("*") if p.is_file())
+        sums.append([(str(p.relative_to(out)), p.read_bytes()) for p in files])
+    assert sums[0] == sums[1] and len(sums[0]) > 4

@@ -329,15 +329,25 @@ def main(argv: list[str] | None = None) -> int:
         preset[2] = args.layers
     layout = llama_layout(*preset, tied=args.tied, bias=args.bias)
     folders = [None, *range(1, args.experts + 1)]  # the base, then each expert
-    if args.jobs > 1:
+    if args.jobs > 1 and args.kind not in ("lora", "oft"):
         # each folder depends on the seed alone, so they are made in parallel with the same bytes
-        import concurrent.futures
+        # (forked: nothing is pickled, so this works however the module was loaded)
         import multiprocessing
 
         ctx = multiprocessing.get_context("fork")
-        with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=ctx) as pool:
-            sizes = list(pool.map(write_folder, [(args, preset, layout, e) for e in folders]))
-    else:
+        for start in range(0, len(folders), args.jobs):
+            procs = [
+                ctx.Process(target=write_folder, args=((args, preset, layout, e),))
+                for e in folders[start : start + args.jobs]
+            ]
+            for p in procs:
+                p.start()
+            for p in procs:
+                p.join()
+                if p.exitcode != 0:
+                    raise SystemExit(f"making a folder failed (exit {p.exitcode})")
+        sizes = [0]
+    else:  # adapters are small: one process
         sizes = [write_folder((args, preset, layout, e)) for e in folders]
     adapter_params = sizes[-1]
     params = sum(math.prod(s) for _, s in layout)

@@ -23,7 +23,7 @@ from common import CACHE  # noqa: E402
 LLM_CACHE = os.path.join(CACHE, "llm")
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MAX_NEW = 8
-PPL_WINDOWS, PPL_LEN = 8, 256  # 2,048 tokens: 32 windows cost as much as scoring 400 prompts
+PPL_WINDOWS, PPL_LEN = 8, 256  # 2,048 tokens: 32 windows cost as much as scoring ~230 prompts (bench/quality/README)
 
 
 def smollm2_folder() -> str:
