@@ -100,6 +100,11 @@ def rows(doc: dict) -> list[dict[str, Any]]:
         ]
         share = [r["rotation_share"] for r in recs if r.get("rotation_share") is not None]
         q = [r["generator_agreement"] for r in recs if r.get("generator_agreement") is not None]
+        moved = [
+            r["rotation_distance"] / _mean(r["expert_rotation_distances"])
+            for r in recs
+            if r.get("expert_rotation_distances") and _mean(r["expert_rotation_distances"])
+        ]
         conflict = [x for r in recs for x in r.get("conflict_row_fraction", [])]
         out.append(
             {
@@ -109,6 +114,7 @@ def rows(doc: dict) -> list[dict[str, Any]]:
                 "update_over_mean_tau": _mean(ratio),
                 "rotation_share": _mean(share),
                 "generator_agreement": _mean(q),
+                "rotation_moved": _mean(moved),
                 "conflict_rows": _mean(conflict),
                 "planes_reset": sum(r.get("planes_reset", 0) for r in recs),
                 "kept_rank": _mean(
@@ -126,6 +132,7 @@ COLUMNS = [
     ("update_over_mean_tau", "‖ΔW‖ / mean ‖τ_i‖", "{:.3f}", "task_vector_norms"),
     ("rotation_share", "rotation share", "{:.3f}", "rotation_share"),
     ("generator_agreement", "‖Σ Q_i‖ / Σ ‖Q_i‖", "{:.3f}", "generator_agreement"),
+    ("rotation_moved", "‖R* − I‖ / mean ‖R_i − I‖", "{:.3f}", "expert_rotation_distances"),
     ("conflict_rows", "conflicting rows", "{:.1%}", "conflict_row_fraction"),
     ("planes_reset", "planes reset", "{}", "planes_reset"),
     ("kept_rank", "kept rank", "{:.0f}", ("kept_rank", "rank")),

@@ -15,7 +15,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from click.testing import CliRunner
+
 from streammerge import Expert, Recipe, merge
+from streammerge.cli import main as cli_main
 from streammerge.errors import InputError
 from tests.conftest import load_all, make_toy
 
@@ -193,6 +196,26 @@ def test_orthomerge_of_oft_adapters_merges_generators_with_peft_convention(f32_t
     assert torch.equal(
         got["model.layers.0.input_layernorm.weight"], load_all(base)["model.layers.0.input_layernorm.weight"]
     )
+    # --report says how far the merged rotation moves from I, beside each expert's
+    from streammerge.engine import Merge, RunOptions
+
+    report = str(tmp_path / "report.json")
+    merger = Merge(
+        Recipe("orthomerge", base, tuple(Expert(f) for f in folders), str(tmp_path / "reported"), {}),
+        RunOptions(device="cpu", quiet=True, report=report),
+    )
+    try:
+        merger.run()
+    finally:
+        merger.close()
+    rec = json.load(open(report))["tensors"][name + ".weight"]
+    assert rec["rotation_distance"] == pytest.approx(float((r - eye).norm()), rel=1e-5)
+    assert rec["merged_generator_norm"] == pytest.approx(float(q_star.norm()), rel=1e-5)
+    assert rec["generator_norms"] == pytest.approx([float(q.norm()) for q in qs], rel=1e-5)
+    r_i = [torch.linalg.solve(eye + q, eye - q, left=False) for q in qs]
+    assert rec["expert_rotation_distances"] == pytest.approx([float((x - eye).norm()) for x in r_i], rel=1e-5)
+    summary = CliRunner().invoke(cli_main, ["report", report])
+    assert summary.exit_code == 0 and "‖R* − I‖ / mean ‖R_i − I‖" in summary.output, summary.output
     # merging copies of one adapter gives that adapter
     out2 = str(tmp_path / "copies")
     merge(Recipe("orthomerge", base, (Expert(folders[0]),) * 3, out2, {}, dtype="float32"), device="cpu")

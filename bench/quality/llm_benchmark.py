@@ -148,21 +148,27 @@ def merge_to(
 
 def rotation_summary(report: str) -> dict:
     """How far OrthoMerge's merged rotations move (from its --report), over the tensors it could
-    rotate: how many it did rotate, the mean share of the update that is rotation (0: the rotation
-    did nothing and the row is its residual method), the mean norm of the merged generator Q*
-    (magnitude-corrected rule) and of the whole update W − W₀."""
+    rotate: how many it did rotate; on dense experts the mean share of the update that is rotation
+    (0: the rotation did nothing and the row is its residual method); on OFT experts (generators
+    merged, the update all rotation) ‖R* − I‖ against the experts' mean ‖R_i − I‖; the mean norm of
+    the merged generator Q* (where the rule forms one) and of the whole update W − W₀."""
     tensors = json.load(open(report))["tensors"].values()
-    rotated = [t for t in tensors if "rotation_share" in t]
+    rotated = [t for t in tensors if "rotation_share" in t or "rotation_distance" in t]
 
-    def mean(key: str) -> float | None:
-        values = [t[key] for t in rotated if t.get(key) is not None]
+    def mean(key: str, of=lambda v: v) -> float | None:
+        values = [of(t[key]) for t in rotated if t.get(key) is not None]
         return statistics.fmean(values) if values else None
 
     return {
-        "tensors_rotated": sum(1 for t in rotated if t["rotation_share"] > 0),
+        "tensors_rotated": sum(
+            1 for t in rotated if t.get("rotation_share", 0) > 0 or t.get("rotation_distance", 0) > 0
+        ),
         "tensors": len(rotated),
         "rotation_share_mean": mean("rotation_share"),
+        "rotation_distance_mean": mean("rotation_distance"),
+        "expert_rotation_distance_mean": mean("expert_rotation_distances", statistics.fmean),
         "merged_generator_norm_mean": mean("merged_generator_norm"),
+        "expert_generator_norm_mean": mean("generator_norms", statistics.fmean),
         "update_norm_mean": mean("update_norm"),
     }
 
@@ -286,6 +292,15 @@ def run_unit(
                 else done_row["grid"] == grid
             )
         ):
+            if method == "orthomerge" and family == "oft" and "rotation_distance_mean" not in done_row["rotation"]:
+                # recorded before the OFT path reported ‖R* − I‖: its chosen point merged again for it
+                report = os.path.join(work, "report.json")
+                merge_to(
+                    method, fixed | done_row["params"], experts, os.path.join(work, "m-report"), base, seed, report
+                )
+                done_row["rotation"] = rotation_summary(report)
+                shutil.rmtree(os.path.join(work, "m-report"), ignore_errors=True)
+                save()
             continue  # one chosen on another grid, from another choice or borrowing other values is merged again
         started, points, best = time.perf_counter(), [], None
         keys = list(grid)
@@ -412,15 +427,25 @@ def markdown(doc: dict) -> list[str]:
         rotated = [label for label in units[0]["rows"] if "rotation" in units[0]["rows"][label]]
         if rotated:
             lines += ["", "How far OrthoMerge's merged rotations move (its --report, means over the seeds): tensors "
-                      "rotated of those it could rotate, the share of the update that is rotation (0: the row is "
-                      "its residual method), the merged generator's norm ‖Q*‖:", "",
-                      "| row | rotated | rotation share | ‖Q*‖ |", "|---|---|---|---|"]  # fmt: skip
+                      "rotated of those it could rotate; on dense experts the share of the update that is rotation "
+                      "(0: the row is its residual method); on OFT experts, where the update is all rotation, "
+                      "‖R* − I‖ over the experts' mean ‖R_i − I‖ (0: the merge cancelled the rotations); the merged "
+                      "generator's norm ‖Q*‖ over the experts' mean ‖Q_i‖ (Frobenius, per tensor):", "",
+                      "| row | rotated | rotation share | ‖R* − I‖ / ‖R_i − I‖ | ‖Q*‖ | ‖Q*‖ / ‖Q_i‖ |",
+                      "|---|---|---|---|---|---|"]  # fmt: skip
+
+            def ratio_of(rs: list, a: str, b: str | None = None, digits: str = ".3f") -> str:
+                pairs = [(r.get(a), r.get(b) if b else 1.0) for r in rs]
+                values = [x / y for x, y in pairs if x is not None and y]
+                return format(statistics.fmean(values), digits) if values else "—"
+
             for label in rotated:
                 rs = [u["rows"][label]["rotation"] for u in units if "rotation" in u["rows"].get(label, {})]
-                share = statistics.fmean(r["rotation_share_mean"] or 0.0 for r in rs)
-                norms = [r["merged_generator_norm_mean"] for r in rs if r["merged_generator_norm_mean"] is not None]
-                q = f"{statistics.fmean(norms):.3g}" if norms else "—"
-                lines.append(f"| {label} | {rs[0]['tensors_rotated']}/{rs[0]['tensors']} | {share:.3f} | {q} |")
+                cells = [f"{rs[0]['tensors_rotated']}/{rs[0]['tensors']}", ratio_of(rs, "rotation_share_mean"),
+                         ratio_of(rs, "rotation_distance_mean", "expert_rotation_distance_mean"),
+                         ratio_of(rs, "merged_generator_norm_mean", digits=".3g"),
+                         ratio_of(rs, "merged_generator_norm_mean", "expert_generator_norm_mean")]  # fmt: skip
+                lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines += ["", "Each expert alone (rows) on every task (columns), test exact match:", "",
                   "| expert | " + " | ".join(TASKS) + " |", "|---|" + "---|" * len(TASKS)]  # fmt: skip
         full = [u for u in units if all(len(e["accuracy"]) == len(TASKS) for e in u["experts"].values())]

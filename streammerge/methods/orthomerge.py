@@ -679,7 +679,10 @@ def merge_oft(task: TensorTask, params: OrthoMergeParams) -> torch.Tensor:
         ]
         r_blocks = merged_rotation(LieAccumulator(), rotations, task.weights, params)
     else:
-        r_blocks = gens.convention.rotation(merged_generator(gens, task.weights, params, dtype, device))
+        q_star = merged_generator(gens, task.weights, params, dtype, device)
+        r_blocks = gens.convention.rotation(q_star)
+        task.note("merged_generator_norm", float(torch.linalg.vector_norm(q_star)))
+    note_oft_rotation(task, r_blocks)
     row_scale = None
     if gens.convention.fmt == "full_scaled":
         # PEFT 0.14–0.15 also scales output rows (oft_s): not a rotation; averaged (weighted).
@@ -687,6 +690,23 @@ def merge_oft(task: TensorTask, params: OrthoMergeParams) -> torch.Tensor:
         scales = [gens.row_scale(i) for i in range(len(gens))]
         row_scale = sum(w * (ones if s is None else s) for w, s in zip(task.weights, scales)) / sum(task.weights)
     return apply_rotation(task.base, r_blocks, gens.module, gens.convention, row_scale)
+
+
+def note_oft_rotation(task: TensorTask, r_blocks: torch.Tensor) -> None:
+    """How far the merged rotation moves from the identity, beside each expert's (Frobenius norms
+    over the blocks, for `streammerge report`): ‖R* − I‖ near 0 while the experts' are not means
+    the merge cancelled their rotations."""
+    if task.diagnostics is None:
+        return
+    gens = task.generators
+    eye = torch.eye(r_blocks.shape[-1], dtype=r_blocks.dtype, device=r_blocks.device)
+    stored = [gens[i] for i in range(len(gens))]
+    task.note("rotation_distance", float(torch.linalg.vector_norm(r_blocks - eye)))
+    task.note("generator_norms", [0.0 if q is None else float(torch.linalg.vector_norm(q)) for q in stored])
+    task.note(
+        "expert_rotation_distances",
+        [0.0 if q is None else float(torch.linalg.vector_norm(gens.convention.rotation(q) - eye)) for q in stored],
+    )
 
 
 def merged_rotation(
