@@ -43,7 +43,13 @@ LAYERS = [
     ["streammerge.methods.base"],
     ["streammerge.plan", "streammerge.prefetch", "streammerge.memwatch", "streammerge.cpu"],
     ["streammerge.io", "streammerge.io.*"],
-    ["streammerge.settings", "streammerge.units", "streammerge.errors", "streammerge.gguf_pre"],
+    [
+        "streammerge.settings",
+        "streammerge.units",
+        "streammerge.errors",
+        "streammerge.gguf_pre",
+        "streammerge.quality_marks",
+    ],
     ["streammerge.math", "streammerge.math.*"],
 ]
 ENGINE_MODULE_MAX_LINES = 250

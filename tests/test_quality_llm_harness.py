@@ -29,3 +29,22 @@ def test_tasks_are_disjoint_and_sized():
     r = subprocess.run([sys.executable, "llm_tasks.py"], cwd=HERE, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "every input appears in one task and one split" in r.stdout, r.stderr[-3000:]
     assert r.stdout.count("'test': 240") == 5
+
+
+def test_methods_marks_recompute_from_the_recorded_results():
+    """`streammerge methods` shows what the benchmark measured: the module it reads is what
+    `llm_benchmark.py --marks` makes from bench/results/quality-llm.json now."""
+    r = subprocess.run([sys.executable, "llm_benchmark.py", "--marks", "-"], cwd=HERE, capture_output=True,
+                       text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    with open(os.path.join(ROOT, "streammerge", "quality_marks.py")) as f:
+        assert f.read() == r.stdout, (
+            "regenerate: python bench/quality/llm_benchmark.py --marks streammerge/quality_marks.py"
+        )
+    from click.testing import CliRunner
+
+    from streammerge.cli import main
+    from streammerge.quality_marks import MARKS
+
+    out = CliRunner().invoke(main, ["methods"]).output
+    assert MARKS and all(f"measured: {line}" in out for lines in MARKS.values() for line in lines)

@@ -4,6 +4,7 @@
     python bench/quality/llm_train.py --seeds 0 1 2          # once (cached)
     python bench/quality/llm_benchmark.py --seeds 0 1 2      # → bench/results/quality-llm.json
     python bench/quality/llm_benchmark.py --markdown bench/results/quality-llm.md   # its tables
+    python bench/quality/llm_benchmark.py --marks streammerge/quality_marks.py   # `streammerge methods`' marks
     python bench/quality/llm_benchmark.py --smoke            # the harness on a toy model (CI)
 
 For each family (OFT and LoRA adapters of SmolLM2-135M-Instruct) and seed, the five task experts
@@ -367,6 +368,47 @@ def joined(result: dict) -> str:
     return "".join(result["correct"][t] for t in TASKS)
 
 
+def versus_ta(doc: dict, family: str, label: str) -> tuple[float, float, float, int] | None:
+    """The row against task arithmetic over the (seed, prompt) pairs of this family's units that
+    scored both: mean difference, its 95 % interval, prompts."""
+    units = [u for u in doc["units"].values() if u["family"] == family and label in u.get("rows", {})]
+    units = [u for u in units if "task arithmetic" in u["rows"]]
+    if not units or label == "task arithmetic":
+        return None
+    a = "".join(joined(u["rows"][label]) for u in units)
+    return (*bootstrap(a, "".join(joined(u["rows"]["task arithmetic"]) for u in units)), len(a))
+
+
+def marks(doc: dict) -> str:
+    """streammerge/quality_marks.py: each measured row against task arithmetic, per method, for
+    `streammerge methods` ('lost' or 'won' where the interval excludes 0, else 'level')."""
+    found: dict[str, list[str]] = {}
+    for family in ("oft", "lora"):
+        labels = {label: r["method"] for u in doc["units"].values() if u["family"] == family
+                  for label, r in u.get("rows", {}).items()}  # fmt: skip
+        for label, method in labels.items():
+            vs = versus_ta(doc, family, label)
+            if vs is None:
+                continue
+            m, lo, hi, n = vs
+            verdict = "lost to" if hi < 0 else "won over" if lo > 0 else "level with"
+            found.setdefault(method, []).append(
+                f"{family.upper()} adapters, {label!r}: {verdict} task arithmetic, {100 * m:+.1f} points "
+                f"(95 % CI {100 * lo:+.1f}, {100 * hi:+.1f}; {n} test prompts)"
+            )
+    body = "".join(f"    {json.dumps(m)}: [\n" + "".join(f"        {json.dumps(line, ensure_ascii=False)},\n"
+                   for line in found[m]) + "    ],\n" for m in sorted(found))  # fmt: skip
+    return (
+        "# ruff: noqa: E501\n"
+        '"""What the decoder-LLM quality benchmark (SmolLM2-135M-Instruct, five tasks, LoRA and OFT experts)\n'
+        "measured for each method against task arithmetic, shown by `streammerge methods`. Generated from\n"
+        "bench/results/quality-llm.json by `python bench/quality/llm_benchmark.py --marks\n"
+        'streammerge/quality_marks.py` (a test regenerates it and compares); not edited by hand."""\n\n'
+        'SOURCE = "bench/results/quality-llm.md"\n'
+        f"MARKS: dict[str, list[str]] = {{\n{body}}}\n"
+    )
+
+
 def markdown(doc: dict) -> list[str]:
     lines = ["# Merge quality on a decoder LLM (SmolLM2-135M-Instruct)", "", f"`{doc.get('command', '')}`", "",
              "Each row's parameters were chosen on the validation split (mean exact match over the five tasks) "
@@ -517,6 +559,10 @@ def smoke(work: str) -> None:
     assert all(after["rows"][k] is before[k] for k in before if k != "TIES")
     report = "\n".join(markdown({"units": done, "command": "smoke"}))
     assert "| OrthoMerge-G + TA | 1 | " in report and "How far OrthoMerge's merged rotations move" in report, report
+    generated: dict = {}
+    exec(marks({"units": done}), generated)
+    assert set(generated["MARKS"]) == {"ties", "orthomerge"}, generated["MARKS"]
+    assert generated["MARKS"]["ties"][0].startswith("LORA adapters, 'TIES': "), generated["MARKS"]
     assert "| of experts | of multitask | vs TA (95 % CI) | vs best other (95 % CI) |" in report, report
     assert "| TIES | 2 | " in report and "| task arithmetic: +" in report, report
     print("smoke: harness ran", flush=True)
@@ -530,6 +576,7 @@ def main() -> int:
     ap.add_argument("--choose-on", type=int, default=None, help="the seed whose validation picks every row's "
                     "parameters (default: the first of --seeds)")  # fmt: skip
     ap.add_argument("--markdown", help="write the tables from the JSON to this file, run nothing")
+    ap.add_argument("--marks", help="write `streammerge methods`' marks from the JSON to this file ('-': print)")
     ap.add_argument("--smoke", action="store_true", help="run the harness on a toy model (CI), write nothing")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -538,6 +585,14 @@ def main() -> int:
             smoke(work)
         return 0
     doc = json.load(open(RESULTS)) if os.path.exists(RESULTS) else {"units": {}}
+    if args.marks:
+        text = marks(doc)
+        if args.marks == "-":
+            print(text, end="")
+        else:
+            with open(args.marks, "w") as f:
+                f.write(text)
+        return 0
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write("\n".join(markdown(doc)) + "\n")
