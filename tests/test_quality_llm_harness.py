@@ -48,3 +48,15 @@ def test_methods_marks_recompute_from_the_recorded_results():
 
     out = CliRunner().invoke(main, ["methods"]).output
     assert MARKS and all(f"measured: {line}" in out for lines in MARKS.values() for line in lines)
+
+
+def test_readme_tables_recompute_from_the_recorded_results(tmp_path):
+    """README's decoder-LLM tables are what `llm_benchmark.py --readme` makes from the JSON now."""
+    readme = tmp_path / "README.md"
+    with open(os.path.join(ROOT, "README.md")) as f:
+        text = f.read()
+    readme.write_text(text)
+    r = subprocess.run([sys.executable, "llm_benchmark.py", "--readme", str(readme)], cwd=HERE, capture_output=True,
+                       text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert readme.read_text() == text, "regenerate: python bench/quality/llm_benchmark.py --readme README.md"
