@@ -7,50 +7,50 @@ streammerge/quality_marks.py` (a test regenerates it and compares); not edited b
 SOURCE = "bench/results/quality-llm.md"
 MARKS: dict[str, list[str]] = {
     "dare_ties": [
-        "OFT adapters, 'DARE-TIES': level with task arithmetic, +1.3 points (95 % CI -1.0, +3.5; 400 test prompts)",
-        "LoRA adapters, 'DARE-TIES': level with task arithmetic, -1.0 points (95 % CI -2.7, +0.5; 400 test prompts)",
+        "OFT adapters, 'DARE-TIES': level with task arithmetic, +0.1 points (95 % CI -1.4, +1.6; 800 test prompts)",
+        "LoRA adapters, 'DARE-TIES': level with task arithmetic, -1.4 points (95 % CI -2.9, +0.2; 800 test prompts)",
     ],
     "do_merging": [
-        "OFT adapters, 'DO-Merging': level with task arithmetic, +0.7 points (95 % CI -1.8, +3.5; 400 test prompts)",
-        "LoRA adapters, 'DO-Merging': won over task arithmetic, +6.2 points (95 % CI +3.5, +9.3; 400 test prompts)",
+        "OFT adapters, 'DO-Merging': level with task arithmetic, +0.1 points (95 % CI -1.6, +1.9; 800 test prompts)",
+        "LoRA adapters, 'DO-Merging': won over task arithmetic, +4.0 points (95 % CI +2.0, +6.0; 800 test prompts)",
     ],
     "iso_c": [
-        "OFT adapters, 'Iso-C': won over task arithmetic, +13.2 points (95 % CI +9.5, +17.2; 400 test prompts)",
-        "LoRA adapters, 'Iso-C': lost to task arithmetic, -27.0 points (95 % CI -32.0, -22.2; 400 test prompts)",
+        "OFT adapters, 'Iso-C': won over task arithmetic, +11.9 points (95 % CI +9.3, +14.5; 800 test prompts)",
+        "LoRA adapters, 'Iso-C': lost to task arithmetic, -21.3 points (95 % CI -24.8, -17.6; 800 test prompts)",
     ],
     "iso_cts": [
-        "OFT adapters, 'Iso-CTS': won over task arithmetic, +13.8 points (95 % CI +10.2, +18.0; 400 test prompts)",
-        "LoRA adapters, 'Iso-CTS': lost to task arithmetic, -29.2 points (95 % CI -34.3, -24.8; 400 test prompts)",
+        "OFT adapters, 'Iso-CTS': won over task arithmetic, +12.9 points (95 % CI +10.0, +15.6; 800 test prompts)",
+        "LoRA adapters, 'Iso-CTS': lost to task arithmetic, -23.6 points (95 % CI -27.0, -20.1; 800 test prompts)",
     ],
     "karcher": [
-        "OFT adapters, 'karcher': level with task arithmetic, -2.7 points (95 % CI -6.5, +0.5; 400 test prompts)",
-        "LoRA adapters, 'karcher': level with task arithmetic, -2.0 points (95 % CI -4.5, +0.2; 400 test prompts)",
+        "OFT adapters, 'karcher': level with task arithmetic, -0.6 points (95 % CI -2.9, +1.6; 800 test prompts)",
+        "LoRA adapters, 'karcher': lost to task arithmetic, -2.5 points (95 % CI -4.5, -0.5; 800 test prompts)",
     ],
     "model_stock": [
-        "OFT adapters, 'model_stock': level with task arithmetic, -4.0 points (95 % CI -8.0, +0.2; 400 test prompts)",
-        "LoRA adapters, 'model_stock': lost to task arithmetic, -23.3 points (95 % CI -28.5, -18.5; 400 test prompts)",
+        "OFT adapters, 'model_stock': lost to task arithmetic, -3.8 points (95 % CI -6.6, -0.7; 800 test prompts)",
+        "LoRA adapters, 'model_stock': lost to task arithmetic, -24.6 points (95 % CI -28.2, -21.1; 800 test prompts)",
     ],
     "ortho_svd": [
-        "OFT adapters, 'SVD Ortho-Merge': won over task arithmetic, +15.3 points (95 % CI +10.5, +20.3; 400 test prompts)",
-        "LoRA adapters, 'SVD Ortho-Merge': lost to task arithmetic, -25.0 points (95 % CI -30.0, -20.3; 400 test prompts)",
+        "OFT adapters, 'SVD Ortho-Merge': won over task arithmetic, +15.4 points (95 % CI +12.0, +19.0; 800 test prompts)",
+        "LoRA adapters, 'SVD Ortho-Merge': lost to task arithmetic, -20.6 points (95 % CI -24.0, -17.1; 800 test prompts)",
     ],
     "orthomerge": [
-        "OFT adapters, 'OrthoMerge (generators)': level with task arithmetic, -1.3 points (95 % CI -4.3, +1.8; 400 test prompts)",
+        "OFT adapters, 'OrthoMerge (generators)': level with task arithmetic, -0.4 points (95 % CI -2.1, +1.5; 800 test prompts)",
         "OFT adapters, 'Table 4: average R': level with task arithmetic, -2.7 points (95 % CI -6.5, +0.5; 400 test prompts)",
         "OFT adapters, 'Table 4: product R': lost to task arithmetic, -23.3 points (95 % CI -29.0, -17.7; 400 test prompts)",
         "OFT adapters, 'Table 4: average Q': level with task arithmetic, -2.7 points (95 % CI -6.5, +0.5; 400 test prompts)",
         "OFT adapters, 'Table 4: magnitude-corrected': lost to task arithmetic, -15.7 points (95 % CI -20.7, -10.8; 400 test prompts)",
         "LoRA adapters, 'OrthoMerge-G + TA': level with task arithmetic, +1.8 points (95 % CI +0.0, +3.8; 400 test prompts)",
         "LoRA adapters, 'OrthoMerge-G + TSV-M': level with task arithmetic, +1.0 points (95 % CI -1.0, +3.0; 400 test prompts)",
-        "LoRA adapters, 'OrthoMerge-C + TA': level with task arithmetic, +0.0 points (95 % CI +0.0, +0.0; 400 test prompts)",
+        "LoRA adapters, 'OrthoMerge-C + TA': level with task arithmetic, -0.2 points (95 % CI -0.6, +0.0; 800 test prompts)",
         "LoRA adapters, 'OrthoMerge-C + TSV-M': level with task arithmetic, -3.2 points (95 % CI -7.0, +0.5; 400 test prompts)",
     ],
     "ties": [
-        "OFT adapters, 'TIES': level with task arithmetic, +2.5 points (95 % CI -0.7, +5.8; 400 test prompts)",
-        "LoRA adapters, 'TIES': lost to task arithmetic, -2.7 points (95 % CI -5.5, -0.2; 400 test prompts)",
+        "OFT adapters, 'TIES': won over task arithmetic, +4.4 points (95 % CI +2.1, +6.8; 800 test prompts)",
+        "LoRA adapters, 'TIES': lost to task arithmetic, -4.0 points (95 % CI -6.4, -1.8; 800 test prompts)",
     ],
     "tsv": [
-        "OFT adapters, 'TSV-M': won over task arithmetic, +7.8 points (95 % CI +3.8, +11.7; 400 test prompts)",
-        "LoRA adapters, 'TSV-M': level with task arithmetic, -2.3 points (95 % CI -6.2, +1.3; 400 test prompts)",
+        "OFT adapters, 'TSV-M': won over task arithmetic, +8.3 points (95 % CI +5.6, +11.0; 800 test prompts)",
+        "LoRA adapters, 'TSV-M': lost to task arithmetic, -6.0 points (95 % CI -8.9, -3.2; 800 test prompts)",
     ],
 }

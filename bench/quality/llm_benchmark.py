@@ -486,8 +486,6 @@ def markdown(doc: dict) -> list[str]:
             return f"{m:+.3f} ({lo:+.3f}, {hi:+.3f})"
 
         methods = list(units[0]["rows"])
-        overall = {label: statistics.fmean(r["mean"] for r in of(label).values()) for label in methods}
-        ranked = sorted(methods, key=lambda label: -overall[label])
         for label in ["base", "multitask"] + methods:
             rs = of(label)
             if not rs:
@@ -501,7 +499,10 @@ def markdown(doc: dict) -> list[str]:
                      if doc["units"][k]["multitask"]["mean"] > 0]  # fmt: skip
             ta = of("task arithmetic")
             vs_ta = versus(rs, ta) if ta and label not in ("task arithmetic", "base", "multitask") else ""
-            best = next((b for b in ranked if b != label), None)
+            # the best other row over this row's units (one that has them all), so that a row of the
+            # choosing seed only is not compared with a mean that other seeds pulled down
+            others = [b for b in methods if b != label and set(rs) <= set(of(b))]
+            best = max(others, key=lambda b: statistics.fmean(of(b)[k]["mean"] for k in rs), default=None)
             vs_best = f"{best}: {versus(rs, of(best))}" if best and label in methods else ""
             ppl = statistics.fmean(r.get("perplexity", float("nan")) for r in rs.values())
             method_row = label not in ("base", "multitask")
