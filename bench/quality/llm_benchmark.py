@@ -415,37 +415,44 @@ README_END = "<!-- /quality-llm -->"
 
 
 def readme_tables(doc: dict) -> str:
-    """README's tables, one per family: the rows a user chooses between (no ablations), best first,
-    test exact match over every seed's prompts, of the multi-task adapter's, against task arithmetic."""
-    lines = [README_BEGIN]
-    for family in ("oft", "lora"):
-        units = [u for u in doc["units"].values() if u["family"] == family and u.get("rows")]
-        if not units:
-            continue
-        seeds = sorted(u["seed"] for u in units)
-        prompts = sum(u["test_prompts"] for u in units)
-        labels = [label for label in units[0]["rows"] if label not in ABLATIONS]
-        rows = []
-        for label in labels:
-            rs = [u["rows"][label] for u in units if label in u["rows"]]
-            correct = "".join(joined(r) for r in rs)
-            upper = statistics.fmean(
-                r["mean"] / u["multitask"]["mean"] for u in units for r in [u["rows"].get(label)] if r
-            )
-            vs = versus_ta(doc, family, label)
-            cell = "" if vs is None else f"{100 * vs[0]:+.1f} ({100 * vs[1]:+.1f}, {100 * vs[2]:+.1f})"
-            rows.append((correct.count("1") / len(correct), label, upper, cell, len(rs)))
-        base = "".join(joined(u["base"]) for u in units)
-        multi = "".join(joined(u["multitask"]) for u in units)
-        lines += ["", f"{FAMILY[family]} experts, seeds {', '.join(map(str, seeds))} ({prompts} test prompts; rows "
-                  "with fewer seeds say so):", "",
-                  "| method | exact match | of multi-task | vs task arithmetic, points (95 % CI) |",
-                  "|---|---|---|---|", f"| base model | {100 * base.count('1') / len(base):.1f} % | | |",
-                  f"| multi-task adapter (upper bound) | {100 * multi.count('1') / len(multi):.1f} % "
-                  "| 1.00 | |"]  # fmt: skip
-        for acc, label, upper, cell, n in sorted(rows, key=lambda r: -r[0]):
-            note = f" ({n} seed{'s' if n > 1 else ''})" if n < len(units) else ""
-            lines.append(f"| {label}{note} | {100 * acc:.1f} % | {upper:.2f} | {cell} |")
+    """README's table: the rows a user chooses between (no ablations), test exact match over every
+    seed's prompts and the difference from task arithmetic, one column pair per family."""
+    families = [f for f in ("oft", "lora") if any(u["family"] == f and u.get("rows") for u in doc["units"].values())]
+    units = {f: [u for u in doc["units"].values() if u["family"] == f and u.get("rows")] for f in families}
+    labels: list[str] = []
+    for f in families:
+        labels += [label for label in units[f][0]["rows"] if label not in ABLATIONS and label not in labels]
+
+    def rate(results: list[dict]) -> str:
+        correct = "".join(joined(r) for r in results)
+        return f"{100 * correct.count('1') / len(correct):.1f} %" if correct else "—"
+
+    def cells(label: str) -> list[str]:
+        out = []
+        for f in families:
+            if label in ("base", "multitask"):
+                out += [rate([u[label] for u in units[f]]), ""]
+                continue
+            rs = [u["rows"][label] for u in units[f] if label in u["rows"]]
+            vs = versus_ta(doc, f, label)
+            seeds = f" ({len(rs)} seed)" if rs and len(rs) < len(units[f]) else ""
+            out += [
+                rate(rs) + seeds,
+                "" if vs is None else f"{100 * vs[0]:+.1f} ({100 * vs[1]:+.1f}, {100 * vs[2]:+.1f})",
+            ]
+        return out
+
+    described = "; ".join(
+        f"{FAMILY[f]}: seeds {', '.join(str(u['seed']) for u in units[f])}, {sum(u['test_prompts'] for u in units[f])} "
+        "test prompts"
+        for f in families
+    )
+    head = " | ".join(f"{FAMILY[f]}: exact match | {FAMILY[f]}: vs task arithmetic, points (95 % CI)" for f in families)
+    lines = [README_BEGIN, "", f"Test exact match and paired difference from task arithmetic ({described}):", "",
+             f"| method | {head} |", "|---|" + "---|" * (2 * len(families))]  # fmt: skip
+    names = {"base": "base model", "multitask": "multi-task adapter (upper bound)"}
+    for label in ["base", "multitask"] + labels:
+        lines.append(f"| {names.get(label, label)} | " + " | ".join(cells(label)) + " |")
     return "\n".join(lines + ["", README_END])
 
 
