@@ -676,7 +676,7 @@ def list_methods() -> None:
         "weights default to 1; we compute in float32."
     )
     click.echo(
-        f"\n'measured': against task arithmetic on SmolLM2-135M-Instruct adapters, five tasks ({SOURCE});\n"
+        f"\n'measured': against task arithmetic (TA) on SmolLM2-135M-Instruct adapters, five tasks ({SOURCE});\n"
         "one small model, each row's parameters chosen on validation: evidence, not a guarantee for an 8B."
     )
 

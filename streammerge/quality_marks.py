@@ -1,4 +1,3 @@
-# ruff: noqa: E501
 """What the decoder-LLM quality benchmark (SmolLM2-135M-Instruct, five tasks, LoRA and OFT experts)
 measured for each method against task arithmetic, shown by `streammerge methods`. Generated from
 bench/results/quality-llm.json by `python bench/quality/llm_benchmark.py --marks
@@ -7,50 +6,50 @@ streammerge/quality_marks.py` (a test regenerates it and compares); not edited b
 SOURCE = "bench/results/quality-llm.md"
 MARKS: dict[str, list[str]] = {
     "dare_ties": [
-        "OFT adapters, 'DARE-TIES': level with task arithmetic, +0.1 points (95 % CI -1.4, +1.6; 800 test prompts)",
-        "LoRA adapters, 'DARE-TIES': level with task arithmetic, -1.4 points (95 % CI -2.9, +0.2; 800 test prompts)",
+        "OFT adapters, DARE-TIES: level with TA, +0.1 points (95 % CI -1.4, +1.6; 800 prompts)",
+        "LoRA adapters, DARE-TIES: level with TA, -1.4 points (95 % CI -2.9, +0.2; 800 prompts)",
     ],
     "do_merging": [
-        "OFT adapters, 'DO-Merging': level with task arithmetic, +0.1 points (95 % CI -1.6, +1.9; 800 test prompts)",
-        "LoRA adapters, 'DO-Merging': won over task arithmetic, +4.0 points (95 % CI +2.0, +6.0; 800 test prompts)",
+        "OFT adapters, DO-Merging: level with TA, +0.1 points (95 % CI -1.6, +1.9; 800 prompts)",
+        "LoRA adapters, DO-Merging: won over TA, +4.0 points (95 % CI +2.0, +6.0; 800 prompts)",
     ],
     "iso_c": [
-        "OFT adapters, 'Iso-C': won over task arithmetic, +11.9 points (95 % CI +9.3, +14.5; 800 test prompts)",
-        "LoRA adapters, 'Iso-C': lost to task arithmetic, -21.3 points (95 % CI -24.8, -17.6; 800 test prompts)",
+        "OFT adapters, Iso-C: won over TA, +11.9 points (95 % CI +9.3, +14.5; 800 prompts)",
+        "LoRA adapters, Iso-C: lost to TA, -21.3 points (95 % CI -24.8, -17.6; 800 prompts)",
     ],
     "iso_cts": [
-        "OFT adapters, 'Iso-CTS': won over task arithmetic, +12.9 points (95 % CI +10.0, +15.6; 800 test prompts)",
-        "LoRA adapters, 'Iso-CTS': lost to task arithmetic, -23.6 points (95 % CI -27.0, -20.1; 800 test prompts)",
+        "OFT adapters, Iso-CTS: won over TA, +12.9 points (95 % CI +10.0, +15.6; 800 prompts)",
+        "LoRA adapters, Iso-CTS: lost to TA, -23.6 points (95 % CI -27.0, -20.1; 800 prompts)",
     ],
     "karcher": [
-        "OFT adapters, 'karcher': level with task arithmetic, -0.6 points (95 % CI -2.9, +1.6; 800 test prompts)",
-        "LoRA adapters, 'karcher': lost to task arithmetic, -2.5 points (95 % CI -4.5, -0.5; 800 test prompts)",
+        "OFT adapters, karcher: level with TA, -0.6 points (95 % CI -2.9, +1.6; 800 prompts)",
+        "LoRA adapters, karcher: lost to TA, -2.5 points (95 % CI -4.5, -0.5; 800 prompts)",
     ],
     "model_stock": [
-        "OFT adapters, 'model_stock': lost to task arithmetic, -3.8 points (95 % CI -6.6, -0.7; 800 test prompts)",
-        "LoRA adapters, 'model_stock': lost to task arithmetic, -24.6 points (95 % CI -28.2, -21.1; 800 test prompts)",
+        "OFT adapters, model_stock: lost to TA, -3.8 points (95 % CI -6.6, -0.7; 800 prompts)",
+        "LoRA adapters, model_stock: lost to TA, -24.6 points (95 % CI -28.2, -21.1; 800 prompts)",
     ],
     "ortho_svd": [
-        "OFT adapters, 'SVD Ortho-Merge': won over task arithmetic, +15.4 points (95 % CI +12.0, +19.0; 800 test prompts)",
-        "LoRA adapters, 'SVD Ortho-Merge': lost to task arithmetic, -20.6 points (95 % CI -24.0, -17.1; 800 test prompts)",
+        "OFT adapters, SVD Ortho-Merge: won over TA, +15.4 points (95 % CI +12.0, +19.0; 800 prompts)",
+        "LoRA adapters, SVD Ortho-Merge: lost to TA, -20.6 points (95 % CI -24.0, -17.1; 800 prompts)",
     ],
     "orthomerge": [
-        "OFT adapters, 'OrthoMerge (generators)': level with task arithmetic, -0.4 points (95 % CI -2.1, +1.5; 800 test prompts)",
-        "OFT adapters, 'Table 4: average R': level with task arithmetic, -2.7 points (95 % CI -6.5, +0.5; 400 test prompts)",
-        "OFT adapters, 'Table 4: product R': lost to task arithmetic, -23.3 points (95 % CI -29.0, -17.7; 400 test prompts)",
-        "OFT adapters, 'Table 4: average Q': level with task arithmetic, -2.7 points (95 % CI -6.5, +0.5; 400 test prompts)",
-        "OFT adapters, 'Table 4: magnitude-corrected': lost to task arithmetic, -15.7 points (95 % CI -20.7, -10.8; 400 test prompts)",
-        "LoRA adapters, 'OrthoMerge-G + TA': level with task arithmetic, +1.8 points (95 % CI +0.0, +3.8; 400 test prompts)",
-        "LoRA adapters, 'OrthoMerge-G + TSV-M': level with task arithmetic, +1.0 points (95 % CI -1.0, +3.0; 400 test prompts)",
-        "LoRA adapters, 'OrthoMerge-C + TA': level with task arithmetic, -0.2 points (95 % CI -0.6, +0.0; 800 test prompts)",
-        "LoRA adapters, 'OrthoMerge-C + TSV-M': level with task arithmetic, -3.2 points (95 % CI -7.0, +0.5; 400 test prompts)",
+        "OFT adapters, OrthoMerge (generators): level with TA, -0.4 points (95 % CI -2.1, +1.5; 800 prompts)",
+        "OFT adapters, Table 4: average R: level with TA, -2.7 points (95 % CI -6.5, +0.5; 400 prompts)",
+        "OFT adapters, Table 4: product R: lost to TA, -23.3 points (95 % CI -29.0, -17.7; 400 prompts)",
+        "OFT adapters, Table 4: average Q: level with TA, -2.7 points (95 % CI -6.5, +0.5; 400 prompts)",
+        "OFT adapters, Table 4: magnitude-corrected: lost to TA, -15.7 points (95 % CI -20.7, -10.8; 400 prompts)",
+        "LoRA adapters, OrthoMerge-G + TA: level with TA, +1.8 points (95 % CI +0.0, +3.8; 400 prompts)",
+        "LoRA adapters, OrthoMerge-G + TSV-M: level with TA, +1.0 points (95 % CI -1.0, +3.0; 400 prompts)",
+        "LoRA adapters, OrthoMerge-C + TA: level with TA, -0.2 points (95 % CI -0.6, +0.0; 800 prompts)",
+        "LoRA adapters, OrthoMerge-C + TSV-M: level with TA, -3.2 points (95 % CI -7.0, +0.5; 400 prompts)",
     ],
     "ties": [
-        "OFT adapters, 'TIES': won over task arithmetic, +4.4 points (95 % CI +2.1, +6.8; 800 test prompts)",
-        "LoRA adapters, 'TIES': lost to task arithmetic, -4.0 points (95 % CI -6.4, -1.8; 800 test prompts)",
+        "OFT adapters, TIES: won over TA, +4.4 points (95 % CI +2.1, +6.8; 800 prompts)",
+        "LoRA adapters, TIES: lost to TA, -4.0 points (95 % CI -6.4, -1.8; 800 prompts)",
     ],
     "tsv": [
-        "OFT adapters, 'TSV-M': won over task arithmetic, +8.3 points (95 % CI +5.6, +11.0; 800 test prompts)",
-        "LoRA adapters, 'TSV-M': lost to task arithmetic, -6.0 points (95 % CI -8.9, -3.2; 800 test prompts)",
+        "OFT adapters, TSV-M: won over TA, +8.3 points (95 % CI +5.6, +11.0; 800 prompts)",
+        "LoRA adapters, TSV-M: lost to TA, -6.0 points (95 % CI -8.9, -3.2; 800 prompts)",
     ],
 }

@@ -5,6 +5,7 @@ this fails. The 70B plan is printed for the record (bench/results/plan-8b-70b.md
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -51,22 +52,9 @@ def llama8b(tmp_path_factory) -> str:
 
 # A plan's peak counts the anonymous memory of the process that plans (Plan.baseline); in a pytest
 # process that is whatever earlier tests left behind, so the budgets here are checked with what a
-# fresh `streammerge` process holds instead (156 MB measured with torch imported; rounded up).
+# fresh process holds instead: 156 MB, rounded up (`python -c "import streammerge.cli, streammerge.engine,
+# torch; from streammerge.memwatch import rss_anon; print(rss_anon())"`, 2026-12-04).
 FRESH_PROCESS = parse_size("256MB")
-
-
-class Fresh:
-    """A plan's peaks as a fresh process would have them."""
-
-    def __init__(self, plan):
-        self.plan = plan
-
-    def __getattr__(self, name):
-        return getattr(self.plan, name)
-
-    @property
-    def peak_host(self) -> int:
-        return self.plan.peak_host - self.plan.baseline + FRESH_PROCESS
 
 
 def plan_of(root: str, method: str, params: dict, **budgets):
@@ -74,7 +62,7 @@ def plan_of(root: str, method: str, params: dict, **budgets):
     recipe = Recipe(method, os.path.join(root, "base"), experts, os.path.join(root, "out"), dict(params))
     merger = Merge(recipe, RunOptions(device="cpu", quiet=True, **budgets))
     try:
-        return Fresh(merger.plan)
+        return dataclasses.replace(merger.plan, baseline=FRESH_PROCESS)
     finally:
         merger.close()
 

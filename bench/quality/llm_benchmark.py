@@ -293,15 +293,6 @@ def run_unit(
                 else done_row["grid"] == grid
             )
         ):
-            if method == "orthomerge" and family == "oft" and "rotation_distance_mean" not in done_row["rotation"]:
-                # recorded before the OFT path reported ‖R* − I‖: its chosen point merged again for it
-                report = os.path.join(work, "report.json")
-                merge_to(
-                    method, fixed | done_row["params"], experts, os.path.join(work, "m-report"), base, seed, report
-                )
-                done_row["rotation"] = rotation_summary(report)
-                shutil.rmtree(os.path.join(work, "m-report"), ignore_errors=True)
-                save()
             continue  # one chosen on another grid, from another choice or borrowing other values is merged again
         started, points, best = time.perf_counter(), [], None
         keys = list(grid)
@@ -368,20 +359,32 @@ def joined(result: dict) -> str:
     return "".join(result["correct"][t] for t in TASKS)
 
 
+def paired(a: dict, b: dict) -> tuple[float, float, float, int]:
+    """Two rows' results (unit key → result) over the units both have: mean difference a − b over
+    their (seed, prompt) pairs, its 95 % interval, prompts."""
+    common = [k for k in a if k in b]
+    x = "".join(joined(a[k]) for k in common)
+    return (*bootstrap(x, "".join(joined(b[k]) for k in common)), len(x))
+
+
 def versus_ta(doc: dict, family: str, label: str) -> tuple[float, float, float, int] | None:
-    """The row against task arithmetic over the (seed, prompt) pairs of this family's units that
-    scored both: mean difference, its 95 % interval, prompts."""
-    units = [u for u in doc["units"].values() if u["family"] == family and label in u.get("rows", {})]
-    units = [u for u in units if "task arithmetic" in u["rows"]]
-    if not units or label == "task arithmetic":
+    """The row against task arithmetic in this family (None for task arithmetic itself)."""
+    if label == "task arithmetic":
         return None
-    a = "".join(joined(u["rows"][label]) for u in units)
-    return (*bootstrap(a, "".join(joined(u["rows"]["task arithmetic"]) for u in units)), len(a))
+
+    def row(name: str) -> dict:
+        return {
+            k: u["rows"][name] for k, u in doc["units"].items() if u["family"] == family and name in u.get("rows", {})
+        }
+
+    a, ta = row(label), row("task arithmetic")
+    return paired(a, ta) if any(k in ta for k in a) else None
 
 
 def marks(doc: dict) -> str:
     """streammerge/quality_marks.py: each measured row against task arithmetic, per method, for
-    `streammerge methods` ('lost' or 'won' where the interval excludes 0, else 'level')."""
+    `streammerge methods` ('lost' or 'won' where the interval excludes 0, else 'level'; TA: task
+    arithmetic)."""
     found: dict[str, list[str]] = {}
     for family in ("oft", "lora"):
         labels = {label: r["method"] for u in doc["units"].values() if u["family"] == family
@@ -393,13 +396,12 @@ def marks(doc: dict) -> str:
             m, lo, hi, n = vs
             verdict = "lost to" if hi < 0 else "won over" if lo > 0 else "level with"
             found.setdefault(method, []).append(
-                f"{FAMILY[family]} adapters, {label!r}: {verdict} task arithmetic, {100 * m:+.1f} points "
-                f"(95 % CI {100 * lo:+.1f}, {100 * hi:+.1f}; {n} test prompts)"
+                f"{FAMILY[family]} adapters, {label}: {verdict} TA, {100 * m:+.1f} points "
+                f"(95 % CI {100 * lo:+.1f}, {100 * hi:+.1f}; {n} prompts)"
             )
     body = "".join(f"    {json.dumps(m)}: [\n" + "".join(f"        {json.dumps(line, ensure_ascii=False)},\n"
                    for line in found[m]) + "    ],\n" for m in sorted(found))  # fmt: skip
     return (
-        "# ruff: noqa: E501\n"
         '"""What the decoder-LLM quality benchmark (SmolLM2-135M-Instruct, five tasks, LoRA and OFT experts)\n'
         "measured for each method against task arithmetic, shown by `streammerge methods`. Generated from\n"
         "bench/results/quality-llm.json by `python bench/quality/llm_benchmark.py --marks\n"
@@ -487,9 +489,8 @@ def markdown(doc: dict) -> list[str]:
                 if u in units and (fixed or label in u["rows"])
             }
 
-        def versus(a: dict, b: dict) -> str:  # paired over the units both have
-            common = [k for k in a if k in b]
-            m, lo, hi = bootstrap("".join(joined(a[k]) for k in common), "".join(joined(b[k]) for k in common))
+        def versus(a: dict, b: dict) -> str:
+            m, lo, hi, _ = paired(a, b)
             return f"{m:+.3f} ({lo:+.3f}, {hi:+.3f})"
 
         methods = list(units[0]["rows"])
@@ -615,7 +616,7 @@ def smoke(work: str) -> None:
     generated: dict = {}
     exec(marks({"units": done}), generated)
     assert set(generated["MARKS"]) == {"ties", "orthomerge"}, generated["MARKS"]
-    assert generated["MARKS"]["ties"][0].startswith("LoRA adapters, 'TIES': "), generated["MARKS"]
+    assert generated["MARKS"]["ties"][0].startswith("LoRA adapters, TIES: "), generated["MARKS"]
     assert "| of experts | of multitask | vs TA (95 % CI) | vs best other (95 % CI) |" in report, report
     assert "| TIES | 2 | " in report and "| task arithmetic: +" in report, report
     print("smoke: harness ran", flush=True)
