@@ -21,10 +21,12 @@ import psutil
 import torch
 
 from .errors import ResourceError
+from .io.direct import WRITE_BUFFER
 from .units import format_size
 
 RAM_MARGIN = 0.10  # default budgets leave this fraction of the free memory alone
 PREFETCH_BUFFER = 16 * 1024 * 1024  # the read-ahead thread's reusable buffer (anonymous)
+IO_BUFFERS = PREFETCH_BUFFER + WRITE_BUFFER  # and the output file's (io/direct.py)
 # host memory the CUDA libraries take once cuBLAS and cuSOLVER have run (torch 2.11, H100:
 # 335 MB from `import torch` to after a matmul, eigh, SVD, QR and solve; bench/cuda_host_memory.py)
 CUDA_LIBRARIES_HOST = 335 * 1024 * 1024
@@ -80,7 +82,7 @@ class Plan:
     def peak_host_of(self, tensors: list[TensorPlan]) -> int:
         """The host peak of a process that merges these tensors (a Ray task: one shard's)."""
         cuda = CUDA_LIBRARIES_HOST if any(t.device == "cuda" for t in tensors) else 0
-        return self.baseline + PREFETCH_BUFFER + cuda + max((t.host_bytes for t in tensors), default=0)
+        return self.baseline + IO_BUFFERS + cuda + max((t.host_bytes for t in tensors), default=0)
 
     @property
     def peak_gpu(self) -> int:
@@ -149,7 +151,7 @@ class Plan:
             "",
             f"largest tensor: {largest.name} {list(largest.shape)}",
             f"peak RAM (anonymous): {format_size(self.peak_host)} of --max-ram {format_size(self.ram_budget)} "
-            f"(process {format_size(self.baseline)} + read buffer {format_size(PREFETCH_BUFFER)}"
+            f"(process {format_size(self.baseline)} + read and write buffers {format_size(IO_BUFFERS)}"
             + (
                 f" + CUDA libraries {format_size(CUDA_LIBRARIES_HOST)}"
                 if any(t.device == "cuda" for t in self.tensors)

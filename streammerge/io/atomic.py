@@ -10,11 +10,11 @@ import errno
 import hashlib
 import os
 import threading
-from typing import BinaryIO
 
 import torch
 
 from ..errors import InputError, ResourceError
+from .direct import OutputFile
 from .safetensors_format import DTYPE_NAMES, build_header
 
 TMP_SUFFIX = ".streammerge-tmp"
@@ -102,7 +102,7 @@ class ShardWriter:
         self.layout = layout
         self._next = 0
         self._sha = hashlib.sha256()
-        self._file: BinaryIO | None = None
+        self._file: OutputFile | None = None
         self._pending: threading.Thread | None = None
         self._error: BaseException | None = None
         self._background = background
@@ -110,7 +110,7 @@ class ShardWriter:
         try:
             if resume is not None and self._continue(header, *resume):
                 return
-            self._file = open(self.tmp_path, "wb")
+            self._file = OutputFile(self.tmp_path)
             self._put(header)
         except OSError as exc:
             self.abort()
@@ -124,22 +124,18 @@ class ShardWriter:
             or not 0 <= tensors <= len(self.layout)
         ):
             return False
-        f = open(self.tmp_path, "r+b")
-        if f.read(len(header)) != header:
-            f.close()
-            return False
-        f.seek(0)
-        remaining = offset
-        while remaining:
-            chunk = f.read(min(remaining, 16 * 1024 * 1024))
-            if not chunk:
-                f.close()
+        with open(self.tmp_path, "rb") as f:
+            if f.read(len(header)) != header:
                 return False
-            self._sha.update(chunk)
-            remaining -= len(chunk)
-        f.truncate(offset)
-        f.seek(offset)
-        self._file = f
+            f.seek(0)
+            remaining = offset
+            while remaining:
+                chunk = f.read(min(remaining, 16 * 1024 * 1024))
+                if not chunk:
+                    return False
+                self._sha.update(chunk)
+                remaining -= len(chunk)
+        self._file = OutputFile(self.tmp_path, offset)
         self._next = tensors
         return True
 
@@ -162,9 +158,7 @@ class ShardWriter:
         self._wait()
         assert self._file is not None
         try:
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            return self._file.tell()
+            return self._file.sync()
         except OSError as exc:
             self.abort()
             raise os_error(exc, self.final_path) from None
@@ -207,9 +201,7 @@ class ShardWriter:
             raise AssertionError(f"{self.final_path}: {len(self.layout) - self._next} tensors not written")
         assert self._file is not None
         try:
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            size = self._file.tell()
+            size = self._file.sync()
             self._file.close()
             self._file = None
             os.replace(self.tmp_path, self.final_path)
