@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -72,8 +73,9 @@ def numpy_sum(files: list[str]) -> float:
     return time.perf_counter() - start
 
 
-def run(recipe: str, out: str, fused: bool, params: list[str], cwd: str = ROOT) -> float:
-    """Seconds for one merge, run from `cwd` (`python -m` imports the streammerge found there)."""
+def run(recipe: str, out: str, fused: bool, params: list[str], cwd: str = ROOT) -> tuple[float, float]:
+    """Wall and CPU (user + system) seconds of one merge, run from `cwd` (`python -m` imports the
+    streammerge found there)."""
     shutil.rmtree(out, ignore_errors=True)
     env = dict(os.environ)
     env.pop("STREAMMERGE_NO_NUMBA", None)
@@ -81,9 +83,10 @@ def run(recipe: str, out: str, fused: bool, params: list[str], cwd: str = ROOT) 
         env["STREAMMERGE_NO_NUMBA"] = "1"
     cmd = [sys.executable, "-m", "streammerge.cli", "merge", "--recipe", recipe, "--out", out, "--device", "cpu",
            "--quiet", *params]  # fmt: skip
-    start = time.perf_counter()
+    start, used = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     subprocess.run(cmd, env=env, check=True, cwd=cwd)
-    return time.perf_counter() - start
+    now = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.perf_counter() - start, now.ru_utime + now.ru_stime - used.ru_utime - used.ru_stime
 
 
 def cold_write(folder: str, nbytes: int) -> float:
@@ -118,7 +121,7 @@ def main() -> int:
         else ROOT
     )
 
-    def merge(side: str, out: str) -> float:
+    def merge(side: str, out: str) -> tuple[float, float]:
         return run(args.recipe, out, side != "torch", params, baseline if side == "baseline" else ROOT)
 
     params = [x for p in args.param for x in ("--param", p)]
@@ -127,6 +130,7 @@ def main() -> int:
     work = tempfile.mkdtemp(prefix="fused-ab-")
     load_before = os.getloadavg()
     cold: dict[str, list[float]] = {"fused": [], other: [], "cat": [], "write": []}
+    cpu: dict[str, list[float]] = {"fused": [], other: []}  # user + system seconds of each cold run
     digests = {}
     for pair in range(args.pairs):
         drop_caches()
@@ -136,7 +140,9 @@ def main() -> int:
         for side in ("fused", other) if pair % 2 == 0 else (other, "fused"):
             drop_caches()
             out = os.path.join(work, side)
-            cold[side].append(merge(side, out))
+            wall, used = merge(side, out)
+            cold[side].append(wall)
+            cpu[side].append(used)
             digests[side] = digest(out)
         out_bytes = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out))
         drop_caches()
@@ -148,7 +154,7 @@ def main() -> int:
     warm["cat"] = time.perf_counter() - start
     warm["numpy sum"] = numpy_sum(files)
     for side in ("fused", other):
-        warm[side] = merge(side, os.path.join(work, side))
+        warm[side] = merge(side, os.path.join(work, side))[0]
     shutil.rmtree(work, ignore_errors=True)
     doc = {
         "command": "python bench/fused_ab.py " + " ".join(sys.argv[1:]),
@@ -158,6 +164,7 @@ def main() -> int:
         "load_after": os.getloadavg(),
         "input_bytes": size,
         "cold_seconds": cold,
+        "cold_cpu_seconds": cpu,
         "warm_seconds": warm,
         "other_side": f"commit {args.baseline}" if args.baseline else "torch's code (STREAMMERGE_NO_NUMBA=1)",
         "outputs_identical": digests["fused"] == digests[other],
@@ -172,11 +179,14 @@ def main() -> int:
         f"{doc['load_after'][0]:.1f} after; inputs {gb:.2f} GB; outputs byte-identical: {doc['outputs_identical']}.",
         "",
         f"| page cache dropped | cold read, `cat` (s) | write + fsync of the output's size (s) | fused (s) "
-        f"| {other} (s) | fused / {other} | fused / cold read | fused / (read + write) |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| {other} (s) | fused / {other} | fused / cold read | fused / (read + write) | CPU s, fused / {other} |",
+        "|---|---|---|---|---|---|---|---|---|",
         *[
-            f"| pair {i + 1} | {c:.1f} | {w:.1f} | {f:.1f} | {t:.1f} | {f / t:.2f} | {f / c:.1f} | {f / (c + w):.1f} |"
-            for i, (c, w, f, t) in enumerate(zip(cold["cat"], cold["write"], cold["fused"], cold[other]))
+            f"| pair {i + 1} | {c:.1f} | {w:.1f} | {f:.1f} | {t:.1f} | {f / t:.2f} | {f / c:.1f} | {f / (c + w):.1f} "
+            f"| {cf:.1f} / {ct:.1f} |"
+            for i, (c, w, f, t, cf, ct) in enumerate(
+                zip(cold["cat"], cold["write"], cold["fused"], cold[other], cpu["fused"], cpu[other])
+            )
         ],
         "",
         "| warm (inputs cached) | seconds | GB/s of input |",

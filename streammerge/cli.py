@@ -19,6 +19,7 @@ from typing import Any
 
 import click
 
+from .allocator import keep_blocks_on_the_heap
 from .errors import InputError, Interrupted, StreammergeError, UsageError
 from .methods import method_names
 from .recipe import Expert, Recipe
@@ -315,6 +316,7 @@ class Commands(click.Group):
 @click.version_option(package_name="streammerge")
 def main() -> None:
     """Merge fine-tuned models out of core, one tensor at a time."""
+    keep_blocks_on_the_heap()
 
 
 @main.command()

@@ -41,7 +41,7 @@ LAYERS = [
     ["streammerge.methods.*"],
     ["streammerge.methods.spectral_common"],
     ["streammerge.methods.base"],
-    ["streammerge.plan", "streammerge.prefetch", "streammerge.memwatch", "streammerge.cpu"],
+    ["streammerge.plan", "streammerge.prefetch", "streammerge.memwatch", "streammerge.cpu", "streammerge.allocator"],
     ["streammerge.io", "streammerge.io.*"],
     [
         "streammerge.settings",
