@@ -1,14 +1,19 @@
-"""glibc's allocator, set for a process that streams blocks of tens of MB through memory.
+"""glibc's allocator: kept fast for a command, or kept to the plan under an explicit budget.
 
-By default glibc gives every allocation above a threshold (128 kB, rising with what it sees, at
-most 32 MB) its own mapping and unmaps it when freed, and returns the heap's free top to the
-system; a merge allocates and frees its row blocks thousands of times, so each block's pages are
-faulted in and zeroed again every time. Measured on a warm task-arithmetic merge of the 0.5 B
-preset (bench/results/README.md, "Round four"): 385,000 to 1,170,000 page faults and 1.0 to 2.4 s
-of system time by default, 130,000 and 0.5 to 0.7 s with blocks of up to 32 MB kept on the heap and
-up to 128 MB of free heap kept; the peak resident set grew by about 60 MB (0.47-0.52 GB to
-0.54-0.60 GB). Either setting alone did not help. Set by the command only (a library does not
-change its host's allocator); other C libraries are left as they are.
+keep_blocks_on_the_heap(), for the command: by default glibc gives every allocation above a
+threshold (128 kB, rising with what it sees, at most 32 MB) its own mapping, unmaps it when freed
+and returns the heap's free top to the system; a merge allocates and frees its row blocks
+thousands of times, so each block's pages are faulted in and zeroed again every time. Measured on
+a task-arithmetic merge of the 0.5 B preset (bench/allocator_ab.py; bench/results/README.md,
+"Round four"): 0.17-0.19 M minor page faults against 0.23-1.22 M, 5.4-7.3 s warm against 6.9-8.1 s,
+with row blocks of up to 32 MB kept on the heap and up to 128 MB of free heap kept; the anonymous
+peak of that merge 422 MB against 329 MB (its plan: 427 MB). Either setting alone did not help.
+Set by the command only (a library does not change its host's allocator).
+
+return_freed_memory_to_os(), under an explicit --max-ram (set after the first, so it wins): every
+allocation of 1 MB or more mapped on its own and given back when freed, so that the anonymous
+memory stays at the working set the plan promises (glibc's own growing threshold once held 313 MB
+for a 239 MB plan). Other C libraries are left as they are.
 """
 
 from __future__ import annotations
@@ -21,12 +26,18 @@ MMAP_THRESHOLD = 32 * 1024 * 1024  # glibc's largest: blocks above it keep their
 TRIM_THRESHOLD = 128 * 1024 * 1024
 
 
-def keep_blocks_on_the_heap() -> bool:
-    """Set glibc's thresholds for this process; False where the C library is not glibc."""
-    name = ctypes.util.find_library("c")
+def _thresholds(mmap_threshold: int, trim_threshold: int) -> bool:
+    """Set glibc's two thresholds for this process; False where the C library is not glibc."""
     try:
-        libc = ctypes.CDLL(name or "libc.so.6")
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
     except (OSError, AttributeError):
         return False
-    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    return bool(mallopt(M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(M_TRIM_THRESHOLD, trim_threshold))
+
+
+def keep_blocks_on_the_heap() -> bool:
+    return _thresholds(MMAP_THRESHOLD, TRIM_THRESHOLD)
+
+
+def return_freed_memory_to_os(threshold: int = 1 << 20) -> bool:
+    return _thresholds(threshold, threshold)

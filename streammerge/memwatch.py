@@ -7,27 +7,9 @@ since the kernel keeps a peak only for the total (VmHWM), not for the anonymous 
 
 from __future__ import annotations
 
-import ctypes
 import threading
 
 import psutil
-
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
-
-
-def return_freed_memory_to_os(threshold: int = 1 << 20) -> bool:
-    """Make glibc serve every allocation ≥ `threshold` by mmap and give it back when freed.
-
-    By default glibc raises its mmap threshold after frees (up to 32 MB), so the many mid-sized
-    tensors of a merge end up in heap arenas that keep freed memory: the process then holds more
-    than the plan says (measured: 313 MB for a 239 MB plan). Fixing the threshold keeps the
-    anonymous memory at the working set. A no-op where glibc is absent.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, threshold))
-    except (OSError, AttributeError):
-        return False
 
 
 def rss_anon() -> int:

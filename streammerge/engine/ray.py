@@ -57,7 +57,7 @@ def task_computer(recipe: Recipe, options: RunOptions, job: TensorJob) -> Iterat
     """In a Ray task: the inputs opened (not checked again) and the driver's job for one shard."""
     import torch
 
-    from ..memwatch import return_freed_memory_to_os
+    from ..allocator import return_freed_memory_to_os
 
     torch.set_num_threads(options.task_threads)
     if options.max_ram is not None:

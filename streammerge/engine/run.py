@@ -19,7 +19,8 @@ from ..io.atomic import os_error
 from ..io.checkpoint import INDEX_NAME
 from ..io.journal import Journal
 from ..io.lock import OutputLock
-from ..memwatch import PeakSampler, return_freed_memory_to_os
+from ..allocator import return_freed_memory_to_os
+from ..memwatch import PeakSampler
 from ..plan import Plan, free_disk
 from ..units import format_size
 from . import output
