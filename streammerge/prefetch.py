@@ -3,7 +3,7 @@ read into the page cache while the current tensor is computed and the previous o
 
 Where the system has posix_fadvise (Linux), it asks the kernel to read each range (WILLNEED),
 which reads it without copying it anywhere: copying every input byte into a buffer only to drop
-it cost 1.5-6 s of system time per 3.9 GB here, against 0.07 s (bench/read_ahead_ways.py;
+it cost 0.8-7.3 s of system time per 3.9 GB here, against 0.06 s (bench/read_ahead_ways.py;
 bench/results/README.md, "Round four"). Elsewhere it reads through one small reusable buffer.
 Either way it adds no tensor-sized memory; the page cache it fills is reclaimable. The compute
 thread then copies from memory, not from disk.
