@@ -2,8 +2,9 @@
 
 Why: a merge writes each output byte once and never reads it back. Through the page cache every
 byte is first copied into a newly allocated page; on a virtual machine that backs guest memory on
-first touch that copy costs more CPU than the merge's arithmetic (measured here: 2.8 s per GB of
-output, against 0.35 s and almost no CPU with O_DIRECT; bench/results/README.md, "Round four"), and
+first touch that copy can cost more CPU than the merge's arithmetic (bench/write_ways.py here:
+256 MB took 0.13-1.32 s through the page cache, up to 1.2 s of it system time, and 0.10-0.15 s with
+O_DIRECT, at most 0.03 s; bench/results/README.md, "Round four"), and
 everywhere the written pages push the inputs out of the cache. O_DIRECT writes go to the device from
 one reused, aligned buffer. Where the system refuses it (no O_DIRECT on macOS and Windows, tmpfs on
 older kernels, a device with larger blocks), the file is written through the page cache as before.
@@ -17,7 +18,7 @@ import mmap
 import os
 
 ALIGN = 4096  # O_DIRECT wants buffer address, file offset and length in multiples of the block size
-WRITE_BUFFER = 2 * 1024 * 1024  # the reused, page-aligned buffer of a direct file (2-16 MB wrote alike here)
+WRITE_BUFFER = 2 * 1024 * 1024  # the reused, page-aligned buffer of a direct file (1-16 MB wrote alike here)
 USE_DIRECT = hasattr(os, "O_DIRECT")  # tests turn it off to compare the two ways
 
 
@@ -105,17 +106,16 @@ class OutputFile:
         self._view = self._buffer = None  # freed once the caller's slices of it are gone
 
     def sync(self) -> int:
-        if not self.direct:
-            self._file.flush()  # type: ignore[union-attr]
-            os.fsync(self._file.fileno())  # type: ignore[union-attr]
-            return self._file.tell()  # type: ignore[union-attr]
-        self._flush_whole()
+        if self.direct:
+            self._flush_whole()
         if self.direct and self._fill:  # the last partial block, padded to a whole one, then cut back
             padded = self._fill + (-self._fill) % ALIGN
             self._view[self._fill : padded] = bytes(padded - self._fill)
             self._pwrite(padded)
-        if not self.direct:
-            return self.sync()
+        if not self.direct:  # from the start, or since a fall-back in the writes just above
+            self._file.flush()  # type: ignore[union-attr]
+            os.fsync(self._file.fileno())  # type: ignore[union-attr]
+            return self._file.tell()  # type: ignore[union-attr]
         size = self._start + self._fill
         os.ftruncate(self._fd, size)
         os.fsync(self._fd)
