@@ -200,3 +200,48 @@ def test_unsparsified_gta_reads_the_stored_tensors_with_the_same_bytes(consensus
                 mp.setattr(TensorTask, "row_blocks", lambda self, m=None, _r=TensorTask.row_blocks: _r(self, block))
             ours = gta.merge(task, params)
         assert same_bits(ours, theirs) == 0, use_kernel
+
+
+@pytest.mark.parametrize("block", [None, 1 << 17, 5 * 640])
+@pytest.mark.parametrize(
+    "consensus,normalize,lam,densities,nonfinite",
+    [
+        ("sum", True, 1.0, (0.5, 0.5, 0.5), False),
+        ("sum", True, 0.8, (0.3, 1.0, 0.05), True),
+        ("none", False, 1.0, (0.2, 0.6, 0.999), False),
+        ("count", True, -0.5, (0.4, 0.4, 0.7), True),
+    ],
+)
+def test_magnitude_sparsified_gta_reads_the_stored_tensors_with_the_same_bytes(consensus, normalize, lam, densities,
+                                                                               nonfinite, block):  # fmt: skip
+    """TIES and its like on bf16 inputs read as stored (gta.magnitude_stored: thresholds from
+    histograms of τ widened in the kernel, then one masking and combining pass): the bytes of
+    forming every τ_i in float32 first, with many ties at each threshold (bf16 steps), an expert
+    left whole (density 1), NaN and ∞ among the inputs, whole and in row blocks, with the tie cut
+    falling inside a block."""
+    g = torch.Generator().manual_seed(6)
+    base = (torch.randn(384, 640, generator=g) * 0.02).to(torch.bfloat16)
+    stored = [(base.float() + torch.randn(384, 640, generator=g) * 0.002).to(torch.bfloat16) for _ in range(3)]
+    stored[0][10:20] = base[10:20]  # τ = 0 over whole rows: a tie at 0 where density is high
+    if nonfinite:
+        stored[1][3, :5] = float("nan")
+        stored[2][7, 2] = float("-inf")
+    values = tuple({"weight": w, "density": d} for w, d in zip((1.0, 0.7, 0.4), densities))
+    params = gta.GtaParams(sparsify="magnitude", consensus=consensus, normalize=normalize, lambda_=lam)
+    theirs = merged(params, base.float(), [e.float() for e in stored], values, True, block)
+
+    def read(i, rows):
+        t = base if i is None else stored[i]
+        return t if rows is None else t[rows[0] : rows[1]]  # a view, as the engine gives
+
+    task = TensorTask("model.layers.0.mlp.up_proj.weight", base.float(), Rowed([e.float() for e in stored]),
+                      (1.0, 0.7, 0.4), expert_values=values, seed=3)  # fmt: skip
+    task.stored = read
+    sps = gta.sparsifiers(task, params)
+    with pytest.MonkeyPatch.context() as mp:
+        if block is not None:
+            mp.setattr(TensorTask, "row_blocks", lambda self, m=None, _r=TensorTask.row_blocks: _r(self, block))
+        ours = gta.magnitude_stored(task, sps, params)
+    assert ours is not None
+    assert same_bits(ours, theirs) == 0
+    assert torch.equal(base, read(None, None)) and torch.isnan(stored[1][3, :5]).all() == nonfinite  # inputs unwritten

@@ -107,6 +107,7 @@ class TensorComputer:
         self.method: Method = get_method(job.method)[0]
         # every input a stored checkpoint (no adapter computing its weights): tasks may read them as stored
         self.all_stored = all(isinstance(src, Checkpoint) for src in (base, *experts))
+        self._views: list[tuple[Checkpoint, str, tuple[int, int] | None]] = []  # mapped by stored()
 
     def device_of(self, name: str) -> torch.device:
         placed = self.job.placement.get(name)
@@ -152,8 +153,30 @@ class TensorComputer:
             expert_values=values.experts,
         )
         if self.all_stored:
-            task.stored = lambda i, rows: self.load(t.name, i, rows, None)
+            task.stored = lambda i, rows: self.stored(t.name, i, rows)
         return task
+
+    def stored(self, name: str, i: int | None, rows: tuple[int, int] | None) -> torch.Tensor:
+        """TensorTask.stored: expert i's tensor (the base's for None) as stored. On the CPU, the
+        file's mapped bytes themselves (Checkpoint.view), which the method reads and never writes:
+        a copy of every input byte cost a quarter of a task-arithmetic merge (bench/results/README.md,
+        "Round five"). The views of one row block stay mapped until a view of another is asked for
+        or the tensor is done (release_views)."""
+        if self.device_of(name).type != "cpu":
+            return self.load(name, i, rows, None)
+        if self._views and self._views[0][1:] != (name, rows):
+            self.release_views()
+        src = self.base if i is None else self.experts[i]
+        t = src.view(name, rows)
+        self._views.append((src, name, rows))
+        if self.check_inputs and not all_finite(t):
+            raise nonfinite_input(src.file_of(name), name)
+        return t
+
+    def release_views(self) -> None:
+        for src, name, rows in self._views:
+            src.release(name, rows)
+        self._views.clear()
 
     def merge(self, t: OutputTensor, statistics: Any, progress=None) -> torch.Tensor:
         """The output tensor `t`, in its output dtype, in host memory; `progress(fraction)` hears how
@@ -168,6 +191,8 @@ class TensorComputer:
             result = self.method.merge(task, self.job.values[t.name].params)
         except ValueError as exc:  # a method that cannot merge these inputs says why, with the tensor
             raise InputError(f"tensor {t.name!r}: {self.method.name}: {exc}") from None
+        finally:
+            self.release_views()
         if self.report is not None:
             from ..report import generic_stats
 

@@ -145,10 +145,7 @@ class Checkpoint:
     ) -> torch.Tensor:
         """A fresh copy of tensor `name` (or of its rows [start, stop) along dim 0) in `dtype` on
         `device` (None keeps the stored dtype)."""
-        path, info = self.locations[name]
-        raw = self._read(path, info)
-        if rows is not None:
-            raw = raw[rows[0] : rows[1]]
+        raw = self.view(name, rows)
         dtype = dtype or raw.dtype
         if torch.device(device).type != "cpu" and dtype != raw.dtype:
             # move, then convert there: torch converts a blocking host-to-device copy on the host,
@@ -156,13 +153,27 @@ class Checkpoint:
             out = raw.to(device=device, copy=True).to(dtype)
         else:
             out = raw.to(device=device, dtype=dtype, copy=True)
+        del raw
+        self.release(name, rows)
+        return out
+
+    def view(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Tensor `name` (its rows [start, stop) along dim 0) as stored, read in place from the
+        file's map: no copy, read-only by contract (the map is private, so a write would go to
+        anonymous memory, never to the file). Its pages stay mapped until `release`."""
+        path, info = self.locations[name]
+        raw = self._read(path, info)
+        return raw if rows is None else raw[rows[0] : rows[1]]
+
+    def release(self, name: str, rows: tuple[int, int] | None = None) -> None:
+        """Unmap the pages of tensor `name` (its rows) from this process, where `view` or `get`
+        mapped them: the page cache keeps them, this process's resident size no longer counts them."""
+        path, info = self.locations[name]
         if rows is None:
             self._release(path, info, 0, info.nbytes)
         else:
             row_bytes = info.nbytes // max(1, info.shape[0])
             self._release(path, info, rows[0] * row_bytes, (rows[1] - rows[0]) * row_bytes)
-        del raw
-        return out
 
     def _read(self, path: str, info: TensorInfo) -> torch.Tensor:
         dtype = DTYPES[info.dtype]

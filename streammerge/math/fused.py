@@ -137,3 +137,63 @@ def disjoint(vectors: list[torch.Tensor], base: torch.Tensor, mean: bool, lambda
         float(lambda_), _threads(),
     )  # fmt: skip
     return out, undecided, int(balance)
+
+
+def _stored_bits(tensors: list[torch.Tensor]) -> tuple:
+    """bf16 tensors (as stored) as the uint16 arrays the kernels read."""
+    return tuple(_flat(t.view(torch.int16)).view("uint16") for t in tensors)
+
+
+class MagnitudeStored:
+    """gta's magnitude sparsifier and combine of bf16 tensors as stored, in row blocks: thresholds
+    from histograms of the task vectors widened in the kernel (`histogram` over every block, once
+    for the high bits and once for the low), then `combine` of each block in order, the tie
+    counters running on across blocks (math/fused_kernels.py; gta.merge_stored says when)."""
+
+    def __init__(self, n_experts: int):
+        import numpy as np
+
+        self.parts = _threads()
+        self.hist = np.zeros((self.parts, n_experts, 1 << 16), dtype=np.int64)
+
+    def histogram(self, experts: list[torch.Tensor], base: torch.Tensor, chosen: list[int]) -> None:
+        """Count one block (chosen[i]: −1 the high bits, a bin its low bits, −2 skip expert i)."""
+        import numpy as np
+
+        bits = _stored_bits([base, *experts])
+        _threads()
+        _load()._histogram_bf16(bits[1:], bits[0], np.asarray(chosen, dtype=np.int64), self.hist, self.parts)
+
+    def totals(self) -> torch.Tensor:
+        """The counts so far, (expert, 2¹⁶), summed over the parts; counting starts again at zero."""
+        out = torch.from_numpy(self.hist.sum(axis=0))
+        self.hist[:] = 0
+        return out
+
+    def combine(self, experts: list[torch.Tensor], base: torch.Tensor, bounds: list[float], his: list[int],
+                equals: list[int], seen: list[int], weights, consensus: str, normalize: bool,
+                lambda_: float) -> torch.Tensor:  # fmt: skip
+        """W₀ + λ·combine of the masked, weighted task vectors of one block (float32). Expert i keeps
+        its first his[i] of the equals[i] entries tied at bounds[i]; `seen[i]`, its ties before this
+        block, is advanced past it. Ties are counted only where that decides something (some kept,
+        not all, and not all of them seen already)."""
+        import numpy as np
+
+        bits = _stored_bits([base, *experts])
+        n = len(experts)
+        bound = np.asarray(bounds, dtype=np.float32)
+        count = np.asarray([seen[i] < his[i] < equals[i] for i in range(n)])
+        ties = np.zeros((n, self.parts + 1), dtype=np.int64)
+        _threads()
+        if count.any():
+            _load()._tie_counts_bf16(bits[1:], bits[0], bound, count, ties, self.parts)
+        starts = np.cumsum(ties, axis=1) + np.asarray(seen, dtype=np.int64)[:, None]
+        for i in range(n):
+            if count[i]:
+                seen[i] = int(starts[i, -1])
+        out = torch.empty(base.shape, dtype=torch.float32)
+        all_kept = np.asarray([his[i] >= equals[i] for i in range(n)])
+        _load()._magnitude_combine_bf16(bits[1:], bits[0], _flat(out), bound, np.asarray(his, dtype=np.int64),
+                                        all_kept, np.ascontiguousarray(starts[:, :-1]),
+                                        *_combine_args(weights, consensus, normalize, lambda_), self.parts)  # fmt: skip
+        return out

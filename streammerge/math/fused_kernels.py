@@ -105,6 +105,58 @@ def _mixed(vectors, j, weights, consensus, normalize, divisor_none, lam, lam32):
     return mixed
 
 
+@numba.njit(inline="always")
+def _mixed_rows(wide, m, base, out, j0, mixed, scratch, weights, consensus, normalize, divisor_none, lam,
+                lam32):  # pragma: no cover - compiled  # fmt: skip
+    """out[j0 + k] = _mixed(wide, k, ...) + base[k] for k < m, with _mixed's operations in its
+    order per entry, each step a loop over the entries (vectorised; wide[i] is expert i's
+    weighted task vector, `mixed` and `scratch` buffers of WIDEN)."""
+    n_exp = len(weights)
+    one, zero = np.float32(1.0), np.float32(0.0)
+    for k in range(m):
+        mixed[k] = zero
+    if consensus == 0:
+        for i in range(n_exp):
+            v = wide[i]
+            for k in range(m):
+                mixed[k] += v[k]
+        if normalize:
+            for k in range(m):
+                mixed[k] = mixed[k] / divisor_none
+    else:
+        for i in range(n_exp):
+            v = wide[i]
+            if consensus == 1:
+                for k in range(m):
+                    mixed[k] += v[k]
+            else:
+                for k in range(m):
+                    mixed[k] += _sign(v[k])
+        majority = scratch[0]
+        divisor = scratch[1]
+        for k in range(m):
+            majority[k] = np.float32(mixed[k] >= 0) * np.float32(2.0) - one
+            mixed[k] = zero
+            divisor[k] = zero
+        for i in range(n_exp):
+            v = wide[i]
+            w = weights[i]
+            for k in range(m):
+                agree = np.float32(_sign(v[k]) == majority[k])
+                mixed[k] += v[k] * agree
+                divisor[k] += agree * w
+        for k in range(m):
+            divisor[k] += np.float32(divisor[k] == 0)
+        if normalize:
+            for k in range(m):
+                mixed[k] = mixed[k] / divisor[k]
+    if lam != 1:
+        for k in range(m):
+            mixed[k] = mixed[k] * lam32
+    for k in range(m):
+        out[j0 + k] = mixed[k] + base[k]
+
+
 @_jit
 def _combine(vectors, base, out, weights, consensus, normalize, divisor_none, lam):  # pragma: no cover
     """gta.combine, entry by entry."""
@@ -133,6 +185,8 @@ def _combine_bf16(experts, base, out, weights, consensus, normalize, divisor_non
         bits = np.empty((n_exp + 1, WIDEN), dtype=np.uint32)
         wide = bits.view(np.float32)
         w0 = wide[n_exp]
+        mixed = np.empty(WIDEN, dtype=np.float32)
+        scratch = np.empty((2, WIDEN), dtype=np.float32)
         end = min(n, (p + 1) * step)
         for j0 in range(p * step, end, WIDEN):
             m = min(WIDEN, end - j0)
@@ -147,8 +201,7 @@ def _combine_bf16(experts, base, out, weights, consensus, normalize, divisor_non
                 w = weights[i]
                 for k in range(m):
                     tau[k] = (tau[k] - w0[k]) * w
-            for k in range(m):
-                out[j0 + k] = _mixed(wide, k, weights, consensus, normalize, divisor_none, lam, lam32) + w0[k]
+            _mixed_rows(wide, m, w0, out, j0, mixed, scratch, weights, consensus, normalize, divisor_none, lam, lam32)
 
 
 @_jit
@@ -186,3 +239,134 @@ def _disjoint(vectors, base, out, undecided, mean, lam, parts_n):  # pragma: no 
             out[j] = base[j] + lam32 * total
         balances[p] = balance
     return balances.sum()
+
+
+@_jit
+def _histogram_bf16(experts, base, chosen, parts_hist, parts_n):  # pragma: no cover - compiled
+    """_histogram of every expert's task vector |W_i − W₀|, widened from the bf16 tensors as stored
+    (as _combine_bf16 widens them): chosen[i] −1 counts the high 16 bits, ≥ 0 the low 16 bits of
+    the magnitudes in that high bin, −2 skips expert i. Counts go to parts_hist[part, i], which
+    the caller sums (integers: the split does not change the totals)."""
+    n_exp = len(experts)
+    n = base.size
+    step = (n + parts_n - 1) // parts_n
+    for p in numba.prange(parts_n):
+        bits = np.empty((2, WIDEN), dtype=np.uint32)
+        wide = bits.view(np.float32)
+        w0, tau = wide[0], wide[1]
+        tau_bits = bits[1]
+        end = min(n, (p + 1) * step)
+        for j0 in range(p * step, end, WIDEN):
+            m = min(WIDEN, end - j0)
+            for k in range(m):
+                bits[0, k] = np.uint32(base[j0 + k]) << np.uint32(16)
+            for i in range(n_exp):
+                c = chosen[i]
+                if c == -2:
+                    continue
+                e = experts[i]
+                h = parts_hist[p, i]
+                for k in range(m):
+                    tau_bits[k] = np.uint32(e[j0 + k]) << np.uint32(16)
+                for k in range(m):
+                    tau[k] = tau[k] - w0[k]
+                if c == -1:
+                    for k in range(m):
+                        h[(tau_bits[k] & np.uint32(0x7FFFFFFF)) >> np.uint32(16)] += 1
+                else:
+                    for k in range(m):
+                        b = tau_bits[k] & np.uint32(0x7FFFFFFF)
+                        if (b >> np.uint32(16)) == c:
+                            h[b & np.uint32(0xFFFF)] += 1
+
+
+@_jit
+def _tie_counts_bf16(experts, base, bounds, count, ties, parts_n):  # pragma: no cover - compiled
+    """ties[i, p + 1] = how many |W_i − W₀| in part p equal bounds[i], for the experts with count[i]."""
+    n_exp = len(experts)
+    n = base.size
+    step = (n + parts_n - 1) // parts_n
+    for p in numba.prange(parts_n):
+        bits = np.empty((2, WIDEN), dtype=np.uint32)
+        wide = bits.view(np.float32)
+        w0, tau = wide[0], wide[1]
+        end = min(n, (p + 1) * step)
+        for j0 in range(p * step, end, WIDEN):
+            m = min(WIDEN, end - j0)
+            for k in range(m):
+                bits[0, k] = np.uint32(base[j0 + k]) << np.uint32(16)
+            for i in range(n_exp):
+                if not count[i]:
+                    continue
+                e = experts[i]
+                for k in range(m):
+                    bits[1, k] = np.uint32(e[j0 + k]) << np.uint32(16)
+                t = 0
+                bound = bounds[i]
+                for k in range(m):
+                    t += abs(tau[k] - w0[k]) == bound
+                ties[i, p + 1] += t
+
+
+@_jit
+def _magnitude_combine_bf16(experts, base, out, bounds, his, all_kept, starts, weights, consensus, normalize,
+                            divisor_none, lam, parts_n):  # pragma: no cover - compiled  # fmt: skip
+    """gta's magnitude sparsifier (_mask_magnitude with weight 1, then × w_i) and then combine, of
+    bf16 tensors as stored, in one pass: τ_i widened as _combine_bf16 does; kept where |τ_i| is
+    above bounds[i] (−1: every entry) or NaN, or ties it with an index among its ties (counted from
+    starts[i, p] at part p's first entry) below his[i] (every tie where all_kept[i])."""
+    n_exp = len(experts)
+    n = base.size
+    step = (n + parts_n - 1) // parts_n
+    lam32 = np.float32(lam)
+    one, zero = np.float32(1.0), np.float32(0.0)
+    for p in numba.prange(parts_n):
+        bits = np.empty((n_exp + 1, WIDEN), dtype=np.uint32)
+        wide = bits.view(np.float32)
+        w0 = wide[n_exp]
+        mixed = np.empty(WIDEN, dtype=np.float32)
+        scratch = np.empty((2, WIDEN), dtype=np.float32)
+        tie = starts[:, p].copy()
+        end = min(n, (p + 1) * step)
+        for j0 in range(p * step, end, WIDEN):
+            m = min(WIDEN, end - j0)
+            for k in range(m):
+                bits[n_exp, k] = np.uint32(base[j0 + k]) << np.uint32(16)
+            for i in range(n_exp):
+                e = experts[i]
+                row = bits[i]
+                for k in range(m):
+                    row[k] = np.uint32(e[j0 + k]) << np.uint32(16)
+                v = wide[i]
+                w = weights[i]
+                bound = bounds[i]
+                hi = his[i]
+                t = tie[i]
+                # whether every tie in this chunk is kept (or none is): then one loop without a
+                # branch, which the compiler vectorises; else the chunk the cut falls in, in order
+                settled = all_kept[i] or t >= hi
+                kept = all_kept[i] or t < hi
+                if not settled:
+                    c = 0
+                    for k in range(m):
+                        c += abs(v[k] - w0[k]) == bound
+                    if t + c <= hi:
+                        settled = True
+                        t += c
+                if settled:
+                    for k in range(m):
+                        x = v[k] - w0[k]
+                        a = abs(x)
+                        keep = np.float32((a > bound) | (a != a) | ((a == bound) & kept))
+                        v[k] = ((x * keep) * one) * w
+                else:
+                    for k in range(m):
+                        x = v[k] - w0[k]
+                        a = abs(x)
+                        keep = np.float32((a > bound) | (a != a))
+                        if a == bound:
+                            keep = one if t < hi else zero
+                            t += 1
+                        v[k] = ((x * keep) * one) * w
+                tie[i] = t
+            _mixed_rows(wide, m, w0, out, j0, mixed, scratch, weights, consensus, normalize, divisor_none, lam, lam32)

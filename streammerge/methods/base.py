@@ -79,7 +79,8 @@ class TensorTask:
         self.diagnostics: dict[str, Any] | None = None  # set by the engine under --report: what explains this merge
         self.progress: Callable[[float], None] | None = None  # set by the engine: the fraction of this tensor done
         # set by the engine where every input is a stored checkpoint: stored(i, rows) is expert i's
-        # tensor (the base's for i = None) as stored, in its file's dtype, for a method that widens it
+        # tensor (the base's for i = None) as stored, in its file's dtype, for a method that widens it;
+        # read-only: it may be the input file's mapped bytes
         self.stored: Callable[[int | None, Rows | None], torch.Tensor] | None = None
         self.experts = experts
         self.weights = weights

@@ -273,9 +273,63 @@ def combine_stored(task: TensorTask, rows: Rows | None, params: GtaParams) -> to
     if fused.available(base, *experts, dtype=torch.bfloat16):
         return fused.combine_bf16(experts, task.weights, base, params.consensus, params.normalize, params.lambda_)
     wide = base.to(task.dtype)
-    vectors = [e.to(task.dtype).sub_(wide).mul_(w) for e, w in zip(experts, task.weights)]
+    # copy=True: a stored tensor may be the input file's mapped bytes, never to be written
+    vectors = [e.to(task.dtype, copy=True).sub_(wide).mul_(w) for e, w in zip(experts, task.weights)]
     del experts
     return combine(vectors, task.weights, wide, params)
+
+
+def magnitude_stored(task: TensorTask, sps: list[Sparsifier], params: GtaParams) -> torch.Tensor | None:
+    """TIES and its like (magnitude sparsifiers, earliest ties kept, no rescaling) of bf16 inputs
+    read as stored, in fused passes (math/fused.py MagnitudeStored): the thresholds from two
+    histogram passes over the inputs, then one pass that masks, weights and combines. The bytes of
+    the code below, which forms every τ_i in float32 and passes over it four times more
+    (tests/test_fused.py). None where it does not apply (then that code runs)."""
+    if (
+        task.stored is None
+        or params.tie_break != "index"
+        or not fused.installed()
+        or math.prod(task.shape) < fused.MIN_ELEMENTS
+        or any(sp.kind not in ("none", "magnitude") or sp.rescale for sp in sps)
+    ):
+        return None
+    blocks = task.row_blocks()
+
+    def inputs(rows: Rows | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        return task.stored(None, rows), [task.stored(i, rows) for i in range(len(sps))]
+
+    base, experts = inputs(blocks[0])
+    if not all(t.dtype == torch.bfloat16 and t.device.type == "cpu" and t.is_contiguous() for t in (base, *experts)):
+        return None
+    del base, experts
+    selects = [sp.selects[0] if sp.kind == "magnitude" else None for sp in sps]
+    counts = fused.MagnitudeStored(len(sps))
+    for stage in ("high", "low"):
+        chosen = [-2 if s is None else -1 if stage == "high" else s.low_bin() for s in selects]
+        for rows in blocks:
+            base, experts = inputs(rows)
+            counts.histogram(experts, base, chosen)
+        for s, total in zip(selects, counts.totals()):
+            if s is not None:
+                (s.high if stage == "high" else s.low).add_(total)
+    for sp in sps:
+        sp.ready()
+    if not all(fused.finite_bound(sp.bounds[0][0]) for sp in sps if sp.kind == "magnitude"):
+        return None  # a NaN or ∞ at the threshold: the code below compares bit patterns
+    bounds, his, equals = [], [], []
+    for sp in sps:
+        vb, above, equal = sp.bounds[0] if sp.kind == "magnitude" else (None, 0, 0)
+        bounds.append(-1.0 if vb is None else float(torch.tensor([vb], dtype=torch.int32).view(torch.float32)[0]))
+        his.append(sp.k - above if vb is not None else 0)
+        equals.append(equal)
+    seen = [0] * len(sps)
+
+    def block(rows: Rows | None) -> torch.Tensor:
+        base, experts = inputs(rows)
+        return counts.combine(experts, base, bounds, his, equals, seen, task.weights, params.consensus,
+                              params.normalize, params.lambda_)  # fmt: skip
+
+    return map_row_blocks(task, block)
 
 
 def merge(task: TensorTask, params: GtaParams) -> torch.Tensor:
@@ -283,6 +337,10 @@ def merge(task: TensorTask, params: GtaParams) -> torch.Tensor:
     sps = sparsifiers(task, params)
     if task.stored is not None and all(sp.kind == "none" for sp in sps):  # task arithmetic and its like
         return map_row_blocks(task, lambda rows: combine_stored(task, rows, params))
+    fast = magnitude_stored(task, sps, params)
+    if fast is not None:
+        return fast
+    sps = sparsifiers(task, params)  # afresh: magnitude_stored may have counted into them
     itemsize = torch.empty((), dtype=task.dtype).element_size()
     blocks = task.row_blocks()
     if blocks == [None] or n * math.prod(task.shape) * itemsize <= ties.CACHE_BYTES:

@@ -95,9 +95,13 @@ class RadixSelect:
         fused.histogram_high(values, self.high)
 
     def add_low_values(self, values: torch.Tensor) -> None:
+        fused.histogram_low(values, self.low_bin(), self.low)
+
+    def low_bin(self) -> int:
+        """The bin of high bits that holds the k-th largest (once every add_high is done)."""
         if self.bin is None:
             self._choose_bin()
-        fused.histogram_low(values, self.bin, self.low)
+        return self.bin  # type: ignore[return-value]
 
     def _choose_bin(self) -> None:
         from_top = self.high.flip(0).cumsum(0)
