@@ -4,6 +4,7 @@ Ctrl-C later does — one line and exit status 130 — not with a traceback from
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 
@@ -11,10 +12,18 @@ from .errors import Interrupted  # no imports of its own
 
 
 def entry() -> None:
+    # Python's cyclic collector walks every tracked object each time it runs: while torch's ~0.26 M
+    # objects are being made it ran ~380 times (0.15 s), and after that every full collection walks
+    # them all again. So: off while importing, then those objects frozen out of its reach (they live
+    # as long as the process). bench/results/README.md, "Round five".
+    gc.disable()
     try:
         from .cli import entry as run
     except KeyboardInterrupt:
         sys.stderr.write("streammerge: interrupted while starting; nothing was written\n")
         sys.stderr.flush()
         os._exit(Interrupted.exit_code)  # as cli.entry leaves on an interrupt (why: there)
+    finally:
+        gc.freeze()
+        gc.enable()
     run()

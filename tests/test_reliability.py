@@ -582,6 +582,21 @@ def test_ctrl_c_while_the_command_starts_is_one_line_and_130():
     ).stdout  # fmt: skip
 
 
+def test_the_command_starts_with_the_collector_on_and_the_imports_frozen():
+    """console.entry keeps Python's cyclic collector off while torch is imported and then freezes
+    what the imports made (the collector no longer walks them), and it is on again for the merge."""
+    code = (
+        "import atexit, gc, sys\n"
+        "from streammerge.console import entry\n"
+        "atexit.register(lambda: print(gc.isenabled(), gc.get_freeze_count()))\n"
+        "sys.argv = ['streammerge', '--help']\n"
+        "entry()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    enabled, frozen = done.stdout.split()[-2:]
+    assert done.returncode == 0 and enabled == "True" and int(frozen) > 100_000, done
+
+
 def test_toy_models_made_in_parallel_have_the_same_bytes(tmp_path):
     """tools/make_toy_models.py --jobs: each folder depends on the seed alone (bench/slice_gpu.py
     makes its 17.8 GB inputs this way)."""
