@@ -142,7 +142,8 @@ def main() -> int:
                 "wall_time": wall,
                 "merge_seconds": round(mem["seconds"], 1),
                 "bytes_read_ahead": mem["bytes_read_ahead"],
-                "read_ahead_MBps": round(mem["read_throughput"] / 1e6, 1),
+                # None where the read-ahead asks the kernel to read (prefetch.py): no rate of its own
+                "read_ahead_MBps": round(mem["read_throughput"] / 1e6, 1) if mem["read_throughput"] else None,
                 "input_MBps_over_merge": round(mem["bytes_read_ahead"] / mem["seconds"] / 1e6, 1),
                 "bytes_written": mem["bytes_written"],
                 "peak_anon_rss_MB": round(mem["measured_peak_ram"] / 1e6, 1),

@@ -366,7 +366,8 @@ def main() -> None:
 @click.option(
     "--memory-report",
     type=click.Path(dir_okay=False),
-    help="Write planned and measured peak memory and read throughput to this JSON file.",
+    help="Write planned and measured peak memory, bytes read ahead and written, and the read-ahead's rate "
+    "(null where the system reads ahead itself) to this JSON file.",
 )
 @click.option(
     "--checkpoint-every",

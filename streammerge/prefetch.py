@@ -46,10 +46,12 @@ class ReadAhead:
             self.consumed += nbytes
             self._cond.notify()
 
-    def throughput(self) -> float:
-        """Bytes per second read through the buffer; 0 where the kernel was asked to read (it does
-        so in the background, so no rate of its own can be timed here)."""
-        return self.read / self.seconds if self.seconds > 0 and not self.advise else 0.0
+    def throughput(self) -> float | None:
+        """Bytes per second read through the buffer; None (not measured) where the kernel was asked
+        to read: it reads in the background, so no rate can be timed here."""
+        if self.advise:
+            return None
+        return self.read / self.seconds if self.seconds > 0 else 0.0
 
     def _run(self) -> None:
         view = memoryview(bytearray(0 if self.advise else PREFETCH_BUFFER))

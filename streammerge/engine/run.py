@@ -47,7 +47,7 @@ class MergeReport:
     planned_peak_ram: int = 0
     measured_peak_ram: int = 0  # anonymous memory, sampled
     bytes_read_ahead: int = 0
-    read_throughput: float = 0.0  # bytes/s of the read-ahead thread
+    read_throughput: float | None = None  # bytes/s of the read-ahead thread; None: not measured
 
 
 @contextmanager

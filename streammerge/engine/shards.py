@@ -199,9 +199,9 @@ class LocalExecutor:
             self.read_ahead.stop()
         return written
 
-    def read_stats(self) -> tuple[int, float]:
-        """Bytes the read-ahead thread read and its rate."""
-        return (self.read_ahead.read, self.read_ahead.throughput()) if self.read_ahead else (0, 0.0)
+    def read_stats(self) -> tuple[int, float | None]:
+        """Bytes the read-ahead thread read (or asked the kernel to) and its rate (None: not measured)."""
+        return (self.read_ahead.read, self.read_ahead.throughput()) if self.read_ahead else (0, None)
 
     def stop(self) -> None:
         pass
