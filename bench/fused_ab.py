@@ -172,6 +172,7 @@ def main() -> int:
         "cores": os.cpu_count(),
         "load_before": load_before,
         "load_after": os.getloadavg(),
+        "recipe_text": open(args.recipe).read(),  # bench/.work is not kept: the recipe itself, to remake it
         "input_bytes": size,
         "cold_seconds": cold,
         "cold_cpu_seconds": cpu,

@@ -245,3 +245,47 @@ def test_magnitude_sparsified_gta_reads_the_stored_tensors_with_the_same_bytes(c
     assert ours is not None
     assert same_bits(ours, theirs) == 0
     assert torch.equal(base, read(None, None)) and torch.isnan(stored[1][3, :5]).all() == nonfinite  # inputs unwritten
+
+
+@pytest.mark.parametrize("block", [None, 1 << 17, 7 * 640])
+@pytest.mark.parametrize("merge,nonfinite,scope", [("mean", False, "tensor"), ("sum", True, "tensor"),
+                                                   ("mean", False, "model")])  # fmt: skip
+def test_ties_reads_the_stored_tensors_with_the_same_bytes(merge, nonfinite, scope, block):
+    """Our own ties on bf16 inputs read as stored (ties.merge_stored): the bytes of forming every
+    τ_i in float32 first, with exact cancellations (the elected sum 0: the tensor's majority sign
+    decides, here −1, so the kept alternatives are used), NaN and ∞, whole and in row blocks, and
+    with the model's thresholds given (scope model)."""
+    from streammerge.methods import ties
+
+    g = torch.Generator().manual_seed(7)
+    base = (torch.randn(384, 640, generator=g) * 0.02).to(torch.bfloat16)
+    stored = [(base.float() + torch.randn(384, 640, generator=g) * 0.002).to(torch.bfloat16) for _ in range(3)]
+    stored[1][:8] = (2 * base[:8].float() - stored[0][:8].float()).to(torch.bfloat16)  # cancellations
+    stored[2][:8] = base[:8]
+    for e in stored:  # mostly negative updates: the tensor's majority sign is −1
+        e[8:] = (e[8:].float() - (e[8:].float() - base[8:].float()).abs() * 2).to(torch.bfloat16)
+    if nonfinite:
+        stored[1][30, :5] = float("nan")
+        stored[2][40, 2] = float("inf")
+    params = ties.TiesParams(density=0.4, merge=merge, lambda_=0.8, scope=scope)
+    statistics = [0.0009, 0.0011, 0.0007] if scope == "model" else None
+
+    def task() -> TensorTask:
+        return TensorTask("model.layers.0.mlp.up_proj.weight", base.float(), Rowed([e.float() for e in stored]),
+                          (1.0, 1.0, 0.5), statistics=statistics)  # fmt: skip
+
+    def read(i, rows):
+        t = base if i is None else stored[i]
+        return t if rows is None else t[rows[0] : rows[1]]
+
+    with pytest.MonkeyPatch.context() as mp:
+        if block is not None:
+            mp.setattr(ties, "CACHE_BYTES", 0)
+            mp.setattr(TensorTask, "row_blocks", lambda self, m=None, _r=TensorTask.row_blocks: _r(self, block))
+        theirs = ties.merge(task(), params)
+        fast = task()
+        fast.stored = read
+        densities = [params.density] * 3
+        ours = ties.merge_stored(fast, params, densities, list(statistics) if statistics else None)
+    assert ours is not None
+    assert same_bits(ours.float(), theirs.float()) == 0

@@ -197,3 +197,19 @@ class MagnitudeStored:
                                         all_kept, np.ascontiguousarray(starts[:, :-1]),
                                         *_combine_args(weights, consensus, normalize, lambda_), self.parts)  # fmt: skip
         return out
+
+    def disjoint(self, experts: list[torch.Tensor], base: torch.Tensor, bounds: list[float], weights, mean: bool,
+                 lambda_: float) -> tuple[torch.Tensor, torch.Tensor, int]:  # fmt: skip
+        """ties' trim (every tie at bounds[i] kept), weights and disjoint merge of one block, as
+        `disjoint` returns them: (W₀ + λ·merged in float32, the undecided entries' mask, Σ sign)."""
+        import numpy as np
+
+        bits = _stored_bits([base, *experts])
+        out = torch.empty(base.shape, dtype=torch.float32)
+        undecided = torch.empty(base.shape, dtype=torch.bool)
+        _threads()
+        balance = _load()._magnitude_disjoint_bf16(
+            bits[1:], bits[0], _flat(out), undecided.view(-1).numpy(), np.asarray(bounds, dtype=np.float32),
+            np.asarray(weights, dtype=np.float32), mean, float(lambda_), self.parts,
+        )  # fmt: skip
+        return out, undecided, int(balance)

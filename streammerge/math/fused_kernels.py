@@ -370,3 +370,69 @@ def _magnitude_combine_bf16(experts, base, out, bounds, his, all_kept, starts, w
                         v[k] = ((x * keep) * one) * w
                 tie[i] = t
             _mixed_rows(wide, m, w0, out, j0, mixed, scratch, weights, consensus, normalize, divisor_none, lam, lam32)
+
+
+@_jit
+def _magnitude_disjoint_bf16(experts, base, out, undecided, bounds, weights, mean, lam, parts_n):  # pragma: no cover
+    """ties.merge of bf16 tensors as stored, in one pass: τ_i widened as _combine_bf16 does, kept
+    where |τ_i| ≥ bounds[i] or NaN (_mask_magnitude keeping every tie, times w_i), then _disjoint's
+    arithmetic, each step a loop over WIDEN entries (vectorised). Returns Σ sign(elected sum)."""
+    n_exp = len(experts)
+    n = base.size
+    step = (n + parts_n - 1) // parts_n
+    balances = np.zeros(parts_n, dtype=np.int64)
+    lam32 = np.float32(lam)
+    one, zero = np.float32(1.0), np.float32(0.0)
+    for p in numba.prange(parts_n):
+        bits = np.empty((n_exp + 1, WIDEN), dtype=np.uint32)
+        wide = bits.view(np.float32)
+        w0 = wide[n_exp]
+        total = np.empty(WIDEN, dtype=np.float32)
+        sign = np.empty(WIDEN, dtype=np.float32)
+        count = np.empty(WIDEN, dtype=np.float32)
+        balance = 0
+        end = min(n, (p + 1) * step)
+        for j0 in range(p * step, end, WIDEN):
+            m = min(WIDEN, end - j0)
+            for k in range(m):
+                bits[n_exp, k] = np.uint32(base[j0 + k]) << np.uint32(16)
+            for i in range(n_exp):
+                e = experts[i]
+                row = bits[i]
+                for k in range(m):
+                    row[k] = np.uint32(e[j0 + k]) << np.uint32(16)
+                v = wide[i]
+                w = weights[i]
+                bound = bounds[i]
+                for k in range(m):
+                    x = v[k] - w0[k]
+                    a = abs(x)
+                    keep = np.float32((a > bound) | (a != a) | (a == bound))
+                    v[k] = (x * keep) * w
+            for k in range(m):
+                total[k] = zero
+            for i in range(n_exp):
+                v = wide[i]
+                for k in range(m):
+                    total[k] += v[k]
+            for k in range(m):
+                s = _sign(total[k])
+                balance += np.int64(s)
+                sign[k] = s + np.float32(s == 0)
+                undecided[j0 + k] = s == 0
+                total[k] = zero
+                count[k] = zero
+            for i in range(n_exp):
+                v = wide[i]
+                for k in range(m):
+                    agree = np.float32((_sign(v[k]) == sign[k]) & (v[k] != 0))
+                    total[k] += v[k] * agree
+                    count[k] += agree
+            for k in range(m):
+                undecided[j0 + k] = undecided[j0 + k] & (count[k] > 0)
+                t = total[k]
+                if mean:
+                    t = t / max(count[k], one)
+                out[j0 + k] = w0[k] + lam32 * t
+        balances[p] = balance
+    return balances.sum()

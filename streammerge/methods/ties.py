@@ -198,16 +198,19 @@ class DisjointMerge:
 
     def _alternative(self, vectors: list[torch.Tensor], base: torch.Tensor, idx: torch.Tensor) -> None:
         """The merged value at `idx` had the elected sign been −1 (same arithmetic as `block`)."""
+        self.alternative_at(idx, [v.reshape(-1)[idx] for v in vectors], base.reshape(-1)[idx])
+
+    def alternative_at(self, idx: torch.Tensor, values: list[torch.Tensor], base: torch.Tensor) -> None:
+        """_alternative given the vectors' and the base's values at the block's flat indices `idx`."""
         total = torch.zeros(idx.numel(), dtype=base.dtype, device=base.device)
         count = torch.zeros_like(total)
-        for v in vectors:
-            vals = v.reshape(-1)[idx]
+        for vals in values:
             agree = (torch.sign(vals) == -1.0) & (vals != 0)
             total.add_(vals * agree)
             count.add_(agree)
         if self.merge_kind == "mean":
             total.div_(count.clamp_(min=1))
-        value = base.reshape(-1)[idx] + self.lambda_ * total
+        value = base + self.lambda_ * total
         self.alternatives.append(((idx + self.offset).cpu(), value.cpu()))
 
     def finish(self, out: torch.Tensor) -> torch.Tensor:
@@ -242,6 +245,60 @@ def block_thresholds(task: TensorTask, densities: list[float]) -> list[float]:
     return [s.value() for s in selects]
 
 
+def merge_stored(task: TensorTask, params: TiesParams, densities: list[float],
+                 thresholds: list[float] | None) -> torch.Tensor | None:  # fmt: skip
+    """ties of bf16 inputs read as stored, in fused passes (math/fused.py MagnitudeStored): each
+    threshold (unless the model's are given) from two histogram passes over the inputs, then one
+    pass that trims, weights and merges. The bytes of the code in `merge`, which forms every τ_i
+    in float32 and passes over it three times more (tests/test_fused.py). None where it does not
+    apply (then that code runs)."""
+    n = len(task.weights)
+    if task.stored is None or not fused.installed() or math.prod(task.shape) < fused.MIN_ELEMENTS:
+        return None
+    blocks = task.row_blocks()
+
+    def inputs(rows: Rows | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        return task.stored(None, rows), [task.stored(i, rows) for i in range(n)]
+
+    base, experts = inputs(blocks[0])
+    if not all(t.dtype == torch.bfloat16 and t.device.type == "cpu" and t.is_contiguous() for t in (base, *experts)):
+        return None
+    del base, experts
+    kernels = fused.MagnitudeStored(n)
+    if thresholds is None:
+        selects = [RadixSelect(keep_count(math.prod(task.shape), d)) for d in densities]
+        for stage in ("high", "low"):
+            chosen = [-1 if stage == "high" else s.low_bin() for s in selects]
+            for rows in blocks:
+                base, experts = inputs(rows)
+                kernels.histogram(experts, base, chosen)
+            for s, total in zip(selects, kernels.totals()):
+                (s.high if stage == "high" else s.low).add_(total)
+        thresholds = [s.value() for s in selects]
+    if not all(fused.finite_bound(_bits_of(t)) for t in thresholds):
+        return None  # a NaN or ∞ threshold: `merge` compares bit patterns
+    bounds = list(thresholds)
+    dm = DisjointMerge(params.merge, params.lambda_)
+
+    def block(rows: Rows | None) -> torch.Tensor:
+        base, experts = inputs(rows)
+        out, undecided, balance = kernels.disjoint(experts, base, bounds, task.weights, params.merge == "mean",
+                                                   params.lambda_)  # fmt: skip
+        dm.balance += balance
+        if bool(undecided.any()):  # rare: the values at the few entries whose elected sum is exactly 0
+            idx = undecided.reshape(-1).nonzero().squeeze(1)
+            b = base.reshape(-1)[idx].float()
+            values = []
+            for e, threshold, w in zip(experts, bounds, task.weights):
+                tau = e.reshape(-1)[idx].float().sub_(b)
+                values.append(trim(tau, threshold).mul_(w))
+            dm.alternative_at(idx, values, b)
+        dm.offset += base.numel()
+        return out
+
+    return dm.finish(map_row_blocks(task, block))
+
+
 def merge(task: TensorTask, params: TiesParams) -> torch.Tensor:
     n = len(task.weights)
     densities = [_density(task, params, i) for i in range(n)]
@@ -249,6 +306,9 @@ def merge(task: TensorTask, params: TiesParams) -> torch.Tensor:
         thresholds: list[float] | None = list(task.statistics)
     else:
         thresholds = None
+    fast = merge_stored(task, params, densities, thresholds)
+    if fast is not None:
+        return fast
     if holds_whole(task, n, CACHE_BYTES):
         kept = []  # each expert read once: threshold, trim and weight in memory
         for i in range(n):
