@@ -204,21 +204,24 @@ def test_unsparsified_gta_reads_the_stored_tensors_with_the_same_bytes(consensus
 
 @pytest.mark.parametrize("block", [None, 1 << 17, 5 * 640])
 @pytest.mark.parametrize(
-    "consensus,normalize,lam,densities,nonfinite",
+    "sparsify,consensus,normalize,lam,densities,nonfinite",
     [
-        ("sum", True, 1.0, (0.5, 0.5, 0.5), False),
-        ("sum", True, 0.8, (0.3, 1.0, 0.05), True),
-        ("none", False, 1.0, (0.2, 0.6, 0.999), False),
-        ("count", True, -0.5, (0.4, 0.4, 0.7), True),
+        ("magnitude", "sum", True, 1.0, (0.5, 0.5, 0.5), False),
+        ("magnitude", "sum", True, 0.8, (0.3, 1.0, 0.05), True),
+        ("magnitude", "none", False, 1.0, (0.2, 0.6, 0.999), False),
+        ("magnitude", "count", True, -0.5, (0.4, 0.4, 0.7), True),
+        ("magnitude_outliers", "none", False, 1.0, (0.5, 0.9, 0.2), False),
+        ("magnitude_outliers", "sum", True, 0.7, (0.3, 1.0, 0.6), True),
     ],
 )
-def test_magnitude_sparsified_gta_reads_the_stored_tensors_with_the_same_bytes(consensus, normalize, lam, densities,
-                                                                               nonfinite, block):  # fmt: skip
-    """TIES and its like on bf16 inputs read as stored (gta.magnitude_stored: thresholds from
-    histograms of τ widened in the kernel, then one masking and combining pass): the bytes of
-    forming every τ_i in float32 first, with many ties at each threshold (bf16 steps), an expert
-    left whole (density 1), NaN and ∞ among the inputs, whole and in row blocks, with the tie cut
-    falling inside a block."""
+def test_magnitude_sparsified_gta_reads_the_stored_tensors_with_the_same_bytes(
+    sparsify, consensus, normalize, lam, densities, nonfinite, block
+):
+    """TIES, breadcrumbs and their like on bf16 inputs read as stored (gta.magnitude_stored:
+    thresholds from histograms of τ widened in the kernel, then one masking and combining pass):
+    the bytes of forming every τ_i in float32 first, with many ties at each threshold (bf16 steps),
+    an expert left whole (density 1), NaN and ∞ among the inputs, whole and in row blocks, with the
+    tie cuts falling inside a block."""
     g = torch.Generator().manual_seed(6)
     base = (torch.randn(384, 640, generator=g) * 0.02).to(torch.bfloat16)
     stored = [(base.float() + torch.randn(384, 640, generator=g) * 0.002).to(torch.bfloat16) for _ in range(3)]
@@ -226,8 +229,8 @@ def test_magnitude_sparsified_gta_reads_the_stored_tensors_with_the_same_bytes(c
     if nonfinite:
         stored[1][3, :5] = float("nan")
         stored[2][7, 2] = float("-inf")
-    values = tuple({"weight": w, "density": d} for w, d in zip((1.0, 0.7, 0.4), densities))
-    params = gta.GtaParams(sparsify="magnitude", consensus=consensus, normalize=normalize, lambda_=lam)
+    values = tuple({"weight": w, "density": d, "gamma": 0.05} for w, d in zip((1.0, 0.7, 0.4), densities))
+    params = gta.GtaParams(sparsify=sparsify, consensus=consensus, normalize=normalize, lambda_=lam)
     theirs = merged(params, base.float(), [e.float() for e in stored], values, True, block)
 
     def read(i, rows):

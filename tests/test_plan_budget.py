@@ -83,6 +83,8 @@ METHODS = [
     ("orthomerge", ("--target", "conflict")),
     ("gta", ("--param", "sparsify=magnitude", "--param", "consensus=sum", "--density", "0.5", *["--weight", "1"] * 3)),
     ("gta", ("--param", "sparsify=random", "--param", "rescale=true", "--density", "0.5", *["--weight", "1"] * 3)),
+    ("gta", ("--param", "sparsify=magnitude_outliers", "--density", "0.5", *["--weight", "1"] * 3)),
+    ("gta", ("--weight", "1") * 3),  # mergekit's task_arithmetic: the inputs read as stored
     ("multislerp", ("--weight", "1") * 3),
     ("karcher", ()),
     ("model_stock", ()),

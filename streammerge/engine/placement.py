@@ -16,6 +16,7 @@ import torch
 
 from ..errors import ResourceError
 from ..io.checkpoint import Checkpoint
+from ..math import fused
 from ..plan import Plan, TensorPlan, default_gpu_budget, default_ram_budget, free_disk, place
 from ..memwatch import rss_anon
 from .inputs import MergeInputs
@@ -36,6 +37,15 @@ def make_plan(inputs: MergeInputs, device: torch.device, options: RunOptions, st
     ram_budget = options.max_ram or default_ram_budget()
     itemsize = torch.empty((), dtype=inputs.compute_dtype).element_size()
     n = len(inputs.experts)
+    sources = (inputs.base, *inputs.experts)
+    # read as stored by the fused kernels (TensorComputer.stored): CPU, float32, numba, every input stored
+    as_stored = (
+        method.stored_memory is not None
+        and not use_gpu
+        and inputs.compute_dtype == torch.float32
+        and fused.installed()
+        and all(isinstance(src, Checkpoint) for src in sources)
+    )
     tensors = []
     previous_out = 0
     for shard in inputs.shards:
@@ -54,6 +64,8 @@ def make_plan(inputs: MergeInputs, device: torch.device, options: RunOptions, st
                 need = method.memory(t.name, t.shape, n, params, itemsize)
             else:
                 need = method.memory(t.name, t.shape, n, params, itemsize, statistics=measured)
+            if as_stored and all(src.info(t.name).dtype == "BF16" for src in sources):
+                need = method.stored_memory(t.name, t.shape, n, params) or need  # type: ignore[misc]
             # the result is held until written; the writer thread may still be writing the previous one
             numel = math.prod(t.shape)
             placed, gpu_bytes, host_bytes, note = place(

@@ -144,6 +144,19 @@ def _stored_bits(tensors: list[torch.Tensor]) -> tuple:
     return tuple(_flat(t.view(torch.int16)).view("uint16") for t in tensors)
 
 
+# Anonymous memory numba's runtime takes once its kernels run in a process (its threading layer,
+# the compiled code loaded from its cache): about 20 MB to import and 20-30 MB per kernel loaded,
+# measured with memwatch.rss_anon around each step; the plans of the paths that read inputs as
+# stored count it (tests/test_plan_budget.py holds plans within 25 % of the measured peaks).
+RUNTIME_BYTES = 64 << 20
+
+
+def histogram_bytes(n_experts: int) -> int:
+    """The histograms a MagnitudeStored holds for `n_experts` (one per thread and expert), with the
+    two of each expert's RadixSelect (methods/ties.py) and their sum."""
+    return n_experts * (max(1, torch.get_num_threads()) + 3) * (1 << 16) * 8
+
+
 class MagnitudeStored:
     """gta's magnitude sparsifier and combine of bf16 tensors as stored, in row blocks: thresholds
     from histograms of the task vectors widened in the kernel (`histogram` over every block, once
@@ -170,32 +183,45 @@ class MagnitudeStored:
         self.hist[:] = 0
         return out
 
-    def combine(self, experts: list[torch.Tensor], base: torch.Tensor, bounds: list[float], his: list[int],
-                equals: list[int], seen: list[int], weights, consensus: str, normalize: bool,
+    def combine(self, experts: list[torch.Tensor], base: torch.Tensor, bounds: list[tuple[int, int]],
+                windows: list[tuple[tuple[int, int], tuple[int, int]]], equals: list[tuple[int, int]],
+                seen: list[list[int]], weights, consensus: str, normalize: bool,
                 lambda_: float) -> torch.Tensor:  # fmt: skip
-        """W₀ + λ·combine of the masked, weighted task vectors of one block (float32). Expert i keeps
-        its first his[i] of the equals[i] entries tied at bounds[i]; `seen[i]`, its ties before this
-        block, is advanced past it. Ties are counted only where that decides something (some kept,
-        not all, and not all of them seen already)."""
+        """W₀ + λ·combine of the sparsified, weighted task vectors of one block (float32). Expert i
+        keeps the magnitudes whose bit patterns lie strictly between bounds[i] (low, high), and of
+        the equals[i][b] entries tied at bound b those whose index among them lies in windows[i][b]
+        (= [lo, hi)); seen[i][b], its ties before this block, is advanced past it. Ties are counted
+        only where that decides something (a window that neither holds every tie nor is past)."""
         import numpy as np
+
+        from .fused_kernels import ALL, COUNT, NONE
 
         bits = _stored_bits([base, *experts])
         n = len(experts)
-        bound = np.asarray(bounds, dtype=np.float32)
-        count = np.asarray([seen[i] < his[i] < equals[i] for i in range(n)])
-        ties = np.zeros((n, self.parts + 1), dtype=np.int64)
-        _threads()
-        if count.any():
-            _load()._tie_counts_bf16(bits[1:], bits[0], bound, count, ties, self.parts)
-        starts = np.cumsum(ties, axis=1) + np.asarray(seen, dtype=np.int64)[:, None]
+        modes = np.zeros((n, 2), dtype=np.int64)
         for i in range(n):
-            if count[i]:
-                seen[i] = int(starts[i, -1])
+            for b in range(2):
+                (lo, hi), equal, done = windows[i][b], equals[i][b], seen[i][b]
+                if hi <= lo or done >= hi:
+                    modes[i, b] = NONE
+                elif lo <= 0 and hi >= equal:
+                    modes[i, b] = ALL
+                else:
+                    modes[i, b] = COUNT
+        bound = np.asarray(bounds, dtype=np.int64)
+        ties = np.zeros((n, 2, self.parts + 1), dtype=np.int64)
+        _threads()
+        if (modes == COUNT).any():
+            _load()._tie_counts_bf16(bits[1:], bits[0], bound, modes, ties, self.parts)
+        starts = np.cumsum(ties, axis=2) + np.asarray(seen, dtype=np.int64)[:, :, None]
+        for i in range(n):
+            for b in range(2):
+                if modes[i, b] == COUNT:
+                    seen[i][b] = int(starts[i, b, -1])
         out = torch.empty(base.shape, dtype=torch.float32)
-        all_kept = np.asarray([his[i] >= equals[i] for i in range(n)])
-        _load()._magnitude_combine_bf16(bits[1:], bits[0], _flat(out), bound, np.asarray(his, dtype=np.int64),
-                                        all_kept, np.ascontiguousarray(starts[:, :-1]),
-                                        *_combine_args(weights, consensus, normalize, lambda_), self.parts)  # fmt: skip
+        _load()._window_combine_bf16(bits[1:], bits[0], _flat(out), bound, np.asarray(windows, dtype=np.int64), modes,
+                                     np.ascontiguousarray(starts[:, :, :-1]),
+                                     *_combine_args(weights, consensus, normalize, lambda_), self.parts)  # fmt: skip
         return out
 
     def disjoint(self, experts: list[torch.Tensor], base: torch.Tensor, bounds: list[float], weights, mean: bool,

@@ -280,9 +280,19 @@ def _histogram_bf16(experts, base, chosen, parts_hist, parts_n):  # pragma: no c
                             h[b & np.uint32(0xFFFF)] += 1
 
 
+NONE, ALL, COUNT = 0, 1, 2  # which ties at a bound a block keeps: none, every one, by their index
+
+
+@numba.njit(inline="always")
+def _magnitude_of(bits):  # pragma: no cover - compiled
+    """|x|'s float32 bit pattern, from x's: ordered like the magnitudes (NaN above ∞), as int64."""
+    return np.int64(bits & np.uint32(0x7FFFFFFF))
+
+
 @_jit
-def _tie_counts_bf16(experts, base, bounds, count, ties, parts_n):  # pragma: no cover - compiled
-    """ties[i, p + 1] = how many |W_i − W₀| in part p equal bounds[i], for the experts with count[i]."""
+def _tie_counts_bf16(experts, base, bounds, modes, ties, parts_n):  # pragma: no cover - compiled
+    """ties[i, b, p + 1] = how many |W_i − W₀| in part p have the bit pattern bounds[i, b], for the
+    (expert, bound) pairs whose modes[i, b] is COUNT."""
     n_exp = len(experts)
     n = base.size
     step = (n + parts_n - 1) // parts_n
@@ -296,37 +306,46 @@ def _tie_counts_bf16(experts, base, bounds, count, ties, parts_n):  # pragma: no
             for k in range(m):
                 bits[0, k] = np.uint32(base[j0 + k]) << np.uint32(16)
             for i in range(n_exp):
-                if not count[i]:
+                if modes[i, 0] != COUNT and modes[i, 1] != COUNT:
                     continue
                 e = experts[i]
                 for k in range(m):
                     bits[1, k] = np.uint32(e[j0 + k]) << np.uint32(16)
-                t = 0
-                bound = bounds[i]
                 for k in range(m):
-                    t += abs(tau[k] - w0[k]) == bound
-                ties[i, p + 1] += t
+                    tau[k] = tau[k] - w0[k]
+                for b in range(2):
+                    if modes[i, b] == COUNT:
+                        bound = bounds[i, b]
+                        t = 0
+                        for k in range(m):
+                            t += _magnitude_of(bits[1, k]) == bound
+                        ties[i, b, p + 1] += t
 
 
 @_jit
-def _magnitude_combine_bf16(experts, base, out, bounds, his, all_kept, starts, weights, consensus, normalize,
-                            divisor_none, lam, parts_n):  # pragma: no cover - compiled  # fmt: skip
-    """gta's magnitude sparsifier (_mask_magnitude with weight 1, then × w_i) and then combine, of
-    bf16 tensors as stored, in one pass: τ_i widened as _combine_bf16 does; kept where |τ_i| is
-    above bounds[i] (−1: every entry) or NaN, or ties it with an index among its ties (counted from
-    starts[i, p] at part p's first entry) below his[i] (every tie where all_kept[i])."""
+def _window_combine_bf16(experts, base, out, bounds, windows, modes, starts, weights, consensus, normalize,
+                         divisor_none, lam, parts_n):  # pragma: no cover - compiled  # fmt: skip
+    """gta's magnitude sparsifiers and then combine, of bf16 tensors as stored, in one pass: τ_i
+    widened as _combine_bf16 does; its magnitude's bit pattern a kept where bounds[i, 0] < a <
+    bounds[i, 1], and where a ties bound b, by modes[i, b]: NONE, ALL, or COUNT: kept if its index
+    among those ties, counted from starts[i, b, p] at part p's first entry, lies in windows[i, b]
+    (= [lo, hi)). Then v_i = (τ_i·keep)·w_i and combine's arithmetic (_mixed_rows). magnitude:
+    (bound, 2³², window [0, k − above)); magnitude_outliers: both bounds with their windows; none:
+    (−1, 2³²). Where a chunk's ties at both bounds all go one way, one loop without a branch
+    (vectorised); the chunk a cut falls in goes in order."""
     n_exp = len(experts)
     n = base.size
     step = (n + parts_n - 1) // parts_n
     lam32 = np.float32(lam)
-    one, zero = np.float32(1.0), np.float32(0.0)
     for p in numba.prange(parts_n):
         bits = np.empty((n_exp + 1, WIDEN), dtype=np.uint32)
         wide = bits.view(np.float32)
         w0 = wide[n_exp]
         mixed = np.empty(WIDEN, dtype=np.float32)
         scratch = np.empty((2, WIDEN), dtype=np.float32)
-        tie = starts[:, p].copy()
+        tie = starts[:, :, p].copy()
+        state = np.empty(2, dtype=np.int64)
+        counts = np.empty(2, dtype=np.int64)
         end = min(n, (p + 1) * step)
         for j0 in range(p * step, end, WIDEN):
             m = min(WIDEN, end - j0)
@@ -338,37 +357,52 @@ def _magnitude_combine_bf16(experts, base, out, bounds, his, all_kept, starts, w
                 for k in range(m):
                     row[k] = np.uint32(e[j0 + k]) << np.uint32(16)
                 v = wide[i]
+                for k in range(m):
+                    v[k] = v[k] - w0[k]  # τ_i; row now holds its bits
+                lo_bound, hi_bound = bounds[i, 0], bounds[i, 1]
+                settled = True
+                for b in range(2):
+                    state[b] = modes[i, b]
+                    counts[b] = 0
+                    if state[b] == COUNT:
+                        bound = bounds[i, b]
+                        c = 0
+                        for k in range(m):
+                            c += _magnitude_of(row[k]) == bound
+                        counts[b] = c
+                        t = tie[i, b]
+                        if t >= windows[i, b, 1] or t + c <= windows[i, b, 0]:
+                            state[b] = NONE
+                        elif t >= windows[i, b, 0] and t + c <= windows[i, b, 1]:
+                            state[b] = ALL
+                        else:
+                            settled = False
                 w = weights[i]
-                bound = bounds[i]
-                hi = his[i]
-                t = tie[i]
-                # whether every tie in this chunk is kept (or none is): then one loop without a
-                # branch, which the compiler vectorises; else the chunk the cut falls in, in order
-                settled = all_kept[i] or t >= hi
-                kept = all_kept[i] or t < hi
-                if not settled:
-                    c = 0
-                    for k in range(m):
-                        c += abs(v[k] - w0[k]) == bound
-                    if t + c <= hi:
-                        settled = True
-                        t += c
                 if settled:
+                    tie[i, 0] += counts[0]
+                    tie[i, 1] += counts[1]
+                    keep_lo, keep_hi = state[0] == ALL, state[1] == ALL
                     for k in range(m):
-                        x = v[k] - w0[k]
-                        a = abs(x)
-                        keep = np.float32((a > bound) | (a != a) | ((a == bound) & kept))
-                        v[k] = ((x * keep) * one) * w
+                        a = _magnitude_of(row[k])
+                        keep = np.float32(
+                            ((a > lo_bound) & (a < hi_bound))
+                            | ((a == lo_bound) & keep_lo)
+                            | ((a == hi_bound) & (hi_bound != lo_bound) & keep_hi)
+                        )
+                        v[k] = (v[k] * keep) * w
                 else:
+                    t_lo, t_hi = tie[i, 0], tie[i, 1]
                     for k in range(m):
-                        x = v[k] - w0[k]
-                        a = abs(x)
-                        keep = np.float32((a > bound) | (a != a))
-                        if a == bound:
-                            keep = one if t < hi else zero
-                            t += 1
-                        v[k] = ((x * keep) * one) * w
-                tie[i] = t
+                        a = _magnitude_of(row[k])
+                        keep = np.float32((a > lo_bound) & (a < hi_bound))
+                        if a == lo_bound:
+                            keep = np.float32(windows[i, 0, 0] <= t_lo < windows[i, 0, 1])
+                            t_lo += 1
+                        elif a == hi_bound:
+                            keep = np.float32(windows[i, 1, 0] <= t_hi < windows[i, 1, 1])
+                            t_hi += 1
+                        v[k] = (v[k] * keep) * w
+                    tie[i, 0], tie[i, 1] = t_lo, t_hi
             _mixed_rows(wide, m, w0, out, j0, mixed, scratch, weights, consensus, normalize, divisor_none, lam, lam32)
 
 

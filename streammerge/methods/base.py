@@ -292,6 +292,10 @@ class Method:
     check_experts: Callable[[Any, tuple[dict[str, Any], ...]], None] = field(default=lambda params, experts: None)
     # What to say of an unknown parameter that belongs elsewhere (its dataclass field name: `lambda_`)
     param_hints: dict[str, str] = field(default_factory=dict)
+    # Its peak where every input of a tensor is stored in bf16 and read as stored on the CPU by the
+    # fused kernels (float32 arithmetic): (name, shape, n_experts, params) -> plan.Need, or None
+    # where these parameters take the float32 code (then `memory` holds)
+    stored_memory: Callable[[str, tuple[int, ...], int, Any], Any] | None = None
     # Its work per tensor, (name, shape, n_experts, params) -> Cost (default: a few elementwise passes)
     cost: Callable[[str, tuple[int, ...], int, Any], Cost] = field(default=lambda name, shape, n, params: Cost())
 

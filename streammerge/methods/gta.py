@@ -270,7 +270,7 @@ def combine_stored(task: TensorTask, rows: Rows | None, params: GtaParams) -> to
     the fused kernel, which widens them as it reads; others are widened here, as task_vector does."""
     base = task.stored(None, rows)
     experts = [task.stored(i, rows) for i in range(len(task.weights))]
-    if fused.available(base, *experts, dtype=torch.bfloat16):
+    if task.dtype == torch.float32 and fused.available(base, *experts, dtype=torch.bfloat16):
         return fused.combine_bf16(experts, task.weights, base, params.consensus, params.normalize, params.lambda_)
     wide = base.to(task.dtype)
     # copy=True: a stored tensor may be the input file's mapped bytes, never to be written
@@ -279,18 +279,24 @@ def combine_stored(task: TensorTask, rows: Rows | None, params: GtaParams) -> to
     return combine(vectors, task.weights, wide, params)
 
 
+NEVER = 1 << 32  # above every magnitude's bit pattern: a bound no entry reaches
+
+
 def magnitude_stored(task: TensorTask, sps: list[Sparsifier], params: GtaParams) -> torch.Tensor | None:
-    """TIES and its like (magnitude sparsifiers, earliest ties kept, no rescaling) of bf16 inputs
-    read as stored, in fused passes (math/fused.py MagnitudeStored): the thresholds from two
-    histogram passes over the inputs, then one pass that masks, weights and combines. The bytes of
-    the code below, which forms every τ_i in float32 and passes over it four times more
-    (tests/test_fused.py). None where it does not apply (then that code runs)."""
+    """TIES, breadcrumbs and their like (magnitude sparsifiers, earliest ties kept, no rescaling)
+    of bf16 inputs read as stored, in fused passes (math/fused.py MagnitudeStored): the thresholds
+    from histogram passes over the inputs (high bits, then low bits; a second low pass where a
+    breadcrumbs window's two thresholds lie in different bins), then one pass that masks, weights
+    and combines. The bytes of the code below, which forms every τ_i in float32 and passes over it
+    four times more (tests/test_fused.py). None where it does not apply (then that code runs)."""
     if (
         task.stored is None
+        or task.dtype != torch.float32  # the kernels' arithmetic
         or params.tie_break != "index"
         or not fused.installed()
         or math.prod(task.shape) < fused.MIN_ELEMENTS
-        or any(sp.kind not in ("none", "magnitude") or sp.rescale for sp in sps)
+        or any(sp.kind not in ("none", "magnitude", "magnitude_outliers") or sp.rescale for sp in sps)
+        or any(sp.kind == "magnitude_outliers" and not sp.selects for sp in sps)  # all zeroed: +0, not ±0
     ):
         return None
     blocks = task.row_blocks()
@@ -302,31 +308,49 @@ def magnitude_stored(task: TensorTask, sps: list[Sparsifier], params: GtaParams)
     if not all(t.dtype == torch.bfloat16 and t.device.type == "cpu" and t.is_contiguous() for t in (base, *experts)):
         return None
     del base, experts
-    selects = [sp.selects[0] if sp.kind == "magnitude" else None for sp in sps]
     counts = fused.MagnitudeStored(len(sps))
-    for stage in ("high", "low"):
-        chosen = [-2 if s is None else -1 if stage == "high" else s.low_bin() for s in selects]
+
+    def count(chosen: list[int]) -> torch.Tensor:
         for rows in blocks:
             base, experts = inputs(rows)
             counts.histogram(experts, base, chosen)
-        for s, total in zip(selects, counts.totals()):
-            if s is not None:
-                (s.high if stage == "high" else s.low).add_(total)
+        return counts.totals()
+
+    highs = count([-1 if sp.selects else -2 for sp in sps])
+    for sp, high in zip(sps, highs):
+        for s in sp.selects:  # a breadcrumbs window's two selects share the histogram of high bits
+            s.high.add_(high)
+    lows = count([sp.selects[0].low_bin() if sp.selects else -2 for sp in sps])
+    second = [len(sp.selects) == 2 and sp.selects[1].low_bin() != sp.selects[0].low_bin() for sp in sps]
+    lows_2 = count([sp.selects[1].low_bin() if two else -2 for sp, two in zip(sps, second)]) if any(second) else None
+    for i, sp in enumerate(sps):
+        for j, s in enumerate(sp.selects):
+            s.low.add_(lows_2[i] if j == 1 and second[i] else lows[i])  # type: ignore[index]
+    bounds, windows, equals = [], [], []
     for sp in sps:
         sp.ready()
-    if not all(fused.finite_bound(sp.bounds[0][0]) for sp in sps if sp.kind == "magnitude"):
-        return None  # a NaN or ∞ at the threshold: the code below compares bit patterns
-    bounds, his, equals = [], [], []
-    for sp in sps:
-        vb, above, equal = sp.bounds[0] if sp.kind == "magnitude" else (None, 0, 0)
-        bounds.append(-1.0 if vb is None else float(torch.tensor([vb], dtype=torch.int32).view(torch.float32)[0]))
-        his.append(sp.k - above if vb is not None else 0)
-        equals.append(equal)
-    seen = [0] * len(sps)
+        if sp.kind == "none":
+            bounds.append((-1, NEVER))
+            windows.append(((0, 0), (0, 0)))
+            equals.append((0, 0))
+        elif sp.kind == "magnitude":  # as Sparsifier._masked: above the bound, and its first k − above ties
+            vb, above, equal = sp.bounds[0]
+            bounds.append((vb, NEVER))
+            windows.append(((0, sp.k - above), (0, 0)))
+            equals.append((equal, 0))
+        else:  # magnitude_outliers: strictly between, and the ties at each bound in the window
+            (b_lo, above_lo, eq_lo), (b_hi, above_hi, eq_hi) = sp.bounds
+            lo, hi = sp.window
+            less_lo, less_hi = sp.numel - above_lo - eq_lo, sp.numel - above_hi - eq_hi
+            bounds.append((b_lo, b_hi))
+            at_hi = (lo - less_hi, hi - less_hi) if b_hi != b_lo else (0, 0)
+            windows.append(((lo - less_lo, hi - less_lo), at_hi))
+            equals.append((eq_lo, eq_hi if b_hi != b_lo else 0))
+    seen = [[0, 0] for _ in sps]
 
     def block(rows: Rows | None) -> torch.Tensor:
         base, experts = inputs(rows)
-        return counts.combine(experts, base, bounds, his, equals, seen, task.weights, params.consensus,
+        return counts.combine(experts, base, bounds, windows, equals, seen, task.weights, params.consensus,
                               params.normalize, params.lambda_)  # fmt: skip
 
     return map_row_blocks(task, block)
@@ -386,6 +410,21 @@ def memory(name: str, shape: tuple[int, ...], n: int, params: GtaParams, itemsiz
     return Need(int((n + 8) * block * itemsize), transfer=block)
 
 
+def stored_memory(name: str, shape: tuple[int, ...], n: int, params: GtaParams):
+    """Where the inputs are read as stored (combine_stored, magnitude_stored): a float32 result
+    block, for the sparsifiers the histograms (fused.MagnitudeStored and RadixSelect's), and
+    numba's runtime."""
+    if params.sparsify not in ("none", "magnitude", "magnitude_outliers") or math.prod(shape) < fused.MIN_ELEMENTS:
+        return None
+    if params.sparsify != "none" and (params.rescale or params.tie_break != "index"):
+        return None
+    from .base import BLOCK_ELEMENTS
+
+    block = min(math.prod(shape), BLOCK_ELEMENTS)
+    histograms = 0 if params.sparsify == "none" else fused.histogram_bytes(n)
+    return Need(4 * block + histograms + fused.RUNTIME_BYTES, transfer=block)
+
+
 EXPERT_PARAMS = {"weight": REQUIRED, "density": 1.0, "gamma": 0.01, "epsilon": 0.15}
 
 METHOD = Method(
@@ -393,6 +432,7 @@ METHOD = Method(
     GtaParams,
     merge,
     memory=memory,
+    stored_memory=stored_memory,
     doc=__doc__ or "",
     propagates_nonfinite=True,
     expert_params=EXPERT_PARAMS,

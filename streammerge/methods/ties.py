@@ -253,7 +253,12 @@ def merge_stored(task: TensorTask, params: TiesParams, densities: list[float],
     in float32 and passes over it three times more (tests/test_fused.py). None where it does not
     apply (then that code runs)."""
     n = len(task.weights)
-    if task.stored is None or not fused.installed() or math.prod(task.shape) < fused.MIN_ELEMENTS:
+    if (
+        task.stored is None
+        or task.dtype != torch.float32  # the kernels' arithmetic
+        or not fused.installed()
+        or math.prod(task.shape) < fused.MIN_ELEMENTS
+    ):
         return None
     blocks = task.row_blocks()
 
@@ -412,11 +417,21 @@ def memory(name: str, shape: tuple[int, ...], n: int, params: TiesParams, itemsi
     return Need(int((n + 7) * block * itemsize), transfer=block)
 
 
+def stored_memory(name: str, shape: tuple[int, ...], n: int, params: TiesParams):
+    """Where the inputs are read as stored (merge_stored): a float32 result block, the undecided
+    entries' mask, the histograms, numba's runtime."""
+    if math.prod(shape) < fused.MIN_ELEMENTS:
+        return None
+    block = min(math.prod(shape), BLOCK_ELEMENTS)
+    return Need(5 * block + fused.histogram_bytes(n) + fused.RUNTIME_BYTES, transfer=block)
+
+
 METHOD = Method(
     "ties",
     TiesParams,
     merge,
     memory=memory,
+    stored_memory=stored_memory,
     statistics=statistics,
     statistics_passes=lambda p: 2 if p.scope == "model" else 0,
     statistics_values=("density",),
