@@ -292,3 +292,24 @@ def test_ties_reads_the_stored_tensors_with_the_same_bytes(merge, nonfinite, sco
         ours = ties.merge_stored(fast, params, densities, list(statistics) if statistics else None)
     assert ours is not None
     assert same_bits(ours.float(), theirs.float()) == 0
+
+
+@pytest.mark.parametrize("sparsify", ["none", "magnitude"])
+def test_a_float64_merge_does_not_take_the_float32_kernels(sparsify):
+    """With compute_dtype float64 the inputs read as stored are widened to float64 by torch's code:
+    the bytes of the merge that never had them stored (the kernels compute in float32)."""
+    g = torch.Generator().manual_seed(8)
+    base = (torch.randn(384, 640, generator=g) * 0.02).to(torch.bfloat16)
+    stored = [(base.float() + torch.randn(384, 640, generator=g) * 0.002).to(torch.bfloat16) for _ in range(3)]
+    values = tuple({"weight": w, "density": 0.5} for w in (1.0, 0.7, 0.4))
+    params = gta.GtaParams(sparsify=sparsify, consensus="sum", normalize=True)
+
+    def run(with_stored: bool) -> torch.Tensor:
+        task = TensorTask("model.layers.0.mlp.up_proj.weight", base.double(), Rowed([e.double() for e in stored]),
+                          (1.0, 0.7, 0.4), expert_values=values, seed=3, dtype=torch.float64)  # fmt: skip
+        if with_stored:
+            task.stored = lambda i, rows: (base if i is None else stored[i])[slice(*rows) if rows else slice(None)]
+        return gta.merge(task, params)
+
+    ours, theirs = run(True), run(False)
+    assert ours.dtype == torch.float64 and torch.equal(ours, theirs)
