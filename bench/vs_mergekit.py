@@ -136,7 +136,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--density", type=float, default=0.5)
     ap.add_argument("--work", default=os.path.join(ROOT, "bench", ".work"))
     ap.add_argument("--tag", default="vs-mergekit")
+    ap.add_argument("--again", action="store_true", help="write TAG.md anew from TAG.json, running nothing")
     args = ap.parse_args(argv)
+    if args.again:
+        with open(os.path.join(RESULTS, f"{args.tag}.json")) as f:
+            return write_markdown(json.load(f), args.tag)
     mergekit = ensure_mergekit()
     if mergekit is None:
         return 0
@@ -238,6 +242,12 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(RESULTS, exist_ok=True)
     with open(os.path.join(RESULTS, f"{args.tag}.json"), "w") as f:
         json.dump(doc, f, indent=2)
+    return write_markdown(doc, args.tag)
+
+
+def write_markdown(doc: dict, tag: str) -> int:
+    """bench/results/TAG.md from the record (`--again TAG` writes it anew from TAG.json)."""
+    rows, load_before = doc["rows"], doc["load_average_before"]
     lines = [
         "# streammerge beside mergekit 0.1.5",
         "",
@@ -254,14 +264,14 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         mk = statistics.median(x["wall"] for x in r["runs"]["mergekit"])
         sm = statistics.median(x["wall"] for x in r["runs"]["streammerge"])
-        agree = ", ".join(f"{k} {v:.4g}" for k, v in r["agreement"].items())
+        agree = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k}: {v}" for k, v in r["agreement"].items())
         lines.append(
             f"| {r['preset']} | {r['method']} | {mk:.1f} s | {sm:.1f} s | {r['median_wall_ratio']:.2f} | "
             f"{r['median_rss_ratio']:.2f} | "
             f"{r['median_wall_over_cold_floor']:.2f} | {r['io_floor']['cold']:.1f} s / {r['io_floor']['warm']:.1f} s "
             f"| {agree} |"
         )
-    with open(os.path.join(RESULTS, f"{args.tag}.md"), "w") as f:
+    with open(os.path.join(RESULTS, f"{tag}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -208,7 +208,10 @@ class Sparsifier:
 
     def apply(self, tau: torch.Tensor, bits: torch.Tensor | None = None) -> torch.Tensor:
         """τ̂ of the next block (in place)."""
-        masked = self._masked(tau, bits)
+        return self.rescaled(self._masked(tau, bits))
+
+    def rescaled(self, masked: torch.Tensor) -> torch.Tensor:
+        """The masked block times ‖τ‖₁/‖τ̂‖₁ where `rescale` asks for it (in place)."""
         if self.rescale and self.before >= RESCALE_EPS and self.after >= RESCALE_EPS:
             ratio = torch.tensor(self.before, dtype=torch.float32) / torch.tensor(self.after, dtype=torch.float32)
             masked.mul_(ratio.to(masked.dtype))
@@ -226,6 +229,12 @@ def whole(sp: Sparsifier, tau: torch.Tensor, mergekit_ties: bool = True) -> torc
     """τ̂ of a tensor held in memory: every observation pass over it, then apply."""
     # |τ|'s bit patterns once, for the thresholds and the mask (the fused kernels read τ itself)
     bits = magnitude_bits(tau) if sp.selects and not fused.available(tau) else None
+    if sp.stages == ["norms"]:  # random masks rescaled: draw the mask once, not once per pass
+        sp.begin(0)  # a fresh generator: the draws `observe` and then `apply` would make
+        sp.before += float(tau.abs().sum(dtype=torch.float64))
+        masked = sp._masked(tau)
+        sp.after += float(masked.abs().sum(dtype=torch.float64))
+        return sp.rescaled(masked)
     for stage in range(sp.passes):
         sp.begin(stage)
         sp.observe(stage, tau, bits)
