@@ -159,9 +159,9 @@ class TensorComputer:
     def stored(self, name: str, i: int | None, rows: tuple[int, int] | None) -> torch.Tensor:
         """TensorTask.stored: expert i's tensor (the base's for None) as stored. On the CPU, the
         file's mapped bytes themselves (Checkpoint.view), which the method reads and never writes:
-        a copy of every input byte cost a quarter of a task-arithmetic merge (bench/results/README.md,
-        "Round five"). The views of one row block stay mapped until a view of another is asked for
-        or the tensor is done (release_views)."""
+        copying every input byte took a quarter of the compute thread of a task-arithmetic merge
+        (bench/results/README.md, "Round five"). The views of one row block stay mapped until a
+        view of another is asked for or the tensor is done (release_views)."""
         if self.device_of(name).type != "cpu":
             return self.load(name, i, rows, None)
         if self._views and self._views[0][1:] != (name, rows):
