@@ -22,7 +22,7 @@ import time
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import drop_caches, write_results  # noqa: E402
+from common import drop_caches, provenance, provenance_line, write_results  # noqa: E402
 from fused_ab import digest, inputs  # noqa: E402
 
 SIDES = {  # the same command; "default" leaves glibc as it is
@@ -70,20 +70,14 @@ def main() -> int:
                 runs.setdefault(f"{cache} {side}", []).append(run(side, args.recipe, out))
                 digests[side] = digest(out)
     shutil.rmtree(work, ignore_errors=True)
-    doc = {
-        "command": "python bench/allocator_ab.py " + " ".join(sys.argv[1:]),
-        "date": time.strftime("%Y-%m-%d %H:%M"),
-        "cores": os.cpu_count(),
-        "load_before": load_before,
-        "load_after": os.getloadavg(),
+    doc = provenance("allocator_ab.py", load_before) | {
         "runs": runs,
         "outputs_identical": digests["tuned"] == digests["default"],
     }
     lines = [
         f"# glibc thresholds set by the command against glibc's defaults: {args.tag}",
         "",
-        f"`{doc['command']}`, {doc['date']}, {doc['cores']} cores, load {load_before[0]:.1f} before, "
-        f"{doc['load_after'][0]:.1f} after; outputs byte-identical: {doc['outputs_identical']}.",
+        f"{provenance_line(doc)}; outputs byte-identical: {doc['outputs_identical']}.",
         "",
         "| run | wall (s) | user (s) | system (s) | minor faults | peak RSS (MB) |",
         "|---|---|---|---|---|---|",

@@ -1,11 +1,14 @@
 """Helpers the benchmark scripts share: dropping the page cache, loading a model folder whole,
-writing a result as JSON and Markdown, a checkout of another commit to run beside this one."""
+writing a result as JSON and Markdown with its provenance, a checkout of another commit to run
+beside this one."""
 
 from __future__ import annotations
 
 import json
 import os
 import subprocess
+import sys
+import time
 
 import torch
 
@@ -48,6 +51,26 @@ def load_model(folder: str) -> dict[str, torch.Tensor]:
 
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def provenance(script: str, load_before: tuple[float, ...]) -> dict:
+    """What a record starts with: the command that made it (`python bench/SCRIPT ARGS`), when, on
+    how many cores, and the load averages before its runs and now, after them."""
+    return {
+        "command": f"python bench/{script} " + " ".join(sys.argv[1:]),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "cores": os.cpu_count(),
+        "load_before": list(load_before),
+        "load_after": list(os.getloadavg()),
+    }
+
+
+def provenance_line(doc: dict) -> str:
+    """The first line of a record's table: its provenance, as `provenance` made it."""
+    return (
+        f"`{doc['command']}`, {doc['date']}, {doc['cores']} cores, load {doc['load_before'][0]:.1f} before, "
+        f"{doc['load_after'][0]:.1f} after"
+    )
 
 
 def write_results(stem: str, doc: dict, lines: list[str]) -> None:

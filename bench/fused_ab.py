@@ -31,7 +31,7 @@ import time
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import checkout, drop_caches, write_results  # noqa: E402
+from common import checkout, drop_caches, provenance, provenance_line, write_results  # noqa: E402
 
 
 def digest(folder: str) -> str:
@@ -166,12 +166,7 @@ def main() -> int:
     for side in ("fused", other):
         warm[side] = sorted(w for w, _ in warm_runs[side])[len(warm_runs[side]) // 2]  # the median
     shutil.rmtree(work, ignore_errors=True)
-    doc = {
-        "command": "python bench/fused_ab.py " + " ".join(sys.argv[1:]),
-        "date": time.strftime("%Y-%m-%d %H:%M"),
-        "cores": os.cpu_count(),
-        "load_before": load_before,
-        "load_after": os.getloadavg(),
+    doc = provenance("fused_ab.py", load_before) | {
         "recipe_text": open(args.recipe).read(),  # bench/.work is not kept: the recipe itself, to remake it
         "input_bytes": size,
         "cold_seconds": cold,
@@ -187,8 +182,7 @@ def main() -> int:
     lines = [
         f"# This checkout (fused kernels) against {doc['other_side']}: {args.tag}",
         "",
-        f"`{doc['command']}`, {doc['date']}, {doc['cores']} cores, load {load_before[0]:.1f} before, "
-        f"{doc['load_after'][0]:.1f} after; inputs {gb:.2f} GB; outputs byte-identical: {doc['outputs_identical']}.",
+        f"{provenance_line(doc)}; inputs {gb:.2f} GB; outputs byte-identical: {doc['outputs_identical']}.",
         "",
         f"| page cache dropped | cold read, `cat` (s) | write + fsync of the output's size (s) | fused (s) "
         f"| {other} (s) | fused / {other} | fused / cold read | fused / (read + write) | CPU s, fused / {other} |",

@@ -19,7 +19,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import drop_caches, write_results  # noqa: E402
+from common import drop_caches, provenance, provenance_line, write_results  # noqa: E402
 
 
 def touch(files: list[str]) -> int:
@@ -69,19 +69,11 @@ def main() -> int:
             runs.setdefault(name, []).append(
                 {"wall": time.perf_counter() - start, "user": now.user - used.user, "system": now.system - used.system}
             )
-    doc = {
-        "command": "python bench/read_ahead_ways.py " + " ".join(sys.argv[1:]),
-        "date": time.strftime("%Y-%m-%d %H:%M"),
-        "input_bytes": size,
-        "load_before": load_before,
-        "load_after": os.getloadavg(),
-        "runs": runs,
-    }
+    doc = provenance("read_ahead_ways.py", load_before) | {"input_bytes": size, "runs": runs}
     lines = [
         "# Bringing the inputs into the page cache, cold",
         "",
-        f"`{doc['command']}`, {doc['date']}, {size / 1e9:.2f} GB in {len(files)} files, load "
-        f"{load_before[0]:.1f} before, {doc['load_after'][0]:.1f} after. The touch loop is Python (its user time).",
+        f"{provenance_line(doc)}; {size / 1e9:.2f} GB in {len(files)} files. The touch loop is Python (its user time).",
         "",
         "| way | wall (s) | user (s) | system (s) |",
         "|---|---|---|---|",

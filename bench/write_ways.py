@@ -18,7 +18,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import write_results  # noqa: E402
+from common import provenance, provenance_line, write_results  # noqa: E402
 
 SIZE = 256 * 1024 * 1024
 
@@ -38,6 +38,7 @@ def main() -> int:
     path = os.path.join(args.folder, "write-ways.tmp")
     data = memoryview(os.urandom(SIZE))
     runs: dict[str, list[dict]] = {}
+    load_before = os.getloadavg()
 
     def add(name: str, row: dict) -> None:
         runs.setdefault(name, []).append(row)
@@ -68,17 +69,11 @@ def main() -> int:
             buffer = mmap.mmap(-1, mb * 1024 * 1024)
             add(f"new file, O_DIRECT, {mb} MB buffer", timed(lambda: direct(buffer)))  # noqa: B023
             os.remove(path)
-    doc = {
-        "command": "python bench/write_ways.py " + " ".join(sys.argv[1:]),
-        "date": time.strftime("%Y-%m-%d %H:%M"),
-        "bytes": SIZE,
-        "load": os.getloadavg(),
-        "runs": runs,
-    }
+    doc = provenance("write_ways.py", load_before) | {"bytes": SIZE, "runs": runs}
     lines = [
         "# Touching new memory and writing an output, 256 MB each",
         "",
-        f"`{doc['command']}`, {doc['date']}, load {doc['load'][0]:.1f}. Writes include the fsync.",
+        f"{provenance_line(doc)}. Writes include the fsync.",
         "",
         "| way | wall (s) | system (s) |",
         "|---|---|---|",
