@@ -93,12 +93,12 @@ def combine(vectors: list[torch.Tensor], weights, base: torch.Tensor, consensus:
             lambda_: float) -> torch.Tensor:  # fmt: skip
     """gta.combine in one pass: W₀ + λ·(normalised) Σ v_i with the consensus mask."""
     out = torch.empty_like(base)
-    _threads()
     _load()._combine(
         tuple(_flat(v) for v in vectors),
         _flat(base),
         _flat(out),
         *_combine_args(weights, consensus, normalize, lambda_),
+        _threads(),
     )
     return out
 
@@ -121,7 +121,7 @@ def combine_bf16(experts: list[torch.Tensor], weights, base: torch.Tensor, conse
     and widened in the kernel: one pass where widening every input to float32 first takes two
     more and twice the memory. Returns float32."""
     out = torch.empty(base.shape, dtype=torch.float32)
-    bits = tuple(_flat(t.view(torch.int16)).view("uint16") for t in (base, *experts))
+    bits = _stored_bits([base, *experts])
     _load()._combine_bf16(bits[1:], bits[0], _flat(out), *_combine_args(weights, consensus, normalize, lambda_),
                           _threads())  # fmt: skip
     return out
@@ -177,8 +177,12 @@ class MagnitudeStored:
         _threads()
         _load()._histogram_bf16(bits[1:], bits[0], np.asarray(chosen, dtype=np.int64), self.hist, self.parts)
 
-    def totals(self) -> torch.Tensor:
-        """The counts so far, (expert, 2¹⁶), summed over the parts; counting starts again at zero."""
+    def count(self, inputs, blocks: list, chosen: list[int]) -> torch.Tensor:
+        """`histogram` of every block (`inputs(rows)`: the block's base and experts as stored), then
+        the counts, (expert, 2¹⁶), summed over the parts; counting starts again at zero."""
+        for rows in blocks:
+            base, experts = inputs(rows)
+            self.histogram(experts, base, chosen)
         out = torch.from_numpy(self.hist.sum(axis=0))
         self.hist[:] = 0
         return out
@@ -224,10 +228,11 @@ class MagnitudeStored:
                                      *_combine_args(weights, consensus, normalize, lambda_), self.parts)  # fmt: skip
         return out
 
-    def disjoint(self, experts: list[torch.Tensor], base: torch.Tensor, bounds: list[float], weights, mean: bool,
+    def disjoint(self, experts: list[torch.Tensor], base: torch.Tensor, bounds: list[int], weights, mean: bool,
                  lambda_: float) -> tuple[torch.Tensor, torch.Tensor, int]:  # fmt: skip
-        """ties' trim (every tie at bounds[i] kept), weights and disjoint merge of one block, as
-        `disjoint` returns them: (W₀ + λ·merged in float32, the undecided entries' mask, Σ sign)."""
+        """ties' trim (magnitudes whose bit patterns are at least bounds[i] kept), weights and
+        disjoint merge of one block, as `disjoint` returns them: (W₀ + λ·merged in float32, the
+        undecided entries' mask, Σ sign)."""
         import numpy as np
 
         bits = _stored_bits([base, *experts])
@@ -235,7 +240,7 @@ class MagnitudeStored:
         undecided = torch.empty(base.shape, dtype=torch.bool)
         _threads()
         balance = _load()._magnitude_disjoint_bf16(
-            bits[1:], bits[0], _flat(out), undecided.view(-1).numpy(), np.asarray(bounds, dtype=np.float32),
+            bits[1:], bits[0], _flat(out), undecided.view(-1).numpy(), np.asarray(bounds, dtype=np.int64),
             np.asarray(weights, dtype=np.float32), mean, float(lambda_), self.parts,
         )  # fmt: skip
         return out, undecided, int(balance)

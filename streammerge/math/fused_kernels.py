@@ -6,7 +6,6 @@ import os
 import numba
 import numpy as np
 
-CHUNK = 1 << 16  # entries per parallel work item
 
 if "NUMBA_THREADING_LAYER" not in os.environ:
     # numba's own pool: its OpenMP layer would start a second OpenMP runtime beside torch's
@@ -74,79 +73,59 @@ def _sign(x):  # pragma: no cover - compiled; as torch.sign: ±1, and +0 for ±0
     return np.float32(x > 0) - np.float32(x < 0)
 
 
-@numba.njit(inline="always")
-def _mixed(vectors, j, weights, consensus, normalize, divisor_none, lam, lam32):  # pragma: no cover
-    """gta.combine's merged update of entry j, before W₀ is added (consensus 0 none, 1 sum,
-    2 count); vectors[i][j] is expert i's weighted task vector there."""
-    n_exp = len(weights)
-    one, zero = np.float32(1.0), np.float32(0.0)
-    mixed = zero
-    if consensus == 0:
-        for i in range(n_exp):
-            mixed += vectors[i][j]
-        if normalize:
-            mixed = mixed / divisor_none
-    else:
-        for i in range(n_exp):
-            mixed += vectors[i][j] if consensus == 1 else _sign(vectors[i][j])
-        majority = np.float32(mixed >= 0) * np.float32(2.0) - one  # NaN: −1, as torch.where
-        mixed = zero
-        divisor = zero
-        for i in range(n_exp):
-            v = vectors[i][j]
-            agree = np.float32(_sign(v) == majority)
-            mixed += v * agree
-            divisor += agree * weights[i]
-        divisor += np.float32(divisor == 0)  # 0 (or −0) → 1, as masked_fill
-        if normalize:
-            mixed = mixed / divisor
-    if lam != 1:
-        mixed = mixed * lam32
-    return mixed
+WIDEN = 2048  # entries at a time in the row-wise kernels (their buffers stay in the L1/L2 cache)
 
 
 @numba.njit(inline="always")
-def _mixed_rows(wide, m, base, out, j0, mixed, scratch, weights, consensus, normalize, divisor_none, lam,
-                lam32):  # pragma: no cover - compiled  # fmt: skip
-    """out[j0 + k] = _mixed(wide, k, ...) + base[k] for k < m, with _mixed's operations in its
-    order per entry, each step a loop over the entries (vectorised; wide[i] is expert i's
-    weighted task vector, `mixed` and `scratch` buffers of WIDEN)."""
+def _widen(stored, j0, m, row):  # pragma: no cover - compiled
+    """row[k] = the float32 bits of bf16 stored[j0 + k], k < m: exact, the bits shifted up by 16, as
+    torch converts."""
+    for k in range(m):
+        row[k] = np.uint32(stored[j0 + k]) << np.uint32(16)
+
+
+@numba.njit(inline="always")
+def _mixed_rows(vectors, v0, base, b0, m, out, j0, mixed, scratch, weights, consensus, normalize, divisor_none,
+                lam, lam32):  # pragma: no cover - compiled  # fmt: skip
+    """gta.combine of m entries: out[j0 + k] = W₀ + λ·(normalised) Σ vectors[i][v0 + k] with the
+    consensus mask (0 none, 1 sum, 2 count), W₀ = base[b0 + k]; torch's operations in its order per
+    entry, each step a loop over the m entries (vectorised). `mixed`, `scratch`: buffers of WIDEN."""
     n_exp = len(weights)
     one, zero = np.float32(1.0), np.float32(0.0)
     for k in range(m):
         mixed[k] = zero
     if consensus == 0:
         for i in range(n_exp):
-            v = wide[i]
+            v = vectors[i]
             for k in range(m):
-                mixed[k] += v[k]
+                mixed[k] += v[v0 + k]
         if normalize:
             for k in range(m):
                 mixed[k] = mixed[k] / divisor_none
     else:
         for i in range(n_exp):
-            v = wide[i]
+            v = vectors[i]
             if consensus == 1:
                 for k in range(m):
-                    mixed[k] += v[k]
+                    mixed[k] += v[v0 + k]
             else:
                 for k in range(m):
-                    mixed[k] += _sign(v[k])
+                    mixed[k] += _sign(v[v0 + k])
         majority = scratch[0]
         divisor = scratch[1]
         for k in range(m):
-            majority[k] = np.float32(mixed[k] >= 0) * np.float32(2.0) - one
+            majority[k] = np.float32(mixed[k] >= 0) * np.float32(2.0) - one  # NaN: −1, as torch.where
             mixed[k] = zero
             divisor[k] = zero
         for i in range(n_exp):
-            v = wide[i]
+            v = vectors[i]
             w = weights[i]
             for k in range(m):
-                agree = np.float32(_sign(v[k]) == majority[k])
-                mixed[k] += v[k] * agree
+                agree = np.float32(_sign(v[v0 + k]) == majority[k])
+                mixed[k] += v[v0 + k] * agree
                 divisor[k] += agree * w
         for k in range(m):
-            divisor[k] += np.float32(divisor[k] == 0)
+            divisor[k] += np.float32(divisor[k] == 0)  # 0 (or −0) → 1, as masked_fill
         if normalize:
             for k in range(m):
                 mixed[k] = mixed[k] / divisor[k]
@@ -154,29 +133,70 @@ def _mixed_rows(wide, m, base, out, j0, mixed, scratch, weights, consensus, norm
         for k in range(m):
             mixed[k] = mixed[k] * lam32
     for k in range(m):
-        out[j0 + k] = mixed[k] + base[k]
+        out[j0 + k] = mixed[k] + base[b0 + k]
+
+
+@numba.njit(inline="always")
+def _disjoint_rows(vectors, v0, base, b0, m, out, undecided, j0, total, sign, count, mean,
+                   lam32):  # pragma: no cover - compiled  # fmt: skip
+    """ties.DisjointMerge.block of m entries (vectors[i][v0 + k], W₀ = base[b0 + k]): the elected
+    sign (+1 where the sum is 0), the agreeing entries' sum (÷ their count for the mean), W₀ +
+    λ·that into out[j0 + k]; undecided[j0 + k] where the sum was exactly 0 with some expert agreeing
+    (the caller computes those entries' −1 value). Each step a loop over the m entries; returns
+    Σ sign(elected sum) of them."""
+    n_exp = len(vectors)
+    one, zero = np.float32(1.0), np.float32(0.0)
+    balance = 0
+    for k in range(m):
+        total[k] = zero
+    for i in range(n_exp):
+        v = vectors[i]
+        for k in range(m):
+            total[k] += v[v0 + k]
+    for k in range(m):
+        s = _sign(total[k])
+        balance += np.int64(s)
+        sign[k] = s + np.float32(s == 0)
+        undecided[j0 + k] = s == 0
+        total[k] = zero
+        count[k] = zero
+    for i in range(n_exp):
+        v = vectors[i]
+        for k in range(m):
+            x = v[v0 + k]
+            agree = np.float32((_sign(x) == sign[k]) & (x != 0))
+            total[k] += x * agree
+            count[k] += agree
+    for k in range(m):
+        undecided[j0 + k] = undecided[j0 + k] & (count[k] > 0)
+        t = total[k]
+        if mean:
+            t = t / max(count[k], one)
+        out[j0 + k] = base[b0 + k] + lam32 * t
+    return balance
 
 
 @_jit
-def _combine(vectors, base, out, weights, consensus, normalize, divisor_none, lam):  # pragma: no cover
-    """gta.combine, entry by entry."""
+def _combine(vectors, base, out, weights, consensus, normalize, divisor_none, lam, parts_n):  # pragma: no cover
+    """gta.combine of float32 vectors: contiguous parts, one per thread, in WIDEN entries at a time."""
     n = base.size
-    chunks = (n + CHUNK - 1) // CHUNK
+    step = (n + parts_n - 1) // parts_n
     lam32 = np.float32(lam)
-    for c in numba.prange(chunks):
-        for j in range(c * CHUNK, min(n, (c + 1) * CHUNK)):
-            out[j] = _mixed(vectors, j, weights, consensus, normalize, divisor_none, lam, lam32) + base[j]
-
-
-WIDEN = 2048  # entries widened at a time by _combine_bf16 (its buffers stay in the L1/L2 cache)
+    for p in numba.prange(parts_n):
+        mixed = np.empty(WIDEN, dtype=np.float32)
+        scratch = np.empty((2, WIDEN), dtype=np.float32)
+        end = min(n, (p + 1) * step)
+        for j0 in range(p * step, end, WIDEN):
+            m = min(WIDEN, end - j0)
+            _mixed_rows(vectors, j0, base, j0, m, out, j0, mixed, scratch, weights, consensus, normalize,
+                        divisor_none, lam, lam32)  # fmt: skip
 
 
 @_jit
 def _combine_bf16(experts, base, out, weights, consensus, normalize, divisor_none, lam, parts_n):  # pragma: no cover
-    """gta.combine of inputs as stored in bf16 (their uint16 bit patterns): each widened to
-    float32 (exact: the bits shifted up by 16, as torch converts), the weighted task vectors
-    (W_i − W₀)·w_i formed in float32 as TensorTask.task_vector and gta.merge form them, then
-    _combine's arithmetic. Contiguous parts, one per thread, in blocks of WIDEN entries."""
+    """gta.combine of inputs as stored in bf16 (their uint16 bit patterns), each widened (_widen),
+    the weighted task vectors (W_i − W₀)·w_i formed in float32 as TensorTask.task_vector and
+    gta.merge form them, then _combine's arithmetic."""
     n_exp = len(experts)
     n = base.size
     step = (n + parts_n - 1) // parts_n
@@ -190,53 +210,34 @@ def _combine_bf16(experts, base, out, weights, consensus, normalize, divisor_non
         end = min(n, (p + 1) * step)
         for j0 in range(p * step, end, WIDEN):
             m = min(WIDEN, end - j0)
-            for k in range(m):
-                bits[n_exp, k] = np.uint32(base[j0 + k]) << np.uint32(16)
+            _widen(base, j0, m, bits[n_exp])
             for i in range(n_exp):
-                e = experts[i]
-                row = bits[i]
-                for k in range(m):
-                    row[k] = np.uint32(e[j0 + k]) << np.uint32(16)
+                _widen(experts[i], j0, m, bits[i])
                 tau = wide[i]
                 w = weights[i]
                 for k in range(m):
                     tau[k] = (tau[k] - w0[k]) * w
-            _mixed_rows(wide, m, w0, out, j0, mixed, scratch, weights, consensus, normalize, divisor_none, lam, lam32)
+            _mixed_rows(wide, 0, w0, 0, m, out, j0, mixed, scratch, weights, consensus, normalize, divisor_none,
+                        lam, lam32)  # fmt: skip
 
 
 @_jit
 def _disjoint(vectors, base, out, undecided, mean, lam, parts_n):  # pragma: no cover - compiled
-    """ties.DisjointMerge.block, entry by entry: the elected sign (+1 where the sum is 0), the
-    agreeing entries' sum (÷ their count for the mean), W₀ + λ·that; undecided[j] = 1 where the
-    sum was exactly 0 with some expert agreeing (the caller computes those entries' −1 value).
-    Returns Σ sign(elected sum) (the tensor's majority, an exact integer)."""
-    n_exp = len(vectors)
+    """ties.DisjointMerge.block of float32 vectors (_disjoint_rows); returns Σ sign(elected sum)
+    (the tensor's majority, an exact integer)."""
     n = base.size
     step = (n + parts_n - 1) // parts_n
     balances = np.zeros(parts_n, dtype=np.int64)
-    one, zero = np.float32(1.0), np.float32(0.0)
     lam32 = np.float32(lam)
     for p in numba.prange(parts_n):
+        total = np.empty(WIDEN, dtype=np.float32)
+        sign = np.empty(WIDEN, dtype=np.float32)
+        count = np.empty(WIDEN, dtype=np.float32)
         balance = 0
-        for j in range(p * step, min(n, (p + 1) * step)):
-            total = zero
-            for i in range(n_exp):
-                total += vectors[i][j]
-            sign = _sign(total)
-            balance += np.int64(sign)
-            zero_sum = sign == 0
-            sign += np.float32(zero_sum)
-            total = zero
-            count = zero
-            for i in range(n_exp):
-                v = vectors[i][j]
-                agree = np.float32((_sign(v) == sign) & (v != 0))
-                total += v * agree
-                count += agree
-            undecided[j] = zero_sum & (count > 0)
-            if mean:
-                total = total / max(count, one)
-            out[j] = base[j] + lam32 * total
+        end = min(n, (p + 1) * step)
+        for j0 in range(p * step, end, WIDEN):
+            m = min(WIDEN, end - j0)
+            balance += _disjoint_rows(vectors, j0, base, j0, m, out, undecided, j0, total, sign, count, mean, lam32)
         balances[p] = balance
     return balances.sum()
 
@@ -244,9 +245,9 @@ def _disjoint(vectors, base, out, undecided, mean, lam, parts_n):  # pragma: no 
 @_jit
 def _histogram_bf16(experts, base, chosen, parts_hist, parts_n):  # pragma: no cover - compiled
     """_histogram of every expert's task vector |W_i − W₀|, widened from the bf16 tensors as stored
-    (as _combine_bf16 widens them): chosen[i] −1 counts the high 16 bits, ≥ 0 the low 16 bits of
-    the magnitudes in that high bin, −2 skips expert i. Counts go to parts_hist[part, i], which
-    the caller sums (integers: the split does not change the totals)."""
+    (_widen): chosen[i] −1 counts the high 16 bits, ≥ 0 the low 16 bits of the magnitudes in that
+    high bin, −2 skips expert i. Counts go to parts_hist[part, i], which the caller sums (integers:
+    the split does not change the totals)."""
     n_exp = len(experts)
     n = base.size
     step = (n + parts_n - 1) // parts_n
@@ -258,26 +259,23 @@ def _histogram_bf16(experts, base, chosen, parts_hist, parts_n):  # pragma: no c
         end = min(n, (p + 1) * step)
         for j0 in range(p * step, end, WIDEN):
             m = min(WIDEN, end - j0)
-            for k in range(m):
-                bits[0, k] = np.uint32(base[j0 + k]) << np.uint32(16)
+            _widen(base, j0, m, bits[0])
             for i in range(n_exp):
                 c = chosen[i]
                 if c == -2:
                     continue
-                e = experts[i]
                 h = parts_hist[p, i]
-                for k in range(m):
-                    tau_bits[k] = np.uint32(e[j0 + k]) << np.uint32(16)
+                _widen(experts[i], j0, m, tau_bits)
                 for k in range(m):
                     tau[k] = tau[k] - w0[k]
                 if c == -1:
                     for k in range(m):
-                        h[(tau_bits[k] & np.uint32(0x7FFFFFFF)) >> np.uint32(16)] += 1
+                        h[_magnitude_of(tau_bits[k]) >> 16] += 1
                 else:
                     for k in range(m):
-                        b = tau_bits[k] & np.uint32(0x7FFFFFFF)
-                        if (b >> np.uint32(16)) == c:
-                            h[b & np.uint32(0xFFFF)] += 1
+                        b = _magnitude_of(tau_bits[k])
+                        if (b >> 16) == c:
+                            h[b & 0xFFFF] += 1
 
 
 NONE, ALL, COUNT = 0, 1, 2  # which ties at a bound a block keeps: none, every one, by their index
@@ -303,14 +301,11 @@ def _tie_counts_bf16(experts, base, bounds, modes, ties, parts_n):  # pragma: no
         end = min(n, (p + 1) * step)
         for j0 in range(p * step, end, WIDEN):
             m = min(WIDEN, end - j0)
-            for k in range(m):
-                bits[0, k] = np.uint32(base[j0 + k]) << np.uint32(16)
+            _widen(base, j0, m, bits[0])
             for i in range(n_exp):
                 if modes[i, 0] != COUNT and modes[i, 1] != COUNT:
                     continue
-                e = experts[i]
-                for k in range(m):
-                    bits[1, k] = np.uint32(e[j0 + k]) << np.uint32(16)
+                _widen(experts[i], j0, m, bits[1])
                 for k in range(m):
                     tau[k] = tau[k] - w0[k]
                 for b in range(2):
@@ -349,13 +344,10 @@ def _window_combine_bf16(experts, base, out, bounds, windows, modes, starts, wei
         end = min(n, (p + 1) * step)
         for j0 in range(p * step, end, WIDEN):
             m = min(WIDEN, end - j0)
-            for k in range(m):
-                bits[n_exp, k] = np.uint32(base[j0 + k]) << np.uint32(16)
+            _widen(base, j0, m, bits[n_exp])
             for i in range(n_exp):
-                e = experts[i]
                 row = bits[i]
-                for k in range(m):
-                    row[k] = np.uint32(e[j0 + k]) << np.uint32(16)
+                _widen(experts[i], j0, m, row)
                 v = wide[i]
                 for k in range(m):
                     v[k] = v[k] - w0[k]  # τ_i; row now holds its bits
@@ -403,24 +395,25 @@ def _window_combine_bf16(experts, base, out, bounds, windows, modes, starts, wei
                             t_hi += 1
                         v[k] = (v[k] * keep) * w
                     tie[i, 0], tie[i, 1] = t_lo, t_hi
-            _mixed_rows(wide, m, w0, out, j0, mixed, scratch, weights, consensus, normalize, divisor_none, lam, lam32)
+            _mixed_rows(wide, 0, w0, 0, m, out, j0, mixed, scratch, weights, consensus, normalize, divisor_none,
+                        lam, lam32)  # fmt: skip
 
 
 @_jit
 def _magnitude_disjoint_bf16(experts, base, out, undecided, bounds, weights, mean, lam, parts_n):  # pragma: no cover
-    """ties.merge of bf16 tensors as stored, in one pass: τ_i widened as _combine_bf16 does, kept
-    where |τ_i| ≥ bounds[i] or NaN (_mask_magnitude keeping every tie, times w_i), then _disjoint's
-    arithmetic, each step a loop over WIDEN entries (vectorised). Returns Σ sign(elected sum)."""
+    """ties.merge of bf16 tensors as stored, in one pass: τ_i widened (_widen), kept where its
+    magnitude's bit pattern is at least bounds[i] (ties.trim: every tie kept, NaN kept), times w_i,
+    then _disjoint_rows. Returns Σ sign(elected sum)."""
     n_exp = len(experts)
     n = base.size
     step = (n + parts_n - 1) // parts_n
     balances = np.zeros(parts_n, dtype=np.int64)
     lam32 = np.float32(lam)
-    one, zero = np.float32(1.0), np.float32(0.0)
     for p in numba.prange(parts_n):
         bits = np.empty((n_exp + 1, WIDEN), dtype=np.uint32)
         wide = bits.view(np.float32)
         w0 = wide[n_exp]
+        vectors = wide[:n_exp]
         total = np.empty(WIDEN, dtype=np.float32)
         sign = np.empty(WIDEN, dtype=np.float32)
         count = np.empty(WIDEN, dtype=np.float32)
@@ -428,45 +421,17 @@ def _magnitude_disjoint_bf16(experts, base, out, undecided, bounds, weights, mea
         end = min(n, (p + 1) * step)
         for j0 in range(p * step, end, WIDEN):
             m = min(WIDEN, end - j0)
-            for k in range(m):
-                bits[n_exp, k] = np.uint32(base[j0 + k]) << np.uint32(16)
+            _widen(base, j0, m, bits[n_exp])
             for i in range(n_exp):
-                e = experts[i]
                 row = bits[i]
-                for k in range(m):
-                    row[k] = np.uint32(e[j0 + k]) << np.uint32(16)
+                _widen(experts[i], j0, m, row)
                 v = wide[i]
                 w = weights[i]
                 bound = bounds[i]
                 for k in range(m):
-                    x = v[k] - w0[k]
-                    a = abs(x)
-                    keep = np.float32((a > bound) | (a != a) | (a == bound))
-                    v[k] = (x * keep) * w
-            for k in range(m):
-                total[k] = zero
-            for i in range(n_exp):
-                v = wide[i]
+                    v[k] = v[k] - w0[k]  # τ_i; row now holds its bits
                 for k in range(m):
-                    total[k] += v[k]
-            for k in range(m):
-                s = _sign(total[k])
-                balance += np.int64(s)
-                sign[k] = s + np.float32(s == 0)
-                undecided[j0 + k] = s == 0
-                total[k] = zero
-                count[k] = zero
-            for i in range(n_exp):
-                v = wide[i]
-                for k in range(m):
-                    agree = np.float32((_sign(v[k]) == sign[k]) & (v[k] != 0))
-                    total[k] += v[k] * agree
-                    count[k] += agree
-            for k in range(m):
-                undecided[j0 + k] = undecided[j0 + k] & (count[k] > 0)
-                t = total[k]
-                if mean:
-                    t = t / max(count[k], one)
-                out[j0 + k] = w0[k] + lam32 * t
+                    v[k] = (v[k] * np.float32(_magnitude_of(row[k]) >= bound)) * w
+            balance += _disjoint_rows(vectors, 0, w0, 0, m, out, undecided, j0, total, sign, count, mean, lam32)
         balances[p] = balance
     return balances.sum()

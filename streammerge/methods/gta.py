@@ -299,31 +299,19 @@ def magnitude_stored(task: TensorTask, sps: list[Sparsifier], params: GtaParams)
     and combines. The bytes of the code below, which forms every τ_i in float32 and passes over it
     four times more (tests/test_fused.py). None where it does not apply (then that code runs)."""
     if (
-        task.stored is None
-        or task.dtype != torch.float32  # the kernels' arithmetic
-        or params.tie_break != "index"
-        or not fused.installed()
-        or math.prod(task.shape) < fused.MIN_ELEMENTS
+        params.tie_break != "index"
         or any(sp.kind not in ("none", "magnitude", "magnitude_outliers") or sp.rescale for sp in sps)
         or any(sp.kind == "magnitude_outliers" and not sp.selects for sp in sps)  # all zeroed: +0, not ±0
     ):
         return None
-    blocks = task.row_blocks()
-
-    def inputs(rows: Rows | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        return task.stored(None, rows), [task.stored(i, rows) for i in range(len(sps))]
-
-    base, experts = inputs(blocks[0])
-    if not all(t.dtype == torch.bfloat16 and t.device.type == "cpu" and t.is_contiguous() for t in (base, *experts)):
+    inputs = ties.stored_bf16(task)
+    if inputs is None:
         return None
-    del base, experts
+    blocks = task.row_blocks()
     counts = fused.MagnitudeStored(len(sps))
 
     def count(chosen: list[int]) -> torch.Tensor:
-        for rows in blocks:
-            base, experts = inputs(rows)
-            counts.histogram(experts, base, chosen)
-        return counts.totals()
+        return counts.count(inputs, blocks, chosen)
 
     highs = count([-1 if sp.selects else -2 for sp in sps])
     for sp, high in zip(sps, highs):

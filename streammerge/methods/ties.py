@@ -245,6 +245,31 @@ def block_thresholds(task: TensorTask, densities: list[float]) -> list[float]:
     return [s.value() for s in selects]
 
 
+StoredInputs = Callable[[Rows | None], tuple[torch.Tensor, list[torch.Tensor]]]
+
+
+def stored_bf16(task: TensorTask) -> StoredInputs | None:
+    """`inputs(rows)`: the base's and the experts' rows as stored (TensorTask.stored), where the
+    fused kernels can read them: every input a bf16 CPU tensor, float32 compute (the kernels'
+    arithmetic), numba present, a tensor worth a kernel call. None otherwise."""
+    if (
+        task.stored is None
+        or task.dtype != torch.float32
+        or not fused.installed()
+        or math.prod(task.shape) < fused.MIN_ELEMENTS
+    ):
+        return None
+    stored = task.stored
+
+    def inputs(rows: Rows | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        return stored(None, rows), [stored(i, rows) for i in range(len(task.weights))]
+
+    base, experts = inputs(task.row_blocks()[0])
+    if all(t.dtype == torch.bfloat16 and t.device.type == "cpu" and t.is_contiguous() for t in (base, *experts)):
+        return inputs
+    return None
+
+
 def merge_stored(task: TensorTask, params: TiesParams, densities: list[float],
                  thresholds: list[float] | None) -> torch.Tensor | None:  # fmt: skip
     """ties of bf16 inputs read as stored, in fused passes (math/fused.py MagnitudeStored): each
@@ -252,37 +277,19 @@ def merge_stored(task: TensorTask, params: TiesParams, densities: list[float],
     pass that trims, weights and merges. The bytes of the code in `merge`, which forms every τ_i
     in float32 and passes over it three times more (tests/test_fused.py). None where it does not
     apply (then that code runs)."""
-    n = len(task.weights)
-    if (
-        task.stored is None
-        or task.dtype != torch.float32  # the kernels' arithmetic
-        or not fused.installed()
-        or math.prod(task.shape) < fused.MIN_ELEMENTS
-    ):
+    inputs = stored_bf16(task)
+    if inputs is None:
         return None
     blocks = task.row_blocks()
-
-    def inputs(rows: Rows | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        return task.stored(None, rows), [task.stored(i, rows) for i in range(n)]
-
-    base, experts = inputs(blocks[0])
-    if not all(t.dtype == torch.bfloat16 and t.device.type == "cpu" and t.is_contiguous() for t in (base, *experts)):
-        return None
-    del base, experts
-    kernels = fused.MagnitudeStored(n)
+    kernels = fused.MagnitudeStored(len(densities))
     if thresholds is None:
         selects = [RadixSelect(keep_count(math.prod(task.shape), d)) for d in densities]
-        for stage in ("high", "low"):
-            chosen = [-1 if stage == "high" else s.low_bin() for s in selects]
-            for rows in blocks:
-                base, experts = inputs(rows)
-                kernels.histogram(experts, base, chosen)
-            for s, total in zip(selects, kernels.totals()):
-                (s.high if stage == "high" else s.low).add_(total)
+        for s, high in zip(selects, kernels.count(inputs, blocks, [-1] * len(selects))):
+            s.high.add_(high)
+        for s, low in zip(selects, kernels.count(inputs, blocks, [s.low_bin() for s in selects])):
+            s.low.add_(low)
         thresholds = [s.value() for s in selects]
-    if not all(fused.finite_bound(_bits_of(t)) for t in thresholds):
-        return None  # a NaN or ∞ threshold: `merge` compares bit patterns
-    bounds = list(thresholds)
+    bounds = [_bits_of(t) for t in thresholds]  # compared as bit patterns, as `trim` compares them
     dm = DisjointMerge(params.merge, params.lambda_)
 
     def block(rows: Rows | None) -> torch.Tensor:
@@ -294,7 +301,7 @@ def merge_stored(task: TensorTask, params: TiesParams, densities: list[float],
             idx = undecided.reshape(-1).nonzero().squeeze(1)
             b = base.reshape(-1)[idx].float()
             values = []
-            for e, threshold, w in zip(experts, bounds, task.weights):
+            for e, threshold, w in zip(experts, thresholds, task.weights):
                 tau = e.reshape(-1)[idx].float().sub_(b)
                 values.append(trim(tau, threshold).mul_(w))
             dm.alternative_at(idx, values, b)
