@@ -313,3 +313,22 @@ def test_a_float64_merge_does_not_take_the_float32_kernels(sparsify):
 
     ours, theirs = run(True), run(False)
     assert ours.dtype == torch.float64 and torch.equal(ours, theirs)
+
+
+def test_ties_from_stored_tensors_keeps_a_nan_threshold_as_the_float32_code_does():
+    """A threshold that is NaN (more NaN entries than the density keeps): the kernel compares bit
+    patterns, as ties.trim does, so it needs no fallback and gives the same bytes."""
+    from streammerge.methods import ties
+
+    g = torch.Generator().manual_seed(9)
+    base = (torch.randn(256, 512, generator=g) * 0.02).to(torch.bfloat16)
+    stored = [(base.float() + torch.randn(256, 512, generator=g) * 0.002).to(torch.bfloat16) for _ in range(3)]
+    stored[1][:40] = float("nan")  # 15 % of the entries, above the 10 % kept
+    params = ties.TiesParams(density=0.1)
+    task = TensorTask("model.layers.0.mlp.up_proj.weight", base.float(), Rowed([e.float() for e in stored]),
+                      (1.0, 1.0, 1.0))  # fmt: skip
+    theirs = ties.merge(task, params)
+    task.stored = lambda i, rows: (base if i is None else stored[i])[slice(*rows) if rows else slice(None)]
+    ours = ties.merge_stored(task, params, [0.1] * 3, None)
+    assert ours is not None and torch.isnan(ours).any()
+    assert same_bits(ours.float(), theirs.float()) == 0
