@@ -145,9 +145,10 @@ def _stored_bits(tensors: list[torch.Tensor]) -> tuple:
 
 
 # Anonymous memory numba's runtime takes once its kernels run in a process (its threading layer,
-# the compiled code loaded from its cache): about 20 MB to import and 20-30 MB per kernel loaded,
-# measured with memwatch.rss_anon around each step; the plans of the paths that read inputs as
-# stored count it (tests/test_plan_budget.py holds plans within 25 % of the measured peaks).
+# the compiled code loaded from its cache): about 20 MB to import and 20-30 MB per kernel loaded
+# (memwatch.rss_anon around each step, a one-off); an allowance, not a bound, that the plans of the
+# paths reading inputs as stored count (tests/test_plan_budget.py holds them within 25 % of the
+# measured peaks).
 RUNTIME_BYTES = 64 << 20
 
 
