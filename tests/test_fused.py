@@ -332,3 +332,36 @@ def test_ties_from_stored_tensors_keeps_a_nan_threshold_as_the_float32_code_does
     ours = ties.merge_stored(task, params, [0.1] * 3, None)
     assert ours is not None and torch.isnan(ours).any()
     assert same_bits(ours.float(), theirs.float()) == 0
+
+
+@pytest.mark.parametrize("block", [None, 1 << 17])
+@pytest.mark.parametrize("method", ["dare_ties", "dare_linear", "own_dare"])
+def test_random_masks_drawn_in_numba_give_torchs_bytes(method, block):
+    """DARE's masks drawn and applied in numba (math/torch_rand.py) and its norms summed in the
+    kernel (math/exact_sum.py): the bytes of torch's generator and torch's code, whole and
+    streamed in row blocks, with NaN among the inputs."""
+    from streammerge.math import torch_rand
+    from streammerge.methods import dare
+
+    g = torch.Generator().manual_seed(6)
+    base = (torch.randn(384, 640, generator=g) * 0.02).to(torch.bfloat16).float()
+    experts = [(base + (torch.randn(384, 640, generator=g) * 0.002).to(torch.bfloat16).float()) for _ in range(3)]
+    experts[2][5, :3] = float("nan")
+    values = tuple({"weight": w, "density": d} for w, d in ((1.0, 0.3), (0.7, 0.5), (0.4, 0.9)))
+
+    def run(use_numba: bool) -> torch.Tensor:
+        task = TensorTask("model.layers.0.mlp.up_proj.weight", base.clone(), Rowed(experts), (1.0, 0.7, 0.4),
+                          expert_values=values, densities=(0.3, 0.5, 0.9), seed=3)  # fmt: skip
+        with pytest.MonkeyPatch.context() as mp:
+            if not use_numba:
+                mp.setattr(fused, "available", lambda *t, **k: False)
+                mp.setattr(torch_rand, "stream", lambda generator: None)
+            if block is not None:
+                mp.setattr(gta.ties, "CACHE_BYTES", 0)
+                mp.setattr(TensorTask, "row_blocks", lambda self, m=None, _r=TensorTask.row_blocks: _r(self, block))
+            if method == "own_dare":
+                return dare.merge(task, dare.DareParams(combine="ties"))
+            consensus = "sum" if method == "dare_ties" else "none"
+            return gta.merge(task, gta.GtaParams(sparsify="random", consensus=consensus, rescale=True))
+
+    assert same_bits(run(True), run(False)) == 0

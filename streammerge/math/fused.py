@@ -139,6 +139,23 @@ def disjoint(vectors: list[torch.Tensor], base: torch.Tensor, mean: bool, lambda
     return out, undecided, int(balance)
 
 
+def mt_seed(seed: int, state) -> None:
+    _load()._mt_seed(seed, state)
+
+
+def mt_uniform(state, pos: int, out: torch.Tensor) -> int:
+    return int(_load()._mt_uniform(state, pos, _flat(out)))
+
+
+def mt_keep(values: torch.Tensor, state, pos: int, threshold: int, below: bool) -> int:
+    return int(_load()._mt_keep(_flat(values), state, pos, threshold, below))
+
+
+def exact_abs_sum(values: torch.Tensor, acc) -> None:
+    """math/exact_sum.py's accumulator of float32 `values`, += into acc."""
+    _load()._exact_abs_sum(_flat(values), acc, _threads())
+
+
 def _stored_bits(tensors: list[torch.Tensor]) -> tuple:
     """bf16 tensors (as stored) as the uint16 arrays the kernels read."""
     return tuple(_flat(t.view(torch.int16)).view("uint16") for t in tensors)

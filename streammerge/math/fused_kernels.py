@@ -1,6 +1,7 @@
 """The numba kernels behind math/fused.py (imported only when numba is installed and a kernel is
 first needed; see fused.py for what each repeats of torch's code and why the bytes are the same)."""
 
+import math
 import os
 
 import numba
@@ -435,3 +436,188 @@ def _magnitude_disjoint_bf16(experts, base, out, undecided, bounds, weights, mea
             balance += _disjoint_rows(vectors, 0, w0, 0, m, out, undecided, j0, total, sign, count, mean, lam32)
         balances[p] = balance
     return balances.sum()
+
+
+# torch's CPU `rand` (float32): the low 24 bits of successive MT19937 outputs times 2⁻²⁴ (math/fused.py
+# TorchRand says how this is checked against torch)
+MT_N, MT_M = 624, 397
+
+
+@numba.njit(inline="always")
+def _mt_twist(mt):  # pragma: no cover - compiled
+    """The next 624 words of the state (the reference's generate step)."""
+    for i in range(MT_N - MT_M):
+        y = (mt[i] & np.uint32(0x80000000)) | (mt[i + 1] & np.uint32(0x7FFFFFFF))
+        mt[i] = mt[i + MT_M] ^ (y >> np.uint32(1)) ^ ((y & np.uint32(1)) * np.uint32(0x9908B0DF))
+    for i in range(MT_N - MT_M, MT_N - 1):
+        y = (mt[i] & np.uint32(0x80000000)) | (mt[i + 1] & np.uint32(0x7FFFFFFF))
+        mt[i] = mt[i + MT_M - MT_N] ^ (y >> np.uint32(1)) ^ ((y & np.uint32(1)) * np.uint32(0x9908B0DF))
+    y = (mt[MT_N - 1] & np.uint32(0x80000000)) | (mt[0] & np.uint32(0x7FFFFFFF))
+    mt[MT_N - 1] = mt[MT_M - 1] ^ (y >> np.uint32(1)) ^ ((y & np.uint32(1)) * np.uint32(0x9908B0DF))
+
+
+@numba.njit(inline="always")
+def _mt_low24(word):  # pragma: no cover - compiled
+    """The tempered output's low 24 bits."""
+    y = word ^ (word >> np.uint32(11))
+    y ^= (y << np.uint32(7)) & np.uint32(0x9D2C5680)
+    y ^= (y << np.uint32(15)) & np.uint32(0xEFC60000)
+    y ^= y >> np.uint32(18)
+    return y & np.uint32(0xFFFFFF)
+
+
+@numba.njit(cache=True, nogil=True)
+def _mt_seed(seed, mt):  # pragma: no cover - compiled
+    """mt ← the state MT19937 seeds from a 32-bit `seed` (init_genrand, as torch's manual_seed)."""
+    mt[0] = np.uint32(seed)
+    for i in range(1, MT_N):
+        prev = np.uint64(mt[i - 1])
+        mt[i] = np.uint32(
+            (np.uint64(1812433253) * (prev ^ (prev >> np.uint64(30))) + np.uint64(i)) & np.uint64(0xFFFFFFFF)
+        )
+
+
+@numba.njit(cache=True, nogil=True)
+def _mt_uniform(mt, pos, out):  # pragma: no cover - compiled
+    """out ← the next out.size draws of torch.rand (float32); returns the new position in the state."""
+    n = out.size
+    scale = np.float32(2.0**-24)
+    j = 0
+    while j < n:
+        if pos == MT_N:
+            _mt_twist(mt)
+            pos = 0
+        m = min(MT_N - pos, n - j)
+        for k in range(m):
+            out[j + k] = np.float32(_mt_low24(mt[pos + k])) * scale
+        j += m
+        pos += m
+    return pos
+
+
+# math/exact_sum.py's accumulator: FLOAT32_BINS mantissa sums of float32 magnitudes by biased exponent
+# (then bins that are non-zero where an entry was ∞ or NaN), then FLOAT64_BINS of float64 chunk sums
+FLOAT32_BINS = 257
+FLOAT64_BINS = 2048
+EXACT_BINS = FLOAT32_BINS + FLOAT64_BINS
+LANES = 4  # accumulators used in turn, so that consecutive entries of one exponent do not wait on each other
+CHUNK = 1024  # entries summed in float64 at a time
+
+
+@numba.njit(inline="always")
+def _exact_add(acc, lane, b):  # pragma: no cover - compiled
+    """acc[lane] += |x| for x with bit pattern b: its integer mantissa (implicit bit included) under
+    its biased exponent; ∞ adds to bin 255, NaN to 256 (no branch: either way is common)."""
+    b &= np.uint32(0x7FFFFFFF)
+    e = b >> np.uint32(23)
+    m = b & np.uint32(0x7FFFFF)
+    acc[lane, e + ((e == 255) & (m != 0))] += m | (np.uint32(e != 0) << np.uint32(23))
+
+
+@numba.njit(inline="always")
+def _exact_add64(acc, s):  # pragma: no cover - compiled
+    """acc[FLOAT32_BINS + E] += the 53-bit integer mantissa of s (a positive, normal float64 with
+    biased exponent E); a bin nearing 2⁶³ carries its high bits 10 exponents up (value kept)."""
+    fraction, exponent = math.frexp(s)  # s = fraction·2^exponent, fraction in [1/2, 1)
+    e = np.int64(exponent) + 1022
+    acc[FLOAT32_BINS + e] += np.int64(fraction * 9007199254740992.0)  # ·2⁵³: exact
+    _carry(acc, e)
+
+
+@numba.njit(inline="always")
+def _carry(acc, e):  # pragma: no cover - compiled
+    """Keep float64 bin e (and those it carries into) below 2⁶²: its bits above the tenth move to the
+    bin 10 exponents up, which holds them at the same value."""
+    while acc[FLOAT32_BINS + e] >= np.int64(1) << 62:
+        acc[FLOAT32_BINS + e + 10] += acc[FLOAT32_BINS + e] >> 10
+        acc[FLOAT32_BINS + e] &= 1023
+        e += 10
+
+
+@numba.njit(inline="always")
+def _chunk_sum(values, bits, j0, j1):  # pragma: no cover - compiled
+    """(Σ|values[j0:j1]| in float64, eight sums at a time (vectorised); the least non-zero and the
+    largest magnitude bit pattern, less one (0 − 1 wraps to the largest: no branch))."""
+    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = 0.0
+    least = np.uint64(0xFFFFFFFFFFFFFFFF)
+    most = np.uint64(0)
+    one = np.uint64(1)
+    j = j0
+    while j + 8 <= j1:
+        s0 += np.float64(abs(values[j]))
+        s1 += np.float64(abs(values[j + 1]))
+        s2 += np.float64(abs(values[j + 2]))
+        s3 += np.float64(abs(values[j + 3]))
+        s4 += np.float64(abs(values[j + 4]))
+        s5 += np.float64(abs(values[j + 5]))
+        s6 += np.float64(abs(values[j + 6]))
+        s7 += np.float64(abs(values[j + 7]))
+        for k in range(8):
+            b = np.uint64(bits[j + k] & np.uint32(0x7FFFFFFF))
+            least = min(least, b - one)
+            most = max(most, b)
+        j += 8
+    while j < j1:
+        s0 += np.float64(abs(values[j]))
+        b = np.uint64(bits[j] & np.uint32(0x7FFFFFFF))
+        least = min(least, b - one)
+        most = max(most, b)
+        j += 1
+    return ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7)), least + one, most
+
+
+@_jit
+def _exact_abs_sum(values, acc, parts_n):  # pragma: no cover - compiled
+    """acc (EXACT_BINS,) += the exact_sum accumulator of float32 `values`. Chunks of CHUNK entries are
+    summed in float64 in any order (8 sums at a time, vectorised), which is exact when the total is
+    below 2⁵³ units of the chunk's least non-zero magnitude's last place (every partial sum is then
+    a representable multiple of it): almost every chunk of task-vector entries; that sum goes to
+    the float64 bins. Other chunks (and any with ∞ or NaN) go entry by entry to the float32 bins.
+    In parts, one per thread: integer sums, so the split changes nothing."""
+    n = values.size
+    bits = values.view(np.uint32)
+    chunks = (n + CHUNK - 1) // CHUNK
+    step = (chunks + parts_n - 1) // parts_n
+    parts = np.zeros((parts_n, EXACT_BINS), dtype=np.int64)
+    for p in numba.prange(parts_n):
+        mine = parts[p]
+        lanes = np.zeros((LANES, FLOAT32_BINS), dtype=np.int64)
+        for c in range(p * step, min(chunks, (p + 1) * step)):
+            j0, j1 = c * CHUNK, min(n, (c + 1) * CHUNK)
+            total, least, most = _chunk_sum(values, bits, j0, j1)
+            if most == 0:
+                continue
+            e = max(np.int64(least >> np.uint64(23)), 1)
+            if most < np.uint64(0x7F800000) and total < math.ldexp(1.0, e - 150 + 53):
+                _exact_add64(mine, total)
+            else:
+                for j in range(j0, j1):
+                    _exact_add(lanes, j & (LANES - 1), bits[j])
+        for lane in range(LANES):
+            mine[:FLOAT32_BINS] += lanes[lane]
+    for p in range(parts_n):  # each bin below 2⁶² before and after, so no sum overflows
+        acc += parts[p]
+        for e in range(FLOAT64_BINS - 10):
+            _carry(acc, e)
+
+
+@numba.njit(cache=True, nogil=True)
+def _mt_keep(values, mt, pos, threshold, keep_if_below):  # pragma: no cover - compiled
+    """values ← values·keep in place, keep = (the next draw's low 24 bits < threshold) == keep_if_below,
+    one draw per entry in order: torch's `tau.mul_(torch.rand(...) < density)` (or `>= p`) for
+    threshold = ceil(float32(density)·2²⁴). Returns the new position in the state."""
+    n = values.size
+    keep = np.empty(MT_N, dtype=np.float32)
+    j = 0
+    while j < n:
+        if pos == MT_N:
+            _mt_twist(mt)
+            pos = 0
+        m = min(MT_N - pos, n - j)
+        for k in range(m):
+            keep[k] = np.float32((_mt_low24(mt[pos + k]) < threshold) == keep_if_below)
+        for k in range(m):
+            values[j + k] = values[j + k] * keep[k]
+        j += m
+        pos += m
+    return pos

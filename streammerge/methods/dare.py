@@ -26,6 +26,8 @@ from .base import (
     map_row_blocks,
 )
 from .ties import disjoint_merge_blocks
+from ..math import torch_rand
+from ..math.torch_rand import TorchRand
 
 
 @dataclass(frozen=True)
@@ -43,9 +45,12 @@ class DareParams:
         check_choice("merge", self.merge, ("mean", "sum"))
 
 
-def drop_and_rescale(tau: torch.Tensor, p: float, rescale: bool, rng: torch.Generator) -> torch.Tensor:
-    keep = torch.rand(tau.shape, generator=rng, dtype=torch.float32) >= p
-    tau.mul_(keep.to(tau.device))
+def drop_and_rescale(tau: torch.Tensor, p: float, rescale: bool, rng: torch.Generator | TorchRand) -> torch.Tensor:
+    if isinstance(rng, TorchRand):
+        rng.keep(tau, p, below=False)
+    else:
+        keep = torch.rand(tau.shape, generator=rng, dtype=torch.float32) >= p
+        tau.mul_(keep.to(tau.device))
     if rescale and p > 0:
         tau.div_(1.0 - p)
     return tau
@@ -53,7 +58,8 @@ def drop_and_rescale(tau: torch.Tensor, p: float, rescale: bool, rng: torch.Gene
 
 def merge(task: TensorTask, params: DareParams) -> torch.Tensor:
     n = len(task.weights)
-    rngs = [task.rng(i) for i in range(n)]  # one per expert, running on across the row blocks
+    # one per expert, running on across the row blocks; torch's draws, made in numba where it can
+    rngs = [torch_rand.stream(g) or g for g in (task.rng(i) for i in range(n))]
     drop = []
     for i in range(n):
         p = params.drop_rate

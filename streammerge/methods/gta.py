@@ -7,6 +7,7 @@ parameters with mergekit's defaults), so a mergekit recipe means what it means t
 expert i and tensor (settings.py resolves gradients and filters):
 
     τ̂_i = sparsify(W_i − W_0; density_i, gamma_i, epsilon_i), then × ‖τ_i‖₁/‖τ̂_i‖₁ if `rescale`
+          (the norms exact sums rounded once to float64, math/exact_sum.py; the ratio in float32)
     v_i = w_i τ̂_i
     consensus none:  m = Σ v_i,            d = Σ w_i             (|d| < 1e-8 → 1)
     consensus sum:   s = +1 where Σ v_i ≥ 0 else −1 (count: Σ sign v_i), a_i = [sign v_i = s]
@@ -46,7 +47,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..math import fused
+from ..math import fused, torch_rand
+from ..math.exact_sum import L1Norm
+from ..math.torch_rand import TorchRand
 from ..plan import Need
 from .base import check_choice, REQUIRED, Method, Rows, TensorTask, map_row_blocks
 from . import ties
@@ -85,8 +88,8 @@ class Sparsifier:
         self.rescale = rescale and self.kind != "none"
         self.shape, self.numel = shape, math.prod(shape)
         self.rng_factory = rng_factory
-        self.before = 0.0  # ‖τ‖₁ and ‖τ̂‖₁, float64 sums
-        self.after = 0.0
+        self.before = L1Norm()  # ‖τ‖₁ and ‖τ̂‖₁
+        self.after = L1Norm()
         self.selects: list[RadixSelect] = []
         n = self.numel
         if self.kind == "magnitude":
@@ -108,7 +111,15 @@ class Sparsifier:
         self.bounds: list[tuple[int, int, int]] | None = None
         self.whole_tensor = False  # set by `whole`: ties at a threshold may then follow mergekit's sort
         self.ties_seen = [0] * len(self.selects)
-        self.rng = rng_factory() if self.kind in ("random", "della_magprune") else None
+        self.rng = self._generator()
+
+    def _generator(self) -> torch.Generator | TorchRand | None:
+        """A fresh generator for the random masks: torch's draws, made in numba where it can
+        (math/torch_rand.py; the same numbers, so the same masks)."""
+        if self.kind not in ("random", "della_magprune"):
+            return None
+        g = self.rng_factory()
+        return (torch_rand.stream(g) or g) if self.kind == "random" else g
 
     def begin(self, stage: int) -> None:
         """Before pass `stage` over the blocks."""
@@ -119,8 +130,8 @@ class Sparsifier:
         """`bits`: τ's magnitude_bits if the caller has them (a whole tensor: computed once)."""
         what = self.stages[stage]
         if what == "norms":  # with the mask `apply` will draw
-            self.before += float(tau.abs().sum(dtype=torch.float64))
-            self.after += float(self._masked(tau.clone(), bits).abs().sum(dtype=torch.float64))
+            self.before.add(tau)
+            self.after.add(self._masked(tau.clone(), bits))
             return
         if bits is None and fused.available(tau):
             for s in self.selects:
@@ -137,7 +148,7 @@ class Sparsifier:
         if self.selects and self.bounds is None:
             self.bounds = [(_bits_of(s.value()), s.above, s.equal) for s in self.selects]
         self.ties_seen = [0] * len(self.selects)
-        self.rng = self.rng_factory() if self.kind in ("random", "della_magprune") else None
+        self.rng = self._generator()
 
     def _keep_ties(self, keep: torch.Tensor, eq: torch.Tensor, j: int, lo: int, hi: int) -> None:
         """Set `keep` on the ties of bound j whose index among all of its ties (row-major, counted
@@ -193,6 +204,8 @@ class Sparsifier:
                 less = self.numel - above_hi - eq_hi
                 self._keep_ties(keep, bits == b_hi, 1, lo - less, hi - less)
         elif self.kind == "random":
+            if isinstance(self.rng, TorchRand):
+                return self.rng.keep(tau, self.density)
             keep = torch.rand(tau.shape, generator=self.rng, dtype=torch.float32).to(tau.device) < self.density
         else:  # della_magprune: per-row magnitude ranks (1-D tensors: one row)
             rows = tau if tau.dim() >= 2 else tau.unsqueeze(0)
@@ -212,8 +225,11 @@ class Sparsifier:
 
     def rescaled(self, masked: torch.Tensor) -> torch.Tensor:
         """The masked block times ‖τ‖₁/‖τ̂‖₁ where `rescale` asks for it (in place)."""
-        if self.rescale and self.before >= RESCALE_EPS and self.after >= RESCALE_EPS:
-            ratio = torch.tensor(self.before, dtype=torch.float32) / torch.tensor(self.after, dtype=torch.float32)
+        if not self.rescale:
+            return masked
+        before, after = self.before.value(), self.after.value()
+        if before >= RESCALE_EPS and after >= RESCALE_EPS:
+            ratio = torch.tensor(before, dtype=torch.float32) / torch.tensor(after, dtype=torch.float32)
             masked.mul_(ratio.to(masked.dtype))
         return masked
 
@@ -231,9 +247,9 @@ def whole(sp: Sparsifier, tau: torch.Tensor, mergekit_ties: bool = True) -> torc
     bits = magnitude_bits(tau) if sp.selects and not fused.available(tau) else None
     if sp.stages == ["norms"]:  # random masks rescaled: draw the mask once, not once per pass
         sp.begin(0)  # a fresh generator: the draws `observe` and then `apply` would make
-        sp.before += float(tau.abs().sum(dtype=torch.float64))
+        sp.before.add(tau)
         masked = sp._masked(tau)
-        sp.after += float(masked.abs().sum(dtype=torch.float64))
+        sp.after.add(masked)
         return sp.rescaled(masked)
     for stage in range(sp.passes):
         sp.begin(stage)

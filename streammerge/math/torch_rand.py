@@ -1,0 +1,74 @@
+"""torch's CPU `rand` in float32, drawn by numba where a method fuses the draws into its pass
+(methods/gta.py's random masks, methods/dare.py): the same numbers, several times faster, and the
+mask applied as they are drawn.
+
+torch's CPU generator is MT19937 (Matsumoto and Nishimura, 1998), seeded by `manual_seed(s)` with
+the reference init_genrand of s's low 32 bits; float32 `rand` takes the low 24 bits of each
+output in order, times 2⁻²⁴. `x < d` for a Python float d compares in float32, so an entry is
+kept by `rand < d` exactly when its 24 bits are below ceil(float32(d)·2²⁴). That is torch's
+behaviour, not its contract, so `stream` checks it against the installed torch once per process
+(a few thousand draws, split across calls) and returns None where it differs: then the caller
+keeps torch's generator, whose draws are the same numbers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from . import fused
+
+_checked: bool | None = None
+
+
+def threshold(density: float) -> int:
+    """The 24-bit draws below which `rand < density` holds."""
+    return min(1 << 24, max(0, math.ceil(float(np.float32(density)) * (1 << 24))))
+
+
+class TorchRand:
+    """The draws of `torch.rand(..., generator=torch.Generator().manual_seed(seed))`, in order."""
+
+    def __init__(self, seed: int):
+        self.state = np.empty(624, dtype=np.uint32)
+        fused.mt_seed(seed & 0xFFFFFFFF, self.state)
+        self.pos = 624  # the first draw generates the next 624 words
+
+    def rand(self, shape) -> torch.Tensor:
+        out = torch.empty(shape, dtype=torch.float32)
+        self.pos = fused.mt_uniform(self.state, self.pos, out)
+        return out
+
+    def keep(self, values: torch.Tensor, density: float, below: bool = True) -> torch.Tensor:
+        """values ← values·(rand < density) in place (`below`; else rand ≥ density), one draw per
+        entry in row-major order; returns values. Float32 CPU contiguous values (fused.available)
+        in one pass; others by comparing `rand`'s draws, as torch's code does."""
+        if fused.available(values):
+            self.pos = fused.mt_keep(values, self.state, self.pos, threshold(density), below)
+            return values
+        draws = self.rand(values.shape).to(values.device)
+        return values.mul_(draws < density if below else draws >= density)
+
+
+def _agrees() -> bool:
+    for seed in (0, 2**40 + 12345):
+        g = torch.Generator().manual_seed(seed)
+        expected = torch.cat([torch.rand(1000, generator=g), torch.rand(3, 700, generator=g).view(-1)])
+        ours = TorchRand(seed)
+        got = torch.cat([ours.rand(1000), ours.rand((3, 700)).view(-1)])
+        if not torch.equal(expected, got):
+            return False
+    return True
+
+
+def stream(generator: torch.Generator) -> TorchRand | None:
+    """A TorchRand giving the draws `generator` (a CPU generator just seeded, no draws made yet)
+    would, or None without numba or where torch draws differently (see above)."""
+    global _checked
+    if not fused.installed() or fused._load() is None:
+        return None
+    if _checked is None:
+        _checked = _agrees()
+    return TorchRand(generator.initial_seed()) if _checked else None
