@@ -365,3 +365,51 @@ def test_random_masks_drawn_in_numba_give_torchs_bytes(method, block):
             return gta.merge(task, gta.GtaParams(sparsify="random", consensus=consensus, rescale=True))
 
     assert same_bits(run(True), run(False)) == 0
+
+
+@pytest.mark.parametrize("block", [None, 1 << 17, 5 * 640])
+@pytest.mark.parametrize(
+    "consensus,normalize,rescale,densities,nonfinite",
+    [
+        ("sum", False, True, (0.5, 0.5, 0.5), False),  # mergekit's dare_ties
+        ("none", False, True, (0.3, 1.0, 0.9), True),  # dare_linear, one expert left whole
+        ("sum", True, False, (0.2, 0.6, 0.999), True),
+        ("count", True, True, (1e-9, 0.5, 0.7), False),  # almost nothing kept: the norms' cut-off
+    ],
+)
+def test_random_sparsified_gta_reads_the_stored_tensors_with_the_same_bytes(
+    consensus, normalize, rescale, densities, nonfinite, block
+):
+    """DARE on bf16 inputs read as stored (gta.random_stored: masks drawn as bits, norms summed
+    from the inputs, then one masking and combining pass): the bytes of torch's generator and
+    code on every τ_i formed in float32, with NaN and ∞ among the inputs, whole and in row
+    blocks (a block of 5 rows: 3,200 entries, not a multiple of the kernels' 1,024-entry chunks)."""
+    from streammerge.math import torch_rand
+
+    g = torch.Generator().manual_seed(8)
+    base = (torch.randn(384, 640, generator=g) * 0.02).to(torch.bfloat16)
+    stored = [(base.float() + torch.randn(384, 640, generator=g) * 0.002).to(torch.bfloat16) for _ in range(3)]
+    if nonfinite:
+        stored[1][3, :5] = float("nan")
+        stored[2][7, 2] = float("-inf")
+    values = tuple({"weight": w, "density": d} for w, d in zip((1.0, 0.7, 0.4), densities))
+    params = gta.GtaParams(sparsify="random", consensus=consensus, normalize=normalize, rescale=rescale)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch_rand, "stream", lambda generator: None)  # torch's generator and code
+        theirs = merged(params, base.float(), [e.float() for e in stored], values, False, block)
+
+    def read(i, rows):
+        t = base if i is None else stored[i]
+        return t if rows is None else t[rows[0] : rows[1]]  # a view, as the engine gives
+
+    task = TensorTask("model.layers.0.mlp.up_proj.weight", base.float(), Rowed([e.float() for e in stored]),
+                      (1.0, 0.7, 0.4), expert_values=values, seed=3)  # fmt: skip
+    task.stored = read
+    with pytest.MonkeyPatch.context() as mp:
+        if block is not None:
+            mp.setattr(TensorTask, "row_blocks", lambda self, m=None, _r=TensorTask.row_blocks: _r(self, block))
+        run = gta.random_stored(task, gta.sparsifiers(task, params))
+        assert run is not None
+        ours = run(params)
+    assert same_bits(ours, theirs) == 0
+    assert torch.equal(base, read(None, None)) and torch.isnan(stored[1][3, :5]).all() == nonfinite  # inputs unwritten

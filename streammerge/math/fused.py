@@ -151,6 +151,38 @@ def mt_keep(values: torch.Tensor, state, pos: int, threshold: int, below: bool) 
     return int(_load()._mt_keep(_flat(values), state, pos, threshold, below))
 
 
+def mt_keep_bits_each(states, positions, thresholds, below: bool, keep, rows, bit0: int, n: int) -> None:
+    _threads()
+    _load()._mt_keep_bits_each(states, positions, thresholds, below, keep, rows, bit0, n)
+
+
+def random_norms_bf16(experts: list[torch.Tensor], base: torch.Tensor, keep, rows: list[int], bit0: int, before,
+                      after) -> None:  # fmt: skip
+    """For each listed expert t (experts[rows[t]]), the exact_sum accumulators of |τ| and |τ·keep|
+    (τ = expert − base, bf16 as stored; keep[rows[t]]: the entries' bits from bit0), += into
+    before[t] and after[t] (arrays of accumulators, one row each)."""
+    import numpy as np
+
+    bits = _stored_bits([base, *experts])
+    _load()._random_norms_bf16(bits[1:], bits[0], keep, np.asarray(rows, dtype=np.int64), bit0, before, after,
+                               _threads())  # fmt: skip
+
+
+def random_combine_bf16(experts: list[torch.Tensor], base: torch.Tensor, keep, bit0: int, masked, ratios, weights,
+                        consensus: str, normalize: bool, lambda_: float) -> torch.Tensor:  # fmt: skip
+    """W₀ + λ·combine of the randomly sparsified, rescaled, weighted task vectors of one block of bf16
+    tensors as stored (float32): expert i's τ_i·keep[i] (its bits from bit0) where masked[i], then
+    ·ratios[i] where that is not 0, then ·w_i (math/fused_kernels.py _random_combine_bf16)."""
+    import numpy as np
+
+    bits = _stored_bits([base, *experts])
+    out = torch.empty(base.shape, dtype=torch.float32)
+    _load()._random_combine_bf16(bits[1:], bits[0], _flat(out), keep, bit0, np.asarray(masked, dtype=np.bool_),
+                                 np.asarray(ratios, dtype=np.float32),
+                                 *_combine_args(weights, consensus, normalize, lambda_), _threads())  # fmt: skip
+    return out
+
+
 def exact_abs_sum(values: torch.Tensor, acc) -> None:
     """math/exact_sum.py's accumulator of float32 `values`, += into acc."""
     _load()._exact_abs_sum(_flat(values), acc, _threads())

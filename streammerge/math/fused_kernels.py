@@ -566,39 +566,50 @@ def _chunk_sum(values, bits, j0, j1):  # pragma: no cover - compiled
     return ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7)), least + one, most
 
 
+@numba.njit(inline="always")
+def _exact_chunk(values, bits, j0, j1, acc, lanes):  # pragma: no cover - compiled
+    """acc += Σ|values[j0:j1]| (a chunk of at most CHUNK entries) summed in float64 in any order,
+    which is exact when the total is below 2⁵³ units of the last place of the chunk's least
+    non-zero magnitude (every partial sum is then a representable multiple of it): almost every
+    chunk of task-vector entries. Other chunks, and any with ∞ or NaN, go entry by entry into
+    the float32 bins (`lanes`, added to acc by the caller)."""
+    total, least, most = _chunk_sum(values, bits, j0, j1)
+    if most == 0:
+        return
+    e = max(np.int64(least >> np.uint64(23)), 1)
+    if most < np.uint64(0x7F800000) and total < math.ldexp(1.0, e - 150 + 53):
+        _exact_add64(acc, total)
+    else:
+        for j in range(j0, j1):
+            _exact_add(lanes, j & (LANES - 1), bits[j])
+
+
+@numba.njit(inline="always")
+def _exact_merge(parts, lanes, acc):  # pragma: no cover - compiled
+    """acc += every part's accumulator and float32 lanes, each bin below 2⁶² before and after (no
+    sum overflows)."""
+    for p in range(parts.shape[0]):
+        for lane in range(LANES):
+            parts[p, :FLOAT32_BINS] += lanes[p, lane]
+        acc += parts[p]
+        for e in range(FLOAT64_BINS - 10):
+            _carry(acc, e)
+
+
 @_jit
 def _exact_abs_sum(values, acc, parts_n):  # pragma: no cover - compiled
-    """acc (EXACT_BINS,) += the exact_sum accumulator of float32 `values`. Chunks of CHUNK entries are
-    summed in float64 in any order (8 sums at a time, vectorised), which is exact when the total is
-    below 2⁵³ units of the chunk's least non-zero magnitude's last place (every partial sum is then
-    a representable multiple of it): almost every chunk of task-vector entries; that sum goes to
-    the float64 bins. Other chunks (and any with ∞ or NaN) go entry by entry to the float32 bins.
-    In parts, one per thread: integer sums, so the split changes nothing."""
+    """acc (EXACT_BINS,) += the exact_sum accumulator of float32 `values`, by chunks (_exact_chunk),
+    in parts, one per thread: integer sums, so the split changes nothing."""
     n = values.size
     bits = values.view(np.uint32)
     chunks = (n + CHUNK - 1) // CHUNK
     step = (chunks + parts_n - 1) // parts_n
     parts = np.zeros((parts_n, EXACT_BINS), dtype=np.int64)
+    lanes = np.zeros((parts_n, LANES, FLOAT32_BINS), dtype=np.int64)
     for p in numba.prange(parts_n):
-        mine = parts[p]
-        lanes = np.zeros((LANES, FLOAT32_BINS), dtype=np.int64)
         for c in range(p * step, min(chunks, (p + 1) * step)):
-            j0, j1 = c * CHUNK, min(n, (c + 1) * CHUNK)
-            total, least, most = _chunk_sum(values, bits, j0, j1)
-            if most == 0:
-                continue
-            e = max(np.int64(least >> np.uint64(23)), 1)
-            if most < np.uint64(0x7F800000) and total < math.ldexp(1.0, e - 150 + 53):
-                _exact_add64(mine, total)
-            else:
-                for j in range(j0, j1):
-                    _exact_add(lanes, j & (LANES - 1), bits[j])
-        for lane in range(LANES):
-            mine[:FLOAT32_BINS] += lanes[lane]
-    for p in range(parts_n):  # each bin below 2⁶² before and after, so no sum overflows
-        acc += parts[p]
-        for e in range(FLOAT64_BINS - 10):
-            _carry(acc, e)
+            _exact_chunk(values, bits, c * CHUNK, min(n, (c + 1) * CHUNK), parts[p], lanes[p])
+    _exact_merge(parts, lanes, acc)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -621,3 +632,158 @@ def _mt_keep(values, mt, pos, threshold, keep_if_below):  # pragma: no cover - c
         j += m
         pos += m
     return pos
+
+
+@numba.njit(inline="always")
+def _mt_keep_bits(mt, pos, threshold, keep_if_below, keep, bit0, n, flags):  # pragma: no cover - compiled
+    """keep's bits bit0 … bit0 + n − 1 (entry j's bit: byte j >> 3, bit j & 7; zero before) ← the
+    next n draws' (low 24 bits < threshold) == keep_if_below, as _mt_keep decides them. `flags`: a
+    buffer of MT_N bytes. Returns the new position in the state."""
+    j = 0
+    while j < n:
+        if pos == MT_N:
+            _mt_twist(mt)
+            pos = 0
+        m = min(MT_N - pos, n - j)
+        for k in range(m):
+            flags[k] = (_mt_low24(mt[pos + k]) < threshold) == keep_if_below
+        k = 0
+        while k < m:  # whole bytes at once where 8 flags fill one (no read-modify-write chain)
+            b = bit0 + j + k
+            if b & 7 == 0 and k + 8 <= m:
+                keep[b >> 3] = (
+                    flags[k] | (flags[k + 1] << 1) | (flags[k + 2] << 2) | (flags[k + 3] << 3)
+                    | (flags[k + 4] << 4) | (flags[k + 5] << 5) | (flags[k + 6] << 6) | (flags[k + 7] << 7)
+                )  # fmt: skip
+                k += 8
+            else:
+                keep[b >> 3] |= flags[k] << (b & 7)
+                k += 1
+        j += m
+        pos += m
+    return pos
+
+
+@_jit
+def _mt_keep_bits_each(states, positions, thresholds, keep_if_below, keep, rows, bit0, n):  # pragma: no cover
+    """_mt_keep_bits for each generator i (states[i], positions[i], updated) into keep[rows[i]]; the
+    generators are independent, so one thread each (a generator's draws stay in order)."""
+    for i in numba.prange(states.shape[0]):
+        flags = np.empty(MT_N, dtype=np.uint8)
+        positions[i] = _mt_keep_bits(states[i], positions[i], thresholds[i], keep_if_below, keep[rows[i]], bit0, n,
+                                     flags)  # fmt: skip
+
+
+@numba.njit(inline="always")
+def _kept(keep, b):  # pragma: no cover - compiled
+    return np.float32((keep[b >> 3] >> (b & 7)) & 1)
+
+
+@numba.njit(inline="always")
+def _plain_sum(values, m):  # pragma: no cover - compiled
+    """Σ|values[:m]| in float64, eight sums at a time (vectorised)."""
+    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = 0.0
+    j = 0
+    while j + 8 <= m:
+        s0 += np.float64(abs(values[j]))
+        s1 += np.float64(abs(values[j + 1]))
+        s2 += np.float64(abs(values[j + 2]))
+        s3 += np.float64(abs(values[j + 3]))
+        s4 += np.float64(abs(values[j + 4]))
+        s5 += np.float64(abs(values[j + 5]))
+        s6 += np.float64(abs(values[j + 6]))
+        s7 += np.float64(abs(values[j + 7]))
+        j += 8
+    while j < m:
+        s0 += np.float64(abs(values[j]))
+        j += 1
+    return ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
+
+
+@_jit
+def _random_norms_bf16(experts, base, keep, rows, bit0, before, after, parts_n):  # pragma: no cover - compiled
+    """For each listed expert t (experts[rows[t]]): before[t] += the exact_sum accumulator of |τ| (τ =
+    expert − base, bf16 as stored widened to float32, as torch subtracts), after[t] += that of
+    |τ·keep| (keep[rows[t]]: the entries' bits from bit0, as _mt_keep_bits wrote them); by chunks,
+    in parts, one per thread. A chunk's float64 sums are exact where _exact_chunk's test passes for
+    |τ|, and then for |τ·keep| too (a subset of those magnitudes, with zeros); else both go entry
+    by entry."""
+    n = base.size
+    n_listed = rows.size
+    chunks = (n + CHUNK - 1) // CHUNK
+    step = (chunks + parts_n - 1) // parts_n
+    parts = np.zeros((2, n_listed, parts_n, EXACT_BINS), dtype=np.int64)
+    lanes = np.zeros((2, n_listed, parts_n, LANES, FLOAT32_BINS), dtype=np.int64)
+    for p in numba.prange(parts_n):
+        buf = np.empty((3, CHUNK), dtype=np.uint32)
+        wide = buf.view(np.float32)
+        for c in range(p * step, min(chunks, (p + 1) * step)):
+            j0 = c * CHUNK
+            m = min(CHUNK, n - j0)
+            _widen(base, j0, m, buf[0])
+            for t in range(n_listed):
+                i = rows[t]
+                mask = keep[i]
+                _widen(experts[i], j0, m, buf[1])
+                for k in range(m):
+                    tau = wide[1, k] - wide[0, k]
+                    wide[1, k] = tau
+                    wide[2, k] = tau * _kept(mask, bit0 + j0 + k)
+                total, least, most = _chunk_sum(wide[1], buf[1], 0, m)
+                if most == 0:
+                    continue
+                e = max(np.int64(least >> np.uint64(23)), 1)
+                if most < np.uint64(0x7F800000) and total < math.ldexp(1.0, e - 150 + 53):
+                    _exact_add64(parts[0, t, p], total)
+                    kept = _plain_sum(wide[2], m)
+                    if kept != 0:
+                        _exact_add64(parts[1, t, p], kept)
+                else:
+                    for k in range(m):
+                        _exact_add(lanes[0, t, p], k & (LANES - 1), buf[1, k])
+                        _exact_add(lanes[1, t, p], k & (LANES - 1), buf[2, k])
+    for t in range(n_listed):
+        _exact_merge(parts[0, t], lanes[0, t], before[t])
+        _exact_merge(parts[1, t], lanes[1, t], after[t])
+
+
+@_jit
+def _random_combine_bf16(experts, base, out, keep, bit0, masked, ratios, weights, consensus, normalize,
+                         divisor_none, lam, parts_n):  # pragma: no cover - compiled  # fmt: skip
+    """gta's random sparsifier and then combine, of bf16 tensors as stored, in one pass: τ_i widened
+    as _combine_bf16 does; where masked[i], τ_i·keep (keep[i]'s bits from bit0) and then ·ratios[i]
+    where that is not 0 (the rescaling, float32); then v_i = ·w_i and combine's arithmetic
+    (_mixed_rows): the operations of Sparsifier.apply, the weight and gta.combine, in their order."""
+    n_exp = len(experts)
+    n = base.size
+    step = (n + parts_n - 1) // parts_n
+    lam32 = np.float32(lam)
+    for p in numba.prange(parts_n):
+        bits = np.empty((n_exp + 1, WIDEN), dtype=np.uint32)
+        wide = bits.view(np.float32)
+        w0 = wide[n_exp]
+        mixed = np.empty(WIDEN, dtype=np.float32)
+        scratch = np.empty((2, WIDEN), dtype=np.float32)
+        end = min(n, (p + 1) * step)
+        for j0 in range(p * step, end, WIDEN):
+            m = min(WIDEN, end - j0)
+            _widen(base, j0, m, bits[n_exp])
+            for i in range(n_exp):
+                _widen(experts[i], j0, m, bits[i])
+                v = wide[i]
+                w = weights[i]
+                r = ratios[i]
+                if masked[i]:
+                    mask = keep[i]
+                    for k in range(m):
+                        v[k] = (v[k] - w0[k]) * _kept(mask, bit0 + j0 + k)
+                    if r != 0:
+                        for k in range(m):
+                            v[k] = v[k] * r
+                    for k in range(m):
+                        v[k] = v[k] * w
+                else:
+                    for k in range(m):
+                        v[k] = (v[k] - w0[k]) * w
+            _mixed_rows(wide, 0, w0, 0, m, out, j0, mixed, scratch, weights, consensus, normalize, divisor_none,
+                        lam, lam32)  # fmt: skip

@@ -52,6 +52,19 @@ class TorchRand:
         return values.mul_(draws < density if below else draws >= density)
 
 
+def keep_bits(streams: list[TorchRand], densities: list[float], keep, rows: list[int], bit0: int, n: int) -> None:
+    """The next n draws of each stream i as its `keep` would apply them (rand < densities[i]), as
+    bits bit0 … bit0 + n − 1 of row rows[i] of the uint8 array keep (entry j: byte j >> 3, bit j & 7;
+    those bits zero before); the streams drawn side by side, one thread each."""
+    states = np.stack([s.state for s in streams])
+    positions = np.asarray([s.pos for s in streams], dtype=np.int64)
+    thresholds = np.asarray([threshold(d) for d in densities], dtype=np.int64)
+    fused.mt_keep_bits_each(states, positions, thresholds, True, keep, np.asarray(rows, dtype=np.int64), bit0, n)
+    for s, state, pos in zip(streams, states, positions):
+        s.state[:] = state
+        s.pos = int(pos)
+
+
 def _agrees() -> bool:
     for seed in (0, 2**40 + 12345):
         g = torch.Generator().manual_seed(seed)

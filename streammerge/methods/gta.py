@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -225,13 +226,17 @@ class Sparsifier:
 
     def rescaled(self, masked: torch.Tensor) -> torch.Tensor:
         """The masked block times ‖τ‖₁/‖τ̂‖₁ where `rescale` asks for it (in place)."""
+        ratio = self.ratio()
+        return masked if ratio is None else masked.mul_(ratio.to(masked.dtype))
+
+    def ratio(self) -> torch.Tensor | None:
+        """‖τ‖₁/‖τ̂‖₁ in float32 where `rescale` asks for it and both norms are at least RESCALE_EPS."""
         if not self.rescale:
-            return masked
+            return None
         before, after = self.before.value(), self.after.value()
         if before >= RESCALE_EPS and after >= RESCALE_EPS:
-            ratio = torch.tensor(before, dtype=torch.float32) / torch.tensor(after, dtype=torch.float32)
-            masked.mul_(ratio.to(masked.dtype))
-        return masked
+            return torch.tensor(before, dtype=torch.float32) / torch.tensor(after, dtype=torch.float32)
+        return None
 
 
 def sparsifiers(task: TensorTask, params: GtaParams) -> list[Sparsifier]:
@@ -369,6 +374,56 @@ def magnitude_stored(task: TensorTask, sps: list[Sparsifier], params: GtaParams)
     return map_row_blocks(task, block)
 
 
+def random_stored(task: TensorTask, sps: list[Sparsifier]) -> Callable[[GtaParams], torch.Tensor] | None:
+    """DARE and its like (random sparsifiers, rescaled or not) of bf16 inputs read as stored: a pass
+    that draws each expert's mask as bits (math/torch_rand.py: torch's draws) and sums the norms
+    of τ_i and τ̂_i from the inputs (math/exact_sum.py), then one pass that masks, rescales,
+    weights and combines. The bytes of the code in `merge`, which forms every τ_i in float32,
+    keeps them, and passes over them four times more (tests/test_fused.py). Returns the merge
+    to run, or None where this does not apply (then that code runs); the sparsifiers must be
+    fresh."""
+    if not any(sp.kind == "random" for sp in sps) or any(sp.kind not in ("none", "random") for sp in sps):
+        return None
+    if any(not isinstance(sp.rng, TorchRand) for sp in sps if sp.kind == "random"):
+        return None
+    inputs = ties.stored_bf16(task)
+    if inputs is None:
+        return None
+
+    def run(params: GtaParams) -> torch.Tensor:
+        import numpy as np
+
+        numel = math.prod(task.shape)
+        row = numel // task.shape[0] if task.shape else 1
+        drawn = [i for i, sp in enumerate(sps) if sp.kind == "random"]
+        rescaled = [i for i in drawn if sps[i].rescale]
+        keep = np.zeros((len(sps), (numel + 7) // 8), dtype=np.uint8)
+        before = np.stack([sps[i].before.acc for i in rescaled]) if rescaled else None
+        after = np.stack([sps[i].after.acc for i in rescaled]) if rescaled else None
+        bit0 = 0
+        for rows in task.row_blocks():
+            base, experts = inputs(rows)
+            torch_rand.keep_bits([sps[i].rng for i in drawn], [sps[i].density for i in drawn], keep, drawn, bit0,
+                                 base.numel())  # type: ignore[misc]  # fmt: skip
+            if rescaled:
+                fused.random_norms_bf16(experts, base, keep, rescaled, bit0, before, after)
+            bit0 += base.numel()
+        for t, i in enumerate(rescaled):
+            sps[i].before.acc[:], sps[i].after.acc[:] = before[t], after[t]  # type: ignore[index]
+        ratios = [0.0 if (r := sp.ratio()) is None else float(r) for sp in sps]
+        masked = [sp.kind == "random" for sp in sps]
+
+        def block(rows: Rows | None) -> torch.Tensor:
+            base, experts = inputs(rows)
+            return fused.random_combine_bf16(experts, base, keep, 0 if rows is None else rows[0] * row, masked,
+                                             ratios, task.weights, params.consensus, params.normalize,
+                                             params.lambda_)  # fmt: skip
+
+        return map_row_blocks(task, block)
+
+    return run
+
+
 def merge(task: TensorTask, params: GtaParams) -> torch.Tensor:
     n = len(task.weights)
     sps = sparsifiers(task, params)
@@ -378,6 +433,8 @@ def merge(task: TensorTask, params: GtaParams) -> torch.Tensor:
     if fast is not None:
         return fast
     sps = sparsifiers(task, params)  # afresh: magnitude_stored may have counted into them
+    if task.stored is not None and (dare := random_stored(task, sps)) is not None:
+        return dare(params)
     itemsize = torch.empty((), dtype=task.dtype).element_size()
     blocks = task.row_blocks()
     if blocks == [None] or n * math.prod(task.shape) * itemsize <= ties.CACHE_BYTES:
@@ -424,18 +481,19 @@ def memory(name: str, shape: tuple[int, ...], n: int, params: GtaParams, itemsiz
 
 
 def stored_memory(name: str, shape: tuple[int, ...], n: int, params: GtaParams):
-    """Where the inputs are read as stored (combine_stored, magnitude_stored): a float32 result
-    block, for the sparsifiers the histograms (fused.MagnitudeStored and RadixSelect's), and
-    numba's runtime."""
-    if params.sparsify not in ("none", "magnitude", "magnitude_outliers") or math.prod(shape) < fused.MIN_ELEMENTS:
+    """Where the inputs are read as stored (combine_stored, magnitude_stored, random_stored): a
+    float32 result block, for magnitude sparsifiers the histograms (fused.MagnitudeStored and
+    RadixSelect's), for random ones each expert's mask as bits, and numba's runtime."""
+    numel = math.prod(shape)
+    if params.sparsify not in ("none", "magnitude", "magnitude_outliers", "random") or numel < fused.MIN_ELEMENTS:
         return None
-    if params.sparsify != "none" and (params.rescale or params.tie_break != "index"):
+    if params.sparsify in ("magnitude", "magnitude_outliers") and (params.rescale or params.tie_break != "index"):
         return None
     from .base import BLOCK_ELEMENTS
 
-    block = min(math.prod(shape), BLOCK_ELEMENTS)
-    histograms = 0 if params.sparsify == "none" else fused.histogram_bytes(n)
-    return Need(4 * block + histograms + fused.RUNTIME_BYTES, transfer=block)
+    block = min(numel, BLOCK_ELEMENTS)
+    extra = {"none": 0, "random": n * ((numel + 7) // 8)}.get(params.sparsify, fused.histogram_bytes(n))
+    return Need(4 * block + extra + fused.RUNTIME_BYTES, transfer=block)
 
 
 EXPERT_PARAMS = {"weight": REQUIRED, "density": 1.0, "gamma": 0.01, "epsilon": 0.15}
