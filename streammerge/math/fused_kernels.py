@@ -773,15 +773,14 @@ def _random_combine_bf16(experts, base, out, keep, bit0, masked, ratios, weights
                 v = wide[i]
                 w = weights[i]
                 r = ratios[i]
-                if masked[i]:
+                if masked[i] and r != 0:
                     mask = keep[i]
                     for k in range(m):
-                        v[k] = (v[k] - w0[k]) * _kept(mask, bit0 + j0 + k)
-                    if r != 0:
-                        for k in range(m):
-                            v[k] = v[k] * r
+                        v[k] = (((v[k] - w0[k]) * _kept(mask, bit0 + j0 + k)) * r) * w
+                elif masked[i]:
+                    mask = keep[i]
                     for k in range(m):
-                        v[k] = v[k] * w
+                        v[k] = ((v[k] - w0[k]) * _kept(mask, bit0 + j0 + k)) * w
                 else:
                     for k in range(m):
                         v[k] = (v[k] - w0[k]) * w
