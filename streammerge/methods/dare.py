@@ -5,7 +5,8 @@ and disjoint merge without magnitude trimming (`dare_ties`, as mergekit and the 
 The drop mask is drawn on the CPU from a generator seeded by (seed, tensor name, expert), so
 a merge is reproducible on any device and a resumed merge is byte-identical. Row blocks draw
 from the same generator in row order, which gives exactly the draws of the whole tensor at
-once (torch's CPU `rand` is sequential), so the block size never changes the result. Unlike
+once (torch's CPU `rand` is sequential; numba makes the same draws where it can,
+math/torch_rand.py), so the block size never changes the result. Unlike
 mergekit, survivors are rescaled by 1/(1−p) as in the paper, not to match the L1 norm.
 """
 
