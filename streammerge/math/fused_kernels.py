@@ -680,6 +680,23 @@ def _kept(keep, b):  # pragma: no cover - compiled
 
 
 @numba.njit(inline="always")
+def _unpack(keep, b0, m, out):  # pragma: no cover - compiled
+    """out[k] ← keep's bit b0 + k as 0.0 or 1.0, k < m: whole bytes eight entries at a time."""
+    k = 0
+    while k < m and (b0 + k) & 7 != 0:
+        out[k] = _kept(keep, b0 + k)
+        k += 1
+    while k + 8 <= m:
+        byte = keep[(b0 + k) >> 3]
+        for t in range(8):
+            out[k + t] = np.float32((byte >> t) & 1)
+        k += 8
+    while k < m:
+        out[k] = _kept(keep, b0 + k)
+        k += 1
+
+
+@numba.njit(inline="always")
 def _plain_sum(values, m):  # pragma: no cover - compiled
     """Σ|values[:m]| in float64, eight sums at a time (vectorised)."""
     s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = 0.0
@@ -715,7 +732,7 @@ def _random_norms_bf16(experts, base, keep, rows, bit0, before, after, parts_n):
     parts = np.zeros((2, n_listed, parts_n, EXACT_BINS), dtype=np.int64)
     lanes = np.zeros((2, n_listed, parts_n, LANES, FLOAT32_BINS), dtype=np.int64)
     for p in numba.prange(parts_n):
-        buf = np.empty((3, CHUNK), dtype=np.uint32)
+        buf = np.empty((4, CHUNK), dtype=np.uint32)
         wide = buf.view(np.float32)
         for c in range(p * step, min(chunks, (p + 1) * step)):
             j0 = c * CHUNK
@@ -723,12 +740,12 @@ def _random_norms_bf16(experts, base, keep, rows, bit0, before, after, parts_n):
             _widen(base, j0, m, buf[0])
             for t in range(n_listed):
                 i = rows[t]
-                mask = keep[i]
                 _widen(experts[i], j0, m, buf[1])
+                _unpack(keep[i], bit0 + j0, m, wide[3])
                 for k in range(m):
                     tau = wide[1, k] - wide[0, k]
                     wide[1, k] = tau
-                    wide[2, k] = tau * _kept(mask, bit0 + j0 + k)
+                    wide[2, k] = tau * wide[3, k]
                 total, least, most = _chunk_sum(wide[1], buf[1], 0, m)
                 if most == 0:
                     continue
@@ -764,6 +781,7 @@ def _random_combine_bf16(experts, base, out, keep, bit0, masked, ratios, weights
         w0 = wide[n_exp]
         mixed = np.empty(WIDEN, dtype=np.float32)
         scratch = np.empty((2, WIDEN), dtype=np.float32)
+        flags = np.empty(WIDEN, dtype=np.float32)
         end = min(n, (p + 1) * step)
         for j0 in range(p * step, end, WIDEN):
             m = min(WIDEN, end - j0)
@@ -773,14 +791,14 @@ def _random_combine_bf16(experts, base, out, keep, bit0, masked, ratios, weights
                 v = wide[i]
                 w = weights[i]
                 r = ratios[i]
+                if masked[i]:
+                    _unpack(keep[i], bit0 + j0, m, flags)
                 if masked[i] and r != 0:
-                    mask = keep[i]
                     for k in range(m):
-                        v[k] = (((v[k] - w0[k]) * _kept(mask, bit0 + j0 + k)) * r) * w
+                        v[k] = (((v[k] - w0[k]) * flags[k]) * r) * w
                 elif masked[i]:
-                    mask = keep[i]
                     for k in range(m):
-                        v[k] = ((v[k] - w0[k]) * _kept(mask, bit0 + j0 + k)) * w
+                        v[k] = ((v[k] - w0[k]) * flags[k]) * w
                 else:
                     for k in range(m):
                         v[k] = (v[k] - w0[k]) * w
