@@ -98,3 +98,11 @@ def test_any_finite_float32_entries(values):
     if fused.installed():
         big = t.repeat(fused.MIN_ELEMENTS // t.numel() + 1)
         assert exact_sum.abs_sum(big) == fsum(big)
+
+
+def test_the_kernels_accumulator_has_this_modules_layout():
+    if not fused.installed():
+        pytest.skip("numba is not installed (the `fast` extra)")
+    from streammerge.math import fused_kernels
+
+    assert (fused_kernels.FLOAT32_BINS, fused_kernels.FLOAT64_BINS) == (exact_sum.FLOAT32_BINS, exact_sum.FLOAT64_BINS)

@@ -57,3 +57,17 @@ def test_threshold_is_torchs_float32_comparison():
 def test_without_numba_the_generator_is_torchs(monkeypatch):
     monkeypatch.setattr(fused, "installed", lambda: False)
     assert torch_rand.stream(torch.Generator().manual_seed(1)) is None
+
+
+def test_where_torch_draws_otherwise_its_generator_is_kept_and_planned(monkeypatch):
+    """A torch whose `rand` differed from ours: its own generator draws, and the plan is the
+    float32 code's (gta.stored_memory gives none)."""
+    from streammerge.methods import gta
+
+    monkeypatch.setattr(torch_rand, "_checked", None)
+    monkeypatch.setattr(torch, "rand", lambda *a, **k: torch.zeros(a[0] if a else k["size"]))
+    assert torch_rand.stream(torch.Generator().manual_seed(1)) is None
+    params = gta.GtaParams(sparsify="random", rescale=True)
+    assert gta.stored_memory("w", (4096, 4096), 3, params) is None
+    monkeypatch.setattr(torch_rand, "_checked", True)
+    assert gta.stored_memory("w", (4096, 4096), 3, params) is not None

@@ -76,12 +76,17 @@ def _agrees() -> bool:
     return True
 
 
+def available() -> bool:
+    """numba is present and draws as the installed torch does (checked once per process)."""
+    global _checked
+    if not fused.installed() or fused._load() is None:
+        return False
+    if _checked is None:
+        _checked = _agrees()
+    return _checked
+
+
 def stream(generator: torch.Generator) -> TorchRand | None:
     """A TorchRand giving the draws `generator` (a CPU generator just seeded, no draws made yet)
     would, or None without numba or where torch draws differently (see above)."""
-    global _checked
-    if not fused.installed() or fused._load() is None:
-        return None
-    if _checked is None:
-        _checked = _agrees()
-    return TorchRand(generator.initial_seed()) if _checked else None
+    return TorchRand(generator.initial_seed()) if available() else None

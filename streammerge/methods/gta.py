@@ -483,11 +483,15 @@ def memory(name: str, shape: tuple[int, ...], n: int, params: GtaParams, itemsiz
 def stored_memory(name: str, shape: tuple[int, ...], n: int, params: GtaParams):
     """Where the inputs are read as stored (combine_stored, magnitude_stored, random_stored): a
     float32 result block, for magnitude sparsifiers the histograms (fused.MagnitudeStored and
-    RadixSelect's), for random ones each expert's mask as bits, and numba's runtime."""
+    RadixSelect's), for random ones each expert's mask as bits, and numba's runtime. Random
+    sparsifiers take that path only where numba's draws pass their check against the installed
+    torch (math/torch_rand.py); elsewhere they keep the float32 code, which `memory` plans."""
     numel = math.prod(shape)
     if params.sparsify not in ("none", "magnitude", "magnitude_outliers", "random") or numel < fused.MIN_ELEMENTS:
         return None
     if params.sparsify in ("magnitude", "magnitude_outliers") and (params.rescale or params.tie_break != "index"):
+        return None
+    if params.sparsify == "random" and not torch_rand.available():
         return None
     from .base import BLOCK_ELEMENTS
 
