@@ -16,6 +16,7 @@ import torch
 
 from ..errors import ResourceError
 from ..io.checkpoint import Checkpoint
+from ..io.safetensors_format import DTYPES
 from ..math import fused
 from ..plan import Plan, TensorPlan, default_gpu_budget, default_ram_budget, free_disk, place
 from ..memwatch import rss_anon
@@ -38,14 +39,9 @@ def make_plan(inputs: MergeInputs, device: torch.device, options: RunOptions, st
     itemsize = torch.empty((), dtype=inputs.compute_dtype).element_size()
     n = len(inputs.experts)
     sources = (inputs.base, *inputs.experts)
-    # read as stored by the fused kernels (TensorComputer.stored): CPU, float32, numba, every input stored
-    as_stored = (
-        method.stored_memory is not None
-        and not use_gpu
-        and inputs.compute_dtype == torch.float32
-        and fused.installed()
-        and all(isinstance(src, Checkpoint) for src in sources)
-    )
+    # read as stored by the fused kernels (TensorComputer.stored) where every input is a checkpoint
+    # and fused.reads_stored says so for the tensor
+    as_stored = method.stored_memory is not None and all(isinstance(src, Checkpoint) for src in sources)
     tensors = []
     previous_out = 0
     for shard in inputs.shards:
@@ -64,10 +60,12 @@ def make_plan(inputs: MergeInputs, device: torch.device, options: RunOptions, st
                 need = method.memory(t.name, t.shape, n, params, itemsize)
             else:
                 need = method.memory(t.name, t.shape, n, params, itemsize, statistics=measured)
-            if as_stored and all(src.info(t.name).dtype == "BF16" for src in sources):
-                need = method.stored_memory(t.name, t.shape, n, params) or need  # type: ignore[misc]
-            # the result is held until written; the writer thread may still be writing the previous one
             numel = math.prod(t.shape)
+            if as_stored:
+                stored = [DTYPES.get(src.info(t.name).dtype) for src in sources]
+                if fused.reads_stored(inputs.compute_dtype, device.type, stored, numel):  # type: ignore[arg-type]
+                    need = method.stored_memory(t.name, t.shape, n, params) or need  # type: ignore[misc]
+            # the result is held until written; the writer thread may still be writing the previous one
             placed, gpu_bytes, host_bytes, note = place(
                 need, numel, itemsize, use_gpu, gpu_budget, t.nbytes + previous_out
             )

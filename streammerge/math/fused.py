@@ -40,6 +40,19 @@ def available(*tensors: torch.Tensor, dtype: torch.dtype = torch.float32) -> boo
     )
 
 
+def reads_stored(compute_dtype: torch.dtype, device: str, stored: list[torch.dtype], numel: int) -> bool:
+    """Whether the kernels read a tensor's inputs as stored (bf16, widened as they read): float32
+    compute, on the CPU, numba installed, every input stored as bf16, a tensor worth a kernel call.
+    The one rule for the methods that take that path and for the plan that counts its memory."""
+    return (
+        compute_dtype == torch.float32
+        and device == "cpu"
+        and installed()
+        and numel >= MIN_ELEMENTS
+        and all(d == torch.bfloat16 for d in stored)
+    )
+
+
 def _flat(t: torch.Tensor):
     return t.detach().view(-1).numpy()
 

@@ -252,12 +252,7 @@ def stored_bf16(task: TensorTask) -> StoredInputs | None:
     """`inputs(rows)`: the base's and the experts' rows as stored (TensorTask.stored), where the
     fused kernels can read them: every input a bf16 CPU tensor, float32 compute (the kernels'
     arithmetic), numba present, a tensor worth a kernel call. None otherwise."""
-    if (
-        task.stored is None
-        or task.dtype != torch.float32
-        or not fused.installed()
-        or math.prod(task.shape) < fused.MIN_ELEMENTS
-    ):
+    if task.stored is None or not fused.reads_stored(task.dtype, "cpu", [], math.prod(task.shape)):
         return None
     stored = task.stored
 
@@ -265,8 +260,10 @@ def stored_bf16(task: TensorTask) -> StoredInputs | None:
         return stored(None, rows), [stored(i, rows) for i in range(len(task.weights))]
 
     base, experts = inputs(task.row_blocks()[0])
-    if all(t.dtype == torch.bfloat16 and t.device.type == "cpu" and t.is_contiguous() for t in (base, *experts)):
-        return inputs
+    first = (base, *experts)
+    on = {t.device.type for t in first}
+    if len(on) == 1 and fused.reads_stored(task.dtype, on.pop(), [t.dtype for t in first], math.prod(task.shape)):
+        return inputs if all(t.is_contiguous() for t in first) else None
     return None
 
 
