@@ -71,6 +71,19 @@ class Rowed:
         return self.tensors[i][start:stop].clone()
 
 
+def stored_task(base: torch.Tensor, stored: list[torch.Tensor], values: tuple) -> TensorTask:
+    """A task whose inputs are also given as stored (bf16 views, as the engine gives them)."""
+
+    def read(i, rows):
+        t = base if i is None else stored[i]
+        return t if rows is None else t[rows[0] : rows[1]]
+
+    task = TensorTask("model.layers.0.mlp.up_proj.weight", base.float(), Rowed([e.float() for e in stored]),
+                      (1.0, 0.7, 0.4), expert_values=values, seed=3)  # fmt: skip
+    task.stored = read
+    return task
+
+
 def merged(params: gta.GtaParams, base, experts, values, use_fused: bool, block: int | None) -> torch.Tensor:
     task = TensorTask("model.layers.0.mlp.up_proj.weight", base.clone(), Rowed(experts), (1.0, 0.7, 0.4),
                       expert_values=values, seed=3)  # fmt: skip
@@ -233,13 +246,7 @@ def test_magnitude_sparsified_gta_reads_the_stored_tensors_with_the_same_bytes(
     params = gta.GtaParams(sparsify=sparsify, consensus=consensus, normalize=normalize, lambda_=lam)
     theirs = merged(params, base.float(), [e.float() for e in stored], values, True, block)
 
-    def read(i, rows):
-        t = base if i is None else stored[i]
-        return t if rows is None else t[rows[0] : rows[1]]  # a view, as the engine gives
-
-    task = TensorTask("model.layers.0.mlp.up_proj.weight", base.float(), Rowed([e.float() for e in stored]),
-                      (1.0, 0.7, 0.4), expert_values=values, seed=3)  # fmt: skip
-    task.stored = read
+    task = stored_task(base, stored, values)
     sps = gta.sparsifiers(task, params)
     with pytest.MonkeyPatch.context() as mp:
         if block is not None:
@@ -247,7 +254,9 @@ def test_magnitude_sparsified_gta_reads_the_stored_tensors_with_the_same_bytes(
         ours = gta.magnitude_stored(task, sps, params)
     assert ours is not None
     assert same_bits(ours, theirs) == 0
-    assert torch.equal(base, read(None, None)) and torch.isnan(stored[1][3, :5]).all() == nonfinite  # inputs unwritten
+    assert (
+        torch.equal(base, task.stored(None, None)) and torch.isnan(stored[1][3, :5]).all() == nonfinite
+    )  # inputs unwritten
 
 
 @pytest.mark.parametrize("block", [None, 1 << 17, 7 * 640])
@@ -398,13 +407,7 @@ def test_random_sparsified_gta_reads_the_stored_tensors_with_the_same_bytes(
         mp.setattr(torch_rand, "stream", lambda generator: None)  # torch's generator and code
         theirs = merged(params, base.float(), [e.float() for e in stored], values, False, block)
 
-    def read(i, rows):
-        t = base if i is None else stored[i]
-        return t if rows is None else t[rows[0] : rows[1]]  # a view, as the engine gives
-
-    task = TensorTask("model.layers.0.mlp.up_proj.weight", base.float(), Rowed([e.float() for e in stored]),
-                      (1.0, 0.7, 0.4), expert_values=values, seed=3)  # fmt: skip
-    task.stored = read
+    task = stored_task(base, stored, values)
     with pytest.MonkeyPatch.context() as mp:
         if block is not None:
             mp.setattr(TensorTask, "row_blocks", lambda self, m=None, _r=TensorTask.row_blocks: _r(self, block))
@@ -412,4 +415,6 @@ def test_random_sparsified_gta_reads_the_stored_tensors_with_the_same_bytes(
         assert run is not None
         ours = run(params)
     assert same_bits(ours, theirs) == 0
-    assert torch.equal(base, read(None, None)) and torch.isnan(stored[1][3, :5]).all() == nonfinite  # inputs unwritten
+    assert (
+        torch.equal(base, task.stored(None, None)) and torch.isnan(stored[1][3, :5]).all() == nonfinite
+    )  # inputs unwritten

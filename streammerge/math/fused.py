@@ -133,11 +133,12 @@ def combine_bf16(experts: list[torch.Tensor], weights, base: torch.Tensor, conse
     """combine of the weighted task vectors (W_i − W₀)·w_i, read from the bf16 tensors as stored
     and widened in the kernel: one pass where widening every input to float32 first takes two
     more and twice the memory. Returns float32."""
-    out = torch.empty(base.shape, dtype=torch.float32)
-    bits = _stored_bits([base, *experts])
-    _load()._combine_bf16(bits[1:], bits[0], _flat(out), *_combine_args(weights, consensus, normalize, lambda_),
-                          _threads())  # fmt: skip
-    return out
+    import numpy as np
+
+    n = len(experts)
+    unmasked = np.zeros((n, 1), dtype=np.uint8)
+    return random_combine_bf16(experts, base, unmasked, 0, [False] * n, [0.0] * n, weights, consensus, normalize,
+                               lambda_)  # fmt: skip
 
 
 def disjoint(vectors: list[torch.Tensor], base: torch.Tensor, mean: bool, lambda_: float):

@@ -194,35 +194,6 @@ def _combine(vectors, base, out, weights, consensus, normalize, divisor_none, la
 
 
 @_jit
-def _combine_bf16(experts, base, out, weights, consensus, normalize, divisor_none, lam, parts_n):  # pragma: no cover
-    """gta.combine of inputs as stored in bf16 (their uint16 bit patterns), each widened (_widen),
-    the weighted task vectors (W_i − W₀)·w_i formed in float32 as TensorTask.task_vector and
-    gta.merge form them, then _combine's arithmetic."""
-    n_exp = len(experts)
-    n = base.size
-    step = (n + parts_n - 1) // parts_n
-    lam32 = np.float32(lam)
-    for p in numba.prange(parts_n):
-        bits = np.empty((n_exp + 1, WIDEN), dtype=np.uint32)
-        wide = bits.view(np.float32)
-        w0 = wide[n_exp]
-        mixed = np.empty(WIDEN, dtype=np.float32)
-        scratch = np.empty((2, WIDEN), dtype=np.float32)
-        end = min(n, (p + 1) * step)
-        for j0 in range(p * step, end, WIDEN):
-            m = min(WIDEN, end - j0)
-            _widen(base, j0, m, bits[n_exp])
-            for i in range(n_exp):
-                _widen(experts[i], j0, m, bits[i])
-                tau = wide[i]
-                w = weights[i]
-                for k in range(m):
-                    tau[k] = (tau[k] - w0[k]) * w
-            _mixed_rows(wide, 0, w0, 0, m, out, j0, mixed, scratch, weights, consensus, normalize, divisor_none,
-                        lam, lam32)  # fmt: skip
-
-
-@_jit
 def _disjoint(vectors, base, out, undecided, mean, lam, parts_n):  # pragma: no cover - compiled
     """ties.DisjointMerge.block of float32 vectors (_disjoint_rows); returns Σ sign(elected sum)
     (the tensor's majority, an exact integer)."""
@@ -322,7 +293,7 @@ def _tie_counts_bf16(experts, base, bounds, modes, ties, parts_n):  # pragma: no
 def _window_combine_bf16(experts, base, out, bounds, windows, modes, starts, weights, consensus, normalize,
                          divisor_none, lam, parts_n):  # pragma: no cover - compiled  # fmt: skip
     """gta's magnitude sparsifiers and then combine, of bf16 tensors as stored, in one pass: τ_i
-    widened as _combine_bf16 does; its magnitude's bit pattern a kept where bounds[i, 0] < a <
+    widened as _random_combine_bf16 does; its magnitude's bit pattern a kept where bounds[i, 0] < a <
     bounds[i, 1], and where a ties bound b, by modes[i, b]: NONE, ALL, or COUNT: kept if its index
     among those ties, counted from starts[i, b, p] at part p's first entry, lies in windows[i, b]
     (= [lo, hi)). Then v_i = (τ_i·keep)·w_i and combine's arithmetic (_mixed_rows). magnitude:
@@ -535,15 +506,11 @@ def _carry(acc, e):  # pragma: no cover - compiled
 
 
 @numba.njit(inline="always")
-def _chunk_sum(values, bits, j0, j1):  # pragma: no cover - compiled
-    """(Σ|values[j0:j1]| in float64, eight sums at a time (vectorised); the least non-zero and the
-    largest magnitude bit pattern, less one (0 − 1 wraps to the largest: no branch))."""
+def _plain_sum(values, m):  # pragma: no cover - compiled
+    """Σ|values[:m]| in float64, eight sums at a time (vectorised)."""
     s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = 0.0
-    least = np.uint64(0xFFFFFFFFFFFFFFFF)
-    most = np.uint64(0)
-    one = np.uint64(1)
-    j = j0
-    while j + 8 <= j1:
+    j = 0
+    while j + 8 <= m:
         s0 += np.float64(abs(values[j]))
         s1 += np.float64(abs(values[j + 1]))
         s2 += np.float64(abs(values[j + 2]))
@@ -552,18 +519,33 @@ def _chunk_sum(values, bits, j0, j1):  # pragma: no cover - compiled
         s5 += np.float64(abs(values[j + 5]))
         s6 += np.float64(abs(values[j + 6]))
         s7 += np.float64(abs(values[j + 7]))
-        for k in range(8):
-            b = np.uint64(bits[j + k] & np.uint32(0x7FFFFFFF))
-            least = min(least, b - one)
-            most = max(most, b)
         j += 8
-    while j < j1:
+    while j < m:
         s0 += np.float64(abs(values[j]))
-        b = np.uint64(bits[j] & np.uint32(0x7FFFFFFF))
-        least = min(least, b - one)
-        most = max(most, b)
         j += 1
-    return ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7)), least + one, most
+    return ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
+
+
+@numba.njit(inline="always")
+def _chunk_sum(values, bits, j0, j1):  # pragma: no cover - compiled
+    """(Σ|values[j0:j1]| in float64 (_plain_sum); the least non-zero and the largest magnitude bit
+    pattern, the least found less one, where 0 − 1 wraps to the largest: no branch)."""
+    least = np.uint64(0xFFFFFFFFFFFFFFFF)
+    most = np.uint64(0)
+    for j in range(j0, j1):
+        b = np.uint64(bits[j] & np.uint32(0x7FFFFFFF))
+        least = min(least, b - np.uint64(1))
+        most = max(most, b)
+    return _plain_sum(values[j0:j1], j1 - j0), least + np.uint64(1), most
+
+
+@numba.njit(inline="always")
+def _sum_is_exact(total, least, most):  # pragma: no cover - compiled
+    """Whether a float64 sum of magnitudes, `total`, is exact in any order: finite entries (most below
+    ∞'s pattern) and total below 2⁵³ units of the last place of the least non-zero one (every
+    partial sum is then a representable multiple of that unit)."""
+    e = max(np.int64(least >> np.uint64(23)), 1)
+    return most < np.uint64(0x7F800000) and total < math.ldexp(1.0, e - 150 + 53)
 
 
 @numba.njit(inline="always")
@@ -576,8 +558,7 @@ def _exact_chunk(values, bits, j0, j1, acc, lanes):  # pragma: no cover - compil
     total, least, most = _chunk_sum(values, bits, j0, j1)
     if most == 0:
         return
-    e = max(np.int64(least >> np.uint64(23)), 1)
-    if most < np.uint64(0x7F800000) and total < math.ldexp(1.0, e - 150 + 53):
+    if _sum_is_exact(total, least, most):
         _exact_add64(acc, total)
     else:
         for j in range(j0, j1):
@@ -696,27 +677,6 @@ def _unpack(keep, b0, m, out):  # pragma: no cover - compiled
         k += 1
 
 
-@numba.njit(inline="always")
-def _plain_sum(values, m):  # pragma: no cover - compiled
-    """Σ|values[:m]| in float64, eight sums at a time (vectorised)."""
-    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = 0.0
-    j = 0
-    while j + 8 <= m:
-        s0 += np.float64(abs(values[j]))
-        s1 += np.float64(abs(values[j + 1]))
-        s2 += np.float64(abs(values[j + 2]))
-        s3 += np.float64(abs(values[j + 3]))
-        s4 += np.float64(abs(values[j + 4]))
-        s5 += np.float64(abs(values[j + 5]))
-        s6 += np.float64(abs(values[j + 6]))
-        s7 += np.float64(abs(values[j + 7]))
-        j += 8
-    while j < m:
-        s0 += np.float64(abs(values[j]))
-        j += 1
-    return ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
-
-
 @_jit
 def _random_norms_bf16(experts, base, keep, rows, bit0, before, after, parts_n):  # pragma: no cover - compiled
     """For each listed expert t (experts[rows[t]]): before[t] += the exact_sum accumulator of |τ| (τ =
@@ -749,8 +709,7 @@ def _random_norms_bf16(experts, base, keep, rows, bit0, before, after, parts_n):
                 total, least, most = _chunk_sum(wide[1], buf[1], 0, m)
                 if most == 0:
                     continue
-                e = max(np.int64(least >> np.uint64(23)), 1)
-                if most < np.uint64(0x7F800000) and total < math.ldexp(1.0, e - 150 + 53):
+                if _sum_is_exact(total, least, most):
                     _exact_add64(parts[0, t, p], total)
                     kept = _plain_sum(wide[2], m)
                     if kept != 0:
@@ -767,10 +726,12 @@ def _random_norms_bf16(experts, base, keep, rows, bit0, before, after, parts_n):
 @_jit
 def _random_combine_bf16(experts, base, out, keep, bit0, masked, ratios, weights, consensus, normalize,
                          divisor_none, lam, parts_n):  # pragma: no cover - compiled  # fmt: skip
-    """gta's random sparsifier and then combine, of bf16 tensors as stored, in one pass: τ_i widened
-    as _combine_bf16 does; where masked[i], τ_i·keep (keep[i]'s bits from bit0) and then ·ratios[i]
-    where that is not 0 (the rescaling, float32); then v_i = ·w_i and combine's arithmetic
-    (_mixed_rows): the operations of Sparsifier.apply, the weight and gta.combine, in their order."""
+    """gta's combine of bf16 inputs as stored (their uint16 bit patterns), each widened (_widen), in
+    one pass: τ_i = W_i − W₀ formed in float32 as TensorTask.task_vector forms it; where masked[i]
+    (a random sparsifier), τ_i·keep (keep[i]'s bits from bit0) and then ·ratios[i] where that is not
+    0 (the rescaling, float32); then v_i = ·w_i and combine's arithmetic (_mixed_rows): the
+    operations of Sparsifier.apply, the weight and gta.combine, in their order. Nothing masked:
+    task arithmetic and its like."""
     n_exp = len(experts)
     n = base.size
     step = (n + parts_n - 1) // parts_n
