@@ -114,6 +114,7 @@ def main() -> int:
     ap.add_argument("--recipe", default=os.path.join(ROOT, "bench", ".work", "tie-order-0.5b.yaml"))
     ap.add_argument("--pairs", type=int, default=2)
     ap.add_argument("--param", action="append", default=[], help="passed to merge as --param K=V")
+    ap.add_argument("--threads", type=int, help="passed to merge as --threads N (default: each side chooses)")
     ap.add_argument("--tag", default="ties-0.5b")
     ap.add_argument("--baseline", help="a commit to run as the other side (with the kernels), in place of torch's code")
     args = ap.parse_args()
@@ -128,7 +129,9 @@ def main() -> int:
     def merge(side: str, out: str) -> tuple[float, float]:
         return run(args.recipe, out, side != "torch", params, baseline if side == "baseline" else ROOT)
 
-    params = [x for p in args.param for x in ("--param", p)]
+    params = [x for p in args.param for x in ("--param", p)] + (
+        ["--threads", str(args.threads)] if args.threads else []
+    )
     files = inputs(args.recipe)
     size = sum(os.path.getsize(f) for f in files)
     work = tempfile.mkdtemp(prefix="fused-ab-")
@@ -168,6 +171,7 @@ def main() -> int:
     shutil.rmtree(work, ignore_errors=True)
     doc = provenance("fused_ab.py", load_before) | {
         "recipe_text": open(args.recipe).read(),  # bench/.work is not kept: the recipe itself, to remake it
+        "merge_arguments": params,
         "input_bytes": size,
         "cold_seconds": cold,
         "cold_cpu_seconds": cpu,
@@ -182,7 +186,8 @@ def main() -> int:
     lines = [
         f"# This checkout (fused kernels) against {doc['other_side']}: {args.tag}",
         "",
-        f"{provenance_line(doc)}; inputs {gb:.2f} GB; outputs byte-identical: {doc['outputs_identical']}.",
+        f"{provenance_line(doc)}; inputs {gb:.2f} GB; outputs byte-identical: {doc['outputs_identical']}"
+        f"; merge arguments beyond the recipe: {' '.join(params) or 'none'}.",
         "",
         f"| page cache dropped | cold read, `cat` (s) | write + fsync of the output's size (s) | fused (s) "
         f"| {other} (s) | fused / {other} | fused / cold read | fused / (read + write) | CPU s, fused / {other} |",

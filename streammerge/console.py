@@ -12,6 +12,13 @@ from .errors import Interrupted  # no imports of its own
 
 
 def entry() -> None:
+    from . import cpu  # no imports of its own
+
+    cpu.mark()  # the other processes' load is measured over the imports (cpu.py)
+    # torch's OpenMP threads spin for a while after each parallel operation, on the cores numba's
+    # pool then computes on (bench/results/README.md, "Round seven"): they sleep instead, unless
+    # the user says otherwise (read when torch loads its OpenMP runtime, so before that)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     # Python's cyclic collector walks every tracked object each time it runs: while torch's ~0.26 M
     # objects are being made it ran ~380 times (0.15 s), and after that every full collection walks
     # them all again. So: off while importing, then those objects frozen out of its reach (they live

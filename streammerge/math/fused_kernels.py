@@ -569,10 +569,13 @@ def _exact_chunk(values, bits, j0, j1, acc, lanes):  # pragma: no cover - compil
 def _exact_merge(parts, lanes, acc):  # pragma: no cover - compiled
     """acc += every part's accumulator and float32 lanes, each bin below 2⁶² before and after (no
     sum overflows)."""
-    for p in range(parts.shape[0]):
+    for p in range(parts.shape[0]):  # loops, not array expressions: in a parallel kernel each of
+        # those would be a parallel region of its own (hundreds per call, each waking the pool)
         for lane in range(LANES):
-            parts[p, :FLOAT32_BINS] += lanes[p, lane]
-        acc += parts[p]
+            for e in range(FLOAT32_BINS):
+                parts[p, e] += lanes[p, lane, e]
+        for e in range(EXACT_BINS):
+            acc[e] += parts[p, e]
         for e in range(FLOAT64_BINS - 10):
             _carry(acc, e)
 
