@@ -418,3 +418,56 @@ def test_random_sparsified_gta_reads_the_stored_tensors_with_the_same_bytes(
     assert (
         torch.equal(base, task.stored(None, None)) and torch.isnan(stored[1][3, :5]).all() == nonfinite
     )  # inputs unwritten
+
+
+@pytest.mark.parametrize("block", [None, 1 << 17, 5 * 640])
+@pytest.mark.parametrize("nonfinite", [False, True])
+@pytest.mark.parametrize("sparsify", ["none", "magnitude", "magnitude_outliers", "random"])
+def test_results_rounded_to_bf16_in_the_kernels_are_the_bytes_the_engine_stored(sparsify, nonfinite, block):
+    """Where the output is bf16, gta's paths from stored inputs round the result to bf16 in the
+    kernel (TensorTask.store_dtype): the bytes that converting their float32 result gave, NaN's bits
+    included, whole and in row blocks; a block or tensor with a result that is not finite (a NaN
+    input, or finite in float32 but past bf16's largest) comes back in float32 as before, for
+    torch to convert and the engine to check."""
+    from streammerge.math import torch_rand
+
+    g = torch.Generator().manual_seed(9)
+    base = (torch.randn(384, 640, generator=g) * 0.02).to(torch.bfloat16)
+    stored = [(base.float() + torch.randn(384, 640, generator=g) * 0.002).to(torch.bfloat16) for _ in range(3)]
+    if nonfinite:
+        stored[1][3, :5] = float("nan")
+        base[200, 0] = 3.0e38  # Σ w_i·τ_i lands between bf16's largest and float32's: ∞ only once rounded
+        step = 2.0 ** (127 - 7)  # bf16's spacing there
+        for e, steps in zip(stored, (17, 17, 2)):
+            e[200, 0] = base[200, 0].float() + steps * step
+    values = tuple({"weight": w, "density": d} for w, d in zip((1.0, 0.7, 0.4), (0.9, 0.95, 0.99)))
+    params = gta.GtaParams(sparsify=sparsify, consensus="none")
+
+    def run(store: bool) -> torch.Tensor:
+        task = stored_task(base, stored, values)
+        task.out_dtype = torch.bfloat16  # as the engine sets it
+        with pytest.MonkeyPatch.context() as mp:
+            if not store:  # the kernels' float32 results, as before
+                mp.setattr(TensorTask, "store_dtype", property(lambda self: None))
+            if block is not None:
+                mp.setattr(TensorTask, "row_blocks", lambda self, m=None, _r=TensorTask.row_blocks: _r(self, block))
+            sps = gta.sparsifiers(task, params)
+            if sparsify == "random":
+                merge = gta.random_stored(task, sps)
+                assert merge is not None
+                return merge(params)
+            if sparsify == "none":
+                return gta.merge(task, params)
+            out = gta.magnitude_stored(task, sps, params)
+            assert out is not None
+            return out
+
+    assert torch_rand.available()
+    theirs, ours = run(False), run(True)
+    if nonfinite and sparsify == "none" and block is None:
+        wide = theirs.float()
+        assert wide[200, 0].isfinite() and not wide[200, 0].to(torch.bfloat16).isfinite()  # the case is made
+    stored_bytes = [t.to(torch.bfloat16).view(torch.int16) for t in (theirs, ours)]  # TensorComputer.merge's .to
+    assert torch.equal(*stored_bytes)
+    if not nonfinite:
+        assert ours.dtype == torch.bfloat16  # rounded in the kernel, not by torch

@@ -58,12 +58,26 @@ def _flat(t: torch.Tensor):
 
 
 def _threads() -> int:
-    """As many threads as torch uses (--threads), within numba's pool; returns that count."""
+    """As many threads as torch uses (--threads), within numba's pool; returns that count. Each
+    kernel's parts go to whichever thread is free, one at a time (chunk size 1), not in equal
+    shares fixed in advance: a thread that shares its core with the shard writer would otherwise
+    leave the other waiting (bench/results/README.md, "Round seven")."""
     import numba
 
     n = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
     numba.set_num_threads(n)
+    numba.set_parallel_chunksize(1)
     return n
+
+
+# Parts per thread of the kernels whose state per part is small (not the histograms'): enough for
+# the free threads to even out what a slower one leaves. Sums over parts are integers and entries
+# are independent, so the count changes no byte (tests/test_fused.py, any thread count).
+PARTS_PER_THREAD = 8
+
+
+def _parts() -> int:
+    return _threads() * PARTS_PER_THREAD
 
 
 def _load() -> ModuleType | None:
@@ -99,7 +113,7 @@ def mask_magnitude(values: torch.Tensor, bound: int, lo: int, hi: int, seen: int
     ties at it numbered [lo, hi) (counting `seen` before this tensor), times `weight`; returns the
     ties counted here."""
     value = float(torch.tensor([bound], dtype=torch.int32).view(torch.float32)[0])
-    return int(_load()._mask_magnitude(_flat(values), value, lo, hi, seen, weight, _threads()))
+    return int(_load()._mask_magnitude(_flat(values), value, lo, hi, seen, weight, _parts()))
 
 
 def combine(vectors: list[torch.Tensor], weights, base: torch.Tensor, consensus: str, normalize: bool,
@@ -111,7 +125,7 @@ def combine(vectors: list[torch.Tensor], weights, base: torch.Tensor, consensus:
         _flat(base),
         _flat(out),
         *_combine_args(weights, consensus, normalize, lambda_),
-        _threads(),
+        _parts(),
     )
     return out
 
@@ -129,16 +143,32 @@ def _combine_args(weights, consensus: str, normalize: bool, lambda_: float) -> t
 
 
 def combine_bf16(experts: list[torch.Tensor], weights, base: torch.Tensor, consensus: str, normalize: bool,
-                 lambda_: float) -> torch.Tensor:  # fmt: skip
+                 lambda_: float, out_dtype: torch.dtype | None = None) -> torch.Tensor:  # fmt: skip
     """combine of the weighted task vectors (W_i − W₀)·w_i, read from the bf16 tensors as stored
     and widened in the kernel: one pass where widening every input to float32 first takes two
-    more and twice the memory. Returns float32."""
+    more and twice the memory. Returns float32, or `out_dtype` bf16 (_rounded says when)."""
     import numpy as np
 
     n = len(experts)
     unmasked = np.zeros((n, 1), dtype=np.uint8)
     return random_combine_bf16(experts, base, unmasked, 0, [False] * n, [0.0] * n, weights, consensus, normalize,
-                               lambda_)  # fmt: skip
+                               lambda_, out_dtype)  # fmt: skip
+
+
+def _rounded(kernel, shape, out_dtype: torch.dtype | None) -> torch.Tensor:
+    """kernel(out, out16), a combine kernel writing its float32 result to `out` or rounded to bf16 in
+    `out16` (math/fused_kernels.py _store), run for the result: bf16 where out_dtype asks for it and
+    every entry is finite (the bytes torch's conversion of the float32 result gives: one pass, no
+    float32 result), else float32, as torch's code leaves it for the caller to convert."""
+    import numpy as np
+
+    if out_dtype == torch.bfloat16:
+        out16 = torch.empty(shape, dtype=torch.bfloat16)
+        if kernel(np.empty(0, np.float32), _flat(out16.view(torch.int16)).view("uint16")) == 0:
+            return out16
+    out = torch.empty(shape, dtype=torch.float32)
+    kernel(_flat(out), np.empty(0, np.uint16))
+    return out
 
 
 def disjoint(vectors: list[torch.Tensor], base: torch.Tensor, mean: bool, lambda_: float):
@@ -148,7 +178,7 @@ def disjoint(vectors: list[torch.Tensor], base: torch.Tensor, mean: bool, lambda
     undecided = torch.empty(base.shape, dtype=torch.bool)
     balance = _load()._disjoint(
         tuple(_flat(v) for v in vectors), _flat(base), _flat(out), undecided.view(-1).numpy(), mean,
-        float(lambda_), _threads(),
+        float(lambda_), _parts(),
     )  # fmt: skip
     return out, undecided, int(balance)
 
@@ -179,27 +209,31 @@ def random_norms_bf16(experts: list[torch.Tensor], base: torch.Tensor, keep, row
 
     bits = _stored_bits([base, *experts])
     _load()._random_norms_bf16(bits[1:], bits[0], keep, np.asarray(rows, dtype=np.int64), bit0, before, after,
-                               _threads())  # fmt: skip
+                               _parts())  # fmt: skip
 
 
 def random_combine_bf16(experts: list[torch.Tensor], base: torch.Tensor, keep, bit0: int, masked, ratios, weights,
-                        consensus: str, normalize: bool, lambda_: float) -> torch.Tensor:  # fmt: skip
+                        consensus: str, normalize: bool, lambda_: float,
+                        out_dtype: torch.dtype | None = None) -> torch.Tensor:  # fmt: skip
     """W₀ + λ·combine of the randomly sparsified, rescaled, weighted task vectors of one block of bf16
-    tensors as stored (float32): expert i's τ_i·keep[i] (its bits from bit0) where masked[i], then
-    ·ratios[i] where that is not 0, then ·w_i (math/fused_kernels.py _random_combine_bf16)."""
+    tensors as stored (float32, or bf16 as _rounded says): expert i's τ_i·keep[i] (its bits from
+    bit0) where masked[i], then ·ratios[i] where that is not 0, then ·w_i (math/fused_kernels.py
+    _random_combine_bf16)."""
     import numpy as np
 
     bits = _stored_bits([base, *experts])
-    out = torch.empty(base.shape, dtype=torch.float32)
-    _load()._random_combine_bf16(bits[1:], bits[0], _flat(out), keep, bit0, np.asarray(masked, dtype=np.bool_),
-                                 np.asarray(ratios, dtype=np.float32),
-                                 *_combine_args(weights, consensus, normalize, lambda_), _threads())  # fmt: skip
-    return out
+    masked, ratios = np.asarray(masked, dtype=np.bool_), np.asarray(ratios, dtype=np.float32)
+    args = _combine_args(weights, consensus, normalize, lambda_)
+    return _rounded(
+        lambda out, out16: _load()._random_combine_bf16(bits[1:], bits[0], out, out16, keep, bit0, masked, ratios,
+                                                        *args, _parts()),
+        base.shape, out_dtype,
+    )  # fmt: skip
 
 
 def exact_abs_sum(values: torch.Tensor, acc) -> None:
     """math/exact_sum.py's accumulator of float32 `values`, += into acc."""
-    _load()._exact_abs_sum(_flat(values), acc, _threads())
+    _load()._exact_abs_sum(_flat(values), acc, _parts())
 
 
 def _stored_bits(tensors: list[torch.Tensor]) -> tuple:
@@ -230,7 +264,8 @@ class MagnitudeStored:
     def __init__(self, n_experts: int):
         import numpy as np
 
-        self.parts = _threads()
+        self.parts = _threads()  # the histograms': one each (64k counts per expert)
+        self.pieces = _parts()  # the other passes'
         self.hist = np.zeros((self.parts, n_experts, 1 << 16), dtype=np.int64)
 
     def histogram(self, experts: list[torch.Tensor], base: torch.Tensor, chosen: list[int]) -> None:
@@ -253,9 +288,10 @@ class MagnitudeStored:
 
     def combine(self, experts: list[torch.Tensor], base: torch.Tensor, bounds: list[tuple[int, int]],
                 windows: list[tuple[tuple[int, int], tuple[int, int]]], equals: list[tuple[int, int]],
-                seen: list[list[int]], weights, consensus: str, normalize: bool,
-                lambda_: float) -> torch.Tensor:  # fmt: skip
-        """W₀ + λ·combine of the sparsified, weighted task vectors of one block (float32). Expert i
+                seen: list[list[int]], weights, consensus: str, normalize: bool, lambda_: float,
+                out_dtype: torch.dtype | None = None) -> torch.Tensor:  # fmt: skip
+        """W₀ + λ·combine of the sparsified, weighted task vectors of one block (float32, or bf16 as
+        _rounded says). Expert i
         keeps the magnitudes whose bit patterns lie strictly between bounds[i] (low, high), and of
         the equals[i][b] entries tied at bound b those whose index among them lies in windows[i][b]
         (= [lo, hi)); seen[i][b], its ties before this block, is advanced past it. Ties are counted
@@ -277,20 +313,22 @@ class MagnitudeStored:
                 else:
                     modes[i, b] = COUNT
         bound = np.asarray(bounds, dtype=np.int64)
-        ties = np.zeros((n, 2, self.parts + 1), dtype=np.int64)
+        ties = np.zeros((n, 2, self.pieces + 1), dtype=np.int64)
         _threads()
         if (modes == COUNT).any():
-            _load()._tie_counts_bf16(bits[1:], bits[0], bound, modes, ties, self.parts)
+            _load()._tie_counts_bf16(bits[1:], bits[0], bound, modes, ties, self.pieces)
         starts = np.cumsum(ties, axis=2) + np.asarray(seen, dtype=np.int64)[:, :, None]
         for i in range(n):
             for b in range(2):
                 if modes[i, b] == COUNT:
                     seen[i][b] = int(starts[i, b, -1])
-        out = torch.empty(base.shape, dtype=torch.float32)
-        _load()._window_combine_bf16(bits[1:], bits[0], _flat(out), bound, np.asarray(windows, dtype=np.int64), modes,
-                                     np.ascontiguousarray(starts[:, :, :-1]),
-                                     *_combine_args(weights, consensus, normalize, lambda_), self.parts)  # fmt: skip
-        return out
+        window, start = np.asarray(windows, dtype=np.int64), np.ascontiguousarray(starts[:, :, :-1])
+        args = _combine_args(weights, consensus, normalize, lambda_)
+        return _rounded(
+            lambda out, out16: _load()._window_combine_bf16(bits[1:], bits[0], out, out16, bound, window, modes,
+                                                            start, *args, self.pieces),
+            base.shape, out_dtype,
+        )  # fmt: skip
 
     def disjoint(self, experts: list[torch.Tensor], base: torch.Tensor, bounds: list[int], weights, mean: bool,
                  lambda_: float) -> tuple[torch.Tensor, torch.Tensor, int]:  # fmt: skip
@@ -305,6 +343,6 @@ class MagnitudeStored:
         _threads()
         balance = _load()._magnitude_disjoint_bf16(
             bits[1:], bits[0], _flat(out), undecided.view(-1).numpy(), np.asarray(bounds, dtype=np.int64),
-            np.asarray(weights, dtype=np.float32), mean, float(lambda_), self.parts,
+            np.asarray(weights, dtype=np.float32), mean, float(lambda_), self.pieces,
         )  # fmt: skip
         return out, undecided, int(balance)

@@ -14,13 +14,26 @@ if "NUMBA_THREADING_LAYER" not in os.environ:
 _jit = numba.njit(parallel=True, cache=True, nogil=True)
 
 
+# A parallel kernel's own array expressions (np.zeros, +=, .sum()) would each be a parallel region,
+# handed out entry by entry under the chunk size of 1 that math/fused.py sets: these are compiled
+# apart (not parallel), so that only the kernels' prange loops run in parallel.
+@numba.njit(cache=True, nogil=True)
+def _zeros(shape):  # pragma: no cover - compiled
+    return np.zeros(shape, dtype=np.int64)
+
+
+@numba.njit(cache=True, nogil=True)
+def _total(values):  # pragma: no cover - compiled
+    return values.sum()
+
+
 @_jit
 def _histogram(values, chosen, hist_out, parts_n):  # pragma: no cover - compiled
     """chosen < 0: hist_out += counts of the high 16 bits of |v|; else of the low 16 bits of the
     |v| whose high bits are `chosen`. One private histogram per part (one part per thread) over a
     contiguous range (integer counts: the sum does not depend on how the entries were split)."""
     n = values.size
-    parts = np.zeros((parts_n, 1 << 16), dtype=np.int64)
+    parts = _zeros((parts_n, 1 << 16))
     bits = values.view(np.int32)
     step = (n + parts_n - 1) // parts_n
     for p in numba.prange(parts_n):
@@ -34,7 +47,8 @@ def _histogram(values, chosen, hist_out, parts_n):  # pragma: no cover - compile
                 if (b >> 16) == chosen:
                     h[b & 0xFFFF] += 1
     for p in range(parts_n):
-        hist_out += parts[p]
+        for b in range(1 << 16):
+            hist_out[b] += parts[p, b]
 
 
 @_jit
@@ -46,7 +60,7 @@ def _mask_magnitude(values, bound, lo, hi, seen_before, weight, parts_n):  # pra
     each part masks its entries."""
     n = values.size
     step = (n + parts_n - 1) // parts_n
-    ties = np.zeros(parts_n + 1, dtype=np.int64)
+    ties = _zeros(parts_n + 1)
     for p in numba.prange(parts_n):
         t = 0
         for j in range(p * step, min(n, (p + 1) * step)):
@@ -138,6 +152,27 @@ def _mixed_rows(vectors, v0, base, b0, m, out, j0, mixed, scratch, weights, cons
 
 
 @numba.njit(inline="always")
+def _store(row, m, out, out16, j0):  # pragma: no cover - compiled
+    """out[j0 + k] ← row[k] (float32), k < m; or where out16 is given (size > 0), out16[j0 + k] ← row[k]
+    rounded to bf16 as torch rounds finite values (to nearest, ties to even), which saves a float32
+    result and a pass to convert it. Returns how many were not finite, in float32 or once rounded:
+    the caller leaves those to torch (its NaN bits depend on its code path, and the result's check
+    sees float32 values)."""
+    if out16.size == 0:
+        for k in range(m):
+            out[j0 + k] = row[k]
+        return 0
+    bits = row.view(np.uint32)
+    bad = 0
+    for k in range(m):
+        b = np.int64(bits[k])
+        h = (b + ((b >> 16) & 1) + 0x7FFF) >> 16
+        out16[j0 + k] = np.uint16(h & 0xFFFF)
+        bad += ((b & 0x7F800000) == 0x7F800000) | ((h & 0x7F80) == 0x7F80)
+    return bad
+
+
+@numba.njit(inline="always")
 def _disjoint_rows(vectors, v0, base, b0, m, out, undecided, j0, total, sign, count, mean,
                    lam32):  # pragma: no cover - compiled  # fmt: skip
     """ties.DisjointMerge.block of m entries (vectors[i][v0 + k], W₀ = base[b0 + k]): the elected
@@ -199,7 +234,7 @@ def _disjoint(vectors, base, out, undecided, mean, lam, parts_n):  # pragma: no 
     (the tensor's majority, an exact integer)."""
     n = base.size
     step = (n + parts_n - 1) // parts_n
-    balances = np.zeros(parts_n, dtype=np.int64)
+    balances = _zeros(parts_n)
     lam32 = np.float32(lam)
     for p in numba.prange(parts_n):
         total = np.empty(WIDEN, dtype=np.float32)
@@ -211,7 +246,7 @@ def _disjoint(vectors, base, out, undecided, mean, lam, parts_n):  # pragma: no 
             m = min(WIDEN, end - j0)
             balance += _disjoint_rows(vectors, j0, base, j0, m, out, undecided, j0, total, sign, count, mean, lam32)
         balances[p] = balance
-    return balances.sum()
+    return _total(balances)
 
 
 @_jit
@@ -290,7 +325,7 @@ def _tie_counts_bf16(experts, base, bounds, modes, ties, parts_n):  # pragma: no
 
 
 @_jit
-def _window_combine_bf16(experts, base, out, bounds, windows, modes, starts, weights, consensus, normalize,
+def _window_combine_bf16(experts, base, out, out16, bounds, windows, modes, starts, weights, consensus, normalize,
                          divisor_none, lam, parts_n):  # pragma: no cover - compiled  # fmt: skip
     """gta's magnitude sparsifiers and then combine, of bf16 tensors as stored, in one pass: τ_i
     widened as _random_combine_bf16 does; its magnitude's bit pattern a kept where bounds[i, 0] < a <
@@ -299,11 +334,13 @@ def _window_combine_bf16(experts, base, out, bounds, windows, modes, starts, wei
     (= [lo, hi)). Then v_i = (τ_i·keep)·w_i and combine's arithmetic (_mixed_rows). magnitude:
     (bound, 2³², window [0, k − above)); magnitude_outliers: both bounds with their windows; none:
     (−1, 2³²). Where a chunk's ties at both bounds all go one way, one loop without a branch
-    (vectorised); the chunk a cut falls in goes in order."""
+    (vectorised); the chunk a cut falls in goes in order. The result goes to out, or rounded to out16
+    (_store); returns the count _store returns."""
     n_exp = len(experts)
     n = base.size
     step = (n + parts_n - 1) // parts_n
     lam32 = np.float32(lam)
+    bad = _zeros(parts_n)
     for p in numba.prange(parts_n):
         bits = np.empty((n_exp + 1, WIDEN), dtype=np.uint32)
         wide = bits.view(np.float32)
@@ -313,6 +350,7 @@ def _window_combine_bf16(experts, base, out, bounds, windows, modes, starts, wei
         tie = starts[:, :, p].copy()
         state = np.empty(2, dtype=np.int64)
         counts = np.empty(2, dtype=np.int64)
+        out_row = np.empty(WIDEN, dtype=np.float32)
         end = min(n, (p + 1) * step)
         for j0 in range(p * step, end, WIDEN):
             m = min(WIDEN, end - j0)
@@ -367,8 +405,10 @@ def _window_combine_bf16(experts, base, out, bounds, windows, modes, starts, wei
                             t_hi += 1
                         v[k] = (v[k] * keep) * w
                     tie[i, 0], tie[i, 1] = t_lo, t_hi
-            _mixed_rows(wide, 0, w0, 0, m, out, j0, mixed, scratch, weights, consensus, normalize, divisor_none,
-                        lam, lam32)  # fmt: skip
+            _mixed_rows(wide, 0, w0, 0, m, out_row, 0, mixed, scratch, weights, consensus, normalize,
+                        divisor_none, lam, lam32)  # fmt: skip
+            bad[p] += _store(out_row, m, out, out16, j0)
+    return _total(bad)
 
 
 @_jit
@@ -379,7 +419,7 @@ def _magnitude_disjoint_bf16(experts, base, out, undecided, bounds, weights, mea
     n_exp = len(experts)
     n = base.size
     step = (n + parts_n - 1) // parts_n
-    balances = np.zeros(parts_n, dtype=np.int64)
+    balances = _zeros(parts_n)
     lam32 = np.float32(lam)
     for p in numba.prange(parts_n):
         bits = np.empty((n_exp + 1, WIDEN), dtype=np.uint32)
@@ -406,7 +446,7 @@ def _magnitude_disjoint_bf16(experts, base, out, undecided, bounds, weights, mea
                     v[k] = (v[k] * np.float32(_magnitude_of(row[k]) >= bound)) * w
             balance += _disjoint_rows(vectors, 0, w0, 0, m, out, undecided, j0, total, sign, count, mean, lam32)
         balances[p] = balance
-    return balances.sum()
+    return _total(balances)
 
 
 # torch's CPU `rand` (float32): the low 24 bits of successive MT19937 outputs times 2⁻²⁴ (math/fused.py
@@ -588,8 +628,8 @@ def _exact_abs_sum(values, acc, parts_n):  # pragma: no cover - compiled
     bits = values.view(np.uint32)
     chunks = (n + CHUNK - 1) // CHUNK
     step = (chunks + parts_n - 1) // parts_n
-    parts = np.zeros((parts_n, EXACT_BINS), dtype=np.int64)
-    lanes = np.zeros((parts_n, LANES, FLOAT32_BINS), dtype=np.int64)
+    parts = _zeros((parts_n, EXACT_BINS))
+    lanes = _zeros((parts_n, LANES, FLOAT32_BINS))
     for p in numba.prange(parts_n):
         for c in range(p * step, min(chunks, (p + 1) * step)):
             _exact_chunk(values, bits, c * CHUNK, min(n, (c + 1) * CHUNK), parts[p], lanes[p])
@@ -692,8 +732,8 @@ def _random_norms_bf16(experts, base, keep, rows, bit0, before, after, parts_n):
     n_listed = rows.size
     chunks = (n + CHUNK - 1) // CHUNK
     step = (chunks + parts_n - 1) // parts_n
-    parts = np.zeros((2, n_listed, parts_n, EXACT_BINS), dtype=np.int64)
-    lanes = np.zeros((2, n_listed, parts_n, LANES, FLOAT32_BINS), dtype=np.int64)
+    parts = _zeros((2, n_listed, parts_n, EXACT_BINS))
+    lanes = _zeros((2, n_listed, parts_n, LANES, FLOAT32_BINS))
     for p in numba.prange(parts_n):
         buf = np.empty((4, CHUNK), dtype=np.uint32)
         wide = buf.view(np.float32)
@@ -727,18 +767,20 @@ def _random_norms_bf16(experts, base, keep, rows, bit0, before, after, parts_n):
 
 
 @_jit
-def _random_combine_bf16(experts, base, out, keep, bit0, masked, ratios, weights, consensus, normalize,
+def _random_combine_bf16(experts, base, out, out16, keep, bit0, masked, ratios, weights, consensus, normalize,
                          divisor_none, lam, parts_n):  # pragma: no cover - compiled  # fmt: skip
     """gta's combine of bf16 inputs as stored (their uint16 bit patterns), each widened (_widen), in
     one pass: τ_i = W_i − W₀ formed in float32 as TensorTask.task_vector forms it; where masked[i]
     (a random sparsifier), τ_i·keep (keep[i]'s bits from bit0) and then ·ratios[i] where that is not
     0 (the rescaling, float32); then v_i = ·w_i and combine's arithmetic (_mixed_rows): the
     operations of Sparsifier.apply, the weight and gta.combine, in their order. Nothing masked:
-    task arithmetic and its like."""
+    task arithmetic and its like. The result goes to out, or rounded to out16 (_store); returns the
+    count _store returns."""
     n_exp = len(experts)
     n = base.size
     step = (n + parts_n - 1) // parts_n
     lam32 = np.float32(lam)
+    bad = _zeros(parts_n)
     for p in numba.prange(parts_n):
         bits = np.empty((n_exp + 1, WIDEN), dtype=np.uint32)
         wide = bits.view(np.float32)
@@ -746,6 +788,7 @@ def _random_combine_bf16(experts, base, out, keep, bit0, masked, ratios, weights
         mixed = np.empty(WIDEN, dtype=np.float32)
         scratch = np.empty((2, WIDEN), dtype=np.float32)
         flags = np.empty(WIDEN, dtype=np.float32)
+        row = np.empty(WIDEN, dtype=np.float32)
         end = min(n, (p + 1) * step)
         for j0 in range(p * step, end, WIDEN):
             m = min(WIDEN, end - j0)
@@ -766,5 +809,7 @@ def _random_combine_bf16(experts, base, out, keep, bit0, masked, ratios, weights
                 else:
                     for k in range(m):
                         v[k] = (v[k] - w0[k]) * w
-            _mixed_rows(wide, 0, w0, 0, m, out, j0, mixed, scratch, weights, consensus, normalize, divisor_none,
+            _mixed_rows(wide, 0, w0, 0, m, row, 0, mixed, scratch, weights, consensus, normalize, divisor_none,
                         lam, lam32)  # fmt: skip
+            bad[p] += _store(row, m, out, out16, j0)
+    return _total(bad)

@@ -140,6 +140,13 @@ class TensorTask:
         if self.diagnostics is not None:
             self.diagnostics[key] = value
 
+    @property
+    def store_dtype(self) -> torch.dtype | None:
+        """The dtype a kernel may write the result in at once (the output's), or None: keep the
+        compute dtype. Not under --report, whose statistics describe the result before it is
+        stored."""
+        return self.out_dtype if self.diagnostics is None else None
+
     def task_factors(self, i: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """τ_i as low-rank factors (B', A'), τ_i = B' A', when expert i is a LoRA adapter; None
         otherwise (then use task_vector)."""
