@@ -7,8 +7,9 @@ merge takes the cores this process may run on (its affinity) less what the rest 
 keeps busy on them, and at least one; `--threads N` overrides it. Measured: bench/threads_bench.py.
 
 "What the rest keeps busy" is measured, not the load average: the 1-minute load average still
-counts a merge that ended seconds ago (two merges in a row on two cores: the second took one
-thread, 5.5 s against 7.5 s for DARE-TIES; bench/results/README.md, "Round seven"). Where the
+counts a merge that ended seconds ago, so of two merges in a row on two cores the second took one
+thread (DARE-TIES of the 0.5 B preset: 8.6-9.5 s on one, 6.3-6.8 s on two; `python
+bench/back_to_back.py`, bench/results/README.md "Round seven"). Where the
 system says (Linux's /proc/stat), it is the CPU time the affine cores spent busy since the command
 started (`mark`, before its imports: a window of about a second at no cost), less this process's
 own; elsewhere, the load average.
