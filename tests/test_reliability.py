@@ -427,15 +427,15 @@ def test_injected_enospc_leaves_no_partial_file(toy_untied, tmp_path, monkeypatc
     from streammerge.recipe import Expert, Recipe
 
     calls = {"n": 0}
-    real_put = atomic.ShardWriter._put
+    real_write = atomic.ShardWriter._write
 
-    def failing_put(self, data):
+    def failing_write(self, data):  # the header's and each tensor's bytes, on the writer's thread
         calls["n"] += 1
         if calls["n"] == 12:
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real_put(self, data)
+        return real_write(self, data)
 
-    monkeypatch.setattr(atomic.ShardWriter, "_put", failing_put)
+    monkeypatch.setattr(atomic.ShardWriter, "_write", failing_write)
     recipe = Recipe(
         "ties",
         os.path.join(toy_untied, "base"),

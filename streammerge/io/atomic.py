@@ -162,9 +162,12 @@ class ShardWriter:
             raise os_error(exc, self.final_path) from None
 
     def _put(self, data: bytes | memoryview) -> None:
+        self._write(data)
+        self._sha.update(data)
+
+    def _write(self, data: bytes | memoryview) -> None:
         assert self._file is not None
         self._file.write(data)
-        self._sha.update(data)
 
     def _guarded(self, step, data: memoryview) -> None:
         try:
@@ -190,8 +193,7 @@ class ShardWriter:
             # hashing and writing on threads of their own, side by side: each is sequential, and
             # one after the other they took longer than computing the next tensor (0.47 s and
             # 0.35 s per GB; bench/results/README.md, "Round seven")
-            assert self._file is not None
-            for step, name in ((self._file.write, "shard-writer"), (self._sha.update, "shard-hasher")):
+            for step, name in ((self._write, "shard-writer"), (self._sha.update, "shard-hasher")):
                 thread = threading.Thread(target=self._guarded, args=(step, memoryview(data)), name=name, daemon=True)
                 thread.start()
                 self._pending.append(thread)
