@@ -364,7 +364,7 @@ def test_random_masks_drawn_in_numba_give_torchs_bytes(method, block):
         with pytest.MonkeyPatch.context() as mp:
             if not use_numba:
                 mp.setattr(fused, "available", lambda *t, **k: False)
-                mp.setattr(torch_rand, "stream", lambda generator: None)
+                mp.setattr(torch_rand, "stream", lambda generator, numel: None)
             if block is not None:
                 mp.setattr(gta.ties, "CACHE_BYTES", 0)
                 mp.setattr(TensorTask, "row_blocks", lambda self, m=None, _r=TensorTask.row_blocks: _r(self, block))
@@ -404,7 +404,7 @@ def test_random_sparsified_gta_reads_the_stored_tensors_with_the_same_bytes(
     values = tuple({"weight": w, "density": d} for w, d in zip((1.0, 0.7, 0.4), densities))
     params = gta.GtaParams(sparsify="random", consensus=consensus, normalize=normalize, rescale=rescale)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(torch_rand, "stream", lambda generator: None)  # torch's generator and code
+        mp.setattr(torch_rand, "stream", lambda generator, numel: None)  # torch's generator and code
         theirs = merged(params, base.float(), [e.float() for e in stored], values, False, block)
 
     task = stored_task(base, stored, values)

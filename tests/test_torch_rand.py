@@ -16,7 +16,7 @@ SEEDS = (0, 1, 5489, 2**32 + 7, 2**63 - 1)
 @pytest.mark.parametrize("seed", SEEDS)
 def test_draws_are_torchs(seed):
     g = torch.Generator().manual_seed(seed)
-    ours = torch_rand.stream(torch.Generator().manual_seed(seed))
+    ours = torch_rand.stream(torch.Generator().manual_seed(seed), fused.MIN_ELEMENTS)
     assert ours is not None
     for shape in ((1,), (623,), (2, 313), (5000,), (3, 7, 11)):
         assert torch.equal(ours.rand(shape), torch.rand(shape, generator=g))
@@ -54,9 +54,15 @@ def test_threshold_is_torchs_float32_comparison():
         assert torch.equal(k.float() * 2.0**-24 < d, k < t)
 
 
+def test_small_tensors_draw_with_torchs_generator_so_numba_is_not_loaded_for_them():
+    """numba's runtime is planned only for tensors the kernels take (fused.MIN_ELEMENTS and up)."""
+    assert torch_rand.stream(torch.Generator().manual_seed(1), fused.MIN_ELEMENTS - 1) is None
+    assert isinstance(torch_rand.stream(torch.Generator().manual_seed(1), fused.MIN_ELEMENTS), torch_rand.TorchRand)
+
+
 def test_without_numba_the_generator_is_torchs(monkeypatch):
     monkeypatch.setattr(fused, "installed", lambda: False)
-    assert torch_rand.stream(torch.Generator().manual_seed(1)) is None
+    assert torch_rand.stream(torch.Generator().manual_seed(1), fused.MIN_ELEMENTS) is None
 
 
 def test_where_torch_draws_otherwise_its_generator_is_kept_and_planned(monkeypatch):
@@ -66,7 +72,7 @@ def test_where_torch_draws_otherwise_its_generator_is_kept_and_planned(monkeypat
 
     monkeypatch.setattr(torch_rand, "_checked", None)
     monkeypatch.setattr(torch, "rand", lambda *a, **k: torch.zeros(a[0] if a else k["size"]))
-    assert torch_rand.stream(torch.Generator().manual_seed(1)) is None
+    assert torch_rand.stream(torch.Generator().manual_seed(1), fused.MIN_ELEMENTS) is None
     params = gta.GtaParams(sparsify="random", rescale=True)
     assert gta.stored_memory("w", (4096, 4096), 3, params) is None
     monkeypatch.setattr(torch_rand, "_checked", True)

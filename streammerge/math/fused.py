@@ -249,6 +249,12 @@ def _stored_bits(tensors: list[torch.Tensor]) -> tuple:
 RUNTIME_BYTES = 64 << 20
 
 
+def runtime_bytes(numel: int) -> int:
+    """RUNTIME_BYTES where a kernel may take a tensor of `numel` entries (numba installed, at least
+    MIN_ELEMENTS), for the plans of the float32 paths; else 0."""
+    return RUNTIME_BYTES if numel >= MIN_ELEMENTS and installed() else 0
+
+
 def histogram_bytes(n_experts: int) -> int:
     """The histograms a MagnitudeStored holds for `n_experts` (one per thread and expert), with the
     two of each expert's RadixSelect (methods/ties.py) and their sum."""

@@ -108,7 +108,10 @@ def available() -> bool:
     return _checked
 
 
-def stream(generator: torch.Generator) -> TorchRand | None:
+def stream(generator: torch.Generator, numel: int) -> TorchRand | None:
     """A TorchRand giving the draws `generator` (a CPU generator just seeded, no draws made yet)
-    would, or None without numba or where torch draws differently (see above)."""
-    return TorchRand(generator.initial_seed()) if available() else None
+    would for a tensor of `numel` entries, or None without numba, where torch draws differently
+    (see above), or for a tensor the kernels do not take (below fused.MIN_ELEMENTS): torch's own
+    generator then makes the same draws without loading numba's runtime, which a plan counts only
+    for the tensors the kernels take (a model of small tensors measured 30-50 % above its plan)."""
+    return TorchRand(generator.initial_seed()) if numel >= fused.MIN_ELEMENTS and available() else None

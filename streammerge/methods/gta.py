@@ -120,7 +120,7 @@ class Sparsifier:
         if self.kind not in ("random", "della_magprune"):
             return None
         g = self.rng_factory()
-        return (torch_rand.stream(g) or g) if self.kind == "random" else g
+        return (torch_rand.stream(g, self.numel) or g) if self.kind == "random" else g
 
     def begin(self, stage: int) -> None:
         """Before pass `stage` over the blocks."""
