@@ -23,14 +23,15 @@ import time
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import provenance, provenance_line, write_results  # noqa: E402
+from common import command, provenance, provenance_line, write_results  # noqa: E402
 
 
 def merge(recipe: str, out: str, threads: int | None) -> tuple[float, int]:
     """Wall seconds and the threads the merge reports it ran on."""
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, "-c", "from streammerge.console import entry; entry()", "merge", "--recipe", recipe,
-           "--out", out, "--device", "cpu"] + (["--threads", str(threads)] if threads else [])  # fmt: skip
+    cmd = command(
+        "merge", "--recipe", recipe, "--out", out, "--device", "cpu", *(["--threads", str(threads)] if threads else [])
+    )
     start = time.perf_counter()
     done = subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True)
     wall = time.perf_counter() - start

@@ -53,6 +53,12 @@ def load_model(folder: str) -> dict[str, torch.Tensor]:
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
+def command(*args: str) -> list[str]:
+    """The `streammerge` command's entry point (console.py) with `args`, run by this Python: from
+    the package that the working folder holds, where a baseline checkout is run from its own."""
+    return [sys.executable, "-c", "from streammerge.console import entry; entry()", *args]
+
+
 def provenance(script: str, load_before: tuple[float, ...]) -> dict:
     """What a record starts with: the command that made it (`python bench/SCRIPT ARGS`), when, on
     how many cores, and the load averages before its runs and now, after them."""

@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """DARE's kernels timed alone (numba, the `fast` extra): drawing three experts' masks as bits, the two
-L1 norms, the masking combine, beside task arithmetic's combine of the same bf16 inputs and torch's
-float32 → bf16 conversion of the result. Synthetic bf16 tensors of --entries entries, three
-experts; the best of --repeats, in ns per entry of the result.
+L1 norms, the masking combine, beside task arithmetic's combine of the same bf16 inputs, torch's
+float32 → bf16 conversion of the result, and the combine rounding its result to bf16 itself.
+Synthetic bf16 tensors of --entries entries, three experts; the best of --repeats, in ns per entry
+of the result.
 
     python bench/dare_kernels.py [--entries 30506496] [--repeats 3]
 """
@@ -51,6 +52,12 @@ def main() -> None:
         ),  # fmt: skip
         "task arithmetic's combine": lambda: fused.combine_bf16(experts, weights, base, "sum", False, 1.0),
         "float32 → bf16 (torch)": lambda: torch.empty(n, dtype=torch.float32).to(torch.bfloat16),
+        "task arithmetic's combine, then torch's conversion to bf16": lambda: fused.combine_bf16(
+            experts, weights, base, "sum", False, 1.0
+        ).to(torch.bfloat16),
+        "task arithmetic's combine rounding to bf16 itself": lambda: fused.combine_bf16(
+            experts, weights, base, "sum", False, 1.0, torch.bfloat16
+        ),
     }
     ns = {}
     for name, step in steps.items():

@@ -31,7 +31,7 @@ import time
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import checkout, drop_caches, provenance, provenance_line, write_results  # noqa: E402
+from common import checkout, command, drop_caches, provenance, provenance_line, write_results  # noqa: E402
 
 
 def digest(folder: str) -> str:
@@ -84,9 +84,7 @@ def run(recipe: str, out: str, fused: bool, params: list[str], cwd: str = ROOT) 
     if not fused:
         env["STREAMMERGE_NO_NUMBA"] = "1"
     # the installed command's entry point (console.py), from the package found in `cwd`
-    cmd = [sys.executable, "-c", "from streammerge.console import entry; entry()", "merge", "--recipe", recipe,
-           "--out", out, "--device", "cpu",
-           "--quiet", *params]  # fmt: skip
+    cmd = command("merge", "--recipe", recipe, "--out", out, "--device", "cpu", "--quiet", *params)
     start, used = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     subprocess.run(cmd, env=env, check=True, cwd=cwd)
     now = resource.getrusage(resource.RUSAGE_CHILDREN)

@@ -113,5 +113,5 @@ def stream(generator: torch.Generator, numel: int) -> TorchRand | None:
     would for a tensor of `numel` entries, or None without numba, where torch draws differently
     (see above), or for a tensor the kernels do not take (below fused.MIN_ELEMENTS): torch's own
     generator then makes the same draws without loading numba's runtime, which a plan counts only
-    for the tensors the kernels take (a model of small tensors measured 30-50 % above its plan)."""
+    for the tensors the kernels take (methods/dare.py memory)."""
     return TorchRand(generator.initial_seed()) if numel >= fused.MIN_ELEMENTS and available() else None
