@@ -10,6 +10,15 @@ with row blocks of up to 32 MB kept on the heap and up to 128 MB of free heap ke
 peak of that merge 422 MB against 329 MB (its plan: 427 MB). Either setting alone did not help.
 Set by the command only (a library does not change its host's allocator).
 
+huge_pages_for_large_tensors(), for the command: torch's CPU allocator asks for transparent huge
+pages (madvise MADV_HUGEPAGE; torch's THP_MEM_ALLOC_ENABLE) for every tensor of 2 MB or more, so
+where the system's setting is `madvise` or `always` a fresh block costs one page fault per 2 MB,
+not one per 4 kB (blocks of 32 MB and more are mapped anew by glibc every time they are made).
+Measured side by side on the 0.5 B preset, warm (bench/allocator_ab.py --setting thp;
+bench/results/README.md, "Round eight"): slerp, nearswap and model_stock spent 4-6 s of system time
+faulting pages in. Read by torch at its first allocation, so set before torch is imported; the user's
+own value wins (THP_MEM_ALLOC_ENABLE=0 turns it off).
+
 return_freed_memory_to_os(), under an explicit --max-ram (set after the first, so it wins): every
 allocation of 1 MB or more mapped on its own and given back when freed, so that the anonymous
 memory stays at the working set the plan promises (glibc's own growing threshold once held 313 MB
@@ -20,6 +29,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
 MMAP_THRESHOLD = 32 * 1024 * 1024  # glibc's largest: blocks above it keep their own mappings
@@ -37,6 +47,10 @@ def _thresholds(mmap_threshold: int, trim_threshold: int) -> bool:
 
 def keep_blocks_on_the_heap() -> bool:
     return _thresholds(MMAP_THRESHOLD, TRIM_THRESHOLD)
+
+
+def huge_pages_for_large_tensors() -> None:
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 
 def return_freed_memory_to_os(threshold: int = 1 << 20) -> bool:

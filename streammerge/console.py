@@ -19,6 +19,9 @@ def entry() -> None:
     # pool then computes on (bench/results/README.md, "Round seven"): they sleep instead, unless
     # the user says otherwise (read when torch loads its OpenMP runtime, so before that)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from .allocator import huge_pages_for_large_tensors  # ctypes only
+
+    huge_pages_for_large_tensors()  # before torch's first allocation (why: allocator.py)
     # Python's cyclic collector walks every tracked object each time it runs: while torch's ~0.26 M
     # objects are being made it ran ~380 times (0.15 s), and after that every full collection walks
     # them all again. So: off while importing, then those objects frozen out of its reach (they live

@@ -6,6 +6,7 @@ process, since the settings are process-wide."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -52,3 +53,33 @@ def test_the_command_keeps_freed_blocks_and_a_budget_returns_them():
     returned = accounts("return_freed_memory_to_os")
     assert returned["mapped"] >= BLOCK, returned  # a mapping of its own
     assert returned["mapped_after"] < BLOCK and returned["heap_after"] < BLOCK, returned  # given back
+
+
+SMAPS_PROBE = """
+import os, streammerge.cli as c, streammerge.console as console
+def probe():
+    import torch
+    t = torch.empty(64 << 20, dtype=torch.uint8)
+    flags = None
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                start, end = (int(x, 16) for x in head.split("-"))
+                inside = start <= t.data_ptr() < end
+            elif head == "VmFlags:" and inside:
+                flags = line.split()[1:]
+    print(os.environ["THP_MEM_ALLOC_ENABLE"], "hg" in flags)
+c.entry = probe
+console.entry()
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="reads the mappings' flags from /proc")
+@pytest.mark.parametrize("given, advised", [(None, True), ("0", False)])
+def test_the_command_has_torch_ask_for_huge_pages_for_large_tensors_unless_told(given, advised):
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    if given is not None:
+        env["THP_MEM_ALLOC_ENABLE"] = given
+    out = subprocess.run([sys.executable, "-c", SMAPS_PROBE], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == [given or "1", str(advised)]  # "hg": the mapping was madvise(MADV_HUGEPAGE)d
