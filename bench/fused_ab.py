@@ -52,6 +52,7 @@ def inputs(recipe: str) -> list[str]:
         folders = [doc["base_model"], *[m["model"] for m in doc["models"]]]
     else:  # ours
         folders = [doc["base"], *[e if isinstance(e, str) else e["path"] for e in doc["experts"]]]
+    folders = list(dict.fromkeys(folders))  # mergekit's slerp lists the base among its models: read once
     return [os.path.join(d, f) for d in folders for f in sorted(os.listdir(d)) if f.endswith(".safetensors")]
 
 
