@@ -7,6 +7,7 @@ torch's vectorised code as in numba's)."""
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -471,3 +472,18 @@ def test_results_rounded_to_bf16_in_the_kernels_are_the_bytes_the_engine_stored(
     assert torch.equal(*stored_bytes)
     if not nonfinite:
         assert ours.dtype == torch.bfloat16  # rounded in the kernel, not by torch
+
+
+@pytest.mark.parametrize("shape", [(7, 13), (300, 896), (16, 4864), (1, 100_003)])
+def test_row_ranks_are_the_stable_argsorts_ranks(shape):
+    """della_magprune's ranks: ±0 equal, subnormals, ±∞, NaNs of either sign and any payload last and
+    equal, and many ties (bf16 values), as torch's stable argsort of |x| numbers them."""
+    g = torch.Generator().manual_seed(4)
+    x = (torch.randn(shape, generator=g) * 1e-3).bfloat16().float()
+    flat = x.view(-1)
+    flat[::97], flat[1::89], flat[2::107], flat[3::109], flat[7::113] = 0.0, -0.0, math.inf, -math.inf, 1e-42
+    flat[::101] = math.nan
+    flat.view(torch.int32)[5::103] = -0x3FFFFF  # a negative NaN with another payload
+    order = torch.argsort(x.abs(), dim=1, stable=True)
+    expected = torch.empty_like(order).scatter_(1, order, torch.arange(shape[1]).expand_as(order).contiguous())
+    assert torch.equal(fused.row_ranks(x), expected)

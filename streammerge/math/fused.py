@@ -116,6 +116,16 @@ def mask_magnitude(values: torch.Tensor, bound: int, lo: int, hi: int, seen: int
     return int(_load()._mask_magnitude(_flat(values), value, lo, hi, seen, weight, _parts()))
 
 
+def row_ranks(rows: torch.Tensor) -> torch.Tensor:
+    """Each entry's position in the stable ascending sort of its row's magnitudes, int64: what
+    methods/gta.py's della_magprune makes from torch's stable argsort of `rows.abs()` (NaN last,
+    ties in index order), by a radix sort of the magnitudes' bit patterns per row."""
+    ranks = torch.empty(rows.shape, dtype=torch.int64)
+    _threads()
+    _load()._row_ranks(rows.detach().view(torch.int32).numpy(), ranks.numpy())
+    return ranks
+
+
 def combine(vectors: list[torch.Tensor], weights, base: torch.Tensor, consensus: str, normalize: bool,
             lambda_: float) -> torch.Tensor:  # fmt: skip
     """gta.combine in one pass: W₀ + λ·(normalised) Σ v_i with the consensus mask."""

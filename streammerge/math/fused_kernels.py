@@ -813,3 +813,47 @@ def _random_combine_bf16(experts, base, out, out16, keep, bit0, masked, ratios, 
                         lam, lam32)  # fmt: skip
             bad[p] += _store(row, m, out, out16, j0)
     return _total(bad)
+
+
+_RANK_DIGITS = ((0, 11), (11, 10), (21, 10))  # (shift, width): a magnitude's 31 bits in three digits
+
+
+@_jit
+def _row_ranks(bits, ranks):  # pragma: no cover - compiled
+    """ranks[r, j] = the position of entry j in the stable ascending sort of row r's magnitudes.
+    `bits` are the float32 entries' bit patterns: a magnitude is the pattern without its sign
+    (ordered as the values are, ±0 equal), every NaN one key above ∞ (torch sorts NaN last, NaNs
+    equal). Least significant digit first, each pass a stable counting sort, so equal keys keep
+    their index order: the stable sort. A digit every entry shares is skipped."""
+    rows, n = bits.shape
+    for r in numba.prange(rows):
+        keys = np.empty(n, dtype=np.int32)
+        order = np.empty(n, dtype=np.int32)
+        spare = np.empty(n, dtype=np.int32)
+        counts = np.empty(1 << 11, dtype=np.int64)
+        for j in range(n):
+            k = bits[r, j] & 0x7FFFFFFF
+            keys[j] = 0x7F800001 if k > 0x7F800000 else k
+            order[j] = j
+        for d in range(3):
+            shift, width = _RANK_DIGITS[d]
+            mask = (1 << width) - 1
+            for b in range(1 << width):  # a loop: an array expression here would be a parallel region
+                counts[b] = 0
+            for j in range(n):
+                counts[(keys[j] >> shift) & mask] += 1
+            if counts[(keys[0] >> shift) & mask] == n:
+                continue  # one digit for all: this pass would leave the order as it is
+            total = 0
+            for b in range(1 << width):
+                c = counts[b]
+                counts[b] = total
+                total += c
+            for j in range(n):
+                e = order[j]
+                b = (keys[e] >> shift) & mask
+                spare[counts[b]] = e
+                counts[b] += 1
+            order, spare = spare, order
+        for p in range(n):
+            ranks[r, order[p]] = p
