@@ -474,16 +474,36 @@ def test_results_rounded_to_bf16_in_the_kernels_are_the_bytes_the_engine_stored(
         assert ours.dtype == torch.bfloat16  # rounded in the kernel, not by torch
 
 
+def della_ranks(x: torch.Tensor) -> torch.Tensor:
+    """Each entry's position in torch's stable argsort of its row's magnitudes."""
+    order = torch.argsort(x.abs(), dim=1, stable=True)
+    return torch.empty_like(order).scatter_(1, order, torch.arange(x.shape[1]).expand_as(order).contiguous())
+
+
+def della_as_before(x: torch.Tensor, draws: torch.Tensor, density: float, eps: float) -> torch.Tensor:
+    """della_magprune's mask as methods/gta.py made it before the kernel: the stable argsort's ranks
+    scattered, each rank's probability computed on the tensor of ranks, then the draws compared."""
+    probs = (density - eps) + della_ranks(x).to(torch.float32).div_(max(x.shape[1] - 1, 1)).clamp_(0, 1).mul_(2 * eps)
+    return x * (draws < probs)
+
+
 @pytest.mark.parametrize("shape", [(7, 13), (300, 896), (16, 4864), (1, 100_003)])
-def test_row_ranks_are_the_stable_argsorts_ranks(shape):
-    """della_magprune's ranks: ±0 equal, subnormals, ±∞, NaNs of either sign and any payload last and
-    equal, and many ties (bf16 values), as torch's stable argsort of |x| numbers them."""
+def test_della_mask_is_the_stable_argsorts(shape):
+    """The kernel's ranks and the table of probabilities by rank give the bytes of the sort-based
+    code: ±0 equal, subnormals, ±∞, NaNs of either sign and any payload last and equal, many ties
+    (bf16 values), rows whose length leaves a vector loop's tail."""
     g = torch.Generator().manual_seed(4)
     x = (torch.randn(shape, generator=g) * 1e-3).bfloat16().float()
     flat = x.view(-1)
     flat[::97], flat[1::89], flat[2::107], flat[3::109], flat[7::113] = 0.0, -0.0, math.inf, -math.inf, 1e-42
     flat[::101] = math.nan
     flat.view(torch.int32)[5::103] = -0x3FFFFF  # a negative NaN with another payload
-    order = torch.argsort(x.abs(), dim=1, stable=True)
-    expected = torch.empty_like(order).scatter_(1, order, torch.arange(shape[1]).expand_as(order).contiguous())
-    assert torch.equal(fused.row_ranks(x), expected)
+    draws = torch.rand(shape, generator=g)
+    for density, eps in ((0.5, 0.1), (0.3, 0.15), (0.9, 0.05)):
+        span = max(shape[1] - 1, 1)
+        by_rank = (density - eps) + torch.arange(shape[1]).to(torch.float32).div_(span).clamp_(0, 1).mul_(2 * eps)
+        ours = x.clone()
+        fused.della_keep(ours, draws, by_rank)
+        assert same_bits(ours, della_as_before(x, draws, density, eps)) == 0
+        gathered = x * (draws < by_rank[della_ranks(x)])  # the torch fallback's form
+        assert same_bits(gathered, della_as_before(x, draws, density, eps)) == 0

@@ -116,14 +116,13 @@ def mask_magnitude(values: torch.Tensor, bound: int, lo: int, hi: int, seen: int
     return int(_load()._mask_magnitude(_flat(values), value, lo, hi, seen, weight, _parts()))
 
 
-def row_ranks(rows: torch.Tensor) -> torch.Tensor:
-    """Each entry's position in the stable ascending sort of its row's magnitudes, int64: what
-    methods/gta.py's della_magprune makes from torch's stable argsort of `rows.abs()` (NaN last,
-    ties in index order), by a radix sort of the magnitudes' bit patterns per row."""
-    ranks = torch.empty(rows.shape, dtype=torch.int64)
+def della_keep(rows: torch.Tensor, draws: torch.Tensor, keep_below: torch.Tensor) -> None:
+    """rows ← rows·(draws < keep_below[rank]) in place, rank an entry's position in torch's stable
+    argsort of its row's |rows| (NaN last, ties in index order): methods/gta.py's della_magprune
+    mask, found by a radix sort of the magnitudes' bit patterns per row instead of a sort and a
+    scatter. Multiplied by 1 or 0 as torch multiplies by the mask (−0, NaN as there)."""
     _threads()
-    _load()._row_ranks(rows.detach().view(torch.int32).numpy(), ranks.numpy())
-    return ranks
+    _load()._della_keep(rows.detach().numpy(), draws.numpy(), keep_below.numpy())
 
 
 def combine(vectors: list[torch.Tensor], weights, base: torch.Tensor, consensus: str, normalize: bool,

@@ -818,42 +818,53 @@ def _random_combine_bf16(experts, base, out, out16, keep, bit0, masked, ratios, 
 _RANK_DIGITS = ((0, 11), (11, 10), (21, 10))  # (shift, width): a magnitude's 31 bits in three digits
 
 
+@numba.njit(inline="always")
+def _stable_order(bits, keys, order, spare, counts):  # pragma: no cover - compiled
+    """The indices of one row's entries in the stable ascending sort of their magnitudes. `bits`
+    are the float32 entries' bit patterns: a magnitude is the pattern without its sign (ordered as
+    the values are, ±0 equal), every NaN one key above ∞ (torch sorts NaN last, NaNs equal). Least
+    significant digit first, each pass a stable counting sort, so equal keys keep their index
+    order: the stable sort. A digit every entry shares is skipped."""
+    n = bits.size
+    for j in range(n):
+        k = bits[j] & 0x7FFFFFFF
+        keys[j] = 0x7F800001 if k > 0x7F800000 else k
+        order[j] = j
+    for d in range(3):
+        shift, width = _RANK_DIGITS[d]
+        mask = (1 << width) - 1
+        for b in range(1 << width):  # a loop: an array expression here would be a parallel region
+            counts[b] = 0
+        for j in range(n):
+            counts[(keys[j] >> shift) & mask] += 1
+        if counts[(keys[0] >> shift) & mask] == n:
+            continue  # one digit for all: this pass would leave the order as it is
+        total = 0
+        for b in range(1 << width):
+            c = counts[b]
+            counts[b] = total
+            total += c
+        for j in range(n):
+            e = order[j]
+            b = (keys[e] >> shift) & mask
+            spare[counts[b]] = e
+            counts[b] += 1
+        order, spare = spare, order
+    return order
+
+
 @_jit
-def _row_ranks(bits, ranks):  # pragma: no cover - compiled
-    """ranks[r, j] = the position of entry j in the stable ascending sort of row r's magnitudes.
-    `bits` are the float32 entries' bit patterns: a magnitude is the pattern without its sign
-    (ordered as the values are, ±0 equal), every NaN one key above ∞ (torch sorts NaN last, NaNs
-    equal). Least significant digit first, each pass a stable counting sort, so equal keys keep
-    their index order: the stable sort. A digit every entry shares is skipped."""
-    rows, n = bits.shape
+def _della_keep(values, draws, keep_below):  # pragma: no cover - compiled
+    """values[r, j] *= (draws[r, j] < keep_below[rank]) in place, rank the entry's position in its
+    row's stable ascending sort of magnitudes (_stable_order); rows in parallel."""
+    rows, n = values.shape
+    bits = values.view(np.int32)
     for r in numba.prange(rows):
         keys = np.empty(n, dtype=np.int32)
         order = np.empty(n, dtype=np.int32)
         spare = np.empty(n, dtype=np.int32)
         counts = np.empty(1 << 11, dtype=np.int64)
-        for j in range(n):
-            k = bits[r, j] & 0x7FFFFFFF
-            keys[j] = 0x7F800001 if k > 0x7F800000 else k
-            order[j] = j
-        for d in range(3):
-            shift, width = _RANK_DIGITS[d]
-            mask = (1 << width) - 1
-            for b in range(1 << width):  # a loop: an array expression here would be a parallel region
-                counts[b] = 0
-            for j in range(n):
-                counts[(keys[j] >> shift) & mask] += 1
-            if counts[(keys[0] >> shift) & mask] == n:
-                continue  # one digit for all: this pass would leave the order as it is
-            total = 0
-            for b in range(1 << width):
-                c = counts[b]
-                counts[b] = total
-                total += c
-            for j in range(n):
-                e = order[j]
-                b = (keys[e] >> shift) & mask
-                spare[counts[b]] = e
-                counts[b] += 1
-            order, spare = spare, order
+        order = _stable_order(bits[r], keys, order, spare, counts)
         for p in range(n):
-            ranks[r, order[p]] = p
+            e = order[p]
+            values[r, e] = values[r, e] * (np.float32(1.0) if draws[r, e] < keep_below[p] else np.float32(0.0))
