@@ -49,7 +49,7 @@ def inputs(recipe: str) -> list[str]:
 
     doc = yaml.safe_load(open(recipe))
     if "merge_method" in doc:  # mergekit's recipe
-        folders = [doc["base_model"], *[m["model"] for m in doc["models"]]]
+        folders = [*([doc["base_model"]] if doc.get("base_model") else []), *[m["model"] for m in doc["models"]]]
     else:  # ours
         folders = [doc["base"], *[e if isinstance(e, str) else e["path"] for e in doc["experts"]]]
     folders = list(dict.fromkeys(folders))  # mergekit's slerp lists the base among its models: read once
