@@ -16,8 +16,9 @@ where the system's setting is `madvise` or `always` a fresh block costs one page
 not one per 4 kB (blocks of 32 MB and more are mapped anew by glibc every time they are made).
 Measured side by side on the 0.5 B preset, warm (bench/allocator_ab.py --setting thp;
 bench/results/README.md, "Round eight"): without it slerp, nearswap and model_stock spent 1.7-7.5 s
-of system time faulting pages in (slerp: 8.0-9.0 s warm against 5.8 s with it). Read by torch at its first allocation, so set before torch is imported; the user's
-own value wins (THP_MEM_ALLOC_ENABLE=0 turns it off).
+of system time faulting pages in (slerp: 8.0-9.0 s warm against 5.8 s with it). Read by torch at
+its first allocation, so set before torch is imported; the user's own value wins
+(THP_MEM_ALLOC_ENABLE=0 turns it off).
 
 return_freed_memory_to_os(), under an explicit --max-ram (set after the first, so it wins): every
 allocation of 1 MB or more mapped on its own and given back when freed, so that the anonymous
