@@ -7,9 +7,10 @@ same arrays (one pass at memory speed), all measured in this run on this machine
 
 The inputs are the 0.5 B preset of bench/vs_mergekit.py (a bf16 base and three experts,
 tools/make_toy_models.py --shared 0.7, made under bench/.work/0.5b if absent); each method gets a
-mergekit recipe (weight 1 per model; density 0.5 where the method sparsifies; slerp and nearswap
-take the base and the first expert). Each merge runs `--repeats` times, methods interleaved, after
-one untimed merge of each (numba compiles a changed kernel then); the table gives the median.
+mergekit recipe (bench/vs_mergekit.py's: weight 1 per model; density 0.5 where the method
+sparsifies; slerp and nearswap take the base and the first expert). Each merge runs `--repeats`
+times, methods interleaved, after one untimed merge of each (numba compiles a changed kernel
+then); the table gives the median.
 Results: bench/results/row-local-TAG.{json,md}.
 """
 
@@ -28,6 +29,7 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import command, provenance, provenance_line, write_results  # noqa: E402
 from fused_ab import inputs, numpy_sum  # noqa: E402
+from vs_mergekit import recipe  # noqa: E402  (the same YAML as the side-by-side with mergekit)
 
 METHODS = (
     "linear",
@@ -39,25 +41,6 @@ METHODS = (
     "slerp",
     "nearswap",
 )
-
-
-def recipe(method: str, base: str, experts: list[str]) -> str:
-    if method in ("slerp", "nearswap"):  # two models: mergekit's form, the base listed among them
-        t = 0.5 if method == "slerp" else 0.001  # nearswap: |Δ| of the toy experts is ~1e-3
-        return (
-            f"merge_method: {method}\nbase_model: {base}\nmodels:\n  - model: {base}\n  - model: {experts[0]}\n"
-            f"parameters: {{t: {t}}}\ndtype: bfloat16\n"
-        )
-    extra = {
-        "ties": ", density: 0.5",
-        "dare_ties": ", density: 0.5",
-        "breadcrumbs_ties": ", density: 0.5",
-        "della": ", density: 0.5, epsilon: 0.1",
-    }.get(method, "")
-    models = "\n".join(f"  - model: {e}\n    parameters: {{weight: 1.0{extra}}}" for e in experts)
-    head = f"merge_method: {method}\n" + ("" if method == "linear" else f"base_model: {base}\n")
-    tail = "parameters: {normalize: true}\n" if method == "ties" else ""
-    return f"{head}models:\n{models}\n{tail}dtype: bfloat16\n"
 
 
 def merge(recipe_path: str, out: str) -> tuple[float, float]:
@@ -90,7 +73,7 @@ def main() -> int:
     for method in args.methods:
         recipes[method] = os.path.join(args.work, f"row-local-{method}.yaml")
         with open(recipes[method], "w") as f:
-            f.write(recipe(method, base, experts))
+            f.write(recipe(method, base, experts, 0.5))
         files[method] = inputs(recipes[method])
     work = tempfile.mkdtemp(prefix="row-local-")
     load_before = os.getloadavg()

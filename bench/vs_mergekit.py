@@ -82,22 +82,31 @@ def io_floor(files: list[str]) -> dict:
     return {"cold": cold, "warm": time.perf_counter() - t, "cache_dropped": dropped}
 
 
-SPARSIFIED = ("ties", "dare_ties", "breadcrumbs_ties")  # recipes with a per-model density
+SPARSIFIED = ("ties", "dare_ties", "breadcrumbs_ties", "della")  # recipes with a per-model density
+TWO_MODELS = {"slerp": 0.5, "nearswap": 0.001}  # the base and the first expert, with this t (nearswap: ~|Δ|)
+
+
+def folders(method: str, base: str, experts: list[str]) -> list[str]:
+    """The models a method's recipe reads: slerp and nearswap the base and the first expert, linear
+    the experts, the others the base and every expert."""
+    if method in TWO_MODELS:
+        return [base, experts[0]]
+    return experts if method == "linear" else [base, *experts]
 
 
 def recipe(method: str, base: str, experts: list[str], density: float) -> str:
-    """The mergekit YAML: weight 1 per model, `density` for the sparsified methods, mergekit's
-    defaults otherwise (TIES with `normalize: true`, as mergekit's examples)."""
-    models = "\n".join(
-        f"  - model: {e}\n    parameters: {{weight: 1.0{', density: ' + str(density) if method in SPARSIFIED else ''}}}"
-        for e in experts
-    )
-    return (
-        f"merge_method: {method}\nbase_model: {base}\nmodels:\n{models}\nparameters: {{normalize: true}}\ndtype: "
-        "bfloat16\n"
-        if method == "ties"
-        else f"merge_method: {method}\nbase_model: {base}\nmodels:\n{models}\ndtype: bfloat16\n"
-    )
+    """The mergekit YAML: weight 1 per model, `density` for the sparsified methods (della's ε 0.1),
+    mergekit's defaults otherwise (TIES with `normalize: true`, as mergekit's examples)."""
+    if method in TWO_MODELS:  # mergekit's form: the base listed among the models
+        return (
+            f"merge_method: {method}\nbase_model: {base}\nmodels:\n  - model: {base}\n  - model: {experts[0]}\n"
+            f"parameters: {{t: {TWO_MODELS[method]}}}\ndtype: bfloat16\n"
+        )
+    extra = (f", density: {density}" + (", epsilon: 0.1" if method == "della" else "")) if method in SPARSIFIED else ""
+    models = "\n".join(f"  - model: {e}\n    parameters: {{weight: 1.0{extra}}}" for e in experts)
+    head = f"merge_method: {method}\n" + ("" if method == "linear" else f"base_model: {base}\n")
+    tail = "parameters: {normalize: true}\n" if method == "ties" else ""
+    return f"{head}models:\n{models}\n{tail}dtype: bfloat16\n"
 
 
 def bf16_steps(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -119,7 +128,7 @@ def agreement(method: str, base: str, experts: list[str], ours: str, theirs: str
             worst_ours = max(worst_ours, bf16_steps(a[name], ref))
             worst_theirs = max(worst_theirs, bf16_steps(b[name], ref))
         return {"streammerge_max_bf16_steps_from_exact": worst_ours, "mergekit_max_bf16_steps_from_exact": worst_theirs}
-    if method.startswith("dare"):  # mergekit draws its masks from torch's unseeded global generator
+    if method.startswith(("dare", "della")):  # mergekit draws its masks from torch's unseeded global generator
         return {"note": "random masks: the two tools agree in distribution, not entry by entry"}
     equal = total = 0
     for name in a:
@@ -169,10 +178,6 @@ def main(argv: list[str] | None = None) -> int:
             )
         base = os.path.join(data, "base")
         experts = [os.path.join(data, f"expert-{i}") for i in (1, 2, 3)]
-        files = [
-            os.path.join(d, f) for d in [base, *experts] for f in sorted(os.listdir(d)) if f.endswith(".safetensors")
-        ]
-        floor = io_floor(files)
         for method in args.methods:
             # "ties-mergekit-order": mergekit's ties recipe, ours with `--param tie_break=mergekit` (its sort
             # of every task vector where ties straddle the threshold); plain "ties": our default, the
@@ -182,6 +187,13 @@ def main(argv: list[str] | None = None) -> int:
                 if method.endswith("-mergekit-order")
                 else (method, [])
             )
+            files = [
+                os.path.join(d, f)
+                for d in folders(mk_method, base, experts)
+                for f in sorted(os.listdir(d))
+                if f.endswith(".safetensors")
+            ]
+            floor = io_floor(files)  # of the models this method reads
             yaml_path = os.path.join(args.work, f"{preset}-{mk_method}.yaml")
             with open(yaml_path, "w") as f:
                 f.write(recipe(mk_method, base, experts, args.density))
