@@ -38,13 +38,14 @@ def coefficients(t: float, dot: float) -> tuple[float, float]:
     return math.sin((1 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
 
 
-def merge(task: TensorTask, params: SlerpParams) -> torch.Tensor:
-    if len(task.weights) != 1:
-        raise ValueError(f"slerp merges the base with exactly one expert, got {len(task.weights)}")
+def sums(task: TensorTask) -> tuple[float, float, float]:
+    """(⟨a, a⟩, ⟨b, b⟩, ⟨a, b⟩), each the sum over the row blocks of torch's float64 sum of the block.
+    a, b and their product in float64 live in one scratch buffer made for the first (largest)
+    block and reused: a fresh 32 MB block is mapped anew by glibc and faulted in every time
+    (allocator.py); the same products and sums as on fresh tensors, so the same bytes. The buffer
+    goes when this returns, before the blend pass."""
     aa = bb = ab = 0.0
-    scratch = None  # a, b and a product in float64, made once for the first (largest) block and
-    # reused: a fresh 32 MB block is mapped anew by glibc and faulted in every time (allocator.py);
-    # the same products and sums as (a * a).sum() on fresh tensors, so the same bytes
+    scratch = None
     for rows in task.row_blocks():
         a, b = task.base_rows(rows), task.expert_rows(0, rows)
         if scratch is None:
@@ -56,7 +57,13 @@ def merge(task: TensorTask, params: SlerpParams) -> torch.Tensor:
         aa += float(torch.mul(a64, a64, out=product).sum())
         bb += float(torch.mul(b64, b64, out=product).sum())
         ab += float(torch.mul(a64, b64, out=product).sum())
-    del scratch
+    return aa, bb, ab
+
+
+def merge(task: TensorTask, params: SlerpParams) -> torch.Tensor:
+    if len(task.weights) != 1:
+        raise ValueError(f"slerp merges the base with exactly one expert, got {len(task.weights)}")
+    aa, bb, ab = sums(task)
     na, nb = math.sqrt(aa), math.sqrt(bb)
     na, nb = (na if na > EPS else 1.0), (nb if nb > EPS else 1.0)
     ca, cb = coefficients(params.t, ab / (na * nb))
@@ -71,7 +78,9 @@ METHOD = Method(
     "slerp",
     SlerpParams,
     merge,
-    memory=elementwise_memory_blocks(4.0),
+    # the norm pass: the base's block and the expert's (float32) beside the scratch's three float64
+    # blocks (sums); the blend pass holds less
+    memory=elementwise_memory_blocks(8.0),
     doc=__doc__ or "",
     propagates_nonfinite=True,
     expert_params={},
