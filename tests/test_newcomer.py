@@ -687,3 +687,24 @@ def test_a_record_from_before_file_times_asks_for_restart(toy_untied, tmp_path):
     os.remove(out / "model.safetensors.index.json")
     r = merge_cli(toy_untied, out, "--method", "ties", "--shard-size", "30KB", "--param", "lambda=0.5")
     assert r.exit_code == 5 and "started by an earlier streammerge" in r.output and one_line(r), r.output
+
+
+def test_the_demo_gives_a_weight_per_model_to_every_method_that_needs_one():
+    """tools/demo.sh METHOD for a method that, as in mergekit, needs a weight per model (della,
+    breadcrumbs, gta, multislerp) passes one for each of its three experts: without, the demo of
+    `tools/demo.sh della` stopped at "expert demo/expert-1 has no 'weight'"."""
+    import fnmatch
+    import re
+
+    from streammerge.methods import get_method, method_names
+    from streammerge.methods.base import REQUIRED
+
+    demo = open(os.path.join(ROOT, "tools", "demo.sh")).read()
+    case = re.search(r"^\s*([^\n]*)\) WEIGHTS=\(--weight 1 --weight 1 --weight 1\)", demo, re.M)
+    assert case, "demo.sh's case of the methods given weights"
+    patterns = [p.strip() for p in case.group(1).split("|")]
+    for name in method_names():
+        method, _ = get_method(name)
+        three = method.min_experts <= 3 and (method.max_experts is None or method.max_experts >= 3)
+        if method.expert_params.get("weight") is REQUIRED and three:
+            assert any(fnmatch.fnmatch(name, p) for p in patterns), name

@@ -10,9 +10,14 @@ $PY -m pip install -q -e .
 # experts whose rows conflict (--shared 0.7), as fine-tunes of one base do: OrthoMerge then rotates
 $PY tools/make_toy_models.py demo --preset small --experts 3 --shared 0.7 --shard-size 2MB
 rm -rf demo/merged
+METHOD=${1:-ties}
+case "$METHOD" in  # mergekit's gta family and multislerp need a weight per model (mergekit does too)
+    gta | breadcrumbs* | della* | multislerp) WEIGHTS=(--weight 1 --weight 1 --weight 1) ;;
+    *) WEIGHTS=() ;;
+esac
 $PY -m streammerge.cli merge --base demo/base \
-    --expert demo/expert-1 --expert demo/expert-2 --expert demo/expert-3 \
-    --method "${1:-ties}" --out demo/merged --shard-size 2MB --report demo/report.json
+    --expert demo/expert-1 --expert demo/expert-2 --expert demo/expert-3 "${WEIGHTS[@]}" \
+    --method "$METHOD" --out demo/merged --shard-size 2MB --report demo/report.json
 ls -l demo/merged
 # what explains the merge, per tensor kind (OrthoMerge: the rotation's share of the update)
 $PY -m streammerge.cli report demo/report.json
