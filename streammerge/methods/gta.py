@@ -473,19 +473,21 @@ def merge(task: TensorTask, params: GtaParams) -> torch.Tensor:
 
 def memory(name: str, shape: tuple[int, ...], n: int, params: GtaParams, itemsize: int):
     """As TIES: the N vectors (whole when they fit CACHE_BYTES, else per block) plus about 7
-    block-sized temporaries (masks, sign election, divisor); whole, also a sort's workspace."""
+    block-sized temporaries (masks, sign election, divisor); whole, also a sort's workspace; and
+    numba's runtime where the kernels take the tensor (fused.combine, della's mask, the draws)."""
     from .base import BLOCK_ELEMENTS
 
     numel = math.prod(shape)
     block = min(numel, BLOCK_ELEMENTS)
+    runtime = fused.runtime_bytes(numel)
     if numel <= BLOCK_ELEMENTS:
-        return Need(int((n + 7) * numel * itemsize))
+        return Need(int((n + 7) * numel * itemsize) + runtime)
     if n * numel * itemsize <= ties.CACHE_BYTES:
         sort = (
             4 if params.sparsify in ("magnitude", "magnitude_outliers") and params.tie_break == "mergekit" else 0
         )  # its indices and values
-        return Need(int((n + 1 + sort) * numel * itemsize + 7 * block * itemsize))
-    return Need(int((n + 8) * block * itemsize), transfer=block)
+        return Need(int((n + 1 + sort) * numel * itemsize + 7 * block * itemsize) + runtime)
+    return Need(int((n + 8) * block * itemsize) + runtime, transfer=block)
 
 
 def stored_memory(name: str, shape: tuple[int, ...], n: int, params: GtaParams):

@@ -99,12 +99,13 @@ def merge(task: TensorTask, params: ModelStockParams) -> torch.Tensor:
 
 
 def memory(name: str, shape: tuple[int, ...], n: int, params: ModelStockParams, itemsize: int):
-    """Whole: about 5 + 2N copies of the tensor; streamed: N blocks, their float64 stack and a
-    few temporaries."""
+    """Whole: about 4 + 2N copies of the tensor (the peak holds the base, N experts, N offsets and a
+    product, 2N + 2; two more for the blend's temporaries); streamed: N blocks, their float64 stack
+    and a few temporaries."""
 
     numel = math.prod(shape)
     if numel <= BLOCK_ELEMENTS or n * numel * itemsize <= WHOLE_BYTES:
-        return Need(int((5 + 2 * n) * numel * itemsize))
+        return Need(int((4 + 2 * n) * numel * itemsize))
     block = BLOCK_ELEMENTS
     return Need(int((3 * n + 6) * block * itemsize), transfer=block)
 
