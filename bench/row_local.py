@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -27,8 +26,8 @@ import time
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import command, provenance, provenance_line, write_results  # noqa: E402
-from fused_ab import inputs, numpy_sum  # noqa: E402
+from common import provenance, provenance_line, write_results  # noqa: E402
+from fused_ab import inputs, numpy_sum, run  # noqa: E402
 from vs_mergekit import recipe  # noqa: E402  (the same YAML as the side-by-side with mergekit)
 
 METHODS = (
@@ -44,13 +43,8 @@ METHODS = (
 
 
 def merge(recipe_path: str, out: str) -> tuple[float, float]:
-    """Wall and CPU (user + system) seconds of one merge."""
-    shutil.rmtree(out, ignore_errors=True)
-    cmd = command("merge", "--recipe", recipe_path, "--out", out, "--device", "cpu", "--quiet")
-    start, used = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
-    subprocess.run(cmd, check=True, cwd=ROOT)
-    now = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return time.perf_counter() - start, now.ru_utime + now.ru_stime - used.ru_utime - used.ru_stime
+    """Wall and CPU (user + system) seconds of one merge, with the kernels (fused_ab's run)."""
+    return run(recipe_path, out, True, [])
 
 
 def main() -> int:

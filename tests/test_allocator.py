@@ -75,7 +75,10 @@ console.entry()
 """
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="reads the mappings' flags from /proc")
+@pytest.mark.skipif(
+    not os.path.exists("/proc/self/smaps") or not os.path.exists("/sys/kernel/mm/transparent_hugepage/enabled"),
+    reason="reads the mappings' flags from /proc, on a kernel with transparent huge pages",
+)
 @pytest.mark.parametrize("given, advised", [(None, True), ("0", False)])
 def test_the_command_has_torch_ask_for_huge_pages_for_large_tensors_unless_told(given, advised):
     env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
