@@ -74,6 +74,7 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     spilled: list[TensorPlan] = field(default_factory=list)  # merged on the CPU: too big for the GPU
     state_in_ram: list[TensorPlan] = field(default_factory=list)  # on the GPU, per-expert state in RAM
+    read_buffers: int = 0  # the read-ahead's buffers for blocks it reads past the page cache (prefetch.py)
 
     @property
     def peak_host(self) -> int:
@@ -82,7 +83,8 @@ class Plan:
     def peak_host_of(self, tensors: list[TensorPlan]) -> int:
         """The host peak of a process that merges these tensors (a Ray task: one shard's)."""
         cuda = CUDA_LIBRARIES_HOST if any(t.device == "cuda" for t in tensors) else 0
-        return self.baseline + IO_BUFFERS + cuda + max((t.host_bytes for t in tensors), default=0)
+        io = IO_BUFFERS + self.read_buffers
+        return self.baseline + io + cuda + max((t.host_bytes for t in tensors), default=0)
 
     @property
     def peak_gpu(self) -> int:
@@ -151,7 +153,8 @@ class Plan:
             "",
             f"largest tensor: {largest.name} {list(largest.shape)}",
             f"peak RAM (anonymous): {format_size(self.peak_host)} of --max-ram {format_size(self.ram_budget)} "
-            f"(process {format_size(self.baseline)} + read and write buffers {format_size(IO_BUFFERS)}"
+            f"(process {format_size(self.baseline)} + read and write buffers "
+            f"{format_size(IO_BUFFERS + self.read_buffers)}"
             + (
                 f" + CUDA libraries {format_size(CUDA_LIBRARIES_HOST)}"
                 if any(t.device == "cuda" for t in self.tensors)

@@ -29,6 +29,7 @@ LAYERS = [
     ["streammerge.engine.statistics"],
     ["streammerge.engine.tensors", "streammerge.engine.output", "streammerge.engine.estimate"],
     ["streammerge.engine.placement"],
+    ["streammerge.engine.reads"],
     ["streammerge.engine.inputs", "streammerge.engine.remote"],
     ["streammerge.engine.options"],
     ["streammerge.report", "streammerge.output_files", "streammerge.gguf_vocab"],

@@ -14,12 +14,15 @@ import math
 
 import torch
 
+from .. import prefetch
 from ..errors import ResourceError
 from ..io.checkpoint import Checkpoint
 from ..io.safetensors_format import DTYPES
 from ..math import fused
 from ..plan import Plan, TensorPlan, default_gpu_budget, default_ram_budget, free_disk, place
 from ..memwatch import rss_anon
+from ..units import format_size
+from . import reads
 from .inputs import MergeInputs
 from .options import RunOptions
 
@@ -81,6 +84,15 @@ def make_plan(inputs: MergeInputs, device: torch.device, options: RunOptions, st
             f"{method.name}: upper bounds where the working set depends on the data "
             "(plan --measure measures them; a merge does when the bounds do not fit)"
         )
+    if prefetch.DIRECT:  # buffers for the blocks read past the page cache, where they fit
+        plan.read_buffers = reads.ring_bytes(reads.schedule(inputs.base, inputs.experts, inputs.shards, method,
+                                                            inputs.values))  # fmt: skip
+        if plan.read_buffers and plan.peak_host > ram_budget:
+            plan.notes.append(
+                f"inputs read through the page cache: the read-ahead's buffers ({format_size(plan.read_buffers)}) "
+                "do not fit --max-ram"
+            )
+            plan.read_buffers = 0
     plan.spilled = [t for t in tensors if t.note and t.device == "cpu"]  # computed off the GPU
     plan.state_in_ram = [t for t in tensors if t.note and t.device == "cuda"]
     return plan

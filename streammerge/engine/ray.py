@@ -35,7 +35,7 @@ from ..recipe import Recipe
 from ..units import format_size
 from .inputs import Shard, open_sources
 from .options import RunOptions
-from .shards import Progress, input_ranges, write_shard
+from .shards import Progress, start_read_ahead, stop_read_ahead, write_shard
 from .statistics import model_blocks
 from .tensors import TensorComputer, TensorJob
 
@@ -74,18 +74,14 @@ def merge_shard_task(
     recipe: Recipe, options: RunOptions, job: TensorJob, shard: Shard, statistics
 ) -> tuple[str, str, int]:
     """One Ray task: merge and write one shard; (shard name, sha256, size)."""
-    from ..prefetch import ReadAhead
-
     with task_computer(recipe, options, job) as computer:
-        read_ahead = ReadAhead(
-            input_ranges(computer, [shard])
-        ).start()  # as the local loop: the shard's inputs read ahead
+        read_ahead = start_read_ahead(computer, [shard])  # as the local loop: the shard's inputs read ahead
         try:
             # a name no other attempt uses: a retry may start while an orphaned attempt still writes
             tag = f"ray-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             sha, size = write_shard(computer, shard, statistics, recipe.out, read_ahead=read_ahead, temp_tag=tag)
         finally:
-            read_ahead.stop()
+            stop_read_ahead(computer, read_ahead)
         return shard.filename, sha, size
 
 

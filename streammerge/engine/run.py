@@ -117,7 +117,7 @@ class Merge:
         i = self.inputs
         return TensorJob(
             i.method.name, i.values, dict(self.placement.tensors), i.compute_dtype, i.generators,
-            i.recipe.seed, i.recipe.allow_nonfinite, plan_only=bool(self.options.assume_gpu),
+            i.recipe.seed, i.recipe.allow_nonfinite, bool(self.options.assume_gpu), self.plan.read_buffers,
         )  # fmt: skip
 
     def computer(self) -> TensorComputer:

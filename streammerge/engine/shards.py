@@ -22,6 +22,7 @@ from ..io.journal import Journal
 from ..prefetch import ReadAhead
 from ..units import format_duration, format_size
 from .inputs import Shard
+from . import reads
 from .statistics import local_map_pass
 from .tensors import TensorComputer
 
@@ -90,18 +91,24 @@ def resumed_bytes(shards: list[Shard], partial: dict | None) -> int:
     return sum(t.nbytes for t in shard.tensors[: partial["tensors"]]) if shard is not None else 0  # type: ignore[index]
 
 
-def input_ranges(computer: TensorComputer, shards: list[Shard]) -> list[tuple[str, int, int]]:
-    """(file, offset, length) of every input tensor the shards read, in order."""
-    ranges = []
-    for shard in shards:
-        for t in shard.tensors:
-            for src in (
-                (computer.base, *computer.experts) if t.merged else (computer.base,)
-            ):  # copies read the base only
-                if isinstance(src, Checkpoint):
-                    info = src.info(t.name)
-                    ranges.append((src.file_of(t.name), info.offset, info.nbytes))
-    return ranges
+def start_read_ahead(computer: TensorComputer, shards: list[Shard]) -> ReadAhead:
+    """The read-ahead of the shards' inputs (engine/reads.py), lending what it reads into buffers
+    to the open checkpoints until `stop_read_ahead`."""
+    job = computer.job
+    items = reads.schedule(computer.base, computer.experts, shards, computer.method, job.values)
+    ring = job.read_buffers if reads.ring_bytes(items) <= job.read_buffers else 0
+    ahead = ReadAhead(items, ring=ring).start()
+    for src in (computer.base, *computer.experts):
+        if isinstance(src, Checkpoint):
+            src.reader = ahead
+    return ahead
+
+
+def stop_read_ahead(computer: TensorComputer, ahead: ReadAhead) -> None:
+    for src in (computer.base, *computer.experts):
+        if isinstance(src, Checkpoint):
+            src.reader = None
+    ahead.stop()
 
 
 def write_shard(
@@ -182,7 +189,7 @@ class LocalExecutor:
         self, todo: list[Shard], journal: Journal, progress: Progress, check_inputs: Callable[[], None], statistics
     ) -> int:
         """Every shard in `todo`, each journalled once durable; bytes written."""
-        self.read_ahead = ReadAhead(input_ranges(self.computer, todo)).start()
+        self.read_ahead = start_read_ahead(self.computer, todo)
         written = 0
         try:
             for shard in todo:
@@ -196,7 +203,7 @@ class LocalExecutor:
                 journal.save()
                 written += size
         finally:
-            self.read_ahead.stop()
+            stop_read_ahead(self.computer, self.read_ahead)
         return written
 
     def read_stats(self) -> tuple[int, float | None]:

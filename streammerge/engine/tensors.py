@@ -89,6 +89,7 @@ class TensorJob:
     seed: int
     allow_nonfinite: bool
     plan_only: bool = False  # planning for a GPU that is not here: `plan --measure` reads on the CPU
+    read_buffers: int = 0  # bytes of buffers the read-ahead may read blocks into (Plan.read_buffers)
 
     def for_tensors(self, names) -> "TensorJob":
         names = set(names)

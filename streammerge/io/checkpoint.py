@@ -4,7 +4,9 @@
     for name in ckpt.names(): t = ckpt.get(name)   # float32 copy; nothing else stays resident
 
 Tensors are memory-mapped; after each copy the mapped pages are released from this process
-(madvise DONTNEED), so page cache from inputs never counts as our resident memory.
+(madvise DONTNEED), so page cache from inputs never counts as our resident memory. Where a
+read-ahead thread has read a tensor's bytes into a buffer of its own (`reader`, prefetch.py),
+`view` lends those instead, until `release`.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import mmap
 import os
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -65,6 +68,7 @@ class Checkpoint:
     headers: dict[str, Header]
     locations: dict[str, tuple[str, TensorInfo]]  # name -> (file, info), in file/offset order
     _maps: dict[str, mmap.mmap] = field(default_factory=dict, repr=False)
+    reader: Any = field(default=None, repr=False)  # prefetch.ReadAhead lending bytes it read, or None
 
     @classmethod
     def open(cls, folder: str) -> "Checkpoint":
@@ -159,21 +163,34 @@ class Checkpoint:
 
     def view(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """Tensor `name` (its rows [start, stop) along dim 0) as stored, read in place from the
-        file's map: no copy, read-only by contract (the map is private, so a write would go to
-        anonymous memory, never to the file). Its pages stay mapped until `release`."""
+        file's map (or from the read-ahead's buffer, where it read these bytes): no copy,
+        read-only by contract (the map is private, so a write would go to anonymous memory, never
+        to the file). Valid until `release`: the buffer is then reused for other bytes."""
         path, info = self.locations[name]
+        key = self.piece(name, rows)
+        lent = self.reader.take(key) if self.reader is not None and key[2] else None
+        if lent is not None:
+            shape = info.shape if rows is None else (rows[1] - rows[0], *info.shape[1:])
+            return torch.frombuffer(lent, dtype=torch.uint8).view(DTYPES[info.dtype]).reshape(shape)
         raw = self._read(path, info)
         return raw if rows is None else raw[rows[0] : rows[1]]
+
+    def piece(self, name: str, rows: tuple[int, int] | None = None) -> tuple[str, int, int]:
+        """(file, offset, length) of tensor `name`'s bytes (its rows [start, stop) along dim 0)."""
+        path, info = self.locations[name]
+        if rows is None:
+            return path, info.offset, info.nbytes
+        row_bytes = info.nbytes // max(1, info.shape[0])
+        return path, info.offset + rows[0] * row_bytes, (rows[1] - rows[0]) * row_bytes
 
     def release(self, name: str, rows: tuple[int, int] | None = None) -> None:
         """Unmap the pages of tensor `name` (its rows) from this process, where `view` or `get`
         mapped them: the page cache keeps them, this process's resident size no longer counts them."""
         path, info = self.locations[name]
-        if rows is None:
-            self._release(path, info, 0, info.nbytes)
-        else:
-            row_bytes = info.nbytes // max(1, info.shape[0])
-            self._release(path, info, rows[0] * row_bytes, (rows[1] - rows[0]) * row_bytes)
+        key = self.piece(name, rows)
+        if self.reader is not None and self.reader.give_back(key):
+            return
+        self._release(path, info, key[1] - info.offset, key[2])
 
     def _read(self, path: str, info: TensorInfo) -> torch.Tensor:
         dtype = DTYPES[info.dtype]

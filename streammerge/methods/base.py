@@ -156,13 +156,9 @@ class TensorTask:
     def row_blocks(self, max_elements: int | None = None) -> list[Rows | None]:
         """The row blocks a streaming method visits in order; [None] (the whole tensor at once)
         for scalars, small tensors and experts that cannot load rows."""
-        max_elements = max_elements or BLOCK_ELEMENTS
-        numel = math.prod(self.shape)
-        if not self.shape or numel <= max_elements or not hasattr(self.experts, "rows"):
+        if not hasattr(self.experts, "rows"):
             return [None]
-        row = max(1, numel // self.shape[0])
-        step = max(1, max_elements // row)
-        return [(s, min(s + step, self.shape[0])) for s in range(0, self.shape[0], step)]
+        return row_blocks(self.shape, max_elements)
 
     def new_output(self, like: torch.Tensor) -> torch.Tensor:
         """The result tensor, filled block by block with `out[r0:r1].copy_(block)`."""
@@ -176,6 +172,18 @@ class TensorTask:
         g = torch.Generator(device="cpu")
         g.manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:8], "little") & (2**63 - 1))
         return g
+
+
+def row_blocks(shape: tuple[int, ...], max_elements: int | None = None) -> list[Rows | None]:
+    """Row blocks of at most `max_elements` (BLOCK_ELEMENTS) entries (one row where a row is
+    longer) along dim 0, in order; [None] (the whole tensor) for scalars and smaller tensors."""
+    max_elements = max_elements or BLOCK_ELEMENTS
+    numel = math.prod(shape)
+    if not shape or numel <= max_elements:
+        return [None]
+    row = max(1, numel // shape[0])
+    step = max(1, max_elements // row)
+    return [(s, min(s + step, shape[0])) for s in range(0, shape[0], step)]
 
 
 def ordered_sum(x: torch.Tensor) -> torch.Tensor:
@@ -303,6 +311,11 @@ class Method:
     # fused kernels (float32 arithmetic): (name, shape, n_experts, params) -> plan.Need, or None
     # where these parameters take the float32 code (then `memory` holds)
     stored_memory: Callable[[str, tuple[int, ...], int, Any], Any] | None = None
+    # True where, every input being a stored checkpoint, the method reads each input's row blocks
+    # (TensorTask.row_blocks) once and in order, holding no view of one past its release: the
+    # engine may then read those blocks ahead into reused buffers (engine/reads.py).
+    # (params, each expert's values) -> bool
+    reads_once: Callable[[Any, tuple[dict[str, Any], ...]], bool] = field(default=lambda params, experts: False)
     # Its work per tensor, (name, shape, n_experts, params) -> Cost (default: a few elementwise passes)
     cost: Callable[[str, tuple[int, ...], int, Any], Cost] = field(default=lambda name, shape, n, params: Cost())
 

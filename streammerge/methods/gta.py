@@ -432,6 +432,15 @@ def random_stored(task: TensorTask, sps: list[Sparsifier]) -> Callable[[GtaParam
     return run
 
 
+def reads_once(params: GtaParams, experts: tuple[dict, ...]) -> bool:
+    """Nothing sparsified (task arithmetic and its like): `merge` takes combine_stored, one pass
+    over the stored row blocks; sparsifiers make passes of their own (thresholds, norms)."""
+    try:
+        return params.sparsify == "none" or all(float(v.get("density", 1.0)) >= 1 for v in experts)
+    except (TypeError, ValueError):
+        return False  # refused when the tensor is merged (Sparsifier), with its name
+
+
 def merge(task: TensorTask, params: GtaParams) -> torch.Tensor:
     n = len(task.weights)
     sps = sparsifiers(task, params)
@@ -521,6 +530,7 @@ METHOD = Method(
     doc=__doc__ or "",
     propagates_nonfinite=True,
     expert_params=EXPERT_PARAMS,
+    reads_once=reads_once,
 )
 
 # mergekit 0.1.5's generalized-task-arithmetic methods: (sparsifier, consensus, normalize, rescale) defaults

@@ -37,4 +37,5 @@ METHOD = Method(
     memory=elementwise_memory_blocks(3.0),
     doc=__doc__ or "",
     propagates_nonfinite=True,
+    reads_once=lambda params, experts: True,  # per block: each expert's rows, the base's rows once
 )
