@@ -152,8 +152,7 @@ class ReadAhead:
             self._cond.notify_all()
 
     def throughput(self) -> float | None:
-        """Bytes per second read by this thread (into buffers where any were); None (not
-        measured) where the kernel was only asked to read: it reads in the background."""
+        """Bytes per second read here (into buffers where any were); None where only hinted."""
         if self.direct_bytes:
             return self.direct_bytes / self.direct_seconds if self.direct_seconds > 0 else 0.0
         if self.advise:
@@ -225,12 +224,12 @@ class ReadAhead:
         fds: dict[str, int] = {}
         direct_fds: dict = {}
         direct_ok = True
-        cache = PageCache()
+        cache = PageCache() if self._groups else None
         try:
             for j, item in enumerate(self.items):
                 group = self._groups.get(j)
                 if group is not None and direct_ok:
-                    direct_ok = self._read_group(j, item, group, direct_fds, cache)
+                    direct_ok = self._read_group(j, item, group, direct_fds, cache)  # type: ignore[arg-type]
                     if direct_ok:
                         continue
                 if group is not None:  # O_DIRECT refused: hinted, read through the map
@@ -259,7 +258,8 @@ class ReadAhead:
                 self._cond.notify_all()
             for fd in (*fds.values(), *direct_fds.values()):
                 os.close(fd)
-            cache.close()
+            if cache is not None:
+                cache.close()
 
     def _read_group(self, j: int, item: ReadItem, group: _Group, fds: dict, cache: PageCache) -> bool:
         """Read direct item j into a buffer; False where O_DIRECT is refused (then hint the rest).
@@ -377,7 +377,7 @@ class PageCache:
             libc = ctypes.CDLL(None, use_errno=True)
             libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
             self._mincore, self._ctypes = libc.mincore, ctypes
-        except (OSError, AttributeError):
+        except (OSError, AttributeError, TypeError):
             self._mincore = None  # then nothing counts as held: every piece is read
 
     def fd(self, path: str) -> int:
