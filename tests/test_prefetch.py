@@ -235,3 +235,21 @@ def test_the_plan_counts_the_buffers_and_drops_them_where_they_do_not_fit(toy_un
     assert tight.read_buffers == 0
     assert tight.peak_host - tight.baseline == ta.peak_host - ta.baseline - ta.read_buffers
     assert any("read-ahead's buffers" in n for n in tight.notes)
+
+
+def test_a_model_that_is_the_base_and_an_expert_is_read_once(toy_untied):
+    """mergekit's linear takes its base among the models: each group names those bytes once."""
+    from streammerge.engine.inputs import plan_shards
+    from streammerge.engine.reads import read_items
+    from streammerge.io.checkpoint import Checkpoint
+
+    first = experts_of(toy_untied)[0]
+    base, experts = Checkpoint.open(first), [Checkpoint.open(e) for e in experts_of(toy_untied)]
+    try:
+        items = read_items(base, experts, plan_shards(base, None, 1 << 30), lambda name: True)
+        assert items and all(i.direct for i in items)
+        assert all(len(i.pieces) == len(experts) == len(set(i.pieces)) for i in items)
+        assert {p[0] for i in items for p in i.pieces} == {f for e in experts for f in e.files}
+    finally:
+        for ck in (base, *experts):
+            ck.close()

@@ -32,11 +32,13 @@ def read_items(base, experts: list, shards: list[Shard], in_blocks: Callable[[st
         for t in shard.tensors:
             sources = [s for s in ((base, *experts) if t.merged else (base,)) if isinstance(s, Checkpoint)]
             if t.merged and in_blocks(t.name) and len(sources) == 1 + len(experts):
-                groups = [ReadItem(tuple(s.piece(t.name, rows) for s in sources), True) for rows in row_blocks(t.shape)]
+                # a model that is both the base and an expert (mergekit's linear) is read once
+                groups = [ReadItem(tuple(dict.fromkeys(s.piece(t.name, rows) for s in sources)), True)
+                          for rows in row_blocks(t.shape)]  # fmt: skip
                 if all(g.span <= MAX_GROUP for g in groups):
                     items += groups
                     continue
-            items.append(ReadItem(tuple(s.piece(t.name) for s in sources), False))
+            items.append(ReadItem(tuple(dict.fromkeys(s.piece(t.name) for s in sources)), False))
     return items
 
 

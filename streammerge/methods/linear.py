@@ -39,4 +39,5 @@ METHOD = Method(
     doc=__doc__ or "",
     propagates_nonfinite=True,
     check_experts=check_experts,
+    reads_once=lambda params, experts: True,  # per block: each expert's rows
 )
