@@ -213,9 +213,8 @@ class ReadAhead:
 
     def _stalled(self) -> bool:
         """The thread waits for something only the consumer can give: read elsewhere instead."""
-        if self._waiting == "space":
-            return not self._pool.fits(self._need)
-        return self._waiting == "window" and self.read - self.consumed > self.window
+        space = self._waiting == "space" and not self._pool.fits(self._need)
+        return space or (self._waiting == "window" and self.read - self.consumed > self.window)
 
     # the thread
 
@@ -269,7 +268,8 @@ class ReadAhead:
         with self._cond:
             while True:
                 if self._stop or j < self._position or all(held) or not item.span:
-                    group.state = "cached" if group.state == "waiting" and not self._stop else "done"
+                    unwanted = self._stop or j < self._position
+                    group.state = "done" if unwanted or group.state != "waiting" else "cached"
                     self.read += item.nbytes
                     self._cond.notify_all()
                     return True
