@@ -10,9 +10,9 @@ An item is read one of two ways:
 - *direct*: a group of row blocks (one from each input) read with O_DIRECT into one of a few
   reused, page-aligned buffers of `ring` bytes in all, past the page cache, and lent to the
   compute thread by `take` until it gives the bytes back (`give_back`): no page-cache pages are
-  made and first touched (why: engine/reads.py). A group the page cache holds whole (a merge run
-  again) is left there and read in place, with no copy; where O_DIRECT is refused (no O_DIRECT on
-  macOS and Windows, a file system without it), every item is hinted instead.
+  made and first touched (why: engine/reads.py), nor left behind. A group the page cache holds
+  whole (inputs just downloaded, say) is left there and read in place, with no copy; where O_DIRECT
+  is refused (no O_DIRECT on macOS and Windows, a file system without it), every item is hinted.
 
 `take` never blocks a merge that the thread cannot serve: a piece it has not read and cannot
 read now (its buffers all lent, or an error) is None, and the caller reads it through the map.
@@ -263,7 +263,7 @@ class ReadAhead:
     def _read_group(self, j: int, item: ReadItem, group: _Group, fds: dict, cache: PageCache) -> bool:
         """Read direct item j into a buffer; False where O_DIRECT is refused (then hint the rest).
         An item the page cache holds whole is left there (state "cached"): the consumer reads it
-        in place, with no copy (a merge run again); a piece it holds is copied from it."""
+        in place, with no copy; a piece it holds is copied from it, not read from the disk."""
         held = [cache.holds(path, offset, length) for path, offset, length in item.pieces]
         with self._cond:
             while True:
