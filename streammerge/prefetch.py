@@ -7,9 +7,9 @@ An item is read one of two ways:
   into a buffer only to drop it cost 0.8-7.3 s of system time per 3.9 GB here, against 0.06 s
   (bench/read_ahead_ways.py; bench/results/README.md, "Round four"); the compute thread then reads
   them in place through a memory map. Elsewhere it reads through one small reusable buffer.
-- *direct*: a group of row blocks (one from each input) read with O_DIRECT into one of a few
-  reused, page-aligned buffers of `ring` bytes in all, past the page cache, and lent to the
-  compute thread by `take` until it gives the bytes back (`give_back`): no page-cache pages are
+- *direct*: a group (a row block, or a whole tensor, from each input) read with O_DIRECT into one
+  of a few reused, page-aligned buffers of `ring` bytes in all, past the page cache, and lent to
+  the compute thread by `take` until it gives the bytes back (`give_back`): no page-cache pages are
   made and first touched (why: engine/reads.py), nor left behind. A group the page cache holds
   whole (inputs just downloaded, say) is left there and read in place, with no copy; where O_DIRECT
   is refused (no O_DIRECT on macOS and Windows, a file system without it), every item is hinted.
@@ -20,6 +20,7 @@ read now (its buffers all lent, or an error) is None, and the caller reads it th
 
 from __future__ import annotations
 
+import bisect
 import errno
 import mmap
 import os
@@ -48,6 +49,9 @@ def aligned_span(offset: int, length: int) -> int:
 class ReadItem:
     pieces: tuple[Piece, ...]
     direct: bool  # read into one buffer, each piece at an aligned place; else hinted
+    # direct only: each piece a whole tensor, of which the consumer may take any rows, any number
+    # of times, until it takes from a later item (else each piece is taken once, whole)
+    whole: bool = False
 
     @property
     def nbytes(self) -> int:
@@ -58,6 +62,26 @@ class ReadItem:
         return sum(aligned_span(offset, n) for _, offset, n in self.pieces)
 
 
+class _Pieces:
+    """Which direct item's piece holds a range of a file: (j, k) of the piece containing it."""
+
+    def __init__(self, items: list[ReadItem], groups) -> None:
+        spans: dict[str, list[tuple[int, int, int, int]]] = {}
+        for j in groups:
+            for k, (path, offset, length) in enumerate(items[j].pieces):
+                spans.setdefault(path, []).append((offset, offset + length, j, k))
+        self._spans = {path: sorted(v) for path, v in spans.items()}
+        self._starts = {path: [v[0] for v in vs] for path, vs in self._spans.items()}
+
+    def find(self, key: Piece) -> tuple[int, int] | None:
+        path, offset, length = key
+        i = bisect.bisect_right(self._starts.get(path, ()), offset) - 1
+        if i < 0:
+            return None
+        start, end, j, k = self._spans[path][i]
+        return (j, k) if offset + length <= end else None
+
+
 class _Group:
     """A direct item's buffer and state: waiting (not read yet), ready, failed (read through the
     map instead), or done (its buffer back in the pool)."""
@@ -65,7 +89,7 @@ class _Group:
     def __init__(self) -> None:
         self.state = "waiting"
         self.buffer: mmap.mmap | None = None
-        self.places: list[int] = []  # where each piece's aligned blocks start in the buffer
+        self.places: list[int] = []  # per piece: its file's byte x is the buffer's byte places[k] + x
         self.lent = 0
         self.taken: set[int] = set()
 
@@ -134,7 +158,7 @@ class ReadAhead:
         self._stop = False
         self._finished = False
         self._groups = {j: _Group() for j, item in enumerate(self.items) if item.direct and self.ring}
-        self._keys = {p: (j, k) for j in self._groups for k, p in enumerate(self.items[j].pieces)}
+        self._pieces = _Pieces(self.items, self._groups)
         self._position = -1  # the latest group the consumer took from
         self._pool = BufferPool(self.ring)
         self._lent: Counter = Counter()
@@ -162,9 +186,9 @@ class ReadAhead:
     # the consumer's side
 
     def take(self, key: Piece) -> memoryview | None:
-        """The bytes of `key` (a piece of a direct item) in a buffer, lent until `give_back(key)`;
-        None where they are not there to lend (then read them elsewhere)."""
-        found = self._keys.get(key)
+        """The bytes of `key` (a piece of a direct item, or rows of a whole one) in a buffer, lent
+        until `give_back(key)`; None where they are not there to lend (then read them elsewhere)."""
+        found = self._pieces.find(key)
         if found is None:
             return None
         j, k = found
@@ -183,7 +207,7 @@ class ReadAhead:
             group.lent += 1
             group.taken.add(k)
             self._lent[key] += 1
-            start = group.places[k] + key[1] % ALIGN
+            start = group.places[k] + key[1]
             return memoryview(group.buffer)[start : start + key[2]]  # type: ignore[arg-type]
 
     def give_back(self, key: Piece) -> bool:
@@ -192,7 +216,7 @@ class ReadAhead:
             if not self._lent[key]:
                 return False
             self._lent[key] -= 1
-            j, _ = self._keys[key]
+            j, _ = self._pieces.find(key)  # type: ignore[misc]
             self._groups[j].lent -= 1
             self._recycle(j, passed=j < self._position)
             return True
@@ -204,7 +228,7 @@ class ReadAhead:
         if group.state == "waiting" and passed:
             group.state = "done"  # not read: the consumer no longer wants it
             return
-        complete = len(group.taken) == len(self.items[j].pieces)
+        complete = len(group.taken) == len(self.items[j].pieces) and not self.items[j].whole
         if group.state != "ready" or group.lent or not (passed or complete):
             return
         self._pool.put(group.buffer)  # type: ignore[arg-type]
@@ -339,7 +363,8 @@ def hint(pieces, fds: dict[str, int], view: memoryview | None) -> float:
 def read_pieces(buffer: mmap.mmap, pieces, held: list[bool], fds: dict, cache: PageCache) -> tuple[list[int], bool]:
     """Read each piece into `buffer`, at the next ALIGN boundary after the previous one's aligned
     blocks (O_DIRECT, from fds[path]; a piece the page cache holds, `held`, copied from there);
-    (where each piece's blocks start, every byte read: False where a file ended early)."""
+    (per piece, p such that its file's byte x is the buffer's byte p + x; every byte read: False
+    where a file ended early)."""
     places, place, ok = [], 0, True
     target = memoryview(buffer)
     try:
@@ -358,7 +383,7 @@ def read_pieces(buffer: mmap.mmap, pieces, held: list[bool], fds: dict, cache: P
                     break
                 got += n
             ok = ok and got >= need  # short: the file changed; the map's read then says so
-            places.append(place)
+            places.append(place - start)
             place += span
     finally:
         target.release()

@@ -391,6 +391,7 @@ def test_wide_paths_measure_their_plans(method, extra, one_wide_tensor, tmp_path
     for e in experts_of(one_wide_tensor):
         cmd += ["--expert", e]
     cmd += [*extra, "--out", str(tmp_path / "o"), "--max-ram", "20GB", "--memory-report", report]
+    evict(one_wide_tensor)
     subprocess.run([sys.executable, "-c", FORCE_WIDE, *cmd], check=True)
     rec = json.load(open(report))
     planned, measured = rec["planned_peak_ram"], rec["measured_peak_ram"]

@@ -165,12 +165,14 @@ def test_a_consumer_holding_every_buffer_reads_elsewhere_instead_of_waiting(tmp_
         ahead.stop()
 
 
-@pytest.mark.parametrize("method", ["task_arithmetic", "gta"])
+@pytest.mark.parametrize("method", ["task_arithmetic", "gta", "ties", "dare"])
 def test_a_merge_reading_blocks_into_buffers_writes_the_same_bytes(tmp_path_factory, tmp_path, monkeypatch, method):
-    """Row blocks small enough that every tensor is many groups, each read past the page cache
-    (these files are small enough for the kernel's read of a header to bring all of one into
-    the page cache, so the check that skips what it holds is off here; bf16: the fused kernels
-    take the lent bytes as they are)."""
+    """Row blocks small enough that every tensor is many blocks, each group read past the page
+    cache: a row block per group for the methods that read each once (task arithmetic, gta), a
+    whole tensor per group, read in several passes of row blocks, for the others (TIES, DARE).
+    These files are small enough for the kernel's read of a header to bring all of one into the
+    page cache, so the check that skips what it holds is off here; bf16: the fused kernels take
+    the lent bytes as they are."""
     from streammerge.engine import Merge, RunOptions, shards
     from streammerge.methods import base as method_base
     from streammerge.recipe import Expert, Recipe
@@ -209,6 +211,7 @@ def test_a_merge_reading_blocks_into_buffers_writes_the_same_bytes(tmp_path_fact
     assert direct, "no read-ahead with buffers"
     assert all(r.direct_bytes == sum(i.nbytes for i in r.items if i.direct) > 0 for r in direct)  # every group lent
     assert all(r.ring <= 2 * max(i.span for i in r.items if i.direct) for r in direct)
+    assert all(i.whole == (method in ("ties", "dare")) for r in direct for i in r.items if i.direct)
 
 
 def test_the_plan_counts_the_buffers_and_drops_them_where_they_do_not_fit(toy_untied, tmp_path, monkeypatch):
@@ -230,7 +233,14 @@ def test_the_plan_counts_the_buffers_and_drops_them_where_they_do_not_fit(toy_un
 
     ta = plan("task_arithmetic")
     assert ta.read_buffers > 0
-    assert plan("ties").read_buffers == 0  # passes over each tensor more than once: read in place
+    # TIES passes over each tensor more than once: a whole tensor from each of the four inputs per
+    # buffer, the embedding the largest
+    from streammerge.io.checkpoint import Checkpoint
+
+    ck = Checkpoint.open(base)
+    embed = ck.info("model.embed_tokens.weight").nbytes
+    ck.close()
+    assert 4 * embed <= plan("ties").read_buffers <= 2 * 4 * (embed + 2 * 4096)
     tight = plan("task_arithmetic", max_ram=ta.peak_host - 1)
     assert tight.read_buffers == 0
     assert tight.peak_host - tight.baseline == ta.peak_host - ta.baseline - ta.read_buffers
@@ -253,3 +263,26 @@ def test_a_model_that_is_the_base_and_an_expert_is_read_once(toy_untied):
     finally:
         for ck in (base, *experts):
             ck.close()
+
+
+def test_rows_of_a_whole_tensor_are_lent_in_any_order_until_a_later_tensor_is_taken(tmp_path):
+    if not takes_direct(tmp_path):
+        pytest.skip("no O_DIRECT reads or page-cache eviction on this file system")
+    size = (1 << 20) + 123
+    paths, data = two_files(tmp_path, size)
+    assert evict(*paths)
+    tensors = [(5, 300_001), (300_006, 400_000), (700_006, size - 700_006)]  # (offset, length)
+    items = [ReadItem(tuple((p, a, n) for p in paths), True, whole=True) for a, n in tensors]
+    ahead = ReadAhead(items, ring=sum(i.span for i in items[:2])).start()
+    try:
+        for a, n in tensors:
+            for rows in [(a + n // 2, n - n // 2), (a, n // 2), (a + 7, 1000), (a + n // 2, n - n // 2)]:  # passes
+                for k, path in enumerate(paths):
+                    lent = ahead.take((path, *rows))
+                    assert lent is not None and bytes(lent) == data[k][rows[0] : rows[0] + rows[1]]
+                    assert ahead.give_back((path, *rows))
+            assert ahead.take((paths[0], a + n - 10, 20)) is None  # past the tensor's end
+        assert ahead.take((paths[0], *tensors[0])) is None  # a later tensor was taken: recycled
+    finally:
+        ahead.stop()
+    assert ahead.direct_bytes == sum(i.nbytes for i in items)

@@ -3,11 +3,12 @@ shards consume them, each item either read ahead into a reused buffer (direct) o
 the kernel (prefetch.py reads them).
 
 Why buffers: on a cold cache, reading through the page cache cost a task-arithmetic merge of the
-0.5 B preset 2.3–3 s more than a warm one (page-cache pages made and first touched, user and
-system time); reading the same bytes with O_DIRECT into a few reused buffers removed it
-(bench/results/README.md, "Round nine"). A buffer holds one row block of a tensor from every
-input (a group), so it serves only a method that reads each block once, in order
-(Method.reads_once); every other tensor's bytes are hinted, as before, and read in place.
+0.5 B preset 2.3–3 s more than a warm one, and TIES 3.5–4.5 s (page-cache pages made and first
+touched: user and system time); reading the same bytes with O_DIRECT into a few reused buffers
+took most of it away (bench/results/README.md, "Round nine"). A buffer holds one row block of a
+tensor from every input (a group) where the method reads each block once, in order
+(Method.reads_once), so any tensor fits; else a whole tensor from every input, which bounds the
+tensors it serves (MAX_WHOLE); every other tensor's bytes are hinted, as before, and read in place.
 """
 
 from __future__ import annotations
@@ -21,24 +22,36 @@ from .inputs import Shard
 
 READ_SLOTS = 2  # groups held at once: the one being merged and the next, being read
 MAX_GROUP = 128 * 1024 * 1024  # a larger group (a single row longer than that) is hinted instead
+# a tensor whose bytes from every input exceed this is hinted where its method reads it more than
+# once (the 0.5 B preset's MLP weights, 35 MB from four inputs, are read into buffers; an 8B
+# model's, 470 MB, are not)
+MAX_WHOLE = 64 * 1024 * 1024
 
 
 def read_items(base, experts: list, shards: list[Shard], in_blocks: Callable[[str], bool]) -> list[ReadItem]:
     """Every input tensor the shards read, in order: a merged tensor's bytes from the base and each
-    stored expert, a copied tensor's from the base. `in_blocks(name)`: the method reads this
-    tensor's row blocks once each, in order (then one direct item per row block)."""
+    stored expert, a copied tensor's from the base. Where every input is a stored checkpoint, a
+    merged tensor is read into buffers: one direct item per row block where `in_blocks(name)`
+    (the method reads each row block once, in order), else one item of the whole tensor where
+    it fits MAX_WHOLE (the method may read its rows in any order, any number of times: every
+    method reads one tensor at a time); the rest is hinted."""
     items = []
     for shard in shards:
         for t in shard.tensors:
             sources = [s for s in ((base, *experts) if t.merged else (base,)) if isinstance(s, Checkpoint)]
-            if t.merged and in_blocks(t.name) and len(sources) == 1 + len(experts):
-                # a model that is both the base and an expert (mergekit's linear) is read once
-                groups = [ReadItem(tuple(dict.fromkeys(s.piece(t.name, rows) for s in sources)), True)
-                          for rows in row_blocks(t.shape)]  # fmt: skip
-                if all(g.span <= MAX_GROUP for g in groups):
-                    items += groups
+            # a model that is both the base and an expert (mergekit's linear) is read once
+            whole = ReadItem(tuple(dict.fromkeys(s.piece(t.name) for s in sources)), False)
+            if t.merged and len(sources) == 1 + len(experts):
+                if in_blocks(t.name):
+                    groups = [ReadItem(tuple(dict.fromkeys(s.piece(t.name, rows) for s in sources)), True)
+                              for rows in row_blocks(t.shape)]  # fmt: skip
+                    if all(g.span <= MAX_GROUP for g in groups):
+                        items += groups
+                        continue
+                elif whole.span <= MAX_WHOLE:
+                    items.append(ReadItem(whole.pieces, True, whole=True))
                     continue
-            items.append(ReadItem(tuple(dict.fromkeys(s.piece(t.name) for s in sources)), False))
+            items.append(whole)
     return items
 
 
@@ -49,5 +62,7 @@ def schedule(base, experts: list, shards: list[Shard], method, values: dict) -> 
 
 
 def ring_bytes(items: list[ReadItem]) -> int:
-    """The buffers the direct items need: READ_SLOTS of the largest group (0: none is direct)."""
-    return READ_SLOTS * max((i.span for i in items if i.direct), default=0)
+    """The buffers the direct items need (0: none is direct): the largest READ_SLOTS of them in a
+    row, one being merged while the next ones are read."""
+    spans = [i.span for i in items if i.direct]
+    return max((sum(spans[j : j + READ_SLOTS]) for j in range(len(spans))), default=0)
