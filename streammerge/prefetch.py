@@ -423,8 +423,7 @@ class PageCache:
         pages = self._ctypes.create_string_buffer((end - start + mmap.PAGESIZE - 1) // mmap.PAGESIZE)
         if self._mincore(self._ctypes.c_void_p(address + start), end - start, pages) != 0:
             return False
-        raw = pages.raw
-        return b"\x00" not in raw and all(b & 1 for b in raw)
+        return pages.raw.count(1) == len(pages)  # each byte 1 where the page is held (other bits: not held)
 
     def _open(self, path: str) -> tuple[int, mmap.mmap, int]:
         found = self._files.get(path)
