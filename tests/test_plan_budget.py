@@ -140,7 +140,7 @@ def test_orthomerge_c_measures_its_plan_when_the_upper_bound_does_not_fit(one_wi
         "m = Merge(Recipe('orthomerge', base, tuple(Expert(e) for e in experts), out, {'target': 'conflict'}),\n"
         "          RunOptions(device='cpu', quiet=True))\n"
         "bound = m.plan.peak_host\nfound = m.measure_statistics()\nm.plan_with(found)\n"
-        "print(json.dumps([bound, m.plan.peak_host, m.plan.baseline, found]))\n"
+        "print(json.dumps([bound, m.plan.peak_host, m.plan.baseline + m.plan.read_buffers, found]))\n"
     )
     r = subprocess.run([sys.executable, "-c", code, os.path.join(one_wide_tensor, "base"), str(tmp_path / "plan"),
                         *experts_of(one_wide_tensor)], capture_output=True, text=True, check=True)  # fmt: skip
@@ -170,8 +170,10 @@ def test_orthomerge_c_measures_its_plan_when_the_upper_bound_does_not_fit(one_wi
         monkeypatch.setattr(merger, "measure_statistics", lambda: pytest.fail("measured again"))
         journal.statistics = found
         merger.tighten_plan(journal)
-        # the same plan but for the process's own memory, which differs between the two processes
-        assert merger.plan.peak_host - merger.plan.baseline == pytest.approx(measured_plan - baseline, rel=0.05)
+        # the same plan but for the process's own memory, which differs between the two processes, and
+        # the read-ahead's buffers, which a budget this close leaves out or not by that memory
+        own = merger.plan.baseline + merger.plan.read_buffers
+        assert merger.plan.peak_host - own == pytest.approx(measured_plan - baseline, rel=0.05)
     finally:
         merger.close()
     print(
