@@ -75,3 +75,37 @@ def toy_tied(tmp_path_factory) -> str:
 
 def experts_of(folder: str, n: int = 3) -> list[str]:
     return [os.path.join(folder, f"expert-{i}") for i in range(1, n + 1)]
+
+
+def evict(*paths: str) -> bool:
+    """Drop the files' clean pages from the page cache, as a merge usually finds its inputs (the
+    read-ahead then reads them into its buffers; what is cached it reads in place); whether they
+    are gone, as the read-ahead asks (prefetch.PageCache)."""
+    from streammerge.prefetch import PageCache
+
+    if not hasattr(os, "posix_fadvise"):
+        return False
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+    cache = PageCache()
+    try:
+        return not any(cache.holds(p, 0, os.path.getsize(p)) for p in paths)
+    finally:
+        cache.close()
+
+
+def merge_hashes(recipe) -> dict[str, str]:
+    """Merge `recipe` on the CPU; the SHA-256 of each output shard (at least two)."""
+    import hashlib
+
+    from streammerge.engine import Merge, RunOptions
+
+    m = Merge(recipe, RunOptions(device="cpu", quiet=True))
+    m.run()
+    m.close()
+    names = sorted(n for n in os.listdir(recipe.out) if n.endswith(".safetensors"))
+    assert len(names) > 1
+    return {n: hashlib.sha256(open(os.path.join(recipe.out, n), "rb").read()).hexdigest() for n in names}

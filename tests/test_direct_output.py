@@ -5,7 +5,6 @@ at an offset (resume), and falling back when the device refuses direct writes pa
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import random
 
@@ -14,7 +13,7 @@ import pytest
 from streammerge.io import direct
 from streammerge.io.direct import ALIGN, WRITE_BUFFER, OutputFile
 
-from tests.conftest import experts_of
+from tests.conftest import experts_of, merge_hashes
 
 
 def supports_direct(folder) -> bool:
@@ -88,18 +87,12 @@ def test_a_late_refusal_falls_back_to_the_page_cache(tmp_path, monkeypatch):
 
 
 def test_merge_output_is_the_same_written_directly_or_not(toy_untied, tmp_path, monkeypatch):
-    from streammerge.engine import Merge, RunOptions
     from streammerge.recipe import Expert, Recipe
 
     def merge(out: str, use_direct: bool) -> dict[str, str]:
         monkeypatch.setattr(direct, "USE_DIRECT", use_direct)
         base = os.path.join(toy_untied, "base")
-        recipe = Recipe("ties", base, tuple(Expert(e) for e in experts_of(toy_untied)), out, shard_size="30KB")
-        m = Merge(recipe, RunOptions(device="cpu", quiet=True))
-        m.run()
-        m.close()
-        names = sorted(n for n in os.listdir(out) if n.endswith(".safetensors"))
-        assert len(names) > 1
-        return {n: hashlib.sha256(open(os.path.join(out, n), "rb").read()).hexdigest() for n in names}
+        return merge_hashes(Recipe("ties", base, tuple(Expert(e) for e in experts_of(toy_untied)), out,
+                                   shard_size="30KB"))  # fmt: skip
 
     assert merge(str(tmp_path / "direct"), True) == merge(str(tmp_path / "buffered"), False)

@@ -19,7 +19,7 @@ from streammerge.io.atomic import ShardWriter
 from streammerge.io.journal import Journal, journal_path
 from streammerge.plan import Need, Plan, TensorPlan, place
 from streammerge.engine import Merge, RunOptions
-from tests.conftest import experts_of, make_toy
+from tests.conftest import evict, experts_of, make_toy
 
 BIG = (4096, 2048)  # one tensor whose working set dominates, so the estimate is really tested
 
@@ -53,19 +53,13 @@ def one_big_tensor(tmp_path_factory) -> str:
     return conflicting_models(str(tmp_path_factory.mktemp("big")), BIG, "big.weight")
 
 
-def evict(folder: str) -> None:
-    """The inputs out of the page cache, as a merge usually finds them: a method that reads its
-    blocks into the read-ahead's buffers then uses them (a cached block is read in place)."""
-    for model in os.listdir(folder):
-        for name in os.listdir(os.path.join(folder, model)):
-            fd = os.open(os.path.join(folder, model, name), os.O_RDONLY)
-            if hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            os.close(fd)
+def evict_models(folder: str) -> None:
+    """Every model's files out of the page cache (conftest.evict)."""
+    evict(*(os.path.join(folder, m, f) for m in os.listdir(folder) for f in os.listdir(os.path.join(folder, m))))
 
 
 def run_merge(folder: str, out: str, method: str, *extra: str) -> dict:
-    evict(folder)
+    evict_models(folder)
     report = out + ".json"
     cmd = [
         sys.executable,
@@ -393,7 +387,7 @@ def test_wide_paths_measure_their_plans(method, extra, one_wide_tensor, tmp_path
     for e in experts_of(one_wide_tensor):
         cmd += ["--expert", e]
     cmd += [*extra, "--out", str(tmp_path / "o"), "--max-ram", "20GB", "--memory-report", report]
-    evict(one_wide_tensor)
+    evict_models(one_wide_tensor)
     subprocess.run([sys.executable, "-c", FORCE_WIDE, *cmd], check=True)
     rec = json.load(open(report))
     planned, measured = rec["planned_peak_ram"], rec["measured_peak_ram"]

@@ -6,7 +6,6 @@ blocks this way writes the same bytes as one that reads them through the map."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 import time
@@ -17,7 +16,7 @@ from streammerge import prefetch
 from streammerge.io.direct import ALIGN
 from streammerge.prefetch import ADVISE, PageCache, ReadAhead, ReadItem
 
-from tests.conftest import experts_of, make_toy
+from tests.conftest import evict, experts_of, make_toy, merge_hashes
 
 
 def wait_for(cond, seconds: float = 10.0) -> bool:
@@ -27,20 +26,6 @@ def wait_for(cond, seconds: float = 10.0) -> bool:
             return True
         time.sleep(0.01)
     return cond()
-
-
-def evict(*paths) -> bool:
-    """Drop the files' clean pages from the page cache; whether they are gone (PageCache says)."""
-    cache = PageCache()
-    try:
-        for path in paths:
-            fd = os.open(path, os.O_RDONLY)
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            os.close(fd)
-        return not any(cache.holds(p, 0, os.path.getsize(p)) for p in paths)
-    finally:
-        cache.close()
 
 
 def takes_direct(folder) -> bool:
@@ -80,7 +65,20 @@ def test_the_read_ahead_stays_within_its_window_and_then_covers_every_range(tmp_
         assert ahead.throughput() > 0
 
 
-def two_files(tmp_path, size: int = (1 << 20) + 123) -> tuple[list[str], list[bytes]]:
+SIZE = (1 << 20) + 123
+
+
+@pytest.fixture
+def cold_files(tmp_path) -> tuple[list[str], list[bytes]]:
+    """two_files, out of the page cache (skips where reads cannot be direct)."""
+    if not takes_direct(tmp_path):
+        pytest.skip("no O_DIRECT reads or page-cache eviction on this file system")
+    paths, data = two_files(tmp_path, SIZE)
+    assert evict(*paths)
+    return paths, data
+
+
+def two_files(tmp_path, size: int = SIZE) -> tuple[list[str], list[bytes]]:
     rng = random.Random(7)
     paths, data = [], []
     for name in ("a", "b"):
@@ -98,13 +96,9 @@ def groups_of(paths: list[str], size: int) -> list[ReadItem]:
     return [ReadItem(tuple((p, a, b - a) for p in paths), True) for a, b in zip(cuts, cuts[1:])]
 
 
-def test_direct_groups_lend_the_files_bytes_within_the_ring(tmp_path):
-    if not takes_direct(tmp_path):
-        pytest.skip("no O_DIRECT reads or page-cache eviction on this file system")
-    size = (1 << 20) + 123
-    paths, data = two_files(tmp_path, size)
-    assert evict(*paths)
-    items = groups_of(paths, size)
+def test_direct_groups_lend_the_files_bytes_within_the_ring(cold_files):
+    paths, data = cold_files
+    items = groups_of(paths, SIZE)
     ring = 2 * max(i.span for i in items)
     ahead = ReadAhead(items, ring=ring).start()
     try:
@@ -142,13 +136,9 @@ def test_groups_the_page_cache_holds_are_left_there(tmp_path):
     assert ahead.direct_bytes == 0
 
 
-def test_a_consumer_holding_every_buffer_reads_elsewhere_instead_of_waiting(tmp_path):
-    if not takes_direct(tmp_path):
-        pytest.skip("no O_DIRECT reads or page-cache eviction on this file system")
-    size = (1 << 20) + 123
-    paths, data = two_files(tmp_path, size)
-    assert evict(*paths)
-    items = groups_of(paths, size)[3:6]
+def test_a_consumer_holding_every_buffer_reads_elsewhere_instead_of_waiting(cold_files):
+    paths, data = cold_files
+    items = groups_of(paths, SIZE)[3:6]
     ahead = ReadAhead(items, ring=max(i.span for i in items)).start()  # one group's buffer
     try:
         held = ahead.take(items[0].pieces[0])  # kept: the buffer cannot go back to the pool
@@ -173,7 +163,7 @@ def test_a_merge_reading_blocks_into_buffers_writes_the_same_bytes(tmp_path_fact
     These files are small enough for the kernel's read of a header to bring all of one into the
     page cache, so the check that skips what it holds is off here; bf16: the fused kernels take
     the lent bytes as they are."""
-    from streammerge.engine import Merge, RunOptions, shards
+    from streammerge.engine import shards
     from streammerge.methods import base as method_base
     from streammerge.recipe import Expert, Recipe
 
@@ -199,12 +189,7 @@ def test_a_merge_reading_blocks_into_buffers_writes_the_same_bytes(tmp_path_fact
         assert evict(*inputs)
         recipe = Recipe(method, base, tuple(Expert(e, weight=w) for e, w in zip(experts_of(toy), (0.5, 1.0, -0.25))),
                         out, shard_size="30KB")  # fmt: skip
-        m = Merge(recipe, RunOptions(device="cpu", quiet=True))
-        m.run()
-        m.close()
-        names = sorted(n for n in os.listdir(out) if n.endswith(".safetensors"))
-        assert len(names) > 1
-        return {n: hashlib.sha256(open(os.path.join(out, n), "rb").read()).hexdigest() for n in names}
+        return merge_hashes(recipe)
 
     assert merge(str(tmp_path / "direct"), True) == merge(str(tmp_path / "mapped"), False)
     direct = [r for r in readers if r.ring]
@@ -265,13 +250,9 @@ def test_a_model_that_is_the_base_and_an_expert_is_read_once(toy_untied):
             ck.close()
 
 
-def test_rows_of_a_whole_tensor_are_lent_in_any_order_until_a_later_tensor_is_taken(tmp_path):
-    if not takes_direct(tmp_path):
-        pytest.skip("no O_DIRECT reads or page-cache eviction on this file system")
-    size = (1 << 20) + 123
-    paths, data = two_files(tmp_path, size)
-    assert evict(*paths)
-    tensors = [(5, 300_001), (300_006, 400_000), (700_006, size - 700_006)]  # (offset, length)
+def test_rows_of_a_whole_tensor_are_lent_in_any_order_until_a_later_tensor_is_taken(cold_files):
+    paths, data = cold_files
+    tensors = [(5, 300_001), (300_006, 400_000), (700_006, SIZE - 700_006)]  # (offset, length)
     items = [ReadItem(tuple((p, a, n) for p in paths), True, whole=True) for a, n in tensors]
     ahead = ReadAhead(items, ring=sum(i.span for i in items[:2])).start()
     try:

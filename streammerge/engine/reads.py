@@ -3,7 +3,7 @@ shards consume them, each item either read ahead into a reused buffer (direct) o
 the kernel (prefetch.py reads them).
 
 Why buffers: on a cold cache, reading through the page cache cost a task-arithmetic merge of the
-0.5 B preset 2.3–3 s more than a warm one, and TIES 3.5–4.5 s (page-cache pages made and first
+0.5 B preset 2–3.5 s more than a warm one, and TIES 3–4.7 s (page-cache pages made and first
 touched: user and system time); reading the same bytes with O_DIRECT into a few reused buffers
 took most of it away (bench/results/README.md, "Round nine"). A buffer holds one row block of a
 tensor from every input (a group) where the method reads each block once, in order
