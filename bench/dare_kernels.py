@@ -56,7 +56,7 @@ def main() -> None:
             experts, weights, base, "sum", False, 1.0
         ).to(torch.bfloat16),
         "task arithmetic's combine rounding to bf16 itself": lambda: fused.combine_bf16(
-            experts, weights, base, "sum", False, 1.0, torch.bfloat16
+            experts, weights, base, "sum", False, 1.0, torch.empty(base.shape, dtype=torch.bfloat16)
         ),
     }
     ns = {}

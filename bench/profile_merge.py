@@ -4,7 +4,7 @@
     python bench/profile_merge.py --recipe bench/.work/0.5b-task_arithmetic.yaml --tag ta-0.5b
     python bench/profile_merge.py --tag om-c -- --base B --expert E1 --expert E2 --method orthomerge
 
-Drops the page cache first (when permitted), samples the merge's Python stacks with py-spy
+Drops the page cache first (when permitted; `--warm`: reads the inputs into it instead), samples the merge's Python stacks with py-spy
 (`--rate` per second, idle samples included, so a thread waiting shows as waiting), and writes
 bench/results/profile-TAG.md: the wall time, each thread's share of the samples with its busiest
 lines, and the functions with most time spent inside them (inclusive) on the compute thread.
@@ -33,6 +33,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import drop_caches  # noqa: E402
+from fused_ab import inputs  # noqa: E402
 
 FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^():]+):(?P<line>\d+)\)$")
 
@@ -117,6 +118,12 @@ def summarise(stacks, top: int) -> list[str]:
     return out
 
 
+def cache_state(run: dict) -> str:
+    if run.get("warm"):
+        return "warm (the inputs read twice before)"
+    return "dropped" if run["cache_dropped"] else "not dropped (not permitted)"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipe", help="a recipe (ours or mergekit's) for streammerge merge --recipe")
@@ -125,6 +132,11 @@ def main() -> int:
     ap.add_argument("--top", type=int, default=12, help="rows per table (default 12)")
     ap.add_argument("--threads", type=int, help="pass --threads N to the merge")
     ap.add_argument("--device", default="cpu", help="the merge's --device (default cpu)")
+    ap.add_argument(
+        "--warm",
+        action="store_true",
+        help="read the recipe's inputs into the page cache first instead of dropping it (needs --recipe)",
+    )
     ap.add_argument(
         "--again",
         action="store_true",
@@ -156,7 +168,12 @@ def main() -> int:
             "--quiet",
             *(["--threads", str(args.threads)] if args.threads else []),
         ]
-        cache_dropped = drop_caches()
+        if args.warm:
+            if not args.recipe:
+                sys.exit("--warm needs --recipe (the inputs to read first)")
+            for _ in range(2):  # twice: the first read may leave pages the second then finds
+                subprocess.run(["cat", *inputs(args.recipe)], stdout=subprocess.DEVNULL, check=True)
+        cache_dropped = False if args.warm else drop_caches()
         load = os.getloadavg()
         start = time.perf_counter()
         proc = subprocess.run(
@@ -189,6 +206,7 @@ def main() -> int:
             "wall": wall,
             "load": load[0],
             "cache_dropped": cache_dropped,
+            "warm": args.warm,
             "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
             "argv": sys.argv[1:],
             "rate": args.rate,
@@ -210,7 +228,7 @@ def main() -> int:
         "",
         f"`{command}` on {platform.machine()}, {os.cpu_count()} cores, "
         f"{run['date']}; load average before {load:.2f}; "
-        f"page cache {'dropped' if cache_dropped else 'not dropped (not permitted)'}; wall time under py-spy "
+        f"page cache {cache_state(run)}; wall time under py-spy "
         f"{wall:.1f} s (sampling at {run['rate']}/s, non-blocking, adds little). Merge: "
         f"`{' '.join(shlex.quote(a) for a in merge)}`.",
         "",

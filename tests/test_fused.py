@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 
 import pytest
 import torch
@@ -426,10 +427,10 @@ def test_random_sparsified_gta_reads_the_stored_tensors_with_the_same_bytes(
 @pytest.mark.parametrize("sparsify", ["none", "magnitude", "magnitude_outliers", "random"])
 def test_results_rounded_to_bf16_in_the_kernels_are_the_bytes_the_engine_stored(sparsify, nonfinite, block):
     """Where the output is bf16, gta's paths from stored inputs round the result to bf16 in the
-    kernel (TensorTask.store_dtype): the bytes that converting their float32 result gave, NaN's bits
-    included, whole and in row blocks; a block or tensor with a result that is not finite (a NaN
-    input, or finite in float32 but past bf16's largest) comes back in float32 as before, for
-    torch to convert and the engine to check."""
+    kernel, into the result's own rows (TensorTask.store_into): the bytes that converting their
+    float32 result gave, NaN's bits included, whole and in row blocks; a block or tensor with a
+    result that is not finite (a NaN input, or finite in float32 but past bf16's largest) comes back
+    in float32 as before, for torch to convert and the engine to check (not vouched finite)."""
     from streammerge.math import torch_rand
 
     g = torch.Generator().manual_seed(9)
@@ -444,8 +445,11 @@ def test_results_rounded_to_bf16_in_the_kernels_are_the_bytes_the_engine_stored(
     values = tuple({"weight": w, "density": d} for w, d in zip((1.0, 0.7, 0.4), (0.9, 0.95, 0.99)))
     params = gta.GtaParams(sparsify=sparsify, consensus="none")
 
+    vouched = []
+
     def run(store: bool) -> torch.Tensor:
         task = stored_task(base, stored, values)
+        vouched.append(task)
         task.out_dtype = torch.bfloat16  # as the engine sets it
         with pytest.MonkeyPatch.context() as mp:
             if not store:  # the kernels' float32 results, as before
@@ -472,6 +476,13 @@ def test_results_rounded_to_bf16_in_the_kernels_are_the_bytes_the_engine_stored(
     assert torch.equal(*stored_bytes)
     if not nonfinite:
         assert ours.dtype == torch.bfloat16  # rounded in the kernel, not by torch
+    # the engine skips its finiteness check of a result vouched for: only where every block was rounded
+    # in a kernel (blocks of 3,200 entries may be below fused.MIN_ELEMENTS: torch's code, not vouched)
+    assert not vouched[0].vouched_finite
+    if nonfinite:
+        assert not vouched[1].vouched_finite
+    elif block != 5 * 640:
+        assert vouched[1].vouched_finite
 
 
 def della_ranks(x: torch.Tensor) -> torch.Tensor:
@@ -507,3 +518,41 @@ def test_della_mask_is_the_stable_argsorts(shape):
         assert same_bits(ours, della_as_before(x, draws, density, eps)) == 0
         gathered = x * (draws < by_rank[della_ranks(x)])  # the torch fallback's form
         assert same_bits(gathered, della_as_before(x, draws, density, eps)) == 0
+
+
+@pytest.mark.parametrize("sparsify", ["none", "magnitude", "random"])  # mergekit's task_arithmetic, ties, dare
+def test_a_nan_in_a_tensor_the_kernels_round_still_stops_the_merge_naming_its_file(tmp_path, sparsify):
+    """The engine does not check a result the kernels vouched finite (TensorTask.store_into): a NaN
+    in a bf16 input large enough for them must still come back unvouched, be found, and be named
+    with the file that brought it (and a clean merge of the same inputs still vouches)."""
+    from safetensors.torch import load_file, save_file
+
+    from streammerge import Expert, Recipe, merge
+    from streammerge.errors import NonFiniteError
+
+    assert fused.available(torch.zeros(fused.MIN_ELEMENTS, dtype=torch.bfloat16), dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(3)
+    base = (torch.randn(512, 256, generator=g) * 0.02).to(torch.bfloat16)  # 2 × MIN_ELEMENTS entries
+    for name, delta in {"base": None, "e1": 0.002, "e2": 0.003}.items():
+        w = base if delta is None else (base.float() + delta * torch.randn(512, 256, generator=g)).to(torch.bfloat16)
+        os.makedirs(tmp_path / name)
+        save_file({"w": w}, str(tmp_path / name / "model.safetensors"))
+
+    def run(out: str):
+        experts = tuple(Expert(str(tmp_path / e), weight=0.5, density=0.6) for e in ("e1", "e2"))
+        params = {"sparsify": sparsify, "consensus": "none" if sparsify == "none" else "sum"}
+        merge(Recipe("gta", str(tmp_path / "base"), experts, str(tmp_path / out), parameters=params))
+
+    from streammerge.engine.tensors import TensorComputer
+
+    tasks = []
+    with pytest.MonkeyPatch.context() as mp:
+        real = TensorComputer.task
+        mp.setattr(TensorComputer, "task", lambda self, t, s=None: tasks.append(real(self, t, s)) or tasks[-1])
+        run("clean")
+    assert [t.vouched_finite for t in tasks] == [True]
+    bad = dict(load_file(str(tmp_path / "e2" / "model.safetensors")))
+    bad["w"][300, 7] = float("nan")
+    save_file(bad, str(tmp_path / "e2" / "model.safetensors"))
+    with pytest.raises(NonFiniteError, match=r"e2.*model\.safetensors: tensor 'w' contains NaN or Inf"):
+        run("bad")

@@ -198,7 +198,7 @@ class TensorComputer:
             from ..report import generic_stats
 
             self.report.add(t.name, generic_stats(self.task(t), result) | task.diagnostics)
-        if not self.job.allow_nonfinite and not all_finite(result):
+        if not self.job.allow_nonfinite and not task.vouched_finite and not all_finite(result):
             for src in (self.base, *self.experts):  # name the input that brought it
                 if not all_finite(src.get(t.name, self.job.compute_dtype)):
                     raise nonfinite_input(src.file_of(t.name), t.name)

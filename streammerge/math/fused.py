@@ -152,29 +152,29 @@ def _combine_args(weights, consensus: str, normalize: bool, lambda_: float) -> t
 
 
 def combine_bf16(experts: list[torch.Tensor], weights, base: torch.Tensor, consensus: str, normalize: bool,
-                 lambda_: float, out_dtype: torch.dtype | None = None) -> torch.Tensor:  # fmt: skip
+                 lambda_: float, into: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """combine of the weighted task vectors (W_i − W₀)·w_i, read from the bf16 tensors as stored
     and widened in the kernel: one pass where widening every input to float32 first takes two
-    more and twice the memory. Returns float32, or `out_dtype` bf16 (_rounded says when)."""
+    more and twice the memory. Returns float32, or `into` rounded to bf16 (_rounded says when)."""
     import numpy as np
 
     n = len(experts)
     unmasked = np.zeros((n, 1), dtype=np.uint8)
     return random_combine_bf16(experts, base, unmasked, 0, [False] * n, [0.0] * n, weights, consensus, normalize,
-                               lambda_, out_dtype)  # fmt: skip
+                               lambda_, into)  # fmt: skip
 
 
-def _rounded(kernel, shape, out_dtype: torch.dtype | None) -> torch.Tensor:
+def _rounded(kernel, shape, into: torch.Tensor | None) -> torch.Tensor:
     """kernel(out, out16), a combine kernel writing its float32 result to `out` or rounded to bf16 in
-    `out16` (math/fused_kernels.py _store), run for the result: bf16 where out_dtype asks for it and
-    every entry is finite (the bytes torch's conversion of the float32 result gives: one pass, no
-    float32 result), else float32, as torch's code leaves it for the caller to convert."""
+    `out16` (math/fused_kernels.py _store), run for the result: `into` (a bf16 tensor of `shape`,
+    the output's own rows: TensorTask.store_into), written in place, where every entry is finite
+    (the bytes torch's conversion of the float32 result gives: one pass, no float32 result), else
+    float32, as torch's code leaves it for the caller to convert (and `into` is to be overwritten)."""
     import numpy as np
 
-    if out_dtype == torch.bfloat16:
-        out16 = torch.empty(shape, dtype=torch.bfloat16)
-        if kernel(np.empty(0, np.float32), _flat(out16.view(torch.int16)).view("uint16")) == 0:
-            return out16
+    if into is not None and into.dtype == torch.bfloat16:
+        if kernel(np.empty(0, np.float32), _flat(into.view(torch.int16)).view("uint16")) == 0:
+            return into
     out = torch.empty(shape, dtype=torch.float32)
     kernel(_flat(out), np.empty(0, np.uint16))
     return out
@@ -223,7 +223,7 @@ def random_norms_bf16(experts: list[torch.Tensor], base: torch.Tensor, keep, row
 
 def random_combine_bf16(experts: list[torch.Tensor], base: torch.Tensor, keep, bit0: int, masked, ratios, weights,
                         consensus: str, normalize: bool, lambda_: float,
-                        out_dtype: torch.dtype | None = None) -> torch.Tensor:  # fmt: skip
+                        into: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """W₀ + λ·combine of the randomly sparsified, rescaled, weighted task vectors of one block of bf16
     tensors as stored (float32, or bf16 as _rounded says): expert i's τ_i·keep[i] (its bits from
     bit0) where masked[i], then ·ratios[i] where that is not 0, then ·w_i (math/fused_kernels.py
@@ -236,7 +236,7 @@ def random_combine_bf16(experts: list[torch.Tensor], base: torch.Tensor, keep, b
     return _rounded(
         lambda out, out16: _load()._random_combine_bf16(bits[1:], bits[0], out, out16, keep, bit0, masked, ratios,
                                                         *args, _parts()),
-        base.shape, out_dtype,
+        base.shape, into,
     )  # fmt: skip
 
 
@@ -304,7 +304,7 @@ class MagnitudeStored:
     def combine(self, experts: list[torch.Tensor], base: torch.Tensor, bounds: list[tuple[int, int]],
                 windows: list[tuple[tuple[int, int], tuple[int, int]]], equals: list[tuple[int, int]],
                 seen: list[list[int]], weights, consensus: str, normalize: bool, lambda_: float,
-                out_dtype: torch.dtype | None = None) -> torch.Tensor:  # fmt: skip
+                into: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         """W₀ + λ·combine of the sparsified, weighted task vectors of one block (float32, or bf16 as
         _rounded says). Expert i
         keeps the magnitudes whose bit patterns lie strictly between bounds[i] (low, high), and of
@@ -342,7 +342,7 @@ class MagnitudeStored:
         return _rounded(
             lambda out, out16: _load()._window_combine_bf16(bits[1:], bits[0], out, out16, bound, window, modes,
                                                             start, *args, self.pieces),
-            base.shape, out_dtype,
+            base.shape, into,
         )  # fmt: skip
 
     def disjoint(self, experts: list[torch.Tensor], base: torch.Tensor, bounds: list[int], weights, mean: bool,

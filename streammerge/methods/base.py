@@ -91,6 +91,8 @@ class TensorTask:
         self.state_device = state_device  # where per-expert state goes (the plan may keep it in host RAM)
         self.out_dtype = out_dtype  # dtype of new_output() (None: the compute dtype)
         self._base_block: tuple[Rows, torch.Tensor] | None = None
+        self._output: torch.Tensor | None = None  # new_output()
+        self.vouched_finite = False  # set by map_row_blocks: every block written in place (store_into)
         if isinstance(base, torch.Tensor):
             self._base, self._load_base, self.shape, self.dtype = base, None, tuple(base.shape), base.dtype
         else:
@@ -161,10 +163,31 @@ class TensorTask:
         return row_blocks(self.shape, max_elements)
 
     def new_output(self, like: torch.Tensor) -> torch.Tensor:
-        """The result tensor, filled block by block with `out[r0:r1].copy_(block)`."""
-        return torch.empty(
-            self.shape, dtype=self.out_dtype or like.dtype, device="cpu" if self.out_dtype else like.device
-        )
+        """The result tensor, filled block by block with `out[r0:r1].copy_(block)`; made once, on
+        the first call (or store_into's)."""
+        if self._output is None:
+            self._output = torch.empty(
+                self.shape, dtype=self.out_dtype or like.dtype, device="cpu" if self.out_dtype else like.device
+            )
+        return self._output
+
+    def store_into(self, rows: Rows | None) -> torch.Tensor | None:
+        """Rows `rows` of the result tensor (new_output), for a kernel that writes them rounded to the
+        output dtype at once (store_dtype), or None: return the compute dtype. A method that returns
+        this view itself vouches that every entry is finite (the kernels count the entries that are
+        not and return float32 then): map_row_blocks sets `vouched_finite`, and the engine does
+        not check those bytes again (a pass over the whole result: 6 % of a task-arithmetic merge)."""
+        if self.store_dtype is None:
+            return None
+        out = self.new_output(torch.empty(0, dtype=self.store_dtype))
+        return out if rows is None else out[rows[0] : rows[1]]
+
+    def written_in_place(self, block: torch.Tensor, rows: Rows | None) -> bool:
+        """Whether `block` is store_into(rows) itself: the result's own rows, written by a kernel."""
+        if self._output is None:
+            return False
+        dest = self._output if rows is None else self._output[rows[0] : rows[1]]
+        return block.data_ptr() == dest.data_ptr() and block.shape == dest.shape and block.dtype == dest.dtype
 
     def rng(self, i: int) -> torch.Generator:
         """A CPU generator seeded by (seed, tensor name, expert index): reproducible anywhere."""
@@ -210,20 +233,25 @@ def holds_whole(task: TensorTask, n: int, limit: int) -> bool:
 
 def map_row_blocks(task: TensorTask, merge_block: Callable[[Rows | None], torch.Tensor]) -> torch.Tensor:
     """The result of a row-local method: `merge_block(rows)` for each row block in order, gathered
-    into `task.new_output` (or returned as it is when the tensor is one block)."""
+    into `task.new_output` (or returned as it is when the tensor is one block). A block that is
+    already the output's rows (TensorTask.store_into) is not copied."""
     blocks = task.row_blocks()
     if blocks == [None]:
-        return merge_block(None)
-    out = None
+        block = merge_block(None)
+        task.vouched_finite = task.written_in_place(block, None)
+        return block
+    out, in_place = None, 0
     for j, rows in enumerate(blocks):
         block = merge_block(rows)
         task.advance(j + 1, len(blocks))
-        if out is None:
-            out = task.new_output(block)
-        out[rows[0] : rows[1]].copy_(block)  # type: ignore[index]
+        out = task.new_output(block)
+        if task.written_in_place(block, rows):
+            in_place += 1
+        else:
+            out[rows[0] : rows[1]].copy_(block)  # type: ignore[index]
         del block
+    task.vouched_finite = in_place == len(blocks)
     return out  # type: ignore[return-value]
-
 
 def elementwise_memory_blocks(buffers: float, cached: float = 0.0) -> Callable[..., Any]:
     """Peak of a row-block method: `buffers` compute-dtype blocks alive at once (the output is

@@ -309,7 +309,7 @@ def combine_stored(task: TensorTask, rows: Rows | None, params: GtaParams) -> to
     experts = [task.stored(i, rows) for i in range(len(task.weights))]
     if task.dtype == torch.float32 and fused.available(base, *experts, dtype=torch.bfloat16):
         return fused.combine_bf16(experts, task.weights, base, params.consensus, params.normalize, params.lambda_,
-                                  task.store_dtype)  # fmt: skip
+                                  task.store_into(rows))  # fmt: skip
     wide = base.to(task.dtype)
     # copy=True: a stored tensor may be the input file's mapped bytes, never to be written
     vectors = [e.to(task.dtype, copy=True).sub_(wide).mul_(w) for e, w in zip(experts, task.weights)]
@@ -377,7 +377,7 @@ def magnitude_stored(task: TensorTask, sps: list[Sparsifier], params: GtaParams)
     def block(rows: Rows | None) -> torch.Tensor:
         base, experts = inputs(rows)
         return counts.combine(experts, base, bounds, windows, equals, seen, task.weights, params.consensus,
-                              params.normalize, params.lambda_, task.store_dtype)  # fmt: skip
+                              params.normalize, params.lambda_, task.store_into(rows))  # fmt: skip
 
     return map_row_blocks(task, block)
 
@@ -425,7 +425,7 @@ def random_stored(task: TensorTask, sps: list[Sparsifier]) -> Callable[[GtaParam
             base, experts = inputs(rows)
             return fused.random_combine_bf16(experts, base, keep, 0 if rows is None else rows[0] * row, masked,
                                              ratios, task.weights, params.consensus, params.normalize,
-                                             params.lambda_, task.store_dtype)  # fmt: skip
+                                             params.lambda_, task.store_into(rows))  # fmt: skip
 
         return map_row_blocks(task, block)
 
