@@ -4,8 +4,9 @@
     python bench/profile_merge.py --recipe bench/.work/0.5b-task_arithmetic.yaml --tag ta-0.5b
     python bench/profile_merge.py --tag om-c -- --base B --expert E1 --expert E2 --method orthomerge
 
-Drops the page cache first (when permitted; `--warm`: reads the inputs into it instead), samples the merge's Python stacks with py-spy
-(`--rate` per second, idle samples included, so a thread waiting shows as waiting), and writes
+Drops the page cache first (when permitted; `--warm`: reads the inputs into it instead), samples
+the merge's Python stacks with py-spy (`--rate` per second, idle samples included, so a thread
+waiting shows as waiting), and writes
 bench/results/profile-TAG.md: the wall time, each thread's share of the samples with its busiest
 lines, and the functions with most time spent inside them (inclusive) on the compute thread.
 A sample is attributed to the innermost streammerge line on its stack (torch's work shows as the

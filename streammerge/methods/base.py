@@ -253,6 +253,7 @@ def map_row_blocks(task: TensorTask, merge_block: Callable[[Rows | None], torch.
     task.vouched_finite = in_place == len(blocks)
     return out  # type: ignore[return-value]
 
+
 def elementwise_memory_blocks(buffers: float, cached: float = 0.0) -> Callable[..., Any]:
     """Peak of a row-block method: `buffers` compute-dtype blocks alive at once (the output is
     counted by the planner), plus `cached` compute-dtype copies of the whole tensor."""
