@@ -556,3 +556,44 @@ def test_a_nan_in_a_tensor_the_kernels_round_still_stops_the_merge_naming_its_fi
     save_file(bad, str(tmp_path / "e2" / "model.safetensors"))
     with pytest.raises(NonFiniteError, match=r"e2.*model\.safetensors: tensor 'w' contains NaN or Inf"):
         run("bad")
+
+
+@pytest.mark.parametrize("block", [None, 1 << 17])
+@pytest.mark.parametrize("guess", ["sampled", "missed"])
+@pytest.mark.parametrize("sparsify,densities", [("magnitude", (0.3, 0.5, 0.9)), ("magnitude_outliers", (0.5, 0.9, 0.2))])
+def test_thresholds_guessed_from_a_sample_are_the_thresholds_of_two_passes(sparsify, densities, guess, block):
+    """gta.count_thresholds on a tensor of fused.SPAN_ELEMENTS: the sample's guess lets the high-bit
+    pass count the low bits too (one full pass fewer); where it misses, a pass of low bits follows.
+    The thresholds, tie counts and merged bytes are those of the two-pass path either way."""
+    g = torch.Generator().manual_seed(11)
+    base = (torch.randn(384, 640, generator=g) * 0.02).to(torch.bfloat16)
+    stored = [(base.float() + torch.randn(384, 640, generator=g) * 0.002).to(torch.bfloat16) for _ in range(3)]
+    values = tuple({"weight": w, "density": d, "gamma": 0.05} for w, d in zip((1.0, 0.7, 0.4), densities))
+    params = gta.GtaParams(sparsify=sparsify, consensus="sum")
+
+    def run(span: bool, missed: bool = False):
+        task = stored_task(base, stored, values)
+        sps = gta.sparsifiers(task, params)
+        passes = []
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(fused, "SPAN_ELEMENTS", (1, 1 << 31) if span else (0, 0))
+            if missed:  # a guess far below every threshold
+                mp.setattr(gta, "guessed_span", lambda sp, sample, numel: 0 if sp.selects else -2)
+            for name in ("count", "count_span"):
+                real = getattr(fused.MagnitudeStored, name)
+                mp.setattr(fused.MagnitudeStored, name,
+                           lambda self, *a, _r=real, _n=name: passes.append(a[3] if len(a) > 3 else 1) or _r(self, *a))  # fmt: skip
+            if block is not None:
+                mp.setattr(TensorTask, "row_blocks", lambda self, m=None, _r=TensorTask.row_blocks: _r(self, block))
+            out = gta.magnitude_stored(task, sps, params)
+        return out, [sp.bounds for sp in sps], passes
+
+    theirs, their_bounds, their_passes = run(False)
+    ours, our_bounds, our_passes = run(True, guess == "missed")
+    assert our_bounds == their_bounds and torch.equal(ours.view(torch.int16), theirs.view(torch.int16))
+    full = [p for p in our_passes if p == 1]  # passes over every entry (the sample reads 1 in SAMPLE_EVERY)
+    assert fused.SAMPLE_EVERY in our_passes
+    if guess == "sampled":
+        assert len(full) <= len(their_passes) - 1  # breadcrumbs: its second threshold may lie past the span
+    else:
+        assert len(full) == len(their_passes)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from types import ModuleType
+from typing import Any
 
 import torch
 
@@ -264,10 +265,18 @@ def runtime_bytes(numel: int) -> int:
     return RUNTIME_BYTES if numel >= MIN_ELEMENTS and installed() else 0
 
 
+SPAN = 3  # bins of high bits around the sample's guess whose low bits the high pass counts too
+SAMPLE_EVERY = 8  # the sample: one run of WIDEN entries in every 8
+SPAN_ELEMENTS = (1 << 20, 1 << 31)  # tensors the sample serves: smaller ones' passes cost less than
+# the spans' upkeep; larger ones might overflow a part's int32 span counts
+
+
 def histogram_bytes(n_experts: int) -> int:
-    """The histograms a MagnitudeStored holds for `n_experts` (one per thread and expert), with the
-    two of each expert's RadixSelect (methods/ties.py) and their sum."""
-    return n_experts * (max(1, torch.get_num_threads()) + 3) * (1 << 16) * 8
+    """The histograms a MagnitudeStored holds for `n_experts` (one per thread and expert, and the
+    spans' SPAN per thread and expert, int32), with the two of each expert's RadixSelect
+    (methods/ties.py) and their sum."""
+    threads = max(1, torch.get_num_threads())
+    return n_experts * ((threads + 3) * 8 + threads * SPAN * 4) * (1 << 16)
 
 
 class MagnitudeStored:
@@ -282,6 +291,8 @@ class MagnitudeStored:
         self.parts = _threads()  # the histograms': one each (64k counts per expert)
         self.pieces = _parts()  # the other passes'
         self.hist = np.zeros((self.parts, n_experts, 1 << 16), dtype=np.int64)
+        # int32: a part counts at most numel / parts entries (count_span refuses 2³¹ and more)
+        self.span = np.zeros((self.parts, n_experts, SPAN, 1 << 16), dtype=np.int32)
 
     def histogram(self, experts: list[torch.Tensor], base: torch.Tensor, chosen: list[int]) -> None:
         """Count one block (chosen[i]: −1 the high bits, a bin its low bits, −2 skip expert i)."""
@@ -300,6 +311,25 @@ class MagnitudeStored:
         out = torch.from_numpy(self.hist.sum(axis=0))
         self.hist[:] = 0
         return out
+
+    def count_span(self, inputs, blocks: list, lo: list[int], every: int = 1) -> tuple[torch.Tensor, Any]:
+        """count's high bits of every expert (lo[i] −2: none) and, in the same pass, the low bits of
+        the entries whose high bits lie in [lo[i], lo[i] + SPAN) where lo[i] ≥ 0: (the high counts,
+        (expert, SPAN, 2¹⁶)); `every` > 1 counts a sample of the high bits only (SAMPLE_EVERY). For tensors
+        of SPAN_ELEMENTS."""
+        import numpy as np
+
+        chosen = np.asarray(lo if every == 1 else [-2 if c == -2 else -1 for c in lo], dtype=np.int64)
+        for rows in blocks:
+            base, experts = inputs(rows)
+            bits = _stored_bits([base, *experts])
+            _threads()
+            _load()._histogram_span_bf16(bits[1:], bits[0], chosen, every, self.hist, self.span, self.parts)
+        high = torch.from_numpy(self.hist.sum(axis=0))
+        self.hist[:] = 0
+        span = self.span.sum(axis=0, dtype=np.int64)
+        self.span[:] = 0
+        return high, span
 
     def combine(self, experts: list[torch.Tensor], base: torch.Tensor, bounds: list[tuple[int, int]],
                 windows: list[tuple[tuple[int, int], tuple[int, int]]], equals: list[tuple[int, int]],

@@ -285,6 +285,48 @@ def _histogram_bf16(experts, base, chosen, parts_hist, parts_n):  # pragma: no c
                             h[b & 0xFFFF] += 1
 
 
+@_jit
+def _histogram_span_bf16(experts, base, lo, every, parts_hist, parts_span, parts_n):  # pragma: no cover - compiled
+    """_histogram_bf16's count of the high 16 bits of every |W_i − W₀| (lo[i] −2 skips expert i) and,
+    in the same pass, where lo[i] ≥ 0, the low 16 bits of those whose high bits lie in [lo[i],
+    lo[i] + span): parts_span[part, i, high − lo[i]]. `every` > 1: only every `every`-th run of
+    WIDEN entries of each part (a sample; no span then)."""
+    n_exp = len(experts)
+    n = base.size
+    width = parts_span.shape[2]
+    step = (n + parts_n - 1) // parts_n
+    for p in numba.prange(parts_n):
+        bits = np.empty((2, WIDEN), dtype=np.uint32)
+        wide = bits.view(np.float32)
+        w0, tau = wide[0], wide[1]
+        tau_bits = bits[1]
+        end = min(n, (p + 1) * step)
+        for run, j0 in enumerate(range(p * step, end, WIDEN)):
+            if run % every != 0:
+                continue
+            m = min(WIDEN, end - j0)
+            _widen(base, j0, m, bits[0])
+            for i in range(n_exp):
+                first = lo[i]
+                if first == -2:
+                    continue
+                h = parts_hist[p, i]
+                _widen(experts[i], j0, m, tau_bits)
+                for k in range(m):
+                    tau[k] = tau[k] - w0[k]
+                if first < 0:
+                    for k in range(m):
+                        h[_magnitude_of(tau_bits[k]) >> 16] += 1
+                else:
+                    span = parts_span[p, i]
+                    for k in range(m):
+                        b = _magnitude_of(tau_bits[k])
+                        h[b >> 16] += 1
+                        d = (b >> 16) - first
+                        if d >= 0 and d < width:
+                            span[d, b & 0xFFFF] += 1
+
+
 NONE, ALL, COUNT = 0, 1, 2  # which ties at a bound a block keeps: none, every one, by their index
 
 
