@@ -560,9 +560,11 @@ def test_a_nan_in_a_tensor_the_kernels_round_still_stops_the_merge_naming_its_fi
 
 @pytest.mark.parametrize("block", [None, 1 << 17])
 @pytest.mark.parametrize("guess", ["sampled", "missed"])
-@pytest.mark.parametrize("sparsify,densities", [("magnitude", (0.3, 0.5, 0.9)), ("magnitude_outliers", (0.5, 0.9, 0.2))])
+@pytest.mark.parametrize(
+    "sparsify,densities", [("magnitude", (0.3, 0.5, 0.9)), ("magnitude_outliers", (0.5, 0.9, 0.2))]
+)
 def test_thresholds_guessed_from_a_sample_are_the_thresholds_of_two_passes(sparsify, densities, guess, block):
-    """gta.count_thresholds on a tensor of fused.SPAN_ELEMENTS: the sample's guess lets the high-bit
+    """ties.count_thresholds on a tensor of fused.SPAN_ELEMENTS: the sample's guess lets the high-bit
     pass count the low bits too (one full pass fewer); where it misses, a pass of low bits follows.
     The thresholds, tie counts and merged bytes are those of the two-pass path either way."""
     g = torch.Generator().manual_seed(11)
@@ -578,11 +580,11 @@ def test_thresholds_guessed_from_a_sample_are_the_thresholds_of_two_passes(spars
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(fused, "SPAN_ELEMENTS", (1, 1 << 31) if span else (0, 0))
             if missed:  # a guess far below every threshold
-                mp.setattr(gta, "guessed_span", lambda sp, sample, numel: 0 if sp.selects else -2)
+                mp.setattr(gta.ties, "guessed_span", lambda sel, sample, numel: 0 if sel else -2)
             for name in ("count", "count_span"):
                 real = getattr(fused.MagnitudeStored, name)
-                mp.setattr(fused.MagnitudeStored, name,
-                           lambda self, *a, _r=real, _n=name: passes.append(a[3] if len(a) > 3 else 1) or _r(self, *a))  # fmt: skip
+                every = lambda self, *a, _r=real: passes.append(a[3] if len(a) > 3 else 1) or _r(self, *a)  # noqa: E731
+                mp.setattr(fused.MagnitudeStored, name, every)
             if block is not None:
                 mp.setattr(TensorTask, "row_blocks", lambda self, m=None, _r=TensorTask.row_blocks: _r(self, block))
             out = gta.magnitude_stored(task, sps, params)
@@ -591,6 +593,8 @@ def test_thresholds_guessed_from_a_sample_are_the_thresholds_of_two_passes(spars
     theirs, their_bounds, their_passes = run(False)
     ours, our_bounds, our_passes = run(True, guess == "missed")
     assert our_bounds == their_bounds and torch.equal(ours.view(torch.int16), theirs.view(torch.int16))
+    again = run(True, guess == "missed")  # the histograms kept for the next tensor start again at zero
+    assert again[1] == their_bounds and torch.equal(again[0].view(torch.int16), theirs.view(torch.int16))
     full = [p for p in our_passes if p == 1]  # passes over every entry (the sample reads 1 in SAMPLE_EVERY)
     assert fused.SAMPLE_EVERY in our_passes
     if guess == "sampled":

@@ -17,7 +17,6 @@ from __future__ import annotations
 import importlib.util
 import os
 from types import ModuleType
-from typing import Any
 
 import torch
 
@@ -279,6 +278,9 @@ def histogram_bytes(n_experts: int) -> int:
     return n_experts * ((threads + 3) * 8 + threads * SPAN * 4) * (1 << 16)
 
 
+_MAGNITUDE_STORED: dict = {}  # MagnitudeStored.for_experts
+
+
 class MagnitudeStored:
     """gta's magnitude sparsifier and combine of bf16 tensors as stored, in row blocks: thresholds
     from histograms of the task vectors widened in the kernel (`histogram` over every block, once
@@ -291,8 +293,19 @@ class MagnitudeStored:
         self.parts = _threads()  # the histograms': one each (64k counts per expert)
         self.pieces = _parts()  # the other passes'
         self.hist = np.zeros((self.parts, n_experts, 1 << 16), dtype=np.int64)
-        # int32: a part counts at most numel / parts entries (count_span refuses 2³¹ and more)
+        # int32: a part counts at most numel / parts entries (SPAN_ELEMENTS: below 2³¹)
         self.span = np.zeros((self.parts, n_experts, SPAN, 1 << 16), dtype=np.int32)
+        self.span_counted = False  # span holds counts (zeroed before the next pass that counts it)
+
+    @classmethod
+    def for_experts(cls, n_experts: int) -> "MagnitudeStored":
+        """One per expert count and thread count, kept for the next tensor (every count leaves its
+        histograms at zero): making and zeroing 8 MB of histograms per tensor took 3 % of a merge."""
+        key = (n_experts, _threads(), _parts())
+        if key not in _MAGNITUDE_STORED:
+            _MAGNITUDE_STORED.clear()
+            _MAGNITUDE_STORED[key] = cls(n_experts)
+        return _MAGNITUDE_STORED[key]
 
     def histogram(self, experts: list[torch.Tensor], base: torch.Tensor, chosen: list[int]) -> None:
         """Count one block (chosen[i]: −1 the high bits, a bin its low bits, −2 skip expert i)."""
@@ -312,14 +325,18 @@ class MagnitudeStored:
         self.hist[:] = 0
         return out
 
-    def count_span(self, inputs, blocks: list, lo: list[int], every: int = 1) -> tuple[torch.Tensor, Any]:
+    def count_span(self, inputs, blocks: list, lo: list[int], every: int = 1) -> torch.Tensor:
         """count's high bits of every expert (lo[i] −2: none) and, in the same pass, the low bits of
-        the entries whose high bits lie in [lo[i], lo[i] + SPAN) where lo[i] ≥ 0: (the high counts,
-        (expert, SPAN, 2¹⁶)); `every` > 1 counts a sample of the high bits only (SAMPLE_EVERY). For tensors
-        of SPAN_ELEMENTS."""
+        the entries whose high bits lie in [lo[i], lo[i] + SPAN) where lo[i] ≥ 0 (span_low);
+        `every` > 1 counts a sample of the high bits only (SAMPLE_EVERY). For tensors of
+        SPAN_ELEMENTS."""
         import numpy as np
 
         chosen = np.asarray(lo if every == 1 else [-2 if c == -2 else -1 for c in lo], dtype=np.int64)
+        if every == 1:
+            if self.span_counted:
+                self.span[:] = 0
+            self.span_counted = True
         for rows in blocks:
             base, experts = inputs(rows)
             bits = _stored_bits([base, *experts])
@@ -327,9 +344,13 @@ class MagnitudeStored:
             _load()._histogram_span_bf16(bits[1:], bits[0], chosen, every, self.hist, self.span, self.parts)
         high = torch.from_numpy(self.hist.sum(axis=0))
         self.hist[:] = 0
-        span = self.span.sum(axis=0, dtype=np.int64)
-        self.span[:] = 0
-        return high, span
+        return high
+
+    def span_low(self, i: int, d: int) -> torch.Tensor:
+        """The last count_span's low bits of expert i's bin lo[i] + d, summed over the parts."""
+        import numpy as np
+
+        return torch.from_numpy(self.span[:, i, d].sum(axis=0, dtype=np.int64))
 
     def combine(self, experts: list[torch.Tensor], base: torch.Tensor, bounds: list[tuple[int, int]],
                 windows: list[tuple[tuple[int, int], tuple[int, int]]], equals: list[tuple[int, int]],

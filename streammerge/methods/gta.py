@@ -336,8 +336,8 @@ def magnitude_stored(task: TensorTask, sps: list[Sparsifier], params: GtaParams)
     if inputs is None:
         return None
     blocks = task.row_blocks()
-    counts = fused.MagnitudeStored(len(sps))
-    count_thresholds(counts, inputs, blocks, sps, math.prod(task.shape))
+    counts = fused.MagnitudeStored.for_experts(len(sps))
+    ties.count_thresholds(counts, inputs, blocks, [sp.selects for sp in sps], math.prod(task.shape))
     bounds, windows, equals = [], [], []
     for sp in sps:
         sp.ready()
@@ -366,62 +366,6 @@ def magnitude_stored(task: TensorTask, sps: list[Sparsifier], params: GtaParams)
                               params.normalize, params.lambda_, task.store_into(rows))  # fmt: skip
 
     return map_row_blocks(task, block)
-
-
-def count_thresholds(counts: fused.MagnitudeStored, inputs, blocks: list, sps: list[Sparsifier], numel: int) -> None:
-    """Each select's histograms of high and low bits (RadixSelect.high, .low), exact, from passes over
-    the inputs. A tensor of fused.SPAN_ELEMENTS: a sample of 1 in SAMPLE_EVERY guesses each
-    threshold's bin of high bits, and the pass that counts the high bits counts the low bits of the
-    SPAN bins around the guess too; a select whose bin (known once the high bits are) lies outside,
-    and every select of other tensors, gets a pass of low bits of its own (one bin per expert and
-    pass; a breadcrumbs window's two thresholds share it where they share a bin). The guess decides
-    only how many passes are made: the counts, and so the thresholds, are the same."""
-    high_only = [-1 if sp.selects else -2 for sp in sps]
-    lo, spans = high_only, None
-    if fused.SPAN_ELEMENTS[0] <= numel < fused.SPAN_ELEMENTS[1]:
-        sample, _ = counts.count_span(inputs, blocks, high_only, fused.SAMPLE_EVERY)
-        lo = [guessed_span(sp, sample[i], numel) for i, sp in enumerate(sps)]
-        highs, spans = counts.count_span(inputs, blocks, lo)
-    else:
-        highs = counts.count(inputs, blocks, high_only)
-    found = [[False] * len(sp.selects) for sp in sps]
-    for i, sp in enumerate(sps):
-        for j, s in enumerate(sp.selects):
-            s.high.add_(highs[i])
-            d = s.low_bin() - lo[i]
-            if spans is not None and lo[i] >= 0 and 0 <= d < fused.SPAN:
-                s.low.add_(torch.from_numpy(spans[i, d]))
-                found[i][j] = True
-    while True:
-        chosen = [-2] * len(sps)
-        for i, sp in enumerate(sps):
-            missing = [s.low_bin() for j, s in enumerate(sp.selects) if not found[i][j]]
-            chosen[i] = missing[0] if missing else -2
-        if all(c == -2 for c in chosen):
-            return
-        lows = counts.count(inputs, blocks, chosen)
-        for i, sp in enumerate(sps):
-            for j, s in enumerate(sp.selects):
-                if not found[i][j] and s.low_bin() == chosen[i]:
-                    s.low.add_(lows[i])
-                    found[i][j] = True
-
-
-def guessed_span(sp: Sparsifier, sample: torch.Tensor, numel: int) -> int:
-    """The first bin of the SPAN bins of high bits that should hold sp's thresholds (the sample's
-    own k-th largest, k scaled to the sample, in the middle), or −1 (no span) where the sample is
-    empty or a breadcrumbs window's two thresholds lie too far apart for one span (then the
-    second gets a pass)."""
-    total = int(sample.sum())
-    if not sp.selects or total == 0:
-        return -1 if sp.selects else -2
-    from_top = sample.flip(0).cumsum(0)
-    bins = []
-    for s in sp.selects:
-        j = int(torch.searchsorted(from_top, torch.tensor(max(1, round(s.k * total / numel)))))
-        bins.append((1 << 16) - 1 - min(j, (1 << 16) - 1))
-    first = min(bins) - fused.SPAN // 2
-    return max(0, first if max(bins) - first < fused.SPAN else bins[0] - fused.SPAN // 2)
 
 
 def random_stored(task: TensorTask, sps: list[Sparsifier]) -> Callable[[GtaParams], torch.Tensor] | None:

@@ -267,24 +267,79 @@ def stored_bf16(task: TensorTask) -> StoredInputs | None:
     return None
 
 
+def count_thresholds(counts: fused.MagnitudeStored, inputs, blocks: list, selects: list[list[RadixSelect]],
+                     numel: int) -> None:  # fmt: skip
+    """Each select's histograms of high and low bits (RadixSelect.high, .low; selects[i]: expert i's,
+    none, one, or a breadcrumbs window's two), exact, from passes over the inputs. A tensor of
+    fused.SPAN_ELEMENTS: a sample of 1 in SAMPLE_EVERY guesses each threshold's bin of high bits,
+    and the pass that counts the high bits counts the low bits of the SPAN bins around the guess
+    too; a select whose bin (known once the high bits are) lies outside, and every select of
+    other tensors, gets a pass of low bits of its own (one bin per expert and pass; a breadcrumbs
+    window's two thresholds share it where they share a bin). The guess decides only how many
+    passes are made: the counts, and so the thresholds, are the same."""
+    high_only = [-1 if sel else -2 for sel in selects]
+    lo, spans = high_only, False
+    if fused.SPAN_ELEMENTS[0] <= numel < fused.SPAN_ELEMENTS[1]:
+        sample = counts.count_span(inputs, blocks, high_only, fused.SAMPLE_EVERY)
+        lo = [guessed_span(sel, sample[i], numel) for i, sel in enumerate(selects)]
+        highs, spans = counts.count_span(inputs, blocks, lo), True
+    else:
+        highs = counts.count(inputs, blocks, high_only)
+    found = [[False] * len(sel) for sel in selects]
+    for i, sel in enumerate(selects):
+        for j, s in enumerate(sel):
+            s.high.add_(highs[i])
+            d = s.low_bin() - lo[i]
+            if spans and lo[i] >= 0 and 0 <= d < fused.SPAN:
+                s.low.add_(counts.span_low(i, d))
+                found[i][j] = True
+    while True:
+        chosen = [-2] * len(selects)
+        for i, sel in enumerate(selects):
+            missing = [s.low_bin() for j, s in enumerate(sel) if not found[i][j]]
+            chosen[i] = missing[0] if missing else -2
+        if all(c == -2 for c in chosen):
+            return
+        lows = counts.count(inputs, blocks, chosen)
+        for i, sel in enumerate(selects):
+            for j, s in enumerate(sel):
+                if not found[i][j] and s.low_bin() == chosen[i]:
+                    s.low.add_(lows[i])
+                    found[i][j] = True
+
+
+def guessed_span(sel: list[RadixSelect], sample: torch.Tensor, numel: int) -> int:
+    """The first bin of the SPAN bins of high bits that should hold the thresholds of `sel` (the
+    sample's own k-th largest, k scaled to the sample, in the middle; −2: no thresholds), or −1 (no
+    span) where the sample is empty. A breadcrumbs window's two thresholds too far apart for one
+    span: the first's (the second gets a pass)."""
+    total = int(sample.sum())
+    if not sel or total == 0:
+        return -1 if sel else -2
+    from_top = sample.flip(0).cumsum(0)
+    bins = []
+    for s in sel:
+        j = int(torch.searchsorted(from_top, torch.tensor(max(1, round(s.k * total / numel)))))
+        bins.append((1 << 16) - 1 - min(j, (1 << 16) - 1))
+    first = min(bins) - fused.SPAN // 2
+    return max(0, first if max(bins) - first < fused.SPAN else bins[0] - fused.SPAN // 2)
+
+
 def merge_stored(task: TensorTask, params: TiesParams, densities: list[float],
                  thresholds: list[float] | None) -> torch.Tensor | None:  # fmt: skip
     """ties of bf16 inputs read as stored, in fused passes (math/fused.py MagnitudeStored): each
-    threshold (unless the model's are given) from two histogram passes over the inputs, then one
-    pass that trims, weights and merges. The bytes of the code in `merge`, which forms every τ_i
-    in float32 and passes over it three times more (tests/test_fused.py). None where it does not
-    apply (then that code runs)."""
+    threshold (unless the model's are given) from histogram passes over the inputs
+    (count_thresholds), then one pass that trims, weights and merges. The bytes of the code in
+    `merge`, which forms every τ_i in float32 and passes over it three times more
+    (tests/test_fused.py). None where it does not apply (then that code runs)."""
     inputs = stored_bf16(task)
     if inputs is None:
         return None
     blocks = task.row_blocks()
-    kernels = fused.MagnitudeStored(len(densities))
+    kernels = fused.MagnitudeStored.for_experts(len(densities))
     if thresholds is None:
         selects = [RadixSelect(keep_count(math.prod(task.shape), d)) for d in densities]
-        for s, high in zip(selects, kernels.count(inputs, blocks, [-1] * len(selects))):
-            s.high.add_(high)
-        for s, low in zip(selects, kernels.count(inputs, blocks, [s.low_bin() for s in selects])):
-            s.low.add_(low)
+        count_thresholds(kernels, inputs, blocks, [[s] for s in selects], math.prod(task.shape))
         thresholds = [s.value() for s in selects]
     bounds = [_bits_of(t) for t in thresholds]  # compared as bit patterns, as `trim` compares them
     dm = DisjointMerge(params.merge, params.lambda_)
