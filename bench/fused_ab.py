@@ -10,10 +10,11 @@ the kernels too, in place of torch's code. Each pair also times `cat` of the inp
 cache dropped (the cold read) and writing as many bytes as the merged output with an fsync (the
 cold write): the floors a streaming merge can reach.
 
-Also, warm (inputs in the page cache): as many alternating pairs, wall and CPU seconds, and each
-side's median throughput in GB/s of input, beside `cat` of the same files and a plain numpy sum
-of the same arrays (the memory-bandwidth bound of one pass). One untimed merge of each side comes
-first: a numba kernel changed since the last run compiles then (once per install, cached on disk).
+Also, warm (inputs in the page cache; `--cold-pairs 0`: these only): as many alternating pairs,
+wall and CPU seconds, and each side's median throughput in GB/s of input, beside `cat` of the
+same files and a plain numpy sum of the same arrays (the memory-bandwidth bound of one pass). One
+untimed merge of each side comes first: a numba kernel changed since the last run compiles then
+(once per install, cached on disk).
 Results: bench/results/fused-ab-TAG.{json,md}.
 """
 
@@ -112,6 +113,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipe", default=os.path.join(ROOT, "bench", ".work", "tie-order-0.5b.yaml"))
     ap.add_argument("--pairs", type=int, default=2)
+    ap.add_argument("--cold-pairs", type=int, help="pairs with the page cache dropped (default: --pairs; 0: warm only)")
     ap.add_argument("--param", action="append", default=[], help="passed to merge as --param K=V")
     ap.add_argument("--threads", type=int, help="passed to merge as --threads N (default: each side chooses)")
     ap.add_argument("--tag", default="ties-0.5b")
@@ -140,7 +142,7 @@ def main() -> int:
     digests = {}
     for side in ("fused", other):  # untimed: a kernel changed since the last run compiles once here
         merge(side, os.path.join(work, side))
-    for pair in range(args.pairs):
+    for pair in range(args.pairs if args.cold_pairs is None else args.cold_pairs):
         drop_caches()
         start = time.perf_counter()
         subprocess.run(["cat", *files], stdout=subprocess.DEVNULL, check=True)
@@ -165,6 +167,8 @@ def main() -> int:
     for pair in range(args.pairs):
         for side in ("fused", other) if pair % 2 == 0 else (other, "fused"):
             warm_runs[side].append(merge(side, os.path.join(work, side)))
+            if side not in digests:  # no cold pairs: the first warm outputs are compared
+                digests[side] = digest(os.path.join(work, side))
     for side in ("fused", other):
         warm[side] = sorted(w for w, _ in warm_runs[side])[len(warm_runs[side]) // 2]  # the median
     shutil.rmtree(work, ignore_errors=True)
@@ -178,9 +182,10 @@ def main() -> int:
         "warm_runs": warm_runs,
         "other_side": f"commit {args.baseline}" if args.baseline else "torch's code (STREAMMERGE_NO_NUMBA=1)",
         "outputs_identical": digests["fused"] == digests[other],
-        "ratio_cold_median": sorted(f / t for f, t in zip(cold["fused"], cold[other]))[len(cold["fused"]) // 2],
-        "cold_read_ratio_median": sorted(f / c for f, c in zip(cold["fused"], cold["cat"]))[len(cold["cat"]) // 2],
     }
+    if cold["cat"]:
+        doc["ratio_cold_median"] = sorted(f / t for f, t in zip(cold["fused"], cold[other]))[len(cold["fused"]) // 2]
+        doc["cold_read_ratio_median"] = sorted(f / c for f, c in zip(cold["fused"], cold["cat"]))[len(cold["cat"]) // 2]
     gb = size / 1e9
     lines = [
         f"# This checkout (fused kernels) against {doc['other_side']}: {args.tag}",

@@ -198,7 +198,7 @@ class ShardWriter:
             # hashing and writing on threads of their own, side by side: each is sequential, and
             # one after the other they took longer than computing the next tensor (0.47 s and
             # 0.35 s per GB; bench/results/README.md, "Round seven"). Two threads for the shard, not
-            # two per tensor: starting a thread waits for it to run, 6 % of a merge's main thread.
+            # two per tensor: starting a thread waits for it to run, 2-6 % of a merge's main thread.
             if not self._threads:
                 self._threads = [
                     concurrent.futures.ThreadPoolExecutor(1, name) for name in ("shard-writer", "shard-hasher")
