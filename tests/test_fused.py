@@ -563,13 +563,19 @@ def test_a_nan_in_a_tensor_the_kernels_round_still_stops_the_merge_naming_its_fi
 @pytest.mark.parametrize(
     "sparsify,densities", [("magnitude", (0.3, 0.5, 0.9)), ("magnitude_outliers", (0.5, 0.9, 0.2))]
 )
-def test_thresholds_guessed_from_a_sample_are_the_thresholds_of_two_passes(sparsify, densities, guess, block):
+@pytest.mark.parametrize("edges", [False, True])
+def test_thresholds_guessed_from_a_sample_are_the_thresholds_of_two_passes(sparsify, densities, guess, block, edges):
     """ties.count_thresholds on a tensor of fused.SPAN_ELEMENTS: the sample's guess lets the high-bit
     pass count the low bits too (one full pass fewer); where it misses, a pass of low bits follows.
-    The thresholds, tie counts and merged bytes are those of the two-pass path either way."""
+    The thresholds, tie counts and merged bytes are those of the two-pass path either way, also at
+    the edges of the bit patterns (`edges`: a threshold at 0, the first bin, and NaN and ∞)."""
     g = torch.Generator().manual_seed(11)
     base = (torch.randn(384, 640, generator=g) * 0.02).to(torch.bfloat16)
     stored = [(base.float() + torch.randn(384, 640, generator=g) * 0.002).to(torch.bfloat16) for _ in range(3)]
+    if edges:
+        stored[0][:320] = base[:320]  # τ = 0 on 5/6 of the entries: expert 0's threshold is 0
+        stored[1][3, :50] = float("nan")
+        stored[1][9, :50] = float("inf")
     values = tuple({"weight": w, "density": d, "gamma": 0.05} for w, d in zip((1.0, 0.7, 0.4), densities))
     params = gta.GtaParams(sparsify=sparsify, consensus="sum")
 

@@ -283,9 +283,10 @@ _MAGNITUDE_STORED: dict = {}  # MagnitudeStored.for_experts
 
 class MagnitudeStored:
     """gta's magnitude sparsifier and combine of bf16 tensors as stored, in row blocks: thresholds
-    from histograms of the task vectors widened in the kernel (`histogram` over every block, once
-    for the high bits and once for the low), then `combine` of each block in order, the tie
-    counters running on across blocks (math/fused_kernels.py; gta.merge_stored says when)."""
+    from histograms of the task vectors widened in the kernel (`count` over every block, once for
+    the high bits and once for the low, or `count_span`: a sample, then both in one pass, as
+    methods/ties.count_thresholds decides), then `combine` of each block in order, the tie counters
+    running on across blocks (math/fused_kernels.py; gta.magnitude_stored says when)."""
 
     def __init__(self, n_experts: int):
         import numpy as np
