@@ -579,17 +579,22 @@ def test_thresholds_guessed_from_a_sample_are_the_thresholds_of_two_passes(spars
     values = tuple({"weight": w, "density": d, "gamma": 0.05} for w, d in zip((1.0, 0.7, 0.4), densities))
     params = gta.GtaParams(sparsify=sparsify, consensus="sum")
 
+    captured = []  # what combine's tie counts came from: the spanned pass's capture (an array) or a pass (None)
+
     def run(span: bool, missed: bool = False):
         task = stored_task(base, stored, values)
         sps = gta.sparsifiers(task, params)
         passes = []
         with pytest.MonkeyPatch.context() as mp:
+            real_ties = fused.MagnitudeStored.captured_ties
+            mp.setattr(fused.MagnitudeStored, "captured_ties",
+                       lambda self, *a: captured.append(real_ties(self, *a)) or captured[-1])  # fmt: skip
             mp.setattr(fused, "SPAN_ELEMENTS", (1, 1 << 31) if span else (0, 0))
             if missed:  # a guess far below every threshold
                 mp.setattr(gta.ties, "guessed_span", lambda sel, sample, numel: 0 if sel else -2)
             for name in ("count", "count_span"):
                 real = getattr(fused.MagnitudeStored, name)
-                every = lambda self, *a, _r=real: passes.append(a[3] if len(a) > 3 else 1) or _r(self, *a)  # noqa: E731
+                every = lambda self, *a, _r=real, **kw: passes.append(a[3] if len(a) > 3 else 1) or _r(self, *a, **kw)  # noqa: E731
                 mp.setattr(fused.MagnitudeStored, name, every)
             if block is not None:
                 mp.setattr(TensorTask, "row_blocks", lambda self, m=None, _r=TensorTask.row_blocks: _r(self, block))
@@ -597,7 +602,13 @@ def test_thresholds_guessed_from_a_sample_are_the_thresholds_of_two_passes(spars
         return out, [sp.bounds for sp in sps], passes
 
     theirs, their_bounds, their_passes = run(False)
+    assert all(c is None for c in captured)
+    captured.clear()
     ours, our_bounds, our_passes = run(True, guess == "missed")
+    if sparsify == "magnitude" and guess == "sampled" and not edges:  # every tie count from the capture
+        assert captured and all(c is not None for c in captured)
+    if edges:  # expert 0's ties at 0 are 5/6 of its entries, past the capture's 1 in 32: a pass counts them
+        assert all(c is None for c in captured)
     assert our_bounds == their_bounds and torch.equal(ours.view(torch.int16), theirs.view(torch.int16))
     again = run(True, guess == "missed")  # the histograms kept for the next tensor start again at zero
     assert again[1] == their_bounds and torch.equal(again[0].view(torch.int16), theirs.view(torch.int16))

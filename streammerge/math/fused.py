@@ -266,6 +266,8 @@ def runtime_bytes(numel: int) -> int:
 
 SPAN = 3  # bins of high bits around the sample's guess whose low bits the high pass counts too
 SAMPLE_EVERY = 8  # the sample: one run of WIDEN entries in every 8
+CAPTURE_SHARE = 32  # count_span keeps where the span's entries are, up to 1 in 32 of a block's entries
+CAPTURE_BYTES = 64 << 20  # and only for tensors whose capture takes at most this (capture_bytes)
 SPAN_ELEMENTS = (1 << 20, 1 << 31)  # tensors the sample serves: smaller ones' passes cost less than
 # the spans' upkeep; larger ones might overflow a part's int32 span counts
 
@@ -276,6 +278,13 @@ def histogram_bytes(n_experts: int) -> int:
     (methods/ties.py) and their sum."""
     threads = max(1, torch.get_num_threads())
     return n_experts * ((threads + 3) * 8 + threads * SPAN * 4) * (1 << 16)
+
+
+def capture_bytes(n_experts: int, numel: int) -> int:
+    """What count_span's capture of a tensor takes (8 bytes for each of up to 1 in CAPTURE_SHARE entries
+    per expert), or 0 where that exceeds CAPTURE_BYTES (then no capture: a pass counts the ties)."""
+    size = n_experts * -(-numel // CAPTURE_SHARE) * 8
+    return size if size <= CAPTURE_BYTES else 0
 
 
 _MAGNITUDE_STORED: dict = {}  # MagnitudeStored.for_experts
@@ -297,6 +306,7 @@ class MagnitudeStored:
         # int32: a part counts at most numel / parts entries (SPAN_ELEMENTS: below 2³¹)
         self.span = np.zeros((self.parts, n_experts, SPAN, 1 << 16), dtype=np.int32)
         self.span_counted = False  # span holds counts (zeroed before the next pass that counts it)
+        self.captured: dict = {}  # count_span's capture: rows → (lo, indices, codes, counts)
 
     @classmethod
     def for_experts(cls, n_experts: int) -> "MagnitudeStored":
@@ -326,11 +336,12 @@ class MagnitudeStored:
         self.hist[:] = 0
         return out
 
-    def count_span(self, inputs, blocks: list, lo: list[int], every: int = 1) -> torch.Tensor:
+    def count_span(self, inputs, blocks: list, lo: list[int], every: int = 1, capture: bool = False) -> torch.Tensor:
         """count's high bits of every expert (lo[i] −2: none) and, in the same pass, the low bits of
         the entries whose high bits lie in [lo[i], lo[i] + SPAN) where lo[i] ≥ 0 (span_low);
         `every` > 1 counts a sample of the high bits only (SAMPLE_EVERY). For tensors of
-        SPAN_ELEMENTS."""
+        SPAN_ELEMENTS. `capture`: where those entries are, block by block, up to 1 in CAPTURE_SHARE of
+        each block's entries per expert (`combine` counts its ties from them: no pass of its own)."""
         import numpy as np
 
         chosen = np.asarray(lo if every == 1 else [-2 if c == -2 else -1 for c in lo], dtype=np.int64)
@@ -338,14 +349,49 @@ class MagnitudeStored:
             if self.span_counted:
                 self.span[:] = 0
             self.span_counted = True
+        n_exp = self.hist.shape[1]
+        self.captured = {}
         for rows in blocks:
             base, experts = inputs(rows)
             bits = _stored_bits([base, *experts])
+            cap = -(-base.numel() // (self.parts * CAPTURE_SHARE)) if capture and every == 1 else 0
+            at = np.empty((self.parts, n_exp, cap), dtype=np.int32)
+            code = np.empty((self.parts, n_exp, cap), dtype=np.int32)
+            found = np.zeros((self.parts, n_exp), dtype=np.int64)
             _threads()
-            _load()._histogram_span_bf16(bits[1:], bits[0], chosen, every, self.hist, self.span, self.parts)
+            _load()._histogram_span_bf16(bits[1:], bits[0], chosen, every, self.hist, self.span, self.parts, at, code,
+                                         found)  # fmt: skip
+            if cap:
+                self.captured[rows] = (list(lo), at, code, found)
         high = torch.from_numpy(self.hist.sum(axis=0))
         self.hist[:] = 0
         return high
+
+    def captured_ties(self, rows, bounds, modes, n: int):
+        """ties[i, b, p + 1] for `combine` (as _tie_counts_bf16 counts them over its pieces of a block of
+        n entries) from count_span's capture of block `rows`, or None where it did not keep every
+        entry of a bound counted (not captured, past its size, or the bound outside the span)."""
+        import numpy as np
+
+        from .fused_kernels import COUNT
+
+        if rows not in self.captured:
+            return None
+        lo, at, code, found = self.captured[rows]
+        step = (n + self.pieces - 1) // self.pieces
+        ties = np.zeros((len(lo), 2, self.pieces + 1), dtype=np.int64)
+        for i in range(len(lo)):
+            for b in range(2):
+                if modes[i, b] != COUNT:
+                    continue
+                d = (int(bounds[i, b]) >> 16) - lo[i]
+                if lo[i] < 0 or not 0 <= d < SPAN or (found[:, i] > at.shape[2]).any():
+                    return None
+                where = np.concatenate([at[p, i, : found[p, i]] for p in range(self.parts)])
+                match = np.concatenate([code[p, i, : found[p, i]] for p in range(self.parts)])
+                hits = where[match == (d << 16) | (int(bounds[i, b]) & 0xFFFF)]
+                ties[i, b, 1:] = np.bincount(hits // step, minlength=self.pieces)[: self.pieces]
+        return ties
 
     def span_low(self, i: int, d: int) -> torch.Tensor:
         """The last count_span's low bits of expert i's bin lo[i] + d, summed over the parts."""
@@ -356,7 +402,7 @@ class MagnitudeStored:
     def combine(self, experts: list[torch.Tensor], base: torch.Tensor, bounds: list[tuple[int, int]],
                 windows: list[tuple[tuple[int, int], tuple[int, int]]], equals: list[tuple[int, int]],
                 seen: list[list[int]], weights, consensus: str, normalize: bool, lambda_: float,
-                into: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+                into: torch.Tensor | None = None, rows=None) -> torch.Tensor:  # fmt: skip
         """W₀ + λ·combine of the sparsified, weighted task vectors of one block (float32, or bf16 as
         _rounded says). Expert i
         keeps the magnitudes whose bit patterns lie strictly between bounds[i] (low, high), and of
@@ -380,10 +426,12 @@ class MagnitudeStored:
                 else:
                     modes[i, b] = COUNT
         bound = np.asarray(bounds, dtype=np.int64)
-        ties = np.zeros((n, 2, self.pieces + 1), dtype=np.int64)
         _threads()
-        if (modes == COUNT).any():
-            _load()._tie_counts_bf16(bits[1:], bits[0], bound, modes, ties, self.pieces)
+        ties = self.captured_ties(rows, bound, modes, base.numel()) if (modes == COUNT).any() else None
+        if ties is None:
+            ties = np.zeros((n, 2, self.pieces + 1), dtype=np.int64)
+            if (modes == COUNT).any():
+                _load()._tie_counts_bf16(bits[1:], bits[0], bound, modes, ties, self.pieces)
         starts = np.cumsum(ties, axis=2) + np.asarray(seen, dtype=np.int64)[:, :, None]
         for i in range(n):
             for b in range(2):

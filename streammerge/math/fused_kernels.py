@@ -286,11 +286,15 @@ def _histogram_bf16(experts, base, chosen, parts_hist, parts_n):  # pragma: no c
 
 
 @_jit
-def _histogram_span_bf16(experts, base, lo, every, parts_hist, parts_span, parts_n):  # pragma: no cover - compiled
+def _histogram_span_bf16(experts, base, lo, every, parts_hist, parts_span, parts_n, cap_at, cap_code,
+                         cap_n):  # pragma: no cover - compiled  # fmt: skip
     """_histogram_bf16's count of the high 16 bits of every |W_i − W₀| (lo[i] −2 skips expert i) and,
     in the same pass, where lo[i] ≥ 0, the low 16 bits of those whose high bits lie in [lo[i],
-    lo[i] + span): parts_span[part, i, high − lo[i]]. `every` > 1: only every `every`-th run of
+    lo[i] + span): parts_span[part, i, high − lo[i]]; those entries' indices and codes ((high −
+    lo[i]) << 16 | low) go to cap_at and cap_code[part, i, c] while c < their size, and cap_n[part, i]
+    counts them all (more than the size: not all kept). `every` > 1: only every `every`-th run of
     WIDEN entries of each part (a sample; no span then)."""
+    cap = cap_at.shape[2]
     n_exp = len(experts)
     n = base.size
     width = parts_span.shape[2]
@@ -319,12 +323,18 @@ def _histogram_span_bf16(experts, base, lo, every, parts_hist, parts_span, parts
                         h[_magnitude_of(tau_bits[k]) >> 16] += 1
                 else:
                     span = parts_span[p, i]
+                    c = cap_n[p, i]
                     for k in range(m):
                         b = _magnitude_of(tau_bits[k])
                         h[b >> 16] += 1
                         d = (b >> 16) - first
                         if d >= 0 and d < width:
                             span[d, b & 0xFFFF] += 1
+                            if c < cap:
+                                cap_at[p, i, c] = j0 + k
+                                cap_code[p, i, c] = (d << 16) | (b & 0xFFFF)
+                            c += 1
+                    cap_n[p, i] = c
 
 
 NONE, ALL, COUNT = 0, 1, 2  # which ties at a bound a block keeps: none, every one, by their index

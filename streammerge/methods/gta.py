@@ -337,7 +337,9 @@ def magnitude_stored(task: TensorTask, sps: list[Sparsifier], params: GtaParams)
         return None
     blocks = task.row_blocks()
     counts = fused.MagnitudeStored.for_experts(len(sps))
-    ties.count_thresholds(counts, inputs, blocks, [sp.selects for sp in sps], math.prod(task.shape))
+    numel = math.prod(task.shape)
+    capture = fused.capture_bytes(len(sps), numel) > 0
+    ties.count_thresholds(counts, inputs, blocks, [sp.selects for sp in sps], numel, capture)
     bounds, windows, equals = [], [], []
     for sp in sps:
         sp.ready()
@@ -363,9 +365,12 @@ def magnitude_stored(task: TensorTask, sps: list[Sparsifier], params: GtaParams)
     def block(rows: Rows | None) -> torch.Tensor:
         base, experts = inputs(rows)
         return counts.combine(experts, base, bounds, windows, equals, seen, task.weights, params.consensus,
-                              params.normalize, params.lambda_, task.store_into(rows))  # fmt: skip
+                              params.normalize, params.lambda_, task.store_into(rows), rows)  # fmt: skip
 
-    return map_row_blocks(task, block)
+    try:
+        return map_row_blocks(task, block)
+    finally:
+        counts.captured.clear()
 
 
 def random_stored(task: TensorTask, sps: list[Sparsifier]) -> Callable[[GtaParams], torch.Tensor] | None:
@@ -501,7 +506,8 @@ def stored_memory(name: str, shape: tuple[int, ...], n: int, params: GtaParams):
     from .base import BLOCK_ELEMENTS
 
     block = min(numel, BLOCK_ELEMENTS)
-    extra = {"none": 0, "random": n * ((numel + 7) // 8)}.get(params.sparsify, fused.histogram_bytes(n))
+    magnitude = fused.histogram_bytes(n) + fused.capture_bytes(n, numel)
+    extra = {"none": 0, "random": n * ((numel + 7) // 8)}.get(params.sparsify, magnitude)
     return Need(4 * block + extra + fused.RUNTIME_BYTES, transfer=block)
 
 

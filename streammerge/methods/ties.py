@@ -268,7 +268,7 @@ def stored_bf16(task: TensorTask) -> StoredInputs | None:
 
 
 def count_thresholds(counts: fused.MagnitudeStored, inputs, blocks: list, selects: list[list[RadixSelect]],
-                     numel: int) -> None:  # fmt: skip
+                     numel: int, capture: bool = False) -> None:  # fmt: skip
     """Each select's histograms of high and low bits (RadixSelect.high, .low; selects[i]: expert i's,
     none, one, or a breadcrumbs window's two), exact, from passes over the inputs. A tensor of
     fused.SPAN_ELEMENTS: a sample of 1 in SAMPLE_EVERY guesses each threshold's bin of high bits,
@@ -276,13 +276,14 @@ def count_thresholds(counts: fused.MagnitudeStored, inputs, blocks: list, select
     too; a select whose bin (known once the high bits are) lies outside, and every select of
     other tensors, gets a pass of low bits of its own (one bin per expert and pass; a breadcrumbs
     window's two thresholds share it where they share a bin). The guess decides only how many
-    passes are made: the counts, and so the thresholds, are the same."""
+    passes are made: the counts, and so the thresholds, are the same. `capture`: the spanned pass
+    also keeps where the entries of its bins are, for MagnitudeStored.combine's tie counts."""
     high_only = [-1 if sel else -2 for sel in selects]
     lo, spans = high_only, False
     if fused.SPAN_ELEMENTS[0] <= numel < fused.SPAN_ELEMENTS[1]:
         sample = counts.count_span(inputs, blocks, high_only, fused.SAMPLE_EVERY)
         lo = [guessed_span(sel, sample[i], numel) for i, sel in enumerate(selects)]
-        highs, spans = counts.count_span(inputs, blocks, lo), True
+        highs, spans = counts.count_span(inputs, blocks, lo, capture=capture), True
     else:
         highs = counts.count(inputs, blocks, high_only)
     found = [[False] * len(sel) for sel in selects]
