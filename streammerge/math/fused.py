@@ -368,30 +368,31 @@ class MagnitudeStored:
         return high
 
     def captured_ties(self, rows, bounds, modes, n: int):
-        """ties[i, b, p + 1] for `combine` (as _tie_counts_bf16 counts them over its pieces of a block of
-        n entries) from count_span's capture of block `rows`, or None where it did not keep every
-        entry of a bound counted (not captured, past its size, or the bound outside the span)."""
+        """(ties, modes left): ties[i, b, p + 1] for `combine` (as _tie_counts_bf16 counts them over its
+        pieces of a block of n entries) of each COUNT bound that count_span's capture of block `rows`
+        holds whole, and the modes with those bounds' COUNT taken out (the rest: a pass counts them;
+        not captured, past the capture's size, or the bound outside the span)."""
         import numpy as np
 
-        from .fused_kernels import COUNT
+        from .fused_kernels import COUNT, NONE
 
+        ties = np.zeros((len(modes), 2, self.pieces + 1), dtype=np.int64)
         if rows not in self.captured:
-            return None
+            return ties, modes
         lo, at, code, found = self.captured[rows]
         step = (n + self.pieces - 1) // self.pieces
-        ties = np.zeros((len(lo), 2, self.pieces + 1), dtype=np.int64)
+        left = modes.copy()
         for i in range(len(lo)):
             for b in range(2):
-                if modes[i, b] != COUNT:
-                    continue
                 d = (int(bounds[i, b]) >> 16) - lo[i]
-                if lo[i] < 0 or not 0 <= d < SPAN or (found[:, i] > at.shape[2]).any():
-                    return None
+                if modes[i, b] != COUNT or lo[i] < 0 or not 0 <= d < SPAN or (found[:, i] > at.shape[2]).any():
+                    continue
                 where = np.concatenate([at[p, i, : found[p, i]] for p in range(self.parts)])
                 match = np.concatenate([code[p, i, : found[p, i]] for p in range(self.parts)])
                 hits = where[match == (d << 16) | (int(bounds[i, b]) & 0xFFFF)]
                 ties[i, b, 1:] = np.bincount(hits // step, minlength=self.pieces)[: self.pieces]
-        return ties
+                left[i, b] = NONE  # for the pass only: combine keeps modes[i, b]
+        return ties, left
 
     def span_low(self, i: int, d: int) -> torch.Tensor:
         """The last count_span's low bits of expert i's bin lo[i] + d, summed over the parts."""
@@ -427,11 +428,9 @@ class MagnitudeStored:
                     modes[i, b] = COUNT
         bound = np.asarray(bounds, dtype=np.int64)
         _threads()
-        ties = self.captured_ties(rows, bound, modes, base.numel()) if (modes == COUNT).any() else None
-        if ties is None:
-            ties = np.zeros((n, 2, self.pieces + 1), dtype=np.int64)
-            if (modes == COUNT).any():
-                _load()._tie_counts_bf16(bits[1:], bits[0], bound, modes, ties, self.pieces)
+        ties, left = self.captured_ties(rows, bound, modes, base.numel())
+        if (left == COUNT).any():
+            _load()._tie_counts_bf16(bits[1:], bits[0], bound, left, ties, self.pieces)
         starts = np.cumsum(ties, axis=2) + np.asarray(seen, dtype=np.int64)[:, :, None]
         for i in range(n):
             for b in range(2):
