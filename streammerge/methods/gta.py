@@ -506,7 +506,7 @@ def stored_memory(name: str, shape: tuple[int, ...], n: int, params: GtaParams):
     from .base import BLOCK_ELEMENTS
 
     block = min(numel, BLOCK_ELEMENTS)
-    magnitude = fused.histogram_bytes(n) + fused.capture_bytes(n, numel)
+    magnitude = fused.histogram_bytes(n) + (fused.capture_bytes(n, numel) if params.sparsify == "magnitude" else 0)
     extra = {"none": 0, "random": n * ((numel + 7) // 8)}.get(params.sparsify, magnitude)
     return Need(4 * block + extra + fused.RUNTIME_BYTES, transfer=block)
 

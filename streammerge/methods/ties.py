@@ -277,7 +277,10 @@ def count_thresholds(counts: fused.MagnitudeStored, inputs, blocks: list, select
     other tensors, gets a pass of low bits of its own (one bin per expert and pass; a breadcrumbs
     window's two thresholds share it where they share a bin). The guess decides only how many
     passes are made: the counts, and so the thresholds, are the same. `capture`: the spanned pass
-    also keeps where the entries of its bins are, for MagnitudeStored.combine's tie counts."""
+    also keeps where the entries of its bins are, for MagnitudeStored.combine's tie counts; not for
+    breadcrumbs, whose top bound lies far from the span, so that a pass counts its ties anyway
+    (measured: bench/results/README.md, "Round ten")."""
+    capture = capture and all(len(sel) <= 1 for sel in selects)
     high_only = [-1 if sel else -2 for sel in selects]
     lo, spans = high_only, False
     if fused.SPAN_ELEMENTS[0] <= numel < fused.SPAN_ELEMENTS[1]:
