@@ -597,7 +597,7 @@ def test_thresholds_guessed_from_a_sample_are_the_thresholds_of_two_passes(spars
             mp.setattr(fused, "SPAN_ELEMENTS", (1, 1 << 31) if span else (0, 0))
             if missed:  # a guess far below every threshold
                 mp.setattr(gta.ties, "guessed_span", lambda sel, sample, numel: 0 if sel else -2)
-            for name in ("count", "count_span"):
+            for name in ("count_low", "count_span"):
                 real = getattr(fused.MagnitudeStored, name)
                 every = lambda self, *a, _r=real, **kw: passes.append(a[3] if len(a) > 3 else 1) or _r(self, *a, **kw)  # noqa: E731
                 mp.setattr(fused.MagnitudeStored, name, every)

@@ -292,8 +292,8 @@ _MAGNITUDE_STORED: dict = {}  # MagnitudeStored.for_experts
 
 class MagnitudeStored:
     """gta's magnitude sparsifier and combine of bf16 tensors as stored, in row blocks: thresholds
-    from histograms of the task vectors widened in the kernel (`count` over every block, once for
-    the high bits and once for the low, or `count_span`: a sample, then both in one pass, as
+    from histograms of the task vectors widened in the kernel (`count_span` of the high bits over
+    every block, then `count_low` of the low bits; or a sample, then both in one `count_span`, as
     methods/ties.count_thresholds decides), then `combine` of each block in order, the tie counters
     running on across blocks (math/fused_kernels.py; gta.magnitude_stored says when)."""
 
@@ -318,20 +318,18 @@ class MagnitudeStored:
             _MAGNITUDE_STORED[key] = cls(n_experts)
         return _MAGNITUDE_STORED[key]
 
-    def histogram(self, experts: list[torch.Tensor], base: torch.Tensor, chosen: list[int]) -> None:
-        """Count one block (chosen[i]: −1 the high bits, a bin its low bits, −2 skip expert i)."""
+    def count_low(self, inputs, blocks: list, chosen: list[int]) -> torch.Tensor:
+        """The low bits of the magnitudes in bin chosen[i] of high bits (< 0: expert i skipped) over
+        every block (`inputs(rows)`: the block's base and experts as stored), (expert, 2¹⁶), summed
+        over the parts; counting starts again at zero. The high bits: count_span."""
         import numpy as np
 
-        bits = _stored_bits([base, *experts])
-        _threads()
-        _load()._histogram_bf16(bits[1:], bits[0], np.asarray(chosen, dtype=np.int64), self.hist, self.parts)
-
-    def count(self, inputs, blocks: list, chosen: list[int]) -> torch.Tensor:
-        """`histogram` of every block (`inputs(rows)`: the block's base and experts as stored), then
-        the counts, (expert, 2¹⁶), summed over the parts; counting starts again at zero."""
+        chosen_bins = np.asarray(chosen, dtype=np.int64)
         for rows in blocks:
             base, experts = inputs(rows)
-            self.histogram(experts, base, chosen)
+            bits = _stored_bits([base, *experts])
+            _threads()
+            _load()._histogram_low_bf16(bits[1:], bits[0], chosen_bins, self.hist, self.parts)
         out = torch.from_numpy(self.hist.sum(axis=0))
         self.hist[:] = 0
         return out
@@ -345,7 +343,7 @@ class MagnitudeStored:
         import numpy as np
 
         chosen = np.asarray(lo if every == 1 else [-2 if c == -2 else -1 for c in lo], dtype=np.int64)
-        if every == 1:
+        if (chosen >= 0).any():
             if self.span_counted:
                 self.span[:] = 0
             self.span_counted = True
@@ -354,7 +352,7 @@ class MagnitudeStored:
         for rows in blocks:
             base, experts = inputs(rows)
             bits = _stored_bits([base, *experts])
-            cap = -(-base.numel() // (self.parts * CAPTURE_SHARE)) if capture and every == 1 else 0
+            cap = -(-base.numel() // (self.parts * CAPTURE_SHARE)) if capture and (chosen >= 0).any() else 0
             at = np.empty((self.parts, n_exp, cap), dtype=np.int32)
             code = np.empty((self.parts, n_exp, cap), dtype=np.int32)
             found = np.zeros((self.parts, n_exp), dtype=np.int64)

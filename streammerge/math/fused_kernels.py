@@ -249,46 +249,47 @@ def _disjoint(vectors, base, out, undecided, mean, lam, parts_n):  # pragma: no 
     return _total(balances)
 
 
+@numba.njit(inline="always")
+def _task_vector_bits(expert, j0, m, w0, tau_bits, tau):  # pragma: no cover - compiled
+    """tau[k] = expert's entry j0 + k, widened (_widen into tau_bits, tau's bits), − w0[k], k < m: τ
+    in float32 as torch subtracts."""
+    _widen(expert, j0, m, tau_bits)
+    for k in range(m):
+        tau[k] = tau[k] - w0[k]
+
+
 @_jit
-def _histogram_bf16(experts, base, chosen, parts_hist, parts_n):  # pragma: no cover - compiled
-    """_histogram of every expert's task vector |W_i − W₀|, widened from the bf16 tensors as stored
-    (_widen): chosen[i] −1 counts the high 16 bits, ≥ 0 the low 16 bits of the magnitudes in that
-    high bin, −2 skips expert i. Counts go to parts_hist[part, i], which the caller sums (integers:
-    the split does not change the totals)."""
+def _histogram_low_bf16(experts, base, chosen, parts_hist, parts_n):  # pragma: no cover - compiled
+    """The low 16 bits of the magnitudes |W_i − W₀| (widened from the bf16 tensors as stored) whose
+    high 16 bits are chosen[i] (< 0: expert i skipped), counted into parts_hist[part, i], which the
+    caller sums (integers: the split does not change the totals). The high bits: _histogram_span_bf16."""
     n_exp = len(experts)
     n = base.size
     step = (n + parts_n - 1) // parts_n
     for p in numba.prange(parts_n):
         bits = np.empty((2, WIDEN), dtype=np.uint32)
         wide = bits.view(np.float32)
-        w0, tau = wide[0], wide[1]
-        tau_bits = bits[1]
         end = min(n, (p + 1) * step)
         for j0 in range(p * step, end, WIDEN):
             m = min(WIDEN, end - j0)
             _widen(base, j0, m, bits[0])
             for i in range(n_exp):
                 c = chosen[i]
-                if c == -2:
+                if c < 0:
                     continue
                 h = parts_hist[p, i]
-                _widen(experts[i], j0, m, tau_bits)
+                _task_vector_bits(experts[i], j0, m, wide[0], bits[1], wide[1])
                 for k in range(m):
-                    tau[k] = tau[k] - w0[k]
-                if c == -1:
-                    for k in range(m):
-                        h[_magnitude_of(tau_bits[k]) >> 16] += 1
-                else:
-                    for k in range(m):
-                        b = _magnitude_of(tau_bits[k])
-                        if (b >> 16) == c:
-                            h[b & 0xFFFF] += 1
+                    b = _magnitude_of(bits[1, k])
+                    if (b >> 16) == c:
+                        h[b & 0xFFFF] += 1
 
 
 @_jit
 def _histogram_span_bf16(experts, base, lo, every, parts_hist, parts_span, parts_n, cap_at, cap_code,
                          cap_n):  # pragma: no cover - compiled  # fmt: skip
-    """_histogram_bf16's count of the high 16 bits of every |W_i − W₀| (lo[i] −2 skips expert i) and,
+    """The high 16 bits of every magnitude |W_i − W₀| (widened from the bf16 tensors as stored; lo[i]
+    −2 skips expert i) counted into parts_hist[part, i] and,
     in the same pass, where lo[i] ≥ 0, the low 16 bits of those whose high bits lie in [lo[i],
     lo[i] + span): parts_span[part, i, high − lo[i]]; those entries' indices and codes ((high −
     lo[i]) << 16 | low) go to cap_at and cap_code[part, i, c] while c < their size, and cap_n[part, i]
@@ -302,7 +303,6 @@ def _histogram_span_bf16(experts, base, lo, every, parts_hist, parts_span, parts
     for p in numba.prange(parts_n):
         bits = np.empty((2, WIDEN), dtype=np.uint32)
         wide = bits.view(np.float32)
-        w0, tau = wide[0], wide[1]
         tau_bits = bits[1]
         end = min(n, (p + 1) * step)
         for run, j0 in enumerate(range(p * step, end, WIDEN)):
@@ -315,9 +315,7 @@ def _histogram_span_bf16(experts, base, lo, every, parts_hist, parts_span, parts
                 if first == -2:
                     continue
                 h = parts_hist[p, i]
-                _widen(experts[i], j0, m, tau_bits)
-                for k in range(m):
-                    tau[k] = tau[k] - w0[k]
+                _task_vector_bits(experts[i], j0, m, wide[0], tau_bits, wide[1])
                 if first < 0:
                     for k in range(m):
                         h[_magnitude_of(tau_bits[k]) >> 16] += 1
@@ -356,7 +354,6 @@ def _tie_counts_bf16(experts, base, bounds, modes, ties, parts_n):  # pragma: no
     for p in numba.prange(parts_n):
         bits = np.empty((2, WIDEN), dtype=np.uint32)
         wide = bits.view(np.float32)
-        w0, tau = wide[0], wide[1]
         end = min(n, (p + 1) * step)
         for j0 in range(p * step, end, WIDEN):
             m = min(WIDEN, end - j0)
@@ -364,9 +361,7 @@ def _tie_counts_bf16(experts, base, bounds, modes, ties, parts_n):  # pragma: no
             for i in range(n_exp):
                 if modes[i, 0] != COUNT and modes[i, 1] != COUNT:
                     continue
-                _widen(experts[i], j0, m, bits[1])
-                for k in range(m):
-                    tau[k] = tau[k] - w0[k]
+                _task_vector_bits(experts[i], j0, m, wide[0], bits[1], wide[1])
                 for b in range(2):
                     if modes[i, b] == COUNT:
                         bound = bounds[i, b]

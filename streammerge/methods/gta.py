@@ -338,8 +338,7 @@ def magnitude_stored(task: TensorTask, sps: list[Sparsifier], params: GtaParams)
     blocks = task.row_blocks()
     counts = fused.MagnitudeStored.for_experts(len(sps))
     numel = math.prod(task.shape)
-    capture = fused.capture_bytes(len(sps), numel) > 0
-    ties.count_thresholds(counts, inputs, blocks, [sp.selects for sp in sps], numel, capture)
+    ties.count_thresholds(counts, inputs, blocks, [sp.selects for sp in sps], numel, captures(params, len(sps), numel))
     bounds, windows, equals = [], [], []
     for sp in sps:
         sp.ready()
@@ -371,6 +370,14 @@ def magnitude_stored(task: TensorTask, sps: list[Sparsifier], params: GtaParams)
         return map_row_blocks(task, block)
     finally:
         counts.captured.clear()
+
+
+def captures(params: GtaParams, n_experts: int, numel: int) -> bool:
+    """Whether magnitude_stored's spanned pass keeps where its bins' entries lie, so that the combine
+    counts its ties from there (fused.MagnitudeStored.captured_ties): TIES's one threshold, within
+    fused.CAPTURE_BYTES; not breadcrumbs, whose top bound lies far from the span, so that a pass
+    counts its ties anyway (measured: no gain; bench/results/README.md, "Round ten")."""
+    return params.sparsify == "magnitude" and fused.capture_bytes(n_experts, numel) > 0
 
 
 def random_stored(task: TensorTask, sps: list[Sparsifier]) -> Callable[[GtaParams], torch.Tensor] | None:
@@ -506,7 +513,7 @@ def stored_memory(name: str, shape: tuple[int, ...], n: int, params: GtaParams):
     from .base import BLOCK_ELEMENTS
 
     block = min(numel, BLOCK_ELEMENTS)
-    magnitude = fused.histogram_bytes(n) + (fused.capture_bytes(n, numel) if params.sparsify == "magnitude" else 0)
+    magnitude = fused.histogram_bytes(n) + (fused.capture_bytes(n, numel) if captures(params, n, numel) else 0)
     extra = {"none": 0, "random": n * ((numel + 7) // 8)}.get(params.sparsify, magnitude)
     return Need(4 * block + extra + fused.RUNTIME_BYTES, transfer=block)
 

@@ -277,10 +277,8 @@ def count_thresholds(counts: fused.MagnitudeStored, inputs, blocks: list, select
     other tensors, gets a pass of low bits of its own (one bin per expert and pass; a breadcrumbs
     window's two thresholds share it where they share a bin). The guess decides only how many
     passes are made: the counts, and so the thresholds, are the same. `capture`: the spanned pass
-    also keeps where the entries of its bins are, for MagnitudeStored.combine's tie counts; not for
-    breadcrumbs, whose top bound lies far from the span, so that a pass counts its ties anyway
-    (measured: bench/results/README.md, "Round ten")."""
-    capture = capture and all(len(sel) <= 1 for sel in selects)
+    also keeps where the entries of its bins are, for MagnitudeStored.combine's tie counts
+    (gta.captures says when)."""
     high_only = [-1 if sel else -2 for sel in selects]
     lo, spans = high_only, False
     if fused.SPAN_ELEMENTS[0] <= numel < fused.SPAN_ELEMENTS[1]:
@@ -288,7 +286,7 @@ def count_thresholds(counts: fused.MagnitudeStored, inputs, blocks: list, select
         lo = [guessed_span(sel, sample[i], numel) for i, sel in enumerate(selects)]
         highs, spans = counts.count_span(inputs, blocks, lo, capture=capture), True
     else:
-        highs = counts.count(inputs, blocks, high_only)
+        highs = counts.count_span(inputs, blocks, high_only)
     found = [[False] * len(sel) for sel in selects]
     for i, sel in enumerate(selects):
         for j, s in enumerate(sel):
@@ -304,7 +302,7 @@ def count_thresholds(counts: fused.MagnitudeStored, inputs, blocks: list, select
             chosen[i] = missing[0] if missing else -2
         if all(c == -2 for c in chosen):
             return
-        lows = counts.count(inputs, blocks, chosen)
+        lows = counts.count_low(inputs, blocks, chosen)
         for i, sel in enumerate(selects):
             for j, s in enumerate(sel):
                 if not found[i][j] and s.low_bin() == chosen[i]:
