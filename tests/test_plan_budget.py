@@ -118,6 +118,29 @@ def test_planned_peak_is_within_25_percent_of_measured(method, extra, one_big_te
     print(f"{method} {' '.join(extra)}: planned {planned / 1e6:.0f} MB, measured {measured / 1e6:.0f} MB")
 
 
+def test_a_result_written_in_place_is_not_planned_as_a_float32_block(one_big_tensor, tmp_path):
+    """gta's kernels write a bf16 result in the output's own rows (TensorTask.store_into), so the
+    plan holds no float32 result block for it; a float32 output, or --report (whose statistics
+    see the result before it is stored), makes that block and plans it."""
+    from streammerge.methods.base import BLOCK_ELEMENTS
+
+    base = os.path.join(one_big_tensor, "base")
+    experts = tuple(Expert(e, weight=1.0) for e in experts_of(one_big_tensor))
+
+    def host(dtype: str | None = None, report: str | None = None) -> int:
+        recipe = Recipe("gta", base, experts, str(tmp_path / "out"), {"sparsify": "magnitude", "density": 0.5},
+                        dtype=dtype)  # fmt: skip
+        m = Merge(recipe, RunOptions(device="cpu", quiet=True, report=report))
+        try:
+            return next(t.host_bytes for t in m.plan.tensors if t.name == "big.weight")
+        finally:
+            m.close()
+
+    in_place = host()
+    assert host(report=str(tmp_path / "report.json")) - in_place == 4 * BLOCK_ELEMENTS
+    assert host(dtype="float32") - in_place >= 4 * BLOCK_ELEMENTS
+
+
 @pytest.fixture(scope="module")
 def one_wide_tensor(tmp_path_factory) -> str:
     """A wide weight (out < in): OrthoMerge-C's subspace grows with the conflicting rows only."""

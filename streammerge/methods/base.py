@@ -337,9 +337,10 @@ class Method:
     # What to say of an unknown parameter that belongs elsewhere (its dataclass field name: `lambda_`)
     param_hints: dict[str, str] = field(default_factory=dict)
     # Its peak where every input of a tensor is stored in bf16 and read as stored on the CPU by the
-    # fused kernels (float32 arithmetic): (name, shape, n_experts, params) -> plan.Need, or None
-    # where these parameters take the float32 code (then `memory` holds)
-    stored_memory: Callable[[str, tuple[int, ...], int, Any], Any] | None = None
+    # fused kernels (float32 arithmetic): (name, shape, n_experts, params, in_place) -> plan.Need, or
+    # None where these parameters take the float32 code (then `memory` holds); in_place: the result
+    # may be written in the output's own rows (TensorTask.store_into: a bf16 output, no --report)
+    stored_memory: Callable[[str, tuple[int, ...], int, Any, bool], Any] | None = None
     # True where, every input being a stored checkpoint, the method reads each input's row blocks
     # (TensorTask.row_blocks) once and in order, holding no view of one past its release: the
     # engine may then read those blocks ahead into reused buffers (engine/reads.py).

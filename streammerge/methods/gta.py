@@ -497,10 +497,11 @@ def memory(name: str, shape: tuple[int, ...], n: int, params: GtaParams, itemsiz
     return Need(int((n + 8) * block * itemsize) + runtime, transfer=block)
 
 
-def stored_memory(name: str, shape: tuple[int, ...], n: int, params: GtaParams):
+def stored_memory(name: str, shape: tuple[int, ...], n: int, params: GtaParams, in_place: bool = False):
     """Where the inputs are read as stored (combine_stored, magnitude_stored, random_stored): a
-    float32 result block, for magnitude sparsifiers the histograms (fused.MagnitudeStored and
-    RadixSelect's), for random ones each expert's mask as bits, and numba's runtime. Random
+    float32 result block unless the kernels write the result in place (`in_place`), for magnitude
+    sparsifiers the histograms (fused.MagnitudeStored and RadixSelect's), for random ones each
+    expert's mask as bits, and numba's runtime. Random
     sparsifiers take that path only where numba's draws pass their check against the installed
     torch (math/torch_rand.py); elsewhere they keep the float32 code, which `memory` plans."""
     numel = math.prod(shape)
@@ -518,7 +519,8 @@ def stored_memory(name: str, shape: tuple[int, ...], n: int, params: GtaParams):
     capture = fused.capture_bytes(n, numel) // 2 if captures(params, n, numel) else 0
     magnitude = fused.histogram_bytes(n) + capture
     extra = {"none": 0, "random": n * ((numel + 7) // 8)}.get(params.sparsify, magnitude)
-    return Need(4 * block + extra + fused.RUNTIME_BYTES, transfer=block)
+    result = 0 if in_place else 4 * block
+    return Need(result + extra + fused.RUNTIME_BYTES, transfer=block)
 
 
 EXPERT_PARAMS = {"weight": REQUIRED, "density": 1.0, "gamma": 0.01, "epsilon": 0.15}

@@ -478,9 +478,10 @@ def memory(name: str, shape: tuple[int, ...], n: int, params: TiesParams, itemsi
     return Need(int((n + 7) * block * itemsize), transfer=block)
 
 
-def stored_memory(name: str, shape: tuple[int, ...], n: int, params: TiesParams):
-    """Where the inputs are read as stored (merge_stored): a float32 result block, the undecided
-    entries' mask, the histograms, numba's runtime."""
+def stored_memory(name: str, shape: tuple[int, ...], n: int, params: TiesParams, in_place: bool = False):
+    """Where the inputs are read as stored (merge_stored): a float32 result block (its kernel does
+    not write in place, whatever `in_place` says), the undecided entries' mask, the histograms,
+    numba's runtime."""
     if math.prod(shape) < fused.MIN_ELEMENTS:
         return None
     block = min(math.prod(shape), BLOCK_ELEMENTS)
