@@ -38,12 +38,13 @@ def _histogram(values, chosen, hist_out, parts_n):  # pragma: no cover - compile
     step = (n + parts_n - 1) // parts_n
     for p in numba.prange(parts_n):
         h = parts[p]
+        part = bits[p * step : min(n, (p + 1) * step)]
         if chosen < 0:
-            for j in range(p * step, min(n, (p + 1) * step)):
-                h[(bits[j] & 0x7FFFFFFF) >> 16] += 1
+            for j in range(part.size):
+                h[(part[j] & 0x7FFFFFFF) >> 16] += 1
         else:
-            for j in range(p * step, min(n, (p + 1) * step)):
-                b = bits[j] & 0x7FFFFFFF
+            for j in range(part.size):
+                b = part[j] & 0x7FFFFFFF
                 if (b >> 16) == chosen:
                     h[b & 0xFFFF] += 1
     for p in range(parts_n):
@@ -63,8 +64,9 @@ def _mask_magnitude(values, bound, lo, hi, seen_before, weight, parts_n):  # pra
     ties = _zeros(parts_n + 1)
     for p in numba.prange(parts_n):
         t = 0
-        for j in range(p * step, min(n, (p + 1) * step)):
-            t += abs(values[j]) == bound
+        part = values[p * step : min(n, (p + 1) * step)]
+        for j in range(part.size):
+            t += abs(part[j]) == bound
         ties[p + 1] = t
     for p in range(parts_n):
         ties[p + 1] += ties[p]
@@ -72,14 +74,15 @@ def _mask_magnitude(values, bound, lo, hi, seen_before, weight, parts_n):  # pra
     one, zero = np.float32(1.0), np.float32(0.0)
     for p in numba.prange(parts_n):
         tie = seen_before + ties[p]
-        for j in range(p * step, min(n, (p + 1) * step)):
-            v = values[j]
+        part = values[p * step : min(n, (p + 1) * step)]
+        for j in range(part.size):
+            v = part[j]
             a = abs(v)
             keep = np.float32((a > bound) | (a != a))  # no branch: half the entries go each way
             if a == bound:
                 keep = one if lo <= tie < hi else zero
                 tie += 1
-            values[j] = (v * keep) * w
+            part[j] = (v * keep) * w
     return ties[parts_n]
 
 
@@ -90,13 +93,19 @@ def _sign(x):  # pragma: no cover - compiled; as torch.sign: ±1, and +0 for ±0
 
 WIDEN = 2048  # entries at a time in the row-wise kernels (their buffers stay in the L1/L2 cache)
 
+# The row-wise helpers index slices from 0 (`src = stored[j0 : j0 + m]`, then src[k]), never
+# stored[j0 + k]: numba wraps a signed index that may be negative (x[-1] is the last entry), and
+# that select on every access keeps LLVM from vectorising the loop; k from range(m) is known not to
+# be. The same arithmetic, 2.8x faster where it was the loop (bench/results/README.md, "Round eleven").
+
 
 @numba.njit(inline="always")
 def _widen(stored, j0, m, row):  # pragma: no cover - compiled
     """row[k] = the float32 bits of bf16 stored[j0 + k], k < m: exact, the bits shifted up by 16, as
     torch converts."""
+    src = stored[j0 : j0 + m]
     for k in range(m):
-        row[k] = np.uint32(stored[j0 + k]) << np.uint32(16)
+        row[k] = np.uint32(src[k]) << np.uint32(16)
 
 
 @numba.njit(inline="always")
@@ -111,21 +120,21 @@ def _mixed_rows(vectors, v0, base, b0, m, out, j0, mixed, scratch, weights, cons
         mixed[k] = zero
     if consensus == 0:
         for i in range(n_exp):
-            v = vectors[i]
+            v = vectors[i][v0 : v0 + m]
             for k in range(m):
-                mixed[k] += v[v0 + k]
+                mixed[k] += v[k]
         if normalize:
             for k in range(m):
                 mixed[k] = mixed[k] / divisor_none
     else:
         for i in range(n_exp):
-            v = vectors[i]
+            v = vectors[i][v0 : v0 + m]
             if consensus == 1:
                 for k in range(m):
-                    mixed[k] += v[v0 + k]
+                    mixed[k] += v[k]
             else:
                 for k in range(m):
-                    mixed[k] += _sign(v[v0 + k])
+                    mixed[k] += _sign(v[k])
         majority = scratch[0]
         divisor = scratch[1]
         for k in range(m):
@@ -133,11 +142,11 @@ def _mixed_rows(vectors, v0, base, b0, m, out, j0, mixed, scratch, weights, cons
             mixed[k] = zero
             divisor[k] = zero
         for i in range(n_exp):
-            v = vectors[i]
+            v = vectors[i][v0 : v0 + m]
             w = weights[i]
             for k in range(m):
-                agree = np.float32(_sign(v[v0 + k]) == majority[k])
-                mixed[k] += v[v0 + k] * agree
+                agree = np.float32(_sign(v[k]) == majority[k])
+                mixed[k] += v[k] * agree
                 divisor[k] += agree * w
         for k in range(m):
             divisor[k] += np.float32(divisor[k] == 0)  # 0 (or −0) → 1, as masked_fill
@@ -147,8 +156,9 @@ def _mixed_rows(vectors, v0, base, b0, m, out, j0, mixed, scratch, weights, cons
     if lam != 1:
         for k in range(m):
             mixed[k] = mixed[k] * lam32
+    dest, w0 = out[j0 : j0 + m], base[b0 : b0 + m]
     for k in range(m):
-        out[j0 + k] = mixed[k] + base[b0 + k]
+        dest[k] = mixed[k] + w0[k]
 
 
 @numba.njit(inline="always")
@@ -159,15 +169,17 @@ def _store(row, m, out, out16, j0):  # pragma: no cover - compiled
     the caller leaves those to torch (its NaN bits depend on its code path, and the result's check
     sees float32 values)."""
     if out16.size == 0:
+        dest = out[j0 : j0 + m]
         for k in range(m):
-            out[j0 + k] = row[k]
+            dest[k] = row[k]
         return 0
     bits = row.view(np.uint32)
+    dest16 = out16[j0 : j0 + m]
     bad = 0
     for k in range(m):
         b = np.int64(bits[k])
         h = (b + ((b >> 16) & 1) + 0x7FFF) >> 16
-        out16[j0 + k] = np.uint16(h & 0xFFFF)
+        dest16[k] = np.uint16(h & 0xFFFF)
         bad += ((b & 0x7F800000) == 0x7F800000) | ((h & 0x7F80) == 0x7F80)
     return bad
 
@@ -183,32 +195,33 @@ def _disjoint_rows(vectors, v0, base, b0, m, out, undecided, j0, total, sign, co
     n_exp = len(vectors)
     one, zero = np.float32(1.0), np.float32(0.0)
     balance = 0
+    dest, flag, w0 = out[j0 : j0 + m], undecided[j0 : j0 + m], base[b0 : b0 + m]
     for k in range(m):
         total[k] = zero
     for i in range(n_exp):
-        v = vectors[i]
+        v = vectors[i][v0 : v0 + m]
         for k in range(m):
-            total[k] += v[v0 + k]
+            total[k] += v[k]
     for k in range(m):
         s = _sign(total[k])
         balance += np.int64(s)
         sign[k] = s + np.float32(s == 0)
-        undecided[j0 + k] = s == 0
+        flag[k] = s == 0
         total[k] = zero
         count[k] = zero
     for i in range(n_exp):
-        v = vectors[i]
+        v = vectors[i][v0 : v0 + m]
         for k in range(m):
-            x = v[v0 + k]
+            x = v[k]
             agree = np.float32((_sign(x) == sign[k]) & (x != 0))
             total[k] += x * agree
             count[k] += agree
     for k in range(m):
-        undecided[j0 + k] = undecided[j0 + k] & (count[k] > 0)
+        flag[k] = flag[k] & (count[k] > 0)
         t = total[k]
         if mean:
             t = t / max(count[k], one)
-        out[j0 + k] = base[b0 + k] + lam32 * t
+        dest[k] = w0[k] + lam32 * t
     return balance
 
 
@@ -546,8 +559,9 @@ def _mt_uniform(mt, pos, out):  # pragma: no cover - compiled
             _mt_twist(mt)
             pos = 0
         m = min(MT_N - pos, n - j)
+        words, dest = mt[pos : pos + m], out[j : j + m]
         for k in range(m):
-            out[j + k] = np.float32(_mt_low24(mt[pos + k])) * scale
+            dest[k] = np.float32(_mt_low24(words[k])) * scale
         j += m
         pos += m
     return pos
@@ -619,8 +633,9 @@ def _chunk_sum(values, bits, j0, j1):  # pragma: no cover - compiled
     pattern, the least found less one, where 0 − 1 wraps to the largest: no branch)."""
     least = np.uint64(0xFFFFFFFFFFFFFFFF)
     most = np.uint64(0)
-    for j in range(j0, j1):
-        b = np.uint64(bits[j] & np.uint32(0x7FFFFFFF))
+    chunk = bits[j0:j1]
+    for j in range(j1 - j0):
+        b = np.uint64(chunk[j] & np.uint32(0x7FFFFFFF))
         least = min(least, b - np.uint64(1))
         most = max(most, b)
     return _plain_sum(values[j0:j1], j1 - j0), least + np.uint64(1), most
@@ -696,10 +711,11 @@ def _mt_keep(values, mt, pos, threshold, keep_if_below):  # pragma: no cover - c
             _mt_twist(mt)
             pos = 0
         m = min(MT_N - pos, n - j)
+        words, dest = mt[pos : pos + m], values[j : j + m]
         for k in range(m):
-            keep[k] = np.float32((_mt_low24(mt[pos + k]) < threshold) == keep_if_below)
+            keep[k] = np.float32((_mt_low24(words[k]) < threshold) == keep_if_below)
         for k in range(m):
-            values[j + k] = values[j + k] * keep[k]
+            dest[k] = dest[k] * keep[k]
         j += m
         pos += m
     return pos
@@ -716,8 +732,9 @@ def _mt_keep_bits(mt, pos, threshold, keep_if_below, keep, bit0, n, flags):  # p
             _mt_twist(mt)
             pos = 0
         m = min(MT_N - pos, n - j)
+        words = mt[pos : pos + m]
         for k in range(m):
-            flags[k] = (_mt_low24(mt[pos + k]) < threshold) == keep_if_below
+            flags[k] = (_mt_low24(words[k]) < threshold) == keep_if_below
         k = 0
         while k < m:  # whole bytes at once where 8 flags fill one (no read-modify-write chain)
             b = bit0 + j + k
@@ -757,11 +774,14 @@ def _unpack(keep, b0, m, out):  # pragma: no cover - compiled
     while k < m and (b0 + k) & 7 != 0:
         out[k] = _kept(keep, b0 + k)
         k += 1
-    while k + 8 <= m:
-        byte = keep[(b0 + k) >> 3]
+    whole = (m - k) >> 3
+    first = (b0 + k) >> 3
+    src, dest = keep[first : first + whole], out[k : k + 8 * whole]
+    for q in range(whole):
+        byte = src[q]
         for t in range(8):
-            out[k + t] = np.float32((byte >> t) & 1)
-        k += 8
+            dest[8 * q + t] = np.float32((byte >> t) & 1)
+    k += 8 * whole
     while k < m:
         out[k] = _kept(keep, b0 + k)
         k += 1
