@@ -63,6 +63,12 @@ def main() -> None:
     assert high.shape[0] == 3
     keep_all = [((0, 0), (0, 0))] * 3  # no window: ties at a bound go by modes NONE (0 ≤ lo, hi ≤ 0)
 
+    def ties_combine():
+        bounds = [(m, fused_never()) for m in medians]
+        into = torch.empty(base.shape, dtype=torch.bfloat16)
+        seen = [[0, 0] for _ in range(3)]
+        stored.combine(experts, base, bounds, keep_all, [(0, 0)] * 3, seen, weights, "sum", True, 1.0, into)
+
     steps = {
         "masks drawn as bits": draw,
         "both L1 norms": norms,
@@ -82,10 +88,7 @@ def main() -> None:
         "TIES: high bits, a span's low bits and their capture": lambda: stored.count_span(
             inputs, whole, [b - 1 for b in bins], 1, True
         ),
-        "TIES: mergekit's combine (density 0.5, sign election), rounding to bf16": lambda: stored.combine(
-            experts, base, [(m, fused_never()) for m in medians], keep_all, [(0, 0)] * 3, [[0, 0] for _ in range(3)],
-            weights, "sum", True, 1.0, torch.empty(base.shape, dtype=torch.bfloat16),
-        ),  # fmt: skip
+        "TIES: mergekit's combine (density 0.5, sign election), rounding to bf16": ties_combine,
         "ties (ours): trim and disjoint merge": lambda: stored.disjoint(experts, base, medians, weights, False, 1.0),
     }
     ns = {}
