@@ -334,16 +334,17 @@ def _histogram_span_bf16(experts, base, lo, every, parts_hist, parts_span, parts
                         h[_magnitude_of(tau_bits[k]) >> 16] += 1
                 else:
                     span = parts_span[p, i]
+                    at, codes = cap_at[p, i], cap_code[p, i]
                     c = cap_n[p, i]
                     for k in range(m):
                         b = _magnitude_of(tau_bits[k])
                         h[b >> 16] += 1
                         d = (b >> 16) - first
-                        if d >= 0 and d < width:
+                        if np.uint64(d) < np.uint64(width):  # 0 <= d < width in one comparison
                             span[d, b & 0xFFFF] += 1
                             if c < cap:
-                                cap_at[p, i, c] = j0 + k
-                                cap_code[p, i, c] = (d << 16) | (b & 0xFFFF)
+                                at[c] = j0 + k
+                                codes[c] = (d << 16) | (b & 0xFFFF)
                             c += 1
                     cap_n[p, i] = c
 
