@@ -545,12 +545,18 @@ def test_a_nan_in_a_tensor_the_kernels_round_still_stops_the_merge_naming_its_fi
 
     from streammerge.engine.tensors import TensorComputer
 
-    tasks = []
+    tasks, kept = [], []
     with pytest.MonkeyPatch.context() as mp:
         real = TensorComputer.task
         mp.setattr(TensorComputer, "task", lambda self, t, s=None: tasks.append(real(self, t, s)) or tasks[-1])
+        real_kept = fused.MagnitudeStored.for_experts.__func__
+        mp.setattr(
+            fused.MagnitudeStored, "for_experts", classmethod(lambda c, n: kept.append(real_kept(c, n)) or kept[-1])
+        )
         run("clean")
     assert [t.vouched_finite for t in tasks] == [True]
+    # the histograms kept from tensor to tensor (MagnitudeStored.for_experts) go when the merge ends
+    assert bool(kept) == (sparsify == "magnitude") and not fused._MAGNITUDE_STORED
     bad = dict(load_file(str(tmp_path / "e2" / "model.safetensors")))
     bad["w"][300, 7] = float("nan")
     save_file(bad, str(tmp_path / "e2" / "model.safetensors"))

@@ -290,6 +290,12 @@ def capture_bytes(n_experts: int, numel: int) -> int:
 _MAGNITUDE_STORED: dict = {}  # MagnitudeStored.for_experts
 
 
+def release() -> None:
+    """Drop what MagnitudeStored.for_experts keeps from tensor to tensor (the engine, when a merge
+    ends: a process that merges again, or does other work, does not hold it)."""
+    _MAGNITUDE_STORED.clear()
+
+
 class MagnitudeStored:
     """gta's magnitude sparsifier and combine of bf16 tensors as stored, in row blocks: thresholds
     from histograms of the task vectors widened in the kernel (`count_span` of the high bits over
