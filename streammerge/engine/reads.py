@@ -23,9 +23,10 @@ from .inputs import Shard
 READ_SLOTS = 2  # groups held at once: the one being merged and the next, being read
 MAX_GROUP = 128 * 1024 * 1024  # a larger group (a single row longer than that) is hinted instead
 # a tensor whose bytes from every input exceed this is hinted where its method reads it more than
-# once (the 0.5 B preset's MLP weights, 35 MB from four inputs, are read into buffers; an 8B
-# model's, 470 MB, are not)
-MAX_WHOLE = 64 * 1024 * 1024
+# once (the 0.5 B preset's MLP weights, 35 MB from four inputs, and the 1.5 B preset's, 110 MB, are
+# read into buffers; an 8B model's, 470 MB, are not). At 64 MB the 1.5 B TIES merge read those
+# through the page cache: 1.3-1.6x the time cold, 176 MB less at its peak (bench/results/README.md)
+MAX_WHOLE = 128 * 1024 * 1024
 
 
 def read_items(base, experts: list, shards: list[Shard], in_blocks: Callable[[str], bool]) -> list[ReadItem]:
