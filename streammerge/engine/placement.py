@@ -67,8 +67,8 @@ def make_plan(inputs: MergeInputs, device: torch.device, options: RunOptions, st
             if as_stored:
                 stored = [DTYPES.get(src.info(t.name).dtype) for src in sources]
                 if fused.reads_stored(inputs.compute_dtype, device.type, stored, numel):  # type: ignore[arg-type]
-                    # the kernels write a bf16 result in place (TensorTask.store_dtype: not under --report)
-                    in_place = t.dtype == "BF16" and options.report is None
+                    # the kernels' rule (fused.rounds_into), and TensorTask.store_dtype's: not under --report
+                    in_place = fused.rounds_into(DTYPES[t.dtype]) and options.report is None
                     need = method.stored_memory(t.name, t.shape, n, params, in_place) or need  # type: ignore[misc]
             # the result is held until written; the writer thread may still be writing the previous one
             placed, gpu_bytes, host_bytes, note = place(

@@ -164,6 +164,11 @@ def combine_bf16(experts: list[torch.Tensor], weights, base: torch.Tensor, conse
                                lambda_, into)  # fmt: skip
 
 
+def rounds_into(dtype: torch.dtype) -> bool:
+    """Whether the combine kernels write a result of this output dtype in place (_rounded): bf16."""
+    return dtype == torch.bfloat16
+
+
 def _rounded(kernel, shape, into: torch.Tensor | None) -> torch.Tensor:
     """kernel(out, out16), a combine kernel writing its float32 result to `out` or rounded to bf16 in
     `out16` (math/fused_kernels.py _store), run for the result: `into` (a bf16 tensor of `shape`,
@@ -172,7 +177,7 @@ def _rounded(kernel, shape, into: torch.Tensor | None) -> torch.Tensor:
     float32, as torch's code leaves it for the caller to convert (and `into` is to be overwritten)."""
     import numpy as np
 
-    if into is not None and into.dtype == torch.bfloat16:
+    if into is not None and rounds_into(into.dtype):
         if kernel(np.empty(0, np.float32), _flat(into.view(torch.int16)).view("uint16")) == 0:
             return into
     out = torch.empty(shape, dtype=torch.float32)
