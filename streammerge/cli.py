@@ -476,15 +476,17 @@ def merge(output_format, gguf_type, rank, sv_epsilon, energy, embeddings, restar
                     "bytes_read_ahead": report.bytes_read_ahead,
                     "read_throughput": report.read_throughput,
                     "bytes_written": report.bytes_written,
+                    "compile_seconds": report.compile_seconds,
                 },
                 f,
                 indent=2,
             )
     if not quiet:
         resumed = f", {report.shards_resumed} resumed" if report.shards_resumed else ""
+        compiling = f" ({report.compile_seconds:.1f} s of it compiling kernels, once)" if report.compile_seconds else ""
         click.echo(
             f"merged into {report.out}: {report.shards} shard(s){resumed}, "
-            f"{format_size(report.bytes_written)} written in {report.seconds:.1f} s on {report.device} "
+            f"{format_size(report.bytes_written)} written in {report.seconds:.1f} s{compiling} on {report.device} "
             f"({report.threads} thread(s)); "
             f"peak RAM {format_size(report.measured_peak_ram)} (planned {format_size(report.planned_peak_ram)})",
             err=True,

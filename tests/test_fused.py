@@ -629,3 +629,34 @@ def test_thresholds_guessed_from_a_sample_are_the_thresholds_of_two_passes(spars
         assert len(full) <= len(their_passes) - 1  # breadcrumbs: its second threshold may lie past the span
     else:
         assert len(full) == len(their_passes)
+
+
+def test_a_first_merge_says_it_compiles_the_kernels_and_a_second_loads_them(tmp_path):
+    """Where numba's cache lacks a kernel (the first merge after installing; here mergekit's
+    task_arithmetic, as our gta reads it), the merge says it is compiling (its first tensor waits
+    seconds) and its last line counts those seconds; the next merge loads them from the cache and
+    says nothing of it."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(5)
+    for name in ("base", "e1", "e2"):
+        os.makedirs(tmp_path / name)
+        w = (torch.randn(512, 256, generator=g) * 0.02).to(torch.bfloat16)  # 2 × MIN_ELEMENTS entries
+        save_file({"w": w}, str(tmp_path / name / "model.safetensors"))
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "numba-cache"))
+    experts = ["--expert", str(tmp_path / "e1"), "--expert", str(tmp_path / "e2"), "--weight", "0.5", "--weight", "0.5"]
+    method = ["--method", "gta", "--param", "sparsify=none", "--param", "consensus=none"]
+
+    def run(out: str) -> str:
+        command = [sys.executable, "-m", "streammerge.cli", "merge", "--base", str(tmp_path / "base"), *experts,
+                   *method, "--out", str(tmp_path / out)]  # fmt: skip
+        r = subprocess.run(command, env=env, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return r.stderr
+
+    first, second = run("first"), run("second")
+    assert "compiling numba kernels" in first and " s of it compiling kernels, once) on cpu" in first
+    assert "compiling" not in second and "merged into" in second

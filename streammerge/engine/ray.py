@@ -223,5 +223,5 @@ class RayExecutor:
                     pass
         return written
 
-    def read_stats(self) -> tuple[int, float | None]:
-        return 0, None  # the tasks read on their own nodes
+    def stats(self) -> tuple[int, float | None, float]:
+        return 0, None, 0.0  # the tasks read and compile on their own nodes

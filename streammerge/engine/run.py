@@ -48,6 +48,7 @@ class MergeReport:
     measured_peak_ram: int = 0  # anonymous memory, sampled
     bytes_read_ahead: int = 0
     read_throughput: float | None = None  # bytes/s of the read-ahead thread; None: not measured
+    compile_seconds: float = 0.0  # numba compiling kernels (math/fused.py), part of `seconds`
 
 
 @contextmanager
@@ -221,9 +222,7 @@ class Merge:
             if inputs.method.whole_model_statistics(inputs.params) and journal.statistics is None and todo:
                 journal.statistics = merge_statistics(inputs, executor.map_pass)
                 journal.save()
-            statistics = (
-                None if inputs.method.plan_statistics else journal.statistics
-            )  # plan-only: nothing to merge with
+            statistics = None if inputs.method.plan_statistics else journal.statistics  # plan-only: no merge
             watch = output.InputWatch(inputs)
             total = sum(s.nbytes for s in shards)
             done = total - sum(s.nbytes for s in todo)
@@ -241,7 +240,7 @@ class Merge:
         report = MergeReport(
             out, len(shards), len(shards) - len(todo), written, time.monotonic() - started, self.device.type
         )
-        report.bytes_read_ahead, report.read_throughput = executor.read_stats()
+        report.bytes_read_ahead, report.read_throughput, report.compile_seconds = executor.stats()
         return report
 
     def close(self) -> None:

@@ -174,9 +174,10 @@ class LocalExecutor:
         self.computer, self.shards, self.out = computer, shards, out
         self.checkpoint_seconds, self.quiet = checkpoint_seconds, quiet
         self.read_ahead: ReadAhead | None = None
+        self.compiled_before = 0.0
 
     def start(self) -> None:
-        pass
+        self.compiled_before = fused.compile_seconds()
 
     def check_resources(self, shards: list[Shard]) -> None:
         pass  # the plan checked this machine
@@ -207,9 +208,11 @@ class LocalExecutor:
             stop_read_ahead(self.computer, self.read_ahead)
         return written
 
-    def read_stats(self) -> tuple[int, float | None]:
-        """Bytes the read-ahead thread read (or asked the kernel to) and its rate (None: not measured)."""
-        return (self.read_ahead.read, self.read_ahead.throughput()) if self.read_ahead else (0, None)
+    def stats(self) -> tuple[int, float | None, float]:
+        """Bytes the read-ahead thread read (or asked the kernel to), its rate (None: not measured),
+        and the seconds numba spent compiling kernels since `start`."""
+        read, rate = (self.read_ahead.read, self.read_ahead.throughput()) if self.read_ahead else (0, None)
+        return read, rate, fused.compile_seconds() - self.compiled_before
 
     def stop(self) -> None:
         fused.release()  # the histograms kept from tensor to tensor: not past this merge

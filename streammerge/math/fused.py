@@ -15,7 +15,9 @@ seconds, cached on disk after that).
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
+import time
 from types import ModuleType
 
 import torch
@@ -24,6 +26,9 @@ MIN_ELEMENTS = 1 << 16
 
 _kernels: ModuleType | None = None  # compiled on first use: importing numba takes most of a second
 _tried = False
+_compiled = {"kernels": 0, "seconds": 0.0}  # numba's compiles in this process (compile_seconds)
+
+log = logging.getLogger(__name__)
 
 
 def installed() -> bool:
@@ -87,8 +92,40 @@ def _load() -> ModuleType | None:
         if installed():
             from . import fused_kernels
 
+            _watch_compiles()
             _kernels = fused_kernels
     return _kernels
+
+
+def _watch_compiles() -> None:
+    """numba compiles a kernel where its cache on disk has none for these argument types: on the
+    first merge after installing or upgrading (5-10 s per method here, bench/results/README.md),
+    during which the merge's first tensor waits. Say so, once, and count the seconds."""
+    from numba.core import event
+
+    class Compiles(event.Listener):
+        depth, started = 0, 0.0  # a kernel's compile compiles the kernels it calls inside it
+
+        def on_start(self, ev) -> None:
+            if self.depth == 0:
+                self.started = time.monotonic()
+                if not _compiled["kernels"]:
+                    log.info("compiling numba kernels (the first merge with this method after installing or "
+                             "upgrading; kept in numba's cache after that)")  # fmt: skip
+            self.depth += 1
+
+        def on_end(self, ev) -> None:
+            self.depth -= 1
+            if self.depth == 0:
+                _compiled["kernels"] += 1
+                _compiled["seconds"] += time.monotonic() - self.started
+
+    event.register("numba:compile", Compiles())
+
+
+def compile_seconds() -> float:
+    """Seconds numba has spent compiling kernels in this process (none where its cache held them)."""
+    return _compiled["seconds"]
 
 
 def histogram_high(values: torch.Tensor, hist: torch.Tensor) -> None:
