@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import UsageError
+from .errors import UsageError, did_you_mean
 from .recipe import Expert, parse_dtype
 from .methods.gta import MERGEKIT_GTA
 
@@ -85,7 +85,10 @@ def parse(doc: dict, where: str) -> dict[str, Any]:
     problems = [f"mergekit key '{key}': {REFUSED_KEYS[key]}" for key in doc if key in REFUSED_KEYS]
     unknown = sorted(set(doc) - TOP_KEYS - set(REFUSED_KEYS))
     if unknown:
-        problems.append(f"unknown mergekit key(s) {', '.join(unknown)} (read here: {', '.join(sorted(TOP_KEYS))})")
+        guess = _guess(unknown, TOP_KEYS)
+        problems.append(
+            f"unknown mergekit key(s) {', '.join(unknown)}{guess} (read here: {', '.join(sorted(TOP_KEYS))})"
+        )
     if problems:  # every key at once
         raise UsageError(f"{where}: " + "; ".join(problems))
     method = str(doc["merge_method"])
@@ -101,7 +104,8 @@ def parse(doc: dict, where: str) -> dict[str, Any]:
             "features)"
         )
     if method not in CONTRACTS and method not in MERGEKIT_GTA:
-        raise UsageError(f"{where}: unknown merge_method {method!r}")
+        guess = did_you_mean(str(method), sorted(set(CONTRACTS) | set(MERGEKIT_GTA)))
+        raise UsageError(f"{where}: unknown merge_method {method!r}{guess}")
     contract = CONTRACTS.get(method, GTA_CONTRACT)
     base = _path(doc["base_model"], f"{where}: base_model") if doc.get("base_model") is not None else None
     models = doc.get("models")
@@ -111,8 +115,8 @@ def parse(doc: dict, where: str) -> dict[str, Any]:
     bad = sorted(set(shared) - contract.shared)
     if bad:
         raise UsageError(
-            f"{where}: parameters: {', '.join(bad)} not a parameter of mergekit's {method} (known: "
-            f"{', '.join(sorted(contract.shared)) or 'none'})"
+            f"{where}: parameters: {', '.join(bad)} not a parameter of mergekit's {method}"
+            f"{_guess(bad, contract.shared)} (known: {', '.join(sorted(contract.shared)) or 'none'})"
         )
     entries: list[tuple[str, dict]] = []
     for i, m in enumerate(models):
@@ -125,8 +129,8 @@ def parse(doc: dict, where: str) -> dict[str, Any]:
         bad = sorted(set(p) - contract.per_model)
         if bad:
             raise UsageError(
-                f"{where}: model {path}: {', '.join(bad)} not a per-model parameter of mergekit's {method} (known: "
-                f"{', '.join(sorted(contract.per_model)) or 'none'})"
+                f"{where}: model {path}: {', '.join(bad)} not a per-model parameter of mergekit's {method}"
+                f"{_guess(bad, contract.per_model)} (known: {', '.join(sorted(contract.per_model)) or 'none'})"
             )
         entries.append((path, p))
     return _fields(method, contract, base, entries, shared, where) | _dtypes(doc, where)
@@ -282,3 +286,8 @@ def _dtypes(doc: dict, where: str) -> dict[str, Any]:
             )
         out["tokenizer_source"] = _path(source, f"{where}: tokenizer_source") if source != "base" else "base"
     return out
+
+
+def _guess(bad: list, known) -> str:
+    """did_you_mean for the one unknown key of a list of them."""
+    return did_you_mean(str(bad[0]), sorted(known)) if len(bad) == 1 else ""

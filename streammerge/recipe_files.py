@@ -7,7 +7,7 @@ import dataclasses
 from typing import Any
 
 from . import mergekit_recipe
-from .errors import InputError, UsageError
+from .errors import InputError, UsageError, did_you_mean
 from .recipe import Expert, Recipe
 
 RUN_KEYS = ("ray",)  # keys of our recipe files that choose how to run (engine.RunOptions), not what to merge
@@ -97,7 +97,10 @@ _NATIVE_KEYS = {
 def _native(doc: dict, where: str) -> dict[str, Any]:
     unknown = sorted(set(doc) - _NATIVE_KEYS)
     if unknown:
-        raise UsageError(f"{where}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(_NATIVE_KEYS))})")
+        guess = did_you_mean(str(unknown[0]), sorted(_NATIVE_KEYS)) if len(unknown) == 1 else ""
+        raise UsageError(
+            f"{where}: unknown key(s) {', '.join(unknown)}{guess} (known: {', '.join(sorted(_NATIVE_KEYS))})"
+        )
     if "method" not in doc:
         raise UsageError(f"{where}: no 'method'")
     out = {k: doc[k] for k in doc if k not in ("experts", "parameters", "slices", *RUN_KEYS)}

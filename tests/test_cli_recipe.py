@@ -153,3 +153,28 @@ def test_usage_errors_exit_2_with_one_line(toy_untied, tmp_path):
     r = invoke(*flags(toy_untied), "--method", "ties", "--density", "1.5", "--out", str(tmp_path / "o"))
     assert r.exit_code == 2 and "density = 1.5 is outside (0.0, 1.0]" in r.output
     assert not os.path.exists(tmp_path / "o")
+
+
+@pytest.mark.parametrize(
+    "doc,message",
+    [
+        ({"method": "ties", "base": "b", "experts": ["e"], "paramters": {}}, "unknown key(s) paramters; did you mean "
+         "'parameters'? (known: "),
+        ({"merge_method": "tie", "base_model": "b", "models": ["e"]},
+         "unknown merge_method 'tie'; did you mean 'ties'?"),
+        ({"merge_method": "ties", "base_model": "b", "paramters": {}, "models": ["e"]},
+         "unknown mergekit key(s) paramters; did you mean 'parameters'? (read here: "),
+        ({"merge_method": "ties", "base_model": "b", "parameters": {"normalise": True}, "models": ["e"]},
+         "normalise not a parameter of mergekit's ties; did you mean 'normalize'? (known: "),
+        ({"merge_method": "ties", "base_model": "b", "models": [{"model": "e", "parameters": {"densty": 0.5}}]},
+         "densty not a per-model parameter of mergekit's ties; did you mean 'density'? (known: "),
+        ({"merge_method": "ties", "base_model": "b", "models": [{"model": "e", "parameters": {"x": 1, "y": 2}}]},
+         "x, y not a per-model parameter of mergekit's ties (known: "),  # two unknown: no guess
+    ],
+)  # fmt: skip
+def test_a_misspelt_recipe_key_is_named_with_the_closest_known_one(tmp_path, doc, message):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(UsageError) as err:
+        load_recipe_file(str(path), default_out=str(tmp_path / "out"))
+    assert message in str(err.value)

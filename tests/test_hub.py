@@ -138,7 +138,7 @@ def test_offline_an_uncached_repo_fails_up_front_naming_it(hub, tmp_path):
     n = len(hub.requests)
     r = cli(hub, tmp_path / "empty", "plan", *TIES, "--base", "org/base", "--expert", "org/e1", offline=True)
     assert r.returncode == 3
-    assert "org/base: not in the Hugging Face cache" in r.stderr and "HF_HUB_OFFLINE=1" in r.stderr
+    assert "org/base: no such folder, and not in the Hugging Face cache" in r.stderr and "HF_HUB_OFFLINE=1" in r.stderr
     assert len(hub.requests) == n
 
 
@@ -251,5 +251,5 @@ def test_an_unreachable_hub_falls_back_to_the_cache_or_says_so(filled_cache, tmp
     assert r.returncode == 0, r.stderr
     assert "org/base: the Hub cannot be reached (ConnectError); using the cache" in r.stderr
     r = subprocess.run(args, cwd=ROOT, env=env | {"HF_HUB_CACHE": str(tmp_path)}, capture_output=True, text=True)
-    assert r.returncode == 3 and "org/e1: not in the Hugging Face cache" in r.stderr
+    assert r.returncode == 3 and "org/e1: no such folder, and not in the Hugging Face cache" in r.stderr
     assert "Traceback" not in r.stderr

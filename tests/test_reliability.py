@@ -146,7 +146,7 @@ def no_experts(c: Case):
 
 def unknown_method(c: Case):
     c.method = "tiez"
-    return 2, ["unknown merge method 'tiez'"]
+    return 2, ["unknown merge method 'tiez'; did you mean 'ties'? (known: "]
 
 
 def density_zero(c: Case):
@@ -166,12 +166,12 @@ def drop_rate_one(c: Case):
 
 def unknown_parameter(c: Case):
     c.extra = ["--param", "denisty=0.3"]
-    return 2, ["unknown parameter(s) denisty"]
+    return 2, ["unknown parameter(s) denisty; did you mean 'density'? (known: "]
 
 
 def bad_residual_method(c: Case):
     c.method, c.extra = "orthomerge", ["--residual-method", "nope"]
-    return 2, ["unknown merge method 'nope'"]
+    return 2, ["unknown merge method 'nope' (known: "]  # nothing close: no guess
 
 
 def out_is_input(c: Case):

@@ -175,7 +175,9 @@ def resolve(ref: str) -> HubModel:
         snapshot = os.path.join(_storage(hf, repo), "snapshots", commit or "-")
         if commit is None or not os.path.isdir(snapshot):
             why = "HF_HUB_OFFLINE=1 forbids downloading it" if offline else "and the Hub cannot be reached"
-            raise InputError(f"{ref}: not in the Hugging Face cache {hf.constants.HF_HUB_CACHE} ({why})")
+            raise InputError(
+                f"{ref}: no such folder, and not in the Hugging Face cache {hf.constants.HF_HUB_CACHE} ({why})"
+            )
         files = sorted(f for f in os.listdir(snapshot) if not f.startswith("."))
     else:
         commit, files = remote

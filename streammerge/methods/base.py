@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 import torch
 
-from ..errors import UsageError
+from ..errors import UsageError, did_you_mean
 from ..plan import Need
 
 
@@ -416,8 +416,9 @@ def build_params(params_type: type, values: dict[str, Any], where: str, hints: d
     if unknown:
         shown = sorted(k.rstrip("_") for k in known)
         hint = "".join(f"; {text}" for key, text in (hints or {}).items() if key in unknown)
+        guess = did_you_mean(unknown[0].rstrip("_"), shown) if len(unknown) == 1 else ""
         raise UsageError(
-            f"{where}: unknown parameter(s) {', '.join(k.rstrip('_') for k in unknown)} (known: "
+            f"{where}: unknown parameter(s) {', '.join(k.rstrip('_') for k in unknown)}{guess} (known: "
             f"{', '.join(shown)}{hint})"
         )
     for f in fields(params_type):

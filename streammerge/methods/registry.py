@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..errors import UsageError
+from ..errors import UsageError, did_you_mean
 from . import (
     arcee_fusion,
     dare,
@@ -51,8 +51,8 @@ def lookup(
         target, implied = aliases[name]
         return registry[target], dict(implied)
     if name not in registry:
-        known = ", ".join(sorted(set(registry) | set(aliases)))
-        raise UsageError(f"unknown merge method {name!r} (known: {known})")
+        names = sorted(set(registry) | set(aliases))
+        raise UsageError(f"unknown merge method {name!r}{did_you_mean(name, names)} (known: {', '.join(names)})")
     return registry[name], {}
 
 
