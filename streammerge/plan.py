@@ -137,13 +137,14 @@ class Plan:
         for t in self.tensors:
             key = (_kind(t.name), t.shape, t.device, t.note) if groups else (t.name, t.shape, t.device, t.note)
             rows.setdefault(key, []).append(t)
+        width = min(max(len(key[0]) for key in rows), NAME_WIDTH)
         lines = [
-            f"{'tensor':44s} {'count':>5s} {'shape':>16s} {'device':>6s} {'peak GPU':>10s} {'peak RAM':>10s} "
+            f"{'tensor':{width}s} {'count':>5s} {'shape':>16s} {'device':>6s} {'peak GPU':>10s} {'peak RAM':>10s} "
             f"{'read':>10s} {'written':>10s}"
         ]
         for (kind, shape, device, note), ts in rows.items():
             lines.append(
-                f"{kind[:44]:44s} {len(ts):5d} {'x'.join(map(str, shape)) or 'scalar':>16s} {device:>6s} "
+                f"{_fit(kind, width):{width}s} {len(ts):5d} {'x'.join(map(str, shape)) or 'scalar':>16s} {device:>6s} "
                 f"{format_size(max(t.gpu_bytes for t in ts)):>10s} {format_size(max(t.host_bytes for t in ts)):>10s} "
                 f"{format_size(sum(t.read_bytes for t in ts)):>10s} {format_size(sum(t.write_bytes for t in ts)):>10s}"
                 + (f"  {note}" if note else "")
@@ -185,6 +186,14 @@ class Plan:
             *self.notes,
         ]
         return "\n".join(lines)
+
+
+NAME_WIDTH = 64  # the plan table's tensor column at most: longer names lose their start
+
+
+def _fit(name: str, width: int) -> str:
+    """`name`, or its end after "…" where it is longer than `width` (the end tells tensors apart)."""
+    return name if len(name) <= width else "…" + name[len(name) - width + 1 :]
 
 
 def _kind(name: str) -> str:

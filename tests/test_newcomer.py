@@ -145,6 +145,15 @@ def test_plan_needs_no_out_and_writes_nothing(toy_untied, tmp_path, monkeypatch)
     r = cli("plan", *flags(toy_untied), "--method", "ties")
     assert r.exit_code == 0, r.output
     assert os.listdir(tmp_path) == []
+    # every tensor kind named in full, its columns where the header puts them
+    header, row = r.output.splitlines()[0], next(x for x in r.output.splitlines() if "post_attention" in x)
+    assert row.startswith("model.layers.N.post_attention_layernorm.weight ")
+    end = header.index("count") + 5  # the count column's right edge
+    assert (
+        row[end - 1].isdigit()
+        and row[end] == " "
+        and not row[len("model.layers.N.post_attention_layernorm.weight")].strip()
+    )
 
 
 def test_method_flag_beside_a_mergekit_recipe_is_refused(toy_untied, tmp_path):
