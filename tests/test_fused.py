@@ -660,3 +660,32 @@ def test_a_first_merge_says_it_compiles_the_kernels_and_a_second_loads_them(tmp_
     first, second = run("first"), run("second")
     assert "compiling numba kernels" in first and " s of it compiling kernels, once) on cpu" in first
     assert "compiling" not in second and "merged into" in second
+
+
+def test_the_kernels_run_on_numbas_own_pool_and_keep_the_thread_count_asked_for(tmp_path):
+    """In a fresh process (numba's threading layer is chosen once), a TIES merge of bf16 inputs
+    (whose first kernel call asks numba for its thread count) with threads=1: numba's workqueue
+    pool, not an OpenMP one that shares torch's runtime and set its thread count to every core."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(6)
+    for name in ("base", "e1", "e2"):
+        os.makedirs(tmp_path / name)
+        w = (torch.randn(512, 256, generator=g) * 0.02).to(torch.bfloat16)  # 2 × MIN_ELEMENTS entries
+        save_file({"w": w}, str(tmp_path / name / "model.safetensors"))
+    script = f"""
+import numba, torch
+from streammerge import Expert, Recipe
+from streammerge.engine import Merge, RunOptions
+experts = tuple(Expert({str(tmp_path)!r} + "/" + e, weight=1.0, density=0.5) for e in ("e1", "e2"))
+merge = Merge(Recipe("ties", {str(tmp_path / "base")!r}, experts, {str(tmp_path / "out")!r}), RunOptions(threads=1))
+report = merge.run()
+print(numba.threading_layer(), report.threads, torch.get_num_threads())
+"""
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
+    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["workqueue", "1", "1"]

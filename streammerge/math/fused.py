@@ -67,6 +67,7 @@ def _threads() -> int:
     kernel's parts go to whichever thread is free, one at a time (chunk size 1), not in equal
     shares fixed in advance: a thread that shares its core with the shard writer would otherwise
     leave the other waiting (bench/results/README.md, "Round seven")."""
+    _load()  # first: importing the kernels chooses numba's threading layer, which starts here
     import numba
 
     n = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))

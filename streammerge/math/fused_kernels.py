@@ -9,7 +9,9 @@ import numpy as np
 
 
 if "NUMBA_THREADING_LAYER" not in os.environ:
-    # numba's own pool: its OpenMP layer would start a second OpenMP runtime beside torch's
+    # numba's own pool: its OpenMP layer would start a second OpenMP runtime beside torch's, or
+    # share torch's and set its thread count (a TIES merge with --threads 1 ran on 2 when a kernel
+    # started numba's threads before this module chose the layer; tests/test_fused.py)
     numba.config.THREADING_LAYER = "workqueue"
 _jit = numba.njit(parallel=True, cache=True, nogil=True)
 
