@@ -70,9 +70,12 @@ def _threads() -> int:
     _load()  # first: importing the kernels chooses numba's threading layer, which starts here
     import numba
 
-    n = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    asked = torch.get_num_threads()
+    n = max(1, min(asked, numba.config.NUMBA_NUM_THREADS))
     numba.set_num_threads(n)
     numba.set_parallel_chunksize(1)
+    if torch.get_num_threads() != asked:  # numba's OpenMP layer, starting, set the count for every core
+        torch.set_num_threads(asked)
     return n
 
 

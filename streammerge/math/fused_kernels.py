@@ -8,11 +8,12 @@ import numba
 import numpy as np
 
 
-if "NUMBA_THREADING_LAYER" not in os.environ:
-    # numba's own pool: its OpenMP layer would start a second OpenMP runtime beside torch's, or
-    # share torch's and set its thread count (a TIES merge with --threads 1 ran on 2 when a kernel
-    # started numba's threads before this module chose the layer; tests/test_fused.py)
-    numba.config.THREADING_LAYER = "workqueue"
+if "NUMBA_THREADING_LAYER" not in os.environ and "NUMBA_THREADING_LAYER_PRIORITY" not in os.environ:
+    # OpenMP first, where numba can load it: its parallel regions resolve to the OpenMP runtime torch
+    # loaded, so the kernels and torch share one pool of threads (TIES and DARE-TIES 0.83-0.96 of
+    # the wall time on numba's own pool, warm; bench/results/README.md, "Round twelve"); numba's own
+    # pool where it cannot. It sets the thread count torch reads: fused._threads restores it.
+    numba.config.THREADING_LAYER_PRIORITY = ["omp", "workqueue", "tbb"]
 _jit = numba.njit(parallel=True, cache=True, nogil=True)
 
 
