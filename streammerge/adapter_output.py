@@ -27,7 +27,10 @@ from .engine.inputs import open_sources
 def _open(recipe: Recipe):
     method, _ = recipe.validate()
     if not method.merges_generators:
-        raise UsageError("--output-format adapter needs method orthomerge")
+        raise UsageError(
+            "--output-format adapter writes OrthoMerge of PEFT OFT adapters as one adapter: --method orthomerge "
+            "(any method's merge as a LoRA adapter: --output-format lora --rank R)"
+        )
     base, experts, _, _ = open_sources(recipe)
     problems = [
         p

@@ -182,6 +182,11 @@ def test_method_flag_beside_a_mergekit_recipe_is_refused(toy_untied, tmp_path):
             ["--method", "linear", "--weight", "1"],
             "error: give one --weight per --expert, or none (1 --weight for 2 --expert)",
         ),
+        (
+            ["--method", "ties", "--output-format", "adapter"],
+            "OrthoMerge of PEFT OFT adapters as one adapter: --method orthomerge (any method's merge as a LoRA "
+            "adapter: --output-format lora --rank R)",
+        ),
     ],
 )
 def test_one_line_errors_in_the_users_words(toy_untied, tmp_path, args, message):
