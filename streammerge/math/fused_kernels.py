@@ -3,17 +3,20 @@ first needed; see fused.py for what each repeats of torch's code and why the byt
 
 import math
 import os
+import sys
 
 import numba
 import numpy as np
 
 
 if "NUMBA_THREADING_LAYER" not in os.environ and "NUMBA_THREADING_LAYER_PRIORITY" not in os.environ:
-    # OpenMP first, where numba can load it: its parallel regions resolve to the OpenMP runtime torch
-    # loaded, so the kernels and torch share one pool of threads (TIES and DARE-TIES 0.83-0.96 of
-    # the wall time on numba's own pool, warm; bench/results/README.md, "Round twelve"); numba's own
-    # pool where it cannot. It sets the thread count torch reads: fused._threads restores it.
-    numba.config.THREADING_LAYER_PRIORITY = ["omp", "workqueue", "tbb"]
+    # On Linux, GNU OpenMP first where numba can load it: its parallel regions resolve to the OpenMP
+    # runtime torch loaded, so the kernels and torch share one pool of threads (DARE-TIES 0.89-0.91
+    # of the wall time on numba's own pool, warm; bench/results/README.md, "Round twelve"); it sets
+    # the thread count torch reads, which fused._threads restores. Elsewhere numba's own pool: a
+    # second LLVM or Intel OpenMP runtime beside torch's may abort the process (OMP error #15).
+    on_linux = sys.platform.startswith("linux")
+    numba.config.THREADING_LAYER_PRIORITY = ["omp", "workqueue", "tbb"] if on_linux else ["workqueue", "omp", "tbb"]
 _jit = numba.njit(parallel=True, cache=True, nogil=True)
 
 
