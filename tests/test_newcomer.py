@@ -722,3 +722,24 @@ def test_the_demo_gives_a_weight_per_model_to_every_method_that_needs_one():
         three = method.min_experts <= 3 and (method.max_experts is None or method.max_experts >= 3)
         if method.expert_params.get("weight") is REQUIRED and three:
             assert any(fnmatch.fnmatch(name, p) for p in patterns), name
+
+
+def test_a_log_line_during_a_merge_goes_above_the_progress_bar(monkeypatch, capsys):
+    """On a terminal, a line logged while the bar is shown (numba compiling, a shard resumed) is
+    written on a line of its own, and logging is as before once the bar closes."""
+    import logging
+
+    from streammerge.engine.shards import Progress
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    handler = logging.StreamHandler(sys.stderr)
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [handler])
+    monkeypatch.setattr(root, "level", logging.INFO)
+    progress = Progress(100, 0, "merging (ties, cpu)", quiet=False)
+    progress.done(10, 10)
+    logging.getLogger("streammerge.math.fused").info("compiling numba kernels")
+    progress.close()
+    assert root.handlers == [handler]
+    line = next(x for x in capsys.readouterr().err.split("\n") if "compiling" in x)
+    assert line.split("\r")[-1] == "compiling numba kernels", repr(line)

@@ -13,8 +13,10 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ..io.atomic import ShardWriter
 from ..io.checkpoint import Checkpoint
@@ -43,8 +45,12 @@ class Progress:
         self.consumed, self.credited = 0, 0
         self.started = self.last_line = time.monotonic()
         self.bar = None
+        self._logs_above = ExitStack()
         if not quiet and sys.stderr.isatty():
             self.bar = tqdm(total=total, initial=initial, unit="B", unit_scale=True, desc=desc, smoothing=0.1)
+            # a log line during the merge (compiling kernels, a resumed shard) goes above the bar,
+            # not onto its line
+            self._logs_above.enter_context(logging_redirect_tqdm())
 
     def _add(self, nbytes: int) -> None:
         self.n += nbytes
@@ -82,6 +88,7 @@ class Progress:
             self.bar.set_postfix_str(f"inputs {rate:.0f} MB/s", refresh=False)
 
     def close(self) -> None:
+        self._logs_above.close()
         if self.bar is not None:
             self.bar.close()
 
