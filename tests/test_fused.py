@@ -634,8 +634,11 @@ def test_thresholds_guessed_from_a_sample_are_the_thresholds_of_two_passes(spars
 def test_a_first_merge_says_it_compiles_the_kernels_and_a_second_loads_them(tmp_path):
     """Where numba's cache lacks a kernel (the first merge after installing; here mergekit's
     task_arithmetic, as our gta reads it), the merge says it is compiling (its first tensor waits
-    seconds) and its last line counts those seconds; the next merge loads them from the cache and
-    says nothing of it."""
+    seconds) and its last line counts those seconds; its plan counts what compiling keeps
+    (fused.COMPILE_BYTES) and holds its peak. The next merge loads them from the cache, says nothing
+    of it and plans without it."""
+    import json
+
     import subprocess
     import sys
 
@@ -650,16 +653,19 @@ def test_a_first_merge_says_it_compiles_the_kernels_and_a_second_loads_them(tmp_
     experts = ["--expert", str(tmp_path / "e1"), "--expert", str(tmp_path / "e2"), "--weight", "0.5", "--weight", "0.5"]
     method = ["--method", "gta", "--param", "sparsify=none", "--param", "consensus=none"]
 
-    def run(out: str) -> str:
+    def run(out: str) -> tuple[str, dict]:
         command = [sys.executable, "-m", "streammerge.cli", "merge", "--base", str(tmp_path / "base"), *experts,
-                   *method, "--out", str(tmp_path / out)]  # fmt: skip
+                   *method, "--out", str(tmp_path / out), "--memory-report", str(tmp_path / f"{out}.json")]  # fmt: skip
         r = subprocess.run(command, env=env, capture_output=True, text=True)
         assert r.returncode == 0, r.stderr[-2000:]
-        return r.stderr
+        return r.stderr, json.load(open(tmp_path / f"{out}.json"))
 
-    first, second = run("first"), run("second")
+    (first, cold), (second, warm) = run("first"), run("second")
     assert "compiling numba kernels" in first and " s of it compiling kernels, once) on cpu" in first
     assert "compiling" not in second and "merged into" in second
+    # the plans' baselines (this process's memory before planning) differ by some KB between runs
+    assert abs(cold["planned_peak_ram"] - warm["planned_peak_ram"] - fused.COMPILE_BYTES) < 4 << 20
+    assert cold["measured_peak_ram"] <= cold["planned_peak_ram"], cold
 
 
 def test_the_kernels_keep_the_thread_count_asked_for_on_the_threading_layer_chosen(tmp_path):

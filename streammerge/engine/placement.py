@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 def make_plan(inputs: MergeInputs, device: torch.device, options: RunOptions, statistics: dict | None = None) -> Plan:
     """Device and peak memory of every tensor under the budgets (see plan.py); `statistics`:
     what a plan_statistics method measured (then its tensors' needs are measured, not bounds)."""
+    # before the tensors' needs: asking them imports numba (fused.runtime_bytes), which its allowance counts
+    baseline = rss_anon()
     method = inputs.method
     use_gpu = device.type == "cuda"
     if options.assume_gpu:
@@ -78,7 +80,7 @@ def make_plan(inputs: MergeInputs, device: torch.device, options: RunOptions, st
             tensors.append(TensorPlan(t.name, t.shape, placed, gpu_bytes, host_bytes, read, t.nbytes, note))
     passes = 0 if method.plan_statistics else method.statistics_passes(inputs.params)
     total = sum(s.nbytes for s in inputs.shards)
-    plan = Plan(tensors, rss_anon(), ram_budget, gpu_budget, free_disk(inputs.recipe.out), total, passes)
+    plan = Plan(tensors, baseline, ram_budget, gpu_budget, free_disk(inputs.recipe.out), total, passes)
     if statistics and method.plan_statistics:
         plan.statistics_read = sum(t.read_bytes for t in tensors if t.name in statistics)
     elif measures_plan(inputs):

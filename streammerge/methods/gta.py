@@ -520,7 +520,7 @@ def stored_memory(name: str, shape: tuple[int, ...], n: int, params: GtaParams, 
     magnitude = fused.histogram_bytes(n) + capture
     extra = {"none": 0, "random": n * ((numel + 7) // 8)}.get(params.sparsify, magnitude)
     result = 0 if in_place else 4 * block
-    return Need(result + extra + fused.RUNTIME_BYTES, transfer=block)
+    return Need(result + extra + fused.runtime_bytes(numel), transfer=block)
 
 
 EXPERT_PARAMS = {"weight": REQUIRED, "density": 1.0, "gamma": 0.01, "epsilon": 0.15}

@@ -487,7 +487,7 @@ def stored_memory(name: str, shape: tuple[int, ...], n: int, params: TiesParams,
     if math.prod(shape) < fused.MIN_ELEMENTS:
         return None
     block = min(math.prod(shape), BLOCK_ELEMENTS)
-    return Need(5 * block + fused.histogram_bytes(n) + fused.RUNTIME_BYTES, transfer=block)
+    return Need(5 * block + fused.histogram_bytes(n) + fused.runtime_bytes(math.prod(shape)), transfer=block)
 
 
 METHOD = Method(
