@@ -360,56 +360,34 @@ def hint(pieces, fds: dict[str, int], view: memoryview | None) -> float:
     return time.perf_counter() - started
 
 
-# pieces of a group read at once (one per input): a single reader keeps one request in flight,
-# which left the disk idle between them; reading the 0.5 B preset's four inputs with O_DIRECT in 32
-# MB requests took 2.7-2.8 s on one thread and 2.1-2.3 s on four (one-off; `cat` 5.3-5.9 s)
-READ_THREADS = 4
-_readers: list = []  # the pool, made on first use and kept for the process
-
-
 def read_pieces(buffer: mmap.mmap, pieces, held: list[bool], fds: dict, cache: PageCache) -> tuple[list[int], bool]:
     """Read each piece into `buffer`, at the next ALIGN boundary after the previous one's aligned
-    blocks (O_DIRECT, from fds[path]; a piece the page cache holds, `held`, copied from there), up to
-    READ_THREADS pieces at once; (per piece, p such that its file's byte x is the buffer's byte p + x;
-    every byte read: False where a file ended early)."""
-    jobs, places, place = [], [], 0
-    for (path, offset, length), cached in zip(pieces, held):
-        if path not in fds:
-            fds[path] = os.open(path, os.O_RDONLY | os.O_DIRECT)
-        start, span = offset - offset % ALIGN, aligned_span(offset, length)
-        if cached:  # a copy from the page cache, alignment free
-            jobs.append((cache.fd(path), offset, length, place + offset - start, place + span))
-        else:
-            jobs.append((fds[path], start, offset + length - start, place, place + span))
-        places.append(place - start)
-        place += span
+    blocks (O_DIRECT, from fds[path]; a piece the page cache holds, `held`, copied from there);
+    (per piece, p such that its file's byte x is the buffer's byte p + x; every byte read: False
+    where a file ended early)."""
+    places, place, ok = [], 0, True
     target = memoryview(buffer)
     try:
-        if len(jobs) > 1:
-            from concurrent.futures import ThreadPoolExecutor, wait
-
-            if not _readers:
-                _readers.append(ThreadPoolExecutor(READ_THREADS, thread_name_prefix="read-ahead-piece"))
-            futures = [_readers[0].submit(_read_into, target, *job) for job in jobs]
-            wait(futures)  # every read ended (an error too) before the buffer can go back to the pool
-            done = [f.result() for f in futures]
-        else:
-            done = [_read_into(target, *job) for job in jobs]
+        for (path, offset, length), cached in zip(pieces, held):
+            if path not in fds:
+                fds[path] = os.open(path, os.O_RDONLY | os.O_DIRECT)
+            start, span = offset - offset % ALIGN, aligned_span(offset, length)
+            if cached:  # a copy from the page cache, alignment free
+                fd, begin, need = cache.fd(path), offset, length
+            else:
+                fd, begin, need = fds[path], start, offset + length - start
+            got = 0
+            while got < need:
+                n = os.preadv(fd, [target[place + begin - start + got : place + span]], begin + got)
+                if n <= 0:
+                    break
+                got += n
+            ok = ok and got >= need  # short: the file changed; the map's read then says so
+            places.append(place - start)
+            place += span
     finally:
         target.release()
-    return places, all(done)
-
-
-def _read_into(target: memoryview, fd: int, begin: int, need: int, at: int, end: int) -> bool:
-    """`need` bytes of fd from `begin` into target[at:end]; whether all came (short: the file changed,
-    and the map's read then says so)."""
-    got = 0
-    while got < need:
-        n = os.preadv(fd, [target[at + got : end]], begin + got)
-        if n <= 0:
-            break
-        got += n
-    return got >= need
+    return places, ok
 
 
 class PageCache:
