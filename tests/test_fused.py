@@ -636,7 +636,8 @@ def test_a_first_merge_says_it_compiles_the_kernels_and_a_second_loads_them(tmp_
     task_arithmetic, as our gta reads it), the merge says it is compiling (its first tensor waits
     seconds) and its last line counts those seconds; its plan counts what compiling keeps
     (fused.COMPILE_BYTES) and holds its peak. The next merge loads them from the cache, says nothing
-    of it and plans without it."""
+    of it and plans without it. A first merge with another method (TIES), whose kernels are not
+    among those cached, compiles them and plans for it too."""
     import json
 
     import subprocess
@@ -653,7 +654,7 @@ def test_a_first_merge_says_it_compiles_the_kernels_and_a_second_loads_them(tmp_
     experts = ["--expert", str(tmp_path / "e1"), "--expert", str(tmp_path / "e2"), "--weight", "0.5", "--weight", "0.5"]
     method = ["--method", "gta", "--param", "sparsify=none", "--param", "consensus=none"]
 
-    def run(out: str) -> tuple[str, dict]:
+    def run(out: str, method: list[str] = method) -> tuple[str, dict]:
         command = [sys.executable, "-m", "streammerge.cli", "merge", "--base", str(tmp_path / "base"), *experts,
                    *method, "--out", str(tmp_path / out), "--memory-report", str(tmp_path / f"{out}.json")]  # fmt: skip
         r = subprocess.run(command, env=env, capture_output=True, text=True)
@@ -666,6 +667,94 @@ def test_a_first_merge_says_it_compiles_the_kernels_and_a_second_loads_them(tmp_
     # the plans' baselines (this process's memory before planning) differ by some KB between runs
     assert abs(cold["planned_peak_ram"] - warm["planned_peak_ram"] - fused.COMPILE_BYTES) < 4 << 20
     assert cold["measured_peak_ram"] <= cold["planned_peak_ram"], cold
+    (third, ties_cold), (_, ties_warm) = (
+        run("ties-first", ["--method", "ties"]),
+        run("ties-second", ["--method", "ties"]),
+    )
+    assert "compiling numba kernels" in third
+    assert abs(ties_cold["planned_peak_ram"] - ties_warm["planned_peak_ram"] - fused.COMPILE_BYTES) < 4 << 20
+    assert ties_cold["measured_peak_ram"] <= ties_cold["planned_peak_ram"], ties_cold
+
+
+class _Calls:
+    """fused_kernels as fused sees it, noting which kernels are called."""
+
+    def __init__(self, module):
+        self.module, self.called = module, set()
+
+    def __getattr__(self, name: str):
+        kernel = getattr(self.module, name)
+        if not hasattr(kernel, "signatures"):
+            return kernel
+
+        def call(*args):
+            self.called.add(name)
+            return kernel(*args)
+
+        call.stats = kernel.stats  # fused._cached_kernels asks for numba's cache folder
+        return call
+
+
+# (method, stored dtype, recipe parameters, per-expert density): every path of every method that plans numba's runtime
+KERNEL_PATHS = [
+    ("ties", "bfloat16", {}, None),
+    ("ties", "bfloat16", {"scope": "model"}, None),
+    ("ties", "float32", {}, None),
+    ("dare", "bfloat16", {}, None),
+    ("dare_ties", "float32", {}, None),
+    *[
+        ("gta", dtype, {"sparsify": sparsify, "consensus": "sum", "rescale": rescale, **extra}, 0.5)
+        for dtype in ("bfloat16", "float32")
+        for sparsify in gta.SPARSIFIERS
+        for rescale in (False, True)
+        for extra in ({}, {"tie_break": "mergekit"})
+        if not (extra and not sparsify.startswith("magnitude"))
+    ],
+]
+
+
+def test_a_plan_asks_numbas_cache_for_the_kernels_its_merge_calls(tmp_path, monkeypatch):
+    """Each method's `kernels` (what its plan asks numba's cache for, to count what compiling them
+    keeps: fused.runtime_bytes) names the kernels a merge by that path calls, on tensors below and
+    above fused.SPAN_ELEMENTS: not fewer, or the first merge of a method whose kernels were not
+    compiled yet would compile above its plan; and no more (but where the data decide), or its plans
+    would count a compile that never comes."""
+    from safetensors.torch import save_file
+
+    from streammerge import Expert, Recipe
+    from streammerge.engine import Merge, RunOptions
+    from streammerge.methods import dare, ties
+    from streammerge.methods.registry import get_method
+
+    shapes = {"small": (512, 256), "large": (1024, 1100)}  # 2 × MIN_ELEMENTS; over SPAN_ELEMENTS (the sample)
+    assert math.prod(shapes["large"]) >= fused.SPAN_ELEMENTS[0]
+    for dtype in ("bfloat16", "float32"):
+        g = torch.Generator().manual_seed(7)
+        for name in ("base", "e1", "e2"):
+            tensors = {k: (torch.randn(*s, generator=g) * 0.02).to(getattr(torch, dtype)) for k, s in shapes.items()}
+            os.makedirs(tmp_path / dtype / name)
+            save_file(tensors, str(tmp_path / dtype / name / "model.safetensors"))
+    calls = _Calls(fused._load())
+    monkeypatch.setattr(fused, "_load", lambda: calls)
+    for i, (name, dtype, parameters, density) in enumerate(KERNEL_PATHS):
+        method, implied = get_method(name)
+        params = method.params_type(**{**implied, **parameters})
+        stored = method.stored_memory is not None and all(
+            fused.reads_stored(torch.float32, "cpu", [getattr(torch, dtype)] * 3, math.prod(s))
+            and method.stored_memory("w", s, 2, params) is not None
+            for s in shapes.values()
+        )
+        declared = {"ties": ties.kernels, "gta": gta.kernels}.get(method.name, lambda p, stored: dare.kernels(p))
+        experts = tuple(Expert(str(tmp_path / dtype / e), weight=1.0, density=density) for e in ("e1", "e2"))
+        calls.called.clear()
+        recipe = Recipe(
+            name, str(tmp_path / dtype / "base"), experts, str(tmp_path / f"out-{i}"), parameters=parameters
+        )
+        Merge(recipe, RunOptions()).run()
+        expected = set(declared(params, stored))
+        assert calls.called <= expected, (name, dtype, parameters, stored)
+        if parameters.get("tie_break") != "mergekit":  # its mask kernel only where ties do not straddle the cut
+            assert calls.called == expected, (name, dtype, parameters, stored)
 
 
 def test_the_kernels_keep_the_thread_count_asked_for_on_the_threading_layer_chosen(tmp_path):

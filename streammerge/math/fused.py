@@ -123,7 +123,7 @@ def _watch_compiles() -> None:
             if self.depth == 0:
                 _compiled["kernels"] += 1
                 _compiled["seconds"] += time.monotonic() - self.started
-                _cache_empty.clear()  # written now: asked again
+                _cached.clear()  # written now: asked again
 
     event.register("numba:compile", Compiles())
 
@@ -308,34 +308,43 @@ RUNTIME_BYTES = 64 << 20
 # What compiling the kernels keeps on top of that (numba's compiled libraries; measured in a merge's
 # peak: 78 MB for TIES, 87 for DARE-TIES, one-off; bench/results/README.md, "Round twelve").
 COMPILE_BYTES = 96 << 20
-_cache_empty: list[bool] = []  # _kernels_uncached's answer, until a compile writes the cache
+_cached: list[frozenset[str] | None] = []  # _cached_kernels's answer, until a compile writes the cache
 
 
-def runtime_bytes(numel: int) -> int:
+def runtime_bytes(numel: int, kernels: tuple[str, ...]) -> int:
     """RUNTIME_BYTES where a kernel may take a tensor of `numel` entries (numba installed, at least
-    MIN_ELEMENTS), for the plans; with COMPILE_BYTES where numba's cache holds none of the kernels
-    yet (a fresh install); else 0."""
+    MIN_ELEMENTS), for the plans; with COMPILE_BYTES where numba's cache lacks one of `kernels`, the
+    ones the method's path calls (by name, as in math/fused_kernels.py; a kernel they call inside is
+    compiled with them): its first merge compiles them. Else 0."""
     if numel < MIN_ELEMENTS or not installed():
         return 0
-    return RUNTIME_BYTES + (COMPILE_BYTES if _kernels_uncached() else 0)
+    cached = _cached_kernels()
+    return RUNTIME_BYTES + (COMPILE_BYTES if cached is not None and not cached.issuperset(kernels) else 0)
 
 
-def _kernels_uncached() -> bool:
-    """Whether numba's cache holds no kernel compiled from fused_kernels.py as it is now (an index
-    file newer than the source): a fresh install, an upgrade, another cache folder. The first merge
-    then compiles them. Where there is one, a method whose own kernels are not among them compiles
-    above its plan (docs/memory.md says by how much)."""
-    if not _cache_empty:
+def _cached_kernels() -> frozenset[str] | None:
+    """The kernels numba's cache holds compiled from fused_kernels.py as it is now (an index file
+    newer than the source; none after installing, upgrading or changing the cache folder); None
+    where that cannot be told (numba's layout changed, the folder is unreadable: planned as before)."""
+    if not _cached:
         kernels = _load()
         try:
             folder = kernels._histogram.stats.cache_path  # type: ignore[union-attr]
             made = os.path.getmtime(kernels.__file__)  # type: ignore[union-attr]
             names = os.listdir(folder) if os.path.isdir(folder) else []
-            indexes = [os.path.join(folder, n) for n in names if n.startswith("fused_kernels.") and n.endswith(".nbi")]
-            _cache_empty.append(not any(os.path.getmtime(p) >= made for p in indexes))
+            # fused_kernels.NAME-LINE.pyXY.nbi
+            _cached.append(
+                frozenset(
+                    n.removeprefix("fused_kernels.").rsplit("-", 1)[0]
+                    for n in names
+                    if n.startswith("fused_kernels.")
+                    and n.endswith(".nbi")
+                    and os.path.getmtime(os.path.join(folder, n)) >= made
+                )
+            )
         except (AttributeError, OSError):
-            _cache_empty.append(False)  # numba's layout changed, or the folder is unreadable: planned as before
-    return _cache_empty[0]
+            _cached.append(None)
+    return _cached[0]
 
 
 SPAN = 3  # bins of high bits around the sample's guess whose low bits the high pass counts too

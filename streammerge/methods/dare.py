@@ -101,7 +101,14 @@ def memory(name: str, shape: tuple[int, ...], n: int, params: DareParams, itemsi
     # at least numba's runtime where the kernels take the tensor (its draws, TIES's kernels): the
     # constants above, fitted on tensors of many blocks, hold it; a model of small tensors measured
     # 14 % above a plan without it (51 % under --report; tools/demo.sh dare_ties)
-    return replace(need, work=max(need.work, fused.runtime_bytes(math.prod(shape))))
+    return replace(need, work=max(need.work, fused.runtime_bytes(math.prod(shape), kernels(params))))
+
+
+def kernels(params: DareParams) -> tuple[str, ...]:
+    """The numba kernels the merge calls (fused.runtime_bytes): torch's draws (where numba makes them:
+    torch_rand.available) and TIES's disjoint merge."""
+    draws = ("_mt_seed", "_mt_keep") if torch_rand.available() else ()
+    return (*draws, *(("_disjoint",) if params.combine == "ties" else ()))
 
 
 METHOD = Method(

@@ -486,7 +486,7 @@ def memory(name: str, shape: tuple[int, ...], n: int, params: GtaParams, itemsiz
 
     numel = math.prod(shape)
     block = min(numel, BLOCK_ELEMENTS)
-    runtime = fused.runtime_bytes(numel)
+    runtime = fused.runtime_bytes(numel, kernels(params, stored=False))
     if numel <= BLOCK_ELEMENTS:
         return Need(int((n + 7) * numel * itemsize) + runtime)
     if n * numel * itemsize <= ties.CACHE_BYTES:
@@ -495,6 +495,29 @@ def memory(name: str, shape: tuple[int, ...], n: int, params: GtaParams, itemsiz
         )  # its indices and values
         return Need(int((n + 1 + sort) * numel * itemsize + 7 * block * itemsize) + runtime)
     return Need(int((n + 8) * block * itemsize) + runtime, transfer=block)
+
+
+def kernels(params: GtaParams, stored: bool) -> tuple[str, ...]:
+    """The numba kernels the merge calls (fused.runtime_bytes: its plan asks numba's cache for them;
+    tests/test_fused.py compares them with a merge's). Reading as stored (stored_memory's cases): one
+    combine kernel with the sparsifier's passes; else the float32 combine, the sparsifier's own
+    (a threshold's histogram and mask, torch's draws, della's ranks) and exact L1 norms to rescale."""
+    if stored:
+        if params.sparsify == "random":
+            norms = ("_random_norms_bf16",) if params.rescale else ()
+            return ("_mt_seed", "_mt_keep_bits_each", *norms, "_random_combine_bf16")
+        if params.sparsify == "none":
+            return ("_random_combine_bf16",)  # the random combine with nothing masked
+        return ("_histogram_low_bf16", "_histogram_span_bf16", "_tie_counts_bf16", "_window_combine_bf16")
+    own = {
+        "none": (),
+        "magnitude": ("_histogram", "_mask_magnitude"),  # tie_break mergekit: where ties do not straddle the cut
+        "magnitude_outliers": ("_histogram",),
+        "random": ("_mt_seed", "_mt_keep") if torch_rand.available() else (),  # else torch's own draws
+        "della_magprune": ("_della_keep", *(("_mt_seed", "_mt_uniform") if torch_rand.available() else ())),
+    }[params.sparsify]
+    rescales = params.rescale and params.sparsify != "none"
+    return ("_combine", *own, *(("_exact_abs_sum",) if rescales else ()))
 
 
 def stored_memory(name: str, shape: tuple[int, ...], n: int, params: GtaParams, in_place: bool = False):
@@ -520,7 +543,7 @@ def stored_memory(name: str, shape: tuple[int, ...], n: int, params: GtaParams, 
     magnitude = fused.histogram_bytes(n) + capture
     extra = {"none": 0, "random": n * ((numel + 7) // 8)}.get(params.sparsify, magnitude)
     result = 0 if in_place else 4 * block
-    return Need(result + extra + fused.runtime_bytes(numel), transfer=block)
+    return Need(result + extra + fused.runtime_bytes(numel, kernels(params, stored=True)), transfer=block)
 
 
 EXPERT_PARAMS = {"weight": REQUIRED, "density": 1.0, "gamma": 0.01, "epsilon": 0.15}

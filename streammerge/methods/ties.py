@@ -477,7 +477,18 @@ def memory(name: str, shape: tuple[int, ...], n: int, params: TiesParams, itemsi
         need = Need(int((n + 1) * numel * itemsize + 6 * block * itemsize))
     else:
         need = Need(int((n + 7) * block * itemsize), transfer=block)
-    return replace(need, work=max(need.work, fused.runtime_bytes(numel)))
+    return replace(need, work=max(need.work, fused.runtime_bytes(numel, kernels(params, stored=False))))
+
+
+def kernels(params: TiesParams, stored: bool) -> tuple[str, ...]:
+    """The numba kernels the merge calls (fused.runtime_bytes: its plan asks numba's cache for them;
+    tests/test_fused.py compares them with a merge's): reading as stored, the thresholds' histograms
+    (the model-wide threshold is found before, by torch) and the disjoint merge; else the float32
+    histogram, mask and disjoint merge."""
+    if stored:
+        histograms = () if params.scope == "model" else ("_histogram_low_bf16", "_histogram_span_bf16")
+        return (*histograms, "_magnitude_disjoint_bf16")
+    return ("_histogram", "_mask_magnitude", "_disjoint")
 
 
 def stored_memory(name: str, shape: tuple[int, ...], n: int, params: TiesParams, in_place: bool = False):
@@ -487,7 +498,8 @@ def stored_memory(name: str, shape: tuple[int, ...], n: int, params: TiesParams,
     if math.prod(shape) < fused.MIN_ELEMENTS:
         return None
     block = min(math.prod(shape), BLOCK_ELEMENTS)
-    return Need(5 * block + fused.histogram_bytes(n) + fused.runtime_bytes(math.prod(shape)), transfer=block)
+    runtime = fused.runtime_bytes(math.prod(shape), kernels(params, stored=True))
+    return Need(5 * block + fused.histogram_bytes(n) + runtime, transfer=block)
 
 
 METHOD = Method(
