@@ -14,7 +14,8 @@ outside, so the projection scales the whole slice by its parameter count (see `p
 The floor a merge is measured against (#27: TA and TIES within 1.5× of it): `cat` of the inputs
 with the page cache dropped (cold) and in it (warm); with --cold each merge starts with the cache
 dropped too (where the kernel allows it: recorded). --code DIR runs the merges with the package
-of another checkout (a baseline, side by side: --tag names its rows).
+of another checkout (a baseline, side by side: --tag names its rows), from that folder; each row
+records the package it imported.
 Runs from the project folder with no pip (a CUDA machine without network).
 """
 
@@ -56,6 +57,16 @@ def cli(*args: str) -> list[str]:
     return [sys.executable, "-c", "import sys; from streammerge.cli import main; sys.exit(main())", *args]
 
 
+def package_of(code: str, env: dict) -> str:
+    """The folder of the streammerge package that a merge run from `code` imports (its command's
+    module: a folder without it would fall through to an installed streammerge's)."""
+    done = subprocess.run(
+        [sys.executable, "-c", "import os, streammerge.cli as m; print(os.path.dirname(os.path.abspath(m.__file__)))"],
+        cwd=code, env=env, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return done.stdout.strip()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "slice-8b-gpu.json"))
@@ -70,7 +81,13 @@ def main() -> int:
     ap.add_argument("--code", default=ROOT, help="the checkout whose package merges (default: this one)")
     ap.add_argument("--tag", default="", help="appended to each run's name in the record")
     args = ap.parse_args()
-    env = dict(os.environ, PYTHONPATH=os.path.abspath(args.code) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    args.work, args.out, code = os.path.abspath(args.work), os.path.abspath(args.out), os.path.abspath(args.code)
+    # each merge runs from `code`: `python -c` puts its working folder first on the path, before
+    # PYTHONPATH (run from this folder, as until 2026-12-05, every --code run merged with this checkout)
+    env = dict(os.environ, PYTHONPATH=code + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    package = package_of(code, env)
+    if package != os.path.join(code, "streammerge"):
+        sys.exit(f"--code {args.code}: python run there imports {package}, not its streammerge/")
     import torch
 
     record: dict = {
@@ -158,11 +175,12 @@ def main() -> int:
         dropped = drop_caches() if args.cold else False
         load = os.getloadavg()[0]
         t0 = time.perf_counter()
-        done = subprocess.run(cli(*cmd), env=env, capture_output=True, text=True)
+        done = subprocess.run(cli(*cmd), env=env, capture_output=True, text=True, cwd=code)
         wall = time.perf_counter() - t0
         row: dict = {
             "command": "streammerge " + " ".join(cmd),
-            "code": os.path.relpath(os.path.abspath(args.code), ROOT),
+            "code": os.path.relpath(code, ROOT),
+            "package": package,
             "cache_dropped": dropped,
             "load_average": round(load, 2),
             "wall_seconds": round(wall, 1),
