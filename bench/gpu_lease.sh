@@ -4,7 +4,9 @@
 #   1. the CUDA tests (tests/test_cuda.py);
 #   2. the 8B slice (bench/slice_gpu.py): the read floor (cat, cold and warm), then task arithmetic
 #      and TIES with the page cache dropped, this checkout's code against BASELINE's (a copy of
-#      another commit's streammerge/ package, when that folder exists), alternating;
+#      another commit's streammerge/ package, when that folder exists), alternating; 2a: task
+#      arithmetic reading through the page cache (a copy of this checkout with O_DIRECT reads off),
+#      then this checkout again;
 #   3. task arithmetic on the slice under py-spy (bench/profile_merge.py --device cuda), when
 #      py-spy is installed or its wheel is in .whl/;
 #   4. bench/gpu_check.py without its end-to-end step;
@@ -42,6 +44,16 @@ step "2. the 8B slice: inputs, read floor, task arithmetic"
 within 60 "${SLICE[@]}" --floor --runs task_arithmetic
 if [ -n "$BASELINE" ] && [ -d "$BASELINE" ]; then
     within 60 "${SLICE[@]}" --runs task_arithmetic --code "$BASELINE" --tag @baseline
+fi
+step "2a. task arithmetic with its inputs read through the page cache (a copy with prefetch.DIRECT off)"
+VARIANT=/tmp/variant-no-direct
+rm -rf "$VARIANT" && mkdir -p "$VARIANT" && cp -r streammerge "$VARIANT"/
+sed -i 's/^DIRECT = .*/DIRECT = False  # gpu_lease.sh step 2a/' "$VARIANT/streammerge/prefetch.py"
+if grep -q "^DIRECT = False" "$VARIANT/streammerge/prefetch.py"; then
+    within 60 "${SLICE[@]}" --runs task_arithmetic --code "$VARIANT" --tag @no-direct
+    within 60 "${SLICE[@]}" --runs task_arithmetic --tag @again
+else
+    echo "skipped: prefetch.DIRECT not found"
 fi
 if command -v py-spy >/dev/null; then
     step "3. task arithmetic under py-spy"
