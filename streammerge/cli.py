@@ -113,7 +113,11 @@ _RECIPE_OPTIONS = [
     ),
     click.option("--dtype", help="Output dtype (default: the base model's)."),
     click.option("--compute-dtype", help="Dtype the arithmetic is done in (default float32)."),
-    click.option("--seed", type=int, help="Seed for random methods (dare); each tensor draws from (seed, its name)."),
+    click.option(
+        "--seed",
+        type=int,
+        help="Seed for random methods (dare*, della*, gta's random sparsifier); each tensor draws from (seed, name).",
+    ),
     click.option(
         "--allow-nonfinite", is_flag=True, default=None, help="Merge tensors holding NaN/Inf instead of stopping."
     ),
@@ -366,8 +370,8 @@ def main() -> None:
 @click.option(
     "--memory-report",
     type=click.Path(dir_okay=False),
-    help="Write planned and measured peak memory, bytes read ahead and written, and the read-ahead's rate "
-    "(null where the system reads ahead itself) to this JSON file.",
+    help="Write planned and measured peak memory, bytes read ahead and written, the read-ahead's rate "
+    "(null where the system reads ahead itself) and the seconds spent compiling kernels to this JSON file.",
 )
 @click.option(
     "--checkpoint-every",
