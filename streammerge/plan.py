@@ -72,6 +72,7 @@ class Plan:
     extra_passes: int = 0  # statistics passes (re-read every input once each)
     statistics_read: int = 0  # bytes a pass over some tensors only re-reads (Method.plan_statistics)
     notes: list[str] = field(default_factory=list)
+    hints: list[str] = field(default_factory=list)  # what the user may change: said by plan and as a merge starts
     spilled: list[TensorPlan] = field(default_factory=list)  # merged on the CPU: too big for the GPU
     state_in_ram: list[TensorPlan] = field(default_factory=list)  # on the GPU, per-expert state in RAM
     read_buffers: int = 0  # the read-ahead's buffers for blocks it reads past the page cache (prefetch.py)
@@ -184,6 +185,7 @@ class Plan:
             f"written: {format_size(self.write_total)}; disk needed {format_size(self.disk_needed)}, free "
             f"{format_size(self.disk_free)}",
             *self.notes,
+            *self.hints,
         ]
         return "\n".join(lines)
 

@@ -714,16 +714,15 @@ KERNEL_PATHS = [
 
 
 def test_a_plan_asks_numbas_cache_for_the_kernels_its_merge_calls(tmp_path, monkeypatch):
-    """Each method's `kernels` (what its plan asks numba's cache for, to count what compiling them
-    keeps: fused.runtime_bytes) names the kernels a merge by that path calls, on tensors below and
-    above fused.SPAN_ELEMENTS: not fewer, or the first merge of a method whose kernels were not
+    """Each Method.kernels (what its plan asks numba's cache for, to count what compiling them keeps:
+    fused.runtime_bytes) names the kernels a merge by that path calls, on tensors below and above
+    fused.SPAN_ELEMENTS: not fewer, or the first merge of a method whose kernels were not
     compiled yet would compile above its plan; and no more (but where the data decide), or its plans
     would count a compile that never comes."""
     from safetensors.torch import save_file
 
     from streammerge import Expert, Recipe
     from streammerge.engine import Merge, RunOptions
-    from streammerge.methods import dare, ties
     from streammerge.methods.registry import get_method
 
     shapes = {"small": (512, 256), "large": (1024, 1100)}  # 2 × MIN_ELEMENTS; over SPAN_ELEMENTS (the sample)
@@ -744,14 +743,13 @@ def test_a_plan_asks_numbas_cache_for_the_kernels_its_merge_calls(tmp_path, monk
             and method.stored_memory("w", s, 2, params) is not None
             for s in shapes.values()
         )
-        declared = {"ties": ties.kernels, "gta": gta.kernels}.get(method.name, lambda p, stored: dare.kernels(p))
         experts = tuple(Expert(str(tmp_path / dtype / e), weight=1.0, density=density) for e in ("e1", "e2"))
         calls.called.clear()
         recipe = Recipe(
             name, str(tmp_path / dtype / "base"), experts, str(tmp_path / f"out-{i}"), parameters=parameters
         )
         Merge(recipe, RunOptions()).run()
-        expected = set(declared(params, stored))
+        expected = set(method.kernels(params, stored))
         assert calls.called <= expected, (name, dtype, parameters, stored)
         if parameters.get("tie_break") != "mergekit":  # its mask kernel only where ties do not straddle the cut
             assert calls.called == expected, (name, dtype, parameters, stored)

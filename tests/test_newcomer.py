@@ -743,3 +743,33 @@ def test_a_log_line_during_a_merge_goes_above_the_progress_bar(monkeypatch, caps
     assert root.handlers == [handler]
     line = next(x for x in capsys.readouterr().err.split("\n") if "compiling" in x)
     assert line.split("\r")[-1] == "compiling numba kernels", repr(line)
+
+
+def test_without_numba_a_merge_that_would_take_its_kernels_says_how_to_get_them(tmp_path, monkeypatch, caplog):
+    """`pip install streammerge` leaves out numba (the `fast` extra): TIES and its like then run
+    torch's code. plan says so and how to get the kernels, and so does a merge as it starts; a
+    method without kernels, or a machine with numba, hears nothing of it."""
+    import importlib.util
+    import logging
+
+    import torch
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(8)
+    for name in ("base", "e1", "e2"):
+        os.makedirs(tmp_path / name)
+        w = (torch.randn(512, 256, generator=g) * 0.02).to(torch.bfloat16)  # a tensor the kernels would take
+        save_file({"w": w}, str(tmp_path / name / "model.safetensors"))
+    inputs = ["--base", str(tmp_path / "base"), "--expert", str(tmp_path / "e1"), "--expert", str(tmp_path / "e2")]
+    hint = "pip install 'streammerge[fast]'"
+    if importlib.util.find_spec("numba") is not None:  # with numba: nothing said
+        assert hint not in cli("plan", *inputs, "--method", "ties").output
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "numba" else real(name, *a))
+    assert hint in cli("plan", *inputs, "--method", "ties").output
+    assert hint not in cli("plan", *inputs, "--method", "linear").output
+    with caplog.at_level(logging.INFO):
+        r = cli("merge", "--quiet", *inputs, "--method", "ties", "--out", str(tmp_path / "out"))
+    assert r.exit_code == 0, r.output
+    assert any(hint in m for m in caplog.messages)

@@ -47,7 +47,7 @@ def make_plan(inputs: MergeInputs, device: torch.device, options: RunOptions, st
     # read as stored by the fused kernels (TensorComputer.stored) where every input is a checkpoint
     # and fused.reads_stored says so for the tensor
     as_stored = method.stored_memory is not None and all(isinstance(src, Checkpoint) for src in sources)
-    tensors = []
+    tensors, hints = [], []
     previous_out = 0
     for shard in inputs.shards:
         for t in shard.tensors:
@@ -78,9 +78,12 @@ def make_plan(inputs: MergeInputs, device: torch.device, options: RunOptions, st
             )
             previous_out = t.nbytes
             tensors.append(TensorPlan(t.name, t.shape, placed, gpu_bytes, host_bytes, read, t.nbytes, note))
+    missing = fused.missing() if method.kernels is not None else None
+    if missing and any(t.device == "cpu" and math.prod(t.shape) >= fused.MIN_ELEMENTS for t in tensors):
+        hints.append(f"{method.name}: {missing}")
     passes = 0 if method.plan_statistics else method.statistics_passes(inputs.params)
     total = sum(s.nbytes for s in inputs.shards)
-    plan = Plan(tensors, baseline, ram_budget, gpu_budget, free_disk(inputs.recipe.out), total, passes)
+    plan = Plan(tensors, baseline, ram_budget, gpu_budget, free_disk(inputs.recipe.out), total, passes, hints=hints)
     if statistics and method.plan_statistics:
         plan.statistics_read = sum(t.read_bytes for t in tensors if t.name in statistics)
     elif measures_plan(inputs):

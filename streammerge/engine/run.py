@@ -213,8 +213,8 @@ class Merge:
         self.plan.disk_needed = sum(s.nbytes for s in todo)
         self.plan.disk_free = free_disk(out)
         self.plan.check()
-        for t in self.plan.spilled + self.plan.state_in_ram:
-            log.info("%s: %s", t.name, t.note)
+        for line in [f"{t.name}: {t.note}" for t in self.plan.spilled + self.plan.state_in_ram] + self.plan.hints:
+            log.info("%s", line)
         executor = self.executor()
         executor.start()
         try:

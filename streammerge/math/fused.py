@@ -36,6 +36,17 @@ def installed() -> bool:
     return not os.environ.get("STREAMMERGE_NO_NUMBA") and importlib.util.find_spec("numba") is not None
 
 
+def missing() -> str | None:
+    """What to tell someone whose merge would take the kernels, where numba is not installed (None
+    where it is, switched off or not). The figure: bench/results/fused-ab-ties-0.5b-vs-torch.md."""
+    if importlib.util.find_spec("numba") is not None:
+        return None
+    return (
+        "numba is not installed, so torch's code runs in place of the fused kernels (2.3-3.2x as long for TIES "
+        "on two cores); pip install 'streammerge[fast]'"
+    )
+
+
 def available(*tensors: torch.Tensor, dtype: torch.dtype = torch.float32) -> bool:
     """Whether the kernels take these tensors: numba present, `dtype`, CPU, contiguous, large."""
     return (

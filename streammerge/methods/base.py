@@ -346,6 +346,10 @@ class Method:
     # engine may then read those blocks ahead into reused buffers (engine/reads.py).
     # (params, each expert's values) -> bool
     reads_once: Callable[[Any, tuple[dict[str, Any], ...]], bool] = field(default=lambda params, experts: False)
+    # The numba kernels (math/fused.py) its merge calls, (params, stored: inputs read as stored) ->
+    # their names; None where it calls none. A plan asks numba's cache for them, and says where
+    # numba is missing.
+    kernels: Callable[[Any, bool], tuple[str, ...]] | None = None
     # Its work per tensor, (name, shape, n_experts, params) -> Cost (default: a few elementwise passes)
     cost: Callable[[str, tuple[int, ...], int, Any], Cost] = field(default=lambda name, shape, n, params: Cost())
 

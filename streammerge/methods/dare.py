@@ -101,12 +101,12 @@ def memory(name: str, shape: tuple[int, ...], n: int, params: DareParams, itemsi
     # at least numba's runtime where the kernels take the tensor (its draws, TIES's kernels): the
     # constants above, fitted on tensors of many blocks, hold it; a model of small tensors measured
     # 14 % above a plan without it (51 % under --report; tools/demo.sh dare_ties)
-    return replace(need, work=max(need.work, fused.runtime_bytes(math.prod(shape), kernels(params))))
+    return replace(need, work=max(need.work, fused.runtime_bytes(math.prod(shape), kernels(params, False))))
 
 
-def kernels(params: DareParams) -> tuple[str, ...]:
+def kernels(params: DareParams, stored: bool) -> tuple[str, ...]:
     """The numba kernels the merge calls (fused.runtime_bytes): torch's draws (where numba makes them:
-    torch_rand.available) and TIES's disjoint merge."""
+    torch_rand.available) and TIES's disjoint merge; it reads no input as stored."""
     draws = ("_mt_seed", "_mt_keep") if torch_rand.available() else ()
     return (*draws, *(("_disjoint",) if params.combine == "ties" else ()))
 
@@ -119,5 +119,6 @@ METHOD = Method(
     doc=__doc__ or "",
     propagates_nonfinite=True,
     expert_params={"weight": 1.0, "density": None},  # density: the keep rate, 1 − drop_rate (mergekit's)
+    kernels=kernels,
 )
 ALIASES = {"dare_linear": ("dare", {"combine": "task_arithmetic"}), "dare_ties": ("dare", {"combine": "ties"})}

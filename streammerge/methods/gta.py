@@ -558,6 +558,7 @@ METHOD = Method(
     propagates_nonfinite=True,
     expert_params=EXPERT_PARAMS,
     reads_once=reads_once,
+    kernels=kernels,
 )
 
 # mergekit 0.1.5's generalized-task-arithmetic methods: (sparsifier, consensus, normalize, rescale) defaults

@@ -516,4 +516,5 @@ METHOD = Method(
     propagates_nonfinite=True,
     # mergekit's ties runs as gta, which has it; ours keeps every entry tied at the threshold
     param_hints={"tie_break": "tie_break belongs to mergekit's ties: a mergekit recipe, or --method gta"},
+    kernels=kernels,
 )
