@@ -509,13 +509,15 @@ def kernels(params: GtaParams, stored: bool) -> tuple[str, ...]:
         if params.sparsify == "none":
             return ("_random_combine_bf16",)  # the random combine with nothing masked
         return ("_histogram_low_bf16", "_histogram_span_bf16", "_tie_counts_bf16", "_window_combine_bf16")
-    own = {
+    own: tuple[str, ...] = {
         "none": (),
         "magnitude": ("_histogram", "_mask_magnitude"),  # tie_break mergekit: where ties do not straddle the cut
         "magnitude_outliers": ("_histogram",),
-        "random": ("_mt_seed", "_mt_keep") if torch_rand.available() else (),  # else torch's own draws
-        "della_magprune": ("_della_keep", *(("_mt_seed", "_mt_uniform") if torch_rand.available() else ())),
+        "random": (),
+        "della_magprune": ("_della_keep",),
     }[params.sparsify]
+    if params.sparsify in ("random", "della_magprune") and torch_rand.available():  # else torch's own draws
+        own += ("_mt_seed", "_mt_keep") if params.sparsify == "random" else ("_mt_seed", "_mt_uniform")
     rescales = params.rescale and params.sparsify != "none"
     return ("_combine", *own, *(("_exact_abs_sum",) if rescales else ()))
 
