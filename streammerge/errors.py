@@ -55,9 +55,14 @@ def collect(problems: list[str], error: type[StreammergeError], what: str) -> No
         raise error(f"{what}: {len(problems)} problems\n  " + "\n  ".join(problems))
 
 
-def did_you_mean(name: str, known: list[str]) -> str:
-    """ "; did you mean 'x'?" where one of `known` is close to a misspelt `name`, else ""."""
+def did_you_mean(name, known) -> str:
+    """ "; did you mean 'x'?" where one of `known` is close to a misspelt `name` (a list of unknown
+    names: only where it holds one), else ""."""
     import difflib  # here: this module imports nothing at its top (console.py imports it first)
 
-    close = difflib.get_close_matches(name, known, n=1, cutoff=0.7)
+    if isinstance(name, (list, tuple)):
+        if len(name) != 1:
+            return ""
+        name = name[0]
+    close = difflib.get_close_matches(str(name), sorted(known), n=1, cutoff=0.7)
     return f"; did you mean {close[0]!r}?" if close else ""

@@ -85,7 +85,7 @@ def parse(doc: dict, where: str) -> dict[str, Any]:
     problems = [f"mergekit key '{key}': {REFUSED_KEYS[key]}" for key in doc if key in REFUSED_KEYS]
     unknown = sorted(set(doc) - TOP_KEYS - set(REFUSED_KEYS))
     if unknown:
-        guess = _guess(unknown, TOP_KEYS)
+        guess = did_you_mean(unknown, TOP_KEYS)
         problems.append(
             f"unknown mergekit key(s) {', '.join(unknown)}{guess} (read here: {', '.join(sorted(TOP_KEYS))})"
         )
@@ -116,7 +116,7 @@ def parse(doc: dict, where: str) -> dict[str, Any]:
     if bad:
         raise UsageError(
             f"{where}: parameters: {', '.join(bad)} not a parameter of mergekit's {method}"
-            f"{_guess(bad, contract.shared)} (known: {', '.join(sorted(contract.shared)) or 'none'})"
+            f"{did_you_mean(bad, contract.shared)} (known: {', '.join(sorted(contract.shared)) or 'none'})"
         )
     entries: list[tuple[str, dict]] = []
     for i, m in enumerate(models):
@@ -130,7 +130,7 @@ def parse(doc: dict, where: str) -> dict[str, Any]:
         if bad:
             raise UsageError(
                 f"{where}: model {path}: {', '.join(bad)} not a per-model parameter of mergekit's {method}"
-                f"{_guess(bad, contract.per_model)} (known: {', '.join(sorted(contract.per_model)) or 'none'})"
+                f"{did_you_mean(bad, contract.per_model)} (known: {', '.join(sorted(contract.per_model)) or 'none'})"
             )
         entries.append((path, p))
     return _fields(method, contract, base, entries, shared, where) | _dtypes(doc, where)
@@ -286,8 +286,3 @@ def _dtypes(doc: dict, where: str) -> dict[str, Any]:
             )
         out["tokenizer_source"] = _path(source, f"{where}: tokenizer_source") if source != "base" else "base"
     return out
-
-
-def _guess(bad: list, known) -> str:
-    """did_you_mean for the one unknown key of a list of them."""
-    return did_you_mean(str(bad[0]), sorted(known)) if len(bad) == 1 else ""

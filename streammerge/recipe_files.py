@@ -97,7 +97,7 @@ _NATIVE_KEYS = {
 def _native(doc: dict, where: str) -> dict[str, Any]:
     unknown = sorted(set(doc) - _NATIVE_KEYS)
     if unknown:
-        guess = did_you_mean(str(unknown[0]), sorted(_NATIVE_KEYS)) if len(unknown) == 1 else ""
+        guess = did_you_mean(unknown, _NATIVE_KEYS)
         raise UsageError(
             f"{where}: unknown key(s) {', '.join(unknown)}{guess} (known: {', '.join(sorted(_NATIVE_KEYS))})"
         )

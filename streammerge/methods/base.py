@@ -420,7 +420,7 @@ def build_params(params_type: type, values: dict[str, Any], where: str, hints: d
     if unknown:
         shown = sorted(k.rstrip("_") for k in known)
         hint = "".join(f"; {text}" for key, text in (hints or {}).items() if key in unknown)
-        guess = did_you_mean(unknown[0].rstrip("_"), shown) if len(unknown) == 1 else ""
+        guess = did_you_mean([k.rstrip("_") for k in unknown], shown)
         raise UsageError(
             f"{where}: unknown parameter(s) {', '.join(k.rstrip('_') for k in unknown)}{guess} (known: "
             f"{', '.join(shown)}{hint})"
