@@ -20,13 +20,6 @@ import os
 ALIGN = 4096  # O_DIRECT wants buffer address, file offset and length in multiples of the block size
 WRITE_BUFFER = 2 * 1024 * 1024  # the reused, page-aligned buffer of a direct file (1-16 MB wrote alike here)
 USE_DIRECT = hasattr(os, "O_DIRECT")  # tests turn it off to compare the two ways
-# Made durable as it is written, every SYNC_EVERY bytes, on the thread that writes (the shard's
-# writer thread): a device with a write cache (a virtual disk, most consumer SSDs) holds what O_DIRECT
-# wrote until the next flush, and a flush takes time in proportion to what it holds. Once at the end,
-# the 0.5 B preset's 1 GB shard took 1.5 s to commit on this project's VM, with the merge's main
-# thread waiting (bench/results/README.md, "Round fourteen"); a checkpoint (every 10 s) likewise.
-SYNC_EVERY = 128 * 1024 * 1024
-_datasync = getattr(os, "fdatasync", os.fsync)  # no fdatasync on macOS
 
 
 class OutputFile:
@@ -37,7 +30,6 @@ class OutputFile:
     def __init__(self, path: str, offset: int | None = None):
         self.path = path
         self.direct = False
-        self._unsynced = 0  # bytes written since the last flush to the device
         self._file = None
         self._fd = -1
         if USE_DIRECT:
@@ -76,19 +68,6 @@ class OutputFile:
                 self._flush_whole()
         if len(data):  # through the page cache, from the start or since a fall-back
             self._file.write(data)  # type: ignore[union-attr]
-            self._written(len(data))
-
-    def _written(self, nbytes: int) -> None:
-        """Count what was written; flush it to the device each SYNC_EVERY bytes (why: SYNC_EVERY)."""
-        self._unsynced += nbytes
-        if self._unsynced < SYNC_EVERY:
-            return
-        if self.direct:
-            _datasync(self._fd)
-        else:
-            self._file.flush()  # type: ignore[union-attr]
-            _datasync(self._file.fileno())  # type: ignore[union-attr]
-        self._unsynced = 0
 
     def _pwrite(self, length: int) -> None:
         """Write the buffer's first `length` bytes (a multiple of ALIGN) at its file offset."""
@@ -101,7 +80,6 @@ class OutputFile:
                     raise
                 self._fall_back()  # the device's blocks are larger than ALIGN, or O_DIRECT is refused late
                 return
-        self._written(length)
 
     def _flush_whole(self) -> None:
         """Write the buffer's whole blocks; keep the partial one at its start."""
@@ -134,7 +112,6 @@ class OutputFile:
             padded = self._fill + (-self._fill) % ALIGN
             self._view[self._fill : padded] = bytes(padded - self._fill)
             self._pwrite(padded)
-        self._unsynced = 0
         if not self.direct:  # from the start, or since a fall-back in the writes just above
             self._file.flush()  # type: ignore[union-attr]
             os.fsync(self._file.fileno())  # type: ignore[union-attr]
