@@ -3,13 +3,13 @@
 
     python bench/read_timeline.py --recipe bench/.work/row-local-task_arithmetic.yaml --tag ta-0.5b
 
-Drops the page cache (when permitted), imports what a merge imports (so that only the inputs are read from
-the disk), runs `streammerge merge` (quiet, on the CPU) and samples its
-/proc/PID/io `read_bytes` (bytes the disk delivered to the process) and its CPU seconds, so that
-the wall time splits into: before the first read (starting Python, importing torch, planning),
-reading (from the first 64 MiB read to all but the last), the gaps where reads stopped for 0.2 s or more, and after the last read (writing out).
-Runs `--runs` times; writes bench/results/read-timeline-TAG.md and .json with the `cat` of the
-same inputs, cold, before each run, for the floor.
+Drops the page cache (when permitted), imports what a merge imports (so that only the inputs are
+read from the disk), runs `streammerge merge` (quiet, on the CPU) and samples its /proc/PID/io
+`read_bytes` (bytes the disk delivered to the process) and its CPU seconds, so that the wall time
+splits into: before the first read (starting Python, importing torch, planning), reading (from the
+first 64 MiB read to all but the last), the gaps where reads stopped for 0.2 s or more, and after
+the last read (writing out). Runs `--runs` times; writes bench/results/read-timeline-TAG.md and
+.json with the `cat` of the same inputs, cold, before each run, for the floor.
 """
 
 from __future__ import annotations
