@@ -93,6 +93,14 @@ def run(recipe: str, out: str, fused: bool, params: list[str], cwd: str = ROOT) 
     return time.perf_counter() - start, now.ru_utime + now.ru_stime - used.ru_utime - used.ru_stime
 
 
+def cold_read(files: list[str]) -> float:
+    """Seconds `cat` takes to read the files with the page cache dropped: the read floor."""
+    drop_caches()
+    start = time.perf_counter()
+    subprocess.run(["cat", *files], stdout=subprocess.DEVNULL, check=True)
+    return time.perf_counter() - start
+
+
 def cold_write(folder: str, nbytes: int) -> float:
     """Seconds to write `nbytes` of incompressible bytes to a file in `folder` and fsync it: the
     disk's part of writing the merged output, the other floor a merge cannot go below."""
@@ -143,10 +151,7 @@ def main() -> int:
     for side in ("fused", other):  # untimed: a kernel changed since the last run compiles once here
         merge(side, os.path.join(work, side))
     for pair in range(args.pairs if args.cold_pairs is None else args.cold_pairs):
-        drop_caches()
-        start = time.perf_counter()
-        subprocess.run(["cat", *files], stdout=subprocess.DEVNULL, check=True)
-        cold["cat"].append(time.perf_counter() - start)
+        cold["cat"].append(cold_read(files))
         for side in ("fused", other) if pair % 2 == 0 else (other, "fused"):
             drop_caches()
             out = os.path.join(work, side)

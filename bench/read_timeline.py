@@ -24,7 +24,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import command, drop_caches, provenance, provenance_line, write_results  # noqa: E402
-from fused_ab import inputs  # noqa: E402
+from fused_ab import cold_read, inputs  # noqa: E402
 
 STEP = 0.05
 GAP = 0.2  # seconds without a read counted as a stop
@@ -49,13 +49,6 @@ def _cpu_seconds(pid: int) -> float | None:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except OSError:
         return None
-
-
-def cold_cat(files: list[str]) -> float:
-    drop_caches()
-    start = time.perf_counter()
-    subprocess.run(["cat", *files], stdout=subprocess.DEVNULL, check=True)
-    return time.perf_counter() - start
 
 
 # what a merge imports, read back into the page cache after it is dropped: the timeline is of the
@@ -119,7 +112,7 @@ def main() -> int:
     files = inputs(args.recipe)
     runs = []
     for _ in range(args.runs):
-        cat = cold_cat(files)
+        cat = cold_read(files)
         row = timeline(args.recipe, args.out, os.path.abspath(args.code))
         row["cat"] = round(cat, 3)
         row["load"] = round(os.getloadavg()[0], 2)

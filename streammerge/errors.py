@@ -55,14 +55,12 @@ def collect(problems: list[str], error: type[StreammergeError], what: str) -> No
         raise error(f"{what}: {len(problems)} problems\n  " + "\n  ".join(problems))
 
 
-def did_you_mean(name, known) -> str:
-    """ "; did you mean 'x'?" where one of `known` is close to a misspelt `name` (a list of unknown
-    names: only where it holds one), else ""."""
+def did_you_mean(unknown: list, known) -> str:
+    """ "; did you mean 'x'?" where `unknown` holds one misspelt name and one of `known` is close to
+    it, else "" (a guess for one of several unknown names would be a guess at which was meant)."""
     import difflib  # here: this module imports nothing at its top (console.py imports it first)
 
-    if isinstance(name, (list, tuple)):
-        if len(name) != 1:
-            return ""
-        name = name[0]
-    close = difflib.get_close_matches(str(name), sorted(known), n=1, cutoff=0.7)
+    if len(unknown) != 1:
+        return ""
+    close = difflib.get_close_matches(str(unknown[0]), sorted(known), n=1, cutoff=0.7)
     return f"; did you mean {close[0]!r}?" if close else ""

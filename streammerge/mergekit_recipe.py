@@ -104,7 +104,7 @@ def parse(doc: dict, where: str) -> dict[str, Any]:
             "features)"
         )
     if method not in CONTRACTS and method not in MERGEKIT_GTA:
-        guess = did_you_mean(str(method), sorted(set(CONTRACTS) | set(MERGEKIT_GTA)))
+        guess = did_you_mean([method], set(CONTRACTS) | set(MERGEKIT_GTA))
         raise UsageError(f"{where}: unknown merge_method {method!r}{guess}")
     contract = CONTRACTS.get(method, GTA_CONTRACT)
     base = _path(doc["base_model"], f"{where}: base_model") if doc.get("base_model") is not None else None

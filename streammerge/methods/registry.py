@@ -52,7 +52,7 @@ def lookup(
         return registry[target], dict(implied)
     if name not in registry:
         names = sorted(set(registry) | set(aliases))
-        raise UsageError(f"unknown merge method {name!r}{did_you_mean(name, names)} (known: {', '.join(names)})")
+        raise UsageError(f"unknown merge method {name!r}{did_you_mean([name], names)} (known: {', '.join(names)})")
     return registry[name], {}
 
 
