@@ -22,9 +22,6 @@ def entry() -> None:
     from .allocator import huge_pages_for_large_tensors  # ctypes only
 
     huge_pages_for_large_tensors()  # before torch's first allocation (why: allocator.py)
-    from . import early_read  # standard library only
-
-    early_read.start(sys.argv[1:])  # the inputs read while torch is imported (why: early_read.py)
     # Python's cyclic collector walks every tracked object each time it runs: while torch's ~0.26 M
     # objects are being made it ran ~380 times (0.15 s), and after that every full collection walks
     # them all again. So: off while importing, then those objects frozen out of its reach (they live

@@ -50,7 +50,6 @@ LAYERS = [
         "streammerge.errors",
         "streammerge.gguf_pre",
         "streammerge.quality_marks",
-        "streammerge.early_read",
     ],
     ["streammerge.math", "streammerge.math.*"],
 ]

@@ -14,14 +14,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from .. import early_read
 from ..errors import Interrupted, UsageError
 from ..io.atomic import os_error
 from ..io.checkpoint import INDEX_NAME
 from ..io.journal import Journal
 from ..io.lock import OutputLock
 from ..allocator import return_freed_memory_to_os
-from ..cpu import choose_threads
 from ..memwatch import PeakSampler
 from ..plan import Plan, free_disk
 from ..units import format_size
@@ -177,10 +175,11 @@ class Merge:
             raise UsageError("--assume-gpu plans only; merge on a machine that has the GPU")
         import torch
 
+        from ..cpu import choose_threads
+
         torch.set_num_threads(choose_threads(self.options.threads))  # the free cores, as from the CLI
         if not self.measures_plan():  # else the bounds may tighten once measured (tighten_plan)
             self.plan.check_memory()  # before the output folder is touched
-        early_read.stop()  # the merge reads for itself from here
         with sigterm_as_interrupt():
             try:
                 self.download_inputs()
