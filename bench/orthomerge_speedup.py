@@ -12,12 +12,14 @@ vocabulary) cut to `--layers` layers, three bf16 experts with row conflicts
 from a `git worktree` of `--baseline`; both write float32 (`--dtype float32`) so that the
 comparison of the updates is not bf16 rounding, each at its default precision, with two threads
 (the baseline's torch default on two cores; ours is given `--threads 2`). Agreement: per tensor
-‖W_new − W_old‖ / ‖W_old − W₀‖, the largest over tensors. Writes bench/results/orthomerge-speedup.{md,json}.
+‖W_new − W_old‖ / ‖W_old − W₀‖, the largest over tensors; whether the outputs are byte-identical.
+Writes bench/results/TAG.{md,json} (`--tag`, default orthomerge-speedup).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import platform
 import re
@@ -101,11 +103,24 @@ def agreement(base: str, old: str, new: str) -> dict:
     }
 
 
+def digest(folder: str) -> str:
+    """SHA-256 over the folder's safetensors files, in name order."""
+    h = hashlib.sha256()
+    for f in sorted(os.listdir(folder)):
+        if f.endswith(".safetensors"):
+            with open(os.path.join(folder, f), "rb") as fh:
+                while chunk := fh.read(1 << 24):
+                    h.update(chunk)
+    return h.hexdigest()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--baseline", default="f9992d5", help="the earlier commit (default: the one that recorded 1196 s)")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--pairs", type=int, default=2)
+    ap.add_argument("--tag", default="orthomerge-speedup")
+    ap.add_argument("--baseline-threads", action="store_true", help="give the baseline `--threads 2` too (it has it)")
     args = ap.parse_args()
     os.makedirs(WORK, exist_ok=True)
     toys = os.path.join(WORK, f"toys-{args.layers}")
@@ -144,7 +159,10 @@ def main() -> int:
     ]
     runs = []
     for pair in range(args.pairs):
-        order = [("baseline", baseline, []), ("this", ROOT, ["--threads", "2"])]
+        order = [
+            ("baseline", baseline, ["--threads", "2"] if args.baseline_threads else []),
+            ("this", ROOT, ["--threads", "2"]),
+        ]
         if pair % 2:
             order.reverse()
         for label, code, extra in order:
@@ -170,6 +188,7 @@ def main() -> int:
         "speedup_per_pair": [round(x, 2) for x in ratios],
         "speedup_median": round(statistics.median(ratios), 2),
         "agreement": agree,
+        "byte_identical": digest(os.path.join(WORK, "out-baseline")) == digest(os.path.join(WORK, "out-this")),
         "load_average_after": os.getloadavg(),
     }
     lines = [
@@ -194,9 +213,10 @@ def main() -> int:
         f"Speedup (baseline wall / this wall), per pair: {', '.join(f'{x:.2f}' for x in ratios)}; median "
         f"{doc['speedup_median']:.2f}.",
         f"Largest ‖W_this − W_baseline‖ / ‖W_baseline − W₀‖ over the {agree['tensors']} tensors: "
-        f"{agree['max_relative_update_difference']:.2e} ({agree['at']}).",
+        f"{agree['max_relative_update_difference']:.2e} ({agree['at']}); outputs byte-identical: "
+        f"{doc['byte_identical']}.",
     ]
-    write_results("orthomerge-speedup", doc, lines)
+    write_results(args.tag, doc, lines)
     return 0
 
 
