@@ -40,7 +40,6 @@ from ..math.procrustes import (
     SubspaceRotation,
     identity_rotation,
     procrustes,
-    procrustes_each,
     procrustes_from_cross,
     rotate_base,
     transpose_minus_identity,
@@ -569,17 +568,17 @@ def _merge(task: TensorTask, params: OrthoMergeParams) -> torch.Tensor:
     acc = LieAccumulator(params.direction)
     max_angle = math.radians(params.max_angle_deg)
     clipped = 0
-
-    def target(i: int) -> torch.Tensor | None:
+    for i in range(n):
         task.advance(n + i, steps)
         delta = target_delta(i)
-        return delta.add_(a) if bool(delta.any()) else None  # None: the base, exactly no rotation
-
-    side_by_side = a.device.type == "cpu" and torch.get_num_threads() >= 2
-    for i, rot in procrustes_each(n, target, basis, params.null_rtol, max_angle, side_by_side):
-        clipped += rot.clipped_planes
-        if rot.clipped_planes:
-            log_clipped(task, i, rot.clipped_planes, params)
+        if not bool(delta.any()):
+            rot = identity_rotation(basis)  # target == base: exactly no rotation
+        else:
+            rot = procrustes(delta.add_(a), basis, params.null_rtol, max_angle)
+            clipped += rot.clipped_planes
+            if rot.clipped_planes:
+                log_clipped(task, i, rot.clipped_planes, params)
+        del delta
         if rot.frame is not None and rot.frame.shape[1] > 0:
             acc.add(rot.q_w, task.weights[i], rot.frame)
         else:
