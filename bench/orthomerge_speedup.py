@@ -19,7 +19,6 @@ Writes bench/results/TAG.{md,json} (`--tag`, default orthomerge-speedup).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import platform
 import re
@@ -33,6 +32,7 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), 
 WORK = os.path.join(ROOT, "bench", ".work", "om-speedup")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import checkout, drop_caches, load_model, write_results  # noqa: E402
+from fused_ab import digest  # noqa: E402
 
 
 def timed(label: str, code_root: str, args: list[str], out: str) -> dict:
@@ -101,17 +101,6 @@ def agreement(base: str, old: str, new: str) -> dict:
         "tensors": len(a),
         "same_names": sorted(a) == sorted(b),
     }
-
-
-def digest(folder: str) -> str:
-    """SHA-256 over the folder's safetensors files, in name order."""
-    h = hashlib.sha256()
-    for f in sorted(os.listdir(folder)):
-        if f.endswith(".safetensors"):
-            with open(os.path.join(folder, f), "rb") as fh:
-                while chunk := fh.read(1 << 24):
-                    h.update(chunk)
-    return h.hexdigest()
 
 
 def main() -> int:
