@@ -43,6 +43,9 @@ class Need:
     transfer: int = 1 << 62  # elements loaded at once (row-block methods: one block)
     host: int = 0  # e.g. a tall OrthoMerge weight's merged residual, gathered in host RAM
     gpu_work: int | None = None  # the working set on a CUDA device, where it differs from `work`
+    # host bytes more to compute two experts' parts at once on the CPU, each on one thread
+    # (OrthoMerge's Procrustes solves): the plan adds them where they fit --max-ram (placement.py)
+    side_by_side: int = 0
 
     @property
     def on_gpu(self) -> int:
@@ -59,6 +62,7 @@ class TensorPlan:
     read_bytes: int
     write_bytes: int
     note: str = ""
+    side_by_side: int = 0  # Need.side_by_side, counted in host_bytes: the method may use it
 
 
 @dataclass

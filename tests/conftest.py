@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import sys
 
 import pytest
 import torch
 from safetensors import safe_open
+
+from streammerge.io.atomic import ShardWriter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -122,3 +125,28 @@ def merge_hashes(recipe) -> dict[str, str]:
     names = sorted(n for n in os.listdir(recipe.out) if n.endswith(".safetensors"))
     assert len(names) > 1
     return {n: hashlib.sha256(open(os.path.join(recipe.out, n), "rb").read()).hexdigest() for n in names}
+
+
+def conflicting_models(root: str, shape: tuple[int, int], name: str, dtype: torch.dtype = torch.bfloat16) -> str:
+    """Base + three experts of one weight `name` [shape] (and a norm), stored as `dtype`."""
+    base = torch.randn(shape, generator=torch.Generator().manual_seed(0)) / 45
+    common = torch.randn(shape, generator=torch.Generator().manual_seed(99))
+    for i, model in enumerate(["base", "expert-1", "expert-2", "expert-3"]):
+        folder = os.path.join(root, model)
+        os.makedirs(folder)
+        g = torch.Generator().manual_seed(i)
+        # a shared update direction per row with a random sign per expert and row: each expert
+        # is in the minority (conflicts with τ_mean) on about a quarter of the rows
+        signs = torch.randint(0, 2, (shape[0], 1), generator=g) * 2.0 - 1.0
+        w = base if i == 0 else base + 0.002 * (signs * common + 0.3 * torch.randn(shape, generator=g))
+        code = {torch.bfloat16: "BF16", torch.float16: "F16"}[dtype]
+        layout = [(name, code, shape), ("norm.weight", code, (shape[1],))]
+        with ShardWriter(os.path.join(folder, "model-00001-of-00001.safetensors"), layout) as writer:
+            writer.write(name, w.to(dtype))
+            writer.write("norm.weight", torch.ones(shape[1]).to(dtype))
+            writer.commit()
+        json.dump(
+            {"weight_map": {n: "model-00001-of-00001.safetensors" for n, _, _ in layout}},
+            open(os.path.join(folder, "model.safetensors.index.json"), "w"),
+        )
+    return root

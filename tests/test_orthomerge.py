@@ -13,7 +13,7 @@ from streammerge.math.cayley import cayley, inverse_cayley
 from streammerge.methods import TensorTask, build_params
 from streammerge.methods.orthomerge import OrthoMergeParams
 from streammerge.methods.orthomerge import merge as orthomerge
-from tests.conftest import experts_of, load_all
+from tests.conftest import conflicting_models, experts_of, load_all
 
 
 class Experts(list):
@@ -408,3 +408,37 @@ def test_only_weights_beyond_8b_take_the_lean_wide_path():
     assert lean_wide((8192, 28672), 5, p)  # Llama-3-70B down_proj
     assert not lean_wide((1024, 8192), 5, p)  # 70B k_proj/v_proj: k ≤ 6144
     assert not lean_wide((8192, 28672), 5, OrthoMergeParams(rotation_merge="product_r"))
+
+
+@pytest.mark.parametrize("shape", [(256, 128), (96, 384)], ids=["square", "frame"])
+@pytest.mark.parametrize("target", ["global", "conflict"])
+def test_two_solves_side_by_side_give_the_bytes_of_one_after_the_other(target, shape, tmp_path, monkeypatch):
+    """Where the plan counts it (Need.side_by_side) and two threads run, two experts' Procrustes
+    solves run at once, each on one thread: the same bytes as one thread solving one at a time
+    (three experts: a pair, then one alone; k×k solves, and w×w frame solves of a wide weight)."""
+    from streammerge.engine import Merge, RunOptions
+    from streammerge.methods import orthomerge as om
+
+    models = conflicting_models(str(tmp_path / "models"), shape, "w.weight")
+    taken: list[bool] = []
+    one_at_a_time = om.procrustes_each
+    monkeypatch.setattr(om, "procrustes_each", lambda *a: taken.append(a[-1]) or one_at_a_time(*a))
+    threads = torch.get_num_threads()
+    files = {}
+    try:
+        for t in (1, 2):
+            out = str(tmp_path / f"threads{t}")
+            recipe = Recipe("orthomerge", os.path.join(models, "base"), tuple(Expert(p) for p in experts_of(models)),
+                            out, {"target": target})  # fmt: skip
+            job = Merge(recipe, RunOptions(device="cpu", threads=t, quiet=True))
+            try:
+                assert [p.name for p in job.plan.tensors if p.side_by_side] == (["w.weight"] if t == 2 else [])
+                job.run()
+            finally:
+                job.close()
+            assert taken == [t == 2]
+            taken.clear()
+            files[t] = {f: open(os.path.join(out, f), "rb").read() for f in os.listdir(out) if "safetensors" in f}
+    finally:
+        torch.set_num_threads(threads)
+    assert files[1] == files[2] and files[1]

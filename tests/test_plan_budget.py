@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -15,11 +16,10 @@ from click.testing import CliRunner
 from streammerge import Expert, Recipe
 from streammerge.cli import main
 from streammerge.errors import ResourceError
-from streammerge.io.atomic import ShardWriter
 from streammerge.io.journal import Journal, journal_path
 from streammerge.plan import Need, Plan, TensorPlan, place
 from streammerge.engine import Merge, RunOptions
-from tests.conftest import evict, experts_of, make_toy
+from tests.conftest import conflicting_models, evict, experts_of, make_toy
 
 BIG = (4096, 2048)  # one tensor whose working set dominates, so the estimate is really tested
 # the methods whose factorisations (on one thread, cost ~ rows × columns²) took 28-103 s each at BIG
@@ -27,31 +27,6 @@ BIG = (4096, 2048)  # one tensor whose working set dominates, so the estimate is
 # process's own (each 12-16 s; planned 0.96-1.07 of measured when chosen; `-s` prints each)
 FACTORISING = {"orthomerge", "iso_cts", "tsv", "ortho_svd"}
 MID = (2048, 1024)
-
-
-def conflicting_models(root: str, shape: tuple[int, int], name: str, dtype: torch.dtype = torch.bfloat16) -> str:
-    """Base + three experts of one weight `name` [shape] (and a norm), stored as `dtype`."""
-    base = torch.randn(shape, generator=torch.Generator().manual_seed(0)) / 45
-    common = torch.randn(shape, generator=torch.Generator().manual_seed(99))
-    for i, model in enumerate(["base", "expert-1", "expert-2", "expert-3"]):
-        folder = os.path.join(root, model)
-        os.makedirs(folder)
-        g = torch.Generator().manual_seed(i)
-        # a shared update direction per row with a random sign per expert and row: each expert
-        # is in the minority (conflicts with τ_mean) on about a quarter of the rows
-        signs = torch.randint(0, 2, (shape[0], 1), generator=g) * 2.0 - 1.0
-        w = base if i == 0 else base + 0.002 * (signs * common + 0.3 * torch.randn(shape, generator=g))
-        code = {torch.bfloat16: "BF16", torch.float16: "F16"}[dtype]
-        layout = [(name, code, shape), ("norm.weight", code, (shape[1],))]
-        with ShardWriter(os.path.join(folder, "model-00001-of-00001.safetensors"), layout) as writer:
-            writer.write(name, w.to(dtype))
-            writer.write("norm.weight", torch.ones(shape[1]).to(dtype))
-            writer.commit()
-        json.dump(
-            {"weight_map": {n: "model-00001-of-00001.safetensors" for n, _, _ in layout}},
-            open(os.path.join(folder, "model.safetensors.index.json"), "w"),
-        )
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -101,8 +76,10 @@ METHODS = [
     ("ties", ("--ties-scope", "model")),
     ("dare", ()),
     ("dare", ("--param", "combine=ties")),
-    ("orthomerge", ("--target", "global")),
-    ("orthomerge", ("--target", "conflict")),
+    # two threads: the plan counts two experts' solves side by side where two threads may run
+    # (a loaded machine's one thread would use less than planned; test_orthomerge checks the bytes)
+    ("orthomerge", ("--target", "global", "--threads", "2")),
+    ("orthomerge", ("--target", "conflict", "--threads", "2")),
     ("gta", ("--param", "sparsify=magnitude", "--param", "consensus=sum", "--density", "0.5", *["--weight", "1"] * 3)),
     ("gta", ("--param", "sparsify=random", "--param", "rescale=true", "--density", "0.5", *["--weight", "1"] * 3)),
     ("gta", ("--param", "sparsify=magnitude_outliers", "--density", "0.5", *["--weight", "1"] * 3)),
@@ -242,6 +219,32 @@ def test_orthomerge_c_measures_its_plan_when_the_upper_bound_does_not_fit(small_
 def many_layers(tmp_path_factory) -> str:
     """~1.1 GB of inputs (base + 3 experts) made of many mid-sized tensors."""
     return make_toy(str(tmp_path_factory.mktemp("deep")), "--preset", "deep", "--experts", "3", "--shard-size", "200MB")
+
+
+def test_a_second_solve_side_by_side_is_planned_only_where_it_fits(one_mid_tensor, tmp_path, monkeypatch):
+    """OrthoMerge's two Procrustes solves at once (Need.side_by_side) are counted where two threads
+    may run and the peak with them fits --max-ram; elsewhere one at a time, with a hint naming the
+    budget that would take them."""
+    monkeypatch.setattr("streammerge.engine.placement.rss_anon", lambda: 300_000_000)  # the process, fixed
+    experts = tuple(Expert(e) for e in experts_of(one_mid_tensor))
+    recipe = Recipe("orthomerge", os.path.join(one_mid_tensor, "base"), experts, str(tmp_path / "o"))
+
+    def planned(threads: int, max_ram: int | None = None):
+        job = Merge(recipe, RunOptions(device="cpu", threads=threads, max_ram=max_ram, quiet=True))
+        try:
+            return job.plan, next(t for t in job.plan.tensors if t.name == "big.weight")
+        finally:
+            job.close()
+
+    one, alone = planned(1)
+    two, pair = planned(2)
+    assert alone.side_by_side == 0 and pair.side_by_side > 50e6  # 2048×1024, float64 solves: about 84 MB
+    assert pair.host_bytes == alone.host_bytes + pair.side_by_side
+    tight, big = planned(2, one.peak_host + pair.side_by_side // 2)
+    assert big.side_by_side == 0 and big.host_bytes == alone.host_bytes
+    [hint] = [h for h in tight.hints if "one expert at a time" in h]
+    needed = int(re.search(r"--max-ram (\d+)MB", hint).group(1)) * 1e6
+    assert 0 <= needed - (tight.peak_host + pair.side_by_side) < 1e6
 
 
 @pytest.mark.slow

@@ -19,6 +19,7 @@ from ..errors import ResourceError
 from ..io.checkpoint import Checkpoint
 from ..io.safetensors_format import DTYPES
 from ..math import fused
+from ..cpu import available_cores
 from ..plan import Plan, TensorPlan, default_gpu_budget, default_ram_budget, free_disk, place
 from ..memwatch import rss_anon
 from ..units import format_size
@@ -48,6 +49,7 @@ def make_plan(inputs: MergeInputs, device: torch.device, options: RunOptions, st
     # and fused.reads_stored says so for the tensor
     as_stored = method.stored_memory is not None and all(isinstance(src, Checkpoint) for src in sources)
     tensors, hints = [], []
+    side_by_side: dict[str, int] = {}  # Need.side_by_side of the tensors computed on the CPU
     previous_out = 0
     for shard in inputs.shards:
         for t in shard.tensors:
@@ -78,6 +80,8 @@ def make_plan(inputs: MergeInputs, device: torch.device, options: RunOptions, st
             )
             previous_out = t.nbytes
             tensors.append(TensorPlan(t.name, t.shape, placed, gpu_bytes, host_bytes, read, t.nbytes, note))
+            if placed == "cpu" and need.side_by_side:
+                side_by_side[t.name] = need.side_by_side
     missing = fused.missing() if method.kernels is not None else None
     if missing and any(t.device == "cpu" and math.prod(t.shape) >= fused.MIN_ELEMENTS for t in tensors):
         hints.append(f"{method.name}: {missing}")
@@ -103,9 +107,39 @@ def make_plan(inputs: MergeInputs, device: torch.device, options: RunOptions, st
                 "do not fit --max-ram"
             )
             plan.read_buffers = 0
+    threads = options.task_threads if options.ray else options.threads or available_cores()
+    if side_by_side and threads >= 2:
+        count_side_by_side(plan, side_by_side, method.name)
+    tensors = plan.tensors
     plan.spilled = [t for t in tensors if t.note and t.device == "cpu"]  # computed off the GPU
     plan.state_in_ram = [t for t in tensors if t.note and t.device == "cuda"]
     return plan
+
+
+def count_side_by_side(plan: Plan, more: dict[str, int], method: str) -> None:
+    """Each tensor's Need.side_by_side counted where the merge's peak with it fits --max-ram, after
+    the read buffers: its method then computes two experts at once (TensorTask.side_by_side). The
+    threads are those the run may take (a loaded machine may give it one: then the plan counts
+    what is not used). Same bytes either way."""
+    overhead = plan.peak_host - max(t.host_bytes for t in plan.tensors)
+    counted = left = 0
+    for i, t in enumerate(plan.tensors):
+        if t.name in more:
+            if overhead + t.host_bytes + more[t.name] <= plan.ram_budget:
+                plan.tensors[i] = dataclasses.replace(t, host_bytes=t.host_bytes + more[t.name],
+                                                      side_by_side=more[t.name])  # fmt: skip
+                counted += 1
+            else:
+                left += 1
+    if counted:
+        plan.notes.append(f"{method}: {counted} tensor(s) computed two experts at a time, each on one thread "
+                          "(their peak RAM counts both)")  # fmt: skip
+    if left:
+        budget = overhead + max(t.host_bytes + (0 if t.side_by_side else more.get(t.name, 0)) for t in plan.tensors)
+        plan.hints.append(
+            f"{method}: {left} tensor(s) compute one expert at a time to fit --max-ram; two at once (faster on "
+            f"two or more threads) needs --max-ram {math.ceil(budget / 1e6)}MB"
+        )
 
 
 def measures_plan(inputs: MergeInputs) -> bool:
@@ -141,7 +175,7 @@ class Placement:
                     "pass --restart)"
                 )
             log.info("%s: computed on %s as in the first run (the plan now says %s)", name, device, placed.device)
-            self.tensors[name] = dataclasses.replace(placed, device=device)
+            self.tensors[name] = dataclasses.replace(placed, device=device, side_by_side=0)
 
     def of_shard(self, names) -> dict[str, TensorPlan]:
         """The placement a Ray task receives for its shard's tensors."""

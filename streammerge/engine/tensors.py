@@ -155,6 +155,7 @@ class TensorComputer:
         )
         if self.all_stored:
             task.stored = lambda i, rows: self.stored(t.name, i, rows)
+        task.side_by_side = placed is not None and placed.side_by_side > 0 and device.type == "cpu"
         return task
 
     def stored(self, name: str, i: int | None, rows: tuple[int, int] | None) -> torch.Tensor:

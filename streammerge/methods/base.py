@@ -92,6 +92,9 @@ class TensorTask:
         self.out_dtype = out_dtype  # dtype of new_output() (None: the compute dtype)
         self._base_block: tuple[Rows, torch.Tensor] | None = None
         self._output: torch.Tensor | None = None  # new_output()
+        # set by the engine where the plan counted Need.side_by_side: the method may compute two
+        # experts at once on the CPU (each on one thread, where it has two or more)
+        self.side_by_side = False
         self.vouched_finite = False  # set by map_row_blocks: every block written in place (store_into)
         if isinstance(base, torch.Tensor):
             self._base, self._load_base, self.shape, self.dtype = base, None, tuple(base.shape), base.dtype

@@ -40,6 +40,7 @@ from ..math.procrustes import (
     SubspaceRotation,
     identity_rotation,
     procrustes,
+    procrustes_each,
     procrustes_from_cross,
     rotate_base,
     transpose_minus_identity,
@@ -568,17 +569,17 @@ def _merge(task: TensorTask, params: OrthoMergeParams) -> torch.Tensor:
     acc = LieAccumulator(params.direction)
     max_angle = math.radians(params.max_angle_deg)
     clipped = 0
-    for i in range(n):
+
+    def target(i: int) -> torch.Tensor | None:
         task.advance(n + i, steps)
         delta = target_delta(i)
-        if not bool(delta.any()):
-            rot = identity_rotation(basis)  # target == base: exactly no rotation
-        else:
-            rot = procrustes(delta.add_(a), basis, params.null_rtol, max_angle)
-            clipped += rot.clipped_planes
-            if rot.clipped_planes:
-                log_clipped(task, i, rot.clipped_planes, params)
-        del delta
+        return delta.add_(a) if bool(delta.any()) else None  # None: the base, exactly no rotation
+
+    side_by_side = task.side_by_side and a.device.type == "cpu" and torch.get_num_threads() >= 2
+    for i, rot in procrustes_each(n, target, basis, params.null_rtol, max_angle, side_by_side):
+        clipped += rot.clipped_planes
+        if rot.clipped_planes:
+            log_clipped(task, i, rot.clipped_planes, params)
         if rot.frame is not None and rot.frame.shape[1] > 0:
             acc.add(rot.q_w, task.weights[i], rot.frame)
         else:
@@ -783,6 +784,9 @@ _C_ACC, _C_FRAME = 5.0, 10.0  # wide layers: k×k sum, Cayley and rotation; w×w
 # tall layers in row blocks: block temporaries; k×k solves (two fewer for the conflict target,
 # whose smaller rotations rarely need the angle reset's eigh and polar)
 _C_TALL_BLOCKS, _C_TALL_SQUARE = 5.0, 9.0
+# the second of two solves side by side (Need.side_by_side), fitted to the peaks measured with one
+# thread and with two (bench/results/orthomerge-pairs.md): k×k solves; frame and w×w solves
+_C_PAIR_SQUARE, _C_PAIR_FRAME_K, _C_PAIR_FRAME = 5.0, 2.0, 6.0
 
 
 def memory(
@@ -835,12 +839,19 @@ def memory(
     )
     base = _C_COMPUTE * numel * itemsize + _C_OUT_IN * numel * f + _C_SIDES * (out + inn) * k * f
     ablation = params.rotation_merge in ("average_r", "product_r")  # these keep every R_i
+    # a second expert's target and Procrustes solve, held while the first is solved (procrustes_each)
+    second = numel * (itemsize + f) if n >= 2 else 0
     if 2 * out <= k:
         w = 2 * out
         per_expert = (k * w + 2 * w * w) * f if ablation else min((k * w + 2 * w * w) * f, numel * itemsize)
-        return Need(int(base + _C_ACC * k * k * f + _C_FRAME * w * w * f), 0 if running else int(n * per_expert))
+        if second:
+            second += (2 * out * k + _C_PAIR_FRAME_K * k * w + _C_PAIR_FRAME * w * w) * f
+        work = base + _C_ACC * k * k * f + _C_FRAME * w * w * f
+        return Need(int(work), 0 if running else int(n * per_expert), side_by_side=int(second))
     per_expert = 2 * k * k * f if ablation else min(2 * k * k * f, numel * itemsize)
-    return Need(int(base + _C_SQUARE * k * k * f), 0 if running else int(n * per_expert))
+    if second:
+        second += (out * k + _C_PAIR_SQUARE * k * k) * f
+    return Need(int(base + _C_SQUARE * k * k * f), 0 if running else int(n * per_expert), side_by_side=int(second))
 
 
 # The lean wide path's peak (_merge_wide_lean), fitted to measured peaks
