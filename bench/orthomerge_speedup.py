@@ -14,6 +14,10 @@ comparison of the updates is not bf16 rounding, each at its default precision, w
 (the baseline's torch default on two cores; ours is given `--threads 2`). Agreement: per tensor
 ‖W_new − W_old‖ / ‖W_old − W₀‖, the largest over tensors; whether the outputs are byte-identical.
 Writes bench/results/TAG.{md,json} (`--tag`, default orthomerge-speedup).
+
+`--downproj-8b KIND` merges instead issue #27.5's case: the Llama-3.1-8B `down_proj` [4096, 14336]
+and five experts of ../shared/repro/downproj_8b.py (KIND lora: rank-16 updates; dense), OrthoMerge-G
+at `--param precision=float32` under `--max-ram 20GB`, bf16 output (about 25 minutes a run here).
 """
 
 from __future__ import annotations
@@ -110,10 +114,16 @@ def main() -> int:
     ap.add_argument("--pairs", type=int, default=2)
     ap.add_argument("--tag", default="orthomerge-speedup")
     ap.add_argument("--baseline-threads", action="store_true", help="give the baseline `--threads 2` too (it has it)")
+    ap.add_argument("--downproj-8b", choices=["lora", "dense"], help="the 8B down_proj of ../shared/repro instead")
     args = ap.parse_args()
     os.makedirs(WORK, exist_ok=True)
     toys = os.path.join(WORK, f"toys-{args.layers}")
-    if not os.path.exists(os.path.join(toys, "expert-3")):
+    if args.downproj_8b:
+        toys = os.path.join(WORK, f"downproj-8b-{args.downproj_8b}")
+        if not os.path.exists(os.path.join(toys, "e4", "model.safetensors")):
+            repro = os.path.join(ROOT, "..", "shared", "repro", "downproj_8b.py")
+            subprocess.run([sys.executable, repro, toys, args.downproj_8b], check=True)
+    elif not os.path.exists(os.path.join(toys, "expert-3")):
         subprocess.run(
             [
                 sys.executable,
@@ -146,6 +156,18 @@ def main() -> int:
         "--dtype",
         "float32",
     ]
+    what = (
+        f"0.5B preset cut to {args.layers} layers (hidden 1024, intermediate 4096, 32k vocabulary), three bf16 "
+        "experts + base (`--shared 0.7`), float32 output"
+    )
+    if args.downproj_8b:
+        experts = [a for i in range(5) for a in ("--expert", os.path.join(toys, f"e{i}"))]
+        inputs = ["--base", os.path.join(toys, "base"), *experts, "--method", "orthomerge", "--target", "global",
+                  "--param", "precision=float32", "--max-ram", "20GB"]  # fmt: skip
+        what = (
+            f"the 8B down_proj [4096, 14336] and five {args.downproj_8b} experts (../shared/repro/downproj_8b.py), "
+            "OrthoMerge-G at precision float32, bf16 output"
+        )
     runs = []
     for pair in range(args.pairs):
         order = [
@@ -181,13 +203,10 @@ def main() -> int:
         "load_average_after": os.getloadavg(),
     }
     lines = [
-        "# OrthoMerge-C + TA: this checkout against an earlier commit, side by side",
+        "# OrthoMerge: this checkout against an earlier commit, side by side",
         "",
-        f"`{command}` on {doc['machine']}, {doc['date']}: 0.5B preset cut to {args.layers} layers (hidden 1024, "
-        "intermediate 4096, "
-        "32k vocabulary), three bf16 experts + base (`--shared 0.7`), float32 output, two threads each, page cache "
-        "dropped before every run, "
-        f"alternating. Baseline {commit[:7]}, this {head}.",
+        f"`{command}` on {doc['machine']}, {doc['date']}: {what}, two threads each, page cache dropped before every "
+        f"run, alternating. Baseline {commit[:7]}, this {head}.",
         "",
         "| pair | run | wall | CPU (user+sys) | peak RSS | load average before |",
         "|---|---|---|---|---|---|",
