@@ -410,19 +410,20 @@ def test_only_weights_beyond_8b_take_the_lean_wide_path():
     assert not lean_wide((8192, 28672), 5, OrthoMergeParams(rotation_merge="product_r"))
 
 
-@pytest.mark.parametrize("shape", [(256, 128), (96, 384)], ids=["square", "frame"])
+@pytest.mark.parametrize("shape", [(256, 128), (96, 384), (4160, 1024)], ids=["square", "frame", "tall"])
 @pytest.mark.parametrize("target", ["global", "conflict"])
 def test_two_solves_side_by_side_give_the_bytes_of_one_after_the_other(target, shape, tmp_path, monkeypatch):
     """Where the plan counts it (Need.side_by_side) and two threads run, two experts' Procrustes
     solves run at once, each on one thread: the same bytes as one thread solving one at a time
-    (three experts: a pair, then one alone; k×k solves, and w×w frame solves of a wide weight)."""
+    (three experts: a pair, then one alone; k×k solves, w×w frame solves of a wide weight, and
+    a tall weight's in×in solves from its row blocks' cross products)."""
     from streammerge.engine import Merge, RunOptions
     from streammerge.methods import orthomerge as om
 
     models = conflicting_models(str(tmp_path / "models"), shape, "w.weight")
     taken: list[bool] = []
-    one_at_a_time = om.procrustes_each
-    monkeypatch.setattr(om, "procrustes_each", lambda *a: taken.append(a[-1]) or one_at_a_time(*a))
+    each = om.side_by_side.each
+    monkeypatch.setattr(om.side_by_side, "each", lambda *a: taken.append(a[-1]) or each(*a))
     threads = torch.get_num_threads()
     files = {}
     try:

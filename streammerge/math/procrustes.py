@@ -29,8 +29,6 @@ An expert equal to the base gets exactly the identity (generator 0); callers sho
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -191,39 +189,6 @@ def procrustes(
     v_full[:, :r] = frame.T @ vr
     rot = generator_of(_complete_nearest_identity(u_full, v_full, r), max_angle)
     return SubspaceRotation(rot.r_w, rot.q_w, frame, rot.clipped_planes)
-
-
-def procrustes_each(
-    n: int, target, sub: Subspace, null_rtol: float, max_angle: float, side_by_side: bool
-) -> Iterator[tuple[int, SubspaceRotation]]:
-    """(i, `procrustes` of target(i)) for i < n, in order; target(i) is None for a target equal to
-    the base (exactly no rotation). `side_by_side`: two targets' solves at once, each on one thread
-    (the CPU with two or more threads). They are independent once S is built; every factorisation
-    runs on one thread anyway (lapack.py) and a matrix product's bytes do not depend on the thread
-    count, so the bytes are those of one solve after the other, in 0.67-0.74 of the time
-    (bench/results/procrustes-pairs.md); a second target and solve are held meanwhile.
-    target(i) is called on this thread, in order."""
-
-    def solve(t: torch.Tensor | None) -> SubspaceRotation:
-        return identity_rotation(sub) if t is None else procrustes(t, sub, null_rtol, max_angle)
-
-    if not side_by_side:
-        for i in range(n):
-            yield i, solve(target(i))
-        return
-    threads = torch.get_num_threads()
-    with ThreadPoolExecutor(1, thread_name_prefix="procrustes") as pool:
-        for i in range(0, n, 2):
-            targets = [target(j) for j in range(i, min(i + 2, n))]
-            torch.set_num_threads(1)
-            try:
-                later = pool.submit(solve, targets[1]) if len(targets) > 1 else None
-                rotations = [solve(targets[0])] + ([later.result()] if later is not None else [])
-            finally:
-                torch.set_num_threads(threads)
-            del targets  # before the caller's products: they are the size of the weight
-            yield from zip(range(i, i + len(rotations)), rotations)
-            del rotations
 
 
 def procrustes_from_cross(

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from ..errors import NumericalError, UsageError
-from ..math import lapack
+from ..math import lapack, side_by_side
 from ..math.cayley import cayley, cayley_consuming
 from ..math.lie_mean import LieAccumulator
 from ..math.robust import LinalgFailure
@@ -40,7 +40,6 @@ from ..math.procrustes import (
     SubspaceRotation,
     identity_rotation,
     procrustes,
-    procrustes_each,
     procrustes_from_cross,
     rotate_base,
     transpose_minus_identity,
@@ -223,6 +222,12 @@ def _rotation_step(p: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
 GRAM_RANK_RTOL = 1e-6
 
 
+def pairs_on_cpu(task: TensorTask, device: torch.device) -> bool:
+    """Two experts' solves side by side (math/side_by_side.py): where the plan counted the second
+    (TensorTask.side_by_side) and the CPU computes on two threads or more."""
+    return task.side_by_side and device.type == "cpu" and torch.get_num_threads() >= 2
+
+
 def tall_in_blocks(task: TensorTask) -> bool:
     return len(task.shape) == 2 and task.shape[0] >= task.shape[1] and len(task.row_blocks()) > 1
 
@@ -286,31 +291,35 @@ def _merge_tall(task: TensorTask, params: OrthoMergeParams, res_method: Method, 
     max_angle = math.radians(params.max_angle_deg)
     rotations = []
     clipped = 0
-    for i in range(n):
+
+    def cross(i: int) -> torch.Tensor | None:
         task.advance(2 * len(blocks) + i, steps)
-        if changed[i]:
-            rot = procrustes_from_cross(crosses[i], params.null_rtol, max_angle)
-            clipped += rot.clipped_planes
-            if rot.clipped_planes:
-                log_clipped(task, i, rot.clipped_planes, params)
-            r_w, q_w = rot.r_w, rot.q_w
-        else:
-            r_w = torch.eye(p.shape[1], dtype=prec, device=device)
-            q_w = torch.zeros_like(r_w)
-        crosses[i] = None  # type: ignore[call-overload]
-        acc.add(q_w, task.weights[i])
-        del q_w
-        rotations.append(r_w)
+        m, crosses[i] = crosses[i], None  # type: ignore[call-overload]  # freed with its solve
+        return m if changed[i] else None
+
+    def solve(m: torch.Tensor | None) -> SubspaceRotation:
+        if m is None:  # the target is the base: exactly no rotation
+            eye = torch.eye(p.shape[1], dtype=prec, device=device)
+            return SubspaceRotation(eye, torch.zeros_like(eye))
+        return procrustes_from_cross(m, params.null_rtol, max_angle)
+
+    for i, rot in side_by_side.each(n, cross, solve, pairs_on_cpu(task, device)):
+        clipped += rot.clipped_planes
+        if rot.clipped_planes:
+            log_clipped(task, i, rot.clipped_planes, params)
+        acc.add(rot.q_w, task.weights[i])
+        rotations.append(rot.r_w)
+        del rot
     fractions = {i: float(c.float().mean()) for i, c in enumerate(conflict)} if conflict is not None else {}
     note_rotation(task, params, acc, clipped, fractions, p.shape[1])  # before merged_rotation consumes acc
     r_star = merged_rotation(acc, rotations, task.weights, params)
     del acc
-    steps = [_rotation_step(p, r) for r in rotations]
+    rotation_steps = [_rotation_step(p, r) for r in rotations]
     del rotations
     residual_task = TensorTask(
         task.name,
         lambda rows: task.base_rows(rows) if rows is not None else task.base,
-        _ResidualRows(task, steps),
+        _ResidualRows(task, rotation_steps),
         task.weights,
         task.densities,
         None,
@@ -320,7 +329,7 @@ def _merge_tall(task: TensorTask, params: OrthoMergeParams, res_method: Method, 
         dtype=task.dtype,
     )
     merged_residual = res_method.merge(residual_task, res_params)
-    del steps, residual_task
+    del rotation_steps, residual_task
     step_star = _rotation_step(p, r_star)
     del r_star
     share = [0.0, 0.0]  # Σ‖W₀R*ᵀ − W₀‖², Σ‖merged residual − W₀‖² over the blocks (--report)
@@ -575,8 +584,10 @@ def _merge(task: TensorTask, params: OrthoMergeParams) -> torch.Tensor:
         delta = target_delta(i)
         return delta.add_(a) if bool(delta.any()) else None  # None: the base, exactly no rotation
 
-    side_by_side = task.side_by_side and a.device.type == "cpu" and torch.get_num_threads() >= 2
-    for i, rot in procrustes_each(n, target, basis, params.null_rtol, max_angle, side_by_side):
+    def solve(target: torch.Tensor | None) -> SubspaceRotation:
+        return identity_rotation(basis) if target is None else procrustes(target, basis, params.null_rtol, max_angle)
+
+    for i, rot in side_by_side.each(n, target, solve, pairs_on_cpu(task, a.device)):
         clipped += rot.clipped_planes
         if rot.clipped_planes:
             log_clipped(task, i, rot.clipped_planes, params)
@@ -786,7 +797,7 @@ _C_ACC, _C_FRAME = 5.0, 10.0  # wide layers: k×k sum, Cayley and rotation; w×w
 _C_TALL_BLOCKS, _C_TALL_SQUARE = 5.0, 9.0
 # the second of two solves side by side (Need.side_by_side), fitted to the peaks measured with one
 # thread and with two (bench/results/orthomerge-pairs.md): k×k solves; frame and w×w solves
-_C_PAIR_SQUARE, _C_PAIR_FRAME_K, _C_PAIR_FRAME = 5.0, 2.0, 6.0
+_C_PAIR_SQUARE, _C_PAIR_FRAME_K, _C_PAIR_FRAME, _C_PAIR_TALL = 5.0, 2.0, 6.0, 5.0
 
 
 def memory(
@@ -831,7 +842,8 @@ def memory(
         )
         # the merged residual is gathered in host memory on any device (new_output): on CUDA it
         # is host RAM, not GPU memory (2.1 GB for an 8B embedding: the H100 run's excess, gpu.md)
-        return Need(int(work), 0, transfer=block, host=numel * itemsize)
+        second = _C_PAIR_TALL * inn * inn * f if n >= 2 else 0  # a second in×in solve (side by side)
+        return Need(int(work), 0, transfer=block, host=numel * itemsize, side_by_side=int(second))
     k = (
         subspace_bound(shape, n)
         if statistics is None
@@ -839,7 +851,7 @@ def memory(
     )
     base = _C_COMPUTE * numel * itemsize + _C_OUT_IN * numel * f + _C_SIDES * (out + inn) * k * f
     ablation = params.rotation_merge in ("average_r", "product_r")  # these keep every R_i
-    # a second expert's target and Procrustes solve, held while the first is solved (procrustes_each)
+    # a second expert's target and Procrustes solve, held while the first is solved (math/side_by_side.py)
     second = numel * (itemsize + f) if n >= 2 else 0
     if 2 * out <= k:
         w = 2 * out
