@@ -18,6 +18,9 @@ Writes bench/results/TAG.{md,json} (`--tag`, default orthomerge-speedup).
 `--downproj-8b KIND` merges instead issue #27.5's case: the Llama-3.1-8B `down_proj` [4096, 14336]
 and five experts of ../shared/repro/downproj_8b.py (KIND lora: rank-16 updates; dense), OrthoMerge-G
 at `--param precision=float32` under `--max-ram 20GB`, bf16 output (about 25 minutes a run here).
+`--weight OUTxIN` merges one weight of that shape instead: base and three bf16 experts conflicting
+on about a quarter of their rows (tests/conftest.py's conflicting_models), OrthoMerge-C + TA
+(`--param target=global`, say, for OrthoMerge-G), bf16 output.
 """
 
 from __future__ import annotations
@@ -115,6 +118,8 @@ def main() -> int:
     ap.add_argument("--tag", default="orthomerge-speedup")
     ap.add_argument("--baseline-threads", action="store_true", help="give the baseline `--threads 2` too (it has it)")
     ap.add_argument("--downproj-8b", choices=["lora", "dense"], help="the 8B down_proj of ../shared/repro instead")
+    ap.add_argument("--weight", help="OUTxIN: one weight of this shape instead (tests/conftest.py's inputs)")
+    ap.add_argument("--param", action="append", default=[], help="passed to merge as --param K=V")
     args = ap.parse_args()
     os.makedirs(WORK, exist_ok=True)
     toys = os.path.join(WORK, f"toys-{args.layers}")
@@ -123,6 +128,14 @@ def main() -> int:
         if not os.path.exists(os.path.join(toys, "e4", "model.safetensors")):
             repro = os.path.join(ROOT, "..", "shared", "repro", "downproj_8b.py")
             subprocess.run([sys.executable, repro, toys, args.downproj_8b], check=True)
+    elif args.weight:
+        toys = os.path.join(WORK, f"weight-{args.weight}")
+        if not os.path.exists(os.path.join(toys, "expert-3")):
+            sys.path.insert(0, ROOT)
+            from tests.conftest import conflicting_models
+
+            shape = tuple(int(x) for x in args.weight.split("x"))
+            conflicting_models(toys, shape, "big.weight")  # type: ignore[arg-type]
     elif not os.path.exists(os.path.join(toys, "expert-3")):
         subprocess.run(
             [
@@ -160,6 +173,12 @@ def main() -> int:
         f"0.5B preset cut to {args.layers} layers (hidden 1024, intermediate 4096, 32k vocabulary), three bf16 "
         "experts + base (`--shared 0.7`), float32 output"
     )
+    if args.weight:
+        inputs = inputs[: inputs.index("--dtype")]
+        what = (
+            f"one {args.weight} weight, base and three bf16 experts conflicting on about a quarter of their rows "
+            "(tests/conftest.py), bf16 output"
+        )
     if args.downproj_8b:
         experts = [a for i in range(5) for a in ("--expert", os.path.join(toys, f"e{i}"))]
         inputs = ["--base", os.path.join(toys, "base"), *experts, "--method", "orthomerge", "--target", "global",
@@ -168,6 +187,7 @@ def main() -> int:
             f"the 8B down_proj [4096, 14336] and five {args.downproj_8b} experts (../shared/repro/downproj_8b.py), "
             "OrthoMerge-G at precision float32, bf16 output"
         )
+    inputs += [a for kv in args.param for a in ("--param", kv)]
     runs = []
     for pair in range(args.pairs):
         order = [
