@@ -11,8 +11,6 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from streammerge.io.atomic import ShardWriter
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
@@ -129,6 +127,8 @@ def merge_hashes(recipe) -> dict[str, str]:
 
 def conflicting_models(root: str, shape: tuple[int, int], name: str, dtype: torch.dtype = torch.bfloat16) -> str:
     """Base + three experts of one weight `name` [shape] (and a norm), stored as `dtype`."""
+    from streammerge.io.atomic import ShardWriter
+
     base = torch.randn(shape, generator=torch.Generator().manual_seed(0)) / 45
     common = torch.randn(shape, generator=torch.Generator().manual_seed(99))
     for i, model in enumerate(["base", "expert-1", "expert-2", "expert-3"]):
