@@ -584,8 +584,8 @@ def _merge(task: TensorTask, params: OrthoMergeParams) -> torch.Tensor:
         delta = target_delta(i)
         return delta.add_(a) if bool(delta.any()) else None  # None: the base, exactly no rotation
 
-    def solve(target: torch.Tensor | None) -> SubspaceRotation:
-        return identity_rotation(basis) if target is None else procrustes(target, basis, params.null_rtol, max_angle)
+    def solve(wanted: torch.Tensor | None) -> SubspaceRotation:
+        return identity_rotation(basis) if wanted is None else procrustes(wanted, basis, params.null_rtol, max_angle)
 
     for i, rot in side_by_side.each(n, target, solve, pairs_on_cpu(task, a.device)):
         clipped += rot.clipped_planes
