@@ -8,6 +8,8 @@ and plans each method (a) CPU-only and (b) with a 24 GB GPU (`--assume-gpu 24GB
 --max-gpu-memory 22GB`), reporting the peak RAM (anonymous memory: process + largest working
 set) and peak GPU memory the planner computes, and which tensor sets each peak. Budgets are
 set generously here so that every plan is reported; tests/test_plan_8b.py holds 8B to 12 GB.
+Planned for one thread: the smallest peaks (with two threads or more and the room, OrthoMerge also
+counts a second Procrustes solve side by side, Need.side_by_side: +3.5 GB at an 8B `down_proj`).
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ CASES = [
 def plan(root: str, method: str, params: dict, gpu: bool):
     experts = tuple(Expert(os.path.join(root, f"expert-{i}")) for i in range(1, 6))
     recipe = Recipe(method, os.path.join(root, "base"), experts, os.path.join(root, "out"), dict(params))
-    kw = {"max_ram": 10**13}
+    kw = {"max_ram": 10**13, "threads": 1}
     if gpu:
         kw |= {"assume_gpu": 24 * 10**9, "max_gpu_memory": 22 * 10**9}
     m = Merge(recipe, RunOptions(device="cpu", quiet=True, **kw))
