@@ -165,12 +165,13 @@ def small_wide_tensor(tmp_path_factory) -> str:
 @pytest.mark.slow
 def test_orthomerge_c_measures_its_plan_when_the_upper_bound_does_not_fit(small_wide_tensor, tmp_path, monkeypatch):
     # planned in a fresh process, as the merge below is: the plan counts the process's own memory,
-    # and this test process holds whatever the tests before it loaded
+    # and this test process holds whatever the tests before it loaded. One thread throughout: with
+    # two, whether a second solve fits the budget (Need.side_by_side) would depend on that memory too
     code = (
         "import json, sys\nfrom streammerge import Expert, Recipe\nfrom streammerge.engine import Merge, RunOptions\n"
         "base, out, experts = sys.argv[1], sys.argv[2], sys.argv[3:]\n"
         "m = Merge(Recipe('orthomerge', base, tuple(Expert(e) for e in experts), out, {'target': 'conflict'}),\n"
-        "          RunOptions(device='cpu', quiet=True))\n"
+        "          RunOptions(device='cpu', quiet=True, threads=1))\n"
         "bound = m.plan.peak_host\nfound = m.measure_statistics()\nm.plan_with(found)\n"
         "print(json.dumps([bound, m.plan.peak_host, m.plan.baseline + m.plan.read_buffers, found]))\n"
     )
@@ -182,13 +183,15 @@ def test_orthomerge_c_measures_its_plan_when_the_upper_bound_does_not_fit(small_
     assert measured_plan < 0.7 * bound  # k ≈ 512 + Σ c_i instead of min(in, out + N·out) = 2048
     # a budget between the two: refused before measuring, merged now, within the measured plan
     budget = int((bound + measured_plan) / 2)
-    tight = run_merge(small_wide_tensor, str(tmp_path / "tight"), "orthomerge", "--max-ram", str(budget))
+    tight = run_merge(
+        small_wide_tensor, str(tmp_path / "tight"), "orthomerge", "--max-ram", str(budget), "--threads", "1"
+    )
     assert tight["planned_peak_ram"] < budget and tight["measured_peak_ram"] <= budget
     assert abs(tight["planned_peak_ram"] - tight["measured_peak_ram"]) <= 0.25 * tight["measured_peak_ram"]
     journal = Journal.load(journal_path(str(tmp_path / "tight")))
     assert journal.statistics == found
     # the statistics change the plan, never the mathematics
-    free = run_merge(small_wide_tensor, str(tmp_path / "free"), "orthomerge", "--max-ram", "20GB")
+    free = run_merge(small_wide_tensor, str(tmp_path / "free"), "orthomerge", "--max-ram", "20GB", "--threads", "1")
     assert free["planned_peak_ram"] > budget  # the upper bound fitted: nothing measured
     assert Journal.load(journal_path(str(tmp_path / "free"))).statistics is None
     shard = "model-00001-of-00001.safetensors"
@@ -197,7 +200,7 @@ def test_orthomerge_c_measures_its_plan_when_the_upper_bound_does_not_fit(small_
     experts = tuple(Expert(e) for e in experts_of(small_wide_tensor))
     recipe = Recipe("orthomerge", os.path.join(small_wide_tensor, "base"), experts, str(tmp_path / "tight"),
                     {"target": "conflict"})  # fmt: skip
-    merger = Merge(recipe, RunOptions(device="cpu", quiet=True, max_ram=budget))
+    merger = Merge(recipe, RunOptions(device="cpu", quiet=True, max_ram=budget, threads=1))
     try:
         monkeypatch.setattr(merger, "measure_statistics", lambda: pytest.fail("measured again"))
         journal.statistics = found
