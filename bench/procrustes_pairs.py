@@ -10,9 +10,10 @@ on the thread count either, so two solves at once on one thread each give the sa
 For each shape [out, in] (and the linear algebra's dtype, float64 unless given): a random base and
 `--experts` targets (base + 5 % noise, the global target), the subspace built from them, then every
 expert's `procrustes` timed (a) in turn with two threads for the products, as `merge` runs them, and
-(b) two at a time on a pool of two threads with torch on one thread; alternating, `--pairs` times;
-whether (b)'s rotations and generators equal (a)'s bit for bit. Results:
-bench/results/procrustes-pairs.{json,md}.
+(b) two at a time, each on one thread, as the merge pairs them (math/side_by_side.py); alternating,
+`--pairs` times; whether (b)'s rotations and generators equal (a)'s bit for bit. Results:
+bench/results/procrustes-pairs.{json,md} (recorded before the merge had its own pairing, with (b)
+on a pool of two threads: the same work on the same two threads).
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import os
 import statistics
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -30,21 +30,23 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from common import provenance, provenance_line, write_results  # noqa: E402
 
+from streammerge.math import side_by_side  # noqa: E402
 from streammerge.math.procrustes import SubspaceBuilder, procrustes  # noqa: E402
 
 
-def in_turn(targets, basis):
+def solved(targets, basis, pair: bool):
+    """Every target's rotation as the merge solves them (math/side_by_side.py), on two threads."""
     torch.set_num_threads(2)
-    return [procrustes(t.clone(), basis) for t in targets]
+    pairs = side_by_side.each(len(targets), lambda i: targets[i].clone(), lambda t: procrustes(t, basis), pair)
+    return [rot for _, rot in pairs]
 
 
-def side_by_side(targets, basis):
-    torch.set_num_threads(1)
-    try:
-        with ThreadPoolExecutor(2) as pool:
-            return list(pool.map(lambda t: procrustes(t.clone(), basis), targets))
-    finally:
-        torch.set_num_threads(2)
+def in_turn(targets, basis):
+    return solved(targets, basis, False)
+
+
+def two_at_once(targets, basis):
+    return solved(targets, basis, True)
 
 
 def main() -> int:
@@ -72,7 +74,7 @@ def main() -> int:
             got = {}
             for way in order:
                 start = time.perf_counter()
-                got[way] = (in_turn if way == "in_turn" else side_by_side)(targets, basis)
+                got[way] = (in_turn if way == "in_turn" else two_at_once)(targets, basis)
                 times[way].append(time.perf_counter() - start)
             identical &= all(
                 torch.equal(x.r_w, y.r_w) and torch.equal(x.q_w, y.q_w)
