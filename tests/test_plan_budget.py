@@ -19,6 +19,10 @@ from streammerge.errors import ResourceError
 from streammerge.io.journal import Journal, journal_path
 from streammerge.plan import Need, Plan, TensorPlan, place
 from streammerge.engine import Merge, RunOptions
+from streammerge.engine.estimate import Rates
+from streammerge.math import side_by_side
+from streammerge.methods.orthomerge import OrthoMergeParams
+from streammerge.methods.orthomerge import cost as orthomerge_cost
 from tests.conftest import conflicting_models, evict, experts_of, make_toy
 
 BIG = (4096, 2048)  # one tensor whose working set dominates, so the estimate is really tested
@@ -229,25 +233,32 @@ def test_a_second_solve_side_by_side_is_planned_only_where_it_fits(one_mid_tenso
     may run and the peak with them fits --max-ram; elsewhere one at a time, with a hint naming the
     budget that would take them."""
     monkeypatch.setattr("streammerge.engine.placement.rss_anon", lambda: 300_000_000)  # the process, fixed
+    rates = Rates(read=1e9, memory=1e10, matmul=1e10, factorisation=1e8, where="fixed")
+    monkeypatch.setattr("streammerge.engine.estimate.calibrate", lambda inputs, device: rates)
     experts = tuple(Expert(e) for e in experts_of(one_mid_tensor))
     recipe = Recipe("orthomerge", os.path.join(one_mid_tensor, "base"), experts, str(tmp_path / "o"))
 
     def planned(threads: int, max_ram: int | None = None):
         job = Merge(recipe, RunOptions(device="cpu", threads=threads, max_ram=max_ram, quiet=True))
         try:
-            return job.plan, next(t for t in job.plan.tensors if t.name == "big.weight")
+            return job.plan, next(t for t in job.plan.tensors if t.name == "big.weight"), job.estimate()
         finally:
             job.close()
 
-    one, alone = planned(1)
-    two, pair = planned(2)
+    one, alone, one_time = planned(1)
+    two, pair, two_time = planned(2)
     assert alone.side_by_side == 0 and pair.side_by_side > 50e6  # 2048×1024, float64 solves: about 84 MB
     assert pair.host_bytes == alone.host_bytes + pair.side_by_side
-    tight, big = planned(2, one.peak_host + pair.side_by_side // 2)
+    tight, big, tight_time = planned(2, one.peak_host + pair.side_by_side // 2)
     assert big.side_by_side == 0 and big.host_bytes == alone.host_bytes
     [hint] = [h for h in tight.hints if "one expert at a time" in h]
     needed = int(re.search(r"--max-ram (\d+)MB", hint).group(1)) * 1e6
     assert 0 <= needed - (tight.peak_host + pair.side_by_side) < 1e6
+    # the time estimate counts the solves two at a time where the plan does, and only there
+    solves = orthomerge_cost("big.weight", MID, 3, OrthoMergeParams()).paired
+    assert solves > 0 and tight_time.compute_seconds == one_time.compute_seconds
+    saved = one_time.compute_seconds - two_time.compute_seconds
+    assert saved == pytest.approx(solves * (1 - side_by_side.TIME) / rates.factorisation)
 
 
 @pytest.mark.slow

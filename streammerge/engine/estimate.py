@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ..io.checkpoint import Checkpoint
+from ..math.side_by_side import TIME as side_by_side_time
 from ..methods.base import Cost
 from ..units import format_duration, format_size
 from .inputs import MergeInputs
@@ -101,18 +102,27 @@ class Estimate:
         return text
 
 
-def tensor_compute_seconds(cost: Cost, shape: tuple[int, ...], n: int, rates: Rates) -> float:
+def tensor_compute_seconds(
+    cost: Cost, shape: tuple[int, ...], n: int, rates: Rates, side_by_side: bool = False
+) -> float:
     """One tensor's compute at the calibrated rates: its elementwise passes over the N experts'
-    float32 copies, its matrix products and its factorisations."""
+    float32 copies, its matrix products and its factorisations; with `side_by_side` (the plan
+    counted it, TensorPlan.side_by_side) its per-expert solves two at a time."""
     passes = cost.passes * math.prod(shape) * n * 4 / rates.memory
-    return passes + cost.flops / rates.matmul + cost.factorisation / rates.factorisation
+    factorisation = cost.factorisation - (cost.paired * (1 - side_by_side_time) if side_by_side else 0.0)
+    return passes + cost.flops / rates.matmul + factorisation / rates.factorisation
 
 
-def estimate(inputs: MergeInputs, read_bytes: int, rates: Rates) -> Estimate:
-    """Reads at the measured rate; each merged tensor's Method.cost at the calibrated rates."""
+def estimate(
+    inputs: MergeInputs, read_bytes: int, rates: Rates, side_by_side: frozenset[str] = frozenset()
+) -> Estimate:
+    """Reads at the measured rate; each merged tensor's Method.cost at the calibrated rates, the
+    tensors named in `side_by_side` with their solves two at a time."""
     method, n = inputs.method, len(inputs.experts)
     compute = sum(
-        tensor_compute_seconds(method.cost(t.name, t.shape, n, inputs.values[t.name].params), t.shape, n, rates)
+        tensor_compute_seconds(
+            method.cost(t.name, t.shape, n, inputs.values[t.name].params), t.shape, n, rates, t.name in side_by_side
+        )
         for t in inputs.merged_tensors()
     )
     return Estimate(read_bytes / rates.read if read_bytes else 0.0, compute, read_bytes, rates)

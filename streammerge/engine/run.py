@@ -137,7 +137,8 @@ class Merge:
 
         plan = self.plan
         read = sum(t.read_bytes for t in plan.tensors) * (1 + plan.extra_passes) + plan.statistics_read
-        return estimate(self.inputs, read, calibrate(self.inputs, self.device))
+        paired = frozenset(t.name for t in plan.tensors if t.side_by_side)
+        return estimate(self.inputs, read, calibrate(self.inputs, self.device), paired)
 
     def plan_with(self, statistics) -> None:
         self.placement.replan(statistics)

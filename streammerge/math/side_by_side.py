@@ -20,6 +20,10 @@ import torch
 In = TypeVar("In")
 Out = TypeVar("Out")
 
+# two solves side by side take this share of one after the other's time (0.67-0.74 measured on two
+# cores, bench/results/procrustes-pairs.md): what `plan`'s time estimate counts for them
+TIME = 0.7
+
 
 def each(
     n: int, given: Callable[[int], In], solve: Callable[[In], Out], side_by_side: bool

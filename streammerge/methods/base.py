@@ -296,6 +296,7 @@ class Cost:
     passes: float = 3.0
     flops: float = 0.0
     factorisation: float = 0.0
+    paired: float = 0.0  # of `factorisation`: per-expert solves that may run two at a time (side_by_side)
 
 
 @dataclass(frozen=True)

@@ -156,15 +156,18 @@ def check_experts(params: OrthoMergeParams, experts: tuple[dict[str, Any], ...])
 def cost(name: str, shape: tuple[int, ...], n: int, params: OrthoMergeParams) -> Cost:
     """The work of one weight (the time estimate of `plan`): tall weights in row blocks form a Gram
     matrix and N cross products over the blocks and solve in×in problems; the others take the base's
-    SVD, one per target for the subspace, and N Procrustes solves in a frame of width ≤ 2·out."""
+    SVD, one per target for the subspace, and N Procrustes solves in a frame of width ≤ 2·out. The N
+    solves are `paired`: the plan may run two at a time (math/side_by_side.py)."""
     if not rotates(name, shape, params):
         return Cost()
     out, inn = shape
     if out >= inn and out * inn > BLOCK_ELEMENTS:
-        return Cost(passes=4.0, flops=2.0 * out * inn * inn * (n + 2), factorisation=(n + 1) * inn**3)
+        solves = n * inn**3
+        return Cost(passes=4.0, flops=2.0 * out * inn * inn * (n + 2), factorisation=inn**3 + solves, paired=solves)
     width = min(subspace_bound(shape, n), 2 * min(out, inn))
-    svds = out * inn * min(out, inn) * (n + 1) + n * width**3
-    return Cost(passes=4.0, flops=4.0 * n * out * inn * width, factorisation=svds)
+    solves = n * width**3
+    svds = out * inn * min(out, inn) * (n + 1) + solves
+    return Cost(passes=4.0, flops=4.0 * n * out * inn * width, factorisation=svds, paired=solves)
 
 
 def rotates(name: str, shape: torch.Size, params: OrthoMergeParams) -> bool:
