@@ -305,9 +305,28 @@ def reports_errors(f):
     return wrapper
 
 
+class StrictCommand(click.Command):
+    """A command whose options' values are never its own option names: click would take
+    `--memory-report --out DIR` as a report file named "--out" and DIR as the recipe."""
+
+    def parse_args(self, ctx, args):
+        options = [p for p in self.get_params(ctx) if isinstance(p, click.Option)]
+        names = {name for p in options for name in p.opts + p.secondary_opts}
+        takes_value = {name for p in options if not p.is_flag and not p.count for name in p.opts}
+        for flag, value in zip(args, args[1:]):
+            if flag == "--":
+                break
+            if flag in takes_value and value.split("=", 1)[0] in names:
+                raise UsageError(f"{flag} takes a value, and {value} after it is an option: give {flag} its value")
+        return super().parse_args(ctx, args)
+
+
 class Commands(click.Group):
     """The command group; a project error raised while a command's arguments are read (a
-    mergekit flag's hint) ends as one line and its exit code, as errors inside commands do."""
+    mergekit flag's hint, an option without its value) ends as one line and its exit code, as
+    errors inside commands do."""
+
+    command_class = StrictCommand
 
     def invoke(self, ctx):
         try:

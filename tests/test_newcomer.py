@@ -478,6 +478,19 @@ def test_report_plots_without_matplotlib_say_how_to_get_it(tmp_path):
     assert r.returncode == 2 and "pip install -e '.[report]'" in r.stderr and r.stdout == "", r.stderr
 
 
+def test_an_option_without_its_value_is_refused_not_given_the_next_option(toy_untied, tmp_path):
+    """`--memory-report --out DIR`: click alone would write the report to a file named "--out"
+    and read DIR as the recipe (a "cannot read" error naming DIR)."""
+    out = tmp_path / "o"
+    r = cli("merge", "--quiet", *flags(toy_untied), "--method", "linear", "--memory-report", "--out", str(out))
+    assert r.exit_code == 2 and one_line(r) and not out.exists() and not os.path.exists("--out")
+    assert "--memory-report takes a value, and --out after it is an option" in r.output, r.output
+    r = cli("plan", "--base", "--expert", experts_of(toy_untied, 1)[0], "--method", "linear")
+    assert r.exit_code == 2 and "--base takes a value, and --expert after it" in r.output and one_line(r)
+    r = cli("merge", "--quiet", *flags(toy_untied), "--method", "linear", "--out=" + str(out), "--threads", "1")
+    assert r.exit_code == 0 and out.exists(), r.output
+
+
 def test_mergekit_habits(toy_untied, tmp_path):
     """#24.10: `merge RECIPE OUT` (mergekit's order), its flags answered with ours, a mergekit-moe
     recipe refused as such, and the README's slerp recipe written with `slices:` merged as with `models:`."""
