@@ -13,8 +13,10 @@ compute only: reading the inputs adds its own time at the disk's rate). The meas
 a `bench/wide_memory.py` record or from the flags. The ratio corrects the model
 where it is off for the method at hand, on the assumption that it is off alike for the layer's
 other tensors, and that the measured tensor took the path the model prices (not, say, OrthoMerge-C
-finding no conflicting row and merging only its residual). Prints one markdown table; `--append`
-adds it to the record's .md.
+finding no conflicting row and merging only its residual). With two threads or more the model counts
+per-expert solves two at a time (Cost.paired), as `plan` does where they fit --max-ram;
+`--one-at-a-time` prices them one after the other. Prints one markdown table; `--append` adds it to
+the record's .md.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--experts", type=int, default=5)
     ap.add_argument("--seconds", type=float, help="without a record: the measured seconds")
     ap.add_argument("--threads", type=int, default=None, help="default: the record's, else 1")
+    ap.add_argument("--one-at-a-time", action="store_true", help="price per-expert solves one after the other")
     ap.add_argument("--append", action="store_true", help="append the table to the record's .md")
     args = ap.parse_args(argv)
     if args.record:
@@ -66,15 +69,19 @@ def main(argv: list[str] | None = None) -> int:
     n, shape = record["experts"], tuple(record["shape"])
     rates = calibrate(types.SimpleNamespace(sources=[]), torch.device("cpu"))
     name = "model.layers.0.mlp.down_proj.weight" if shape[0] < shape[1] else "model.layers.0.mlp.up_proj.weight"
-    one = tensor_compute_seconds(method.cost(name, shape, n, params), shape, n, rates)
+    paired = torch.get_num_threads() >= 2 and not args.one_at_a_time
+    one = tensor_compute_seconds(method.cost(name, shape, n, params), shape, n, rates, paired)
     ratio = record["seconds"] / one
     tensors = make_shape_fixture.layout(*make_shape_fixture.SHAPES[args.model])
-    total = sum(tensor_compute_seconds(method.cost(t, s, n, params), s, n, rates) for t, s in tensors if len(s) == 2)
+    total = sum(
+        tensor_compute_seconds(method.cost(t, s, n, params), s, n, rates, paired) for t, s in tensors if len(s) == 2
+    )
     lines = [
         "",
         f"### Projected to a whole {args.model} merge (`python bench/project_time.py {' '.join(sys.argv[1:])}`)",
         "",
-        f"{torch.get_num_threads()} thread(s); calibrated rates: matmul {rates.matmul / 1e9:.1f} GFLOP/s, "
+        f"{torch.get_num_threads()} thread(s), solves {'two' if paired else 'one'} at a time; calibrated rates: "
+        f"matmul {rates.matmul / 1e9:.1f} GFLOP/s, "
         f"factorisation {rates.factorisation / 1e9:.2f} G units/s, memory {rates.memory / 1e9:.1f} GB/s.",
         "",
         "| | seconds |",
