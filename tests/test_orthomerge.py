@@ -443,3 +443,28 @@ def test_two_solves_side_by_side_give_the_bytes_of_one_after_the_other(target, s
     finally:
         torch.set_num_threads(threads)
     assert files[1] == files[2] and files[1]
+
+
+def test_an_interrupt_during_two_solves_does_not_wait_for_the_second():
+    """Ctrl-C while the main thread solves one expert leaves at once: the worker's solve (minutes
+    at 8B shapes) is not waited for; the command then ends its process (cli.entry)."""
+    import threading
+    import time
+
+    from streammerge.math import side_by_side
+
+    release = threading.Event()
+
+    def solve(i: int) -> int:
+        if i == 0:
+            raise KeyboardInterrupt
+        release.wait(10)  # the second solve, still running when the first is interrupted
+        return i
+
+    start = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        list(side_by_side.each(2, lambda i: i, solve, True))
+    waited = time.monotonic() - start
+    release.set()
+    assert waited < 5, f"waited {waited:.1f} s for the second solve"
+    assert [r for _, r in side_by_side.each(3, lambda i: i + 1, lambda x: x * 2, True)] == [2, 4, 6]
