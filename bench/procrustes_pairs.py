@@ -35,18 +35,11 @@ from streammerge.math.procrustes import SubspaceBuilder, procrustes  # noqa: E40
 
 
 def solved(targets, basis, pair: bool):
-    """Every target's rotation as the merge solves them (math/side_by_side.py), on two threads."""
+    """Every target's rotation as the merge solves them (math/side_by_side.py), on two threads:
+    one after the other, or two at a time (`pair`)."""
     torch.set_num_threads(2)
     pairs = side_by_side.each(len(targets), lambda i: targets[i].clone(), lambda t: procrustes(t, basis), pair)
     return [rot for _, rot in pairs]
-
-
-def in_turn(targets, basis):
-    return solved(targets, basis, False)
-
-
-def two_at_once(targets, basis):
-    return solved(targets, basis, True)
 
 
 def main() -> int:
@@ -74,7 +67,7 @@ def main() -> int:
             got = {}
             for way in order:
                 start = time.perf_counter()
-                got[way] = (in_turn if way == "in_turn" else two_at_once)(targets, basis)
+                got[way] = solved(targets, basis, way != "in_turn")
                 times[way].append(time.perf_counter() - start)
             identical &= all(
                 torch.equal(x.r_w, y.r_w) and torch.equal(x.q_w, y.q_w)

@@ -36,7 +36,6 @@ def each(
         return
     threads = torch.get_num_threads()
     pool = ThreadPoolExecutor(1, thread_name_prefix="side-by-side")
-    finished = False
     try:
         for i in range(0, n, 2):
             inputs = [given(j) for j in range(i, min(i + 2, n))]
@@ -49,8 +48,7 @@ def each(
             del inputs  # before the caller's work on the results: each may be the size of a weight
             yield from zip(range(i, i + len(results)), results)
             del results
-        finished = True
     finally:
-        # Ctrl-C (or an error) does not wait for the worker's solve, minutes at 8B shapes: the
-        # command then ends its process at once (cli.entry), its journal already resumable
-        pool.shutdown(wait=finished, cancel_futures=True)
+        # never waits: done, the worker is idle; on Ctrl-C (or an error) its solve, minutes at 8B
+        # shapes, is left running and the command ends its process at once (cli.entry), resumable
+        pool.shutdown(wait=False, cancel_futures=True)
