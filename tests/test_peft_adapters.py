@@ -216,6 +216,16 @@ def test_orthomerge_of_oft_adapters_merges_generators_with_peft_convention(f32_t
     assert rec["expert_rotation_distances"] == pytest.approx([float((x - eye).norm()) for x in r_i], rel=1e-5)
     summary = CliRunner().invoke(cli_main, ["report", report])
     assert summary.exit_code == 0 and "‖R* − I‖ / mean ‖R_i − I‖" in summary.output, summary.output
+    # the plan counts no second solve for the generators (merge_oft solves none), on two threads
+    planner = Merge(
+        Recipe("orthomerge", base, tuple(Expert(f) for f in folders), str(tmp_path / "planned"), {}),
+        RunOptions(device="cpu", quiet=True, threads=2),
+    )
+    try:
+        rotated = [t for t in planner.plan.tensors if t.name == name + ".weight"]
+        assert rotated and not any(t.side_by_side for t in planner.plan.tensors)
+    finally:
+        planner.close()
     # merging copies of one adapter gives that adapter
     out2 = str(tmp_path / "copies")
     merge(Recipe("orthomerge", base, (Expert(folders[0]),) * 3, out2, {}, dtype="float32"), device="cpu")

@@ -108,7 +108,8 @@ def make_plan(inputs: MergeInputs, device: torch.device, options: RunOptions, st
             )
             plan.read_buffers = 0
     threads = options.task_threads if options.ray else options.threads or available_cores()
-    if side_by_side and threads >= 2:
+    # OFT experts' generators are merged without the solves that Need.side_by_side counts
+    if side_by_side and threads >= 2 and not inputs.generators:
         count_side_by_side(plan, side_by_side, method.name)
     tensors = plan.tensors
     plan.spilled = [t for t in tensors if t.note and t.device == "cpu"]  # computed off the GPU
