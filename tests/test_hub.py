@@ -142,6 +142,13 @@ def test_offline_an_uncached_repo_fails_up_front_naming_it(hub, tmp_path):
     assert len(hub.requests) == n
 
 
+def test_a_mistyped_method_is_refused_before_the_hub_is_asked(hub, tmp_path):
+    n = len(hub.requests)
+    r = cli(hub, tmp_path / "cache", "plan", "--method", "tiez", "--base", "org/base", "--expert", "org/e1")
+    assert r.returncode == 2 and "unknown merge method 'tiez'; did you mean 'ties'?" in r.stderr, r.stderr
+    assert len(hub.requests) == n
+
+
 def test_a_killed_download_resumes_where_it_stopped(hub, local_ties, tmp_path):
     cache, out = tmp_path / "cache", str(tmp_path / "out")
     files = hub.repos["org/e2"].commits[hub.repos["org/e2"].branches["main"]]

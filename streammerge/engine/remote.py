@@ -50,6 +50,7 @@ class RemoteInputs:
         refs = references(recipe)
         if not refs:
             return
+        recipe.validate()  # a mistyped method or parameter is refused before the Hub is asked
         problems = []
         for ref in refs:
             try:
