@@ -20,6 +20,7 @@ from ..math.side_by_side import TIME as side_by_side_time
 from ..methods.base import Cost
 from ..units import format_duration, format_size
 from .inputs import MergeInputs
+from .placement import generators_of
 
 READ_PROBE = 128 * 1024 * 1024  # bytes read to measure the disk
 HOURS = 3600.0
@@ -119,10 +120,15 @@ def estimate(
     """Reads at the measured rate; each merged tensor's Method.cost at the calibrated rates, the
     tensors named in `side_by_side` with their solves two at a time."""
     method, n = inputs.method, len(inputs.experts)
+
+    def cost(name: str, shape: tuple[int, ...]) -> Cost:
+        params, generators = inputs.values[name].params, generators_of(inputs, name)
+        if generators is not None:
+            return method.generators_cost(name, shape, n, params, generators)
+        return method.cost(name, shape, n, params)
+
     compute = sum(
-        tensor_compute_seconds(
-            method.cost(t.name, t.shape, n, inputs.values[t.name].params), t.shape, n, rates, t.name in side_by_side
-        )
+        tensor_compute_seconds(cost(t.name, t.shape), t.shape, n, rates, t.name in side_by_side)
         for t in inputs.merged_tensors()
     )
     return Estimate(read_bytes / rates.read if read_bytes else 0.0, compute, read_bytes, rates)

@@ -17,11 +17,13 @@ import torch
 from .. import prefetch
 from ..errors import ResourceError
 from ..io.checkpoint import Checkpoint
+from ..io.peft_oft import OftGenerators
 from ..io.safetensors_format import DTYPES
 from ..math import fused
 from ..cpu import available_cores
 from ..plan import Plan, TensorPlan, default_gpu_budget, default_ram_budget, free_disk, place
 from ..memwatch import rss_anon
+from ..methods.base import BLOCK_ELEMENTS
 from ..units import format_size
 from . import reads
 from .inputs import MergeInputs
@@ -63,7 +65,10 @@ def make_plan(inputs: MergeInputs, device: torch.device, options: RunOptions, st
             read = base_bytes + sum(e.info(t.name).nbytes for e in inputs.experts if isinstance(e, Checkpoint))
             params = inputs.values[t.name].params
             measured = statistics.get(t.name) if statistics else None
-            if measured is None:
+            generators = generators_of(inputs, t.name)
+            if generators is not None:
+                need = method.generators_memory(t.name, t.shape, n, params, itemsize, generators)
+            elif measured is None:
                 need = method.memory(t.name, t.shape, n, params, itemsize)
             else:
                 need = method.memory(t.name, t.shape, n, params, itemsize, statistics=measured)
@@ -74,6 +79,12 @@ def make_plan(inputs: MergeInputs, device: torch.device, options: RunOptions, st
                     # the kernels' rule (fused.rounds_into), and TensorTask.store_dtype's: not under --report
                     in_place = fused.rounds_into(DTYPES[t.dtype]) and options.report is None
                     need = method.stored_memory(t.name, t.shape, n, params, in_place) or need  # type: ignore[misc]
+            if options.report is not None:
+                # report.generic_stats, after the merge: per row block the N task vectors and their
+                # stack, the base's and the result's rows and what it computes of them, in float64
+                stats = (2 * n + 6) * min(numel, BLOCK_ELEMENTS) * 8
+                gpu = None if need.gpu_work is None else need.gpu_work + stats
+                need = dataclasses.replace(need, work=need.work + stats, gpu_work=gpu)
             # the result is held until written; the writer thread may still be writing the previous one
             placed, gpu_bytes, host_bytes, note = place(
                 need, numel, itemsize, use_gpu, gpu_budget, t.nbytes + previous_out
@@ -108,13 +119,19 @@ def make_plan(inputs: MergeInputs, device: torch.device, options: RunOptions, st
             )
             plan.read_buffers = 0
     threads = options.task_threads if options.ray else options.threads or available_cores()
-    # OFT experts' generators are merged without the solves that Need.side_by_side counts
-    if side_by_side and threads >= 2 and not inputs.generators:
+    if side_by_side and threads >= 2:
         count_side_by_side(plan, side_by_side, method.name)
     tensors = plan.tensors
     plan.spilled = [t for t in tensors if t.note and t.device == "cpu"]  # computed off the GPU
     plan.state_in_ram = [t for t in tensors if t.note and t.device == "cuda"]
     return plan
+
+
+def generators_of(inputs: MergeInputs, name: str) -> OftGenerators | None:
+    """A tensor's OFT experts' generators (their block geometry), where the method merges them."""
+    if not inputs.generators:
+        return None
+    return OftGenerators(inputs.experts, name, inputs.compute_dtype, torch.device("cpu"))  # type: ignore[arg-type]
 
 
 def count_side_by_side(plan: Plan, more: dict[str, int], method: str) -> None:

@@ -331,8 +331,13 @@ class Method:
     # engine refuses a gradient or filter on them, before anything is written.
     statistics_values: tuple[str, ...] = ()
     # The method merges OFT experts' stored generators when every expert is an OFT adapter
-    # (OrthoMerge, section 3.2): the engine then hands each task the generators.
+    # (OrthoMerge, section 3.2): the engine then hands each task the generators, and plans each
+    # tensor with these in place of `memory` and `cost`, given its io.peft_oft.OftGenerators (their
+    # block geometry): (name, shape, n_experts, params, itemsize, generators) -> plan.Need, and
+    # (name, shape, n_experts, params, generators) -> Cost
     merges_generators: bool = False
+    generators_memory: Callable[..., Any] | None = None
+    generators_cost: Callable[..., Any] | None = None
     # The parameters as they run on a device kind ("cpu", "cuda"): e.g. precision "auto" → float32
     # on a GPU, where float64 is 32–64× slower.
     for_device: Callable[[Any, str], Any] = field(default=lambda params, device_type: params)

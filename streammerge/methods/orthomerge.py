@@ -871,6 +871,38 @@ def memory(
     return Need(int(base + _C_SQUARE * k * k * f), 0 if running else int(n * per_expert), side_by_side=int(second))
 
 
+# OFT experts' generators (merge_oft): weight-sized buffers (the base in the compute dtype, the
+# einsum's copy and result: 1.9 measured on an 8192×4096 weight, three and five experts, blocks of
+# 16–128; tests/test_plan_budget.py) and generator-sized ones (sums, the Cayley map's solve)
+_C_OFT_WEIGHT, _C_OFT_BLOCKS = 2.5, 8.0
+
+
+def generators_memory(name: str, shape: tuple[int, ...], n: int, params: OrthoMergeParams, itemsize: int, gens):
+    """merge_oft's peak: weight-sized buffers (one more for PEFT 0.14–0.15's row scales), the
+    generators' r·b² elements a few times over and once per expert (all kept under --report and the
+    R-averaging ablations), and PEFT ≤ 0.13's output-side rotation as one (r·b)² matrix."""
+    if not rotates(name, shape, params):
+        return memory(name, shape, n, params, itemsize)
+    numel = math.prod(shape)
+    module = gens.module
+    if module is None:  # no expert adapts it: the base, copied
+        return Need(2 * numel * itemsize)
+    blocks = module.blocks * module.block_size**2
+    weight = _C_OFT_WEIGHT + (gens.convention.fmt == "full_scaled")
+    work = weight * numel * itemsize + (n + _C_OFT_BLOCKS) * blocks * itemsize
+    if gens.convention.fmt == "output_side":
+        work += (module.blocks * module.block_size) ** 2 * itemsize
+    return Need(int(work))
+
+
+def generators_cost(name: str, shape: tuple[int, ...], n: int, params: OrthoMergeParams, gens) -> Cost:
+    """merge_oft's work: the blocks' products with the weight and the b×b Cayley solves."""
+    if gens.module is None or not rotates(name, shape, params):
+        return Cost()
+    b, blocks = gens.module.block_size, gens.module.blocks
+    return Cost(flops=2.0 * math.prod(shape) * b + 2.0 * (n + 4) * blocks * b**3, factorisation=blocks * b**3)
+
+
 # The lean wide path's peak (_merge_wide_lean), fitted to measured peaks
 # (bench/results/wide-memory-*.md): weight-sized buffers (base, target, running residual, moved
 # base, expert); per-expert frame buffers [k, 2·out]; frame solves [2·out, 2·out].
@@ -916,6 +948,8 @@ METHOD = Method(
     statistics_tensors=conflict_statistics_tensors,
     for_device=auto_precision_on_gpu,
     merges_generators=True,
+    generators_memory=generators_memory,
+    generators_cost=generators_cost,
     doc=__doc__ or "",
     expert_params={"weight": 1.0, "density": None},  # density: the residual method's (ties, dare)
     check_experts=check_experts,
