@@ -524,7 +524,7 @@ def test_oft_adapters_generators_are_planned_as_merged(report, tmp_path, monkeyp
 @pytest.mark.parametrize("method", ["task_arithmetic", "ties"])
 def test_report_pass_is_planned(method, one_big_tensor, tmp_path):
     """--report's pass over each merged tensor (report.generic_stats: the task vectors of a row
-    block in float64) is in the plan: before it was, these merges measured 1.75× their plan
+    block in float64) is in the plan: before it was, these merges measured 1.75-1.78× their plan
     (here 543 MB against 713 planned for task arithmetic, 626 against 763 for TIES)."""
     rec = run_merge(one_big_tensor, str(tmp_path / "out"), method, "--report", str(tmp_path / "report.json"))
     planned, measured = rec["planned_peak_ram"], rec["measured_peak_ram"]
