@@ -166,6 +166,63 @@ def _mergekit_flag(hint: str):
     return refuse
 
 
+# the LoRA output's options, merge's and plan's (plan checks them as merge does)
+_LORA_OPTIONS = [
+    click.option("--rank", type=click.IntRange(min=1), help="--output-format lora: the LoRA rank (required there)."),
+    click.option(
+        "--sv-epsilon",
+        type=click.FloatRange(min=0),
+        default=0.0,
+        show_default=True,
+        help="--output-format lora: also drop singular values at or below this (a smaller rank where the update "
+        "has one).",
+    ),
+    click.option(
+        "--energy",
+        type=click.FloatRange(min=0, max=1, min_open=True),
+        default=1.0,
+        show_default=True,
+        help="--output-format lora: per matrix, the smallest rank (at most --rank) whose singular values hold this "
+        "share of the update's energy (sum of squares); 1 keeps --rank.",
+    ),
+    click.option(
+        "--embeddings",
+        type=click.Choice(["full", "lora", "skip"]),
+        default="full",
+        show_default=True,
+        help="--output-format lora: embeddings and lm_head saved whole (modules_to_save), decomposed too, or left out.",
+    ),
+]
+report_option = click.option(
+    "--report",
+    "report_path",
+    type=click.Path(dir_okay=False),
+    help="Record per-tensor diagnostics (norms, cosines, the method's own) to this JSON file; costs one more read of "
+    "the inputs. Summarise with `streammerge report`.",
+)
+
+
+def lora_options_of(f):
+    for option in reversed(_LORA_OPTIONS):
+        f = option(f)
+    return f
+
+
+# merge's options that do not change its plan, answered on `plan` with why instead of "no such option"
+MERGE_ONLY = {
+    "--restart": True, "--quiet": True, "-q": True, "--memory-report": False, "--checkpoint-every": False,
+    "--ray": False,
+}  # fmt: skip
+
+
+def merge_only_options(f):
+    for flag, is_flag in MERGE_ONLY.items():
+        hint = (f"{flag} is an option of merge, not of plan (which reads headers, writes nothing and shows a "
+                "local merge's plan): leave it out")  # fmt: skip
+        f = click.option(flag, is_flag=is_flag, hidden=True, expose_value=False, callback=_mergekit_flag(hint))(f)
+    return f
+
+
 def positional_recipe(positional: tuple[str, ...], kw: dict) -> None:
     """mergekit's argument order, `merge RECIPE.yaml OUT`, as --recipe RECIPE.yaml --out OUT."""
     if len(positional) > 2:
@@ -359,29 +416,7 @@ def main() -> None:
     type=click.Choice(["f32", "f16", "bf16", "q8_0"]),
     help="--output-format gguf: the type of the 2-D weights (default: the input's float type; 1-D tensors f32).",
 )
-@click.option("--rank", type=click.IntRange(min=1), help="--output-format lora: the LoRA rank (required there).")
-@click.option(
-    "--sv-epsilon",
-    type=click.FloatRange(min=0),
-    default=0.0,
-    show_default=True,
-    help="--output-format lora: also drop singular values at or below this (a smaller rank where the update has one).",
-)
-@click.option(
-    "--energy",
-    type=click.FloatRange(min=0, max=1, min_open=True),
-    default=1.0,
-    show_default=True,
-    help="--output-format lora: per matrix, the smallest rank (at most --rank) whose singular values hold this share "
-    "of the update's energy (sum of squares); 1 keeps --rank.",
-)
-@click.option(
-    "--embeddings",
-    type=click.Choice(["full", "lora", "skip"]),
-    default="full",
-    show_default=True,
-    help="--output-format lora: embeddings and lm_head saved whole (modules_to_save), decomposed too, or left out.",
-)
+@lora_options_of
 @click.option(
     "--restart", is_flag=True, help="Discard a previous merge in --out made from a different recipe or inputs."
 )
@@ -399,13 +434,7 @@ def main() -> None:
     show_default=True,
     help="Seconds between making progress inside a shard durable, so a resume continues mid-shard.",
 )
-@click.option(
-    "--report",
-    "report_path",
-    type=click.Path(dir_okay=False),
-    help="Record per-tensor diagnostics (norms, cosines, the method's own) to this JSON file; costs one more read of "
-    "the inputs. Summarise with `streammerge report`.",
-)
+@report_option
 @click.option(
     "--ray",
     "ray_address",
@@ -429,7 +458,7 @@ def merge(output_format, gguf_type, rank, sv_epsilon, energy, embeddings, restar
 
     check_output_file(memory_report, "--memory-report")
     ray = ray_address or run.get("ray")
-    lora = lora_options(output_format, rank, sv_epsilon, energy, embeddings)
+    lora = output_options(output_format, rank, sv_epsilon, energy, embeddings, report_path)
     if gguf_type is not None and output_format != "gguf":
         raise UsageError("--gguf-type goes with --output-format gguf")
     if ray is not None:
@@ -516,8 +545,12 @@ def merge(output_format, gguf_type, rank, sv_epsilon, energy, embeddings, restar
         )
 
 
-def lora_options(output_format: str, rank: int | None, sv_epsilon: float, energy: float, embeddings: str):
-    """The LoRA output's options, refused before any work where they do not fit the format."""
+def output_options(output_format: str, rank: int | None, sv_epsilon: float, energy: float, embeddings: str,
+                   report_path: str | None):  # fmt: skip
+    """The LoRA output's options, or None; options refused before any work where they do not fit the format."""
+    if report_path is not None and output_format == "adapter":
+        raise UsageError("--report records a merge's per-tensor diagnostics; --output-format adapter merges OFT "
+                         "generators into an adapter and records none: leave it out")  # fmt: skip
     if output_format != "lora":
         if rank is not None:
             raise UsageError("--rank goes with --output-format lora")
@@ -577,10 +610,15 @@ def merge_gguf(merger, gguf_type: str | None, restart: bool, checkpoint_every: f
     show_default=True,
     help="Estimate the merge's time on this machine (about a second of calibration and a 128 MB read).",
 )
+@lora_options_of
+@report_option
+@merge_only_options
 @reports_errors
-def plan(output_format, gguf_type, per_tensor, assume_gpu, measure, estimate, positional, **kw) -> None:
-    """Print the memory plan of a merge (same arguments as merge; --out is optional: without it
-    the disk check uses the current folder) without merging or writing anything.
+def plan(output_format, gguf_type, per_tensor, assume_gpu, measure, estimate, rank, sv_epsilon, energy, embeddings,
+         report_path, positional, **kw) -> None:  # fmt: skip
+    """Print the memory plan of a merge (merge's arguments but --restart, --quiet, --memory-report,
+    --checkpoint-every and --ray; --out is optional: without it the disk check uses the current
+    folder) without merging or writing anything.
 
     Exits 4 when the merge would not fit the RAM budget or the disk.
     """
@@ -590,6 +628,7 @@ def plan(output_format, gguf_type, per_tensor, assume_gpu, measure, estimate, po
     positional_recipe(positional, kw)
     default_out = os.path.join(os.getcwd(), "merged.gguf" if output_format == "gguf" else "merged")
     recipe, _ = build_recipe(**kw, default_out=default_out)  # plan writes nothing
+    output_options(output_format, rank, sv_epsilon, energy, embeddings, report_path)  # refused as merge does
     if output_format == "adapter":
         from .adapter_output import adapter_plan
 
@@ -601,7 +640,11 @@ def plan(output_format, gguf_type, per_tensor, assume_gpu, measure, estimate, po
             remote.close()
         return
     options = RunOptions(
-        device=kw["device"], quiet=True, assume_gpu=parse_size(assume_gpu) if assume_gpu else None, **_budgets(kw)
+        device=kw["device"],
+        quiet=True,
+        assume_gpu=parse_size(assume_gpu) if assume_gpu else None,
+        report=report_path,  # its pass over each result is planned; nothing is written
+        **_budgets(kw),
     )
     merger = Merge(recipe, options)
     try:

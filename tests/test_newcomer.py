@@ -786,3 +786,29 @@ def test_without_numba_a_merge_that_would_take_its_kernels_says_how_to_get_them(
         r = cli("merge", "--quiet", *inputs, "--method", "ties", "--out", str(tmp_path / "out"))
     assert r.exit_code == 0, r.output
     assert any(hint in m for m in caplog.messages)
+
+
+def test_plan_takes_the_merge_command_it_plans(toy_untied, tmp_path):
+    """`merge` replaced by `plan` in a command: the options that shape the merge are taken (the LoRA
+    output's checked as merge checks them; --report's pass planned), merge's others refused with why,
+    one line, exit 2; --report beside an adapter output, which records none, refused by both."""
+    base = [*flags(toy_untied), "--method", "ties", "--no-estimate"]
+
+    def peak(*extra: str) -> float:
+        r = cli("plan", *base, *extra)
+        assert r.exit_code == 0, r.output
+        line = next(x for x in r.output.splitlines() if x.startswith("peak RAM"))
+        return float(line.split()[3])  # "peak RAM (anonymous): N MB of ..."
+
+    assert peak("--report", str(tmp_path / "r.json")) > peak() and not (tmp_path / "r.json").exists()
+    assert cli("plan", *base, "--output-format", "lora", "--rank", "8").exit_code == 0
+    r = cli("plan", *base, "--output-format", "lora")
+    assert r.exit_code == 2 and "--output-format lora needs --rank" in r.output and one_line(r)
+    for extra in (["--restart"], ["-q"], ["--checkpoint-every", "5"], ["--memory-report", "m.json"]):
+        r = cli("plan", *base, *extra)
+        assert r.exit_code == 2 and f"{extra[0]} is an option of merge, not of plan" in r.output and one_line(r)
+    for command in ("merge", "plan"):
+        out = tmp_path / command
+        r = cli(command, *flags(toy_untied), "--method", "orthomerge", "--output-format", "adapter",
+                "--report", str(tmp_path / "a.json"), "--out", str(out))  # fmt: skip
+        assert r.exit_code == 2 and "records none" in r.output and one_line(r) and not out.exists(), r.output
