@@ -611,7 +611,12 @@ def merge_gguf(merger, gguf_type: str | None, restart: bool, checkpoint_every: f
     help="Estimate the merge's time on this machine (about a second of calibration and a 128 MB read).",
 )
 @lora_options_of
-@report_option
+@click.option(
+    "--report",
+    "report_path",
+    type=click.Path(dir_okay=False),
+    help="As for merge: its pass over each merged tensor is planned (nothing is written).",
+)
 @merge_only_options
 @reports_errors
 def plan(output_format, gguf_type, per_tensor, assume_gpu, measure, estimate, rank, sv_epsilon, energy, embeddings,
