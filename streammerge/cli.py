@@ -193,34 +193,32 @@ _LORA_OPTIONS = [
         help="--output-format lora: embeddings and lm_head saved whole (modules_to_save), decomposed too, or left out.",
     ),
 ]
-report_option = click.option(
-    "--report",
-    "report_path",
-    type=click.Path(dir_okay=False),
-    help="Record per-tensor diagnostics (norms, cosines, the method's own) to this JSON file; costs one more read of "
-    "the inputs. Summarise with `streammerge report`.",
-)
 
 
-def lora_options_of(f):
-    for option in reversed(_LORA_OPTIONS):
-        f = option(f)
-    return f
+def with_options(options: list):
+    def decorate(f):
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return decorate
 
 
-# merge's options that do not change its plan, answered on `plan` with why instead of "no such option"
+def answered(flags: dict[str, tuple[bool, str]]):
+    """Hidden options that, given, stop the command with their line (instead of "no such option")."""
+    return with_options([
+        click.option(flag, is_flag=is_flag, hidden=True, expose_value=False, callback=_mergekit_flag(hint))
+        for flag, (is_flag, hint) in flags.items()
+    ])  # fmt: skip
+
+
+# merge's options that do not change its plan, answered on `plan` with why
 MERGE_ONLY = {
-    "--restart": True, "--quiet": True, "-q": True, "--memory-report": False, "--checkpoint-every": False,
-    "--ray": False,
+    flag: (is_flag, f"{flag} is an option of merge, not of plan (which reads headers, writes nothing and shows a "
+                    "local merge's plan): leave it out")
+    for flag, is_flag in (("--restart", True), ("--quiet", True), ("-q", True), ("--memory-report", False),
+                          ("--checkpoint-every", False), ("--ray", False))
 }  # fmt: skip
-
-
-def merge_only_options(f):
-    for flag, is_flag in MERGE_ONLY.items():
-        hint = (f"{flag} is an option of merge, not of plan (which reads headers, writes nothing and shows a "
-                "local merge's plan): leave it out")  # fmt: skip
-        f = click.option(flag, is_flag=is_flag, hidden=True, expose_value=False, callback=_mergekit_flag(hint))(f)
-    return f
 
 
 def positional_recipe(positional: tuple[str, ...], kw: dict) -> None:
@@ -234,10 +232,7 @@ def positional_recipe(positional: tuple[str, ...], kw: dict) -> None:
 
 
 def recipe_options(f):
-    for option in reversed(_RECIPE_OPTIONS):
-        f = option(f)
-    for flag, (is_flag, hint) in MERGEKIT_FLAGS.items():
-        f = click.option(flag, is_flag=is_flag, hidden=True, expose_value=False, callback=_mergekit_flag(hint))(f)
+    f = answered(MERGEKIT_FLAGS)(with_options(_RECIPE_OPTIONS)(f))
     return click.argument("positional", nargs=-1, metavar="[RECIPE [OUT]]")(f)
 
 
@@ -416,7 +411,7 @@ def main() -> None:
     type=click.Choice(["f32", "f16", "bf16", "q8_0"]),
     help="--output-format gguf: the type of the 2-D weights (default: the input's float type; 1-D tensors f32).",
 )
-@lora_options_of
+@with_options(_LORA_OPTIONS)
 @click.option(
     "--restart", is_flag=True, help="Discard a previous merge in --out made from a different recipe or inputs."
 )
@@ -434,7 +429,13 @@ def main() -> None:
     show_default=True,
     help="Seconds between making progress inside a shard durable, so a resume continues mid-shard.",
 )
-@report_option
+@click.option(
+    "--report",
+    "report_path",
+    type=click.Path(dir_okay=False),
+    help="Record per-tensor diagnostics (norms, cosines, the method's own) to this JSON file; costs one more read of "
+    "the inputs. Summarise with `streammerge report`.",
+)
 @click.option(
     "--ray",
     "ray_address",
@@ -610,14 +611,14 @@ def merge_gguf(merger, gguf_type: str | None, restart: bool, checkpoint_every: f
     show_default=True,
     help="Estimate the merge's time on this machine (about a second of calibration and a 128 MB read).",
 )
-@lora_options_of
+@with_options(_LORA_OPTIONS)
 @click.option(
     "--report",
     "report_path",
     type=click.Path(dir_okay=False),
     help="As for merge: its pass over each merged tensor is planned (nothing is written).",
 )
-@merge_only_options
+@answered(MERGE_ONLY)
 @reports_errors
 def plan(output_format, gguf_type, per_tensor, assume_gpu, measure, estimate, rank, sv_epsilon, energy, embeddings,
          report_path, positional, **kw) -> None:  # fmt: skip

@@ -794,11 +794,13 @@ def test_plan_takes_the_merge_command_it_plans(toy_untied, tmp_path):
     one line, exit 2; --report beside an adapter output, which records none, refused by both."""
     base = [*flags(toy_untied), "--method", "ties", "--no-estimate"]
 
-    def peak(*extra: str) -> float:
+    from streammerge.units import parse_size
+
+    def peak(*extra: str) -> int:
         r = cli("plan", *base, *extra)
         assert r.exit_code == 0, r.output
         line = next(x for x in r.output.splitlines() if x.startswith("peak RAM"))
-        return float(line.split()[3])  # "peak RAM (anonymous): N MB of ..."
+        return parse_size("".join(line.split()[3:5]))  # "peak RAM (anonymous): N MB of ..."
 
     assert peak("--report", str(tmp_path / "r.json")) > peak() and not (tmp_path / "r.json").exists()
     assert cli("plan", *base, "--output-format", "lora", "--rank", "8").exit_code == 0

@@ -872,7 +872,7 @@ def memory(
 
 
 # OFT experts' generators (merge_oft): weight-sized buffers (the base in the compute dtype, the
-# einsum's copy and result: 1.9 measured on an 8192×4096 weight, three and five experts, blocks of
+# einsum's copy and result: about 1.9, from the peaks measured on an 8192×4096 weight, three and five experts, blocks of
 # 16–128; tests/test_plan_budget.py) and generator-sized ones (sums, the Cayley map's solve)
 _C_OFT_WEIGHT, _C_OFT_BLOCKS = 2.5, 8.0
 
